@@ -1,0 +1,203 @@
+"""Model and training configuration: dataclasses whose JSON form is a Hugging Face `config.json`.
+
+Follows the key names of transformers' LlamaConfig / MistralConfig / Qwen2Config
+(shared/FORMATS.md section 3). Presets are looked up by exact name only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+# HF `architectures` value -> (model_type, attention_bias default).
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1376
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None  # None = num_attention_heads (plain MHA)
+    head_dim: int | None = None  # None = hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # e.g. {"rope_type": "llama3", "factor": 8.0, ...}
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v bias (Qwen2)
+    sliding_window: int | None = None  # Mistral: key j visible to query i iff i - window < j <= i
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    architectures: list[str] = field(default_factory=lambda: ["LlamaForCausalLM"])
+    torch_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                                 f"num_attention_heads {self.num_attention_heads}")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r} (only 'silu')")
+
+    # Derived fields -------------------------------------------------------------------------
+    @property
+    def n_rep(self) -> int:
+        """Query heads per key/value head (GQA group size)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def model_type(self) -> str:
+        return ARCHITECTURES.get(self.architectures[0], "llama")
+
+    @property
+    def eos_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else list(e) if isinstance(e, (list, tuple)) else [e]
+
+    def num_parameters(self) -> int:
+        h, i, v, L = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0)
+        block = attn + 3 * h * i + 2 * h
+        return v * h * (1 if self.tie_word_embeddings else 2) + L * block + h
+
+    # JSON io (HF config.json) ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model_type"] = self.model_type
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Build from an HF config.json dict (transformers 4 or 5 RoPE layout); unknown keys ignored."""
+        d = dict(d)
+        arch = d.get("architectures") or [_ARCH_BY_TYPE.get(d.get("model_type"), "LlamaForCausalLM")]
+        if arch[0] not in ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {arch[0]!r}; supported: "
+                             + ", ".join(ARCHITECTURES))
+        d["architectures"] = [arch[0]]
+        # transformers 5: rope_parameters = {rope_theta, rope_type, factor, ...}
+        rp = d.pop("rope_parameters", None)
+        if rp:
+            rp = dict(rp)
+            d.setdefault("rope_theta", rp.pop("rope_theta", 10000.0))
+            if rp.get("rope_type", "default") != "default":
+                d["rope_scaling"] = rp
+        if d.get("rope_scaling") and d["rope_scaling"].get("rope_type",
+                                                          d["rope_scaling"].get("type")) == "default":
+            d["rope_scaling"] = None
+        if ARCHITECTURES[arch[0]] == "qwen2":
+            d.setdefault("attention_bias", True)  # Qwen2 always has q/k/v bias
+            if not d.get("use_sliding_window", False):
+                d["sliding_window"] = None
+        if "torch_dtype" not in d and "dtype" in d:
+            d["torch_dtype"] = d["dtype"]
+        required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads"]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"config is missing required keys: {', '.join(missing)}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        if kwargs.get("torch_dtype") is None:
+            kwargs.pop("torch_dtype", None)
+        return cls(**kwargs)
+
+    def save(self, path: str) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str) -> "ModelConfig":
+        with open(path, encoding="utf-8") as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+
+_ARCH_BY_TYPE = {v: k for k, v in ARCHITECTURES.items()}
+
+
+# Presets: looked up by exact name ---------------------------------------------------------
+PRESETS: dict[str, dict[str, Any]] = {
+    # For tests: runs in milliseconds on CPU.
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+    # Default for `python train.py`: ~3.5M non-embedding params, trains in ~5 min on 2 CPU cores.
+    "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+                  tie_word_embeddings=True),
+    "medium": dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
+                   tie_word_embeddings=True),
+    # Shape of SmolLM2-135M (for training from scratch at that size).
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=8192, rope_theta=100000.0,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training run (pretraining or fine-tuning)."""
+    batch_size: int = 16
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    max_steps: int = 100000
+    max_minutes: float | None = None
+    eval_every: int = 100
+    eval_batches: int = 20
+    patience: int | None = None
+    seed: int = 1337
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write via a temp file in the same directory, then rename: readers never see half a file."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,31 @@
+"""Whetstone: a hackable PyTorch + Triton engine to train and fine-tune Llama-family models.
+
+Install with `pip install -e .` (after `pip install torch==2.13.0`), tests extras with `.[dev]`.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="whetstone",
+    version="0.1.0",
+    description="From-scratch PyTorch + Triton engine for training and fine-tuning open LMs",
+    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*",
+                                    "tokenizer", "tokenizer.*"]),
+    py_modules=["train", "generate"],
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",  # README and .ci/run install torch==2.13.0 first (CPU wheel on disk)
+        "triton; platform_system == 'Linux'",
+        "numpy",
+        "sentencepiece",
+        "tqdm",
+        "safetensors",
+        "gguf",
+        "jinja2",
+        "regex",
+        "matplotlib",
+    ],
+    extras_require={
+        # Reference implementations: tests compare against them; the engine never imports them.
+        "dev": ["pytest", "transformers", "tokenizers", "peft", "bitsandbytes"],
+    },
+)

@@ -1,0 +1,75 @@
+"""The Tokenizer interface every tokenizer in Whetstone implements (SentencePiece, byte-level BPE).
+
+No torch here: tokenizers are plain Python over lists of ints.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids.
+
+    Attributes every implementation sets:
+      vocab_size: int            number of ids (embedding rows may be larger, never smaller)
+      bos_id, eos_id: int | None
+      pad_id: int | None
+      add_bos: bool              whether encode() prepends BOS by default
+      chat_template: str | None  Jinja source of the model's chat template, if it has one
+    """
+
+    vocab_size: int
+    bos_id: int | None = None
+    eos_id: int | None = None
+    pad_id: int | None = None
+    add_bos: bool = False
+    chat_template: str | None = None
+
+    @abstractmethod
+    def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False) -> list[int]:
+        """Ids for `text`. add_bos=None uses the tokenizer's default (self.add_bos)."""
+
+    @abstractmethod
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        """Text for `ids` (invalid UTF-8 becomes U+FFFD)."""
+
+    @abstractmethod
+    def save(self, directory: str) -> None:
+        """Write this tokenizer's files into `directory` (atomic writes)."""
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """Ids that end generation: EOS plus the chat template's end-of-turn token if any."""
+        return {self.eos_id} if self.eos_id is not None else set()
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tokenize: bool = False):
+        from tokenizer.chat import render_chat
+        text = render_chat(self, messages, add_generation_prompt=add_generation_prompt)
+        return self.encode(text, add_bos=False) if tokenize else text
+
+
+class StreamDecoder:
+    """Incremental detokenizer for streaming: feed ids one at a time, get only the new text.
+
+    Holds back output while the decoded tail is an incomplete UTF-8 sequence (U+FFFD at the
+    end), so multi-byte characters split across tokens are printed whole.
+    """
+
+    def __init__(self, tok: Tokenizer, prefix_ids: list[int] | None = None):
+        self.tok = tok
+        self.ids: list[int] = list(prefix_ids or [])
+        self.emitted = len(tok.decode(self.ids)) if self.ids else 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.emitted = text[self.emitted:], len(text)
+        return new
+
+    def flush(self) -> str:
+        text = self.tok.decode(self.ids)
+        new, self.emitted = text[self.emitted:], len(text)
+        return new
