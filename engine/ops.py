@@ -71,8 +71,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 # RoPE, rotate_half convention: dim i pairs with i + d/2
 # ---------------------------------------------------------------------------------------------
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); cos, sin: (T, D) (both halves repeated). Returns a new tensor."""
-    if _use_triton(x):
+    """x: (B, H, T, D); cos, sin: (T, D), or (B, 1, T, D) for per-row positions (both halves
+    repeated). Returns a new tensor."""
+    if cos.dim() == 2 and _use_triton(x):
         from kernels.rope import apply_rope as k
         return k(x, cos, sin)
     d = x.shape[-1] // 2
