@@ -1,32 +1,47 @@
 """Model directories in Hugging Face format: config.json + model.safetensors (+ tokenizer files).
 
-Follows transformers' save_pretrained layout (shared/FORMATS.md section 3): tensors keep HF
-Llama key names, tied lm_head is not stored, writes are atomic, nothing is pickled.
+Follows transformers' save_pretrained / from_pretrained layout (shared/FORMATS.md section 3):
+LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM configs, single-file or sharded
+safetensors (`model.safetensors.index.json` weight_map), HF Llama tensor names, tied lm_head not
+stored. Loading builds the model on the meta device and assigns each tensor as it is read (one
+tensor in flight, no second copy of the model); writes are atomic; nothing is pickled.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 
 import torch
+import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from engine.config import ModelConfig, atomic_write_bytes
+from engine.config import ARCHITECTURES, ModelConfig, atomic_write_bytes, atomic_write_text
 from engine.model import Transformer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+# Keys some HF checkpoints carry that are recomputed here rather than stored.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_INDEX = "model.safetensors.index.json"
+_SHARD_RE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise ValueError(f"unsupported dtype {name}; valid: float32, bfloat16, float16")
         return name
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
 def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """HF-named tensors, contiguous, without the tied lm_head copy."""
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -35,69 +50,208 @@ def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return sd
 
 
-def save_model(model: Transformer, directory: str, tokenizer=None) -> None:
-    """Write config.json, model.safetensors and (if given) the tokenizer's files."""
-    os.makedirs(directory, exist_ok=True)
-    cfg = model.config
-    cfg.torch_dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+def hf_config(config: ModelConfig) -> ModelConfig:
+    """The config under the HF architecture whose math matches ours (bias -> Qwen2, window ->
+    Mistral), since HF Llama has neither."""
+    arch = config.architectures[0]
+    if config.attention_bias and config.sliding_window:
+        raise ValueError("no HF architecture has both q/k/v bias and a sliding window")
+    if config.attention_bias and arch != "Qwen2ForCausalLM":
+        arch = "Qwen2ForCausalLM"
+    elif config.sliding_window and arch != "MistralForCausalLM":
+        arch = "MistralForCausalLM"
+    return dataclasses.replace(config, architectures=[arch])
+
+
+def save_model(model: Transformer, directory: str, tokenizer=None,
+               max_shard_size: int | None = None) -> None:
+    """Write config.json, model.safetensors (or shards + index when the tensors exceed
+    `max_shard_size` bytes) and, if given, the tokenizer's files (tokenizer.save(directory))."""
     sd = model_state_dict(model)
-    atomic_write_bytes(os.path.join(directory, "model.safetensors"),
-                       st_save(sd, metadata={"format": "pt"}))
+    expected = set(_expected_names(model.config))
+    extra = sorted(set(sd) - expected)
+    if extra:
+        raise ValueError(f"model has non-HF tensor {extra[0]!r}: merge LoRA / dequantize "
+                         "before saving as an HF checkpoint")
+    os.makedirs(directory, exist_ok=True)
+    cfg = hf_config(model.config)
+    cfg.torch_dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    shards = _split_shards(sd, max_shard_size)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, shard in zip(names, shards):
+        atomic_write_bytes(os.path.join(directory, name), st_save(shard, metadata={"format": "pt"}))
+    if len(shards) > 1:
+        names.append(_INDEX)
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        total = sum(t.numel() * t.element_size() for t in sd.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        atomic_write_text(os.path.join(directory, _INDEX), json.dumps(index, indent=2) + "\n")
+    for n in os.listdir(directory):  # files of an earlier save of another layout must not linger
+        if n not in names and (n == _INDEX or _SHARD_RE.fullmatch(n)):
+            os.remove(os.path.join(directory, n))
     cfg.save(os.path.join(directory, "config.json"))
     if tokenizer is not None:
         tokenizer.save(directory)
 
 
+def _split_shards(sd: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict]:
+    shards, size = [{}], 0
+    for k, t in sd.items():
+        n = t.numel() * t.element_size()
+        if max_bytes and shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += n
+    return shards
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+def load_config(directory: str) -> ModelConfig:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in {directory!r} (not a model directory)")
+    try:
+        return ModelConfig.load(path)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
 def load_model_dir(directory: str, dtype: torch.dtype | str = torch.float32,
                    device: str | torch.device = "cpu") -> Transformer:
-    """Build the model on the meta device and assign tensors read (mmap) from safetensors."""
-    cfg_path = os.path.join(directory, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"no config.json in {directory!r} (not a model directory)")
-    config = ModelConfig.load(cfg_path)
+    """Build the model on the meta device, then assign each tensor as it is read from the
+    (mmap'd) safetensors files, converted to `dtype` on `device`."""
+    config = load_config(directory)
     dtype = parse_dtype(dtype)
     with torch.device("meta"):
         model = Transformer(config)
-    state = read_safetensors_dir(directory)
-    load_state(model, state, dtype, device)
+    shapes = _expected_shapes(model)
+    done = set()
+    for path in safetensors_files(directory):
+        with _open(path) as f:
+            for name in f.keys():
+                if _skip(name, config):
+                    continue
+                _check_shape(name, tuple(f.get_slice(name).get_shape()), shapes, config, path)
+                try:
+                    t = f.get_tensor(name)
+                except Exception as e:  # safetensors' own error types
+                    raise ValueError(f"cannot read tensor {name!r} from {path}: {e}") from None
+                assign_tensor(model, name, t.to(device=device, dtype=dtype))
+                done.add(name)
+    _check_missing(shapes, done, directory)
+    model.tie_weights()
     return model.eval()
 
 
-def read_safetensors_dir(directory: str) -> dict[str, torch.Tensor]:
-    index = os.path.join(directory, "model.safetensors.index.json")
+def safetensors_files(directory: str) -> list[str]:
+    """Paths of the weight files: the index's shards, or the single model.safetensors."""
+    index = os.path.join(directory, _INDEX)
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(directory, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors (or index) in {directory!r}")
-    state = {}
-    for name in files:
-        path = os.path.join(directory, name)
         try:
-            with safe_open(path, framework="pt") as f:
-                for k in f.keys():
-                    state[k] = f.get_tensor(k)
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise ValueError(f"cannot read {path}: {e}") from None
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+        files = [os.path.join(directory, n) for n in sorted(set(weight_map.values()))]
+        for p in files:
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"shard {os.path.basename(p)!r} listed in {index} is missing")
+        return files
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise FileNotFoundError(f"no model.safetensors (or {_INDEX}) in {directory!r}")
+
+
+def read_safetensors_dir(directory: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory (for small models and tests)."""
+    state = {}
+    for path in safetensors_files(directory):
+        with _open(path) as f:
+            for k in f.keys():
+                state[k] = f.get_tensor(k)
     return state
 
 
-def load_state(model: Transformer, state: dict[str, torch.Tensor], dtype: torch.dtype,
-               device: str | torch.device) -> None:
-    """Copy HF-named tensors into a (meta or real) model; a clear error names the bad tensor."""
-    expected = {k: v for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise ValueError(f"checkpoint is missing tensor {missing[0]!r}"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    for k, ref in expected.items():
-        if tuple(state[k].shape) != tuple(ref.shape):
-            raise ValueError(f"tensor {k!r} has shape {tuple(state[k].shape)}, "
-                             f"expected {tuple(ref.shape)}")
-    params = {k: state[k].to(device=device, dtype=dtype) for k in expected}
-    model.load_state_dict(params, strict=False, assign=True)
+def load_state(model: Transformer, state: dict[str, torch.Tensor],
+               dtype: torch.dtype | str | None = None,
+               device: str | torch.device | None = None) -> None:
+    """Assign HF-named tensors into a (meta or real) model; a clear error names the bad tensor.
+    dtype/device None: keep each model tensor's current dtype/device (unless it is meta)."""
+    shapes = _expected_shapes(model)
+    current = dict(model.state_dict())
+    dtype = parse_dtype(dtype) if dtype is not None else None
+    for name, t in state.items():
+        if _skip(name, model.config):
+            continue
+        _check_shape(name, tuple(t.shape), shapes, model.config, "state dict")
+        ref = current[name]
+        dev = device if device is not None else ("cpu" if ref.is_meta else ref.device)
+        assign_tensor(model, name, t.to(device=dev, dtype=dtype or (t.dtype if ref.is_meta
+                                                                    else ref.dtype)))
+    _check_missing(shapes, set(state), "state dict")
     model.tie_weights()
+
+
+def assign_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace parameter/buffer `name` by `value` itself (no copy), keeping requires_grad."""
+    mod_name, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    old = getattr(mod, leaf)
+    if isinstance(old, nn.Parameter):
+        setattr(mod, leaf, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        mod._buffers[leaf] = value
+
+
+def _open(path: str):
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"cannot read {path}: {e}") from None
+
+
+def _expected_names(config: ModelConfig) -> list[str]:
+    with torch.device("meta"):
+        names = list(Transformer(config).state_dict())
+    return [n for n in names if not (config.tie_word_embeddings and n == "lm_head.weight")]
+
+
+def _expected_shapes(model: Transformer) -> dict[str, tuple]:
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def _skip(name: str, config: ModelConfig) -> bool:
+    """Tensors a checkpoint may hold that we rebuild: rotary tables, a tied head's copy."""
+    return name.endswith(_IGNORED_SUFFIXES) or (config.tie_word_embeddings
+                                                and name == "lm_head.weight")
+
+
+def _check_shape(name: str, shape: tuple, shapes: dict, config: ModelConfig, where: str) -> None:
+    if name not in shapes:
+        raise ValueError(f"{where}: unexpected tensor {name!r} for "
+                         f"{config.architectures[0]} (config and weights disagree)")
+    want = shapes[name]
+    if shape == want:
+        return
+    if name in ("model.embed_tokens.weight", "lm_head.weight") and shape[1:] == want[1:]:
+        raise ValueError(f"{where}: config vocab_size {config.vocab_size} does not match the "
+                         f"{shape[0]} rows of {name!r}")
+    raise ValueError(f"{where}: tensor {name!r} has shape {shape}, expected {want}")
+
+
+def _check_missing(shapes: dict, done: set, where: str) -> None:
+    missing = [k for k in shapes if k not in done]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"{where}: checkpoint is missing tensor {missing[0]!r}{more}")
+
+
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)

@@ -92,7 +92,13 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         """Build from an HF config.json dict (transformers 4 or 5 RoPE layout); unknown keys ignored."""
         d = dict(d)
-        arch = d.get("architectures") or [_ARCH_BY_TYPE.get(d.get("model_type"), "LlamaForCausalLM")]
+        arch = d.get("architectures")
+        if not arch:  # older configs name only the model_type
+            mt = d.get("model_type", "llama")
+            if mt not in _ARCH_BY_TYPE:
+                raise ValueError(f"unsupported model_type {mt!r}; supported: "
+                                 + ", ".join(_ARCH_BY_TYPE))
+            arch = [_ARCH_BY_TYPE[mt]]
         if arch[0] not in ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch[0]!r}; supported: "
                              + ", ".join(ARCHITECTURES))
@@ -109,8 +115,15 @@ class ModelConfig:
             d["rope_scaling"] = None
         if ARCHITECTURES[arch[0]] == "qwen2":
             d.setdefault("attention_bias", True)  # Qwen2 always has q/k/v bias
-            if not d.get("use_sliding_window", False):
-                d["sliding_window"] = None
+            # Qwen2's window applies only to layers >= max_window_layers: not modelled here.
+            if d.get("use_sliding_window", False):
+                raise ValueError("Qwen2 use_sliding_window=true is not supported (per-layer windows)")
+            d["sliding_window"] = None
+        elif ARCHITECTURES[arch[0]] == "llama":
+            d["sliding_window"] = None  # Llama has no window even if a config carries the key
+            # HF Llama's attention_bias also puts a bias on o_proj, and mlp_bias on the MLP.
+            if d.get("attention_bias") or d.get("mlp_bias"):
+                raise ValueError("LlamaForCausalLM with attention_bias/mlp_bias is not supported")
         if "torch_dtype" not in d and "dtype" in d:
             d["torch_dtype"] = d["dtype"]
         required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

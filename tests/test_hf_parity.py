@@ -1,0 +1,167 @@
+"""Parity with Hugging Face transformers (test-only reference) on tiny random checkpoints.
+
+transformers builds and saves random Llama / Mistral / Qwen2 models; the engine loads them and
+must give the same logits (fp32, 1e-4). The other way round, checkpoints saved by the engine load
+in transformers with the same logits.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from engine.checkpoint import load_model_dir, save_model  # noqa: E402
+from engine.config import ModelConfig  # noqa: E402
+from engine.model import Transformer  # noqa: E402
+
+TOL = 1e-4
+BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            rms_norm_eps=1e-5)
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def _prompts(vocab):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (1, n), generator=g) for n in (1, 7, 40)] + \
+           [torch.randint(0, vocab, (2, 23), generator=g)]
+
+
+def _randomize(model):
+    """Away from the default init (norms = 1, zero biases) so every tensor matters."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def _hf_model(cls_name, **kw):
+    cfg_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
+    cfg = cfg_cls(**{**BASE, **kw})
+    model = getattr(transformers, cls_name)(cfg).eval()
+    _randomize(model)
+    model.tie_weights()
+    return model
+
+
+def _assert_close(ours, ref, label=""):
+    worst = (ours - ref).abs().max().item()
+    assert worst < TOL, f"{label}: max |diff| {worst:.2e} >= {TOL}"
+
+
+def _compare(ours_model, hf, vocab=BASE["vocab_size"]):
+    with torch.no_grad():
+        for ids in _prompts(vocab):
+            ref = hf(ids).logits
+            ours = ours_model(ids)
+            assert ours.shape == ref.shape
+            _assert_close(ours, ref, f"prompt of shape {tuple(ids.shape)}")
+
+
+CASES = {
+    "llama_gqa": ("LlamaForCausalLM", {}),
+    "llama_tied": ("LlamaForCausalLM", dict(tie_word_embeddings=True)),
+    "llama3_rope": ("LlamaForCausalLM", dict(rope_parameters=LLAMA3)),
+    "llama_head_dim": ("LlamaForCausalLM", dict(head_dim=32, tie_word_embeddings=True)),
+    "mistral_window": ("MistralForCausalLM", dict(sliding_window=5)),
+    "qwen2_bias": ("Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hf_checkpoint_loads_with_same_logits(case, tmp_path):
+    cls_name, kw = CASES[case]
+    hf = _hf_model(cls_name, **kw)
+    hf.save_pretrained(tmp_path)
+    ours = load_model_dir(str(tmp_path))
+    assert ours.config.architectures == [cls_name]
+    if case == "qwen2_bias":
+        assert ours.config.attention_bias and ours.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
+    if case == "mistral_window":
+        assert ours.config.sliding_window == 5
+    if "tied" in case or case == "qwen2_bias":
+        assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    _compare(ours, hf)
+
+
+def test_sharded_checkpoint(tmp_path):
+    hf = _hf_model("LlamaForCausalLM")
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert os.path.isfile(tmp_path / "model.safetensors.index.json")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    _compare(load_model_dir(str(tmp_path)), hf)
+
+
+def test_transformers4_rope_keys(tmp_path):
+    """The same llama3-scaled checkpoint with transformers-4 keys (rope_theta + rope_scaling)."""
+    hf = _hf_model("LlamaForCausalLM", rope_parameters=LLAMA3)
+    hf.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert "rope_parameters" in cfg  # transformers 5 writes the new layout
+    rp = dict(cfg.pop("rope_parameters"))
+    cfg["rope_theta"] = rp.pop("rope_theta")
+    cfg["rope_scaling"] = rp
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ours = load_model_dir(str(tmp_path))
+    assert ours.config.rope_scaling["rope_type"] == "llama3"
+    assert ours.config.rope_theta == 10000.0
+    _compare(ours, hf)
+
+
+def test_load_in_bf16_and_fp16(tmp_path):
+    hf = _hf_model("LlamaForCausalLM", tie_word_embeddings=True)
+    hf.save_pretrained(tmp_path)
+    ref = load_model_dir(str(tmp_path))
+    ids = _prompts(BASE["vocab_size"])[2]
+    for dtype in (torch.bfloat16, torch.float16):
+        m = load_model_dir(str(tmp_path), dtype=dtype)
+        assert all(p.dtype == dtype for p in m.parameters())
+        assert torch.equal(m.model.embed_tokens.weight, ref.model.embed_tokens.weight.to(dtype))
+        with torch.no_grad():
+            rel = (m(ids).float() - ref(ids)).norm() / ref(ids).norm()
+        assert rel < 0.05, f"{dtype}: relative error {rel:.3f}"
+
+
+# --- engine -> transformers ------------------------------------------------------------------
+SAVE_CASES = {
+    "llama": dict(),
+    "llama_tied_head_dim": dict(tie_word_embeddings=True, head_dim=32),
+    "llama3": dict(rope_scaling={k: v for k, v in LLAMA3.items() if k != "rope_theta"},
+                   rope_theta=10000.0),
+    "bias_as_qwen2": dict(attention_bias=True),
+    "window_as_mistral": dict(sliding_window=6),
+}
+
+
+@pytest.mark.parametrize("case", list(SAVE_CASES))
+def test_engine_checkpoint_loads_in_transformers(case, tmp_path):
+    cfg = ModelConfig(**BASE, **SAVE_CASES[case])
+    ours = Transformer(cfg).eval()
+    _randomize(ours)
+    save_model(ours, str(tmp_path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    expected = {"bias_as_qwen2": "Qwen2ForCausalLM", "window_as_mistral": "MistralForCausalLM"}
+    assert type(hf).__name__ == expected.get(case, "LlamaForCausalLM")
+    _compare(ours, hf)
+    again = load_model_dir(str(tmp_path))  # and back into the engine, bit for bit
+    for (k, a), b in zip(ours.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_engine_sharded_save_loads_in_transformers(tmp_path):
+    ours = Transformer(ModelConfig(**BASE, tie_word_embeddings=True)).eval()
+    _randomize(ours)
+    save_model(ours, str(tmp_path), max_shard_size=30_000)
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
+    assert not (tmp_path / "model.safetensors").exists()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    _compare(ours, hf)
+    save_model(ours, str(tmp_path))  # re-save as one file: the shards and index go away
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    _compare(load_model_dir(str(tmp_path)), hf)
