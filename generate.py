@@ -1,0 +1,276 @@
+"""Generate text from a Whetstone checkpoint, a Hugging Face directory or a GGUF file.
+
+    python generate.py --top-k 40                       # sample from the newest run under ./out
+    python generate.py --checkpoint out/RUN --prompt "ROMEO:" --temperature 0.8 --seed 1
+    python generate.py --model smollm2-135m-instruct --chat "What is the capital of France?" --temperature 0
+    python generate.py --model smollm2-135m-instruct --interactive    # multi-turn chat, /exit ends
+
+Laid out like gpt-fast's generate.py: load (meta device + mmap), prefill, decode token by token
+with a preallocated KV cache (engine/generation.py), stream the text to stdout (whole UTF-8
+characters only), report tokens/s to stderr. Bad input gets one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+import torch
+
+from engine.generation import beam_search, check_sampling_args, generate
+
+CHECKPOINT_ROOT = "out"  # where train.py writes its run directories
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", metavar="DIR",
+                     help=f"model directory (default: the newest run under ./{CHECKPOINT_ROOT})")
+    src.add_argument("--model", metavar="NAME|HF_DIR|FILE.gguf",
+                     help="a named model (e.g. smollm2-135m-instruct), an HF directory or a GGUF file")
+    a("--adapter", metavar="DIR", help="LoRA adapter directory to apply (PEFT format)")
+    a("--prompt", default="", help="text to continue (empty: start from BOS)")
+    a("--chat", metavar="MESSAGE", help="one chat turn through the model's chat template")
+    a("--interactive", action="store_true", help="multi-turn chat in the terminal")
+    a("--system", help="system message for --chat / --interactive")
+    a("--max-new-tokens", type=int, default=200)
+    a("--temperature", type=float, default=1.0, help="0 = greedy")
+    a("--top-k", type=int, default=None)
+    a("--top-p", type=float, default=None)
+    a("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    a("--seed", type=int, default=None, help="same seed, same text (default: random, printed)")
+    a("--num-samples", type=int, default=1)
+    a("--beams", type=int, default=1, help="beam search with N beams (1 = sampling / greedy)")
+    a("--length-penalty", type=float, default=1.0, help="beam score = logprob / len**this")
+    a("--stop", action="append", default=[], metavar="STRING",
+      help="stop when this text appears (repeatable); it is trimmed from the output")
+    a("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+      help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    a("--quiet", action="store_true", help="no speed report on stderr")
+    return p
+
+
+def validate(args) -> None:
+    try:
+        check_sampling_args(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    except ValueError as e:
+        raise UsageError(str(e).replace("top_k", "--top-k").replace("top_p", "--top-p")
+                         .replace("repetition_penalty", "--repetition-penalty")
+                         .replace("temperature", "--temperature")) from None
+    for flag, value in (("--max-new-tokens", args.max_new_tokens),
+                        ("--num-samples", args.num_samples), ("--beams", args.beams)):
+        if value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    if args.chat is not None and args.interactive:
+        raise UsageError("use either --chat or --interactive, not both")
+    if args.beams > 1 and args.num_samples > 1:
+        raise UsageError("--beams and --num-samples cannot be combined")
+    if args.beams > 1 and args.interactive:
+        raise UsageError("--interactive streams its answers; it does not support --beams")
+    if args.interactive and args.num_samples > 1:
+        raise UsageError("--interactive does not support --num-samples")
+    if args.prompt and (args.chat is not None or args.interactive):
+        raise UsageError("--prompt cannot be combined with --chat or --interactive")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+def latest_checkpoint(root: str = CHECKPOINT_ROOT) -> str:
+    """Newest directory under `root` (or `root` itself) holding config.json + model.safetensors."""
+    def is_ckpt(d):
+        return all(os.path.isfile(os.path.join(d, f)) for f in ("config.json", "model.safetensors"))
+
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"no checkpoint: ./{root} does not exist (train one with "
+                                "`python train.py`, or pass --checkpoint DIR / --model NAME)")
+    dirs = [os.path.join(root, d) for d in os.listdir(root)] + [root]
+    dirs = [d for d in dirs if os.path.isdir(d) and is_ckpt(d)]
+    if not dirs:
+        raise FileNotFoundError(f"no checkpoint under ./{root} (a directory with config.json and "
+                                "model.safetensors); pass --checkpoint DIR or --model NAME")
+    return max(dirs, key=lambda d: os.path.getmtime(os.path.join(d, "model.safetensors")))
+
+
+def pick_device_dtype(device: str | None, dtype: str) -> tuple[str, torch.dtype]:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"invalid --device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine")
+    if dtype == "auto":
+        return device, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return device, getattr(torch, dtype)
+
+
+def load(source: str, dtype: torch.dtype, device: str, adapter: str | None):
+    """(model, tokenizer) via engine.load_model when it exists (names, HF dirs, GGUF, adapters);
+    otherwise a plain checkpoint directory with its tokenizer files."""
+    try:
+        from engine import load_model
+    except ImportError:
+        try:
+            from engine.hub import load_model
+        except ImportError:
+            load_model = None
+    if load_model is not None:
+        kw = {"adapter": adapter} if adapter else {}
+        return load_model(source, dtype=dtype, device=device, **kw)
+    if adapter or not os.path.isdir(source):
+        raise UsageError(f"cannot load {source!r}{' with an adapter' if adapter else ''}: only "
+                         "checkpoint directories are supported in this build (engine.load_model "
+                         "is missing)")
+    from engine.checkpoint import load_model_dir
+    try:
+        from tokenizer import load_tokenizer
+    except ImportError:
+        raise UsageError("no tokenizer implementation (tokenizer.load_tokenizer) in this build") from None
+    return load_model_dir(source, dtype, device), load_tokenizer(source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+def make_generator(seed: int | None, device: str, quiet: bool) -> torch.Generator:
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        if not quiet:
+            print(f"seed: {seed}", file=sys.stderr)
+    g = torch.Generator(device=torch.device(device))
+    g.manual_seed(seed)
+    return g
+
+
+def out(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def run_once(model, tok, prompt_ids, stop_ids, args, gen, echo: str = "") -> list[str]:
+    """Generate for one prompt; stream when there is a single sequence. Returns the texts."""
+    if args.beams > 1:
+        res = beam_search(model, prompt_ids, args.beams, args.max_new_tokens, args.length_penalty,
+                          stop_ids, stop_strings=args.stop, tokenizer=tok)
+        out(echo + res.texts[0] + "\n")
+        texts = res.texts[:1]
+    elif args.num_samples > 1:
+        res = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k,
+                       args.top_p, args.repetition_penalty, stop_ids, args.stop, tok, gen,
+                       args.num_samples)
+        for i, text in enumerate(res.texts):
+            out(("" if i == 0 else "-" * 40 + "\n") + echo + text + "\n")
+        texts = res.texts
+    else:
+        out(echo)
+        res = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k,
+                       args.top_p, args.repetition_penalty, stop_ids, args.stop, tok, gen,
+                       stream=lambda row, text: out(text))
+        out("\n")
+        texts = res.texts
+    if not args.quiet:
+        print(res.stats.summary(), file=sys.stderr, flush=True)
+    return texts
+
+
+def encode_prompt(tok, text: str) -> list[int]:
+    ids = tok.encode(text)  # the tokenizer's own BOS rule
+    if not ids:
+        if tok.bos_id is None:
+            raise UsageError("empty --prompt and the tokenizer has no BOS token: give a --prompt")
+        ids = [tok.bos_id]
+    return ids
+
+
+def chat_ids(tok, messages: list[dict], budget: int) -> list[int]:
+    """Render the conversation; drop the oldest exchanges (never the system message or the last
+    user turn) until it fits in `budget` tokens."""
+    msgs = list(messages)
+    while True:
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        first = 1 if msgs and msgs[0]["role"] == "system" else 0
+        if len(ids) <= budget or len(msgs) - first <= 1:
+            return ids
+        warnings.warn("conversation longer than the context: dropping the oldest turn")
+        del msgs[first:first + 2]
+
+
+def interactive(model, tok, args, gen) -> None:
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    budget = model.config.max_position_embeddings - args.max_new_tokens
+    print("chat: type a message, /exit or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if user.strip() in ("/exit", "/quit"):
+            return
+        if not user.strip():
+            continue
+        messages.append({"role": "user", "content": user})
+        ids = chat_ids(tok, messages, max(budget, 1))
+        answer = run_once(model, tok, ids, tok.stop_ids, args, gen)[0]
+        messages.append({"role": "assistant", "content": answer.strip()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    validate(args)
+    device, dtype = pick_device_dtype(args.device, args.dtype)
+    source = args.model or args.checkpoint or latest_checkpoint()
+    if args.checkpoint and not os.path.isdir(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint directory {args.checkpoint!r} does not exist")
+    model, tok = load(source, dtype, device, args.adapter)
+    if not args.quiet:
+        print(f"model: {source} ({model.num_parameters() / 1e6:.1f}M parameters, {dtype}, "
+              f"{device})", file=sys.stderr, flush=True)
+    gen = make_generator(args.seed, device, args.quiet)
+    if args.interactive:
+        interactive(model, tok, args, gen)
+    elif args.chat is not None:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.chat})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        run_once(model, tok, ids, tok.stop_ids, args, gen)
+    else:
+        run_once(model, tok, encode_prompt(tok, args.prompt), tok.stop_ids, args, gen,
+                 echo=args.prompt)
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """main() with bad input turned into one line on stderr and exit code 2."""
+    try:
+        return main(argv)
+    except BrokenPipeError:  # e.g. `python generate.py | head`
+        return 0
+    except (UsageError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"  # one plain line
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(encoding="utf-8", errors="replace")  # whatever the locale says
+    sys.exit(cli())

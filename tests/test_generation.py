@@ -1,0 +1,489 @@
+"""Tests for engine/generation.py and generate.py.
+
+References: the full (uncached) forward for KV-cache decoding, a naive argmax loop for greedy,
+exhaustive enumeration for beam search, direct formulas (and transformers' logits processors
+when installed) for repetition penalty, top-k and top-p.
+"""
+import itertools
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from engine.config import preset
+from engine.generation import (StopStringStream, apply_repetition_penalty, beam_search,
+                               decode_one_token, fit_context, generate, iter_generate, prefill,
+                               sample, top_k_filter, top_p_filter, trim_stop_strings)
+from engine.model import Transformer
+from tokenizer.base import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ByteTokenizer(Tokenizer):
+    """Stub: id i < 256 is byte i; 256 is EOS. Decoding invalid UTF-8 gives U+FFFD."""
+
+    def __init__(self):
+        self.vocab_size, self.eos_id, self.bos_id = 257, 256, None
+
+    def encode(self, text, add_bos=None, add_eos=False):
+        return list(text.encode("utf-8")) + ([256] if add_eos else [])
+
+    def decode(self, ids, skip_special=False):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def save(self, directory):
+        raise NotImplementedError
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = Transformer(preset("tiny", **overrides)).eval()
+    with torch.no_grad():  # larger logits than the 0.02 init: distributions worth sampling from
+        model.lm_head.weight.mul_(20)
+    return model
+
+
+class ScriptedModel(nn.Module):
+    """Fake model that emits `script` after the prompt (for text-level stop/stream tests)."""
+
+    def __init__(self, script, vocab=257, context=512):
+        super().__init__()
+        self.script, self.vocab = list(script), vocab
+        self.config = preset("tiny", vocab_size=vocab, max_position_embeddings=context)
+        self.lm_head = nn.Linear(1, vocab, bias=False)
+        self.prompt_len = None
+
+    def new_cache(self, batch_size, max_len):
+        m = self
+
+        class Cache:
+            pos = 0
+
+            def reorder(self, index):
+                pass
+        m.prompt_len = None
+        return Cache()
+
+    def forward(self, input_ids, cache=None):
+        B, T = input_ids.shape
+        if self.prompt_len is None:
+            self.prompt_len = T
+        logits = torch.full((B, T, self.vocab), -30.0)
+        for t in range(T):
+            k = cache.pos + t + 1 - self.prompt_len  # index into script of the next token
+            logits[:, t, self.script[k] if 0 <= k < len(self.script) else 256] = 30.0
+        cache.pos += T
+        return logits
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache and causality
+# ---------------------------------------------------------------------------------------------
+def test_kv_cache_decoding_equals_full_forward_32_steps():
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 7))
+    cache = model.new_cache(2, 7 + 32)
+    worst = 0.0
+    with torch.no_grad():
+        logits = prefill(model, ids, cache)
+        for step in range(32):
+            full = model(ids)[:, -1]  # (B, V) from scratch, no cache
+            worst = max(worst, (logits - full).abs().max().item())
+            nxt = torch.randint(0, 256, (2, 1))
+            ids = torch.cat([ids, nxt], dim=1)
+            logits = decode_one_token(model, nxt, cache)
+    print(f"worst |cached - full| over 32 steps: {worst:.2e}")
+    assert worst < 1e-5
+
+
+def test_causality():
+    model = tiny_model()
+    ids = torch.randint(0, 256, (1, 20))
+    t = 11
+    changed = ids.clone()
+    changed[0, t] = (ids[0, t] + 1) % 256
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    assert torch.equal(a[:, :t], b[:, :t]) or (a[:, :t] - b[:, :t]).abs().max() < 1e-6
+    assert (a[:, t:] - b[:, t:]).abs().max() > 1e-3  # and it does change what follows
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy, seeds, batching
+# ---------------------------------------------------------------------------------------------
+def naive_greedy(model, prompt, n, stop=()):
+    ids = list(prompt)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(torch.tensor([ids]))[0, -1].argmax())
+            if nxt in stop:
+                break
+            ids.append(nxt)
+            out.append(nxt)
+    return out
+
+
+def test_greedy_is_deterministic_and_matches_naive_loop():
+    model = tiny_model()
+    prompt = [5, 17, 200, 3]
+    a = generate(model, prompt, 24, temperature=0)
+    b = generate(model, prompt, 24, temperature=0)
+    assert a.tokens == b.tokens
+    assert a.tokens[0] == naive_greedy(model, prompt, 24)
+    assert a.finish_reasons == ["length"]
+
+
+def test_stop_id_ends_and_is_excluded():
+    model = tiny_model()
+    prompt = [5, 17, 200, 3]
+    ref = naive_greedy(model, prompt, 24)
+    stop = ref[6]
+    res = generate(model, prompt, 24, temperature=0, stop_ids=[stop])
+    assert res.tokens[0] == ref[:ref.index(stop)]
+    assert res.finish_reasons == ["stop"]
+
+
+def test_same_seed_same_samples_and_batched_rows():
+    model = tiny_model()
+    prompt = [1, 2, 3]
+
+    def run(seed, n=3):
+        g = torch.Generator().manual_seed(seed)
+        return generate(model, prompt, 20, temperature=1.0, top_k=50, generator=g,
+                        num_samples=n).tokens
+
+    a, b, c = run(7), run(7), run(8)
+    assert a == b
+    assert a != c
+    assert len(a) == 3 and len({tuple(r) for r in a}) > 1  # rows sample independently
+    greedy = generate(model, prompt, 20, temperature=0, num_samples=3).tokens
+    assert greedy[0] == greedy[1] == greedy[2] == naive_greedy(model, prompt, 20)
+
+
+def test_top_k_1_sampling_is_greedy():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    res = generate(model, [9, 8, 7], 16, temperature=1.5, top_k=1, generator=g)
+    assert res.tokens[0] == naive_greedy(model, [9, 8, 7], 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling functions
+# ---------------------------------------------------------------------------------------------
+def test_top_k_never_samples_outside_the_k_best():
+    torch.manual_seed(1)
+    logits = torch.randn(1, 64) * 2
+    k = 5
+    best = set(logits[0].topk(k).indices.tolist())
+    g = torch.Generator().manual_seed(0)
+    draws = sample(logits.expand(20000, -1), 1.0, top_k=k, generator=g)
+    seen = set(draws.tolist())
+    assert seen <= best
+    assert seen == best  # and all of them are reachable
+    filtered = top_k_filter(logits, k)
+    assert torch.isfinite(filtered).sum() == k
+
+
+def test_top_p_stays_in_nucleus_with_renormalized_frequencies():
+    probs = torch.tensor([0.35, 0.25, 0.15, 0.1, 0.08, 0.04, 0.02, 0.01])
+    logits = probs.log()[None]
+    # p = 0.7: 0.35 + 0.25 = 0.60 < 0.7, + 0.15 = 0.75 >= 0.7 -> nucleus {0, 1, 2}
+    kept = torch.isfinite(top_p_filter(logits, 0.7))[0].nonzero().flatten().tolist()
+    assert kept == [0, 1, 2]
+    assert torch.isfinite(top_p_filter(logits, 0.1))[0].nonzero().flatten().tolist() == [0]
+    assert torch.isfinite(top_p_filter(logits, 1.0)).all()
+    g = torch.Generator().manual_seed(0)
+    n = 30000
+    draws = sample(logits.expand(n, -1), 1.0, top_p=0.7, generator=g)
+    counts = torch.bincount(draws, minlength=8).float() / n
+    assert counts[3:].sum() == 0
+    expected = probs[:3] / probs[:3].sum()
+    assert (counts[:3] - expected).abs().max() < 0.015
+    # Vocabulary order does not matter: a shuffled row gives the same kept set.
+    perm = torch.randperm(8)
+    kept_perm = torch.isfinite(top_p_filter(logits[:, perm], 0.7))[0]
+    assert set(perm[kept_perm].tolist()) == {0, 1, 2}
+
+
+def test_repetition_penalty_formula():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5, -1.0]])
+    prev = torch.tensor([[0, 1, 1, 4]])  # a repeated id is penalized once
+    out = apply_repetition_penalty(logits, prev, 2.0)
+    assert torch.equal(out, torch.tensor([[1.0, -4.0, 1.0, 0.5, -2.0]]))
+    assert torch.equal(apply_repetition_penalty(logits, prev, 1.0), logits)
+    assert torch.equal(logits, torch.tensor([[2.0, -2.0, 1.0, 0.5, -1.0]]))  # input untouched
+
+
+def test_processors_match_transformers():
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(3)
+    scores = torch.randn(4, 100) * 3
+    ids = torch.randint(0, 100, (4, 12))
+    ref = tf.RepetitionPenaltyLogitsProcessor(1.3)(ids, scores.clone())
+    assert torch.allclose(apply_repetition_penalty(scores, ids, 1.3), ref)
+    for k in (1, 7, 50):
+        ref = tf.TopKLogitsWarper(k)(ids, scores.clone())
+        assert torch.equal(torch.isfinite(top_k_filter(scores, k)), torch.isfinite(ref))
+    for p in (0.05, 0.3, 0.77, 0.95):
+        ref = tf.TopPLogitsWarper(p)(ids, scores.clone())
+        assert torch.equal(torch.isfinite(top_p_filter(scores, p)), torch.isfinite(ref))
+
+
+def test_temperature_zero_is_argmax_after_penalty():
+    logits = torch.tensor([[3.0, 2.9, 0.0]])
+    penalized = apply_repetition_penalty(logits, torch.tensor([[0]]), 1.2)  # 3.0 -> 2.5
+    assert sample(penalized, 0).item() == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Beam search
+# ---------------------------------------------------------------------------------------------
+def seq_logprob(model, prompt, toks):
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt + toks]))[0].float(), -1)
+    return sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(toks))
+
+
+def batch_logprob(model, prompt, seqs):
+    """Sum of new-token log-probs of each sequence, one padded forward (causal: padding after a
+    sequence cannot change its own log-probs)."""
+    n = max(map(len, seqs))
+    ids = torch.tensor([prompt + s + [0] * (n - len(s)) for s in seqs])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).float(), -1)  # (S, T, V)
+    P = len(prompt)
+    return [sum(logp[i, P - 1 + j, t].item() for j, t in enumerate(s)) for i, s in enumerate(seqs)]
+
+
+def test_beams_1_equals_greedy():
+    model = tiny_model()
+    prompt = [4, 40, 140]
+    greedy = naive_greedy(model, prompt, 20)
+    assert beam_search(model, prompt, 1, 20).tokens[0] == greedy
+    stop = greedy[8]
+    res = beam_search(model, prompt, 1, 20, stop_ids=[stop], early_stopping=True)
+    assert res.tokens[0] == greedy[:greedy.index(stop)]
+    assert res.finish_reasons[0] == "stop"
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0, -0.5, 2.0])
+def test_beam_search_matches_brute_force(length_penalty):
+    """Vocab 4 (token 3 = stop), 3 new tokens: wide enough beams are exhaustive, so the best
+    hypothesis must be the argmax over every possible completion."""
+    V, N, stop = 4, 3, 3
+    for seed in range(3):
+        model = tiny_model(seed, vocab_size=V)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(0.1)  # flatter distributions: greedy is often not best
+        prompt = [0, 1, 2, 1]
+        seqs = [list(t) for n in range(1, N + 1) for t in itertools.product(range(V), repeat=n)
+                if stop not in t[:-1] and (n == N or t[-1] == stop)]
+        scores = [s / len(t) ** length_penalty for s, t in zip(batch_logprob(model, prompt, seqs), seqs)]
+        best_score, best = max(zip(scores, seqs))
+        res = beam_search(model, prompt, 16, N, length_penalty, stop_ids=[stop])
+        got = res.tokens[0] + ([stop] if res.finish_reasons[0] == "stop" else [])
+        assert got == best, (seed, got, best)
+        assert math.isclose(res.scores[0], best_score, rel_tol=1e-4, abs_tol=1e-5)
+        narrow = beam_search(model, prompt, 2, N, length_penalty, stop_ids=[stop]).scores[0]
+        assert narrow <= best_score + 1e-5
+
+
+class BigramModel(nn.Module):
+    """Fake model whose next-token distribution depends only on the last token: probs[last]."""
+
+    def __init__(self, probs):
+        super().__init__()
+        self.logp = torch.tensor(probs).log()  # (V, V)
+        V = self.logp.shape[0]
+        self.config = preset("tiny", vocab_size=V)
+        self.lm_head = nn.Linear(1, V, bias=False)
+
+    def new_cache(self, batch_size, max_len):
+        class Cache:
+            def reorder(self, index):
+                pass
+        return Cache()
+
+    def forward(self, input_ids, cache=None):
+        return self.logp[input_ids]  # (B, T, V)
+
+
+def test_beam_search_beats_greedy_on_crafted_case():
+    # After token 0: A=1 (0.6) or B=2 (0.4). After A: four tokens at 0.25 (A->3 first by index);
+    # after B: token 3 at 0.97. Greedy takes A then 0.25 (p = 0.15); the best is B, 3 (0.388).
+    e = 0.01
+    probs = [[e, 0.6 - e, 0.4 - e, e],
+             [0.25, 0.25, 0.25, 0.25],
+             [e, e, e, 1 - 3 * e],
+             [0.25, 0.25, 0.25, 0.25]]
+    model = BigramModel(probs)
+    greedy = generate(model, [0], 2, temperature=0).tokens[0]
+    assert greedy == [1, 0]
+    res = beam_search(model, [0], 2, 2, length_penalty=0.0)
+    assert res.tokens[0] == [2, 3]
+    assert math.isclose(res.scores[0], math.log(0.39 * 0.97), rel_tol=1e-5)
+    assert math.isclose(res.scores[1], math.log(0.59 * 0.25), rel_tol=1e-5)
+
+
+def test_beam_search_scores_and_order():
+    model = tiny_model()
+    prompt = [10, 20, 30]
+    res = beam_search(model, prompt, 4, 6, length_penalty=1.0)
+    assert len(res.tokens) == 4
+    assert res.scores == sorted(res.scores, reverse=True)
+    for toks, score in zip(res.tokens, res.scores):
+        assert math.isclose(score, seq_logprob(model, prompt, toks) / len(toks), rel_tol=1e-4)
+    greedy = naive_greedy(model, prompt, 6)
+    assert res.scores[0] >= seq_logprob(model, prompt, greedy) / 6 - 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop strings, streaming, context
+# ---------------------------------------------------------------------------------------------
+def run_scripted(text, stop_strings, prompt="> ", max_new=200):
+    tok = ByteTokenizer()
+    model = ScriptedModel(tok.encode(text))
+    pieces = []
+    res = generate(model, tok.encode(prompt), max_new, temperature=0, stop_ids=[256],
+                   stop_strings=stop_strings, tokenizer=tok, stream=lambda r, t: pieces.append(t))
+    return res, pieces
+
+
+def test_stop_strings_trimmed_and_never_streamed():
+    res, pieces = run_scripted("START of it. STOP here STOP", ["STOP"])
+    assert res.texts == ["START of it. "]
+    assert "".join(pieces) == res.texts[0]
+    assert res.finish_reasons == ["stop_string"]
+    assert bytes(res.tokens[0]).decode().endswith("STOP")  # ids run up to the completing token
+    res, _ = run_scripted("a\n\nUser: hi", ["\nUser:", "zzz"])
+    assert res.texts == ["a\n"]
+    res, pieces = run_scripted("no stop here", ["STOP"])
+    assert res.texts == ["no stop here"] and "".join(pieces) == "no stop here"
+    assert res.finish_reasons == ["stop"]  # the script ends with EOS (256)
+
+
+def test_streaming_keeps_multibyte_characters_whole():
+    text = "héllo 日本語 🙂 naïve — ok"
+    res, pieces = run_scripted(text, [])
+    assert res.texts == [text]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert len(pieces) < len(text.encode())  # bytes of one character arrive as one piece
+
+
+def test_stop_string_stream_unit():
+    s = StopStringStream(ByteTokenizer(), ["ab", "xyz"])
+    out = "".join(s.push(b) for b in b"1x2xy3a")  # "x", "xy", "a" are held back while ambiguous
+    assert out == "1x2xy3"
+    out += "".join(s.push(b) for b in b"b9")
+    assert out == "1x2xy3" and s.stopped and s.text == "1x2xy3"
+    assert trim_stop_strings("hello world", ["o w", "ll"]) == ("he", True)
+    assert trim_stop_strings("hello", ["z"]) == ("hello", False)
+
+
+def test_long_prompt_left_truncated_with_warning():
+    model = tiny_model(max_position_embeddings=64)
+    prompt = list(range(100))
+    with pytest.warns(UserWarning, match="keeping its last 56 tokens"):
+        ids, n = fit_context(prompt, 8, 64)
+    assert ids == prompt[-56:] and n == 8
+    with pytest.warns(UserWarning, match="generating at most 4"):
+        assert fit_context(list(range(60)), 10, 64)[1] == 4
+    with pytest.warns(UserWarning):
+        res = generate(model, prompt, 8, temperature=0)
+    assert res.tokens[0] == naive_greedy(model, prompt[-56:], 8)
+    assert res.stats.prompt_tokens == 56
+
+
+def test_bad_arguments_raise_clear_errors():
+    model = tiny_model()
+    for kw, msg in [(dict(temperature=-1), "temperature"), (dict(top_k=0), "top_k"),
+                    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+                    (dict(repetition_penalty=0), "repetition_penalty"),
+                    (dict(num_samples=0), "num_samples"), (dict(stop_strings=["x"]), "tokenizer")]:
+        with pytest.raises(ValueError, match=msg):
+            generate(model, [1, 2], 4, **kw)
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, [], 4)
+
+
+def test_iterator_api_and_stats():
+    model = tiny_model()
+    it = iter_generate(model, [1, 2, 3], 5, temperature=0)
+    events = []
+    while True:
+        try:
+            events.append(next(it))
+        except StopIteration as done:
+            res = done.value
+            break
+    assert [e.token for e in events] == res.tokens[0]
+    s = res.stats
+    assert s.prompt_tokens == 3 and s.new_tokens == 5 and s.decode_steps == 4
+    assert s.prefill_tokens_per_s > 0 and s.decode_tokens_per_s > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# generate.py command line
+# ---------------------------------------------------------------------------------------------
+def run_cli(*args, cwd=ROOT):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+BAD_INPUT = [
+    (["--top-k", "0"], "--top-k must be >= 1"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--temperature", "-0.5"], "--temperature must be >= 0"),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--num-samples", "0"], "--num-samples must be >= 1"),
+    (["--beams", "0"], "--beams must be >= 1"),
+    (["--top-k", "abc"], "invalid int value"),
+    (["--dtype", "int8"], "invalid choice"),
+    (["--chat", "hi", "--interactive"], "either --chat or --interactive"),
+    (["--checkpoint", "a", "--model", "b"], "not allowed with argument"),
+    (["--checkpoint", "/nonexistent/ckpt"], "does not exist"),
+    ([], "no checkpoint"),  # nothing under ./out
+]
+
+
+@pytest.mark.parametrize("args, msg", BAD_INPUT)
+def test_cli_bad_input_one_line_exit_2(args, msg, tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, ROOT)
+    import generate as cli_mod
+    monkeypatch.chdir(tmp_path)
+    assert cli_mod.cli(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], lines
+
+
+def test_cli_subprocess_exit_code_and_no_traceback(tmp_path):
+    r = run_cli("--top-k", "0", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --top-k must be >= 1, got 0", r.stderr
+    (tmp_path / "out" / "empty-run").mkdir(parents=True)
+    r = run_cli("--top-k", "40", cwd=tmp_path)
+    assert r.returncode == 2 and "no checkpoint under" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_latest_checkpoint_picks_newest(tmp_path):
+    sys.path.insert(0, ROOT)
+    from generate import latest_checkpoint
+    for i, name in enumerate(["b-run", "a-run", "c-incomplete"]):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        if name != "c-incomplete":
+            (d / "model.safetensors").write_bytes(b"")
+            os.utime(d / "model.safetensors", (1000 + i, 1000 + i))
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "a-run")
+
