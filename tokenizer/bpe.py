@@ -1,0 +1,526 @@
+"""Byte-level BPE (GPT-2 family: GPT-2, SmolLM, Llama 3, Qwen2), written from scratch.
+
+Follows the GPT-2 encoder (bytes_to_unicode, merges by rank), Hugging Face `tokenizers`'
+tokenizer.json semantics (added tokens split out first, leftmost-longest; pre-tokenizer
+Sequence / Split / Digits / ByteLevel; ByteLevel decoder) and llama.cpp's llama-vocab.cpp for the
+pre-tokenizer regexes chosen by GGUF `tokenizer.ggml.pre` name (shared/FORMATS.md sections 4, 5).
+
+Pipeline for encode(text):
+  1. split out added/special tokens (leftmost-longest match) -> their ids directly;
+  2. pre-tokenize each remaining segment: every step splits every current piece
+     (regex splits keep the unmatched gaps as pieces, like llama.cpp and HF `Isolated`);
+     the ByteLevel step maps each piece's UTF-8 bytes to printable characters;
+  3. BPE each piece: repeatedly merge the adjacent pair with the lowest merge rank (leftmost on
+     ties), then map symbols to ids. Results are cached per piece, so a 5 MB corpus takes seconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+
+import regex
+
+from tokenizer.base import Tokenizer, atomic_write_text
+
+# GPT-2's pattern as Hugging Face's ByteLevel pre-tokenizer spells it (trailing `|\s+` included).
+BYTELEVEL_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _split(pattern: str) -> dict:
+    return {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
+
+
+def _byte_level(use_regex: bool) -> dict:
+    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": use_regex}
+
+
+# llama.cpp pre-tokenizer names -> the equivalent tokenizer.json `pre_tokenizer` config.
+PRE_TOKENIZERS: dict[str, dict] = {
+    "gpt-2": _byte_level(True),
+    "smollm": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, _byte_level(True)]},
+    "llama-bpe": {"type": "Sequence", "pretokenizers": [_split(LLAMA3_PATTERN), _byte_level(False)]},
+    "qwen2": {"type": "Sequence", "pretokenizers": [_split(QWEN2_PATTERN), _byte_level(False)]},
+    # llama.cpp's fallback for BPE vocabularies without a known `pre` name.
+    "default": {"type": "Sequence", "pretokenizers": [
+        _split(r"[\p{P}\$\+<=>\^~\|]+"), _split(GPT2_PATTERN), _split(r"\p{N}+"),
+        _split(r"[0-9][0-9][0-9]"), _byte_level(False)]},
+}
+# Other llama.cpp names that use the same regexes (llama-vocab.cpp groups them in one `case`).
+PRE_TOKENIZER_ALIASES = {
+    "gpt2": "gpt-2", "mpt": "gpt-2", "olmo": "gpt-2", "jais": "gpt-2", "trillion": "gpt-2",
+    "starcoder": "smollm", "refact": "smollm", "command-r": "smollm", "codeshell": "smollm",
+    "exaone": "smollm", "minerva-7b": "smollm",
+    "llama3": "llama-bpe", "dbrx": "llama-bpe", "smaug-bpe": "llama-bpe",
+    "stablelm2": "qwen2", "hunyuan": "qwen2",
+}
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (space -> 'Ġ', newline -> 'Ċ')."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    table, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:  # the 68 unprintable bytes go, in order, to U+0100 onwards
+            table[b] = chr(256 + n)
+            n += 1
+    return table
+
+
+# str.translate table from latin-1 code points (= raw bytes) to the byte-level characters.
+_BYTE_TRANSLATE = {b: c for b, c in bytes_to_unicode().items()}
+_BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}
+
+
+def _to_byte_chars(piece: str) -> str:
+    return piece.encode("utf-8").decode("latin-1").translate(_BYTE_TRANSLATE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-tokenizer: a list of steps, each mapping a list of pieces to a finer list of pieces.
+
+class _RegexSplit:
+    """HF `Split` with a regex: matches and the gaps between them, combined per `behavior`."""
+
+    BEHAVIORS = ("isolated", "removed", "merged_with_previous", "merged_with_next", "contiguous")
+
+    def __init__(self, pattern: str, behavior: str = "isolated", invert: bool = False):
+        behavior = regex.sub(r"(?<!^)(?=[A-Z])", "_", behavior).lower()  # "MergedWithNext" -> snake
+        if behavior not in self.BEHAVIORS:
+            raise ValueError(f"unsupported Split behavior {behavior!r}; supported: {self.BEHAVIORS}")
+        try:
+            self.rx = regex.compile(pattern)
+        except regex.error as e:
+            raise ValueError(f"bad pre-tokenizer regex {pattern!r}: {e}") from None
+        self.behavior, self.invert = behavior, invert
+        # Fast path: regex.split with one capturing group returns gaps and matches interleaved.
+        wrapped = regex.compile(f"({pattern})")
+        self.fast = wrapped if behavior == "isolated" and not invert and wrapped.groups == 1 else None
+
+    def spans(self, s: str):
+        """Yield (text, is_match) covering s in order."""
+        pos = 0
+        for m in self.rx.finditer(s):
+            if m.start() == m.end():
+                continue
+            if m.start() > pos:
+                yield s[pos:m.start()], self.invert
+            yield m.group(), not self.invert
+            pos = m.end()
+        if pos < len(s):
+            yield s[pos:], self.invert
+
+    def __call__(self, pieces: list[str]) -> list[str]:
+        out: list[str] = []
+        if self.fast is not None:
+            for p in pieces:
+                out.extend(x for x in self.fast.split(p) if x)
+            return out
+        for p in pieces:
+            if self.behavior == "removed":
+                out.extend(t for t, m in self.spans(p) if not m)
+                continue
+            # Same folds as tokenizers' NormalizedString::split (normalizer.rs).
+            acc: list[str] = []
+            prev_match = False
+            spans = list(self.spans(p))
+            if self.behavior == "merged_with_next":
+                spans.reverse()
+            for t, m in spans:
+                if self.behavior == "isolated":
+                    acc.append(t)
+                elif self.behavior == "contiguous":
+                    if acc and m == prev_match:
+                        acc[-1] += t
+                    else:
+                        acc.append(t)
+                elif m and not prev_match and acc:  # merge the delimiter into its neighbour
+                    acc[-1] = acc[-1] + t if self.behavior == "merged_with_previous" else t + acc[-1]
+                else:
+                    acc.append(t)
+                prev_match = m
+            out.extend(reversed(acc) if self.behavior == "merged_with_next" else acc)
+        return out
+
+
+class _ByteLevel:
+    """HF `ByteLevel` pre-tokenizer: optional prefix space, optional GPT-2 split, byte mapping."""
+
+    def __init__(self, add_prefix_space: bool = False, use_regex: bool = True):
+        self.add_prefix_space = add_prefix_space
+        self.split = _RegexSplit(BYTELEVEL_PATTERN) if use_regex else None
+
+    def __call__(self, pieces: list[str]) -> list[str]:
+        if self.add_prefix_space:
+            pieces = [p if p.startswith(" ") else " " + p for p in pieces]
+        if self.split is not None:
+            pieces = self.split(pieces)
+        return [_to_byte_chars(p) for p in pieces]
+
+
+def _build_steps(config: dict) -> list:
+    kind = config.get("type")
+    if kind == "Sequence":
+        return [s for sub in config["pretokenizers"] for s in _build_steps(sub)]
+    if kind == "Split":
+        pat = config["pattern"]
+        pattern = pat["Regex"] if "Regex" in pat else regex.escape(pat["String"])
+        return [_RegexSplit(pattern, config.get("behavior", "Isolated"), config.get("invert", False))]
+    if kind == "Digits":
+        return [_RegexSplit(r"\p{N}", "isolated" if config.get("individual_digits") else "contiguous")]
+    if kind == "ByteLevel":
+        return [_ByteLevel(config.get("add_prefix_space", False), config.get("use_regex", True))]
+    raise ValueError(f"unsupported pre_tokenizer type {kind!r} (supported: Sequence, Split, Digits, "
+                     "ByteLevel)")
+
+
+class PreTokenizer:
+    """Splits text into pieces (already mapped to byte-level characters) for BPE."""
+
+    def __init__(self, config: dict | str):
+        if isinstance(config, str):
+            name = PRE_TOKENIZER_ALIASES.get(config, config)
+            if name not in PRE_TOKENIZERS:
+                raise ValueError(f"unknown pre-tokenizer {config!r}; known: "
+                                 f"{sorted(PRE_TOKENIZERS) + sorted(PRE_TOKENIZER_ALIASES)}")
+            config = PRE_TOKENIZERS[name]
+        self.config = config
+        self.steps = _build_steps(config)
+        if not any(isinstance(s, _ByteLevel) for s in self.steps):
+            raise ValueError("pre_tokenizer has no ByteLevel step: not a byte-level BPE tokenizer")
+
+    def __call__(self, text: str) -> list[str]:
+        pieces = [text]
+        for step in self.steps:
+            pieces = step(pieces)
+        return pieces
+
+
+# ---------------------------------------------------------------------------------------------
+
+class ByteLevelBPETokenizer(Tokenizer):
+    """Byte-level BPE over a vocab and a ranked merge list, with added/special tokens."""
+
+    CACHE_LIMIT = 1 << 20  # pieces kept in the per-piece cache before it is cleared
+
+    def __init__(self, vocab: dict[str, int], merges: list, *, pre_tokenizer: dict | str = "gpt-2",
+                 added_tokens: list[dict] | None = None, bos_id: int | None = None,
+                 eos_id: int | None = None, pad_id: int | None = None, unk_id: int | None = None,
+                 add_bos: bool = False, chat_template: str | None = None,
+                 ignore_merges: bool = False):
+        self.vocab = dict(vocab)
+        self.merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+        bad = next((m for m in self.merges if len(m) != 2), None)
+        if bad is not None:
+            raise ValueError(f"bad merge {bad!r}: expected two symbols")
+        self.ranks = {m: r for r, m in enumerate(self.merges)}
+        self.pre_tokenizer = pre_tokenizer if isinstance(pre_tokenizer, PreTokenizer) \
+            else PreTokenizer(pre_tokenizer)
+        self.ignore_merges = ignore_merges
+        # Added tokens: {"id", "content", "special", "lstrip", "rstrip", ...} as in tokenizer.json.
+        self.added_tokens = [dict(t) for t in (added_tokens or [])]
+        for t in self.added_tokens:
+            t.setdefault("special", True)
+            self.vocab.setdefault(t["content"], t["id"])
+        self.id_to_tok: dict[int, str] = {i: t for t, i in self.vocab.items()}
+        for t in self.added_tokens:
+            self.id_to_tok[t["id"]] = t["content"]
+        self.vocab_size = max(self.id_to_tok) + 1 if self.id_to_tok else 0
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
+        for name in ("bos_id", "eos_id", "pad_id", "unk_id"):
+            v = getattr(self, name)
+            if v is not None and v not in self.id_to_tok:
+                raise ValueError(f"{name}={v} is not a token id (vocab has {self.vocab_size} ids)")
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+        self._added_by_content = {t["content"]: t["id"] for t in self.added_tokens}
+        self._special_ids = {t["id"] for t in self.added_tokens if t["special"]}
+        self._added_rx = self._added_regex()
+        self._cache: dict[str, list[int]] = {}
+        self._token_bytes: list[bytes] | None = None
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_tokenizer_json(cls, path: str) -> "ByteLevelBPETokenizer":
+        """Load a HF `tokenizer.json` (a file, or a directory with tokenizer_config.json beside it)."""
+        directory = path if os.path.isdir(path) else os.path.dirname(path)
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        try:
+            with open(file, encoding="utf-8") as f:
+                tj = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read tokenizer.json {file}: {e}") from None
+        model = tj.get("model") or {}
+        if model.get("type") != "BPE" or "merges" not in model:
+            raise ValueError(f"{file}: model type {model.get('type')!r} is not BPE with merges")
+        if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+            raise ValueError(f"{file}: subword prefix/suffix BPE is not byte-level BPE")
+        if tj.get("normalizer"):
+            raise ValueError(f"{file}: normalizer {tj['normalizer'].get('type')!r} is not supported "
+                             "for byte-level BPE (expected none)")
+        if not tj.get("pre_tokenizer"):
+            raise ValueError(f"{file}: no pre_tokenizer (expected ByteLevel for byte-level BPE)")
+        cfg = _read_tokenizer_config(directory)
+        added = [{k: t[k] for k in ("id", "content", "special", "lstrip", "rstrip") if k in t}
+                 for t in tj.get("added_tokens", [])]
+        vocab = dict(model["vocab"])
+        for t in added:
+            vocab.setdefault(t["content"], t["id"])
+
+        def token_id(key):
+            v = cfg.get(key)
+            if isinstance(v, dict):
+                v = v.get("content")
+            return vocab.get(v) if v is not None else None
+
+        bos_id, eos_id, pad_id = token_id("bos_token"), token_id("eos_token"), token_id("pad_token")
+        add_bos = cfg.get("add_bos_token")
+        post = tj.get("post_processor") or {}
+        if post.get("type") == "Sequence":  # e.g. [ByteLevel, TemplateProcessing]
+            post = next((p for p in post.get("processors", []) if p.get("type") == "TemplateProcessing"),
+                        {})
+        if post.get("type") == "TemplateProcessing":
+            first = (post.get("single") or [{}])[0]
+            if "SpecialToken" in first:  # "<|begin_of_text|> $A": a BOS is added by default
+                bos_id = vocab.get(first["SpecialToken"]["id"], bos_id)
+                add_bos = True if add_bos is None else add_bos
+        return cls(vocab, model["merges"], pre_tokenizer=tj["pre_tokenizer"], added_tokens=added,
+                   bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
+                   unk_id=vocab.get(model["unk_token"]) if model.get("unk_token") else None,
+                   add_bos=bool(add_bos), chat_template=cfg.get("chat_template"),
+                   ignore_merges=bool(model.get("ignore_merges", False)))
+
+    @classmethod
+    def from_gguf_metadata(cls, fields: dict) -> "ByteLevelBPETokenizer":
+        """Build from GGUF tokenizer metadata (`tokenizer.ggml.model` == "gpt2").
+
+        `fields` maps GGUF keys to plain values (str, int, bool, lists), e.g.
+        `{k: f.contents() for k, f in gguf.GGUFReader(path).fields.items()}`.
+        """
+        tokens = fields.get("tokenizer.ggml.tokens")
+        merges = fields.get("tokenizer.ggml.merges")
+        if not tokens or merges is None:
+            raise ValueError("GGUF metadata lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+        types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        # 3 = control (special), 4 = user defined: both are split out before pre-tokenization.
+        added = [{"id": i, "content": t, "special": types[i] == 3}
+                 for i, t in enumerate(tokens) if types[i] in (3, 4)]
+        vocab = {t: i for i, t in enumerate(tokens)}
+
+        def get_id(key):
+            v = fields.get(f"tokenizer.ggml.{key}_token_id")
+            return int(v) if v is not None and 0 <= int(v) < len(tokens) else None
+
+        # No unk for BPE: llama.cpp (and HF without model.unk_token) drop a symbol missing from
+        # the vocab, e.g. byte 0x1d in SmolLM2, rather than emit tokenizer.ggml.unknown_token_id.
+        return cls(vocab, merges, pre_tokenizer=fields.get("tokenizer.ggml.pre") or "default",
+                   added_tokens=added, bos_id=get_id("bos"), eos_id=get_id("eos"),
+                   pad_id=get_id("padding"),
+                   add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+                   chat_template=fields.get("tokenizer.chat_template"))
+
+    # -- encode -------------------------------------------------------------------------------
+
+    def _added_regex(self):
+        if not self.added_tokens:
+            return None
+        alts = []
+        # Longest first: at one position the regex takes the first alternative that matches.
+        for t in sorted(self.added_tokens, key=lambda t: -len(t["content"])):
+            alt = regex.escape(t["content"])
+            if t.get("lstrip"):
+                alt = r"\s*" + alt
+            if t.get("rstrip"):
+                alt = alt + r"\s*"
+            alts.append(alt)
+        return regex.compile("|".join(alts))
+
+    def _segments(self, text: str, split_special: bool):
+        """Yield (text, None) for plain text and (content, id) for each added token found."""
+        if self._added_rx is None or not split_special:
+            yield text, None
+            return
+        pos = 0
+        for m in self._added_rx.finditer(text):
+            if m.start() > pos:
+                yield text[pos:m.start()], None
+            tid = self._added_by_content.get(m.group())
+            if tid is None:  # an lstrip/rstrip token matched together with its whitespace
+                tid = self._added_by_content[m.group().strip()]
+            yield m.group(), tid
+            pos = m.end()
+        if pos < len(text):
+            yield text[pos:], None
+
+    def _bpe(self, piece: str) -> list[int]:
+        """Ids of one pre-tokenized piece (byte-level characters)."""
+        vocab = self.vocab
+        if self.ignore_merges and piece in vocab:
+            return [vocab[piece]]
+        symbols = list(piece)
+        ranks = self.ranks
+        while len(symbols) > 1:
+            best, best_rank = -1, None
+            for i in range(len(symbols) - 1):
+                r = ranks.get((symbols[i], symbols[i + 1]))
+                if r is not None and (best_rank is None or r < best_rank):
+                    best, best_rank = i, r
+            if best < 0:
+                break
+            a, b = symbols[best], symbols[best + 1]
+            merged, i = symbols[:best], best
+            while i < len(symbols):  # merge every occurrence of (a, b), left to right
+                if i + 1 < len(symbols) and symbols[i] == a and symbols[i + 1] == b:
+                    merged.append(a + b)
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        # A symbol missing from the vocab becomes unk, or is dropped without one (as HF does).
+        unk = self.unk_id
+        return [i for i in (vocab.get(s, unk) for s in symbols) if i is not None]
+
+    def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False,
+               split_special: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise ValueError(f"encode() takes a str, got {type(text).__name__}")
+        ids: list[int] = []
+        if (self.add_bos if add_bos is None else add_bos):
+            if self.bos_id is None:
+                raise ValueError("add_bos requested but this tokenizer has no BOS token")
+            ids.append(self.bos_id)
+        cache = self._cache
+        for seg, tid in self._segments(text, split_special):
+            if tid is not None:
+                ids.append(tid)
+                continue
+            for piece in self.pre_tokenizer(seg):
+                out = cache.get(piece)
+                if out is None:
+                    if len(cache) >= self.CACHE_LIMIT:
+                        cache.clear()
+                    out = cache[piece] = self._bpe(piece)
+                ids.extend(out)
+        if add_eos:
+            if self.eos_id is None:
+                raise ValueError("add_eos requested but this tokenizer has no EOS token")
+            ids.append(self.eos_id)
+        return ids
+
+    # -- decode -------------------------------------------------------------------------------
+
+    def _bytes_table(self) -> list[bytes]:
+        if self._token_bytes is None:
+            table = [b""] * self.vocab_size
+            added = set(self._added_by_content.values())
+            for i, tok in self.id_to_tok.items():
+                if i not in added and all(c in _BYTE_DECODER for c in tok):
+                    table[i] = bytes(_BYTE_DECODER[c] for c in tok)
+                else:  # added tokens, and (as HF's ByteLevel decoder does) unmappable tokens: raw
+                    table[i] = tok.encode("utf-8")
+            self._token_bytes = table
+        return self._token_bytes
+
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        table, n = self._bytes_table(), self.vocab_size
+        out = bytearray()
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < n or i not in self.id_to_tok:
+                raise ValueError(f"token id {i} is out of range for a vocab of {n}")
+            if skip_special and i in self._special_ids:
+                continue
+            out += table[i]
+        return out.decode("utf-8", errors="replace")
+
+    def id_to_token(self, i: int) -> str:
+        return self.id_to_tok[i]
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.vocab.get(token)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return {t["content"]: t["id"] for t in self.added_tokens if t["special"]}
+
+    # -- save ---------------------------------------------------------------------------------
+
+    def to_tokenizer_json(self) -> dict:
+        """This tokenizer as a HF tokenizer.json dict (loadable by the `tokenizers` library)."""
+        added = sorted(self.added_tokens, key=lambda t: t["id"])
+        post = None
+        if self.add_bos and self.bos_id is not None:
+            bos = self.id_to_tok[self.bos_id]
+            post = {"type": "TemplateProcessing",
+                    "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
+                               {"Sequence": {"id": "A", "type_id": 0}}],
+                    "pair": [{"SpecialToken": {"id": bos, "type_id": 0}},
+                             {"Sequence": {"id": "A", "type_id": 0}},
+                             {"SpecialToken": {"id": bos, "type_id": 1}},
+                             {"Sequence": {"id": "B", "type_id": 1}}],
+                    "special_tokens": {bos: {"id": bos, "ids": [self.bos_id], "tokens": [bos]}}}
+        return {
+            "version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": t["id"], "content": t["content"], "single_word": False,
+                              "lstrip": bool(t.get("lstrip")), "rstrip": bool(t.get("rstrip")),
+                              "normalized": False, "special": bool(t["special"])} for t in added],
+            "normalizer": None,
+            "pre_tokenizer": self.pre_tokenizer.config,
+            "post_processor": post,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                        "use_regex": True},
+            "model": {"type": "BPE", "dropout": None,
+                      "unk_token": self.id_to_tok[self.unk_id] if self.unk_id is not None else None,
+                      "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                      "fuse_unk": False, "byte_fallback": False, "ignore_merges": self.ignore_merges,
+                      # added tokens stay in the model vocab too, or HF would give them new ids
+                      "vocab": dict(sorted(self.vocab.items(), key=lambda x: x[1])),
+                      "merges": [list(m) for m in self.merges]},
+        }
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        atomic_write_text(os.path.join(directory, "tokenizer.json"),
+                          json.dumps(self.to_tokenizer_json(), ensure_ascii=False, indent=1))
+        name = lambda i: self.id_to_tok[i] if i is not None else None  # noqa: E731
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.add_bos,
+               "add_eos_token": False, "bos_token": name(self.bos_id), "eos_token": name(self.eos_id),
+               "pad_token": name(self.pad_id), "unk_token": name(self.unk_id),
+               "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30}
+        if self.chat_template:
+            cfg["chat_template"] = self.chat_template
+        atomic_write_text(os.path.join(directory, "tokenizer_config.json"),
+                          json.dumps(cfg, ensure_ascii=False, indent=2))
+
+
+def _read_tokenizer_config(directory: str) -> dict:
+    """tokenizer_config.json beside a tokenizer file ({} if absent); chat_template normalized to str."""
+    cfg: dict = {}
+    path = os.path.join(directory, "tokenizer_config.json")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read {path}: {e}") from None
+    tpl = cfg.get("chat_template")
+    if isinstance(tpl, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        tpl = next((t["template"] for t in tpl if t.get("name") == "default"), None)
+    jinja_file = os.path.join(directory, "chat_template.jinja")  # newer transformers save it apart
+    if tpl is None and os.path.isfile(jinja_file):
+        with open(jinja_file, encoding="utf-8") as f:
+            tpl = f.read()
+    cfg["chat_template"] = tpl
+    return cfg
