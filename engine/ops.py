@@ -104,7 +104,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     combined with the causal rule (used for packed sequences). Returns (B, Hq, T, D).
     """
     T, S = q.shape[-2], k.shape[-2]
-    if mask is None and window is None and _use_triton(q):
+    # The kernel covers power-of-two head dims and S >= T when causal; others use PyTorch.
+    kernel_ok = q.shape[-1] in (16, 32, 64, 128, 256) and (S >= T or not causal)
+    if mask is None and window is None and kernel_ok and _use_triton(q):
         from kernels.attention import attention as kern
         return kern(q, k, v, causal=causal)
     if causal and T == S and window is None and mask is None:
@@ -143,3 +145,65 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         from kernels.cross_entropy import linear_cross_entropy as k
         return k(hidden, weight, targets, ignore_index=ignore_index)
     return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=ignore_index)
+
+
+# ---------------------------------------------------------------------------------------------
+# NF4 (QLoRA) weights, bitsandbytes layout (shared/FORMATS.md section 1)
+# ---------------------------------------------------------------------------------------------
+_NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+             -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+             0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+             0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
+
+
+def nf4_dequantize(packed: torch.Tensor, absmax_q: torch.Tensor,
+                   nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
+                   offset, shape, dtype: torch.dtype = torch.bfloat16,
+                   blocksize: int = 64) -> torch.Tensor:
+    """NF4 weight (N, K) -> dense `dtype`. packed: uint8 [(N*K+1)//2], element 2i in the high
+    nibble; absmax_q: uint8 [n_blocks] with double quant (absmax = nested_code[absmax_q] *
+    nested_absmax[b // 256] + offset) or the float32 absmax itself (nested_* then unused)."""
+    if _use_triton(packed):
+        from kernels.nf4 import nf4_dequantize as k
+        return k(packed, absmax_q, nested_absmax, nested_code, offset, shape, dtype, blocksize)
+    N, K = shape
+    p = packed.reshape(-1)
+    nibbles = torch.stack([p >> 4, p & 15], dim=-1).reshape(-1)[: N * K].long()
+    if absmax_q.dtype == torch.uint8:
+        group = torch.arange(absmax_q.numel(), device=p.device) // 256
+        absmax = nested_code[absmax_q.long()] * nested_absmax[group] + float(offset)
+    else:
+        absmax = absmax_q.float()
+    code = torch.tensor(_NF4_CODE, dtype=torch.float32, device=p.device)
+    w = code[nibbles] * absmax.repeat_interleave(blocksize)[: N * K]  # fp32, then one cast
+    return w.to(dtype).view(N, K)
+
+
+class _NF4LinearTorch(torch.autograd.Function):
+    """x W^T + b, W dequantized again in backward (no full-size W kept); grad for x, b only."""
+
+    @staticmethod
+    def forward(ctx, x, bias, *fields):
+        ctx.fields = fields
+        return F.linear(x, nf4_dequantize(*fields[:6], x.dtype, fields[6]), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        f = ctx.fields
+        gx = grad @ nf4_dequantize(*f[:6], grad.dtype, f[6]) if ctx.needs_input_grad[0] else None
+        gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        return (gx, gb) + (None,) * len(f)
+
+
+def nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax_q: torch.Tensor,
+               nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, offset,
+               shape, bias: torch.Tensor | None = None, blocksize: int = 64) -> torch.Tensor:
+    """x (..., K) @ W.T (+ bias) for an NF4 weight W of `shape` (N, K), in x's dtype. Fields as
+    in nf4_dequantize. The kernel path fuses dequantization into the matmul."""
+    if bias is not None:
+        bias = bias.to(x.dtype)
+    if _use_triton(x):
+        from kernels.nf4 import nf4_matmul as k
+        return k(x, packed, absmax_q, nested_absmax, nested_code, offset, shape, bias, blocksize)
+    return _NF4LinearTorch.apply(x, bias, packed, absmax_q, nested_absmax, nested_code, offset,
+                                 tuple(shape), blocksize)
