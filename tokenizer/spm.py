@@ -62,6 +62,12 @@ class SentencePieceTokenizer(Tokenizer):
             regex.escape(p) for p in sorted(self._control, key=len, reverse=True) if p)) \
             if self._control else None
         self._piece_to_id = {p: i for i, p in enumerate(self._pieces)}
+        # sentencepiece reads a literal "▁" (U+2581) in the text as a space. Without a dummy
+        # prefix we encode it as its three UTF-8 byte pieces instead, so it round-trips; models
+        # with a dummy prefix (Llama 2) keep sentencepiece's behaviour, as HF and llama.cpp do.
+        meta = [self._piece_to_id.get(f"<0x{b:02X}>") for b in "▁".encode("utf-8")]
+        dummy_prefix = sp.encode("a", out_type=str)[:1] != ["a"]
+        self._meta_bytes = meta if None not in meta and not dummy_prefix else None
 
     # -- construction -------------------------------------------------------------------------
 
@@ -92,7 +98,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     @classmethod
     def train(cls, inputs, out_dir: str, vocab_size: int, *, max_sentences: int = 2_000_000,
-              num_threads: int = 2, character_coverage: float = 0.9995, split_digits: bool = True,
+              num_threads: int = 2, character_coverage: float = 0.9999, split_digits: bool = True,
               user_defined_symbols: Iterable[str] = (), add_bos: bool = True,
               seed: int = 0) -> "SentencePieceTokenizer":
         """Train a BPE model and save it into out_dir (tokenizer.model + tokenizer_config.json).
@@ -182,16 +188,26 @@ class SentencePieceTokenizer(Tokenizer):
         if split_special and self._control_rx is not None:
             for m in self._control_rx.finditer(text):
                 if m.start() > pos:
-                    ids.extend(self.sp.encode(text[pos:m.start()]))
+                    self._encode_plain(text[pos:m.start()], ids)
                 ids.append(self._control[m.group()])
                 pos = m.end()
         if pos < len(text):
-            ids.extend(self.sp.encode(text[pos:]))
+            self._encode_plain(text[pos:], ids)
         if add_eos:
             if self.eos_id is None:
                 raise ValueError("add_eos requested but this tokenizer has no EOS token")
             ids.append(self.eos_id)
         return ids
+
+    def _encode_plain(self, text: str, ids: list[int]) -> None:
+        if self._meta_bytes is None or "▁" not in text:
+            ids.extend(self.sp.encode(text))
+            return
+        for k, part in enumerate(text.split("▁")):
+            if k:
+                ids.extend(self._meta_bytes)
+            if part:
+                ids.extend(self.sp.encode(part))
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         n = self.vocab_size

