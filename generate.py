@@ -189,11 +189,12 @@ def run_once(model, tok, prompt_ids, stop_ids, args, gen, echo: str = "") -> lis
 
 
 def encode_prompt(tok, text: str) -> list[int]:
-    ids = tok.encode(text)  # the tokenizer's own BOS rule
+    """Ids of the prompt with the tokenizer's own BOS rule; an empty prompt starts a document
+    (BOS, or EOS as the separator GPT-2-style vocabularies use, or a newline)."""
+    ids = tok.encode(text)
     if not ids:
-        if tok.bos_id is None:
-            raise UsageError("empty --prompt and the tokenizer has no BOS token: give a --prompt")
-        ids = [tok.bos_id]
+        start = tok.bos_id if tok.bos_id is not None else tok.eos_id
+        ids = [start] if start is not None else tok.encode("\n")
     return ids
 
 

@@ -24,6 +24,15 @@ from tokenizer.base import Tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes on a shared 2-core machine: one intra-op thread is ~10x faster under load."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class ByteTokenizer(Tokenizer):
     """Stub: id i < 256 is byte i; 256 is EOS. Decoding invalid UTF-8 gives U+FFFD."""
 
@@ -433,7 +442,7 @@ def test_iterator_api_and_stats():
 # generate.py command line
 # ---------------------------------------------------------------------------------------------
 def run_cli(*args, cwd=ROOT):
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120, env=env)
 
@@ -487,3 +496,145 @@ def test_latest_checkpoint_picks_newest(tmp_path):
             os.utime(d / "model.safetensors", (1000 + i, 1000 + i))
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "a-run")
 
+
+
+# ---------------------------------------------------------------------------------------------
+# generate.py end to end, on checkpoints saved with engine.checkpoint.save_model
+# ---------------------------------------------------------------------------------------------
+def byte_bpe_tokenizer():
+    """A real byte-level BPE tokenizer with no merges: id b < 256 is byte b; ChatML specials."""
+    bpe = pytest.importorskip("tokenizer.bpe")
+    b2u = bpe.bytes_to_unicode()
+    added = [{"id": 256, "content": "<|endoftext|>"}, {"id": 257, "content": "<|im_start|>"},
+             {"id": 258, "content": "<|im_end|>"}]
+    return bpe.ByteLevelBPETokenizer({b2u[b]: b for b in range(256)}, [], pre_tokenizer="gpt-2",
+                                     added_tokens=added, eos_id=256)
+
+
+def bigram_checkpoint(path, chain):
+    """A real Transformer that is an exact bigram model: attention and MLP outputs are zeroed, so
+    the last hidden state is the current token's embedding, and lm_head rows are set so that
+    chain[i] is followed by chain[i + 1] (logit gap ~ 10 * hidden_size vs ~ 10 * sqrt(hidden))."""
+    from engine.checkpoint import save_model
+    model = Transformer(preset("tiny", vocab_size=259))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        for cur, nxt in zip(chain, chain[1:]):
+            e = model.model.embed_tokens.weight[cur]
+            model.lm_head.weight[nxt] += 10 * e * torch.rsqrt(e.pow(2).mean() + 1e-5)
+    save_model(model, str(path), byte_bpe_tokenizer())
+    return model
+
+
+def random_checkpoint(path, seed):
+    from engine.checkpoint import save_model
+    torch.manual_seed(seed)
+    model = Transformer(preset("tiny", vocab_size=259))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    save_model(model, str(path), byte_bpe_tokenizer())
+    return model
+
+
+PARIS = [10] + list(b"Paris") + [258]  # "\n" -> P a r i s -> <|im_end|>
+
+
+def cli_in_process(args, capsys, monkeypatch, cwd=None, stdin=None):
+    sys.path.insert(0, ROOT)
+    import generate as cli_mod
+    if cwd is not None:
+        monkeypatch.chdir(cwd)
+    if stdin is not None:
+        import io
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    rc = cli_mod.cli(args)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_chat_answers_and_stops_at_end_of_turn(tmp_path, capsys, monkeypatch):
+    bigram_checkpoint(tmp_path / "bigram", PARIS)
+    rc, out, err = cli_in_process(["--checkpoint", str(tmp_path / "bigram"), "--chat",
+                                   "What is the capital of France?", "--temperature", "0"],
+                                  capsys, monkeypatch)
+    assert rc == 0, err
+    assert out == "Paris\n"  # <|im_end|> (the template's end of turn) stopped it
+    assert "tok/s" in err and "decode: 5 tokens" in err
+
+
+def test_cli_interactive_keeps_history_until_exit(tmp_path, capsys, monkeypatch):
+    bigram_checkpoint(tmp_path / "bigram", PARIS)
+    rc, out, err = cli_in_process(["--checkpoint", str(tmp_path / "bigram"), "--interactive",
+                                   "--temperature", "0", "--max-new-tokens", "20",
+                                   "--system", "Be brief."],
+                                  capsys, monkeypatch, stdin="capital?\nand again?\n/exit\n")
+    assert rc == 0, err
+    assert out == "> Paris\n> Paris\n> "
+    # The second turn's prompt is the whole conversation so far, through the chat template.
+    tok = byte_bpe_tokenizer()
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "capital?"},
+               {"role": "assistant", "content": "Paris"}, {"role": "user", "content": "and again?"}]
+    n = len(tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True))
+    prefills = [line.split()[1] for line in err.splitlines() if line.startswith("prefill:")]
+    assert prefills[1] == str(n)
+    rc, out, _ = cli_in_process(["--checkpoint", str(tmp_path / "bigram"), "--interactive",
+                                 "--temperature", "0", "--quiet"], capsys, monkeypatch,
+                                stdin="hi\n")  # EOF ends too
+    assert rc == 0 and out == "> Paris\n> "
+
+
+def test_cli_prompt_greedy_and_stop_string(tmp_path, capsys, monkeypatch):
+    model = random_checkpoint(tmp_path / "rand", 1)
+    tok = byte_bpe_tokenizer()
+    ref = generate(model.eval(), tok.encode("To be"), 24, temperature=0, stop_ids=tok.stop_ids,
+                   tokenizer=tok).texts[0]
+    rc, out, err = cli_in_process(["--checkpoint", str(tmp_path / "rand"), "--prompt", "To be",
+                                   "--max-new-tokens", "24", "--temperature", "0", "--quiet"],
+                                  capsys, monkeypatch)
+    assert rc == 0, err
+    assert out == "To be" + ref + "\n"
+    stop = ref[3:5]
+    rc, out, _ = cli_in_process(["--checkpoint", str(tmp_path / "rand"), "--prompt", "To be",
+                                 "--max-new-tokens", "24", "--temperature", "0", "--quiet",
+                                 "--stop", stop], capsys, monkeypatch)
+    assert out == "To be" + ref[:ref.index(stop)] + "\n"
+    rc, out, _ = cli_in_process(["--checkpoint", str(tmp_path / "rand"), "--prompt", "To be",
+                                 "--max-new-tokens", "6", "--beams", "3", "--quiet"],
+                                capsys, monkeypatch)
+    best = beam_search(model, tok.encode("To be"), 3, 6, stop_ids=tok.stop_ids, tokenizer=tok)
+    assert rc == 0 and out == "To be" + best.texts[0] + "\n"
+
+
+def test_cli_top_k_samples_newest_checkpoint_same_seed_same_text(tmp_path, capsys, monkeypatch):
+    old = random_checkpoint(tmp_path / "out" / "run-old", 1)
+    new = random_checkpoint(tmp_path / "out" / "run-new", 2)
+    os.utime(tmp_path / "out" / "run-old" / "model.safetensors", (1, 1))
+    args = ["--top-k", "40", "--max-new-tokens", "16", "--seed", "5", "--quiet"]
+    rc, a, err = cli_in_process(args, capsys, monkeypatch, cwd=tmp_path)
+    assert rc == 0, err
+    _, b, _ = cli_in_process(args, capsys, monkeypatch)
+    _, c, _ = cli_in_process(args[:-2] + ["6", "--quiet"], capsys, monkeypatch)
+    assert a == b and a != c
+    tok = byte_bpe_tokenizer()  # no BOS: an empty prompt starts from EOS (<|endoftext|>)
+    g = torch.Generator()
+    for model, expect in ((new, True), (old, False)):
+        g.manual_seed(5)
+        ref = generate(model.eval(), [tok.eos_id], 16, top_k=40, generator=g, stop_ids=tok.stop_ids,
+                       tokenizer=tok)
+        assert (a == ref.texts[0] + "\n") == expect
+    rc, out, _ = cli_in_process(args[:-3] + ["--num-samples", "3", "--quiet"], capsys, monkeypatch)
+    assert rc == 0 and out.count("-" * 40) == 2
+
+
+def test_cli_subprocess_streams_utf8(tmp_path):
+    text = "é日🙂ж"  # all bytes distinct: a bigram chain
+    chain = [10] + list(text.encode()) + [258]
+    bigram_checkpoint(tmp_path / "utf8", chain)
+    r = run_cli("--checkpoint", str(tmp_path / "utf8"), "--prompt", "\n", "--temperature", "0",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "\n" + text + "\n"
+    assert "prefill: 1 tokens" in r.stderr and "decode: " in r.stderr
