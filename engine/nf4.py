@@ -140,9 +140,10 @@ def _quantize_absmax(centered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
     """Quantize any float tensor (flattened row-major) to NF4. Bit-identical to bitsandbytes
-    quantize_4bit(weight, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)."""
+    quantize_4bit(weight, blocksize, quant_type="nf4", compress_statistics=double_quant)."""
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"quantize_nf4 needs a float32/float16/bfloat16 tensor, got {weight.dtype}")
+        raise ValueError(f"quantize_nf4 needs a float32/float16/bfloat16 tensor, "
+                         f"got {weight.dtype}")
     if weight.numel() == 0:
         raise ValueError("quantize_nf4 got an empty tensor")
     _check_blocksize(blocksize)
@@ -220,7 +221,8 @@ def from_bnb_state_dict(sd: dict[str, torch.Tensor], prefix: str = "") -> NF4Wei
         raise ValueError(f"{p}.quant_map is not the NF4 code")
     nested = p + ".nested_absmax" in sd
     if nested and meta.get("nested_blocksize") != NESTED_BLOCKSIZE:
-        raise ValueError(f"nested_blocksize must be {NESTED_BLOCKSIZE}, got {meta.get('nested_blocksize')}")
+        raise ValueError(f"nested_blocksize must be {NESTED_BLOCKSIZE}, "
+                         f"got {meta.get('nested_blocksize')}")
     absmax = sd[p + ".absmax"]
     return NF4Weight(
         packed=sd[p].reshape(-1).view(torch.uint8), shape=tuple(meta["shape"]),
@@ -275,7 +277,8 @@ def register_nf4(module: nn.Module, q: NF4Weight) -> None:
         module.register_buffer(name, getattr(q, name))
     # offset lives on the CPU so that reading it never synchronises a GPU
     module.register_buffer("offset", torch.tensor(q.offset, dtype=torch.float32))
-    module.weight_shape, module.blocksize, module.weight_dtype = tuple(q.shape), q.blocksize, q.dtype
+    module.weight_shape, module.blocksize = tuple(q.shape), q.blocksize
+    module.weight_dtype = q.dtype
 
 
 def nf4_of(module: nn.Module) -> NF4Weight:
@@ -305,7 +308,8 @@ def _empty_nf4(out_features: int, in_features: int, blocksize: int, double_quant
     nb = -(-n // blocksize)
     u8, f32 = dict(dtype=torch.uint8, device=device), dict(dtype=torch.float32, device=device)
     return NF4Weight(
-        packed=torch.zeros((n + 1) // 2, **u8), absmax_q=torch.zeros(nb, **u8) if double_quant else None,
+        packed=torch.zeros((n + 1) // 2, **u8),
+        absmax_q=torch.zeros(nb, **u8) if double_quant else None,
         absmax=None if double_quant else torch.zeros(nb, **f32),
         nested_absmax=torch.zeros(-(-nb // NESTED_BLOCKSIZE), **f32) if double_quant else None,
         nested_code=DYNAMIC_MAP.to(device) if double_quant else None, offset=0.0,
@@ -322,7 +326,8 @@ class NF4Linear(nn.Module):
         super().__init__()
         _check_blocksize(blocksize)
         self.in_features, self.out_features = in_features, out_features
-        register_nf4(self, _empty_nf4(out_features, in_features, blocksize, double_quant, dtype, device))
+        empty = _empty_nf4(out_features, in_features, blocksize, double_quant, dtype, device)
+        register_nf4(self, empty)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
 

@@ -30,7 +30,7 @@ def _cases():
         "normal": normal,
         "uniform": torch.rand(64, 64, generator=g) * 2 - 1,
         "outliers": outliers,
-        "odd_7x9": torch.randn(7, 9, generator=g),               # 63 values: partial block, odd count
+        "odd_7x9": torch.randn(7, 9, generator=g),               # 63: partial block, odd count
         "partial_3x100": torch.randn(3, 100, generator=g),       # 300 = 4 blocks + 44
         "many_groups_300x70": torch.randn(300, 70, generator=g),  # 329 blocks: 2 nested groups
         "exact_midpoints": midpoint_block,
@@ -89,7 +89,8 @@ def test_quantize_bit_identical_to_bitsandbytes(BF, name, double_quant):
 def test_bits_per_param_with_double_quant():
     q = quantize_nf4(torch.randn(128, 256))                    # 512 blocks, 2 nested groups
     assert q.bits_per_param() == 4 + 8 / 64 + 32 / (64 * 256)  # 4.127
-    assert abs(quantize_nf4(torch.randn(128, 256), double_quant=False).bits_per_param() - 4.5) < 1e-12
+    plain = quantize_nf4(torch.randn(128, 256), double_quant=False)
+    assert abs(plain.bits_per_param() - 4.5) < 1e-12
 
 
 def test_packing_layout_and_exact_round_trip():
@@ -159,7 +160,8 @@ def test_nf4_linear_forward_backward_and_no_dense_weight_saved():
     assert not any(p.requires_grad for p in layer.parameters())
     x = torch.randn(3, 5, 96, requires_grad=True)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t,
+                                                  lambda t: t):
         y = layer(x)
     assert W.numel() not in saved                              # no dense (out, in) copy kept
     assert torch.allclose(y, F.linear(x, W, lin.bias), atol=1e-6, rtol=0)

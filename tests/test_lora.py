@@ -1,0 +1,405 @@
+"""engine/lora.py: LoRA / rsLoRA / DoRA math, merge, NF4 base, PEFT adapter files, combination;
+interoperability with peft + transformers (test-only references)."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.config import ModelConfig
+from engine.lora import (Adapter, LoRALinear, apply_lora, combine_adapters, disable_adapters,
+                         load_adapter, lora_layers, lora_state_dict, lora_summary, merge_lora,
+                         save_adapter)
+from engine.model import Transformer
+from engine.nf4 import NF4Linear, quantize_model
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+def _model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**{**TINY, **kw})).eval()
+
+
+def _ids(seed=1, shape=(2, 11)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, TINY["vocab_size"], shape, generator=g)
+
+
+def _randomize_adapter(model, seed=3):
+    """Non-zero B (and a perturbed magnitude) so that the adapter changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lay in lora_layers(model).values():
+            lay.lora_B.weight.copy_(0.1 * torch.randn(lay.lora_B.weight.shape, generator=g))
+            if lay.use_dora:
+                lay.lora_magnitude_vector.mul_(1 + 0.2 * torch.rand(lay.out_features, generator=g))
+
+
+def _max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("kw", [{}, {"dora": True}, {"rslora": True, "dropout": 0.1}])
+def test_zero_b_leaves_outputs_unchanged(kw):
+    m = _model()
+    ids = _ids()
+    with torch.no_grad():
+        ref = m(ids)
+        names = apply_lora(m, "all-linear", r=4, alpha=8, **kw)
+        out = m(ids)
+    assert len(names) == 2 * 7 and "lm_head" not in names
+    assert _max_diff(out, ref) <= 1e-6
+
+
+def test_lora_forward_formula_and_dropout_on_branch_only():
+    base = nn.Linear(32, 24, bias=True)
+    lay = LoRALinear(base, r=4, alpha=8, dropout=0.5).train()
+    nn.init.normal_(lay.lora_B.weight)
+    x = torch.randn(5, 32)
+    torch.manual_seed(7)
+    y = lay(x)
+    torch.manual_seed(7)
+    xd = F.dropout(x, 0.5, training=True)
+    expected = base(x) + 2.0 * (xd @ lay.lora_A.weight.T @ lay.lora_B.weight.T)
+    assert _max_diff(y, expected) < 1e-5
+    assert lay.lora_A.weight.shape == (4, 32) and lay.lora_B.weight.shape == (24, 4)
+    # PEFT init: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)); B = 0
+    fresh = LoRALinear(nn.Linear(256, 64), r=8, alpha=16)
+    bound = 1 / math.sqrt(256)
+    assert 0.9 * bound < fresh.lora_A.weight.abs().max() <= bound
+    assert torch.all(fresh.lora_B.weight == 0)
+
+
+def test_rslora_scaling():
+    lay = LoRALinear(nn.Linear(32, 32), r=16, alpha=8, rslora=True)
+    assert lay.scaling == 8 / math.sqrt(16)
+    assert LoRALinear(nn.Linear(32, 32), r=16, alpha=8).scaling == 0.5
+    nn.init.normal_(lay.lora_B.weight)
+    x = torch.randn(3, 32)
+    delta = lay(x) - F.linear(x, lay.weight, lay.bias)
+    assert _max_diff(delta, 2.0 * x @ (lay.lora_B.weight @ lay.lora_A.weight).T) < 1e-5
+
+
+def test_dora_formula_and_detached_norm():
+    base = nn.Linear(16, 12, bias=True)
+    lay = LoRALinear(base, r=4, alpha=4, dora=True)
+    assert torch.allclose(lay.lora_magnitude_vector, base.weight.norm(dim=1))
+    with torch.no_grad():
+        nn.init.normal_(lay.lora_B.weight)
+        lay.lora_magnitude_vector.mul_(1.5)
+    x = torch.randn(6, 16)
+    y = lay(x)
+    W = base.weight + 1.0 * lay.lora_B.weight @ lay.lora_A.weight
+    m = lay.lora_magnitude_vector
+    expected = (m / W.norm(dim=1).detach()) * (x @ W.T) + base.bias
+    assert _max_diff(y, expected) < 1e-5
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [m, lay.lora_B.weight], g)
+    ref = torch.autograd.grad(expected, [m, lay.lora_B.weight], g)
+    assert all(_max_diff(a, b) < 1e-4 for a, b in zip(grads, ref))
+
+
+def test_only_adapter_parameters_get_gradients():
+    m = _model()
+    apply_lora(m, ["q_proj", "v_proj", "down_proj"], r=4, alpha=8, dora=True)
+    _randomize_adapter(m)
+    m(_ids(), labels=_ids(2)).backward()
+    for name, p in m.named_parameters():
+        is_lora = any(k in name for k in ("lora_A", "lora_B", "lora_magnitude_vector"))
+        assert p.requires_grad == is_lora, name
+        assert (p.grad is not None) == is_lora, name
+        if is_lora:
+            assert p.grad.abs().sum() > 0, name
+    s = lora_summary(m)
+    assert s["lora_layers"] == 6 and s["ranks"] == [4]
+    expected = sum(p.numel() for n, p in m.named_parameters() if "lora" in n)
+    assert s["trainable_params"] == expected and s["total_params"] == m.num_parameters()
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_merge_equals_unmerged(dora):
+    m = _model()
+    apply_lora(m, "all-linear", r=4, alpha=8, dora=dora)
+    _randomize_adapter(m)
+    ids = _ids()
+    with torch.no_grad():
+        ref = m(ids)
+        w0 = m.model.layers[0].self_attn.q_proj.weight.clone()
+        for lay in lora_layers(m).values():
+            lay.merge()
+        assert _max_diff(m(ids), ref) < 1e-5
+        for lay in lora_layers(m).values():
+            lay.unmerge()
+        assert _max_diff(m.model.layers[0].self_attn.q_proj.weight, w0) < 1e-6
+        assert _max_diff(m(ids), ref) < 1e-5
+        merge_lora(m)
+        assert not lora_layers(m)
+        assert type(m.model.layers[1].mlp.down_proj) is nn.Linear
+        assert _max_diff(m(ids), ref) < 1e-5
+
+
+def test_disable_adapters_gives_the_base_model():
+    base = _model()
+    ids = _ids()
+    with torch.no_grad():
+        ref = base(ids)
+        apply_lora(base, ALL, r=4, alpha=8)
+        _randomize_adapter(base)
+        tuned = base(ids)
+        with disable_adapters(base):
+            assert _max_diff(base(ids), ref) <= 1e-6
+        assert _max_diff(base(ids), tuned) == 0
+    assert _max_diff(tuned, ref) > 1e-3
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_over_nf4_base(dora):
+    m = _model()
+    quantize_model(m)
+    dense = _model()                                            # same base, dequantized weights
+    for name, mod in list(m.named_modules()):
+        if isinstance(mod, NF4Linear):
+            with torch.no_grad():
+                dense.get_submodule(name).weight.copy_(mod.dequantized_weight())
+    ids = _ids()
+    with torch.no_grad():
+        assert _max_diff(m(ids), dense(ids)) < 1e-5
+        apply_lora(m, ALL, r=4, alpha=8, dora=dora)
+        assert _max_diff(m(ids), dense(ids)) < 1e-5          # DoRA init uses the dequantized W
+        apply_lora(dense, ALL, r=4, alpha=8, dora=dora)
+    _randomize_adapter(m)
+    dense.load_state_dict(lora_state_dict(m), strict=False)
+    out = m(ids)
+    assert _max_diff(out, dense(ids)) < 1e-5
+    assert {k for k in m.state_dict() if ".q_proj." in k and "layers.0." in k} >= {
+        "model.layers.0.self_attn.q_proj.packed", "model.layers.0.self_attn.q_proj.lora_A.weight"}
+    out.sum().backward()
+    assert all((p.grad is not None) == ("lora" in n) for n, p in m.named_parameters())
+    with pytest.raises(ValueError, match="4-bit base"):
+        m.model.layers[0].self_attn.q_proj.merge()
+    with torch.no_grad():
+        merged = merge_lora(m)(ids)
+    assert type(m.model.layers[0].self_attn.q_proj) is nn.Linear
+    assert _max_diff(merged, out) < 1e-5
+
+
+@pytest.mark.parametrize("kw", [{}, {"dora": True, "rslora": True}])
+def test_save_load_round_trip(tmp_path, kw):
+    from safetensors import safe_open
+    m = _model()
+    apply_lora(m, ["q_proj", "v_proj", "gate_proj"], r=4, alpha=8, **kw)
+    _randomize_adapter(m)
+    save_adapter(m, str(tmp_path), base_model_name_or_path="tiny-base")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    assert cfg["target_modules"] == ["gate_proj", "q_proj", "v_proj"]
+    assert cfg["use_dora"] == bool(kw) and cfg["use_rslora"] == bool(kw)
+    assert cfg["base_model_name_or_path"] == "tiny-base"
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        keys = set(f.keys())
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    dora_key = "base_model.model.model.layers.1.mlp.gate_proj.lora_magnitude_vector"
+    assert (dora_key in keys) == bool(kw)
+    assert len(keys) == 2 * 3 * (3 if kw else 2)
+    fresh = _model()
+    load_adapter(fresh, str(tmp_path))
+    ids = _ids()
+    with torch.no_grad():
+        assert _max_diff(fresh(ids), m(ids)) == 0
+
+
+def test_bad_input_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown LoRA target\(s\) \['qproj'\].*'q_proj'"):
+        apply_lora(_model(), ["qproj"])
+    with pytest.raises(ValueError, match="rank 65 exceeds min"):
+        apply_lora(_model(), ["q_proj"], r=65)
+    m = _model()
+    apply_lora(m, ["q_proj"], r=4)
+    with pytest.raises(ValueError, match="already has LoRA"):
+        apply_lora(m, ["v_proj"])
+    save_adapter(m, str(tmp_path))
+    other = _model(hidden_size=32, intermediate_size=48)       # a different base
+    with pytest.raises(ValueError, match=r"q_proj\.lora_A\.weight has shape \(4, 64\)"):
+        load_adapter(other, str(tmp_path))
+    with pytest.raises(ValueError, match="adapter_config.json is missing"):
+        load_adapter(_model(), str(tmp_path / "nowhere"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Combining adapters
+# ---------------------------------------------------------------------------------------------
+def _adapter(r, alpha, rslora=False, seed=0, dtype=torch.float32, integer=False):
+    g = torch.Generator().manual_seed(seed)
+    mk = (lambda *s: torch.randint(-3, 4, s, generator=g).to(dtype)) if integer else \
+         (lambda *s: torch.randn(*s, generator=g, dtype=dtype))
+    tensors = {}
+    for mod in ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"):
+        tensors[mod + ".lora_A.weight"] = mk(r, 12)
+        tensors[mod + ".lora_B.weight"] = mk(10, r)
+    return Adapter({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": rslora,
+                    "target_modules": ["q_proj", "down_proj"]}, tensors)
+
+
+def _delta(ad, mod):
+    return ad.scaling() * ad.tensors[mod + ".lora_B.weight"] @ ad.tensors[mod + ".lora_A.weight"]
+
+
+MODS = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj")
+
+
+def test_cat_combination_is_exactly_the_weighted_sum():
+    a1, a2 = _adapter(2, 4, integer=True, seed=1), _adapter(4, 2, rslora=True, integer=True, seed=2)
+    out = combine_adapters([a1, a2], [0.5, -1.5], "cat")
+    assert out.config["r"] == 6 and out.config["lora_alpha"] == 6 and out.scaling() == 1.0
+    for mod in MODS:  # integer factors, power-of-two scalings: every float op is exact
+        assert torch.equal(_delta(out, mod), 0.5 * _delta(a1, mod) - 1.5 * _delta(a2, mod))
+    a3, a4 = _adapter(3, 5, seed=3), _adapter(5, 7, rslora=True, seed=4)
+    out = combine_adapters([a3, a4], [0.7, 0.3], "cat")
+    for mod in MODS:
+        assert _max_diff(_delta(out, mod), 0.7 * _delta(a3, mod) + 0.3 * _delta(a4, mod)) < 1e-5
+
+
+def test_linear_and_svd_combination_math():
+    a1, a2 = _adapter(4, 8, seed=5), _adapter(4, 2, seed=6)
+    w = [0.8, -0.4]
+    lin = combine_adapters([a1, a2], w, "linear")
+    s = [w[0] * 2.0, w[1] * 0.5]                                # w_i * scaling_i
+    for mod in MODS:
+        A = [a.tensors[mod + ".lora_A.weight"] for a in (a1, a2)]
+        B = [a.tensors[mod + ".lora_B.weight"] for a in (a1, a2)]
+        A_ref = math.sqrt(abs(s[0])) * A[0] - math.sqrt(abs(s[1])) * A[1]   # sign on A only
+        B_ref = math.sqrt(abs(s[0])) * B[0] + math.sqrt(abs(s[1])) * B[1]
+        assert _max_diff(lin.tensors[mod + ".lora_A.weight"], A_ref) < 1e-6
+        assert _max_diff(lin.tensors[mod + ".lora_B.weight"], B_ref) < 1e-6
+    full = combine_adapters([a1, a2], w, "svd", rank=8)         # rank 8 holds the whole sum
+    low = combine_adapters([a1, a2], w, "svd")                  # rank = max r_i = 4
+    assert low.config["r"] == 4 and full.config["r"] == 8
+    for mod in MODS:
+        dW = w[0] * _delta(a1, mod) + w[1] * _delta(a2, mod)
+        assert _max_diff(_delta(full, mod), dW) < 1e-5
+        U, S, Vh = torch.linalg.svd(dW)
+        assert _max_diff(_delta(low, mod), (U[:, :4] * S[:4]) @ Vh[:4]) < 1e-5
+    with pytest.raises(ValueError, match="equal ranks"):
+        combine_adapters([a1, _adapter(2, 2)], [1, 1], "linear")
+    with pytest.raises(ValueError, match="cat, linear or svd"):
+        combine_adapters([a1, a2], [1, 1], "ties")
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT / transformers interoperability
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hf_base():
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    cfg = transformers.LlamaConfig(**TINY, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_((1 + 0.3 * torch.randn(p.shape, generator=g)) if name.endswith("norm.weight")
+                    else 0.1 * torch.randn(p.shape, generator=g))
+    return hf
+
+
+def _ours_from(hf):
+    ours = Transformer(ModelConfig.from_dict(hf.config.to_dict())).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    return ours
+
+
+@pytest.mark.parametrize("kw", [{}, {"dora": True, "rslora": True}])
+def test_our_adapter_loads_in_peft(hf_base, tmp_path, kw):
+    from peft import PeftModel
+    ours = _ours_from(hf_base)
+    ids = _ids()
+    with torch.no_grad():
+        assert _max_diff(ours(ids), hf_base(ids).logits) < 1e-4
+    apply_lora(ours, ALL, r=4, alpha=8, **kw)
+    _randomize_adapter(ours)
+    save_adapter(ours, str(tmp_path))
+    peft_model = PeftModel.from_pretrained(hf_base, str(tmp_path)).eval()
+    try:
+        with torch.no_grad():
+            ref, out = peft_model(ids).logits, ours(ids)
+            with disable_adapters(ours):
+                base = ours(ids)
+        assert _max_diff(out, base) > 1e-2                     # the adapter matters ...
+        assert _max_diff(out, ref) < 1e-4                      # ... and PEFT agrees
+    finally:
+        peft_model.unload()                                    # give hf_base back untouched
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_peft_adapter_loads_here(hf_base, tmp_path, dora):
+    from peft import LoraConfig, get_peft_model
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=ALL, init_lora_weights=False,
+                     use_dora=dora, task_type="CAUSAL_LM")
+    ours = _ours_from(hf_base)
+    torch.manual_seed(5)
+    peft_model = get_peft_model(hf_base, cfg).eval()
+    try:
+        with torch.no_grad():  # a magnitude away from its init, so that loading it matters
+            for name, p in peft_model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p.mul_(1 + 0.2 * torch.rand(p.shape))
+        peft_model.save_pretrained(str(tmp_path))
+        ids = _ids()
+        with torch.no_grad():
+            ref = peft_model(ids).logits
+            with peft_model.disable_adapter():
+                base = peft_model(ids).logits
+    finally:
+        peft_model.unload()
+    names = load_adapter(ours, str(tmp_path))
+    assert len(names) == 2 * 7 and all(lay.use_dora == dora for lay in lora_layers(ours).values())
+    with torch.no_grad():
+        out = ours(ids)
+    assert _max_diff(ref, base) > 1e-2
+    assert _max_diff(out, ref) < 1e-4
+
+
+def test_peft_key_names_are_normalised():
+    from engine.lora import _our_key
+    pre = "base_model.model.model.layers.0.self_attn.q_proj."
+    assert _our_key(pre + "lora_A.weight") == "model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert _our_key(pre + "lora_B.default.weight") == pre[17:] + "lora_B.weight"
+    for suffix in ("lora_magnitude_vector", "lora_magnitude_vector.default.weight",
+                   "lora_magnitude_vector.weight"):
+        assert _our_key(pre + suffix) == "model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+    assert _our_key("base_model.model.lm_head.modules_to_save.default.weight") == "lm_head.weight"
+
+
+def test_combination_matches_peft_add_weighted_adapter(hf_base, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(9)
+    kw = dict(target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    pm = get_peft_model(hf_base, LoraConfig(r=4, lora_alpha=8, **kw), adapter_name="x1")
+    try:
+        pm.add_adapter("x2", LoraConfig(r=4, lora_alpha=2, use_rslora=True, **kw))
+        pm.save_pretrained(str(tmp_path))
+        ours_in = [Adapter.load(str(tmp_path / n)) for n in ("x1", "x2")]
+        w = [0.7, -0.4]
+        for method in ("cat", "linear", "svd"):
+            pm.add_weighted_adapter(["x1", "x2"], w, "m_" + method, combination_type=method)
+            ours = combine_adapters(ours_in, w, method)
+            checked = 0
+            for name, mod in pm.base_model.model.named_modules():
+                if hasattr(mod, "lora_A") and "m_" + method in mod.lora_A:
+                    A = mod.lora_A["m_" + method].weight
+                    B = mod.lora_B["m_" + method].weight
+                    assert mod.scaling["m_" + method] == ours.scaling() == 1.0
+                    t = ours.tensors
+                    d_ours = t[name + ".lora_B.weight"] @ t[name + ".lora_A.weight"]
+                    assert _max_diff(B @ A, d_ours) < 1e-5, (method, name)
+                    checked += 1
+            assert checked == 4
+    finally:
+        pm.unload()
