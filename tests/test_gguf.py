@@ -1,0 +1,349 @@
+"""GGUF import (engine/gguf.py) against source weights, independent block decoders and the
+llama.cpp RoPE convention; the real SmolLM2 GGUF against transformers (slow).
+
+Small GGUF files are written here with gguf.GGUFWriter the way convert_hf_to_gguf.py does it
+(llama arch: q/k rows permuted; norms F32; `output` left out when embeddings are tied).
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from engine.checkpoint import load_model_dir  # noqa: E402
+from engine.config import ModelConfig  # noqa: E402
+from engine.gguf import (hf_name, load_gguf, permute_qk, read_gguf,  # noqa: E402
+                         tokenizer_from_gguf, unpermute_qk)
+from engine.model import Transformer  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+K_TINY = dict(TINY, hidden_size=256, intermediate_size=512)  # K-quants: rows of 256
+_GGUF_NAMES = {}  # HF name -> GGUF name, filled lazily from engine.gguf.hf_name
+
+
+def gguf_name(hf: str) -> str:
+    if not _GGUF_NAMES:
+        for i in range(8):
+            for part in ("attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                         "ffn_gate", "ffn_up", "ffn_down"):
+                for kind in ("weight", "bias"):
+                    n = f"blk.{i}.{part}.{kind}"
+                    _GGUF_NAMES[hf_name(n)] = n
+        for n in ("token_embd.weight", "output_norm.weight", "output.weight"):
+            _GGUF_NAMES[hf_name(n)] = n
+    return _GGUF_NAMES[hf]
+
+
+def random_model(**kw) -> Transformer:
+    model = Transformer(ModelConfig(**{**TINY, **kw})).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1 + 0.3 * torch.randn(p.shape, generator=g)) if name.endswith("norm.weight")
+                    else 0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def write_gguf(path, model, qtype=Q.F32, arch="llama", tokens=None, skip=(), meta=None,
+               raw=None):
+    """Write `model` as a GGUF file. raw: {gguf name: (uint8 array, qtype)} replaces tensors."""
+    c = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_bos_token_id(c.bos_token_id)
+    w.add_eos_token_id(c.eos_token_id)
+    if tokens is not None:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        w.add_token_list(tokens[0])
+        w.add_token_merges(tokens[1])
+        w.add_chat_template("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}")
+    for k, v in (meta or {}).items():
+        (w.add_uint32 if isinstance(v, int) else w.add_string)(f"{arch}.{k}", v)
+    for name, t in model_state(model).items():
+        gname = gguf_name(name)
+        if gname in skip:
+            continue
+        if raw and gname in raw:
+            data, qt = raw[gname]
+            w.add_tensor(gname, data, raw_dtype=qt)
+            continue
+        t = t.detach().float()
+        if arch == "llama" and (".attn_q." in gname or ".attn_k." in gname):
+            t = permute_qk(t, c.num_attention_heads if ".attn_q." in gname else c.num_key_value_heads)
+        arr = t.numpy()
+        qt = Q.F32 if t.dim() == 1 else qtype
+        w.add_tensor(gname, gguf.quants.quantize(arr, qt) if qt != Q.F32 else arr, raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def model_state(model):
+    sd = model.state_dict()
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight")
+    return sd
+
+
+# --- independent block decoders (ggml-quants.c, FORMATS.md section 4) -------------------------
+def ref_dequant(raw: np.ndarray, qtype) -> np.ndarray:
+    rows = raw.shape[0]
+    if qtype == Q.Q8_0:
+        b = raw.reshape(rows, -1, 34)
+        d = b[..., :2].copy().view(np.float16).astype(np.float32)
+        return (d * b[..., 2:].view(np.int8)).reshape(rows, -1)
+    if qtype in (Q.Q4_0, Q.Q4_1):
+        size = 18 if qtype == Q.Q4_0 else 20
+        b = raw.reshape(rows, -1, size)
+        d = b[..., :2].copy().view(np.float16).astype(np.float32)
+        qs = b[..., size - 16:]
+        q = np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.float32)  # y[j], y[j + 16]
+        if qtype == Q.Q4_0:
+            return ((q - 8) * d).reshape(rows, -1)
+        m = b[..., 2:4].copy().view(np.float16).astype(np.float32)
+        return (q * d + m).reshape(rows, -1)
+    raise AssertionError(qtype)
+
+
+QTYPES = {Q.F32: 0.0, Q.F16: 1e-3, Q.BF16: 1e-2, Q.Q8_0: 1e-2, Q.Q5_0: 0.05, Q.Q4_0: 0.12,
+          Q.Q4_1: 0.12}
+
+
+@pytest.mark.parametrize("qtype", list(QTYPES), ids=lambda q: q.name)
+def test_round_trip_against_source_weights(qtype, tmp_path):
+    src = random_model(tie_word_embeddings=True)
+    path = write_gguf(tmp_path / "m.gguf", src, qtype)
+    ours, _ = load_gguf(path)
+    assert ours.config.tie_word_embeddings and ours.lm_head.weight is ours.model.embed_tokens.weight
+    fields, infos = read_gguf(path)
+    for name, ref in model_state(src).items():
+        got = ours.state_dict()[name]
+        rel = ((got - ref).norm() / ref.norm()).item()
+        assert rel <= QTYPES[qtype] + 1e-7, f"{name}: relative error {rel:.2e}"
+        if qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1) and ref.dim() == 2:  # bit-exact vs our decoder
+            info = infos[gguf_name(name)]
+            with open(path, "rb") as f:
+                f.seek(info.offset)
+                raw = np.frombuffer(f.read(info.n_bytes), np.uint8).reshape(info.shape[0], -1)
+            want = torch.from_numpy(ref_dequant(raw, qtype))
+            if ".q_proj." in name or ".k_proj." in name:
+                n = 4 if ".q_proj." in name else 2
+                want = unpermute_qk(want, n)
+            assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_f32_gguf_gives_the_source_logits(arch, tmp_path):
+    kw = dict(attention_bias=True, architectures=["Qwen2ForCausalLM"]) if arch == "qwen2" else {}
+    src = random_model(**kw)  # untied: `output` is written
+    path = write_gguf(tmp_path / "m.gguf", src, Q.F32, arch=arch)
+    ours, _ = load_gguf(path)
+    assert ours.config.architectures == src.config.architectures
+    assert not ours.config.tie_word_embeddings and ours.config.attention_bias == (arch == "qwen2")
+    ids = torch.randint(0, TINY["vocab_size"], (2, 19))
+    with torch.no_grad():
+        assert (ours(ids) - src(ids)).abs().max() < 1e-5
+
+
+def _rope_interleaved(x, theta):
+    """llama.cpp's LLAMA rope (GGML "normal" mode): rotate pairs (2i, 2i+1). x: (T, H, D)."""
+    T, _, D = x.shape
+    inv = 1.0 / theta ** (torch.arange(0, D, 2).float() / D)
+    ang = torch.arange(T).float()[:, None] * inv  # (T, D/2)
+    cos, sin = ang.cos()[:, None], ang.sin()[:, None]
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+
+
+def _rope_half(x, theta):
+    """HF rotate_half: dim i pairs with i + D/2."""
+    T, _, D = x.shape
+    inv = 1.0 / theta ** (torch.arange(0, D, 2).float() / D)
+    ang = torch.arange(T).float()[:, None] * inv
+    cos, sin = torch.cat([ang, ang], -1).cos()[:, None], torch.cat([ang, ang], -1).sin()[:, None]
+    return x * cos + torch.cat([-x[..., D // 2:], x[..., :D // 2]], -1) * sin
+
+
+def test_unpermuted_qk_give_llamacpp_attention_scores(tmp_path):
+    """Scores from the file's permuted q/k with llama.cpp's interleaved RoPE equal scores from the
+    loaded (unpermuted) q/k with HF's rotate_half RoPE: the permutation is undone correctly."""
+    src = random_model()
+    path = write_gguf(tmp_path / "m.gguf", src, Q.F32)
+    ours, _ = load_gguf(path)
+    c = ours.config
+    x = torch.randn(9, c.hidden_size)
+    wq_file = permute_qk(src.model.layers[1].self_attn.q_proj.weight.detach(), c.num_attention_heads)
+    wk_file = permute_qk(src.model.layers[1].self_attn.k_proj.weight.detach(), c.num_key_value_heads)
+    attn = ours.model.layers[1].self_attn
+    heads = lambda t, n: t.view(9, n, c.head_dim)  # noqa: E731
+    ref_q = _rope_interleaved(heads(x @ wq_file.T, 4), c.rope_theta)
+    ref_k = _rope_interleaved(heads(x @ wk_file.T, 2), c.rope_theta)
+    q = _rope_half(heads(attn.q_proj(x).detach(), 4), c.rope_theta)
+    k = _rope_half(heads(attn.k_proj(x).detach(), 2), c.rope_theta)
+    rep = lambda t: t.repeat_interleave(2, dim=1)  # noqa: E731  GQA: head h uses kv h // 2
+    ref = torch.einsum("thd,shd->hts", ref_q, rep(ref_k))
+    got = torch.einsum("thd,shd->hts", q, rep(k))
+    assert (got - ref).abs().max() < 1e-4
+    assert not torch.allclose(wq_file, attn.q_proj.weight)  # the file really was permuted
+
+
+def _random_k_blocks(qtype, rows, cols, seed=0):
+    """Random K-quant blocks with sane fp16 scales (gguf cannot quantize K types)."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = np.random.default_rng(seed).integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    scale = np.array([0.01], np.float16).view(np.uint8)
+    if qtype == Q.Q6_K:
+        raw[..., -2:] = scale  # d is last
+    else:
+        raw[..., 0:2] = scale  # d
+        raw[..., 2:4] = scale  # dmin
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda q: q.name)
+def test_k_quants_load_into_the_right_places(qtype, tmp_path):
+    src = random_model(**K_TINY)
+    raw = {}
+    for name, t in model_state(src).items():
+        if t.dim() == 2:
+            raw[gguf_name(name)] = (_random_k_blocks(qtype, t.shape[0], t.shape[1], len(raw)), qtype)
+    path = write_gguf(tmp_path / "k.gguf", src, raw=raw)
+    ours, _ = load_gguf(path, dtype=torch.bfloat16)
+    for gname, (data, qt) in raw.items():
+        want = torch.from_numpy(gguf.quants.dequantize(data, qt))
+        if ".attn_q." in gname or ".attn_k." in gname:
+            want = unpermute_qk(want, 4 if ".attn_q." in gname else 2)
+        got = ours.state_dict()[hf_name(gname)]
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, want.to(torch.bfloat16)), gname
+
+
+def test_q4_k_block_layout_pinned():
+    """One Q4_K block decoded by hand (ggml-quants.c dequantize_row_q4_K): d = 1, dmin = 0, all
+    sub-block scales 1 -> each 64-value group is the low nibbles of 32 bytes, then the high."""
+    block = np.zeros(144, np.uint8)
+    block[0:2] = np.array([1.0], np.float16).view(np.uint8)  # d = 1; dmin (bytes 2:4) = 0
+    scales = block[4:16]  # 12 bytes of packed 6-bit scales and mins
+    scales[0:4] = 1  # scale of groups 0-3; scales[4:8] = 0: their mins
+    scales[8:12] = 0x01  # low nibble: scale of groups 4-7, high nibble: their mins (0)
+    qs = np.random.default_rng(1).integers(0, 256, 128, dtype=np.uint8)
+    block[16:] = qs
+    want = np.concatenate([np.concatenate([qs[32 * j:32 * j + 32] & 15, qs[32 * j:32 * j + 32] >> 4])
+                           for j in range(4)]).astype(np.float32)
+    got = gguf.quants.dequantize(block.reshape(1, -1), Q.Q4_K).reshape(-1)
+    assert np.array_equal(got, want)
+
+
+def test_tokenizer_and_chat_template_from_metadata(tmp_path):
+    from tokenizer.bpe import bytes_to_unicode
+    byte_tokens = list(bytes_to_unicode().values())
+    tokens = byte_tokens + ["Ġt", "he", "Ġthe"] + ["<pad>"] * (300 - 259)
+    merges = ["Ġ t", "h e", "Ġt he"]
+    src = random_model(tie_word_embeddings=True)
+    path = write_gguf(tmp_path / "t.gguf", src, Q.Q8_0, tokens=(tokens, merges))
+    model, fields = load_gguf(path)
+    tok = tokenizer_from_gguf(fields, path)
+    ids = tok.encode("the theme", add_bos=False)
+    assert 258 in ids and tok.decode(ids) == "the theme"
+    assert tok.bos_id == 1 and tok.eos_id == 2
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<|user|>hi"
+
+
+# --- bad input: one clear line -----------------------------------------------------------------
+def test_bad_files(tmp_path):
+    src = random_model()
+    good = write_gguf(tmp_path / "good.gguf", src, Q.Q8_0)
+    data = open(good, "rb").read()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match="truncated"):
+        load_gguf(str(tmp_path / "cut.gguf"))
+    (tmp_path / "header.gguf").write_bytes(data[:200])
+    with pytest.raises(ValueError, match="cannot read GGUF file"):
+        load_gguf(str(tmp_path / "header.gguf"))
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(ValueError, match="bad magic"):
+        load_gguf(str(tmp_path / "junk.gguf"))
+
+
+def test_bad_metadata(tmp_path):
+    src = random_model()
+    with pytest.raises(ValueError, match=r"unsupported GGUF architecture 'gpt2'; supported: llama, qwen2"):
+        load_gguf(write_gguf(tmp_path / "a.gguf", src, arch="gpt2"))
+    with pytest.raises(ValueError, match=r"vocab size \(512\) does not match the 300 rows"):
+        load_gguf(write_gguf(tmp_path / "v.gguf", src, meta={"vocab_size": 512}))
+    with pytest.raises(ValueError, match="missing tensor for 'model.layers.1.mlp.up_proj.weight'"):
+        load_gguf(write_gguf(tmp_path / "m.gguf", src, skip=("blk.1.ffn_up.weight",)))
+    with pytest.raises(ValueError, match="unsupported rope scaling 'yarn'"):
+        load_gguf(write_gguf(tmp_path / "y.gguf", src, meta={"rope.scaling.type": "yarn"}))
+
+
+def test_unsupported_quant_type(tmp_path):
+    src = random_model(**K_TINY)
+    w = src.model.layers[0].mlp.up_proj.weight
+    raw = {"blk.0.ffn_up.weight": (_random_k_blocks(Q.Q4_K, *w.shape)[:, :w.shape[1] // 256 * 136],
+                                   Q.IQ4_XS)}
+    with pytest.raises(ValueError, match="'blk.0.ffn_up.weight' has unsupported quant type IQ4_XS"):
+        load_gguf(write_gguf(tmp_path / "iq.gguf", src, raw=raw))
+
+
+# --- the real demo model (downloaded once into the cache) --------------------------------------
+@pytest.mark.slow
+def test_smollm2_gguf_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    from engine.hub import fetch
+    path = fetch("smollm2-135m-instruct")
+    ours, fields = load_gguf(path)
+    tok = tokenizer_from_gguf(fields, path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+    prompts = ["The capital of France is", "def fibonacci(n):\n    ", "1, 2, 3, 4,",
+               "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n"]
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([tok.encode(p)])
+            worst = (ours(ids)[0, -1] - hf(ids).logits[0, -1]).abs().max().item()
+            assert worst < 1e-4, f"{p!r}: max |diff| {worst:.2e}"
+    ids = torch.tensor([tok.encode("The capital of France is")])
+    assert tok.decode([ours(ids)[0, -1].argmax().item()]) == " Paris"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_smollm2_gguf_peak_memory():
+    """Peak RSS of a fresh process loading the demo GGUF in fp32 (figures printed): the growth
+    over the process after imports stays under 1.5x the fp32 weights."""
+    from engine.hub import fetch
+    path = fetch("smollm2-135m-instruct")
+    # VmHWM: this process's own peak (ru_maxrss would carry over the pytest parent's peak).
+    code = ("import re, time, torch, engine.gguf as g\n"
+            "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])\n"
+            "base = hwm()\n"
+            f"t = time.time(); m, _ = g.load_gguf({path!r}); dt = time.time() - t\n"
+            "n = sum(p.numel() for p in m.parameters())\n"
+            "print(base * 1024, hwm() * 1024, n * 4, dt)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         check=True).stdout.split()
+    base, peak, fp32, dt = int(out[0]), int(out[1]), int(out[2]), float(out[3])
+    print(f"\nSmolLM2 GGUF load: {dt:.1f}s; peak RSS {peak / 2**20:.0f} MiB (after imports "
+          f"{base / 2**20:.0f} MiB, +{(peak - base) / 2**20:.0f} MiB) vs fp32 weights "
+          f"{fp32 / 2**20:.0f} MiB")
+    assert peak - base < 1.5 * fp32
