@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.config import atomic_write_bytes, atomic_write_text
-from engine.nf4 import (NF4Linear, apply_keeping_nf4, dequantize_nf4, nf4_linear, nf4_of,
+from engine.nf4 import (NF4Linear, apply_keeping_nf4, nf4_dense_weight, nf4_linear, nf4_of,
                         register_nf4)
 
 PEFT_PREFIX = "base_model.model."
@@ -77,7 +77,7 @@ class LoRALinear(nn.Module):
     def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The frozen (out, in) base weight, dequantized for an NF4 base."""
         if self.quantized:
-            return dequantize_nf4(nf4_of(self), dtype)
+            return nf4_dense_weight(nf4_of(self), dtype or self.weight_dtype)
         return self.weight if dtype is None else self.weight.to(dtype)
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -365,7 +365,8 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str 
 
 def load_adapter(model: nn.Module, adapter: str | Adapter) -> list[str]:
     """Apply LoRA to exactly the modules the adapter covers (per its config: r, alpha, rslora,
-    dora, dropout) and load its tensors. Ours or PEFT's; raises on any shape mismatch."""
+    dora, dropout) and load its tensors; a model that already has that LoRA layout (resume) just
+    gets the tensors. Ours or PEFT's; raises on any shape mismatch. Returns the module names."""
     if isinstance(adapter, str):
         adapter = Adapter.load(adapter)
     c = adapter.config
@@ -373,9 +374,21 @@ def load_adapter(model: nn.Module, adapter: str | Adapter) -> list[str]:
     modules = adapter.modules()
     if not modules:
         raise ValueError("adapter has no lora_A tensors")
-    names = apply_lora(model, modules, r=int(c["r"]), alpha=c["lora_alpha"],
-                       dropout=c.get("lora_dropout", 0.0), rslora=bool(c.get("use_rslora")),
-                       dora=bool(c.get("use_dora")))
+    hp = dict(r=int(c["r"]), alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0),
+              rslora=bool(c.get("use_rslora")), dora=bool(c.get("use_dora")))
+    existing = lora_layers(model)
+    if not existing:
+        names = apply_lora(model, modules, **hp)
+    else:  # e.g. resuming: the same LoRA layout must already be in place
+        names = sorted(existing)
+        if names != modules:
+            raise ValueError(f"model already has LoRA layers on {len(names)} modules, the adapter "
+                             f"covers {len(modules)} others")
+        for name, lay in existing.items():
+            have = (lay.r, lay.lora_alpha, lay.use_rslora, lay.use_dora)
+            if have != (hp["r"], hp["alpha"], hp["rslora"], hp["dora"]):
+                raise ValueError(f"{name}: (r, alpha, rslora, dora) = {have} differs from the "
+                                 f"adapter's config")
     params = dict(model.named_parameters())
     own = lora_state_dict(model)
     for key, value in adapter.tensors.items():

@@ -111,7 +111,7 @@ def _dynamic_lut() -> torch.Tensor:
     """65536-entry table: grid point j (value 2j/65535 - 1) -> nearest DYNAMIC_MAP index, ties
     to the lower one. bitsandbytes' CPU kernel quantizes through such a table (checked on every
     entry by tests/test_nf4.py), so codes narrower than the grid step 3.05e-5 near zero are
-    unreachable; its CUDA kernel searches the exact nearest code instead."""
+    unreachable, and values near a midpoint can land on the farther code."""
     grid = torch.arange(65536, dtype=torch.float64) / 65535 * 2 - 1
     code = DYNAMIC_MAP.double()
     hi = torch.searchsorted(code, grid, right=True).clamp(1, 255)   # first code > g
@@ -139,8 +139,10 @@ def _quantize_absmax(centered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
-    """Quantize any float tensor (flattened row-major) to NF4. Bit-identical to bitsandbytes
-    quantize_4bit(weight, blocksize, quant_type="nf4", compress_statistics=double_quant)."""
+    """Quantize any float tensor (flattened row-major) to NF4. Bit-identical to bitsandbytes'
+    CPU quantize_4bit(weight, blocksize, quant_type="nf4", compress_statistics=double_quant),
+    on any device. (bitsandbytes' CUDA kernel searches the 8-bit code without the CPU lookup
+    table, so its nested absmax codes can differ from its own CPU backend by one step.)"""
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"quantize_nf4 needs a float32/float16/bfloat16 tensor, "
                          f"got {weight.dtype}")
@@ -159,9 +161,10 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
                   nested_code=None, offset=0.0, shape=tuple(weight.shape), blocksize=blocksize,
                   dtype=weight.dtype)
     if double_quant:
-        offset = absmax.mean()                                       # fp32, torch's own mean
+        # fp32 mean as bitsandbytes takes it; on the CPU so that CUDA inputs give the same bits
+        offset = absmax.cpu().mean().item()
         q.absmax_q, q.nested_absmax = _quantize_absmax(absmax - offset)
-        q.absmax, q.nested_code, q.offset = None, DYNAMIC_MAP.to(x.device), offset.item()
+        q.absmax, q.nested_code, q.offset = None, DYNAMIC_MAP.to(x.device), offset
     return q
 
 
@@ -236,35 +239,23 @@ def from_bnb_state_dict(sd: dict[str, torch.Tensor], prefix: str = "") -> NF4Wei
 # ---------------------------------------------------------------------------------------------
 # NF4 linear layer: frozen 4-bit base weight, gradient for the input only
 # ---------------------------------------------------------------------------------------------
-class _NF4Matmul(torch.autograd.Function):
-    """y = x W^T + b with W dequantized on the fly; backward re-dequantizes W, so no full
-    precision copy of W stays alive between forward and backward."""
-
-    @staticmethod
-    def forward(ctx, x, bias, q: NF4Weight):
-        ctx.q = q
-        return F.linear(x, dequantize_nf4(q, x.dtype), bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        gx = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = grad @ dequantize_nf4(ctx.q, grad.dtype)      # (..., out) @ (out, in)
-        if ctx.needs_input_grad[1]:
-            gb = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return gx, gb, None
+def _ops_fields(q: NF4Weight) -> tuple:
+    """NF4Weight -> the positional fields of ops.nf4_linear / ops.nf4_dequantize."""
+    scales = q.absmax_q if q.absmax_q is not None else q.absmax
+    return q.packed, scales, q.nested_absmax, q.nested_code, q.offset, q.shape
 
 
 def nf4_linear(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x: (..., in) -> (..., out) in x's dtype. On CUDA, with ops.nf4_linear present (kernels
-    issue), the fused kernel runs; otherwise the reference autograd function above."""
-    if bias is not None:
-        bias = bias.to(x.dtype)
-    kernel = getattr(ops, "nf4_linear", None)
-    if kernel is not None and x.is_cuda and q.absmax_q is not None:
-        return kernel(x, q.packed, q.absmax_q, q.nested_absmax, q.nested_code, q.offset,
-                      q.shape, bias)
-    return _NF4Matmul.apply(x, bias, q)
+    """x: (..., in) -> (..., out) in x's dtype, through engine.ops: the fused Triton kernel on
+    CUDA; on CPU an autograd function that dequantizes W (same math as dequantize_nf4) in
+    forward and again in backward, returning the input (and bias) gradient only."""
+    return ops.nf4_linear(x, *_ops_fields(q), bias=bias, blocksize=q.blocksize)
+
+
+def nf4_dense_weight(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """Dense (out, in) weight through engine.ops (Triton on CUDA). dequantize_nf4 is the exact
+    reference; this is for hot paths such as DoRA's weight norm."""
+    return ops.nf4_dequantize(*_ops_fields(q), dtype=dtype, blocksize=q.blocksize)
 
 
 _FP32_BUFFERS = ("absmax", "nested_absmax", "nested_code")
