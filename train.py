@@ -34,9 +34,16 @@ from engine.trainer import (MetricsLog, Throughput, configure_optimizer, evaluat
 LAST = "last"  # subdirectory with the most recent (resumable) weights and training state
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags get one line (not the whole usage block) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     d = TrainConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--data", help="text file, directory of text files, or JSONL with a 'text' field "
                      "(default: Shakespeare, fetched on first use)")
@@ -120,7 +127,7 @@ def main(argv=None) -> int:
             run_dir = os.path.dirname(run_dir)
         resume_dir = os.path.join(run_dir, LAST)
         if not os.path.isdir(resume_dir):
-            raise SystemExit(f"error: --resume {args.resume}: no resumable checkpoint ({LAST}/) there")
+            raise ValueError(f"--resume {args.resume}: no resumable checkpoint ({LAST}/) there")
         with open(os.path.join(run_dir, "run_args.json")) as f:
             saved = json.load(f)
         args = argparse.Namespace(**{**saved, "resume": args.resume, "device": args.device,
@@ -129,7 +136,7 @@ def main(argv=None) -> int:
     else:
         run_dir = args.out or os.path.join("out", f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
         if os.path.isfile(os.path.join(run_dir, "config.json")):
-            raise SystemExit(f"error: {run_dir} already holds a checkpoint; pick another --out "
+            raise ValueError(f"{run_dir} already holds a checkpoint; pick another --out "
                              f"or continue it with --resume {run_dir}")
     if args.threads:
         torch.set_num_threads(args.threads)
