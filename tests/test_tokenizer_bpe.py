@@ -218,9 +218,9 @@ def test_decode_skip_special_and_bad_ids(smol, smol_ref):
         smol.decode([-1])
 
 
-def test_split_special_false_encodes_text(smol, smol_ref):
+def test_parse_special_false_encodes_text(smol, smol_ref):
     s = "a<|im_end|>b"
-    ids = smol.encode(s, split_special=False)
+    ids = smol.encode(s, parse_special=False)
     assert 2 not in ids and smol.decode(ids) == s
 
 

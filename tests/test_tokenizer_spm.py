@@ -47,6 +47,8 @@ def test_ids_and_defaults(tok):
     assert (tok.bos_token, tok.eos_token) == ("<s>", "</s>")
     assert tok.special_tokens == {"<s>": 1, "</s>": 2}
     assert tok.encode("", add_bos=False) == []
+    plain = tok.encode("<s>x</s>", add_bos=False, parse_special=False)
+    assert 1 not in plain and 2 not in plain and tok.decode(plain) == "<s>x</s>"
 
 
 @pytest.mark.parametrize("s", HARD)

@@ -72,11 +72,12 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False,
-               split_special: bool = True) -> list[int]:
+               parse_special: bool = True) -> list[int]:
         """Ids for `text`. add_bos=None uses the tokenizer's default (self.add_bos).
 
-        split_special: special-token strings in the text (e.g. "<|im_end|>") become their ids,
-        as in Hugging Face and llama.cpp; False encodes them as plain text."""
+        parse_special: special-token strings in the text (e.g. "<|im_end|>") become their ids,
+        as Hugging Face and llama.cpp (`parse_special`) do; False encodes them as plain text
+        (use it for untrusted text that must not inject control tokens)."""
 
     @abstractmethod
     def decode(self, ids: list[int], skip_special: bool = False) -> str:

@@ -213,12 +213,20 @@ class ByteLevelBPETokenizer(Tokenizer):
 
     CACHE_LIMIT = 1 << 20  # pieces kept in the per-piece cache before it is cleared
 
-    def __init__(self, vocab: dict[str, int], merges: list, *, pre_tokenizer: dict | str = "gpt-2",
-                 added_tokens: list[dict] | None = None, bos_id: int | None = None,
-                 eos_id: int | None = None, pad_id: int | None = None, unk_id: int | None = None,
-                 add_bos: bool = False, chat_template: str | None = None,
+    def __init__(self, vocab: dict[str, int] | list[str], merges: list, *,
+                 pre_tokenizer: dict | str = "gpt-2", added_tokens: list[dict] | None = None,
+                 bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None,
+                 unk_id: int | None = None, add_bos: bool = False, chat_template: str | None = None,
                  ignore_merges: bool = False):
-        self.vocab = dict(vocab)
+        """vocab: token -> id, or the list of tokens by id (GGUF order; duplicates keep their ids,
+        encoding uses the first). merges: "a b" strings or (a, b) pairs, by rank."""
+        if isinstance(vocab, dict):
+            self.vocab, self.id_to_tok = dict(vocab), {i: t for t, i in vocab.items()}
+        else:
+            self.id_to_tok = dict(enumerate(vocab))
+            self.vocab = {}
+            for i, t in enumerate(vocab):
+                self.vocab.setdefault(t, i)
         self.merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
         bad = next((m for m in self.merges if len(m) != 2), None)
         if bad is not None:
@@ -232,8 +240,6 @@ class ByteLevelBPETokenizer(Tokenizer):
         for t in self.added_tokens:
             t.setdefault("special", True)
             self.vocab.setdefault(t["content"], t["id"])
-        self.id_to_tok: dict[int, str] = {i: t for t, i in self.vocab.items()}
-        for t in self.added_tokens:
             self.id_to_tok[t["id"]] = t["content"]
         self.vocab_size = max(self.id_to_tok) + 1 if self.id_to_tok else 0
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
@@ -278,7 +284,8 @@ class ByteLevelBPETokenizer(Tokenizer):
         for t in added:
             vocab.setdefault(t["content"], t["id"])
 
-        bos_id, eos_id, pad_id = (vocab.get(cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token"))
+        bos_id, eos_id, pad_id = (vocab.get(cfg.get(k))
+                                  for k in ("bos_token", "eos_token", "pad_token"))
         add_bos = cfg.get("add_bos_token")
         post = tj.get("post_processor") or {}
         if post.get("type") == "Sequence":  # e.g. [ByteLevel, TemplateProcessing]
@@ -310,7 +317,6 @@ class ByteLevelBPETokenizer(Tokenizer):
         # 3 = control (special), 4 = user defined: both are split out before pre-tokenization.
         added = [{"id": i, "content": t, "special": types[i] == 3}
                  for i, t in enumerate(tokens) if types[i] in (3, 4)]
-        vocab = {t: i for i, t in enumerate(tokens)}
 
         def get_id(key):
             v = fields.get(f"tokenizer.ggml.{key}_token_id")
@@ -318,7 +324,7 @@ class ByteLevelBPETokenizer(Tokenizer):
 
         # No unk for BPE: llama.cpp (and HF without model.unk_token) drop a symbol missing from
         # the vocab, e.g. byte 0x1d in SmolLM2, rather than emit tokenizer.ggml.unknown_token_id.
-        return cls(vocab, merges, pre_tokenizer=fields.get("tokenizer.ggml.pre") or "default",
+        return cls(list(tokens), merges, pre_tokenizer=fields.get("tokenizer.ggml.pre") or "default",
                    added_tokens=added, bos_id=get_id("bos"), eos_id=get_id("eos"),
                    pad_id=get_id("padding"),
                    add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
@@ -340,9 +346,9 @@ class ByteLevelBPETokenizer(Tokenizer):
             alts.append(alt)
         return regex.compile("|".join(alts))
 
-    def _segments(self, text: str, split_special: bool):
+    def _segments(self, text: str, parse_special: bool):
         """Yield (text, None) for plain text and (content, id) for each added token found."""
-        if self._added_rx is None or not split_special:
+        if self._added_rx is None or not parse_special:
             yield text, None
             return
         pos = 0
@@ -387,7 +393,7 @@ class ByteLevelBPETokenizer(Tokenizer):
         return [i for i in (vocab.get(s, unk) for s in symbols) if i is not None]
 
     def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False,
-               split_special: bool = True) -> list[int]:
+               parse_special: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise ValueError(f"encode() takes a str, got {type(text).__name__}")
         ids: list[int] = []
@@ -396,7 +402,7 @@ class ByteLevelBPETokenizer(Tokenizer):
                 raise ValueError("add_bos requested but this tokenizer has no BOS token")
             ids.append(self.bos_id)
         cache = self._cache
-        for seg, tid in self._segments(text, split_special):
+        for seg, tid in self._segments(text, parse_special):
             if tid is not None:
                 ids.append(tid)
                 continue

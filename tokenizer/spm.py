@@ -168,7 +168,7 @@ class SentencePieceTokenizer(Tokenizer):
     # -- encode / decode ----------------------------------------------------------------------
 
     def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False,
-               split_special: bool = True) -> list[int]:
+               parse_special: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise ValueError(f"encode() takes a str, got {type(text).__name__}")
         ids: list[int] = []
@@ -177,7 +177,7 @@ class SentencePieceTokenizer(Tokenizer):
                 raise ValueError("add_bos requested but this tokenizer has no BOS token")
             ids.append(self.bos_id)
         pos = 0
-        if split_special and self._control_rx is not None:
+        if parse_special and self._control_rx is not None:
             for m in self._control_rx.finditer(text):
                 if m.start() > pos:
                     self._encode_plain(text[pos:m.start()], ids)
