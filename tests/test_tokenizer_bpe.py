@@ -16,7 +16,7 @@ from tokenizer import ByteLevelBPETokenizer, StreamDecoder, from_gguf_metadata, 
 from tokenizer.bpe import PRE_TOKENIZERS, PreTokenizer, bytes_to_unicode
 
 hf = pytest.importorskip("tokenizers")
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers  # noqa: E402
+from tokenizers import AddedToken, decoders, models, pre_tokenizers  # noqa: E402
 
 
 @pytest.fixture(scope="module")
