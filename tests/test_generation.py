@@ -303,6 +303,33 @@ def test_beam_search_matches_brute_force(length_penalty):
         assert narrow <= best_score + 1e-5
 
 
+def test_beam_search_matches_transformers(tmp_path):
+    """All num_beams hypotheses and their scores equal transformers' beam search
+    (early_stopping="never") on a random tiny Llama saved and reloaded by both."""
+    tf = pytest.importorskip("transformers")
+    from engine.checkpoint import save_model
+    prompt, K, N = [5, 6, 7, 8], 3, 8
+    for seed in range(2):
+        model = tiny_model(seed)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(0.1)  # flat enough that beams diverge and some finish
+        save_model(model, str(tmp_path / str(seed)))
+        hf = tf.LlamaForCausalLM.from_pretrained(str(tmp_path / str(seed)),
+                                                 dtype=torch.float32).eval()
+        eos = naive_greedy(model, prompt, 3)[2]
+        for lp in ((1.0, -1.0) if seed == 0 else (0.0,)):
+            ours = beam_search(model, prompt, K, N, lp, stop_ids=[eos])
+            ref = hf.generate(torch.tensor([prompt]), num_beams=K, num_return_sequences=K,
+                              max_new_tokens=N, length_penalty=lp, early_stopping="never",
+                              do_sample=False, eos_token_id=eos, pad_token_id=0,
+                              return_dict_in_generate=True, output_scores=True)
+            ref_seqs = [s[:s.index(eos) + 1] if eos in s else s
+                        for s in ref.sequences[:, len(prompt):].tolist()]
+            got = [t + ([eos] if r == "stop" else []) for t, r in zip(ours.tokens, ours.finish_reasons)]
+            assert got == ref_seqs, (seed, lp)
+            assert torch.allclose(torch.tensor(ours.scores), ref.sequences_scores, rtol=1e-4)
+
+
 class BigramModel(nn.Module):
     """Fake model whose next-token distribution depends only on the last token: probs[last]."""
 
