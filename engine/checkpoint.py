@@ -26,6 +26,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 # Keys some HF checkpoints carry that are recomputed here rather than stored.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _INDEX = "model.safetensors.index.json"
 _SHARD_RE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 
@@ -146,7 +147,8 @@ def load_config(directory: str) -> ModelConfig:
 def load_model_dir(directory: str, dtype: torch.dtype | str = torch.float32,
                    device: str | torch.device = "cpu") -> Transformer:
     """Build the model on the meta device, then assign each tensor as it is read from the
-    (mmap'd) safetensors files, converted to `dtype` on `device`."""
+    (mmap'd) safetensors files, converted to `dtype` on `device`. A tensor already in `dtype`
+    on the CPU is used in place (copy-on-write pages of the file, as gpt-fast's mmap load)."""
     config = load_config(directory)
     dtype = parse_dtype(dtype)
     model = empty_model(config)
@@ -157,12 +159,14 @@ def load_model_dir(directory: str, dtype: torch.dtype | str = torch.float32,
             for name in f.keys():
                 if _skip(name, config):
                     continue
-                _check_shape(name, tuple(f.get_slice(name).get_shape()), shapes, config, path)
-                try:
-                    t = f.get_tensor(name)
-                except Exception as e:  # safetensors' own error types
-                    raise ValueError(f"cannot read tensor {name!r} from {path}: {e}") from None
-                assign_tensor(model, name, t.to(device=device, dtype=dtype))
+                sl = f.get_slice(name)
+                _check_shape(name, tuple(sl.get_shape()), shapes, config, path)
+                if _ST_DTYPES.get(sl.get_dtype()) == dtype and torch.device(device).type == "cpu":
+                    t = _get(f, name, path)  # zero-copy: backed by the private (COW) mapping
+                else:  # convert from a mapping of its own, so no used pages stay resident
+                    with _open(path) as g:
+                        t = _get(g, name, path).to(device=device, dtype=dtype)
+                assign_tensor(model, name, t)
                 done.add(name)
     _check_missing(shapes, done, directory)
     model.tie_weights()
@@ -228,6 +232,13 @@ def assign_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         setattr(mod, leaf, nn.Parameter(value, requires_grad=old.requires_grad))
     else:
         mod._buffers[leaf] = value
+
+
+def _get(f, name: str, path: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(name)
+    except Exception as e:  # safetensors' own error types
+        raise ValueError(f"cannot read tensor {name!r} from {path}: {e}") from None
 
 
 def _open(path: str):
