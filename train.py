@@ -1,7 +1,8 @@
-"""Train a Llama-style language model on a text corpus, from scratch.
+"""Train a Llama-style language model on a text corpus, from scratch or from a pretrained base.
 
     python train.py                       # Shakespeare, preset "small", ~5 minutes on 2 CPU cores
     python train.py --data my_corpus/ --preset medium --max-steps 2000
+    python train.py --base smollm2-135m-instruct --finetune qlora --data notes.txt
     python train.py --resume out/RUN      # continue exactly where RUN stopped
 
 One loop, readable top to bottom (after nanoGPT's train.py): random-window batches from a
@@ -23,7 +24,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from engine.checkpoint import load_model_dir, save_model
+from engine import finetune
+from engine.checkpoint import load_model_dir
 from engine.config import PRESETS, TrainConfig, atomic_write_text, preset
 from engine.data import (cache_dir, check_trainable, eval_windows, fetch_shakespeare, get_batch,
                          read_corpus, split_text, tokenize_cached, tokenizer_hash)
@@ -58,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--batch-size", type=int, default=d.batch_size)
     a("--seq-len", type=int, default=d.seq_len)
     a("--grad-accum", type=int, default=d.grad_accum)
-    a("--lr", type=float, default=d.lr)
+    a("--lr", type=float, default=None, help="peak learning rate (default: 3e-3 from scratch, "
+                                              "1e-3 for adapters, 5e-5 for full fine-tuning)")
     a("--min-lr-ratio", type=float, default=d.min_lr_ratio)
     a("--warmup-steps", type=int, default=d.warmup_steps)
     a("--weight-decay", type=float, default=d.weight_decay)
@@ -67,6 +70,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--eval-batches", type=int, default=d.eval_batches, help="batches per periodic validation")
     a("--log-every", type=int, default=10)
     a("--patience", type=int, default=None, help="stop after this many evaluations without improvement")
+    a("--base", metavar="MODEL", help="fine-tune this model: a name (smollm2-135m-instruct), an HF "
+                                      "model directory or a .gguf file (default: train from scratch)")
+    a("--finetune", choices=finetune.MODES, default=None,
+      help="with --base: which parameters train (default lora); see engine/finetune.py")
+    a("--lora-r", type=int, default=8)
+    a("--lora-alpha", type=float, default=16.0)
+    a("--lora-dropout", type=float, default=0.0)
+    a("--lora-targets", default="all-linear",
+      help="comma-separated module names (q_proj,v_proj) or all-linear")
+    a("--rslora", action="store_true", help="scale LoRA by alpha/sqrt(r) instead of alpha/r")
+    a("--trainable-layers", default=None, metavar="SPEC",
+      help="blocks that train in full/freeze modes: N (the last N) or indices like 0,2,5-7")
+    a("--half-finetune", action="store_true",
+      help="Half Fine-Tuning: each round half of every block trains (full/freeze modes)")
+    a("--half-round-steps", type=int, default=50, help="steps per Half Fine-Tuning round")
+    a("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     a("--resume", metavar="DIR", help="continue the run in DIR (same flags, same trajectory)")
     a("--pause-at-step", type=int, default=None, metavar="N",
       help="save a resumable checkpoint at step N and exit (train in chunks; --resume continues)")
@@ -86,6 +105,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--max-minutes must be > 0")
     if args.preset not in PRESETS:
         p.error(f"unknown preset {args.preset!r}; valid presets: {', '.join(PRESETS)}")
+    if args.finetune and not args.base:
+        p.error("--finetune needs --base MODEL (the model to fine-tune)")
+    if args.base and not args.finetune:
+        args.finetune = "lora"
+    if args.half_finetune and args.finetune not in (None, "full", "freeze"):
+        p.error("--half-finetune works with --finetune full or freeze")
+    if args.lr is None:
+        args.lr = (d.lr if not args.base else 1e-3 if args.finetune in finetune.ADAPTER_MODES
+                   else 5e-5)
     return args
 
 
@@ -106,11 +134,11 @@ def load_or_train_tokenizer(train_text: str, vocab_size: int, out_dir: str):
     return load_tokenizer(cached)
 
 
-def save_last(model, tok, run_dir: str, optimizer, step: int, gen, extra: dict) -> None:
+def save_last(model, tok, run_dir: str, optimizer, step: int, gen, extra: dict, args) -> None:
     """Write weights + training state into run_dir/last as one unit (new dir, then swap)."""
     new, last, old = (os.path.join(run_dir, n) for n in (LAST + ".new", LAST, LAST + ".old"))
     shutil.rmtree(new, ignore_errors=True)
-    save_model(model, new, tok)
+    finetune.save_trained(model, tok, new, args.finetune or "full", args.base)
     save_training_state(new, optimizer, step, gen, extra)
     if os.path.isdir(last):
         os.replace(last, old)
@@ -134,8 +162,9 @@ def main(argv=None) -> int:
                                      "threads": args.threads, "no_progress": args.no_progress,
                                      "pause_at_step": args.pause_at_step})
     else:
-        run_dir = args.out or os.path.join("out", f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if os.path.isfile(os.path.join(run_dir, "config.json")):
+        name = f"{args.finetune}-{os.path.basename(args.base.rstrip('/'))}" if args.base else args.preset
+        run_dir = args.out or os.path.join("out", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if any(os.path.isfile(os.path.join(run_dir, f)) for f in ("config.json", "adapter_config.json")):
             raise ValueError(f"{run_dir} already holds a checkpoint; pick another --out "
                              f"or continue it with --resume {run_dir}")
     if args.threads:
@@ -150,9 +179,15 @@ def main(argv=None) -> int:
         train_text, val_text = text, read_corpus(args.val_data)
     else:
         train_text, val_text = split_text(text, args.val_fraction)
-    vocab_size = args.vocab_size or PRESETS[args.preset]["vocab_size"]
     os.makedirs(run_dir, exist_ok=True)
-    tok = load_or_train_tokenizer(train_text, vocab_size, resume_dir or run_dir)
+    if args.base:  # the base model brings its tokenizer
+        from engine.hub import load_model
+        model, tok = load_model(args.base, dtype=torch.float32, device=device)
+        if tok is None:
+            raise ValueError(f"--base {args.base} has no tokenizer files")
+    else:
+        vocab_size = args.vocab_size or PRESETS[args.preset]["vocab_size"]
+        tok = load_or_train_tokenizer(train_text, vocab_size, resume_dir or run_dir)
     th = tokenizer_hash(tok)
     train, val = tokenize_cached(train_text, tok, th), tokenize_cached(val_text, tok, th)
     check_trainable(train, args.seq_len, "the training split")
@@ -161,14 +196,30 @@ def main(argv=None) -> int:
           f"{train.bytes_per_token:.2f} bytes/token", flush=True)
 
     # Model and optimizer.
-    if resume_dir:
-        model = load_model_dir(resume_dir, torch.float32, device).train()
+    mode = args.finetune or "full"
+    if args.base:
+        report = finetune.prepare(model, mode, r=args.lora_r, alpha=args.lora_alpha,
+                                  dropout=args.lora_dropout, rslora=args.rslora,
+                                  targets=_targets(args.lora_targets),
+                                  trainable_layers=args.trainable_layers)
+        print("fine-tuning: " + ", ".join(f"{k} {v}" for k, v in report.items()
+                                          if k in ("mode", "trainable_params", "total_params",
+                                                   "trainable_percent", "trainable_layers", "nf4")))
+        if resume_dir:
+            finetune.restore_trained(model, resume_dir, mode)
+    elif resume_dir:
+        model = load_model_dir(resume_dir, torch.float32, device)
     else:
         cfg = preset(args.preset, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
                      eos_token_id=tok.eos_id)
         cfg.max_position_embeddings = max(cfg.max_position_embeddings, args.seq_len)
         model = Transformer(cfg).to(device)
+    model.grad_checkpointing = args.grad_checkpointing
     optimizer = configure_optimizer(model, args.lr, args.weight_decay, (0.9, 0.95))
+    hft = None
+    if args.half_finetune:  # all candidates are in the optimizer; each round unfreezes half
+        hft = finetune.HalfFineTuning(model, finetune.parse_layers(
+            args.trainable_layers, len(model.model.layers), 2 if mode == "freeze" else None), args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     step, extra = 0, {"elapsed_s": 0.0, "best_val": math.inf, "bad_evals": 0}
     if resume_dir:
@@ -182,9 +233,11 @@ def main(argv=None) -> int:
                 else contextlib.nullcontext())
     val_starts = eval_windows(val, args.seq_len, args.eval_batches * args.batch_size)
     n_params = model.num_parameters()
+    n_train = model.num_parameters(trainable_only=True)
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
-    print(f"model: {args.preset}, {n_params / 1e6:.2f}M parameters; {tokens_per_step:,} tokens/step; "
-          f"run dir {run_dir}", flush=True)
+    print(f"model: {args.base or args.preset}, {n_params / 1e6:.2f}M parameters "
+          f"({n_train / 1e6:.2f}M trainable); {tokens_per_step:,} tokens/step; run dir {run_dir}",
+          flush=True)
 
     budget_s = args.max_minutes * 60 if args.max_minutes else None
     t0 = time.time() - extra["elapsed_s"]
@@ -203,17 +256,19 @@ def main(argv=None) -> int:
                    f"bpb {res['val_bpb']:.4f}")
         if res["val_loss"] < extra["best_val"]:
             extra["best_val"], extra["bad_evals"] = res["val_loss"], 0
-            save_model(model, run_dir, tok)  # best-by-validation weights at the top level
+            finetune.save_trained(model, tok, run_dir, mode, args.base)  # best-by-validation
         else:
             extra["bad_evals"] += 1
         extra["elapsed_s"] = elapsed()
-        save_last(model, tok, run_dir, optimizer, step, gen, extra)
+        save_last(model, tok, run_dir, optimizer, step, gen, extra, args)
 
     try:
         while step < args.max_steps:
             if budget_s and elapsed() >= budget_s:
                 stop_reason = "time budget"
                 break
+            if hft is not None and step % args.half_round_steps == 0:
+                hft.select(step // args.half_round_steps)
             lr = get_lr(step, progress(), args.lr, args.warmup_steps, args.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -251,13 +306,13 @@ def main(argv=None) -> int:
             if step == args.pause_at_step:
                 bar.close()
                 extra["elapsed_s"] = elapsed()
-                save_last(model, tok, run_dir, optimizer, step, gen, extra)
+                save_last(model, tok, run_dir, optimizer, step, gen, extra, args)
                 print(f"paused at step {step}; continue with: python train.py --resume {run_dir}")
                 return 0
     except KeyboardInterrupt:
         bar.close()
         extra["elapsed_s"] = elapsed()
-        save_last(model, tok, run_dir, optimizer, step, gen, extra)
+        save_last(model, tok, run_dir, optimizer, step, gen, extra, args)
         print(f"\ninterrupted at step {step}; resume with: python train.py --resume {run_dir}",
               file=sys.stderr)
         return 130
@@ -266,8 +321,8 @@ def main(argv=None) -> int:
         do_eval()
 
     # Final report: the best checkpoint over the whole validation split.
-    best = load_model_dir(run_dir, torch.float32, device)
-    final = evaluate(best, val, eval_windows(val, args.seq_len, 4096), args.seq_len,
+    finetune.restore_trained(model, run_dir, mode)
+    final = evaluate(model, val, eval_windows(val, args.seq_len, 4096), args.seq_len,
                      args.batch_size, device, autocast)
     metrics.log(step=step, elapsed_s=round(elapsed(), 2), final=True, **final)
     plot_losses(metrics.read(), os.path.join(run_dir, "loss.png"))
@@ -276,6 +331,10 @@ def main(argv=None) -> int:
           f"checkpoint: val loss {final['val_loss']:.4f}, ppl {final['val_ppl']:.2f}, "
           f"bits/byte {final['val_bpb']:.4f} -> {run_dir}")
     return 0
+
+
+def _targets(spec: str):
+    return spec if spec == "all-linear" else [t.strip() for t in spec.split(",") if t.strip()]
 
 
 if __name__ == "__main__":

@@ -130,7 +130,8 @@ class SentencePieceTokenizer(Tokenizer):
                 unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
                 input_sentence_size=max_sentences, shuffle_input_sentence=True,
                 max_sentence_length=1 << 14, num_threads=num_threads,
-                train_extremely_large_corpus=False, minloglevel=2)
+                train_extremely_large_corpus=False, minloglevel=2,
+                hard_vocab_limit=False)  # a small corpus gets a smaller vocabulary, not an error
         except RuntimeError as e:  # e.g. "Vocabulary size is too high (8000). Must be <= 1234."
             raise ValueError(f"sentencepiece training failed: {str(e).strip().splitlines()[-1]}") \
                 from None
