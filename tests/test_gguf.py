@@ -52,8 +52,9 @@ def random_model(**kw) -> Transformer:
 
 
 def write_gguf(path, model, qtype=Q.F32, arch="llama", tokens=None, skip=(), meta=None,
-               raw=None):
-    """Write `model` as a GGUF file. raw: {gguf name: (uint8 array, qtype)} replaces tensors."""
+               raw=None, extra=None):
+    """Write `model` as a GGUF file. raw: {gguf name: (uint8 array, qtype)} replaces tensors;
+    extra: {gguf name: float32 array} adds tensors."""
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
@@ -89,6 +90,8 @@ def write_gguf(path, model, qtype=Q.F32, arch="llama", tokens=None, skip=(), met
         arr = t.numpy()
         qt = Q.F32 if t.dim() == 1 else qtype
         w.add_tensor(gname, gguf.quants.quantize(arr, qt) if qt != Q.F32 else arr, raw_dtype=qt)
+    for gname, arr in (extra or {}).items():
+        w.add_tensor(gname, arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -203,6 +206,40 @@ def test_unpermuted_qk_give_llamacpp_attention_scores(tmp_path):
     got = torch.einsum("thd,shd->hts", q, rep(k))
     assert (got - ref).abs().max() < 1e-4
     assert not torch.allclose(wq_file, attn.q_proj.weight)  # the file really was permuted
+
+
+def _llama3_rope_factors(head_dim, theta, factor=8.0, low=1.0, high=4.0, old_ctx=8192):
+    """convert_hf_to_gguf.py's `rope_freqs` for llama3 scaling: divisor per frequency."""
+    out = []
+    for freq in 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim):
+        wavelen = 2 * np.pi / freq
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)
+
+
+def test_llama3_rope_freqs_tensor(tmp_path):
+    rs = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+    src = random_model(rope_scaling=rs, max_position_embeddings=20000)
+    factors = _llama3_rope_factors(16, TINY["rope_theta"])
+    assert len(set(factors.tolist())) == 3  # high, blended and low frequencies all present
+    path = write_gguf(tmp_path / "r.gguf", src, extra={"rope_freqs.weight": factors})
+    ours, _ = load_gguf(path)
+    assert ours.config.rope_scaling == rs
+    ids = torch.randint(0, TINY["vocab_size"], (1, 40))
+    pos = torch.tensor([[0, 5000, 9000, 15000]])
+    with torch.no_grad():
+        assert (ours(ids) - src(ids)).abs().max() < 1e-5
+        assert (ours(ids[:, :4], position_ids=pos[0]) - src(ids[:, :4], position_ids=pos[0])).abs().max() < 1e-5
+    bad = write_gguf(tmp_path / "b.gguf", src, extra={"rope_freqs.weight": factors[::-1].copy()})
+    with pytest.raises(ValueError, match="rope_freqs tensor does not match llama3 scaling"):
+        load_gguf(bad)
 
 
 def _random_k_blocks(qtype, rows, cols, seed=0):
