@@ -185,7 +185,8 @@ def safetensors_files(directory: str) -> list[str]:
         files = [os.path.join(directory, n) for n in sorted(set(weight_map.values()))]
         for p in files:
             if not os.path.isfile(p):
-                raise FileNotFoundError(f"shard {os.path.basename(p)!r} listed in {index} is missing")
+                raise FileNotFoundError(f"shard {os.path.basename(p)!r} listed in {index} "
+                                        "is missing")
         return files
     single = os.path.join(directory, "model.safetensors")
     if os.path.isfile(single):

@@ -141,7 +141,7 @@ def read_gguf(path: str) -> tuple[dict, dict[str, TensorInfo]]:
         block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
         n = int(np.prod(dims))
         if dims[0] % block:
-            raise ValueError(f"{path}: tensor {name!r} rows of {dims[0]} are not whole "
+            raise ValueError(f"{path}: tensor {name!r} has rows of {dims[0]} values, not whole "
                              f"{qtype.name} blocks of {block}")
         # GGUF lists dims innermost-first; PyTorch order is the reverse.
         t = TensorInfo(name, qtype, tuple(reversed(dims)), start + off, n // block * nbytes)
@@ -152,7 +152,8 @@ def read_gguf(path: str) -> tuple[dict, dict[str, TensorInfo]]:
     return fields, tensors
 
 
-def config_from_gguf(fields: dict, tensors: dict[str, TensorInfo], path: str = "GGUF") -> ModelConfig:
+def config_from_gguf(fields: dict, tensors: dict[str, TensorInfo],
+                     path: str = "GGUF") -> ModelConfig:
     """ModelConfig from `{arch}.*` metadata; vocab from the embedding rows (checked against the
     token list), tied when there is no `output` tensor, bias when `attn_q.bias` exists."""
     arch = fields.get("general.architecture")

@@ -52,20 +52,23 @@ def random_model(**kw) -> Transformer:
 
 
 def write_gguf(path, model, qtype=Q.F32, arch="llama", tokens=None, skip=(), meta=None,
-               raw=None, extra=None):
+               raw=None, extra=None, omit=()):
     """Write `model` as a GGUF file. raw: {gguf name: (uint8 array, qtype)} replaces tensors;
-    extra: {gguf name: float32 array} adds tensors."""
+    extra: {gguf name: float32 array} adds tensors; omit: metadata keys (without arch) left out."""
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(c.rope_theta)
-    w.add_rope_dimension_count(c.head_dim)
+    ints = dict(block_count=c.num_hidden_layers, context_length=c.max_position_embeddings,
+                embedding_length=c.hidden_size, feed_forward_length=c.intermediate_size,
+                **{"attention.head_count": c.num_attention_heads,
+                   "attention.head_count_kv": c.num_key_value_heads,
+                   "rope.dimension_count": c.head_dim})
+    floats = {"attention.layer_norm_rms_epsilon": c.rms_norm_eps, "rope.freq_base": c.rope_theta}
+    for k, v in ints.items():
+        if k not in omit:
+            w.add_uint32(f"{arch}.{k}", v)
+    for k, v in floats.items():
+        if k not in omit:
+            w.add_float32(f"{arch}.{k}", v)
     w.add_bos_token_id(c.bos_token_id)
     w.add_eos_token_id(c.eos_token_id)
     if tokens is not None:
@@ -233,10 +236,10 @@ def test_llama3_rope_freqs_tensor(tmp_path):
     ours, _ = load_gguf(path)
     assert ours.config.rope_scaling == rs
     ids = torch.randint(0, TINY["vocab_size"], (1, 40))
-    pos = torch.tensor([[0, 5000, 9000, 15000]])
+    far = dict(input_ids=ids[:, :4], position_ids=torch.tensor([0, 5000, 9000, 15000]))
     with torch.no_grad():
         assert (ours(ids) - src(ids)).abs().max() < 1e-5
-        assert (ours(ids[:, :4], position_ids=pos[0]) - src(ids[:, :4], position_ids=pos[0])).abs().max() < 1e-5
+        assert (ours(**far) - src(**far)).abs().max() < 1e-5  # where the scaling matters
     bad = write_gguf(tmp_path / "b.gguf", src, extra={"rope_freqs.weight": factors[::-1].copy()})
     with pytest.raises(ValueError, match="rope_freqs tensor does not match llama3 scaling"):
         load_gguf(bad)
@@ -328,6 +331,8 @@ def test_bad_metadata(tmp_path):
         load_gguf(write_gguf(tmp_path / "v.gguf", src, meta={"vocab_size": 512}))
     with pytest.raises(ValueError, match="missing tensor for 'model.layers.1.mlp.up_proj.weight'"):
         load_gguf(write_gguf(tmp_path / "m.gguf", src, skip=("blk.1.ffn_up.weight",)))
+    with pytest.raises(ValueError, match="GGUF metadata is missing llama.feed_forward_length"):
+        load_gguf(write_gguf(tmp_path / "f.gguf", src, omit=("feed_forward_length",)))
     with pytest.raises(ValueError, match="unsupported rope scaling 'yarn'"):
         load_gguf(write_gguf(tmp_path / "y.gguf", src, meta={"rope.scaling.type": "yarn"}))
 
