@@ -1,0 +1,500 @@
+"""SFT / preference data (engine/sft.py): exact loss masks, truncation, padding and packing,
+resumable batch order, malformed JSONL.
+
+Masks are checked by hand on a character-level stub tokenizer (one id per character, special
+tokens whole) under ChatML, Llama 3, Llama 2 and a history-rewriting template; against
+transformers' `return_assistant_tokens_mask` on a byte-level BPE built here; and on SmolLM2's
+real tokenizer and template. Packing is checked against the tiny Transformer: the loss of a
+packed batch equals the token-weighted loss of each sample on its own.
+"""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from engine.config import preset
+from engine.model import Transformer
+from engine.sft import (IGNORE, BatchStream, Example, SFTDataset, chat_spans, collate_pairs,
+                        detect_format, encode_example, format_report, load_examples,
+                        load_preferences, load_sft, split_indices, tokenize_example, tokenize_pair)
+from tokenizer.base import Tokenizer
+from tokenizer.chat import DEFAULT_CHAT_TEMPLATE
+
+
+class CharTok(Tokenizer):
+    """One id per character (10 + code point, ASCII only), special tokens as single ids."""
+    SPECIALS = {"<s>": 1, "</s>": 2, "<|im_start|>": 3, "<|im_end|>": 4, "<|eot_id|>": 5,
+                "<|start_header_id|>": 6, "<|end_header_id|>": 7}
+
+    def __init__(self, chat_template=None, add_bos=False, bos_id=1, eos_id=2, pad_id=None):
+        self.vocab_size = 140
+        self.chat_template, self.add_bos = chat_template, add_bos
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.inv = {v: k for k, v in self.SPECIALS.items()}
+
+    def encode(self, text, add_bos=None, add_eos=False, parse_special=True):
+        ids = [self.bos_id] if (self.add_bos if add_bos is None else add_bos) else []
+        i = 0
+        while i < len(text):
+            sp = next((s for s in self.SPECIALS if parse_special and text.startswith(s, i)), None)
+            if sp:
+                ids.append(self.SPECIALS[sp])
+                i += len(sp)
+            else:
+                assert ord(text[i]) < 128
+                ids.append(10 + ord(text[i]))
+                i += 1
+        return ids + ([self.eos_id] if add_eos else [])
+
+    def decode(self, ids, skip_special=False):
+        return "".join(self.inv[i] if i in self.inv else chr(i - 10) for i in ids)
+
+    def save(self, directory):
+        raise NotImplementedError
+
+    def id_to_token(self, i):
+        return self.inv[i] if i in self.inv else chr(i - 10)
+
+    def token_to_id(self, t):
+        return self.SPECIALS.get(t, 10 + ord(t) if len(t) == 1 else None)
+
+    @property
+    def special_tokens(self):
+        return dict(self.SPECIALS)
+
+
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
+          "'<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+LLAMA2 = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'].strip()"
+          " + ' [/INST]' }}{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}"
+          "{% endif %}{% endfor %}")
+# Renders a header that depends on the whole conversation: prefixes never match the full text.
+REWRITING = ("{{ 'turns=' + messages|length|string + '\n' }}{% for m in messages %}"
+             "{{ m['role'] + ': ' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+             "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+
+CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"}, {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"}]
+
+
+def trained_runs(tok, input_ids, labels):
+    """The text of each maximal run of trained targets (checks the alignment on the way)."""
+    runs, cur = [], []
+    for t, y in enumerate(labels):
+        if y == IGNORE:
+            if cur:
+                runs.append(tok.decode(cur))
+            cur = []
+        else:
+            assert t + 1 < len(input_ids) + 1
+            cur.append(y)
+    if cur:
+        runs.append(tok.decode(cur))
+    return runs
+
+
+def check_alignment(ids, mask, x, y):
+    """labels[t] is ids[t+1] where it is trained, -100 elsewhere; inputs are ids[:-1]."""
+    assert x == ids[:len(x)]
+    assert y == [ids[t + 1] if mask[t + 1] else IGNORE for t in range(len(x))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks
+# ---------------------------------------------------------------------------------------------
+def test_chatml_mask_exact_by_hand():
+    tok = CharTok(DEFAULT_CHAT_TEMPLATE)
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    x, y = tokenize_example({"messages": msgs}, tok, seq_len=64)
+    text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
+    ids = tok.encode(text)
+    assert x == ids[:-1]
+    c = lambda ch: 10 + ord(ch)  # noqa: E731
+    # 25 tokens: S u s e r \n h i E \n S a s s i s t a n t \n y o E \n
+    assert len(ids) == 25
+    expected = [IGNORE] * 24
+    expected[20], expected[21], expected[22] = c("y"), c("o"), 4  # "\n"->y, y->o, o-><|im_end|>
+    assert y == expected
+
+
+@pytest.mark.parametrize("template,runs", [
+    (DEFAULT_CHAT_TEMPLATE, ["yo<|im_end|>", "4<|im_end|>"]),
+    (LLAMA3, ["yo<|eot_id|>", "4<|eot_id|>"]),
+    (LLAMA2, [" yo </s>", " 4 </s>"]),
+    (REWRITING, ["yo<|im_end|>", "4<|im_end|>"]),
+], ids=["chatml", "llama3", "llama2", "rewriting"])
+def test_multi_turn_templates(template, runs):
+    tok = CharTok(template)
+    msgs = CONV if template != LLAMA2 else CONV[1:]
+    ids, mask = encode_example({"messages": msgs}, tok)
+    assert ids == tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=False))
+    x, y = tokenize_example({"messages": msgs}, tok, 512)
+    check_alignment(ids, mask, x, y)
+    assert trained_runs(tok, x, y) == runs
+
+
+def test_bos_not_doubled():
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    tok = CharTok(LLAMA3, add_bos=True)  # the template renders bos_token itself
+    ids, _ = encode_example({"messages": msgs}, tok)
+    assert ids[0] == 1 and ids[1] == 6
+    tok = CharTok(DEFAULT_CHAT_TEMPLATE, add_bos=True)  # it does not: BOS is added once
+    ids, mask = encode_example({"messages": msgs}, tok)
+    assert ids[:2] == [1, 3] and ids.count(1) == 1 and not mask[0]
+    tok = CharTok(None, add_bos=True)
+    ids, _ = encode_example({"prompt": "a", "completion": "b"}, tok)
+    assert ids == [1, 10 + ord("a"), 10 + ord("b"), 2]
+
+
+def test_plain_completion_exact():
+    tok = CharTok(None, add_bos=True)
+    x, y = tokenize_example({"prompt": "ab", "completion": "c"}, tok, 16)
+    a, b, c = (10 + ord(ch) for ch in "abc")
+    assert x == [1, a, b, c] and y == [IGNORE, IGNORE, c, 2]
+
+
+def test_instruction_alpaca_and_chat():
+    plain = CharTok(None)
+    ex = {"instruction": "Add.", "input": "2 2", "output": "4"}
+    ids, mask = encode_example(ex, plain)
+    prompt = ("Below is an instruction that describes a task, paired with an input that provides "
+              "further context. Write a response that appropriately completes the request.\n\n"
+              "### Instruction:\nAdd.\n\n### Input:\n2 2\n\n### Response:\n")
+    assert plain.decode(ids) == prompt + "4</s>"
+    assert [plain.decode([i]) for i, m in zip(ids, mask) if m] == ["4", "</s>"]
+    ids, _ = encode_example({"instruction": "Add.", "output": "4"}, plain)
+    assert "### Input" not in plain.decode(ids)
+    # With a chat template: a user/assistant conversation (input after a blank line).
+    chat = CharTok(DEFAULT_CHAT_TEMPLATE)
+    as_chat = encode_example({"messages": [{"role": "user", "content": "Add.\n\n2 2"},
+                                           {"role": "assistant", "content": "4"}]}, chat)
+    assert encode_example(ex, chat) == as_chat
+    assert encode_example({"prompt": "Add.\n\n2 2", "completion": "4"}, chat) == as_chat
+
+
+def _byte_bpe(template):
+    """A small real byte-level BPE with ChatML special tokens and a few merges."""
+    from tokenizer.bpe import ByteLevelBPETokenizer, bytes_to_unicode
+    vocab = {ch: i for i, ch in enumerate(sorted(bytes_to_unicode().values()))}
+    merges = []
+    for a, b in [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "s"), ("a", "s"), ("as", "s"),
+                 ("ass", "is"), ("Ċ", "Ċ"), ("o", "u"), ("y", "ou")]:
+        merges.append(f"{a} {b}")
+        vocab[a + b] = len(vocab)
+    n = len(vocab)
+    added = [{"id": n, "content": "<|im_start|>", "special": True},
+             {"id": n + 1, "content": "<|im_end|>", "special": True},
+             {"id": n + 2, "content": "<|endoftext|>", "special": True}]
+    return ByteLevelBPETokenizer(vocab, merges, added_tokens=added, bos_id=n + 2, eos_id=n + 2,
+                                 chat_template=template)
+
+
+# ChatML with transformers' {% generation %} tags around what the model must produce.
+CHATML_GEN = ("{% for m in messages %}{% if m['role'] == 'assistant' %}"
+              "{{ '<|im_start|>assistant\n' }}{% generation %}{{ m['content'] + '<|im_end|>' }}"
+              "{% endgeneration %}{{ '\n' }}{% else %}"
+              "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_mask_matches_transformers_assistant_mask():
+    """Our trained tokens == transformers' return_assistant_tokens_mask on a real BPE."""
+    transformers = pytest.importorskip("transformers")
+    hf_tokenizers = pytest.importorskip("tokenizers")
+    tok = _byte_bpe(CHATML_GEN)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=hf_tokenizers.Tokenizer.from_str(json.dumps(tok.to_tokenizer_json())),
+        eos_token="<|endoftext|>")
+    fast.chat_template = CHATML_GEN
+    convs = [CONV, [{"role": "user", "content": "is the sea blue?"},
+                    {"role": "assistant", "content": "Yes, the sea is blue.\n\nYou see?"},
+                    {"role": "user", "content": "thanks"}]]
+    for msgs in convs:
+        ids, mask = encode_example({"messages": msgs}, tok)
+        ref = fast.apply_chat_template(msgs, tokenize=True, return_dict=True,
+                                       return_assistant_tokens_mask=True)
+        assert ids == list(ref["input_ids"])
+        assert [int(m) for m in mask] == list(ref["assistant_masks"])
+        assert sum(mask) > 3
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from demo_assets import fetch_smollm2_gguf
+    from tokenizer import from_gguf_metadata, read_gguf_tokenizer_fields
+    try:
+        path = fetch_smollm2_gguf()
+    except RuntimeError as e:
+        pytest.skip(f"SmolLM2 tokenizer unavailable: {e}")
+    return from_gguf_metadata(read_gguf_tokenizer_fields(path))
+
+
+def test_smollm2_real_template(smol):
+    x, y = tokenize_example({"messages": CONV}, smol, 256)
+    assert trained_runs(smol, x, y) == ["yo<|im_end|>", "4<|im_end|>"]
+    assert x + [smol.encode("\n")[0]] == smol.apply_chat_template(CONV, add_generation_prompt=False,
+                                                                  tokenize=True)
+    # The prompt tokens are exactly what generation gets for the same history.
+    gen_prompt = smol.apply_chat_template(CONV[:2], add_generation_prompt=True, tokenize=True)
+    first = next(t for t, v in enumerate(y) if v != IGNORE)
+    assert x[:first + 1] == gen_prompt
+    # Instruction data renders through the template (SmolLM2 adds its default system prompt).
+    x2, y2 = tokenize_example({"instruction": "Say hi.", "output": "Hi!"}, smol, 256)
+    assert "You are a helpful AI assistant" in smol.decode(x2)
+    assert trained_runs(smol, x2, y2) == ["Hi!<|im_end|>"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Truncation, datasets, batches
+# ---------------------------------------------------------------------------------------------
+def test_truncation_and_dropped():
+    tok = CharTok(None)
+    exs = [Example("completion", {"prompt": "ab", "completion": "cd"}, 1),    # 5 tokens
+           Example("completion", {"prompt": "ab", "completion": "cde"}, 2),   # 6 tokens
+           Example("completion", {"prompt": "abcdefg", "completion": "h"}, 3)]  # prompt > seq_len
+    ds = SFTDataset.from_examples(exs, tok, seq_len=4)
+    assert ds.report["n_truncated"] == 2 and ds.report["n_dropped"] == 1
+    assert ds.report["dropped_lines"] == [3]
+    assert len(ds) == 2
+    (x0, y0), (x1, y1) = ds.samples
+    assert len(x0) == 4 and len(x1) == 4  # seq_len + 1 tokens fill seq_len positions exactly
+    assert tok.decode(x1) == "abcd" and y1[-1] == 10 + ord("e")  # kept the start
+    assert ds.report["n_tokens"] == 8 and ds.report["n_loss_tokens"] == 3 + 3  # c d EOS; c d e
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return Transformer(preset("tiny")).eval()
+
+
+def _dataset(n=7, seq_len=24):
+    tok = CharTok(DEFAULT_CHAT_TEMPLATE)
+    exs, words = [], ["a", "bb", "ccc dd", "e", "ffff gg h", "ij", "k l m n"]
+    for i in range(n):
+        w = words[i % len(words)]
+        exs.append({"messages": [{"role": "user", "content": w[:2]}, {"role": "assistant", "content": w}]})
+    return SFTDataset.from_examples(exs, tok, seq_len), tok
+
+
+def test_packed_loss_equals_separate_rows():
+    ds, tok = _dataset(seq_len=48)
+    model = _tiny_model()
+    rows = ds.rows(list(range(len(ds))), pack=True)
+    assert any(len(r) > 1 for r in rows) and sorted(i for r in rows for i in r) == list(range(len(ds)))
+    batch = ds.collate(rows, pack=True)
+    assert batch.input_ids.shape[1] <= ds.seq_len
+    with torch.no_grad():
+        packed = model(batch.input_ids, **batch.model_kwargs()).item()
+        padded_b = ds.collate([[i] for i in range(len(ds))], pack=False)
+        padded = model(padded_b.input_ids, **padded_b.model_kwargs()).item()
+        total, count = 0.0, 0
+        for x, y in ds.samples:
+            n = sum(t != IGNORE for t in y)
+            total += model(torch.tensor([x]), labels=torch.tensor([y])).item() * n
+            count += n
+    ref = total / count
+    print(f"packed {packed:.7f} padded {padded:.7f} separate {ref:.7f}")
+    assert abs(packed - ref) < 1e-5 and abs(padded - ref) < 1e-5
+    # Without doc_ids the rows would attend across samples: a different loss.
+    with torch.no_grad():
+        leaky = model(batch.input_ids, labels=batch.labels).item()
+    assert abs(leaky - ref) > 1e-4
+
+
+def test_batch_layout():
+    ds, tok = _dataset(n=3, seq_len=48)
+    b = ds.collate([[0, 1], [2]], pack=True)
+    n0, n1, n2 = (len(ds.samples[i][0]) for i in range(3))
+    T = max(n0 + n1, n2)
+    assert b.input_ids.shape == (2, T)
+    assert b.doc_ids[0].tolist() == [0] * n0 + [1] * n1 + [2] * (T - n0 - n1)
+    assert b.position_ids[0].tolist() == list(range(n0)) + list(range(n1)) + list(range(T - n0 - n1))
+    assert b.labels[1, n2:].eq(IGNORE).all() and b.input_ids[1, n2:].eq(2).all()  # pad = eos
+    u = ds.collate([[0], [1]], pack=False)
+    assert u.doc_ids is None and u.position_ids is None and u.input_ids.shape == (2, max(n0, n1))
+
+
+def test_shuffle_deterministic_and_resume():
+    ds, _ = _dataset(n=7)
+    one = [b.input_ids for b in ds.batches(3, torch.Generator().manual_seed(5))]
+    two = [b.input_ids for b in ds.batches(3, torch.Generator().manual_seed(5))]
+    assert len(one) == 3 and all(torch.equal(a, b) for a, b in zip(one, two))
+    for pack in (False, True):
+        gen = torch.Generator().manual_seed(1)
+        stream = BatchStream(ds, 2, gen, pack=pack)
+        ref = [next(stream) for _ in range(9)]  # crosses epoch boundaries
+        gen = torch.Generator().manual_seed(1)
+        stream = BatchStream(ds, 2, gen, pack=pack)
+        for _ in range(5):
+            next(stream)
+        state, rng = json.loads(json.dumps(stream.state_dict())), gen.get_state()
+        gen2 = torch.Generator()
+        gen2.set_state(rng)
+        resumed = BatchStream(ds, 2, gen2, pack=pack)
+        resumed.load_state_dict(state)
+        rest = [next(resumed) for _ in range(4)]
+        for a, b in zip(ref[5:], rest):
+            assert all(torch.equal(u, v) for u, v in zip(a, b) if u is not None)
+        assert resumed.epoch >= 1
+
+
+def test_split_deterministic(tmp_path):
+    tr, va = split_indices(20, 0.1)
+    assert (tr, va) == split_indices(20, 0.1) and len(va) == 2 and sorted(tr + va) == list(range(20))
+    assert split_indices(20, 0.1, seed=1) != (tr, va)
+    with pytest.raises(ValueError, match="too few"):
+        split_indices(1, 0.1)
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"q{i} ", "completion": f"a{i}"}) for i in range(20)))
+    vpath = tmp_path / "v.jsonl"
+    vpath.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n")
+    tok = CharTok(None)
+    train, val, rep = load_sft(str(path), tok, 32, val_fraction=0.25)
+    assert (rep["n_train"], rep["n_val"], rep["n_examples"]) == (15, 5, 20)
+    assert rep["format"] == "completion" and rep["n_skipped"] == 0
+    assert rep["n_loss_tokens"] == sum(len(f"a{i}") + 1 for i in range(20))
+    train, val, rep = load_sft(str(path), tok, 32, val_path=str(vpath))
+    assert (len(train), len(val), rep["n_examples"]) == (20, 1, 21)
+    assert "20 train / 1 val" in format_report(rep)
+
+
+# ---------------------------------------------------------------------------------------------
+# Malformed input
+# ---------------------------------------------------------------------------------------------
+def _write(tmp_path, name, lines):
+    p = tmp_path / name
+    p.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
+    return str(p)
+
+
+def test_detect_format(tmp_path):
+    assert detect_format(_write(tmp_path, "a.jsonl", ["{bad", {"messages": []}])) == "chat"
+    assert detect_format(_write(tmp_path, "b.jsonl", [{"instruction": "x", "output": "y"}])) == "instruction"
+    assert detect_format(_write(tmp_path, "c.jsonl", [{"prompt": "x", "completion": "y"}])) == "completion"
+    assert detect_format(_write(tmp_path, "d.jsonl", [{"prompt": "x", "chosen": "y", "rejected": "z"}])) == "preference"
+    assert detect_format(_write(tmp_path, "e.jsonl", [{"text": "x"}])) == "text"
+    assert detect_format(_write(tmp_path, "f.txt", ["hello"])) == "text"
+    with pytest.raises(ValueError, match=r"f\.jsonl:1: cannot tell the data format"):
+        detect_format(_write(tmp_path, "f.jsonl", [{"foo": 1}]))
+    with pytest.raises(ValueError, match="not instruction/completion/chat JSONL: preference"):
+        load_examples(str(tmp_path / "d.jsonl"))
+    with pytest.raises(ValueError, match="JSON array"):
+        detect_format(_write(tmp_path, "g.json", ['[{"prompt": "x", "completion": "y"}]']))
+
+
+BAD_CHAT = [
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, None),
+    ('{"messages": [', "invalid JSON"),
+    ({"messages": [{"role": "user", "content": "q"}]}, "chat sample has no assistant turn"),
+    ({"messages": []}, "'messages' is empty"),
+    ({"messages": [{"role": "user"}]}, r"'messages'\[0\] has no string 'content'"),
+    ({"messages": [{"role": "assistant", "content": 3}]}, r"'messages'\[0\] has no string 'content'"),
+    ({"messages": "hi"}, "'messages' must be a list"),
+    ({"prompt": "q", "completion": "a"}, "no 'messages' field"),
+    ([1, 2], "expected a JSON object, got list"),
+]
+
+
+def test_malformed_chat_lines_stop_and_skip(tmp_path):
+    lines = [l for l, _ in BAD_CHAT] + ["", BAD_CHAT[0][0]]  # a blank line is ignored
+    path = _write(tmp_path, "chat.jsonl", lines)
+    for k, (_, why) in enumerate(BAD_CHAT):
+        if why is None:
+            continue
+        # Each bad line, first in its own file after one good line: stop names it and its number.
+        p = _write(tmp_path, f"one{k}.jsonl", [BAD_CHAT[0][0], BAD_CHAT[k][0]])
+        with pytest.raises(ValueError, match=rf"one{k}\.jsonl:2: {why}"):
+            load_examples(p)
+    with pytest.raises(ValueError, match=r"chat\.jsonl:2: invalid JSON"):
+        load_examples(path)
+    warnings = []
+    exs, skipped = load_examples(path, on_error="skip", warn=warnings.append)
+    assert skipped == list(range(2, len(BAD_CHAT) + 1)) and len(exs) == 2
+    assert [e.line for e in exs] == [1, len(BAD_CHAT) + 2]
+    assert len(warnings) == len(skipped) and f"chat.jsonl:3: chat sample has no assistant turn" in warnings[1]
+    with pytest.raises(ValueError, match="on_error"):
+        load_examples(path, on_error="ignore")
+
+
+def test_malformed_instruction_lines(tmp_path):
+    cases = [({"instruction": "i"}, "missing 'output'"),
+             ({"instruction": "i", "output": 5}, "'output' must be a string, got int"),
+             ({"instruction": "i", "input": ["x"], "output": "o"}, "'input' must be a string"),
+             ({"instruction": " ", "output": "o"}, "empty 'instruction'"),
+             ({"instruction": "i", "output": ""}, "empty 'output'")]
+    for k, (obj, why) in enumerate(cases):
+        p = _write(tmp_path, f"i{k}.jsonl", [{"instruction": "i", "input": None, "output": "o"}, obj])
+        with pytest.raises(ValueError, match=rf"i{k}\.jsonl:2: {why}"):
+            load_examples(p)
+    p = _write(tmp_path, "c.jsonl", [{"prompt": "", "completion": "o"}, {"prompt": "p"}])
+    with pytest.raises(ValueError, match=r"c\.jsonl:2: missing 'completion'"):
+        load_examples(p)
+    p = _write(tmp_path, "bad.jsonl", ["{nope", "[]"])
+    with pytest.raises(ValueError, match="no valid JSON object lines"):
+        load_examples(p)
+    (tmp_path / "u.jsonl").write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"u\.jsonl:2: invalid UTF-8"):
+        load_examples(str(tmp_path / "u.jsonl"))
+    with pytest.raises(FileNotFoundError):
+        load_examples(str(tmp_path / "missing.jsonl"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Preferences (DPO data)
+# ---------------------------------------------------------------------------------------------
+def test_preferences_load_and_errors(tmp_path):
+    good = [{"prompt": "2+2=", "chosen": "4", "rejected": "5"},
+            {"prompt": [{"role": "user", "content": "hi"}],
+             "chosen": [{"role": "assistant", "content": "hello"}], "rejected": "go away"}]
+    pairs, skipped = load_preferences(_write(tmp_path, "p.jsonl", good))
+    assert skipped == [] and not pairs[0].conversational and pairs[1].conversational
+    assert pairs[1].rejected == [{"role": "assistant", "content": "go away"}]
+    cases = [({"prompt": "p", "chosen": "same", "rejected": "same"}, "'chosen' and 'rejected' are identical"),
+             ({"prompt": "", "chosen": "a", "rejected": "b"}, "empty 'prompt'"),
+             ({"prompt": "p", "chosen": "  ", "rejected": "b"}, "empty 'chosen'"),
+             ({"prompt": "p", "chosen": "a"}, "missing 'rejected'"),
+             ({"prompt": "p", "chosen": 1, "rejected": "b"}, "'chosen' must be a string or a list"),
+             ({"prompt": "p", "chosen": [], "rejected": "b"}, "'chosen' is empty"),
+             ({"prompt": "p", "chosen": [{"role": "user", "content": "x"}], "rejected": "b"},
+              "'chosen' has no assistant message")]
+    for k, (obj, why) in enumerate(cases):
+        p = _write(tmp_path, f"p{k}.jsonl", [good[0], obj])
+        with pytest.raises(ValueError, match=rf"p{k}\.jsonl:2: {why}"):
+            load_preferences(p)
+    p = _write(tmp_path, "mixed.jsonl", [good[0]] + [c for c, _ in cases] + [good[1]])
+    pairs, skipped = load_preferences(p, on_error="skip")
+    assert [q.line for q in pairs] == [1, len(cases) + 2] and skipped == list(range(2, len(cases) + 2))
+
+
+def test_tokenize_pair_masks():
+    tok = CharTok(None, add_bos=True)
+    tp = tokenize_pair({"prompt": "Q:", "chosen": "yes", "rejected": "no"}, tok, 32)
+    assert tok.decode(tp.chosen_ids) == "<s>Q:yes" and tok.decode(tp.rejected_ids) == "<s>Q:no"
+    assert trained_runs(tok, tp.chosen_ids, tp.chosen_labels) == ["yes</s>"]
+    assert trained_runs(tok, tp.rejected_ids, tp.rejected_labels) == ["no</s>"]
+    assert not tp.truncated
+    # Conversational: the template; an assistant turn inside the prompt is context, not trained.
+    chat = CharTok(DEFAULT_CHAT_TEMPLATE)
+    prompt = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+              {"role": "user", "content": "c"}]
+    tp = tokenize_pair({"prompt": prompt, "chosen": [{"role": "assistant", "content": "good"}],
+                        "rejected": "bad"}, chat, 64)
+    assert trained_runs(chat, tp.chosen_ids, tp.chosen_labels) == ["good<|im_end|>"]
+    assert trained_runs(chat, tp.rejected_ids, tp.rejected_labels) == ["bad<|im_end|>"]
+    x, y = collate_pairs([tp, tp], pad_id=0)
+    assert x.shape == (4, len(tp.chosen_ids)) and torch.equal(x[0], x[1])
+    assert y[2, len(tp.rejected_ids):].eq(IGNORE).all()
+    assert tokenize_pair({"prompt": "Q:", "chosen": "yes!!", "rejected": "no"}, tok, 4).truncated
+    with pytest.raises(ValueError, match="identical"):
+        tokenize_pair({"prompt": "Q", "chosen": "a", "rejected": "a"}, tok, 8)
+
+
+def test_chat_spans_unlocatable():
+    # A template that drops assistant content cannot be trained on: a clear error.
+    tok = CharTok("{% for m in messages %}{{ m['role'] }}|{% endfor %}")
+    with pytest.raises(ValueError, match="cannot locate assistant message 1"):
+        chat_spans(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "zq"}])
