@@ -120,28 +120,13 @@ def pick_device_dtype(device: str | None, dtype: str) -> tuple[str, torch.dtype]
 
 
 def load(source: str, dtype: torch.dtype, device: str, adapter: str | None):
-    """(model, tokenizer) via engine.load_model when it exists (names, HF dirs, GGUF, adapters);
-    otherwise a plain checkpoint directory with its tokenizer files."""
-    try:
-        from engine import load_model
-    except ImportError:
-        try:
-            from engine.hub import load_model
-        except ImportError:
-            load_model = None
-    if load_model is not None:
-        kw = {"adapter": adapter} if adapter else {}
-        return load_model(source, dtype=dtype, device=device, **kw)
-    if adapter or not os.path.isdir(source):
-        raise UsageError(f"cannot load {source!r}{' with an adapter' if adapter else ''}: only "
-                         "checkpoint directories are supported in this build (engine.load_model "
-                         "is missing)")
-    from engine.checkpoint import load_model_dir
-    try:
-        from tokenizer import load_tokenizer
-    except ImportError:
-        raise UsageError("no tokenizer implementation (tokenizer.load_tokenizer) in this build") from None
-    return load_model_dir(source, dtype, device), load_tokenizer(source)
+    """(model, tokenizer) through engine.load_model: a demo-model name, an HF / checkpoint
+    directory or a GGUF file, with an optional LoRA adapter."""
+    from engine import load_model
+    model, tok = load_model(source, dtype=dtype, device=device, adapter=adapter)
+    if tok is None:
+        raise UsageError(f"{source} has no tokenizer files (tokenizer.json or tokenizer.model)")
+    return model, tok
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +135,7 @@ def load(source: str, dtype: torch.dtype, device: str, adapter: str | None):
 def make_generator(seed: int | None, device: str, quiet: bool) -> torch.Generator:
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-        if not quiet:
+        if not quiet:  # so that a sample worth keeping can be reproduced
             print(f"seed: {seed}", file=sys.stderr)
     g = torch.Generator(device=torch.device(device))
     g.manual_seed(seed)
@@ -242,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(f"model: {source} ({model.num_parameters() / 1e6:.1f}M parameters, {dtype}, "
               f"{device})", file=sys.stderr, flush=True)
-    gen = make_generator(args.seed, device, args.quiet)
+    sampling = args.temperature > 0 and args.beams == 1
+    gen = make_generator(args.seed, device, args.quiet or not sampling)
     if args.interactive:
         interactive(model, tok, args, gen)
     elif args.chat is not None:

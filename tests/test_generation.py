@@ -656,6 +656,17 @@ def test_cli_top_k_samples_newest_checkpoint_same_seed_same_text(tmp_path, capsy
     assert rc == 0 and out.count("-" * 40) == 2
 
 
+def test_cli_checkpoint_without_tokenizer_or_weights(tmp_path, capsys, monkeypatch):
+    from engine.checkpoint import save_model
+    save_model(Transformer(preset("tiny")), str(tmp_path / "notok"))
+    rc, _, err = cli_in_process(["--checkpoint", str(tmp_path / "notok")], capsys, monkeypatch)
+    assert rc == 2 and err.strip().endswith("has no tokenizer files (tokenizer.json or "
+                                            "tokenizer.model)"), err
+    (tmp_path / "notok" / "model.safetensors").write_bytes(b"\x00" * 10)  # corrupt weights
+    rc, _, err = cli_in_process(["--checkpoint", str(tmp_path / "notok")], capsys, monkeypatch)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "model.safetensors" in err, err
+
+
 def test_cli_subprocess_streams_utf8(tmp_path):
     text = "é日🙂ж"  # all bytes distinct: a bigram chain
     chain = [10] + list(text.encode()) + [258]
@@ -665,3 +676,19 @@ def test_cli_subprocess_streams_utf8(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout == "\n" + text + "\n"
     assert "prefill: 1 tokens" in r.stderr and "decode: " in r.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_chat_answers_paris_and_stops(capsys, monkeypatch):
+    """Issue acceptance: generate.py --model smollm2-135m-instruct --chat ... --temperature 0."""
+    from engine.hub import demo_model_path
+    if not os.path.isfile(demo_model_path("smollm2-135m-instruct")):
+        pytest.skip("SmolLM2 demo model not in the cache (python generate.py --model "
+                    "smollm2-135m-instruct fetches it)")
+    rc, out, err = cli_in_process(["--model", "smollm2-135m-instruct", "--chat",
+                                   "What is the capital of France?", "--temperature", "0",
+                                   "--max-new-tokens", "64"], capsys, monkeypatch)
+    assert rc == 0, err
+    assert "Paris" in out
+    decoded = int(err.split("decode: ")[1].split()[0])
+    assert decoded < 64  # ended at <|im_end|>, not at the token limit
