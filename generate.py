@@ -154,19 +154,19 @@ def run_once(model, tok, prompt_ids, stop_ids, args, gen, echo: str = "") -> lis
                           stop_ids, stop_strings=args.stop, tokenizer=tok)
         out(echo + res.texts[0] + "\n")
         texts = res.texts[:1]
-    elif args.num_samples > 1:
-        res = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k,
-                       args.top_p, args.repetition_penalty, stop_ids, args.stop, tok, gen,
-                       args.num_samples)
-        for i, text in enumerate(res.texts):
-            out(("" if i == 0 else "-" * 40 + "\n") + echo + text + "\n")
-        texts = res.texts
     else:
-        out(echo)
-        res = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k,
-                       args.top_p, args.repetition_penalty, stop_ids, args.stop, tok, gen,
-                       stream=lambda row, text: out(text))
-        out("\n")
+        single = args.num_samples == 1
+        if single:
+            out(echo)
+        res = generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p,
+                       repetition_penalty=args.repetition_penalty, stop_ids=stop_ids,
+                       stop_strings=args.stop, generator=gen, num_samples=args.num_samples,
+                       tokenizer=tok, stream=(lambda row, text: out(text)) if single else None)
+        if single:  # the text was streamed
+            out("\n")
+        for i, text in enumerate(res.texts if not single else []):
+            out(("-" * 40 + "\n" if i else "") + echo + text + "\n")
         texts = res.texts
     if not args.quiet:
         print(res.stats.summary(), file=sys.stderr, flush=True)

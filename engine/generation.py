@@ -266,8 +266,8 @@ def iter_generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor,
                   max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, repetition_penalty: float = 1.0,
                   stop_ids: Iterable[int] = (), stop_strings: Sequence[str] = (),
-                  tokenizer: Tokenizer | None = None, generator: torch.Generator | None = None,
-                  num_samples: int = 1) -> Iterator[StreamEvent]:
+                  generator: torch.Generator | None = None, num_samples: int = 1,
+                  tokenizer: Tokenizer | None = None) -> Iterator[StreamEvent]:
     """Generator version of `generate`: yields a StreamEvent per token and row, then returns the
     GenerationResult (as StopIteration.value). See `generate` for the arguments."""
     check_sampling_args(temperature, top_k, top_p, repetition_penalty)
@@ -338,8 +338,8 @@ def iter_generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor,
 def generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float = 1.0, stop_ids: Iterable[int] = (),
-             stop_strings: Sequence[str] = (), tokenizer: Tokenizer | None = None,
-             generator: torch.Generator | None = None, num_samples: int = 1,
+             stop_strings: Sequence[str] = (), generator: torch.Generator | None = None,
+             num_samples: int = 1, tokenizer: Tokenizer | None = None,
              stream: Callable[[int, str], None] | None = None) -> GenerationResult:
     """Sample `num_samples` continuations of one prompt (a batch sharing one prefill).
 
@@ -350,8 +350,8 @@ def generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, max_n
     called with each piece of finished text (complete UTF-8 characters, stop strings held back).
     """
     it = iter_generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p,
-                       repetition_penalty, stop_ids, stop_strings, tokenizer, generator,
-                       num_samples)
+                       repetition_penalty, stop_ids, stop_strings, generator, num_samples,
+                       tokenizer)
     while True:
         try:
             ev = next(it)

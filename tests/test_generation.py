@@ -656,6 +656,27 @@ def test_cli_top_k_samples_newest_checkpoint_same_seed_same_text(tmp_path, capsy
     assert rc == 0 and out.count("-" * 40) == 2
 
 
+def test_cli_adapter_is_applied(tmp_path, capsys, monkeypatch):
+    lora = pytest.importorskip("engine.lora")
+    model = random_checkpoint(tmp_path / "base", 3)
+    lora.apply_lora(model, ("q_proj", "v_proj", "down_proj"), r=4, alpha=8)
+    with torch.no_grad():
+        for layer in lora.lora_layers(model).values():
+            layer.lora_B.weight.normal_(0, 0.5)  # a trained-looking, non-zero update
+    lora.save_adapter(model, str(tmp_path / "adapter"))
+    tok = byte_bpe_tokenizer()
+    args = ["--checkpoint", str(tmp_path / "base"), "--prompt", "ab", "--max-new-tokens", "16",
+            "--temperature", "0", "--quiet"]
+    ref = generate(model.eval(), tok.encode("ab"), 16, temperature=0, stop_ids=tok.stop_ids,
+                   tokenizer=tok).texts[0]
+    rc, with_adapter, err = cli_in_process(args + ["--adapter", str(tmp_path / "adapter")],
+                                           capsys, monkeypatch)
+    assert rc == 0, err
+    assert with_adapter == "ab" + ref + "\n"
+    _, without, _ = cli_in_process(args, capsys, monkeypatch)
+    assert without != with_adapter
+
+
 def test_cli_checkpoint_without_tokenizer_or_weights(tmp_path, capsys, monkeypatch):
     from engine.checkpoint import save_model
     save_model(Transformer(preset("tiny")), str(tmp_path / "notok"))
