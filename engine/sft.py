@@ -215,6 +215,7 @@ def _end_of_turn_strings(tok) -> list[str]:
 def _turn_end(turn: str, content: str, eots: list[str]) -> int:
     """Length of the trained part of a rendered assistant turn: up to and including the first
     end-of-turn string after the content (the whole turn if there is none)."""
+    content = content.strip()  # templates often trim it
     at = turn.find(content) if content else -1
     start = at + len(content) if at >= 0 else 0
     hits = [(turn.find(s, start), -len(s), s) for s in eots if turn.find(s, start) >= 0]
@@ -340,8 +341,11 @@ def encode_example(example: Example | dict, tok) -> tuple[list[int], list[bool]]
 
 
 def shift_labels(ids: list[int], mask: list[bool], seq_len: int) -> tuple[list[int], list[int], bool]:
-    """(input_ids, labels, truncated): keep the first seq_len+1 tokens, then inputs = ids[:-1]
-    and labels[t] = ids[t+1] where mask[t+1], else -100."""
+    """(input_ids, labels, truncated): drop the tokens after the last trained one (context that
+    nothing learns from, e.g. the "\n" after a final <|im_end|>), keep the first seq_len+1
+    tokens, then inputs = ids[:-1] and labels[t] = ids[t+1] where mask[t+1], else -100."""
+    last = max((j for j, m in enumerate(mask) if m), default=len(ids) - 1)
+    ids, mask = ids[:last + 1], mask[:last + 1]
     truncated = len(ids) > seq_len + 1
     ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
     labels = [i if m else IGNORE for i, m in zip(ids[1:], mask[1:])]
@@ -466,8 +470,7 @@ class SFTDataset:
             yield self.collate(chunk, pack)
 
     def subset(self, indices: list[int]) -> "SFTDataset":
-        keep = {k: v for k, v in self.report.items() if k in ("n_truncated", "n_dropped")}
-        return SFTDataset([self.samples[i] for i in indices], self.seq_len, self.pad_id, keep)
+        return SFTDataset([self.samples[i] for i in indices], self.seq_len, self.pad_id)
 
 
 class BatchStream:

@@ -8,8 +8,6 @@ real tokenizer and template. Packing is checked against the tiny Transformer: th
 packed batch equals the token-weighted loss of each sample on its own.
 """
 import json
-import math
-import os
 
 import pytest
 import torch
@@ -112,11 +110,11 @@ def test_chatml_mask_exact_by_hand():
     x, y = tokenize_example({"messages": msgs}, tok, seq_len=64)
     text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
     ids = tok.encode(text)
-    assert x == ids[:-1]
     c = lambda ch: 10 + ord(ch)  # noqa: E731
-    # 25 tokens: S u s e r \n h i E \n S a s s i s t a n t \n y o E \n
-    assert len(ids) == 25
-    expected = [IGNORE] * 24
+    # 25 tokens: S u s e r \n h i E \n S a s s i s t a n t \n y o E \n. The untrained "\n" at
+    # the end is dropped and the last token (E) is only a target: 23 positions.
+    assert len(ids) == 25 and x == ids[:23]
+    expected = [IGNORE] * 23
     expected[20], expected[21], expected[22] = c("y"), c("o"), 4  # "\n"->y, y->o, o-><|im_end|>
     assert y == expected
 
@@ -222,6 +220,16 @@ def test_mask_matches_transformers_assistant_mask():
         assert sum(mask) > 3
 
 
+def test_boundary_inside_a_token():
+    """A token straddling the prompt/response boundary is trained (it holds response text)."""
+    tok = _byte_bpe(None)
+    ids, mask = encode_example({"prompt": "say t", "completion": "he"}, tok)
+    assert ids == tok.encode("say the") + [tok.eos_id]  # whole-text encoding: "Ġthe" is one token
+    assert [tok.decode([i]) for i, m in zip(ids, mask) if m] == [" the", "<|endoftext|>"]
+    ids, mask = encode_example({"prompt": "say", "completion": " the"}, tok)
+    assert [tok.decode([i]) for i, m in zip(ids, mask) if m] == [" the", "<|endoftext|>"]
+
+
 @pytest.fixture(scope="module")
 def smol():
     from demo_assets import fetch_smollm2_gguf
@@ -236,8 +244,8 @@ def smol():
 def test_smollm2_real_template(smol):
     x, y = tokenize_example({"messages": CONV}, smol, 256)
     assert trained_runs(smol, x, y) == ["yo<|im_end|>", "4<|im_end|>"]
-    assert x + [smol.encode("\n")[0]] == smol.apply_chat_template(CONV, add_generation_prompt=False,
-                                                                  tokenize=True)
+    full = smol.apply_chat_template(CONV, add_generation_prompt=False, tokenize=True)
+    assert full == x + smol.encode("<|im_end|>\n")  # the trailing "\n" is never a target
     # The prompt tokens are exactly what generation gets for the same history.
     gen_prompt = smol.apply_chat_template(CONV[:2], add_generation_prompt=True, tokenize=True)
     first = next(t for t, v in enumerate(y) if v != IGNORE)
@@ -264,6 +272,13 @@ def test_truncation_and_dropped():
     assert len(x0) == 4 and len(x1) == 4  # seq_len + 1 tokens fill seq_len positions exactly
     assert tok.decode(x1) == "abcd" and y1[-1] == 10 + ord("e")  # kept the start
     assert ds.report["n_tokens"] == 8 and ds.report["n_loss_tokens"] == 3 + 3  # c d EOS; c d e
+    # Untrained context after the last response is dropped, so it never counts as truncation.
+    chat = CharTok(DEFAULT_CHAT_TEMPLATE)
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "x" * 100}]
+    ds = SFTDataset.from_examples([{"messages": msgs}], chat, seq_len=30)
+    # 9 tokens for the user turn, 13 for "<|im_start|>assistant\na<|im_end|>": 22 - 1 inputs.
+    assert ds.report["n_truncated"] == 0 and len(ds.samples[0][0]) == 21
 
 
 def _tiny_model():
@@ -415,7 +430,7 @@ def test_malformed_chat_lines_stop_and_skip(tmp_path):
     exs, skipped = load_examples(path, on_error="skip", warn=warnings.append)
     assert skipped == list(range(2, len(BAD_CHAT) + 1)) and len(exs) == 2
     assert [e.line for e in exs] == [1, len(BAD_CHAT) + 2]
-    assert len(warnings) == len(skipped) and f"chat.jsonl:3: chat sample has no assistant turn" in warnings[1]
+    assert len(warnings) == len(skipped) and "chat.jsonl:3: chat sample has no assistant turn" in warnings[1]
     with pytest.raises(ValueError, match="on_error"):
         load_examples(path, on_error="ignore")
 
