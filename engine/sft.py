@@ -513,6 +513,27 @@ class BatchStream:
         self._rows = self.ds.rows(self.order, self.pack) if self.order is not None else None
 
 
+@torch.no_grad()
+def response_loss(model, dataset: SFTDataset, batch_size: int, device="cpu", autocast=None) -> dict:
+    """Token-weighted mean cross-entropy over every trained token of `dataset` (file order, padded
+    batches): {"loss", "ppl", "n_tokens"}. The same number for train.py's validation and
+    eval.py's response-loss task."""
+    import contextlib
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in dataset.batches(batch_size):
+        batch = batch.to(device)
+        n = int((batch.labels != IGNORE).sum())
+        with autocast or contextlib.nullcontext():
+            loss = model(batch.input_ids, **batch.model_kwargs())
+        total += float(loss) * n
+        count += n
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "n_tokens": count}
+
+
 def split_indices(n: int, val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
     """Deterministic example-level split: a seeded permutation, the first ceil(n * fraction)
     (at least 1) held out. Same file, same fraction, same seed -> same split."""

@@ -16,7 +16,8 @@ from engine.config import preset
 from engine.model import Transformer
 from engine.sft import (IGNORE, BatchStream, Example, SFTDataset, chat_spans, collate_pairs,
                         detect_format, encode_example, format_report, load_examples,
-                        load_preferences, load_sft, split_indices, tokenize_example, tokenize_pair)
+                        load_preferences, load_sft, response_loss, split_indices, tokenize_example,
+                        tokenize_pair)
 from tokenizer.base import Tokenizer
 from tokenizer.chat import DEFAULT_CHAT_TEMPLATE
 
@@ -312,6 +313,8 @@ def test_packed_loss_equals_separate_rows():
             total += model(torch.tensor([x]), labels=torch.tensor([y])).item() * n
             count += n
     ref = total / count
+    ev = response_loss(model, ds, batch_size=3)  # uneven batches, still token-weighted
+    assert ev["n_tokens"] == count and abs(ev["loss"] - ref) < 1e-5
     print(f"packed {packed:.7f} padded {padded:.7f} separate {ref:.7f}")
     assert abs(packed - ref) < 1e-5 and abs(padded - ref) < 1e-5
     # Without doc_ids the rows would attend across samples: a different loss.
