@@ -86,6 +86,11 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="Half Fine-Tuning: each round half of every block trains (full/freeze modes)")
     a("--half-round-steps", type=int, default=50, help="steps per Half Fine-Tuning round")
     a("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
+    a("--objective", choices=("lm", "dpo"), default="lm",
+      help="lm: next-token loss; dpo: preference pairs in --data (engine/dpo.py; needs --base and "
+           "an adapter --finetune mode: the reference is the base with adapters disabled)")
+    a("--beta", type=float, default=0.1, help="DPO: strength of the KL-style reference anchor")
+    a("--label-smoothing", type=float, default=0.0, help="DPO: conservative DPO label noise in [0, 0.5)")
     a("--resume", metavar="DIR", help="continue the run in DIR (same flags, same trajectory)")
     a("--pause-at-step", type=int, default=None, metavar="N",
       help="save a resumable checkpoint at step N and exit (train in chunks; --resume continues)")
@@ -111,6 +116,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.finetune = "lora"
     if args.half_finetune and args.finetune not in (None, "full", "freeze"):
         p.error("--half-finetune works with --finetune full or freeze")
+    if args.objective == "dpo":
+        if not args.base or not args.data:
+            p.error("--objective dpo needs --base MODEL and --data PREFERENCES.jsonl")
+        if args.finetune not in finetune.ADAPTER_MODES:
+            p.error("--objective dpo needs --finetune lora, dora or qlora (the reference model is "
+                    "the base with its adapters disabled)")
+        if not args.beta > 0 or not 0 <= args.label_smoothing < 0.5:
+            p.error("--beta must be > 0 and --label-smoothing in [0, 0.5)")
     if args.lr is None:
         args.lr = (d.lr if not args.base else 1e-3 if args.finetune in finetune.ADAPTER_MODES
                    else 5e-5)
@@ -174,11 +187,13 @@ def main(argv=None) -> int:
 
     # Data: corpus -> text splits -> tokenizer -> cached token memmaps.
     data_path = args.data or fetch_shakespeare()
-    text = read_corpus(data_path)
-    if args.val_data:
-        train_text, val_text = text, read_corpus(args.val_data)
-    else:
-        train_text, val_text = split_text(text, args.val_fraction)
+    dpo = None  # preference training (--objective dpo): engine/dpo.py
+    if args.objective == "lm":
+        text = read_corpus(data_path)
+        if args.val_data:
+            train_text, val_text = text, read_corpus(args.val_data)
+        else:
+            train_text, val_text = split_text(text, args.val_fraction)
     os.makedirs(run_dir, exist_ok=True)
     if args.base:  # the base model brings its tokenizer
         from engine.hub import load_model
@@ -188,12 +203,19 @@ def main(argv=None) -> int:
     else:
         vocab_size = args.vocab_size or PRESETS[args.preset]["vocab_size"]
         tok = load_or_train_tokenizer(train_text, vocab_size, resume_dir or run_dir)
-    th = tokenizer_hash(tok)
-    train, val = tokenize_cached(train_text, tok, th), tokenize_cached(val_text, tok, th)
-    check_trainable(train, args.seq_len, "the training split")
-    check_trainable(val, args.seq_len, "the validation split")
-    print(f"data: {data_path}: {len(train.tokens):,} train / {len(val.tokens):,} val tokens, "
-          f"{train.bytes_per_token:.2f} bytes/token", flush=True)
+    if args.objective == "dpo":
+        from engine import dpo as dpo_lib
+        train_p, val_p, rep = dpo_lib.load_preference_data(data_path, tok, args.seq_len,
+                                                           args.val_fraction, args.val_data)
+        dpo = dpo_lib.DPO(train_p, val_p, args.batch_size, args.beta, args.label_smoothing)
+        print(dpo_lib.format_report(rep, data_path), flush=True)
+    else:
+        th = tokenizer_hash(tok)
+        train, val = tokenize_cached(train_text, tok, th), tokenize_cached(val_text, tok, th)
+        check_trainable(train, args.seq_len, "the training split")
+        check_trainable(val, args.seq_len, "the validation split")
+        print(f"data: {data_path}: {len(train.tokens):,} train / {len(val.tokens):,} val tokens, "
+              f"{train.bytes_per_token:.2f} bytes/token", flush=True)
 
     # Model and optimizer.
     mode = args.finetune or "full"
@@ -231,7 +253,7 @@ def main(argv=None) -> int:
                          truncate_after_step=step if resume_dir else None)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
-    val_starts = eval_windows(val, args.seq_len, args.eval_batches * args.batch_size)
+    val_starts = None if dpo else eval_windows(val, args.seq_len, args.eval_batches * args.batch_size)
     n_params = model.num_parameters()
     n_train = model.num_parameters(trainable_only=True)
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
@@ -250,10 +272,14 @@ def main(argv=None) -> int:
     stop_reason = "max steps"
 
     def do_eval():
-        res = evaluate(model, val, val_starts, args.seq_len, args.batch_size, device, autocast)
+        if dpo:  # every held-out pair
+            res = dpo.evaluate(model, device, autocast)
+            tqdm.write(f"step {step}: {dpo_lib.format_eval(res)}")
+        else:
+            res = evaluate(model, val, val_starts, args.seq_len, args.batch_size, device, autocast)
+            tqdm.write(f"step {step}: val loss {res['val_loss']:.4f}, ppl {res['val_ppl']:.2f}, "
+                       f"bpb {res['val_bpb']:.4f}")
         metrics.log(step=step, elapsed_s=round(elapsed(), 2), **res)
-        tqdm.write(f"step {step}: val loss {res['val_loss']:.4f}, ppl {res['val_ppl']:.2f}, "
-                   f"bpb {res['val_bpb']:.4f}")
         if res["val_loss"] < extra["best_val"]:
             extra["best_val"], extra["bad_evals"] = res["val_loss"], 0
             finetune.save_trained(model, tok, run_dir, mode, args.base)  # best-by-validation
@@ -274,9 +300,12 @@ def main(argv=None) -> int:
                 group["lr"] = lr
             loss_sum = 0.0
             for _ in range(args.grad_accum):
-                x, y = get_batch(train, args.batch_size, args.seq_len, gen, device)
                 with autocast:
-                    loss = model(x, labels=y) / args.grad_accum
+                    if dpo:  # a batch of preference pairs: DPO loss against the adapter-free model
+                        loss = dpo.train_step(model, gen, device) / args.grad_accum
+                    else:
+                        x, y = get_batch(train, args.batch_size, args.seq_len, gen, device)
+                        loss = model(x, labels=y) / args.grad_accum
                 loss.backward()
                 loss_sum += loss.item()
             if not math.isfinite(loss_sum):
@@ -293,9 +322,13 @@ def main(argv=None) -> int:
             bar.update(1)
             if step % args.log_every == 0:
                 tps = meter.rate()
+                pref = dpo.log(args.grad_accum) if dpo else {}  # this step's rewards, accuracy, margin
                 metrics.log(step=step, elapsed_s=round(elapsed(), 2), train_loss=round(loss_sum, 5),
-                            lr=lr, tokens_per_s=round(tps, 1))
-                bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                            lr=lr, tokens_per_s=round(tps, 1), **{k: v for k, v in pref.items()
+                                                                  if k != "train_loss"})
+                bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
+                                **({"acc": f"{pref['reward_acc']:.2f}",
+                                    "margin": f"{pref['margin']:.2f}"} if pref else {}))
                 if args.no_progress:
                     print(f"step {step}: loss {loss_sum:.4f}, lr {lr:.2e}, {tps:,.0f} tok/s", flush=True)
             if step % args.eval_every == 0:
@@ -322,14 +355,16 @@ def main(argv=None) -> int:
 
     # Final report: the best checkpoint over the whole validation split.
     finetune.restore_trained(model, run_dir, mode)
-    final = evaluate(model, val, eval_windows(val, args.seq_len, 4096), args.seq_len,
-                     args.batch_size, device, autocast)
+    final = dpo.evaluate(model, device, autocast) if dpo else evaluate(
+        model, val, eval_windows(val, args.seq_len, 4096), args.seq_len, args.batch_size, device,
+        autocast)
     metrics.log(step=step, elapsed_s=round(elapsed(), 2), final=True, **final)
     plot_losses(metrics.read(), os.path.join(run_dir, "loss.png"))
     tps = step * tokens_per_step / max(elapsed(), 1e-9)
+    summary = (dpo_lib.format_eval(final) if dpo else f"val loss {final['val_loss']:.4f}, ppl "
+               f"{final['val_ppl']:.2f}, bits/byte {final['val_bpb']:.4f}")
     print(f"done ({stop_reason}): {step} steps in {elapsed():.0f}s, {tps:,.0f} tokens/s; best "
-          f"checkpoint: val loss {final['val_loss']:.4f}, ppl {final['val_ppl']:.2f}, "
-          f"bits/byte {final['val_bpb']:.4f} -> {run_dir}")
+          f"checkpoint: {summary} -> {run_dir}")
     return 0
 
 

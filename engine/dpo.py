@@ -1,0 +1,218 @@
+"""Direct Preference Optimization (Rafailov et al. 2023), as TRL's dpo_trainer.py computes it.
+
+For a prompt x with a chosen answer y_w and a rejected one y_l, logp(y|x) is the sum of the
+token log-probabilities of the completion tokens only (the prompt is context, label -100), and
+
+    delta = (logp_pi(y_w) - logp_ref(y_w)) - (logp_pi(y_l) - logp_ref(y_l))
+    loss  = -(1 - ls) * log sigmoid(beta * delta) - ls * log sigmoid(-beta * delta)
+
+with ls = label smoothing (0: the sigmoid DPO loss; > 0: conservative DPO, cDPO). Logged as in
+TRL: rewards = beta * (logp_pi - logp_ref) for chosen and rejected, reward accuracy (chosen
+reward > rejected reward) and margin (chosen - rejected reward).
+
+The reference is the policy itself with its LoRA adapters switched off
+(engine.lora.disable_adapters) under no_grad: no second copy of the weights. The base weights
+never change during adapter training, so a pair's reference log-probs are computed once (the
+first time the pair is seen) and cached. Data loading and tokenization are engine/sft.py's
+(load_preferences, tokenize_pair, collate_pairs); shapes (2B, T): B chosen rows, B rejected rows.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from engine.sft import (IGNORE, collate_pairs, load_preferences, pad_id_of, split_indices,
+                        tokenize_pair)
+
+
+# ---------------------------------------------------------------------------------------------
+# The math
+# ---------------------------------------------------------------------------------------------
+def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) sum over positions with labels != -100 of log p(labels[t] | input_ids[:t+1])."""
+    logits = model(input_ids)                                               # (N, T, V)
+    N, T, V = logits.shape
+    nll = F.cross_entropy(logits.float().reshape(N * T, V), labels.reshape(N * T),
+                          ignore_index=IGNORE, reduction="none")            # (N*T,), 0 where ignored
+    return -nll.view(N, T).sum(dim=1)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float = 0.1, label_smoothing: float = 0.0
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses (B,), chosen rewards (B,) and rejected rewards (B,) (rewards detached)."""
+    chosen_ratio = policy_chosen - ref_chosen                              # (B,)
+    rejected_ratio = policy_rejected - ref_rejected                        # (B,)
+    logits = beta * (chosen_ratio - rejected_ratio)                         # beta * delta
+    losses = (-(1 - label_smoothing) * F.logsigmoid(logits)
+              - label_smoothing * F.logsigmoid(-logits))
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def check_hparams(beta: float, label_smoothing: float) -> None:
+    if not beta > 0 or not math.isfinite(beta):
+        raise ValueError(f"--beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"--label-smoothing must be in [0, 0.5), got {label_smoothing}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+class PreferenceSet:
+    """Tokenized pairs (engine.sft.TokenizedPair) with their file line numbers, and the cache of
+    reference log-probs (pair index -> (chosen, rejected))."""
+
+    def __init__(self, pairs: list, lines: list[int], pad_id: int):
+        self.pairs, self.lines, self.pad_id = pairs, lines, pad_id
+        self.ref: dict[int, tuple[float, float]] = {}
+
+    @classmethod
+    def tokenize(cls, raw_pairs: list, tok, seq_len: int) -> tuple["PreferenceSet", dict]:
+        """Tokenize; a pair whose chosen or rejected side keeps no completion token within
+        seq_len (the prompt fills it) is dropped, as is one whose two sides became identical."""
+        pairs, lines, truncated, dropped = [], [], 0, []
+        for p in raw_pairs:
+            tp = tokenize_pair(p, tok, seq_len)
+            truncated += tp.truncated
+            empty = all(t == IGNORE for t in tp.chosen_labels) or all(t == IGNORE for t in tp.rejected_labels)
+            if empty or (tp.chosen_ids, tp.chosen_labels) == (tp.rejected_ids, tp.rejected_labels):
+                dropped.append(p.line)
+                continue
+            pairs.append(tp)
+            lines.append(p.line)
+        return cls(pairs, lines, pad_id_of(tok)), {"n_truncated": truncated, "dropped_lines": dropped}
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def collate(self, idx: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = collate_pairs([self.pairs[i] for i in idx], self.pad_id)   # (2B, T) each
+        return x.to(device), y.to(device)
+
+    def sample(self, batch_size: int, gen: torch.Generator) -> list[int]:
+        """Random pair indices (with replacement, like train.py's random windows: the data
+        generator's state alone makes the sequence resumable)."""
+        return torch.randint(len(self), (batch_size,), generator=gen).tolist()
+
+
+def load_preference_data(path: str, tok, seq_len: int, val_fraction: float = 0.1,
+                         val_path: str | None = None, seed: int = 0
+                         ) -> tuple[PreferenceSet, PreferenceSet, dict]:
+    """(train, held-out, report) from a preference JSONL ({"prompt","chosen","rejected"}, strings
+    or message lists); held-out pairs are val_path's, else a seeded val_fraction of path's.
+    Malformed lines raise ValueError("FILE:LINE: what is wrong")."""
+    raw, _ = load_preferences(path)
+    if val_path:
+        train_raw, (val_raw, _) = raw, load_preferences(val_path)
+    else:
+        tr, va = split_indices(len(raw), val_fraction, seed)
+        train_raw, val_raw = [raw[i] for i in tr], [raw[i] for i in va]
+    train, rt = PreferenceSet.tokenize(train_raw, tok, seq_len)
+    val, rv = PreferenceSet.tokenize(val_raw, tok, seq_len)
+    for name, ds, src in (("training", train, path), ("held-out", val, val_path or path)):
+        if len(ds) == 0:
+            raise ValueError(f"{src}: no {name} pair keeps a completion token within --seq-len "
+                             f"{seq_len}")
+    report = {"n_train": len(train), "n_val": len(val),
+              "n_truncated": rt["n_truncated"] + rv["n_truncated"],
+              "dropped_lines": sorted(rt["dropped_lines"] + rv["dropped_lines"]),
+              "conversational": raw[0].conversational}
+    return train, val, report
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps: what train.py calls
+# ---------------------------------------------------------------------------------------------
+def reference_logps(model, data: PreferenceSet, idx: list[int], x: torch.Tensor,
+                    y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs (B,), (B,) of the pairs idx: the model with adapters disabled."""
+    from engine.lora import disable_adapters, lora_layers
+    if not lora_layers(model):
+        raise ValueError("DPO's reference is the base model with its LoRA adapters disabled: "
+                         "use --finetune lora, dora or qlora")
+    if any(i not in data.ref for i in idx):
+        with torch.no_grad(), disable_adapters(model):
+            ref = sequence_logps(model, x, y).float().cpu()                  # (2B,)
+        B = len(idx)
+        for k, i in enumerate(idx):
+            data.ref[i] = (ref[k].item(), ref[B + k].item())
+    ref = torch.tensor([data.ref[i] for i in idx], dtype=torch.float32, device=x.device)  # (B, 2)
+    return ref[:, 0], ref[:, 1]
+
+
+def summarize(losses, chosen_rewards, rejected_rewards, prefix: str = "") -> dict[str, float]:
+    """Mean loss, rewards, reward accuracy and margin (TRL's names) as floats."""
+    losses, c, r = losses.detach().float(), chosen_rewards.float(), rejected_rewards.float()
+    return {f"{prefix}loss": losses.mean().item(), f"{prefix}rewards_chosen": c.mean().item(),
+            f"{prefix}rewards_rejected": r.mean().item(),
+            f"{prefix}reward_acc": (c > r).float().mean().item(),
+            f"{prefix}margin": (c - r).mean().item()}
+
+
+class DPO:
+    """Training and held-out evaluation of the DPO objective over two PreferenceSets."""
+
+    def __init__(self, train: PreferenceSet, val: PreferenceSet, batch_size: int, beta: float = 0.1,
+                 label_smoothing: float = 0.0):
+        check_hparams(beta, label_smoothing)
+        self.train, self.val, self.batch_size = train, val, batch_size
+        self.beta, self.label_smoothing = beta, label_smoothing
+        self._stats: list[dict] = []
+
+    def loss(self, model, data: PreferenceSet, idx: list[int], device
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-pair losses and rewards of pairs idx; the losses carry the policy's graph."""
+        x, y = data.collate(idx, device)                                    # (2B, T)
+        ref_c, ref_r = reference_logps(model, data, idx, x, y)              # (B,), (B,)
+        logps = sequence_logps(model, x, y)                                 # (2B,)
+        B = len(idx)
+        return dpo_loss(logps[:B], logps[B:], ref_c, ref_r, self.beta, self.label_smoothing)
+
+    def train_step(self, model, gen: torch.Generator, device) -> torch.Tensor:
+        """Mean loss over one random batch (for backward); its statistics are kept for log()."""
+        losses, c, r = self.loss(model, self.train, self.train.sample(self.batch_size, gen), device)
+        self._stats.append(summarize(losses, c, r))
+        return losses.mean()
+
+    def log(self, last: int = 1) -> dict[str, float]:
+        """Statistics averaged over the `last` micro-batches (one optimizer step's), as
+        train_loss, rewards_chosen, rewards_rejected, reward_acc, margin; the rest is dropped."""
+        stats, self._stats = self._stats[-last:], []
+        keys = stats[0].keys() if stats else ()
+        return {("train_loss" if k == "loss" else k): round(sum(s[k] for s in stats) / len(stats), 5)
+                for k in keys}
+
+    @torch.no_grad()
+    def evaluate(self, model, device, autocast_ctx) -> dict[str, float]:
+        """DPO loss, rewards, reward accuracy and margin over every held-out pair (val_ prefix)."""
+        was_training = model.training
+        model.eval()
+        parts = []
+        for b in range(0, len(self.val), self.batch_size):
+            with autocast_ctx:
+                parts.append(self.loss(model, self.val, list(range(b, min(b + self.batch_size,
+                                                                         len(self.val)))), device))
+        model.train(was_training)
+        losses, c, r = (torch.cat(t) for t in zip(*parts))
+        return summarize(losses, c, r, prefix="val_")
+
+
+def format_eval(res: dict) -> str:
+    """One progress line for a DPO evaluation."""
+    return (f"val DPO loss {res['val_loss']:.4f}, reward acc {res['val_reward_acc']:.1%}, "
+            f"margin {res['val_margin']:.3f} (chosen {res['val_rewards_chosen']:+.3f}, "
+            f"rejected {res['val_rewards_rejected']:+.3f})")
+
+
+def format_report(report: dict, path: str) -> str:
+    s = (f"preference data: {path}: {report['n_train']:,} train / {report['n_val']:,} held-out "
+         f"pairs ({'conversational' if report['conversational'] else 'standard'} form)")
+    if report["n_truncated"]:
+        s += f"; {report['n_truncated']:,} truncated to --seq-len"
+    if report["dropped_lines"]:
+        s += (f"; {len(report['dropped_lines']):,} dropped (no completion token within --seq-len;"
+              f" lines {', '.join(map(str, report['dropped_lines'][:10]))})")
+    return s

@@ -1,0 +1,291 @@
+"""DPO (engine/dpo.py, train.py --objective dpo): loss and gradients against a hand-computed
+reference on a tiny model (log-probs by explicit per-token log_softmax gather over unpadded
+sequences, reference from a separate copy of the base weights), conservative-DPO formula,
+reference = base under disabled adapters, an end-to-end run that learns a trivial preference,
+resume, and bad input."""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train  # noqa: E402
+from engine import dpo  # noqa: E402
+from engine.config import preset  # noqa: E402
+from engine.lora import apply_lora, disable_adapters, lora_layers  # noqa: E402
+from engine.model import Transformer  # noqa: E402
+from engine.sft import load_preferences  # noqa: E402
+from tokenizer.base import Tokenizer  # noqa: E402
+
+
+class CharTok(Tokenizer):
+    """One id per ASCII character (10 + code point); BOS 1, EOS 2; no chat template."""
+
+    def __init__(self):
+        self.vocab_size, self.bos_id, self.eos_id, self.pad_id, self.add_bos = 140, 1, 2, None, True
+
+    def encode(self, text, add_bos=None, add_eos=False, parse_special=True):
+        bos = self.add_bos if add_bos is None else add_bos
+        return [1] * bos + [10 + ord(c) for c in text] + [2] * add_eos
+
+    def decode(self, ids, skip_special=False):
+        return "".join(chr(i - 10) for i in ids if i >= 10)
+
+    def save(self, directory):
+        raise NotImplementedError
+
+
+PAIRS = [{"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " five, I think"},
+         {"prompt": "Say hi", "chosen": " hello there", "rejected": " no"},
+         {"prompt": "Color of sky:", "chosen": " blue", "rejected": " green"}]
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def tiny_lora_model(seed=0):
+    """(policy with non-zero LoRA, separate base copy without LoRA)."""
+    torch.manual_seed(seed)
+    cfg = preset("tiny", vocab_size=140)
+    base = Transformer(cfg).eval()
+    policy = Transformer(cfg).eval()
+    policy.load_state_dict(base.state_dict())
+    apply_lora(policy, targets="all-linear", r=4, alpha=8)
+    with torch.no_grad():
+        for lay in lora_layers(policy).values():
+            lay.lora_B.weight.normal_(0, 0.05)  # policy != reference
+    return policy, base
+
+
+def explicit_logp(model, ids: list[int], n_prompt: int) -> torch.Tensor:
+    """log p(ids[n_prompt:] | ids[:n_prompt]) by log_softmax + gather, one unpadded sequence."""
+    logits = model(torch.tensor([ids]))[0]                                 # (T, V)
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return sum(logp[t - 1, ids[t]] for t in range(n_prompt, len(ids)))
+
+
+def test_loss_and_gradients_equal_hand_computed_reference(tmp_path):
+    policy, base = tiny_lora_model()
+    tok = CharTok()
+    raw, _ = load_preferences(write_jsonl(tmp_path / "p.jsonl", PAIRS))
+    data, _ = dpo.PreferenceSet.tokenize(raw, tok, seq_len=64)
+    beta, ls = 0.5, 0.1
+    trainer = dpo.DPO(data, data, batch_size=3, beta=beta, label_smoothing=ls)
+    losses, rc, rr = trainer.loss(policy, data, [0, 1, 2], "cpu")
+    loss = losses.mean()
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+    policy.zero_grad()
+
+    # By hand: prompt = BOS + prompt chars; completion = its chars + EOS.
+    ref_losses, ref_rc, ref_rr = [], [], []
+    for p in PAIRS:
+        prompt = [1] + [10 + ord(c) for c in p["prompt"]]
+        seqs = [prompt + [10 + ord(c) for c in p[k]] + [2] for k in ("chosen", "rejected")]
+        pi = [explicit_logp(policy, s, len(prompt)) for s in seqs]
+        with torch.no_grad():
+            ref = [explicit_logp(base, s, len(prompt)) for s in seqs]
+        z = beta * ((pi[0] - ref[0]) - (pi[1] - ref[1]))
+        ref_losses.append(-(1 - ls) * torch.log(torch.sigmoid(z)) - ls * torch.log(torch.sigmoid(-z)))
+        ref_rc.append(beta * (pi[0] - ref[0]).item())
+        ref_rr.append(beta * (pi[1] - ref[1]).item())
+    ref_loss = torch.stack(ref_losses).mean()
+    ref_loss.backward()
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5, abs=1e-6)
+    assert rc.tolist() == pytest.approx(ref_rc, abs=1e-5)
+    assert rr.tolist() == pytest.approx(ref_rr, abs=1e-5)
+    worst = 0.0
+    for n, p in policy.named_parameters():
+        if p.requires_grad:
+            g = p.grad.to(ours[n].dtype)
+            worst = max(worst, (ours[n] - g).abs().max().item() / (g.abs().max().item() + 1e-12))
+    assert ours and worst < 1e-4, f"worst relative gradient mismatch {worst:.2e}"
+    assert all(not p.requires_grad or "lora_" in n for n, p in policy.named_parameters())
+
+
+def test_label_smoothing_formula_and_gradient():
+    pc, pr = torch.tensor([-3.0, -1.0, -7.0], requires_grad=True), torch.tensor([-2.0, -4.0, -7.5])
+    rc, rr = torch.tensor([-2.5, -1.5, -6.0]), torch.tensor([-2.5, -3.0, -7.0])
+    for beta, ls in ((0.1, 0.0), (0.3, 0.25)):
+        losses, c, r = dpo.dpo_loss(pc, pr, rc, rr, beta, ls)
+        for i in range(3):
+            z = beta * ((pc[i] - rc[i]) - (pr[i] - rr[i])).item()
+            sig = 1 / (1 + math.exp(-z))
+            assert losses[i].item() == pytest.approx(
+                -(1 - ls) * math.log(sig) - ls * math.log(1 - sig), rel=1e-6)
+            assert c[i].item() == pytest.approx(beta * (pc[i] - rc[i]).item())
+            assert r[i].item() == pytest.approx(beta * (pr[i] - rr[i]).item())
+        (g,) = torch.autograd.grad(losses.sum(), pc)
+        for i in range(3):  # d/dpc = beta * (-(1 - ls) (1 - sigmoid(z)) + ls sigmoid(z))
+            z = beta * ((pc[i] - rc[i]) - (pr[i] - rr[i])).item()
+            sig = 1 / (1 + math.exp(-z))
+            assert g[i].item() == pytest.approx(beta * (-(1 - ls) * (1 - sig) + ls * sig), rel=1e-5)
+    s = dpo.summarize(*dpo.dpo_loss(pc, pr, rc, rr, 0.1))
+    # chosen ratios (-0.5, 0.5, -1), rejected (0.5, -1, -0.5): only pair 2 ranks chosen higher
+    assert s["reward_acc"] == pytest.approx(1 / 3, abs=1e-6)
+    assert s["margin"] == pytest.approx(0.1 * (-1.0 + 1.5 - 0.5) / 3, abs=1e-6)
+    assert s["rewards_chosen"] == pytest.approx(0.1 * (-0.5 + 0.5 - 1.0) / 3, abs=1e-6)
+
+
+def test_fresh_adapter_starts_at_log2(tmp_path):
+    # LoRA B = 0 at init: policy = reference, so every pair's loss is log 2 and rewards are 0.
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=140))
+    apply_lora(model, targets="all-linear", r=4)
+    raw, _ = load_preferences(write_jsonl(tmp_path / "p.jsonl", PAIRS))
+    data, _ = dpo.PreferenceSet.tokenize(raw, CharTok(), seq_len=64)
+    trainer = dpo.DPO(data, data, batch_size=2, beta=0.1)
+    loss = trainer.train_step(model, torch.Generator().manual_seed(0), "cpu")
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert trainer.log() == {"train_loss": pytest.approx(math.log(2), abs=1e-5), "rewards_chosen": 0.0,
+                             "rewards_rejected": 0.0, "reward_acc": 0.0, "margin": 0.0}
+
+
+def test_reference_is_base_under_disabled_adapters(tmp_path):
+    policy, base = tiny_lora_model()
+    x = torch.randint(10, 140, (2, 12))
+    with torch.no_grad(), disable_adapters(policy):
+        assert torch.equal(policy(x), base(x))
+    with torch.no_grad():
+        assert not torch.allclose(policy(x), base(x))  # adapters back on afterwards
+    # The cached reference log-probs are the base model's, for every pair.
+    raw, _ = load_preferences(write_jsonl(tmp_path / "p.jsonl", PAIRS))
+    data, _ = dpo.PreferenceSet.tokenize(raw, CharTok(), seq_len=64)
+    xb, yb = data.collate([2, 0], "cpu")
+    c, r = dpo.reference_logps(policy, data, [2, 0], xb, yb)
+    with torch.no_grad():
+        want = dpo.sequence_logps(base, xb, yb)
+    assert torch.allclose(torch.cat([c, r]), want, atol=1e-5)
+    assert set(data.ref) == {0, 2}
+    data.ref[0] = (1.0, 2.0)  # cached: not recomputed
+    assert dpo.reference_logps(policy, data, [0], *data.collate([0], "cpu"))[0].item() == 1.0
+    with pytest.raises(ValueError, match="adapters disabled"):
+        dpo.reference_logps(base, data, [1], *data.collate([1], "cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py end to end
+# ---------------------------------------------------------------------------------------------
+FLAGS = ["--batch-size", "8", "--seq-len", "48", "--no-progress", "--threads", "1",
+         "--warmup-steps", "2", "--log-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny pretrained base (train.py from scratch) and a trivially learnable preference set:
+    the answer ' yes' is preferred over ' no' after any question."""
+    tmp = tmp_path_factory.mktemp("dpo")
+    os.environ["WHETSTONE_CACHE"] = str(tmp / "cache")
+    rng = random.Random(2)
+    words = ["is it", "yes", "no", "the sky", "blue", "a cat", "maybe", "Q:", "A:"]
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(6)) for _ in range(800)))
+    run = str(tmp / "base")
+    assert train.main(["--data", str(corpus), "--out", run, "--preset", "tiny", "--vocab-size", "300",
+                       "--max-steps", "20", "--eval-every", "20", "--lr", "3e-3", *FLAGS]) == 0
+    topics = ["the sky blue", "a cat", "it maybe", "the cat blue", "it a sky", "the sky a cat"]
+    rows = [{"prompt": f"Q: is {rng.choice(topics)} {i}? A:", "chosen": " yes", "rejected": " no"}
+            for i in range(60)]
+    return run, write_jsonl(tmp / "prefs.jsonl", rows), tmp
+
+
+def metrics(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(l) for l in f]
+
+
+def test_end_to_end_learns_preference_and_saves_adapter(base):
+    run_base, prefs, tmp = base
+    out = str(tmp / "dpo-run")
+    assert train.main(["--objective", "dpo", "--base", run_base, "--finetune", "lora", "--data", prefs,
+                       "--out", out, "--max-steps", "16", "--eval-every", "8", "--lr", "2e-2",
+                       "--lora-r", "4", "--beta", "0.5", *FLAGS, "--log-every", "1"]) == 0
+    ev = metrics(out)
+    logs = [e for e in ev if "reward_acc" in e]
+    vals = [e for e in ev if "val_reward_acc" in e and not e.get("final")]
+    final = ev[-1]
+    assert final["final"] and final["val_reward_acc"] >= 0.9 and final["val_margin"] > 0
+    assert final["val_loss"] < math.log(2) - 0.05  # DPO loss starts at log 2 (policy = reference)
+    assert logs[0]["step"] == 1 and logs[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert logs[0]["reward_acc"] == 0 and logs[-1]["reward_acc"] == 1 and logs[-1]["margin"] > 0.3
+    assert all(k in logs[0] for k in ("rewards_chosen", "rewards_rejected", "margin"))
+    assert {"val_rewards_chosen", "val_rewards_rejected", "val_margin"} <= set(vals[0])
+    # Output: a PEFT adapter, loadable on the base; its held-out reward accuracy reproduces.
+    assert os.path.isfile(os.path.join(out, "adapter_config.json"))
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))
+    from engine.hub import load_model
+    model, tok = load_model(run_base, adapter=out)
+    with open(os.path.join(out, "run_args.json")) as f:
+        assert json.load(f)["objective"] == "dpo"
+    tr, va, _ = dpo.load_preference_data(prefs, tok, 48, 0.1)
+    res = dpo.DPO(tr, va, 8, beta=0.5).evaluate(model, "cpu", torch.autocast("cpu", enabled=False))
+    assert res["val_reward_acc"] == pytest.approx(final["val_reward_acc"])
+    assert res["val_loss"] == pytest.approx(final["val_loss"], rel=1e-4)
+
+
+def test_resume_identical(base):
+    run_base, prefs, tmp = base
+    common = ["--objective", "dpo", "--base", run_base, "--finetune", "qlora", "--data", prefs,
+              "--max-steps", "8", "--eval-every", "4", "--lr", "1e-2", "--lora-r", "4", *FLAGS]
+    full, part = str(tmp / "r-full"), str(tmp / "r-part")
+    assert train.main([*common, "--out", full]) == 0
+    assert train.main([*common, "--out", part, "--pause-at-step", "4"]) == 0
+    assert train.main(["--resume", part, "--no-progress", "--threads", "1"]) == 0
+    a, b = metrics(full), metrics(part)
+    assert [e["step"] for e in a] == [e["step"] for e in b]
+    for x, y in zip(a, b):
+        for k in ("train_loss", "reward_acc", "margin", "val_loss", "val_margin"):
+            assert (k in x) == (k in y)
+            if k in x:
+                assert x[k] == pytest.approx(y[k], abs=1e-5), (x["step"], k)
+
+
+@pytest.mark.parametrize("row, why", [
+    ({"prompt": "Q", "chosen": "same", "rejected": "same"}, "'chosen' and 'rejected' are identical"),
+    ({"prompt": "Q", "chosen": "", "rejected": "b"}, "empty 'chosen'"),
+    ({"prompt": " ", "chosen": "a", "rejected": "b"}, "empty 'prompt'"),
+    ({"prompt": "Q", "chosen": "a"}, "missing 'rejected'"),
+    ("{not json", "invalid JSON"),
+])
+def test_bad_preference_lines_name_the_line(base, tmp_path, row, why):
+    run_base, _, _ = base
+    good = {"prompt": "Q", "chosen": "a", "rejected": "b"}
+    bad = write_jsonl(tmp_path / "bad.jsonl", [good, good, row, good])
+    with pytest.raises(ValueError, match=rf"bad\.jsonl:3: {why}"):
+        train.main(["--objective", "dpo", "--base", run_base, "--data", bad, "--out",
+                    str(tmp_path / "o"), "--max-steps", "2", *FLAGS])
+
+
+def test_cli_errors_are_one_line(base, tmp_path, capsys):
+    run_base, prefs, _ = base
+    flag_errors = [(["--objective", "dpo", "--data", prefs], "needs --base"),
+                   (["--objective", "dpo", "--base", run_base, "--finetune", "full", "--data", prefs],
+                    "needs --finetune lora, dora or qlora"),
+                   (["--objective", "dpo", "--base", run_base, "--data", prefs, "--beta", "0"],
+                    "--beta must be > 0"),
+                   (["--objective", "dpo", "--base", run_base, "--data", prefs,
+                     "--label-smoothing", "0.5"], "--label-smoothing in [0, 0.5)")]
+    for args, msg in flag_errors:
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and msg in err[0], (args, err)
+    # Data errors surface as one line from the script, with the file and line number.
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Q", "chosen": "x", "rejected": "x"}])
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--objective", "dpo",
+                        "--base", run_base, "--data", bad, "--out", str(tmp_path / "o"),
+                        "--max-steps", "1", "--no-progress"], capture_output=True, text=True,
+                       cwd=str(tmp_path), env=dict(os.environ))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and lines == [f"error: {bad}:1: 'chosen' and 'rejected' are identical"]
