@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", metavar="DIR",
                      help=f"model directory (default: the newest run under ./{CHECKPOINT_ROOT})")
     src.add_argument("--model", metavar="NAME|HF_DIR|FILE.gguf",
-                     help="a named model (e.g. smollm2-135m-instruct), an HF directory or a GGUF file")
+                     help="a named model (smollm2-135m-instruct), an HF directory or a GGUF file")
     a("--adapter", metavar="DIR", help="LoRA adapter directory to apply (PEFT format)")
     a("--prompt", default="", help="text to continue (empty: start from BOS)")
     a("--chat", metavar="MESSAGE", help="one chat turn through the model's chat template")

@@ -97,7 +97,7 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
 # Model steps
 # ---------------------------------------------------------------------------------------------
 def prefill(model: Transformer, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Run the prompt (B, T) through the model, filling the cache; logits of the last position (B, V)."""
+    """Run the prompt (B, T) through the model, filling the cache; last position's logits (B, V)."""
     return model(input_ids, cache=cache)[:, -1]
 
 

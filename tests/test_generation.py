@@ -293,7 +293,8 @@ def test_beam_search_matches_brute_force(length_penalty):
         prompt = [0, 1, 2, 1]
         seqs = [list(t) for n in range(1, N + 1) for t in itertools.product(range(V), repeat=n)
                 if stop not in t[:-1] and (n == N or t[-1] == stop)]
-        scores = [s / len(t) ** length_penalty for s, t in zip(batch_logprob(model, prompt, seqs), seqs)]
+        logps = batch_logprob(model, prompt, seqs)
+        scores = [s / len(t) ** length_penalty for s, t in zip(logps, seqs)]
         best_score, best = max(zip(scores, seqs))
         res = beam_search(model, prompt, 16, N, length_penalty, stop_ids=[stop])
         got = res.tokens[0] + ([stop] if res.finish_reasons[0] == "stop" else [])
@@ -325,7 +326,8 @@ def test_beam_search_matches_transformers(tmp_path):
                               return_dict_in_generate=True, output_scores=True)
             ref_seqs = [s[:s.index(eos) + 1] if eos in s else s
                         for s in ref.sequences[:, len(prompt):].tolist()]
-            got = [t + ([eos] if r == "stop" else []) for t, r in zip(ours.tokens, ours.finish_reasons)]
+            got = [t + ([eos] if r == "stop" else [])
+                   for t, r in zip(ours.tokens, ours.finish_reasons)]
             assert got == ref_seqs, (seed, lp)
             assert torch.allclose(torch.tensor(ours.scores), ref.sequences_scores, rtol=1e-4)
 
