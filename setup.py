@@ -26,6 +26,6 @@ setup(
     ],
     extras_require={
         # Reference implementations: tests compare against them; the engine never imports them.
-        "dev": ["pytest", "transformers", "tokenizers", "peft", "bitsandbytes"],
+        "dev": ["pytest", "transformers", "tokenizers", "peft", "bitsandbytes", "openai"],
     },
 )

@@ -1,0 +1,697 @@
+"""Tests for engine/serve.py, serve.py and engine/metrics.py.
+
+References: engine.generation.generate (and generate.py's CLI) on the same checkpoint for greedy
+and seeded output, load_model(..., adapter=DIR) for adapters, the official `openai` client for
+the API shapes, raw sockets for HTTP framing, slow and vanishing clients. Everything binds
+127.0.0.1 on ephemeral ports; every wait is bounded.
+"""
+import contextlib
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from engine.config import preset
+from engine.generation import generate
+from engine.hub import load_model
+from engine.metrics import Registry, TrainingMetricsServer, parse_text
+from engine.model import Transformer
+from engine.serve import Engine, Limits, ServerThread, parse_adapter_specs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEY = "sk-test-key"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes on a shared 2-core machine: one intra-op thread is faster under load."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: a random tiny checkpoint with a real byte-level BPE tokenizer (ChatML specials) and a
+# LoRA adapter for it
+# ---------------------------------------------------------------------------------------------
+def byte_bpe_tokenizer():
+    """Byte-level BPE with no merges: id b < 256 is byte b; 256-258 are ChatML specials."""
+    from tokenizer.bpe import ByteLevelBPETokenizer, bytes_to_unicode
+    b2u = bytes_to_unicode()
+    added = [{"id": 256, "content": "<|endoftext|>"}, {"id": 257, "content": "<|im_start|>"},
+             {"id": 258, "content": "<|im_end|>"}]
+    return ByteLevelBPETokenizer({b2u[b]: b for b in range(256)}, [], pre_tokenizer="gpt-2",
+                                 added_tokens=added, eos_id=256)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from engine.checkpoint import save_model
+    from engine.lora import apply_lora, lora_layers, save_adapter
+    root = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(1)
+    model = Transformer(preset("tiny", vocab_size=259))
+    with torch.no_grad():  # larger logits than the 0.02 init: clear argmax gaps
+        model.lm_head.weight.mul_(20)
+    save_model(model, str(root / "base"), byte_bpe_tokenizer())
+    apply_lora(model, ["q_proj", "v_proj", "down_proj"], r=4, alpha=8)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.normal_(0, 0.5)
+    save_adapter(model, str(root / "adapter"))
+    return {"base": str(root / "base"), "adapter": str(root / "adapter"), "root": root}
+
+
+@pytest.fixture(scope="module")
+def refs(ckpt):
+    """Reference (model, tokenizer) for the base and the adapter, loaded independently."""
+    base, tok = load_model(ckpt["base"])
+    tuned, _ = load_model(ckpt["base"], adapter=ckpt["adapter"])
+    return {"base": base, "ad": tuned, "tok": tok}
+
+
+def ref_text(refs, model, ids, max_tokens, stop=(), seed=None, **kw):
+    g = None
+    if seed is not None:
+        g = torch.Generator()
+        g.manual_seed(seed)
+    res = generate(refs[model], ids, max_tokens, temperature=kw.pop("temperature", 0),
+                   stop_ids=refs["tok"].stop_ids, stop_strings=list(stop),
+                   tokenizer=refs["tok"], generator=g, **kw)
+    reason = {"stop_string": "stop"}.get(res.finish_reasons[0], res.finish_reasons[0])
+    return res.texts[0], reason, len(res.tokens[0])
+
+
+def chat_ids(refs, messages):
+    return refs["tok"].apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+
+@contextlib.contextmanager
+def serving(ckpt, adapters=True, api_key=KEY, limits=None, **engine_kw):
+    model, tok = load_model(ckpt["base"])
+    engine = Engine(model, tok, "base", {"ad": ckpt["adapter"]} if adapters else None,
+                    registry=Registry(), **engine_kw)
+    srv = ServerThread(engine, port=0, api_key=api_key, limits=limits).start()
+    try:
+        yield srv
+    finally:
+        srv.stop(grace=2)
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    with serving(ckpt, max_batch=4, limits=Limits(max_body=64 << 10, header_timeout=1.0,
+                                                  body_timeout=1.0)) as srv:
+        yield srv
+
+
+def request(srv, method, path, body=None, key=KEY, raw=None, headers=None, timeout=30):
+    """(status, headers, decoded JSON or text) over a fresh connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=timeout)
+    h = {"Content-Type": "application/json", **(headers or {})}
+    if key:
+        h["Authorization"] = f"Bearer {key}"
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    try:
+        conn.request(method, path, body=data, headers=h)
+        r = conn.getresponse()
+        text = r.read().decode()
+    finally:
+        conn.close()
+    ctype = r.getheader("Content-Type", "")
+    return r.status, r, json.loads(text) if ctype.startswith("application/json") else text
+
+
+def metrics(srv) -> dict:
+    status, _, text = request(srv, "GET", "/metrics")
+    assert status == 200
+    return parse_text(text)
+
+
+def sse_events(text: str) -> list:
+    """Data payloads of an SSE body; the last one must be [DONE]."""
+    events = [ln[len("data: "):] for ln in text.split("\n\n") if ln.startswith("data: ")]
+    assert events and events[-1] == "[DONE]", text[-200:]
+    return [json.loads(e) for e in events[:-1]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The official client: completions and chat, streamed and not, equal to generate / generate.py
+# ---------------------------------------------------------------------------------------------
+def test_openai_client_greedy_equals_generate_and_generate_py(server, refs, ckpt, capsys):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    tok = refs["tok"]
+    text, reason, n_tok = ref_text(refs, "base", tok.encode("To be"), 24)
+    r = client.completions.create(model="base", prompt="To be", max_tokens=24, temperature=0)
+    assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.model == "base"
+    assert r.choices[0].text == text and r.choices[0].finish_reason == reason
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(tok.encode("To be")), n_tok)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + n_tok
+
+    chunks = list(client.completions.create(model="base", prompt="To be", max_tokens=24,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == n_tok
+
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital?"}]
+    text, reason, n_tok = ref_text(refs, "base", chat_ids(refs, msgs), 20)
+    r = client.chat.completions.create(model="base", messages=msgs, max_tokens=20, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == text
+    assert r.choices[0].finish_reason == reason and r.usage.completion_tokens == n_tok
+    chunks = list(client.chat.completions.create(model="base", messages=msgs, max_tokens=20,
+                                                 temperature=0, stream=True))
+    assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == reason and chunks[-1].usage is None
+
+    # generate.py, same checkpoint and settings, prints the same text.
+    sys.path.insert(0, ROOT)
+    import generate as gen_cli
+    rc = gen_cli.cli(["--checkpoint", ckpt["base"], "--system", "Be brief.", "--chat", "Capital?",
+                      "--temperature", "0", "--max-new-tokens", "20", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out == text + "\n"
+    rc = gen_cli.cli(["--checkpoint", ckpt["base"], "--prompt", "To be", "--temperature", "0",
+                      "--max-new-tokens", "24", "--quiet"])
+    out = capsys.readouterr().out
+    r = client.completions.create(model="base", prompt="To be", max_tokens=24, temperature=0)
+    assert rc == 0 and out == "To be" + r.choices[0].text + "\n"
+
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["base", "ad"]
+    assert client.models.retrieve("ad").id == "ad"
+
+
+def test_adapters_per_request_in_mixed_batches(server, refs):
+    """Each request gets its own adapter even when base and adapter rows share a decode step."""
+    tok = refs["tok"]
+    prompts = ["To be", "or not to be", "x", "Hello there, friend"]
+    jobs = [(p, m, 12) for p in prompts for m in ("base", "ad")]
+    expect = {(p, m): ref_text(refs, m, tok.encode(p), n)[0] for p, m, n in jobs}
+    assert expect[("To be", "base")] != expect[("To be", "ad")]  # the adapter matters
+    results, errors = {}, []
+
+    def worker(p, m, n):
+        try:
+            s, _, body = request(server, "POST", "/v1/completions",
+                                 {"model": m, "prompt": p, "max_tokens": n, "temperature": 0})
+            results[(p, m)] = (s, body["choices"][0]["text"] if s == 200 else body)
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=j) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert {k: v for k, v in results.items()} == {k: (200, v) for k, v in expect.items()}
+
+
+def test_seed_n_stop_and_repetition_penalty(server, refs):
+    tok = refs["tok"]
+    ids = tok.encode("To be")
+    body = {"model": "base", "prompt": "To be", "max_tokens": 16, "temperature": 0.9,
+            "top_k": 40, "top_p": 0.95, "seed": 7}
+    s, _, one = request(server, "POST", "/v1/completions", body)
+    want, _, _ = ref_text(refs, "base", ids, 16, seed=7, temperature=0.9, top_k=40, top_p=0.95)
+    assert s == 200 and one["choices"][0]["text"] == want  # same draws as generate(seed)
+    s, _, two = request(server, "POST", "/v1/completions", {**body, "n": 2})
+    assert [c["index"] for c in two["choices"]] == [0, 1]
+    assert two["choices"][0]["text"] == want  # choice i uses seed + i
+    s, _, again = request(server, "POST", "/v1/completions", {**body, "n": 2})
+    assert again["choices"] == two["choices"]
+
+    greedy, _, _ = ref_text(refs, "base", ids, 24)
+    stop = greedy[4:6]
+    s, _, r = request(server, "POST", "/v1/completions", {"prompt": "To be", "max_tokens": 24,
+                                                         "temperature": 0, "stop": [stop, "zzz"]})
+    assert r["choices"][0] == {"index": 0, "text": greedy[:greedy.index(stop)], "logprobs": None,
+                               "finish_reason": "stop"}
+    s, _, r = request(server, "POST", "/v1/completions", {"prompt": "To be", "max_tokens": 3,
+                                                         "temperature": 0})
+    assert r["choices"][0]["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 3
+    pen, _, _ = ref_text(refs, "base", ids, 24, repetition_penalty=1.5)
+    s, _, r = request(server, "POST", "/v1/completions", {"prompt": "To be", "max_tokens": 24,
+                                                         "temperature": 0,
+                                                         "repetition_penalty": 1.5})
+    assert r["choices"][0]["text"] == pen
+    # A list of prompts (strings or token ids): choices indexed prompt * n + j.
+    five, _, _ = ref_text(refs, "base", ids, 5)
+    for prompt in (["To be", "To be"], [ids, ids]):
+        s, _, r = request(server, "POST", "/v1/completions", {"prompt": prompt, "n": 2,
+                                                             "max_tokens": 5, "temperature": 0})
+        assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
+        assert [c["text"] for c in r["choices"]] == [five] * 4
+        assert r["usage"]["prompt_tokens"] == 2 * len(ids)
+    s, _, r = request(server, "POST", "/v1/completions", {"prompt": ["To be", ids]})
+    assert s == 400 and r["error"]["param"] == "prompt"  # mixed kinds
+
+
+BAD = [  # (method, path, body or raw bytes, extra kwargs, status, param)
+    ("POST", "/v1/completions", b"{not json", {}, 400, None),
+    ("POST", "/v1/completions", b"[1, 2]", {}, 400, None),
+    ("POST", "/v1/completions", b'{"prompt": "a", "temperature": NaN}', {}, 400, None),
+    ("POST", "/v1/completions", {"prompt": "a", "max_tokens": "ten"}, {}, 400, "max_tokens"),
+    ("POST", "/v1/completions", {"prompt": "a", "max_tokens": True}, {}, 400, "max_tokens"),
+    ("POST", "/v1/completions", {"prompt": 5}, {}, 400, "prompt"),
+    ("POST", "/v1/completions", {"prompt": [1, 999]}, {}, 400, "prompt"),
+    ("POST", "/v1/completions", {"prompt": "a", "temperature": -1}, {}, 400, "temperature"),
+    ("POST", "/v1/completions", {"prompt": "a", "top_p": 0}, {}, 400, "top_p"),
+    ("POST", "/v1/completions", {"prompt": "a", "stop": [1]}, {}, 400, "stop"),
+    ("POST", "/v1/completions", {"prompt": "a", "n": 0}, {}, 400, "n"),
+    ("POST", "/v1/completions", {"prompt": "a", "n": 5}, {}, 400, "n"),
+    ("POST", "/v1/completions", {"prompt": "a", "logprobs": 2}, {}, 400, "logprobs"),
+    ("POST", "/v1/completions", {"prompt": "a", "stream_options": {"include_usage": True}}, {},
+     400, "stream_options"),
+    ("POST", "/v1/completions", {"prompt": "a" * 300}, {}, 400, "prompt"),
+    ("POST", "/v1/completions", {"prompt": "a", "max_tokens": 256}, {}, 400, "max_tokens"),
+    ("POST", "/v1/completions", {"prompt": "a", "max_tokens": 0}, {}, 400, "max_tokens"),
+    ("POST", "/v1/completions", {"prompt": "a", "model": "gpt-4"}, {}, 404, "model"),
+    ("POST", "/v1/chat/completions", {"messages": []}, {}, 400, "messages"),
+    ("POST", "/v1/chat/completions", {"messages": [{"content": "hi"}]}, {}, 400, "messages"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, {}, 400,
+     "messages"),
+    ("POST", "/v1/completions", {"prompt": "a"}, {"key": None}, 401, None),
+    ("POST", "/v1/completions", {"prompt": "a"}, {"key": "wrong"}, 401, None),
+    ("GET", "/metrics", None, {"key": None}, 401, None),
+    ("GET", "/v1/completions", None, {}, 405, None),
+    ("POST", "/v1/models", {}, {}, 405, None),
+    ("GET", "/v2/nothing", None, {}, 404, None),
+    ("GET", "/v1/models/nope", None, {}, 404, "model"),
+    ("POST", "/v1/completions", b"x" * (65 << 10), {}, 413, None),
+]
+
+
+@pytest.mark.parametrize("method,path,body,kw,status,param", BAD)
+def test_bad_requests_get_openai_error_objects(server, method, path, body, kw, status, param):
+    raw = body if isinstance(body, bytes) else None
+    s, r, obj = request(server, method, path, None if raw else body, raw=raw, **kw)
+    assert s == status, obj
+    err = obj["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["param"] == param
+    assert "\n" not in err["message"] and err["message"]
+    want_type = {401: "authentication_error", 404: "not_found_error"}.get(status,
+                                                                           "invalid_request_error")
+    assert err["type"] == want_type
+    if status == 401:
+        assert r.getheader("WWW-Authenticate") == "Bearer"
+
+
+def test_health_needs_no_key_and_chunked_body_and_keep_alive(server):
+    s, _, body = request(server, "GET", "/health", key=None)
+    assert s == 200 and body == {"status": "ok"}
+    # One connection, three requests: a chunked body, then Expect: 100-continue, then a 400.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        payload = json.dumps({"prompt": "To be", "max_tokens": 3, "temperature": 0}).encode()
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (payload[:7], payload[7:]))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     + KEY.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks
+                     + b"0\r\n\r\n")
+        f = sock.makefile("rb")
+        assert f.readline().startswith(b"HTTP/1.1 200")
+        resp = http_body(f)
+        assert json.loads(resp)["usage"]["completion_tokens"] == 3
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     + KEY.encode() + b"\r\nExpect: 100-continue\r\nContent-Length: "
+                     + str(len(payload)).encode() + b"\r\n\r\n")
+        assert f.readline().startswith(b"HTTP/1.1 100")
+        assert f.readline() == b"\r\n"
+        sock.sendall(payload)
+        assert f.readline().startswith(b"HTTP/1.1 200")
+        http_body(f)
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert f.readline().startswith(b"HTTP/1.1 401")
+
+
+def http_body(f) -> bytes:
+    """Read headers and a Content-Length body from a socket file."""
+    length = 0
+    while (line := f.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return f.read(length)
+
+
+def test_slow_clients_do_not_block_others(server):
+    """A stalled head and a stalled body each get 408 after the timeout (1 s here) while other
+    requests are answered at once."""
+    slow_head = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    slow_head.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+    slow_body = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    slow_body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    t0 = time.monotonic()
+    for _ in range(3):
+        s, _, _ = request(server, "POST", "/v1/completions", {"prompt": "a", "max_tokens": 2})
+        assert s == 200
+    assert time.monotonic() - t0 < 0.9  # answered while both slow clients still hold sockets
+    for sock in (slow_head, slow_body):
+        data = sock.recv(4096)
+        assert data.startswith(b"HTTP/1.1 408"), data[:40]
+        assert sock.recv(4096) == b""  # and closed
+        sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Slots, cancellation, queueing, shutdown
+# ---------------------------------------------------------------------------------------------
+def test_disconnecting_a_stream_frees_its_slot(ckpt):
+    """max_batch=1 and a slowed decode: the streamed request would take ~4 s to finish; closing
+    its socket after the first event frees the only slot, and the next request runs at once."""
+    with serving(ckpt, adapters=False, api_key=None, max_batch=1,
+                 step_hook=lambda: time.sleep(0.02)) as srv:
+        sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        body = json.dumps({"prompt": "a", "max_tokens": 200, "temperature": 1.0, "seed": 3,
+                           "stream": True}).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        got = b""
+        while b"data: " not in got:
+            got += sock.recv(4096)
+        m = metrics(srv)
+        assert m["whetstone_kv_slots_used"] == 1 and m["whetstone_requests_running"] == 1
+        sock.close()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            m = metrics(srv)
+            if m["whetstone_kv_slots_used"] == 0 and m["whetstone_requests_running"] == 0:
+                break
+            time.sleep(0.05)
+        assert m["whetstone_kv_slots_used"] == 0 and m["whetstone_requests_running"] == 0
+        assert m['whetstone_requests_cancelled_total{reason="client_disconnected"}'] == 1
+        assert m['whetstone_generation_tokens_total{model="base"}'] < 100
+        assert m['whetstone_http_requests_total{route="/v1/completions",status="499"}'] == 1
+        t0 = time.monotonic()
+        s, _, r = request(srv, "POST", "/v1/completions", {"prompt": "b", "max_tokens": 5})
+        assert s == 200 and r["usage"]["completion_tokens"] <= 5
+        assert time.monotonic() - t0 < 2
+
+
+def test_full_queue_gets_429_and_shutdown_finishes_in_flight(ckpt):
+    gate = threading.Event()
+    with serving(ckpt, adapters=False, api_key=None, max_batch=1, max_queue=1,
+                 step_hook=lambda: gate.wait(10)) as srv:
+        results = {}
+
+        def call(name, body):
+            results[name] = request(srv, "POST", "/v1/completions", body)
+        a = threading.Thread(target=call, args=("a", {"prompt": "a", "max_tokens": 4,
+                                                      "temperature": 0}))
+        a.start()
+        wait_for(lambda: metrics(srv)["whetstone_requests_running"] == 1)
+        b = threading.Thread(target=call, args=("b", {"prompt": "b", "max_tokens": 4,
+                                                      "stream": True}))
+        b.start()
+        wait_for(lambda: metrics(srv)["whetstone_requests_waiting"] == 1)
+        s, r, obj = request(srv, "POST", "/v1/completions", {"prompt": "c"})
+        assert s == 429 and obj["error"]["type"] == "rate_limit_error"
+        assert r.getheader("Retry-After") == "1"
+        # Graceful shutdown while a runs and b waits: both finish, then the port closes.
+        stopper = threading.Thread(target=srv.stop, kwargs={"grace": 10})
+        stopper.start()
+        time.sleep(0.2)
+        gate.set()
+        stopper.join(30)
+        a.join(10)
+        b.join(10)
+        assert results["a"][0] == 200 and results["a"][2]["usage"]["completion_tokens"] <= 4
+        assert results["b"][0] == 200 and sse_events(results["b"][2])
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", srv.port), timeout=2).close()
+
+
+def test_shutdown_with_no_grace_cancels_in_flight_with_503(ckpt):
+    with serving(ckpt, adapters=False, api_key=None, max_batch=2,
+                 step_hook=lambda: time.sleep(0.02)) as srv:
+        results = {}
+
+        def call(name, body):
+            results[name] = request(srv, "POST", "/v1/completions", body)
+        threads = [threading.Thread(target=call, args=(k, {"prompt": "a", "max_tokens": 200,
+                                                           "stream": k == "s"}))
+                   for k in ("s", "j")]
+        for t in threads:
+            t.start()
+        wait_for(lambda: metrics(srv)["whetstone_requests_running"] == 2)
+        srv.stop(grace=0)
+        for t in threads:
+            t.join(10)
+    assert results["j"][0] == 503 and results["j"][2]["error"]["type"] == "server_error"
+    events = sse_events(results["s"][2])  # headers were sent: the error is the last event
+    assert results["s"][0] == 200 and events[-1]["error"]["type"] == "server_error"
+
+
+def wait_for(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------------------------------
+# Load: 16 concurrent clients, a few hundred requests, ~20% malformed
+# ---------------------------------------------------------------------------------------------
+def test_load_16_clients_no_5xx_all_correct_metrics_agree(ckpt, refs):
+    tok = refs["tok"]
+    prompts = ["To be", "or not", "What light through yonder window", "a", "Hello, world", "xyz"]
+    kinds = ["cmpl", "cmpl_stream", "chat", "chat_stream", "n2", "adapter"]
+    expect = {}
+    for p in prompts:
+        for m in ("base", "ad"):
+            expect[("cmpl", m, p)] = ref_text(refs, m, tok.encode(p), 6)
+        msgs = [{"role": "user", "content": p}]
+        expect[("chat", "base", p)] = ref_text(refs, "base", chat_ids(refs, msgs), 6)
+    malformed = [  # (method, path, raw body, key, status)
+        ("POST", "/v1/completions", b"{bad json", KEY, 400),
+        ("POST", "/v1/completions", b'{"prompt": "a", "max_tokens": "x"}', KEY, 400),
+        ("POST", "/v1/completions", b'{"prompt": "a", "model": "nope"}', KEY, 404),
+        ("POST", "/v1/chat/completions", b'{"messages": "hi"}', KEY, 400),
+        ("POST", "/v1/completions", b'{"prompt": "a"}', None, 401),
+        ("POST", "/v1/completions", json.dumps({"prompt": "a" * 300}).encode(), KEY, 400),
+        ("GET", "/v1/chat/completions", None, KEY, 405),
+        ("POST", "/v1/completions", b"x" * ((1 << 20) + 1), KEY, 413),
+    ]
+    n_clients, per_client = 16, 20
+    sent = {}  # (route, status) -> count
+    tokens = {"prompt": 0, "completion": 0}
+    failures, lock = [], threading.Lock()
+
+    def client(cid):
+        rng = random.Random(cid)
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+        for i in range(per_client):
+            try:
+                if i % 5 == 4:  # 20% malformed
+                    method, path, raw, key, want = malformed[(cid + i) % len(malformed)]
+                    h = {"Authorization": f"Bearer {key}"} if key else {}
+                    conn.request(method, path, body=raw, headers=h)
+                    r = conn.getresponse()
+                    body = json.loads(r.read())
+                    ok = r.status == want and "error" in body
+                    route = path
+                    with lock:
+                        if not ok:
+                            failures.append((method, path, r.status, body))
+                        sent[(route, r.status)] = sent.get((route, r.status), 0) + 1
+                    continue
+                kind, p = rng.choice(kinds), rng.choice(prompts)
+                stream = kind.endswith("_stream")
+                model = "ad" if kind == "adapter" else "base"
+                n = 2 if kind == "n2" else 1
+                if kind.startswith("chat"):
+                    path = "/v1/chat/completions"
+                    body = {"messages": [{"role": "user", "content": p}]}
+                    want = expect[("chat", "base", p)]
+                else:
+                    path = "/v1/completions"
+                    body = {"prompt": p}
+                    want = expect[("cmpl", model, p)]
+                body.update(model=model, max_tokens=6, temperature=0, n=n, stream=stream)
+                if stream:
+                    body["stream_options"] = {"include_usage": True}
+                conn.request("POST", path, body=json.dumps(body),
+                             headers={"Authorization": f"Bearer {KEY}",
+                                      "Content-Type": "application/json"})
+                r = conn.getresponse()
+                raw = r.read().decode()
+                texts, reasons = [""] * n, [None] * n
+                if stream:
+                    events = sse_events(raw)
+                    usage = events[-1]["usage"]
+                    for ev in events[:-1]:
+                        for c in ev["choices"]:
+                            piece = c["delta"].get("content") if "delta" in c else c["text"]
+                            texts[c["index"]] += piece or ""
+                            reasons[c["index"]] = c["finish_reason"] or reasons[c["index"]]
+                else:
+                    obj = json.loads(raw)
+                    usage = obj["usage"]
+                    for c in obj["choices"]:
+                        texts[c["index"]] = c["message"]["content"] if "message" in c else c["text"]
+                        reasons[c["index"]] = c["finish_reason"]
+                ok = (r.status == 200 and texts == [want[0]] * n and reasons == [want[1]] * n
+                      and usage["completion_tokens"] == n * want[2])
+                with lock:
+                    if not ok:
+                        failures.append((kind, p, r.status, texts, want))
+                    sent[(path, r.status)] = sent.get((path, r.status), 0) + 1
+                    tokens["prompt"] += usage["prompt_tokens"]
+                    tokens["completion"] += usage["completion_tokens"]
+            except Exception as e:  # noqa: BLE001 (a crash of the client thread is a failure)
+                with lock:
+                    failures.append(("exception", repr(e)))
+                conn.close()
+        conn.close()
+
+    with serving(ckpt, max_batch=8, max_queue=64) as srv:
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(n_clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        elapsed = time.monotonic() - t0
+        m = metrics(srv)
+    total = n_clients * per_client
+    print(f"\nload: {total} requests from {n_clients} clients in {elapsed:.2f} s "
+          f"({total / elapsed:.1f} req/s, {tokens['completion'] / elapsed:.0f} generated tok/s)")
+    assert not failures, failures[:5]
+    assert sum(sent.values()) == total and not any(s >= 500 for _, s in sent)
+    served = {k: v for k, v in m.items() if k.startswith("whetstone_http_requests_total")}
+    want = {f'whetstone_http_requests_total{{route="{r}",status="{s}"}}': float(c)
+            for (r, s), c in sent.items()}
+    assert served == want
+    assert m['whetstone_generation_tokens_total{model="base"}'] + \
+        m['whetstone_generation_tokens_total{model="ad"}'] == tokens["completion"]
+    assert m['whetstone_prompt_tokens_total{model="base"}'] + \
+        m['whetstone_prompt_tokens_total{model="ad"}'] == tokens["prompt"]
+    n_ok = sum(c for (r, s), c in sent.items() if s == 200)
+    gen_routes = ("/v1/completions", "/v1/chat/completions")
+    assert sum(m[f'whetstone_http_request_duration_seconds_count{{route="{r}"}}']
+               for r in gen_routes) == sum(c for (r, s), c in sent.items() if r in gen_routes)
+    assert sum(m.get(f'whetstone_time_to_first_token_seconds_count{{route="{r}"}}', 0)
+               for r in gen_routes) == n_ok
+    assert m["whetstone_requests_running"] == 0 and m["whetstone_requests_waiting"] == 0
+    assert m["whetstone_decode_batch_size_sum"] > m["whetstone_decode_batch_size_count"]  # batched
+
+
+# ---------------------------------------------------------------------------------------------
+# serve.py as a process: flags, SIGTERM
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args,msg", [
+    (["--adapter", "noequals"], "NAME=DIR"),
+    (["--adapter", "x=/does/not/exist"], "no such directory"),
+    (["--max-batch", "0"], "--max-batch"),
+    (["--port", "70000"], "--port"),
+])
+def test_cli_bad_flags_one_line_exit_2(ckpt, capsys, args, msg):
+    sys.path.insert(0, ROOT)
+    import serve as serve_cli
+    rc = serve_cli.cli(["--model", ckpt["base"], *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and msg in err and err.count("\n") == 1
+
+
+def test_cli_process_serves_and_stops_on_sigterm(ckpt):
+    env = {**os.environ, "WHETSTONE_API_KEY": "k2", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--model",
+                             ckpt["base"], "--port", "0", "--served-model-name", "tiny"],
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        line = ""
+        deadline = time.monotonic() + 60
+        while "serving" not in line and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "server exited"
+        assert "127.0.0.1:" in line and "API key required" in line
+        port = int(line.split("127.0.0.1:")[1].split()[0])
+
+        class Srv:
+            pass
+        srv = Srv()
+        srv.port = port
+        s, _, r = request(srv, "POST", "/v1/completions", {"model": "tiny", "prompt": "a",
+                                                          "max_tokens": 3}, key="k2")
+        assert s == 200 and r["model"] == "tiny"
+        assert request(srv, "GET", "/v1/models", key=None)[0] == 401
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert "stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_parse_adapter_specs():
+    assert parse_adapter_specs(["a=/x", "b=y=z"]) == {"a": "/x", "b": "y=z"}
+    with pytest.raises(ValueError, match="twice"):
+        parse_adapter_specs(["a=/x", "a=/y"])
+
+
+# ---------------------------------------------------------------------------------------------
+# engine/metrics.py
+# ---------------------------------------------------------------------------------------------
+def test_registry_text_format_pinned():
+    reg = Registry(prefix="t_")
+    c = reg.counter("reqs_total", "Requests", ["route", "status"])
+    c.inc(route="/a", status="200")
+    c.inc(2, route='/q"\\\n', status="400")
+    g = reg.gauge("temp", "A gauge")
+    g.set(3.5)
+    g.dec(1)
+    h = reg.histogram("lat_seconds", "Latency", ["route"], buckets=[0.1, 1])
+    for v in (0.05, 0.1, 0.5, 7):
+        h.observe(v, route="/a")
+    assert reg.render() == (
+        "# HELP t_reqs_total Requests\n# TYPE t_reqs_total counter\n"
+        't_reqs_total{route="/a",status="200"} 1\n'
+        't_reqs_total{route="/q\\"\\\\\\n",status="400"} 2\n'
+        "# HELP t_temp A gauge\n# TYPE t_temp gauge\nt_temp 2.5\n"
+        "# HELP t_lat_seconds Latency\n# TYPE t_lat_seconds histogram\n"
+        't_lat_seconds_bucket{route="/a",le="0.1"} 2\n'
+        't_lat_seconds_bucket{route="/a",le="1"} 3\n'
+        't_lat_seconds_bucket{route="/a",le="+Inf"} 4\n'
+        't_lat_seconds_sum{route="/a"} 7.65\n'
+        't_lat_seconds_count{route="/a"} 4\n')
+    with pytest.raises(ValueError, match="can only increase"):
+        c.inc(-1, route="/a", status="200")
+    with pytest.raises(ValueError, match="takes labels"):
+        c.inc(route="/a")
+    with pytest.raises(ValueError, match="already registered"):
+        reg.gauge("temp", "again")
+
+
+def test_training_metrics_server_standalone():
+    import urllib.request
+    with TrainingMetricsServer(0) as srv:
+        assert srv.host == "127.0.0.1" and srv.port > 0
+        srv.update(step=10, loss=2.5, lr=3e-4, tokens_per_s=1234.5, eta_s=60)
+        srv.update(step=20, loss=2.25, val_loss=2.4, lr=None)
+        with urllib.request.urlopen(srv.url, timeout=10) as r:
+            assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            m = parse_text(r.read().decode())
+        assert m["whetstone_train_step"] == 20 and m["whetstone_train_loss"] == 2.25
+        assert m["whetstone_train_val_loss"] == 2.4 and m["whetstone_train_lr"] == 3e-4
+        assert m["whetstone_train_tokens_per_second"] == 1234.5
+        assert m["whetstone_train_eta_seconds"] == 60 and m["whetstone_train_updates_total"] == 2
+        with pytest.raises(ValueError, match="unknown training metric"):
+            srv.update(stepp=1)
+        with pytest.raises(OSError, match="cannot serve metrics"):
+            TrainingMetricsServer(srv.port)  # port taken: one clear line
+    with pytest.raises(OSError):  # closed
+        urllib.request.urlopen(srv.url, timeout=2)
