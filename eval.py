@@ -1,0 +1,163 @@
+"""Evaluate a model (and optionally a fine-tuned adapter against its base) on one task.
+
+    python eval.py --model out/RUN --data val.txt --task perplexity --seq-len 256
+    python eval.py --model smollm2-135m-instruct --adapter out/lora-RUN --data chat.jsonl \\
+        --task response-loss --compare
+    python eval.py --model smollm2-135m-instruct --data mc.jsonl --task choice
+
+Tasks (engine/eval.py): perplexity (sliding window over a text; loss, perplexity, bits per
+byte; with --stride = --seq-len the same windows and numbers as train.py's validation),
+response-loss (instruction / chat JSONL, loss on response tokens only), choice (JSONL
+{"context", "choices", "label"}: accuracy and length-normalized accuracy as
+lm-evaluation-harness defines them). --compare puts the base (adapters disabled) and the tuned
+model side by side. A JSON report is written next to the printed table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from engine import eval as tasks
+from engine.config import atomic_write_text
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model", required=True, help="a model name (smollm2-135m-instruct), an HF/Whetstone model "
+                                      "directory, a .gguf file, or an adapter directory (its base "
+                                      "is read from adapter_config.json)")
+    a("--adapter", help="LoRA adapter directory (ours or PEFT's) applied to --model")
+    a("--data", required=True, help="text file/corpus (perplexity) or JSONL (response-loss, choice)")
+    a("--task", required=True, choices=tasks.TASKS)
+    a("--compare", action="store_true", help="also evaluate the base with adapters disabled")
+    a("--seq-len", type=int, default=None, help="window (perplexity) or max sample length "
+                                                "(default: min(1024, the model's context))")
+    a("--stride", type=int, default=None, help="perplexity: tokens between windows (default --seq-len)")
+    a("--val-fraction", type=float, default=None,
+      help="perplexity: only the last FRACTION of the text, cut as train.py cuts its validation split")
+    a("--delimiter", default=" ", help="choice: text between context and each choice (default ' ')")
+    a("--batch-size", type=int, default=8)
+    a("--json", metavar="OUT", help="report path (default: eval_report.json in the adapter "
+                                    "directory, else in the current directory)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--dtype", default="float32", help="float32, bfloat16 or float16")
+    a("--threads", type=int, default=None, help="CPU threads for torch")
+    a("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    for name in ("seq_len", "stride", "batch_size"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.stride and args.seq_len and args.stride > args.seq_len:
+        p.error("--stride must be <= --seq-len (a larger stride would skip tokens)")
+    if args.compare and not args.adapter and not os.path.isfile(os.path.join(args.model,
+                                                                             "adapter_config.json")):
+        p.error("--compare needs --adapter DIR (base = the model with that adapter disabled)")
+    if args.val_fraction is not None and args.task != "perplexity":
+        p.error("--val-fraction applies to --task perplexity")
+    return args
+
+
+def resolve_model(model: str, adapter: str | None) -> tuple[str, str | None]:
+    """An adapter directory given as --model stands for (its base, itself)."""
+    cfg = os.path.join(model, "adapter_config.json")
+    if adapter is None and os.path.isfile(cfg) and not os.path.isfile(os.path.join(model, "config.json")):
+        with open(cfg) as f:
+            base = json.load(f).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{model} is an adapter without base_model_name_or_path; pass "
+                             "--model BASE --adapter DIR")
+        return base, model
+    return model, adapter
+
+
+def run_task(args, model, tok, device) -> tuple[dict, dict]:
+    """(metrics, data description) of the model as it is now (adapters on or off)."""
+    progress = not args.no_progress
+    ctx = min(1024, model.config.max_position_embeddings)
+    seq_len = args.seq_len or ctx
+    if args.task == "perplexity":
+        from engine.data import read_corpus, split_text, tokenize_cached
+        text = read_corpus(args.data)
+        if args.val_fraction is not None:
+            text = split_text(text, args.val_fraction)[1]
+        split = tokenize_cached(text, tok)  # train.py's tokenization: chunked, no BOS, cached
+        res = tasks.perplexity(model, split.tokens, split.n_bytes, seq_len, args.stride,
+                               args.batch_size, device, progress)
+        return res, {"tokens": len(split.tokens), "bytes": split.n_bytes}
+    if args.task == "response-loss":
+        from engine.sft import SFTDataset, load_examples, response_loss
+        examples, _ = load_examples(args.data)
+        ds = SFTDataset.from_examples(examples, tok, seq_len)
+        if len(ds) == 0:
+            raise ValueError(f"{args.data}: no example keeps a response token within --seq-len {seq_len}")
+        res = response_loss(model, ds, args.batch_size, device)
+        return res, {k: ds.report[k] for k in ("n_examples", "n_truncated", "n_dropped",
+                                                 "n_loss_tokens")}
+    items = tasks.load_choice_items(args.data)  # inputs keep their last --seq-len tokens
+    res = tasks.choice_task(model, tok, items, args.seq_len or model.config.max_position_embeddings,
+                            args.batch_size, device, args.delimiter, progress)
+    return res, {"n_items": len(items), "n_choices": sum(len(i.choices) for i in items)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from engine.hub import load_model
+    model_src, adapter = resolve_model(args.model, args.adapter)
+    device = torch.device(args.device)
+    t0 = time.time()
+    model, tok = load_model(model_src, dtype=args.dtype, device=device, adapter=adapter)
+    if tok is None:
+        raise ValueError(f"{model_src} has no tokenizer files")
+    model.eval()
+    results, data = {}, {}
+    if args.compare:
+        from engine.lora import disable_adapters
+        with disable_adapters(model):
+            results["base"], data = run_task(args, model, tok, device)
+    results["tuned" if adapter else "model"], data = run_task(args, model, tok, device)
+    elapsed = time.time() - t0
+
+    table = tasks.format_table(results)
+    first = next(iter(results.values()))
+    if args.task == "perplexity":
+        what = (f"{first['n_tokens']:,} tokens scored in {first['n_windows']:,} windows of "
+                f"{first['seq_len']}, stride {first['stride']}"
+                + (f"; {first['unscored_tail']} tail tokens unscored" if first["unscored_tail"] else ""))
+    elif args.task == "response-loss":
+        what = f"{data['n_examples']:,} examples, {first['n_tokens']:,} response tokens"
+    else:
+        what = f"{first['n']:,} items, {data['n_choices']:,} choices"
+    print(f"{args.task} on {args.data}: {what}\nmodel {model_src}"
+          + (f" + adapter {adapter}" if adapter else "") + f" ({elapsed:.1f}s)\n{table}")
+
+    out = args.json or os.path.join(adapter or ".", "eval_report.json")
+    report = {"task": args.task, "data": args.data, "model": model_src, "adapter": adapter,
+              "settings": {k: getattr(args, k) for k in ("seq_len", "stride", "val_fraction",
+                                                         "delimiter", "batch_size", "dtype")},
+              "data_stats": data, "results": results, "elapsed_s": round(elapsed, 2),
+              "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    print(f"report: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

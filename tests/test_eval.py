@@ -1,0 +1,299 @@
+"""eval.py / engine/eval.py: sliding-window perplexity against an explicit per-window loop,
+stride handling, equality with train.py's own validation numbers (final metrics.jsonl event),
+--compare against the base and the adapter run, response-only loss, multiple-choice
+log-likelihoods against direct unbatched computation, harness metric definitions, bad input."""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import eval as eval_cli  # noqa: E402
+import train  # noqa: E402
+from engine import eval as tasks  # noqa: E402
+from engine.config import preset  # noqa: E402
+from engine.data import TokenSplit, eval_windows  # noqa: E402
+from engine.model import Transformer  # noqa: E402
+from engine.trainer import evaluate  # noqa: E402
+from tokenizer.base import Tokenizer  # noqa: E402
+
+
+class CharTok(Tokenizer):
+    """One id per ASCII character (10 + code point); BOS 1, EOS 2."""
+
+    def __init__(self):
+        self.vocab_size, self.bos_id, self.eos_id, self.pad_id, self.add_bos = 140, 1, 2, None, False
+
+    def encode(self, text, add_bos=None, add_eos=False, parse_special=True):
+        return [1] * bool(add_bos) + [10 + ord(c) for c in text] + [2] * add_eos
+
+    def decode(self, ids, skip_special=False):
+        return "".join(chr(i - 10) for i in ids if i >= 10)
+
+    def save(self, directory):
+        raise NotImplementedError
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return Transformer(preset("tiny", vocab_size=140)).eval()
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity
+# ---------------------------------------------------------------------------------------------
+def explicit_sliding_nll(model, tokens, seq_len, stride):
+    """HF's perplexity-guide loop, one window at a time, float64 log_softmax + gather per target;
+    whole windows only. Returns (total nats, scored target indices, context length of each)."""
+    total, scored, ctx, scored_to = 0.0, [], [], 0
+    for begin in range(0, len(tokens), stride):
+        if begin + seq_len + 1 > len(tokens):
+            break
+        x = torch.tensor(tokens[begin:begin + seq_len], dtype=torch.long)[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(x)[0].double(), dim=-1)             # (T, V)
+        for t in range(seq_len):
+            j = begin + t + 1  # target index
+            if j > scored_to:
+                total -= logp[t, int(tokens[j])].item()
+                scored.append(j)
+                ctx.append(t + 1)
+        scored_to = begin + seq_len
+    return total, scored, ctx
+
+
+@pytest.mark.parametrize("seq_len, stride", [(16, 16), (16, 5), (16, 1), (7, 3), (10, 9)])
+def test_perplexity_equals_explicit_window_loop(tiny, seq_len, stride):
+    rng = np.random.default_rng(seq_len * 100 + stride)
+    n = 203 if stride > 1 else 61  # the explicit loop runs one window per stride
+    tokens = rng.integers(10, 140, size=n).astype(np.uint16)
+    res = tasks.perplexity(tiny, tokens, n_bytes=500, seq_len=seq_len, stride=stride, batch_size=3)
+    total, scored, ctx = explicit_sliding_nll(tiny, tokens, seq_len, stride)
+    assert scored == list(range(1, len(scored) + 1))  # every target once, in order, no gaps
+    assert res["n_tokens"] == len(scored) and res["unscored_tail"] == len(tokens) - 1 - len(scored)
+    assert res["unscored_tail"] < stride
+    assert res["loss"] == pytest.approx(total / len(scored), rel=1e-6)
+    assert res["ppl"] == pytest.approx(math.exp(total / len(scored)), rel=1e-6)
+    assert res["bpb"] == pytest.approx(total / len(scored) / (500 / n) / math.log(2), rel=1e-6)
+    # Beyond the first window every target sees more than seq_len - stride tokens of context.
+    assert min(ctx[seq_len:], default=seq_len) == seq_len - stride + 1
+
+
+def test_stride_equal_seq_len_is_train_validation(tiny):
+    tokens = np.random.default_rng(1).integers(10, 140, size=300).astype(np.uint16)
+    split = TokenSplit(tokens, n_bytes=777)
+    starts = eval_windows(split, 32)
+    assert [s for s, _ in tasks.sliding_windows(len(tokens), 32, 32)] == starts
+    want = evaluate(tiny, split, starts, 32, 4, "cpu", torch.autocast("cpu", enabled=False))
+    got = tasks.perplexity(tiny, tokens, 777, 32, 32, batch_size=4)
+    assert got["loss"] == want["val_loss"] and got["ppl"] == want["val_ppl"]
+    assert got["bpb"] == want["val_bpb"]
+    # Shorter than one window: one window over the whole text; bad strides are refused.
+    short = tasks.perplexity(tiny, tokens[:9], 20, 64)
+    assert short["n_tokens"] == 8 and short["seq_len"] == 8
+    with pytest.raises(ValueError, match="--stride must be in 1..--seq-len"):
+        tasks.sliding_windows(100, 8, 9)
+
+
+FLAGS = ["--batch-size", "4", "--seq-len", "32", "--no-progress", "--threads", "1",
+         "--warmup-steps", "2", "--log-every", "5", "--eval-batches", "2"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny train.py run from scratch (validation = last 20% of the corpus) and a LoRA
+    fine-tune of it on another text (separate --val-data file)."""
+    tmp = tmp_path_factory.mktemp("ev")
+    os.environ["WHETSTONE_CACHE"] = str(tmp / "cache")
+    rng = random.Random(3)
+    words = ["thou art", "my liege", "fair lady", "the crown", "good sir", "anon"]
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(5)) for _ in range(700)))
+    base = str(tmp / "base")
+    assert train.main(["--data", str(corpus), "--out", base, "--preset", "tiny", "--vocab-size", "300",
+                       "--max-steps", "20", "--eval-every", "10", "--lr", "3e-3",
+                       "--val-fraction", "0.2", *FLAGS]) == 0
+    other = ["to be", "or not", "that is", "the question"]
+    dom, dom_val = tmp / "domain.txt", tmp / "domain_val.txt"
+    dom.write_text("\n".join(" ".join(rng.choice(other) for _ in range(5)) for _ in range(400)))
+    dom_val.write_text("\n".join(" ".join(rng.choice(other) for _ in range(5)) for _ in range(60)))
+    lora = str(tmp / "lora")
+    assert train.main(["--base", base, "--finetune", "lora", "--data", str(dom), "--val-data",
+                       str(dom_val), "--out", lora, "--max-steps", "10", "--eval-every", "10",
+                       "--lr", "1e-2", "--lora-r", "4", *FLAGS]) == 0
+    return tmp, str(corpus), base, str(dom_val), lora
+
+
+def final_event(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(l) for l in f if json.loads(l).get("final")][-1]
+
+
+def test_reproduces_train_py_final_validation(runs, capsys):
+    tmp, corpus, base, _, _ = runs
+    out = str(tmp / "r1.json")
+    assert eval_cli.main(["--model", base, "--data", corpus, "--task", "perplexity", "--seq-len", "32",
+                          "--val-fraction", "0.2", "--batch-size", "4", "--json", out,
+                          "--no-progress"]) == 0
+    got = json.load(open(out))["results"]["model"]
+    want = final_event(base)
+    assert got["loss"] == pytest.approx(want["val_loss"], rel=1e-6)
+    assert got["ppl"] == pytest.approx(want["val_ppl"], rel=1e-6)
+    assert got["bpb"] == pytest.approx(want["val_bpb"], rel=1e-6)
+    printed = capsys.readouterr().out
+    assert "bits per byte" in printed and f"{want['val_loss']:.4f}" in printed
+
+
+def test_compare_base_and_adapter(runs):
+    tmp, _, base, dom_val, lora = runs
+    out = str(tmp / "r2.json")
+    # The adapter directory alone names its base (adapter_config.json).
+    assert eval_cli.main(["--model", lora, "--compare", "--data", dom_val, "--task", "perplexity",
+                          "--seq-len", "32", "--batch-size", "4", "--json", out, "--no-progress"]) == 0
+    rep = json.load(open(out))
+    assert rep["model"] == base and rep["adapter"] == lora
+    tuned, base_res = rep["results"]["tuned"], rep["results"]["base"]
+    assert tuned["loss"] == pytest.approx(final_event(lora)["val_loss"], rel=1e-6)
+    plain = str(tmp / "r3.json")
+    assert eval_cli.main(["--model", base, "--data", dom_val, "--task", "perplexity", "--seq-len",
+                          "32", "--batch-size", "4", "--json", plain, "--no-progress"]) == 0
+    assert base_res["loss"] == pytest.approx(json.load(open(plain))["results"]["model"]["loss"], rel=1e-6)
+    assert tuned["loss"] < base_res["loss"]  # the adapter learned the domain
+    # Default report location: inside the adapter directory.
+    assert eval_cli.main(["--model", base, "--adapter", lora, "--data", dom_val, "--task",
+                          "perplexity", "--seq-len", "32", "--no-progress"]) == 0
+    assert json.load(open(os.path.join(lora, "eval_report.json")))["results"]["tuned"]["loss"] == \
+        pytest.approx(tuned["loss"], rel=1e-5)
+
+
+def test_response_loss_counts_only_response_tokens(runs):
+    tmp, _, base, _, _ = runs
+    rows = [{"prompt": "thou art ", "completion": "my liege"},
+            {"prompt": "good sir, the crown", "completion": " fair lady anon"},
+            {"prompt": "anon", "completion": " thou"}]
+    data = write_jsonl(tmp / "sft.jsonl", rows)
+    out = str(tmp / "r4.json")
+    assert eval_cli.main(["--model", base, "--data", data, "--task", "response-loss", "--json", out,
+                          "--batch-size", "2", "--no-progress"]) == 0
+    got = json.load(open(out))["results"]["model"]
+    # By hand: per sample, CE of each completion token (and the EOS) given everything before it.
+    from engine.hub import load_model
+    model, tok = load_model(base)
+    total, n = 0.0, 0
+    for r in rows:
+        p = tok.encode(r["prompt"], add_bos=tok.add_bos)
+        ids = tok.encode(r["prompt"] + r["completion"], add_bos=tok.add_bos) + [tok.eos_id]
+        k = len(p) if ids[:len(p)] == p else len(p) - 1  # a token straddling the boundary trains
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0].double(), -1)
+        total -= sum(logp[t - 1, ids[t]].item() for t in range(k, len(ids)))
+        n += len(ids) - k
+    assert got["n_tokens"] == n and got["loss"] == pytest.approx(total / n, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiple choice
+# ---------------------------------------------------------------------------------------------
+ITEMS = [{"context": "The sky is", "choices": ["blue", "green", "a very long answer"], "label": 0},
+         {"context": "2 + 2 = ", "choices": ["4", "5"], "label": 0},
+         {"context": "", "choices": ["yes", "no"], "label": 1},
+         {"context": "Pick: ", "choices": ["abc", "x", "hello world", "z"], "label": "x"}]
+
+
+def test_encode_pair_like_the_harness():
+    tok = CharTok()
+    assert tasks.encode_pair(tok, "ab ", "cd") == ([ord("a") + 10, ord("b") + 10],
+                                                 [ord(" ") + 10, ord("c") + 10, ord("d") + 10])
+    assert tasks.encode_pair(tok, "", " x") == ([1], [ord(" ") + 10, ord("x") + 10])
+
+
+def test_choice_loglikelihoods_equal_direct_computation(tiny, tmp_path):
+    tok = CharTok()
+    items = tasks.load_choice_items(write_jsonl(tmp_path / "mc.jsonl", ITEMS))
+    assert items[3].label == 1
+    reqs = [tasks.encode_pair(tok, it.context, " " + c) for it in items for c in it.choices]
+    got = tasks.loglikelihoods(tiny, reqs, max_len=256, batch_size=3)
+    direct = []
+    for ctx, cont in reqs:  # one unpadded sequence at a time
+        ids = ctx + cont
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny(torch.tensor([ids[:-1]]))[0].double(), -1)
+        direct.append(sum(logp[len(ctx) + k - 1, t].item() for k, t in enumerate(cont)))
+    assert [g for g, _ in got] == pytest.approx(direct, abs=1e-4)
+    # Left truncation keeps the continuation and the last max_len tokens.
+    short = tasks.loglikelihoods(tiny, reqs[:1], max_len=5)
+    ctx, cont = reqs[0]
+    ids = (ctx + cont)[-6:]
+    with torch.no_grad():
+        logp = torch.log_softmax(tiny(torch.tensor([ids[:-1]]))[0].double(), -1)
+    assert short[0][0] == pytest.approx(sum(logp[5 - len(cont) + k, t].item()
+                                            for k, t in enumerate(cont)), abs=1e-4)
+    # Metrics from the direct numbers.
+    res = tasks.choice_task(tiny, tok, items, 256, batch_size=2)
+    k, lls = 0, []
+    for it in items:
+        lls.append(direct[k:k + len(it.choices)])
+        k += len(it.choices)
+    acc = np.mean([np.argmax(ll) == it.label for ll, it in zip(lls, items)])
+    acc_norm = np.mean([np.argmax(np.array(ll) / [len(c) for c in it.choices]) == it.label
+                        for ll, it in zip(lls, items)])
+    assert res["acc"] == acc and res["acc_norm"] == acc_norm and res["n"] == 4
+
+
+def test_choice_metrics_by_hand():
+    items = [tasks.ChoiceItem("c", ["a", "bbbb"], 1), tasks.ChoiceItem("c", ["é", "ab"], 1)]
+    # item 0: raw picks "a" (-2 > -4); per character (and byte) -2 < -1 picks "bbbb".
+    # item 1: raw picks "é" (-1.5 > -2.4); per character -1.5 < -1.2 picks "ab"; per byte
+    # ("é" is 2 bytes) -0.75 > -1.2 picks "é".
+    m = tasks.choice_metrics(items, [[-2.0, -4.0], [-1.5, -2.4]])
+    assert m == {"acc": 0.0, "acc_norm": 1.0, "acc_bytes": 0.5, "n": 2}
+
+
+@pytest.mark.parametrize("row, why", [
+    ({"context": "c", "choices": ["a", "b"]}, "missing 'label'"),
+    ({"context": "c", "choices": ["a", "b"], "label": 2}, "label 2 out of range for 2 choices"),
+    ({"context": "c", "choices": ["a", "b"], "label": -1}, "label -1 out of range"),
+    ({"context": "c", "choices": [], "label": 0}, "empty 'choices'"),
+    ({"context": "c", "choices": "ab", "label": 0}, "'choices' must be a non-empty list"),
+    ({"context": "c", "choices": ["a", ""], "label": 0}, "choice 1 is not a non-empty string"),
+    ({"context": "c", "choices": ["a", "b"], "label": True}, "'label' must be an integer"),
+    ({"context": "c", "choices": ["a", "b"], "label": "z"}, "label 'z' is not one of the choices"),
+    ({"choices": ["a"], "label": 0}, "missing string 'context'"),
+    ("[1, 2", "invalid JSON"),
+])
+def test_bad_choice_lines(tmp_path, row, why):
+    path = write_jsonl(tmp_path / "bad.jsonl", [ITEMS[0], "", row])
+    with pytest.raises(ValueError, match=rf"bad\.jsonl:3: {why}"):
+        tasks.load_choice_items(path)
+
+
+def test_cli_errors_one_line(runs, tmp_path, capsys):
+    _, _, base, _, _ = runs
+    for args, msg in [(["--task", "perplexity", "--compare"], "--compare needs --adapter"),
+                      (["--task", "perplexity", "--seq-len", "8", "--stride", "9"], "--stride must be <="),
+                      (["--task", "choice", "--val-fraction", "0.1"], "--val-fraction applies")]:
+        with pytest.raises(SystemExit) as e:
+            eval_cli.parse_args(["--model", base, "--data", "x", *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and msg in err[0]
+    bad = write_jsonl(tmp_path / "mc.jsonl", [ITEMS[0], {"context": "c", "choices": ["a"], "label": 3}])
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--model", base, "--data", bad,
+                        "--task", "choice", "--no-progress"], capture_output=True, text=True,
+                       cwd=str(tmp_path), env=dict(os.environ))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: {bad}:2: label 3 out of range for 1 choices"]
