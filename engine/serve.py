@@ -177,8 +177,8 @@ def install_adapters(model: nn.Module, adapters: dict[str, str]) -> AdapterSelec
 # =============================================================================================
 class SlotPool:
     """Keys and values of up to `slots` sequences: k[l], v[l] of shape (slots, Hkv, length, D).
-    Active sequences occupy rows 0..n-1. `length` grows (doubling, up to max_len) on demand,
-    so memory follows the longest request seen rather than the model's whole context."""
+    Active sequences occupy rows 0..n-1. `length` grows (doubling, up to max_len) when a
+    sequence reaches it, so memory follows the longest sequence so far, not the context."""
 
     def __init__(self, model: nn.Module, slots: int, max_len: int):
         self.model, self.slots, self.max_len = model, slots, max_len
@@ -482,7 +482,7 @@ class Engine:
 
     def _prefill(self, req: GenRequest) -> None:
         self._select([(req.adapter, None)])
-        self.pool.ensure(max(len(p) for p in req.prompts) + req.params.max_tokens)
+        self.pool.ensure(max(len(p) for p in req.prompts))
         for p_idx, prompt in enumerate(req.prompts):
             seqs = [Sequence(req, p_idx * req.n + j, prompt, self) for j in range(req.n)]
             for seq in seqs:
@@ -533,6 +533,7 @@ class Engine:
         tokens = torch.tensor([[s.next_token] for s in self.active], device=self.device)  # (B, 1)
         start = torch.tensor([s.length for s in self.active], device=self.device)  # (B,)
         span = max(s.length for s in self.active) + 1
+        self.pool.ensure(span)  # grows with what is generated, not with what max_tokens allows
         window = getattr(self.model.config, "sliding_window", None)
         if window and span > window and B > 1 and not bool((start == start[0]).all()):
             # ops.attention places the window by the batch's last position: go row by row
@@ -1061,6 +1062,19 @@ class Server:
     async def _send_json(self, writer, status: int, obj, keep: bool, extra=()) -> None:
         await self._send(writer, status, _dumps(obj), "application/json", keep, extra)
 
+    async def _respond(self, writer, req: Request, route: str, status: int, body: bytes,
+                       ctype: str = "application/json") -> bool:
+        """Send a whole response and count it (499 if the client is gone before the end)."""
+        keep = req.keep_alive and not self._closing
+        try:
+            await self._send(writer, status, body, ctype, keep)
+        except (ClientGone, ConnectionError):
+            status = 499
+            raise
+        finally:
+            self._record(route, status, req.t0)
+        return keep
+
     async def _send_error(self, writer, err: APIError, route: str, t0: float, keep: bool) -> bool:
         keep = keep and not err.close and not self._closing
         extra = [("Retry-After", "1")] if err.status in (429, 503) else []
@@ -1093,16 +1107,13 @@ class Server:
                 self._check_auth(req)
             if route == "/health":
                 ok = not self._closing and self.engine.dead is None
-                await self._send_json(writer, 200 if ok else 503,
-                                      {"status": "ok" if ok else "shutting_down"},
-                                      req.keep_alive and ok)
-                self._record(route, 200 if ok else 503, req.t0)
-                return req.keep_alive and ok
-            if route == "/metrics":
-                body = self.engine.registry.render().encode()
-                await self._send(writer, 200, body, METRICS_CONTENT_TYPE, req.keep_alive)
-                self._record(route, 200, req.t0)  # after rendering: a scrape excludes itself
-                return req.keep_alive
+                status = "ok" if ok else "failed" if self.engine.dead else "shutting_down"
+                return await self._respond(writer, req, route, 200 if ok else 503,
+                                           _dumps({"status": status}))
+            if route == "/metrics":  # rendered before it is counted: a scrape excludes itself
+                return await self._respond(writer, req, route, 200,
+                                           self.engine.registry.render().encode(),
+                                           METRICS_CONTENT_TYPE)
             if route.startswith("/v1/models"):
                 return await self._models(req, route, writer)
             return await self._generate(req, route, reader, writer)
@@ -1139,9 +1150,7 @@ class Server:
                 raise APIError(404, f"the model '{name[:100]}' does not exist", "model",
                                "model_not_found")
             obj = card(name)
-        await self._send_json(writer, 200, obj, req.keep_alive)
-        self._record(route, 200, req.t0)
-        return req.keep_alive
+        return await self._respond(writer, req, route, 200, _dumps(obj))
 
     # -- generation ---------------------------------------------------------------------------
     async def _generate(self, req: Request, route: str, reader, writer) -> bool:
@@ -1193,9 +1202,7 @@ class Server:
         except ClientGone:
             self._record(state.route, 499, req.t0)
             raise
-        await self._send_json(writer, 200, state.response(), req.keep_alive)
-        self._record(state.route, 200, req.t0)
-        return req.keep_alive
+        return await self._respond(writer, req, state.route, 200, _dumps(state.response()))
 
     async def _stream(self, req, state: "_Answer", events, reader, writer) -> bool:
         chunked = req.version == "HTTP/1.1"

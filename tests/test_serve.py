@@ -251,6 +251,18 @@ def test_seed_n_stop_and_repetition_penalty(server, refs):
                                                          "repetition_penalty": 1.5})
     assert r["choices"][0]["text"] == pen
     # A list of prompts (strings or token ids): choices indexed prompt * n + j.
+    # Chat, n=2, seeded, streamed: per-index deltas add up to the non-streamed choices.
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "n": 2,
+            "seed": 11, "temperature": 1.0}
+    s, _, whole = request(server, "POST", "/v1/chat/completions", chat)
+    s, _, text = request(server, "POST", "/v1/chat/completions", {**chat, "stream": True})
+    events = sse_events(text)
+    assert [e["choices"][0]["delta"] for e in events[:2]] == [{"role": "assistant",
+                                                               "content": ""}] * 2
+    parts = ["", ""]
+    for e in events:
+        parts[e["choices"][0]["index"]] += e["choices"][0]["delta"].get("content", "")
+    assert parts == [c["message"]["content"] for c in whole["choices"]]
     five, _, _ = ref_text(refs, "base", ids, 5)
     for prompt in (["To be", "To be"], [ids, ids]):
         s, _, r = request(server, "POST", "/v1/completions", {"prompt": prompt, "n": 2,
@@ -260,6 +272,76 @@ def test_seed_n_stop_and_repetition_penalty(server, refs):
         assert r["usage"]["prompt_tokens"] == 2 * len(ids)
     s, _, r = request(server, "POST", "/v1/completions", {"prompt": ["To be", ids]})
     assert s == 400 and r["error"]["param"] == "prompt"  # mixed kinds
+
+
+def run_engine(engine, jobs, timeout=60):
+    """Submit GenRequests before the scheduler starts (so they share iterations); collect
+    {job index: (texts, reasons, completion tokens)}."""
+    from engine.serve import GenRequest
+    out, done = {}, threading.Semaphore(0)
+
+    def sink(j, k):
+        texts, reasons, ntok = [""] * k, [None] * k, [0] * k
+
+        def on_event(ev):
+            if ev[0] == "token":
+                texts[ev[1]] += ev[2]
+            elif ev[0] == "finish":
+                reasons[ev[1]], ntok[ev[1]] = ev[2], ev[3]
+            else:
+                out[j] = ev if ev[0] == "error" else (texts, reasons, ntok)
+                done.release()
+        return on_event
+    for j, (prompts, params, n) in enumerate(jobs):
+        engine.submit(GenRequest(prompts, params, n, None, sink(j, n * len(prompts))))
+    engine.start()
+    try:
+        for _ in jobs:
+            assert done.acquire(timeout=timeout)
+    finally:
+        engine.close()
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 16])
+def test_engine_rows_of_different_lengths_across_pool_growth(refs, window):
+    """Three sequences decode together at different positions (masked keys, per-row RoPE) while
+    the KV pool grows 100 -> 200 under them; a sliding-window model goes row by row. Every text
+    equals generate()'s."""
+    from engine.serve import SamplingParams
+    torch.manual_seed(3)
+    model = Transformer(preset("tiny", vocab_size=259, sliding_window=window)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    tok = refs["tok"]
+    rng = random.Random(0)
+    prompts = [[rng.randrange(256) for _ in range(n)] for n in (3, 100, 37)]
+    want = []
+    for p in prompts:
+        res = generate(model, p, 60, temperature=0, stop_ids=tok.stop_ids, tokenizer=tok)
+        want.append(([res.texts[0]], [{"stop_string": "stop"}.get(r, r)
+                                      for r in res.finish_reasons], [len(res.tokens[0])]))
+    assert max(len(p) + w[2][0] for p, w in zip(prompts, want)) > 128  # the pool must grow
+    engine = Engine(model, tok, "m", max_batch=4, registry=Registry())
+    got = run_engine(engine, [([p], SamplingParams(max_tokens=60, temperature=0), 1)
+                              for p in prompts])
+    assert [got[j] for j in range(3)] == want
+    assert engine.pool.length >= 128 and engine.m_batch.count() > 0
+    assert "decode_batch_size_bucket{le=\"4\"}" in engine.registry.render()
+
+
+def test_adapter_with_whole_module_tensors_is_refused(ckpt, tmp_path):
+    from engine.lora import Adapter
+    from engine.serve import install_adapters
+    ad = Adapter.load(ckpt["adapter"])
+    ad.tensors["lm_head.weight"] = torch.zeros(259, 64)
+    ad.save(str(tmp_path / "mts"))
+    model, _ = load_model(ckpt["base"])
+    with pytest.raises(ValueError, match="modules_to_save"):
+        install_adapters(model, {"x": str(tmp_path / "mts")})
+    with pytest.raises(ValueError, match="must be non-empty and differ"):
+        Engine(model, byte_bpe_tokenizer(), "base", {"base": ckpt["adapter"]},
+               registry=Registry())
 
 
 BAD = [  # (method, path, body or raw bytes, extra kwargs, status, param)
