@@ -244,7 +244,8 @@ class MetricsHTTPServer:
             raise OSError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from None
         self._httpd.daemon_threads = True
         self.host, self.port = host, self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+        self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                        kwargs={"poll_interval": 0.2},
                                         name=f"metrics:{self.port}", daemon=True)
         self._thread.start()
 
@@ -272,9 +273,10 @@ class TrainingMetricsServer(MetricsHTTPServer):
         srv.update(step=..., loss=..., val_loss=..., lr=..., tokens_per_s=..., eta_s=...)
         srv.close()
 
-    Every field of update() is optional (None = leave unchanged; NaN until first given). Gauges: whetstone_train_step,
-    _loss, _val_loss, _lr, _tokens_per_second, _eta_seconds, _last_update_timestamp_seconds;
-    counter whetstone_train_updates_total; whetstone_train_start_timestamp_seconds."""
+    Every field of update() is optional (None = leave unchanged; NaN until first given).
+    Gauges: whetstone_train_step, _loss, _val_loss, _lr, _tokens_per_second, _eta_seconds,
+    _last_update_timestamp_seconds, _start_timestamp_seconds; counter
+    whetstone_train_updates_total."""
 
     FIELDS = {"step": ("step", "Optimizer steps done"),
               "loss": ("loss", "Training loss of the latest step"),

@@ -281,8 +281,10 @@ class Sequence:
     def __init__(self, req: GenRequest, index: int, prompt: list[int], engine: "Engine"):
         p = req.params
         self.req, self.index, self.params = req, index, p
-        self.ids = torch.zeros(1, len(prompt) + p.max_tokens, dtype=torch.long, device=engine.device)
-        self.ids[0, :len(prompt)] = torch.tensor(prompt)  # (1, T + N): the repetition penalty's view
+        # (1, T + N): prompt + generated ids, what the repetition penalty looks at
+        self.ids = torch.zeros(1, len(prompt) + p.max_tokens, dtype=torch.long,
+                               device=engine.device)
+        self.ids[0, :len(prompt)] = torch.tensor(prompt)
         self.n_ids = len(prompt)
         self.length = 0  # positions in the KV cache
         self.sampled = 0  # tokens sampled (a stop id included)
@@ -419,8 +421,7 @@ class Engine:
     def _serve_forever(self) -> None:
         while True:
             with self._cv:
-                while not (self._stopping or self._abort or self._waiting or self.active
-                           or any(r.cancelled for r in self._running)):
+                while not (self._stopping or self._abort or self._waiting or self.active):
                     self._cv.wait()
                 if self._abort:
                     self._abort_locked(self._abort)
@@ -670,7 +671,7 @@ class API:
             raise _bad(f"this model's maximum context length is {ctx} tokens, but the prompt has "
                        f"{prompt_len} tokens", "messages" if kind == "chat" else "prompt",
                        "context_length_exceeded")
-        if max_tokens is None:  # OpenAI defaults: 16 for completions, the rest of the context for chat
+        if max_tokens is None:  # OpenAI's defaults: 16 for completions, the rest for chat
             max_tokens = min(16, room) if kind == "completion" else room
         if max_tokens < 1:
             raise _bad(f"'max_tokens' must be at least 1, got {max_tokens}", "max_tokens")
@@ -845,10 +846,13 @@ class Server:
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         self._shutdown_requested = asyncio.Event()
-        self.engine.start()
-        self._server = await asyncio.start_server(self._accept, self.host, self.port,
-                                                  limit=self.limits.max_header)
+        try:
+            self._server = await asyncio.start_server(self._accept, self.host, self.port,
+                                                      limit=self.limits.max_header)
+        except OSError as e:
+            raise OSError(f"cannot listen on {self.host}:{self.port}: {e.strerror or e}") from None
         self.port = self._server.sockets[0].getsockname()[1]
+        self.engine.start()
 
     @property
     def url(self) -> str:
@@ -1230,7 +1234,8 @@ class Server:
                     await self._write(writer, frame(_sse(chunk)))
             if status == 200 and state.job.include_usage:
                 await self._write(writer, frame(_sse(state.usage_chunk())))
-            await self._write(writer, frame(b"data: [DONE]\n\n") + (b"0\r\n\r\n" if chunked else b""))
+            end = b"0\r\n\r\n" if chunked else b""  # the last chunk of a chunked body
+            await self._write(writer, frame(b"data: [DONE]\n\n") + end)
         except (ClientGone, ConnectionError):
             status = 499  # nginx's "client closed request", for the metrics only
             raise
@@ -1381,7 +1386,7 @@ class ServerThread:
 
 
 def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
-    """['NAME=DIR', ...] -> {NAME: DIR}; ValueError with one line for a malformed or repeated one."""
+    """['NAME=DIR', ...] -> {NAME: DIR}; a one-line ValueError for a malformed or repeated one."""
     out: dict[str, str] = {}
     for spec in specs:
         name, sep, directory = spec.partition("=")

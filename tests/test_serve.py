@@ -175,7 +175,8 @@ def test_openai_client_greedy_equals_generate_and_generate_py(server, refs, ckpt
     assert r.choices[0].finish_reason == reason and r.usage.completion_tokens == n_tok
     chunks = list(client.chat.completions.create(model="base", messages=msgs, max_tokens=20,
                                                  temperature=0, stream=True))
-    assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[0].object == "chat.completion.chunk"
+    assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
     assert chunks[-1].choices[0].finish_reason == reason and chunks[-1].usage is None
 
@@ -723,6 +724,47 @@ def test_parse_adapter_specs():
     assert parse_adapter_specs(["a=/x", "b=y=z"]) == {"a": "/x", "b": "y=z"}
     with pytest.raises(ValueError, match="twice"):
         parse_adapter_specs(["a=/x", "a=/y"])
+
+
+@pytest.mark.slow
+def test_smollm2_concurrent_chats_equal_generate_py(capsys):
+    """The real demo model: four chats at once (batched rows of different lengths) each answer
+    exactly what generate.py answers alone; the capital question gets Paris."""
+    from engine.hub import demo_model_path
+    if not os.path.isfile(demo_model_path("smollm2-135m-instruct")):
+        pytest.skip("SmolLM2 demo model not in the cache (python generate.py --model "
+                    "smollm2-135m-instruct fetches it)")
+    openai = pytest.importorskip("openai")
+    sys.path.insert(0, ROOT)
+    import generate as gen_cli
+    questions = ["What is the capital of France?", "Name a primary color.",
+                 "Write one word that rhymes with cat.", "What is 2 + 2? Answer briefly."]
+    want = []
+    for q in questions:
+        rc = gen_cli.cli(["--model", "smollm2-135m-instruct", "--chat", q, "--temperature", "0",
+                          "--max-new-tokens", "24", "--quiet"])
+        want.append(capsys.readouterr().out)
+        assert rc == 0
+    model, tok = load_model("smollm2-135m-instruct")
+    engine = Engine(model, tok, "smollm2", max_batch=4, max_model_len=512, registry=Registry())
+    with ServerThread(engine, port=0) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0,
+                               timeout=120)
+        got = [None] * len(questions)
+
+        def ask(i):
+            r = client.chat.completions.create(
+                model="smollm2", messages=[{"role": "user", "content": questions[i]}],
+                max_tokens=24, temperature=0)
+            got[i] = r.choices[0].message.content + "\n"
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        batch = parse_text(engine.registry.render())
+    assert got == want and "Paris" in got[0]
+    assert batch["whetstone_decode_batch_size_sum"] > batch["whetstone_decode_batch_size_count"]
 
 
 # ---------------------------------------------------------------------------------------------
