@@ -30,6 +30,13 @@ Sampling is engine.generation's (repetition penalty, temperature, top-k, top-p; 
 handling via StopStringStream), per sequence with its own torch.Generator, so a greedy request
 returns what engine.generation.generate / generate.py return for the same prompt, and a seeded one
 does not depend on what else is in the batch. Choice i of a request with `seed` s uses seed s + i.
+(A request decoded alone runs exactly generate()'s forward; batched with others its row math is
+the same but the floating-point summation order of a larger matmul may differ in the last bits,
+so an exact near-tie could in principle resolve differently. Tests compare batched greedy output
+with generate() on random and real models.)
+
+Usage counts: prompt_tokens once per prompt (not per choice); completion_tokens are the output
+tokens, without the stop id that ended a choice (as engine.generation counts them).
 """
 from __future__ import annotations
 

@@ -111,8 +111,8 @@ def serving(ckpt, adapters=True, api_key=KEY, limits=None, **engine_kw):
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    with serving(ckpt, max_batch=4, limits=Limits(max_body=64 << 10, header_timeout=1.0,
-                                                  body_timeout=1.0)) as srv:
+    with serving(ckpt, max_batch=4, limits=Limits(max_body=64 << 10, header_timeout=2.0,
+                                                  body_timeout=2.0)) as srv:
         yield srv
 
 
@@ -431,7 +431,7 @@ def http_body(f) -> bytes:
 
 
 def test_slow_clients_do_not_block_others(server):
-    """A stalled head and a stalled body each get 408 after the timeout (1 s here) while other
+    """A stalled head and a stalled body each get 408 after the timeout (2 s here) while other
     requests are answered at once."""
     slow_head = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     slow_head.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
@@ -441,7 +441,7 @@ def test_slow_clients_do_not_block_others(server):
     for _ in range(3):
         s, _, _ = request(server, "POST", "/v1/completions", {"prompt": "a", "max_tokens": 2})
         assert s == 200
-    assert time.monotonic() - t0 < 0.9  # answered while both slow clients still hold sockets
+    assert time.monotonic() - t0 < 1.5  # answered while both slow clients still hold sockets
     for sock in (slow_head, slow_body):
         data = sock.recv(4096)
         assert data.startswith(b"HTTP/1.1 408"), data[:40]
