@@ -327,6 +327,8 @@ class Engine:
         self.max_len = min(ctx, max_model_len) if max_model_len else ctx
         self.max_batch, self.max_queue = max_batch, max_queue
         self.stop_ids = set(tokenizer.stop_ids)
+        # Embedding rows past the tokenizer's vocabulary (padding) are never sampled: no text.
+        self.n_vocab = min(model.config.vocab_size, tokenizer.vocab_size)
         self.adapters = dict(adapters or {})
         for a in self.adapters:
             if a == name or not a:
@@ -475,12 +477,20 @@ class Engine:
         for req in [r for r in self._running if r.cancelled]:
             self._running.discard(req)
         for req in admitted:
-            if not req.cancelled:
-                self._prefill(req)
-            else:
+            if req.cancelled:
                 self._running.discard(req)
+                continue
+            try:
+                self._prefill(req)
+            except Exception as e:  # e.g. out of memory for this prompt: only it fails
+                self._fail(req, 500, f"prefill failed: {type(e).__name__}: {e}")
         for seq in list(self.active):  # one token for every active sequence
-            self._sample(seq)
+            if seq.slot < 0:
+                continue  # its request failed while sampling an earlier row
+            try:
+                self._sample(seq)
+            except Exception as e:
+                self._fail(seq.req, 500, f"sampling failed: {type(e).__name__}: {e}")
         if self.active:
             if self.step_hook is not None:
                 self.step_hook()
@@ -500,7 +510,7 @@ class Engine:
             ids = torch.tensor([prompt], dtype=torch.long, device=self.device)  # (1, T)
             cache = RowsCache(self.pool, slice(first.slot, first.slot + 1),
                               torch.zeros(1, dtype=torch.long, device=self.device), len(prompt))
-            logits = forward_rows(self.model, ids, cache)  # (1, V)
+            logits = self._unpad(forward_rows(self.model, ids, cache))  # (1, V)
             self.m_prompt.inc(len(prompt), model=self._model_label(req))
             for seq in seqs:
                 if seq is not first:
@@ -558,9 +568,14 @@ class Engine:
                          if len(groups) > 1 else [(seqs[0].req.adapter, None)])
             s_span = span if len(blocks) == 1 else seqs[0].length + 1
             cache = RowsCache(self.pool, rows, start[rows], s_span)
-            logits = forward_rows(self.model, tokens[rows], cache)  # (b, V)
+            logits = self._unpad(forward_rows(self.model, tokens[rows], cache))  # (b, V)
             for i, s in enumerate(seqs):
                 s.logits, s.length = logits[i:i + 1], s.length + 1
+
+    def _unpad(self, logits: torch.Tensor) -> torch.Tensor:
+        if logits.shape[-1] > self.n_vocab:
+            logits[:, self.n_vocab:] = float("-inf")
+        return logits
 
     def _select(self, groups) -> None:
         if self.selector is not None:
@@ -610,8 +625,8 @@ def _typed(body: dict, name: str, kind: str, default=None):
     if v is None:
         return default
     ok = {"int": isinstance(v, int) and not isinstance(v, bool),
-          "number": isinstance(v, (int, float)) and not isinstance(v, bool)
-          and math.isfinite(v),
+          "number": isinstance(v, int) and not isinstance(v, bool)
+          or isinstance(v, float) and math.isfinite(v),
           "bool": isinstance(v, bool),
           "str": isinstance(v, str)}[kind]
     if not ok:
@@ -740,7 +755,7 @@ class API:
         return ids
 
     def _check_ids(self, ids: list) -> list[int]:
-        V = self.engine.model.config.vocab_size
+        V = self.engine.n_vocab
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < V for t in ids):
             raise _bad(f"token ids in 'prompt' must be integers in [0, {V})", "prompt")
         return list(ids)

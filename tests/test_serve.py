@@ -331,6 +331,23 @@ def test_engine_rows_of_different_lengths_across_pool_growth(refs, window):
     assert "decode_batch_size_bucket{le=\"4\"}" in engine.registry.render()
 
 
+def test_padded_embedding_rows_are_never_sampled_or_accepted():
+    """A model with more embedding rows than tokens (padding) whose padding logits dominate:
+    the server samples only real tokens, and rejects prompt ids past the tokenizer."""
+    from engine.serve import API, APIError, SamplingParams
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=300)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[259:] *= 1000  # untrained padding rows that would win every argmax
+    tok = byte_bpe_tokenizer()
+    engine = Engine(model, tok, "m", registry=Registry())
+    with pytest.raises(APIError, match=r"integers in \[0, 259\)"):
+        API(engine).prepare("completion", {"prompt": [1, 280]})
+    got = run_engine(engine, [([[1, 2, 3]], SamplingParams(max_tokens=8, temperature=0), 1)])
+    texts, reasons, ntok = got[0]
+    assert reasons == ["length"] and ntok == [8] and isinstance(texts[0], str)
+
+
 def test_adapter_with_whole_module_tensors_is_refused(ckpt, tmp_path):
     from engine.lora import Adapter
     from engine.serve import install_adapters
