@@ -195,8 +195,9 @@ def test_from_gguf_metadata_equals_original(corpus, tok, dummy_prefix):
 def test_bad_input(tmp_path, corpus):
     with pytest.raises(ValueError, match="empty corpus"):
         SentencePieceTokenizer.train("", str(tmp_path / "x"), 500)
-    with pytest.raises(ValueError, match="sentencepiece training failed"):
-        SentencePieceTokenizer.train("tiny corpus\n", str(tmp_path / "x"), 5000)
+    # vocab_size is a soft limit: a tiny corpus gets a smaller vocabulary, not an error
+    small = SentencePieceTokenizer.train("tiny corpus\n", str(tmp_path / "small"), 5000)
+    assert 259 < small.vocab_size < 5000 and small.decode(small.encode("tiny", add_bos=False)) == "tiny"
     with pytest.raises(ValueError, match="too small"):
         SentencePieceTokenizer.train(corpus, str(tmp_path / "x"), 100)
     (tmp_path / "tokenizer.model").write_bytes(b"garbage")
