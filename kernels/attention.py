@@ -411,7 +411,7 @@ def attention_decode(q, k, v, causal: bool, scale: float, num_splits: int | None
     o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     _attn_decode_reduce_kernel[(R, B * HKV)](o_part, ml_part, o, *o.stride()[:3], HKV, T, group,
                                              num_splits, HEAD_DIM=D,
-                                             BLOCK_S=next_pow2(num_splits), num_warps=4)
+                                             BLOCK_S=max(16, next_pow2(num_splits)), num_warps=4)
     return o
 
 

@@ -16,6 +16,8 @@ CASES = [
     (2, 2, 2, 20, 33, 32, True, "bthd"),     # S > T: bottom-right causal; model's strided view
     (1, 4, 2, 19, 45, 16, False, "bhtd"),    # GQA, full attention, ragged tails
     (1, 1, 1, 16, 16, 64, False, "bhtd"),    # exact blocks, head_dim 64
+    (1, 3, 1, 70, 100, 32, True, "bhtd"),    # longer: several full blocks before the diagonal
+    (1, 2, 2, 24, 24, 128, True, "bhtd"),    # head_dim 128
 ]
 
 

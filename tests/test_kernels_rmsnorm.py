@@ -8,7 +8,7 @@ from kernels.rmsnorm import rms_norm, rms_norm_ref
 
 # (atol, rtol) per dtype, for output and every gradient, against the fp32 reference.
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
-SHAPES = [(3, 5, 48), (7, 64), (2, 130)]  # odd row counts, a non-power-of-two hidden size
+SHAPES = [(3, 5, 48), (7, 64), (2, 130), (2, 4096)]  # odd rows, non-power-of-two, a wide row
 
 
 @pytest.mark.parametrize("device", DEVICES)
