@@ -21,7 +21,6 @@ split across programs (Flash-Decoding), and a small kernel merges the partial so
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -470,7 +469,7 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
                   scale: float | None = None) -> torch.Tensor:
     """PyTorch reference, math in fp32: explicit scores, bottom-right causal mask, GQA by
     repeating k/v. Returns q's dtype."""
-    (B, H, T, D), HKV, S = q.shape, k.shape[1], k.shape[2]
+    (_, H, T, D), HKV, S = q.shape, k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else scale
     kf = k.float().repeat_interleave(H // HKV, dim=1)
     vf = v.float().repeat_interleave(H // HKV, dim=1)

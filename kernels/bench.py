@@ -97,8 +97,8 @@ def bench_case(rows, peaks, kernel, model, shape, mode, impls, work, unit, args,
         run = runner(fn, a, mode, upstream)
         try:
             run()  # compile / warm up
-            ms = do_bench(run, grad_to_none=[t for t in a if torch.is_tensor(t) and t.requires_grad] or None,
-                          return_mode="median")
+            grads = [t for t in a if torch.is_tensor(t) and t.requires_grad]
+            ms = do_bench(run, grad_to_none=grads or None, return_mode="median")
             mem = peak_mib(run)
         except torch.cuda.OutOfMemoryError:
             ms = mem = None

@@ -113,6 +113,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         check_device(logits, targets)
         if logits.stride(-1) != 1:
             logits = logits.contiguous()
+        targets = targets.contiguous()
         loss_rows, lse = ce_forward(logits, targets, ignore_index)
         n_valid = (targets != ignore_index).sum().float()
         ctx.save_for_backward(logits, targets, lse, n_valid)
@@ -156,10 +157,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         _check_targets(N, V, targets, ignore_index)
         check_device(hidden, weight, targets)
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        targets = targets.contiguous()
         n_valid = (targets != ignore_index).sum().float()
         scale = (1.0 / n_valid.clamp(min=1)).reshape(1)
         loss_rows = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_dh else None
+        grad_h = torch.empty((N, H), dtype=hidden.dtype, device=hidden.device) if need_dh else None
         grad_w = torch.zeros_like(weight) if need_dw else None
         C = chunk_size or _chunk_rows(N, V, H)
         for start in range(0, N, C):

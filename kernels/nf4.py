@@ -191,7 +191,8 @@ def nf4_matmul_fused(x2, packed, absmax_q, nested_absmax, nested_code, offset, s
         BM, BN, warps, stages = 16, (16 if interp else 64), 4, (1 if interp else 4)
         if split_k is None:
             tiles = triton.cdiv(N, BN)
-            split_k = max(1, min(K // blocksize // 4, triton.cdiv(2 * num_programs(x2.device, 1 << 20), tiles)))
+            programs = 2 * num_programs(x2.device, 1 << 20)  # two waves of SMs
+            split_k = max(1, min(K // blocksize // 4, triton.cdiv(programs, tiles)))
     else:
         BM, BN, warps, stages = (16, 16, 4, 1) if interp else (64, 128, 4, 3)
         split_k = split_k or 1
@@ -258,7 +259,8 @@ def nf4_dequantize_ref(packed, absmax_q, nested_absmax, nested_code, offset, sha
     nibbles = torch.stack([p >> 4, p & 15], dim=-1).reshape(-1)[:numel].long()
     if absmax_q.dtype == torch.uint8:
         groups = torch.arange(absmax_q.numel(), device=p.device) // NESTED_BLOCKSIZE
-        absmax = nested_code.float()[absmax_q.long()] * nested_absmax.float()[groups] + float(offset)
+        absmax = nested_code.float()[absmax_q.long()] * nested_absmax.float()[groups] \
+            + float(offset)
     else:
         absmax = absmax_q.float()
     w = _code_table(p.device)[nibbles] * absmax.repeat_interleave(blocksize)[:numel]
