@@ -68,9 +68,9 @@ def rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     """Launcher. x: (B, H, T, D); cos, sin: (T, D) or (B, 1, T, D). Returns a new tensor."""
     if x.dim() != 4 or x.shape[-1] % 2:
         raise ValueError(f"apply_rope: x must be (B, H, T, D) with even D, got {tuple(x.shape)}")
-    check_device(x, cos, sin)
     B, H, T, D = x.shape
     c, s = _table(cos, B, T, D, "cos"), _table(sin, B, T, D, "sin")
+    check_device(x, c, s)
     if c.stride() != s.stride():
         c, s = c.contiguous(), s.contiguous()
     if x.stride(-1) != 1:
