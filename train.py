@@ -27,11 +27,12 @@ from tqdm import tqdm
 from engine import finetune
 from engine.checkpoint import load_model_dir
 from engine.config import PRESETS, TrainConfig, atomic_write_text, preset
-from engine.data import (cache_dir, check_trainable, eval_windows, fetch_shakespeare, get_batch,
-                         read_corpus, split_text, tokenize_cached, tokenizer_hash)
+from engine.card import write_model_card
+from engine.data import cache_dir, fetch_shakespeare
 from engine.model import Transformer
-from engine.trainer import (MetricsLog, Throughput, configure_optimizer, evaluate, get_lr,
-                            load_training_state, plot_losses, save_training_state)
+from engine.tasks import build_task, read_text_splits
+from engine.trainer import (MetricsLog, Throughput, configure_optimizer, get_lr, load_training_state,
+                            plot_losses, save_training_state)
 
 LAST = "last"  # subdirectory with the most recent (resumable) weights and training state
 
@@ -86,6 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="Half Fine-Tuning: each round half of every block trains (full/freeze modes)")
     a("--half-round-steps", type=int, default=50, help="steps per Half Fine-Tuning round")
     a("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
+    a("--pack", action="store_true", help="SFT data: pack several samples per row (attention "
+                                          "never crosses samples) instead of padding")
+    a("--bad-lines", choices=("stop", "skip"), default="stop",
+      help="SFT data: stop at a malformed JSONL line, or skip it with a warning")
     a("--objective", choices=("lm", "dpo"), default="lm",
       help="lm: next-token loss; dpo: preference pairs in --data (engine/dpo.py; needs --base and "
            "an adapter --finetune mode: the reference is the base with adapters disabled)")
@@ -185,37 +190,23 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
 
-    # Data: corpus -> text splits -> tokenizer -> cached token memmaps.
+    # Data: the tokenizer (the base model's, or trained on the corpus), then the task: language
+    # modelling on text, SFT on instruction/chat JSONL, or DPO on preference pairs.
     data_path = args.data or fetch_shakespeare()
-    dpo = None  # preference training (--objective dpo): engine/dpo.py
-    if args.objective == "lm":
-        text = read_corpus(data_path)
-        if args.val_data:
-            train_text, val_text = text, read_corpus(args.val_data)
-        else:
-            train_text, val_text = split_text(text, args.val_fraction)
     os.makedirs(run_dir, exist_ok=True)
+    gen = torch.Generator().manual_seed(args.seed)
+    texts = None
     if args.base:  # the base model brings its tokenizer
         from engine.hub import load_model
         model, tok = load_model(args.base, dtype=torch.float32, device=device)
         if tok is None:
             raise ValueError(f"--base {args.base} has no tokenizer files")
     else:
+        texts = read_text_splits(args, data_path)
         vocab_size = args.vocab_size or PRESETS[args.preset]["vocab_size"]
-        tok = load_or_train_tokenizer(train_text, vocab_size, resume_dir or run_dir)
-    if args.objective == "dpo":
-        from engine import dpo as dpo_lib
-        train_p, val_p, rep = dpo_lib.load_preference_data(data_path, tok, args.seq_len,
-                                                           args.val_fraction, args.val_data)
-        dpo = dpo_lib.DPO(train_p, val_p, args.batch_size, args.beta, args.label_smoothing)
-        print(dpo_lib.format_report(rep, data_path), flush=True)
-    else:
-        th = tokenizer_hash(tok)
-        train, val = tokenize_cached(train_text, tok, th), tokenize_cached(val_text, tok, th)
-        check_trainable(train, args.seq_len, "the training split")
-        check_trainable(val, args.seq_len, "the validation split")
-        print(f"data: {data_path}: {len(train.tokens):,} train / {len(val.tokens):,} val tokens, "
-              f"{train.bytes_per_token:.2f} bytes/token", flush=True)
+        tok = load_or_train_tokenizer(texts[0], vocab_size, resume_dir or run_dir)
+    task = build_task(args, tok, data_path, gen, texts)
+    print(task.describe(data_path), flush=True)
 
     # Model and optimizer.
     mode = args.finetune or "full"
@@ -242,10 +233,10 @@ def main(argv=None) -> int:
     if args.half_finetune:  # all candidates are in the optimizer; each round unfreezes half
         hft = finetune.HalfFineTuning(model, finetune.parse_layers(
             args.trainable_layers, len(model.model.layers), 2 if mode == "freeze" else None), args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    step, extra = 0, {"elapsed_s": 0.0, "best_val": math.inf, "bad_evals": 0}
+    step, extra = 0, {"elapsed_s": 0.0, "best_val": math.inf, "bad_evals": 0, "tokens": 0}
     if resume_dir:
         step, extra = load_training_state(resume_dir, optimizer, gen)
+        task.load_state_dict(extra.get("data", {}))
         print(f"resumed {run_dir} at step {step}", flush=True)
     else:
         atomic_write_text(os.path.join(run_dir, "run_args.json"), json.dumps(vars(args), indent=2))
@@ -253,7 +244,6 @@ def main(argv=None) -> int:
                          truncate_after_step=step if resume_dir else None)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
-    val_starts = None if dpo else eval_windows(val, args.seq_len, args.eval_batches * args.batch_size)
     n_params = model.num_parameters()
     n_train = model.num_parameters(trainable_only=True)
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
@@ -272,20 +262,18 @@ def main(argv=None) -> int:
     stop_reason = "max steps"
 
     def do_eval():
-        if dpo:  # every held-out pair
-            res = dpo.evaluate(model, device, autocast)
-            tqdm.write(f"step {step}: {dpo_lib.format_eval(res)}")
-        else:
-            res = evaluate(model, val, val_starts, args.seq_len, args.batch_size, device, autocast)
-            tqdm.write(f"step {step}: val loss {res['val_loss']:.4f}, ppl {res['val_ppl']:.2f}, "
-                       f"bpb {res['val_bpb']:.4f}")
+        res = task.evaluate(model, device, autocast)
+        tqdm.write(f"step {step}: {task.format_eval(res)}")
         metrics.log(step=step, elapsed_s=round(elapsed(), 2), **res)
         if res["val_loss"] < extra["best_val"]:
             extra["best_val"], extra["bad_evals"] = res["val_loss"], 0
             finetune.save_trained(model, tok, run_dir, mode, args.base)  # best-by-validation
         else:
             extra["bad_evals"] += 1
-        extra["elapsed_s"] = elapsed()
+        checkpoint_last()
+
+    def checkpoint_last():
+        extra["elapsed_s"], extra["data"] = elapsed(), task.state_dict()
         save_last(model, tok, run_dir, optimizer, step, gen, extra, args)
 
     try:
@@ -301,11 +289,7 @@ def main(argv=None) -> int:
             loss_sum = 0.0
             for _ in range(args.grad_accum):
                 with autocast:
-                    if dpo:  # a batch of preference pairs: DPO loss against the adapter-free model
-                        loss = dpo.train_step(model, gen, device) / args.grad_accum
-                    else:
-                        x, y = get_batch(train, args.batch_size, args.seq_len, gen, device)
-                        loss = model(x, labels=y) / args.grad_accum
+                    loss = task.train_step(model, gen, device) / args.grad_accum
                 loss.backward()
                 loss_sum += loss.item()
             if not math.isfinite(loss_sum):
@@ -318,11 +302,13 @@ def main(argv=None) -> int:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            meter.add(tokens_per_step)
+            n_tokens = task.pop_tokens()
+            meter.add(n_tokens)
+            extra["tokens"] = extra.get("tokens", 0) + n_tokens
             bar.update(1)
             if step % args.log_every == 0:
                 tps = meter.rate()
-                pref = dpo.log(args.grad_accum) if dpo else {}  # this step's rewards, accuracy, margin
+                pref = task.log(args.grad_accum)  # DPO: this step's rewards, accuracy, margin
                 metrics.log(step=step, elapsed_s=round(elapsed(), 2), train_loss=round(loss_sum, 5),
                             lr=lr, tokens_per_s=round(tps, 1), **{k: v for k, v in pref.items()
                                                                   if k != "train_loss"})
@@ -330,7 +316,9 @@ def main(argv=None) -> int:
                                 **({"acc": f"{pref['reward_acc']:.2f}",
                                     "margin": f"{pref['margin']:.2f}"} if pref else {}))
                 if args.no_progress:
-                    print(f"step {step}: loss {loss_sum:.4f}, lr {lr:.2e}, {tps:,.0f} tok/s", flush=True)
+                    print(f"step {step}: loss {loss_sum:.4f}, lr {lr:.2e}, {tps:,.0f} tok/s" + (
+                        f", reward acc {pref['reward_acc']:.2f}, margin {pref['margin']:.3f}"
+                        if pref else ""), flush=True)
             if step % args.eval_every == 0:
                 do_eval()
                 if args.patience and extra["bad_evals"] >= args.patience:
@@ -338,14 +326,12 @@ def main(argv=None) -> int:
                     break
             if step == args.pause_at_step:
                 bar.close()
-                extra["elapsed_s"] = elapsed()
-                save_last(model, tok, run_dir, optimizer, step, gen, extra, args)
+                checkpoint_last()
                 print(f"paused at step {step}; continue with: python train.py --resume {run_dir}")
                 return 0
     except KeyboardInterrupt:
         bar.close()
-        extra["elapsed_s"] = elapsed()
-        save_last(model, tok, run_dir, optimizer, step, gen, extra, args)
+        checkpoint_last()
         print(f"\ninterrupted at step {step}; resume with: python train.py --resume {run_dir}",
               file=sys.stderr)
         return 130
@@ -353,18 +339,23 @@ def main(argv=None) -> int:
     if step % args.eval_every:
         do_eval()
 
-    # Final report: the best checkpoint over the whole validation split.
+    # Final report: the best checkpoint over the whole validation split, a model card, a plot.
     finetune.restore_trained(model, run_dir, mode)
-    final = dpo.evaluate(model, device, autocast) if dpo else evaluate(
-        model, val, eval_windows(val, args.seq_len, 4096), args.seq_len, args.batch_size, device,
-        autocast)
+    final = task.evaluate(model, device, autocast, full=True)
     metrics.log(step=step, elapsed_s=round(elapsed(), 2), final=True, **final)
     plot_losses(metrics.read(), os.path.join(run_dir, "loss.png"))
-    tps = step * tokens_per_step / max(elapsed(), 1e-9)
-    summary = (dpo_lib.format_eval(final) if dpo else f"val loss {final['val_loss']:.4f}, ppl "
-               f"{final['val_ppl']:.2f}, bits/byte {final['val_bpb']:.4f}")
+    tps = extra["tokens"] / max(elapsed(), 1e-9)
+    last_train = next((e["train_loss"] for e in reversed(metrics.read()) if "train_loss" in e), None)
+    write_model_card(run_dir, base_model=args.base or f"none (trained from scratch, preset {args.preset})",
+                     data_path=data_path, data_sizes=task.sizes(),
+                     mode=mode if args.base else "pretraining", adapter=mode in finetune.ADAPTER_MODES,
+                     hyperparameters={k: v for k, v in vars(args).items() if v is not None and k not in
+                                      ("resume", "no_progress", "threads", "pause_at_step")},
+                     metrics={"steps": step, "train_loss (last logged)": last_train,
+                              "tokens_per_s": round(tps, 1), **{k: round(v, 5) for k, v in final.items()}},
+                     wall_time_s=elapsed())
     print(f"done ({stop_reason}): {step} steps in {elapsed():.0f}s, {tps:,.0f} tokens/s; best "
-          f"checkpoint: {summary} -> {run_dir}")
+          f"checkpoint: {task.format_eval(final)} -> {run_dir}")
     return 0
 
 

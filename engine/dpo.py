@@ -161,6 +161,7 @@ class DPO:
         self.train, self.val, self.batch_size = train, val, batch_size
         self.beta, self.label_smoothing = beta, label_smoothing
         self._stats: list[dict] = []
+        self._tokens = 0  # real (non-padding) tokens through the policy since pop_tokens()
 
     def loss(self, model, data: PreferenceSet, idx: list[int], device
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -173,9 +174,23 @@ class DPO:
 
     def train_step(self, model, gen: torch.Generator, device) -> torch.Tensor:
         """Mean loss over one random batch (for backward); its statistics are kept for log()."""
-        losses, c, r = self.loss(model, self.train, self.train.sample(self.batch_size, gen), device)
+        idx = self.train.sample(self.batch_size, gen)
+        self._tokens += sum(len(self.train.pairs[i].chosen_ids) + len(self.train.pairs[i].rejected_ids)
+                            for i in idx)
+        losses, c, r = self.loss(model, self.train, idx, device)
         self._stats.append(summarize(losses, c, r))
         return losses.mean()
+
+    def state_dict(self) -> dict:
+        return {}  # batches come from the generator alone: resume restores it
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def pop_tokens(self) -> int:
+        """Tokens processed since the last call (for a tokens/s meter)."""
+        n, self._tokens = self._tokens, 0
+        return n
 
     def log(self, last: int = 1) -> dict[str, float]:
         """Statistics averaged over the `last` micro-batches (one optimizer step's), as
@@ -186,8 +201,9 @@ class DPO:
                 for k in keys}
 
     @torch.no_grad()
-    def evaluate(self, model, device, autocast_ctx) -> dict[str, float]:
-        """DPO loss, rewards, reward accuracy and margin over every held-out pair (val_ prefix)."""
+    def evaluate(self, model, device, autocast_ctx, full: bool = True) -> dict[str, float]:
+        """DPO loss, rewards, reward accuracy and margin over every held-out pair (val_ prefix;
+        `full` is accepted for the train.py task interface: evaluation is always full)."""
         was_training = model.training
         model.eval()
         parts = []

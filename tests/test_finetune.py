@@ -126,3 +126,31 @@ def test_finetune_flag_errors(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--finetune", "lora"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--finetune needs --base" in r.stderr
+
+
+def test_sft_chat_jsonl_trains_on_responses_and_resumes(base):
+    run_base, _, tmp = base
+    rng = random.Random(3)
+    data = tmp / "chat.jsonl"
+    with open(data, "w") as f:
+        for _ in range(120):
+            w = rng.choice(["crown", "lady", "sir", "liege"])
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"say {w}"},
+                                             {"role": "assistant", "content": f"{w} {w} {w}"}]}) + "\n")
+        f.write("{not json\n")
+    common = ["--base", run_base, "--finetune", "lora", "--data", str(data), "--max-steps", "16",
+              "--eval-every", "8", "--lr", "1e-2", "--bad-lines", "skip", *FLAGS, "--seq-len", "128"]
+    full, part = str(tmp / "sft-full"), str(tmp / "sft-part")
+    assert train.main([*common, "--out", full]) == 0
+    vals = [e["val_loss"] for e in metrics(full) if "val_loss" in e]
+    assert vals[-1] < vals[0]
+    assert os.path.isfile(os.path.join(full, "README.md"))  # model card
+    assert train.main([*common, "--out", part, "--pause-at-step", "8"]) == 0
+    assert train.main(["--resume", part, "--no-progress", "--threads", "1"]) == 0
+    a = [e.get("train_loss") for e in metrics(full) if not e.get("final")]
+    b = [e.get("train_loss") for e in metrics(part) if not e.get("final")]
+    assert a == pytest.approx(b, abs=1e-5)
+    r = __import__("subprocess").run([sys.executable, os.path.join(ROOT, "train.py"), *common,
+                                      "--bad-lines", "stop", "--out", str(tmp / "sft-bad")],
+                                     capture_output=True, text=True)
+    assert r.returncode == 2 and "chat.jsonl:121" in r.stderr

@@ -1,0 +1,134 @@
+"""What train.py optimizes: one object per objective with the same small interface.
+
+  LMTask   plain text: random windows of a token memmap, next-token loss (pretraining and
+           domain adaptation); validation loss, perplexity and bits per byte
+  SFTTask  instruction / chat JSONL (engine/sft.py): loss on response tokens only
+  DPO      preference pairs (engine/dpo.py)
+
+Each has train_step(model, gen, device) -> loss (to backward), evaluate(model, device, autocast)
+-> dict with val_loss, pop_tokens() -> tokens since the last call, log(n) -> extra metrics of the
+last n micro-batches, and state_dict()/load_state_dict() for what resume must restore beyond the
+generator (JSON-serializable).
+"""
+from __future__ import annotations
+
+from engine.data import (TokenSplit, check_trainable, eval_windows, get_batch, read_corpus,
+                         split_text, tokenize_cached, tokenizer_hash)
+from engine.trainer import evaluate as evaluate_windows
+
+
+class LMTask:
+    def __init__(self, train: TokenSplit, val: TokenSplit, batch_size: int, seq_len: int,
+                 eval_batches: int):
+        check_trainable(train, seq_len, "the training split")
+        check_trainable(val, seq_len, "the validation split")
+        self.train, self.val, self.batch_size, self.seq_len = train, val, batch_size, seq_len
+        self.val_starts = eval_windows(val, seq_len, eval_batches * batch_size)
+        self._tokens = 0
+
+    def sizes(self) -> dict:
+        return {"train tokens": len(self.train.tokens), "validation tokens": len(self.val.tokens),
+                "bytes per token": round(self.train.bytes_per_token, 3)}
+
+    def describe(self, path: str) -> str:
+        return (f"data: {path}: {len(self.train.tokens):,} train / {len(self.val.tokens):,} val "
+                f"tokens, {self.train.bytes_per_token:.2f} bytes/token")
+
+    def train_step(self, model, gen, device):
+        x, y = get_batch(self.train, self.batch_size, self.seq_len, gen, device)  # (B, T) each
+        self._tokens += x.numel()
+        return model(x, labels=y)
+
+    def evaluate(self, model, device, autocast, full: bool = False) -> dict:
+        starts = eval_windows(self.val, self.seq_len, 4096) if full else self.val_starts
+        return evaluate_windows(model, self.val, starts, self.seq_len, self.batch_size, device,
+                                autocast)
+
+    def format_eval(self, res: dict) -> str:
+        return f"val loss {res['val_loss']:.4f}, ppl {res['val_ppl']:.2f}, bpb {res['val_bpb']:.4f}"
+
+    def pop_tokens(self) -> int:
+        n, self._tokens = self._tokens, 0
+        return n
+
+    def log(self, last: int = 1) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class SFTTask(LMTask):
+    def __init__(self, train, val, batch_size: int, gen, pack: bool = False):
+        from engine.sft import BatchStream
+        self.train, self.val, self.batch_size = train, val, batch_size
+        self.stream = BatchStream(train, batch_size, gen, pack)
+        self._tokens = 0
+
+    def sizes(self) -> dict:
+        return {k.removeprefix("n_").replace("_", " "): v for k, v in self.report.items()
+                if k.startswith("n_")}
+
+    def describe(self, path: str) -> str:
+        from engine.sft import format_report
+        return f"data: {path}: " + format_report(self.report)
+
+    def train_step(self, model, gen, device):
+        batch = next(self.stream).to(device)
+        self._tokens += int((batch.labels != -100).sum())
+        return model(batch.input_ids, **batch.model_kwargs())
+
+    def evaluate(self, model, device, autocast, full: bool = False) -> dict:
+        from engine.sft import response_loss
+        r = response_loss(model, self.val, self.batch_size, device, autocast)
+        return {"val_loss": r["loss"], "val_ppl": r["ppl"]}
+
+    def format_eval(self, res: dict) -> str:
+        return f"val response loss {res['val_loss']:.4f}, ppl {res['val_ppl']:.2f}"
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.stream.load_state_dict(state)
+
+
+def build_task(args, tok, data_path: str, gen, texts: tuple[str, str] | None = None):
+    """The task for train.py's flags: DPO for --objective dpo, SFT for instruction / chat JSONL,
+    otherwise language modelling on the text (`texts`: the (train, val) split if already read)."""
+    if args.objective == "dpo":
+        from engine import dpo as dpo_lib
+        train_p, val_p, rep = dpo_lib.load_preference_data(data_path, tok, args.seq_len,
+                                                           args.val_fraction, args.val_data)
+        task = dpo_lib.DPO(train_p, val_p, args.batch_size, args.beta, args.label_smoothing)
+        task.describe = lambda path: dpo_lib.format_report(rep, path)
+        task.format_eval = dpo_lib.format_eval
+        task.sizes = lambda: {k.removeprefix("n_"): v for k, v in rep.items()
+                              if k.startswith("n_") and isinstance(v, int)}
+        return task
+    from engine.sft import detect_format, load_sft
+    fmt = detect_format(data_path)
+    if fmt in ("instruction", "completion", "chat"):
+        train, val, rep = load_sft(data_path, tok, args.seq_len, args.val_fraction, args.val_data,
+                                   on_error=args.bad_lines)
+        task = SFTTask(train, val, args.batch_size, gen, pack=args.pack)
+        task.report = rep
+        return task
+    if fmt == "preference":
+        raise ValueError(f"{data_path} holds preference pairs: use --objective dpo")
+    train_text, val_text = texts or read_text_splits(args, data_path)
+    th = tokenizer_hash(tok)
+    return LMTask(tokenize_cached(train_text, tok, th), tokenize_cached(val_text, tok, th),
+                  args.batch_size, args.seq_len, args.eval_batches)
+
+
+def read_text_splits(args, data_path: str) -> tuple[str, str]:
+    """(train text, validation text): --val-data, or the last --val-fraction of the corpus."""
+    text = read_corpus(data_path)
+    if args.val_data:
+        return text, read_corpus(args.val_data)
+    return split_text(text, args.val_fraction)
