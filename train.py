@@ -13,6 +13,7 @@ resumable state. Output directory layout: see README.md.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import math
@@ -103,6 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--threads", type=int, default=None, help="CPU threads for torch")
     a("--no-progress", action="store_true", help="no tqdm bar (logs to stdout instead)")
+    a("--metrics-port", type=int, default=None, metavar="PORT",
+      help="serve Prometheus /metrics for this job on 127.0.0.1:PORT (step, loss, lr, tokens/s, ETA)")
     args = p.parse_args(argv)
     if args.max_steps is None:
         args.max_steps = 100000
@@ -178,7 +181,8 @@ def main(argv=None) -> int:
             saved = json.load(f)
         args = argparse.Namespace(**{**saved, "resume": args.resume, "device": args.device,
                                      "threads": args.threads, "no_progress": args.no_progress,
-                                     "pause_at_step": args.pause_at_step})
+                                     "pause_at_step": args.pause_at_step,
+                                     "metrics_port": args.metrics_port})
     else:
         name = f"{args.finetune}-{os.path.basename(args.base.rstrip('/'))}" if args.base else args.preset
         run_dir = args.out or os.path.join("out", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -260,11 +264,23 @@ def main(argv=None) -> int:
                desc="train")
     model.train()
     stop_reason = "max steps"
+    monitor = None
+    if args.metrics_port is not None:  # watch the job like a server: curl localhost:PORT/metrics
+        from engine.metrics import TrainingMetricsServer
+        monitor = TrainingMetricsServer(args.metrics_port)
+        atexit.register(monitor.close)
+        print(f"metrics: {monitor.url}", flush=True)
+
+    def eta_s() -> float:
+        p = progress()
+        return elapsed() * (1 - p) / p if p > 0 else math.nan
 
     def do_eval():
         res = task.evaluate(model, device, autocast)
         tqdm.write(f"step {step}: {task.format_eval(res)}")
         metrics.log(step=step, elapsed_s=round(elapsed(), 2), **res)
+        if monitor:
+            monitor.update(step=step, val_loss=res["val_loss"])
         if res["val_loss"] < extra["best_val"]:
             extra["best_val"], extra["bad_evals"] = res["val_loss"], 0
             finetune.save_trained(model, tok, run_dir, mode, args.base)  # best-by-validation
@@ -312,6 +328,8 @@ def main(argv=None) -> int:
                 metrics.log(step=step, elapsed_s=round(elapsed(), 2), train_loss=round(loss_sum, 5),
                             lr=lr, tokens_per_s=round(tps, 1), **{k: v for k, v in pref.items()
                                                                   if k != "train_loss"})
+                if monitor:
+                    monitor.update(step=step, loss=loss_sum, lr=lr, tokens_per_s=tps, eta_s=eta_s())
                 bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
                                 **({"acc": f"{pref['reward_acc']:.2f}",
                                     "margin": f"{pref['margin']:.2f}"} if pref else {}))

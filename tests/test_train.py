@@ -143,3 +143,33 @@ def test_token_cache_reused(tmp_path, monkeypatch):
     b = tokenize_cached("abc\ndef\n", Counting())
     assert Counting.calls == 1 and list(a.tokens) == list(b.tokens) == list(b"abc\ndef\n")
     assert a.n_bytes == 8
+
+
+def test_metrics_port_serves_prometheus_during_training(corpus, tmp_path):
+    import socket
+    import time
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--data", str(corpus),
+                          "--out", str(tmp_path / "m"), "--max-steps", "400", "--eval-every", "50",
+                          "--metrics-port", str(port), *TINY],
+                         env={**os.environ, "WHETSTONE_CACHE": str(tmp_path / "cache")},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        body, deadline = "", time.time() + 120
+        while time.time() < deadline:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+                step = [l for l in body.splitlines() if l.startswith("whetstone_train_step ")]
+                if step and float(step[0].split()[1]) >= 10:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.3)
+        assert "whetstone_train_loss" in body and "whetstone_train_tokens_per_second" in body
+        assert float(step[0].split()[1]) >= 10
+    finally:
+        p.kill()
+        p.wait()
