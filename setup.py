@@ -10,7 +10,7 @@ setup(
     description="From-scratch PyTorch + Triton engine for training and fine-tuning open LMs",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*",
                                     "tokenizer", "tokenizer.*"]),
-    py_modules=["train", "generate"],
+    py_modules=["train", "generate", "eval", "serve"],
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",  # README and .ci/run install torch==2.13.0 first (CPU wheel on disk)

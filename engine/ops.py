@@ -109,8 +109,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if mask is None and window is None and kernel_ok and _use_triton(q):
         from kernels.attention import attention as kern
         return kern(q, k, v, causal=causal)
-    if causal and T == S and window is None and mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+    if causal and window is None and mask is None and T in (1, S):
+        # one decode query sees every cached key: no mask at all; T == S: plain causal
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
                                               enable_gqa=q.shape[1] != k.shape[1])
     allowed = None
     if causal or window is not None:
