@@ -4,6 +4,7 @@
     python train.py --data my_corpus/ --preset medium --max-steps 2000
     python train.py --base smollm2-135m-instruct --finetune qlora --data notes.txt
     python train.py --resume out/RUN      # continue exactly where RUN stopped
+    torchrun --nproc_per_node 4 train.py --preset medium ...   # data parallel (engine/distributed.py)
 
 One loop, readable top to bottom (after nanoGPT's train.py): random-window batches from a
 token memmap, AdamW with warmup + cosine, gradient accumulation and clipping, periodic
@@ -25,7 +26,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from engine import finetune
+from engine import distributed, finetune
 from engine.checkpoint import load_model_dir
 from engine.config import PRESETS, TrainConfig, atomic_write_text, preset
 from engine.card import write_model_card
@@ -59,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--max-steps", type=int, default=None, help="optimizer steps (default: 100000, or until --max-minutes)")
     a("--max-minutes", type=float, default=None, help="wall-clock budget for the loop (default: 5 if "
                                                       "--max-steps is not given)")
-    a("--batch-size", type=int, default=d.batch_size)
+    a("--batch-size", type=int, default=d.batch_size, help="micro-batch per process (global batch "
+                                                           "= this x processes x --grad-accum)")
     a("--seq-len", type=int, default=d.seq_len)
     a("--grad-accum", type=int, default=d.grad_accum)
     a("--lr", type=float, default=None, help="peak learning rate (default: 3e-3 from scratch, "
@@ -70,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--grad-clip", type=float, default=d.grad_clip)
     a("--eval-every", type=int, default=d.eval_every)
     a("--eval-batches", type=int, default=d.eval_batches, help="batches per periodic validation")
+    a("--final-eval-windows", type=int, default=4096,
+      help="windows of the validation split scored at the end (plain-text data)")
     a("--log-every", type=int, default=10)
     a("--patience", type=int, default=None, help="stop after this many evaluations without improvement")
     a("--base", metavar="MODEL", help="fine-tune this model: a name (smollm2-135m-instruct), an HF "
@@ -106,6 +110,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--no-progress", action="store_true", help="no tqdm bar (logs to stdout instead)")
     a("--metrics-port", type=int, default=None, metavar="PORT",
       help="serve Prometheus /metrics for this job on 127.0.0.1:PORT (step, loss, lr, tokens/s, ETA)")
+    a("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer "
+                                          "state with FSDP2 (pretraining, --finetune full/freeze)")
+    a("--dist-timeout", type=float, default=600.0, metavar="S", help="under torchrun: seconds a rank "
+      "waits for the others in a collective before exiting with an error (a dead or hung rank)")
     args = p.parse_args(argv)
     if args.max_steps is None:
         args.max_steps = 100000
@@ -124,6 +132,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.finetune = "lora"
     if args.half_finetune and args.finetune not in (None, "full", "freeze"):
         p.error("--half-finetune works with --finetune full or freeze")
+    if args.fsdp and (args.finetune in finetune.ADAPTER_MODES or args.half_finetune):
+        p.error("--fsdp shards full training (pretraining, --finetune full or freeze, no "
+                "--half-finetune); adapters train data-parallel without it")
+    if not args.dist_timeout > 0:
+        p.error("--dist-timeout must be > 0")
     if args.objective == "dpo":
         if not args.base or not args.data:
             p.error("--objective dpo needs --base MODEL and --data PREFERENCES.jsonl")
@@ -156,19 +169,26 @@ def load_or_train_tokenizer(train_text: str, vocab_size: int, out_dir: str):
 
 
 def save_last(model, tok, run_dir: str, optimizer, step: int, gen, extra: dict, args) -> None:
-    """Write weights + training state into run_dir/last as one unit (new dir, then swap)."""
+    """Write weights + training state into run_dir/last as one unit (new dir, then swap).
+    Under torchrun every rank calls this (FSDP2 gathers); rank 0 writes, then all meet."""
     new, last, old = (os.path.join(run_dir, n) for n in (LAST + ".new", LAST, LAST + ".old"))
-    shutil.rmtree(new, ignore_errors=True)
-    finetune.save_trained(model, tok, new, args.finetune or "full", args.base)
-    save_training_state(new, optimizer, step, gen, extra)
-    if os.path.isdir(last):
-        os.replace(last, old)
-    os.replace(new, last)
-    shutil.rmtree(old, ignore_errors=True)
+    if distributed.is_main():
+        shutil.rmtree(new, ignore_errors=True)
+    distributed.save_trained(model, tok, new, args.finetune or "full", args.base)
+    optimizer = distributed.optimizer_for_saving(model, optimizer, args.fsdp)
+    if distributed.is_main():
+        save_training_state(new, optimizer, step, gen, extra)
+        if os.path.isdir(last):
+            os.replace(last, old)
+        os.replace(new, last)
+        shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    device = distributed.setup(args.device, args.dist_timeout)  # torchrun: join the process group
+    distributed.check_same_flags(vars(args))
     resume_dir = None
     if args.resume:
         run_dir = args.resume.rstrip("/")
@@ -179,37 +199,43 @@ def main(argv=None) -> int:
             raise ValueError(f"--resume {args.resume}: no resumable checkpoint ({LAST}/) there")
         with open(os.path.join(run_dir, "run_args.json")) as f:
             saved = json.load(f)
-        args = argparse.Namespace(**{**saved, "resume": args.resume, "device": args.device,
+        args = argparse.Namespace(**{"fsdp": False, **saved, "resume": args.resume, "device": args.device,
                                      "threads": args.threads, "no_progress": args.no_progress,
                                      "pause_at_step": args.pause_at_step,
-                                     "metrics_port": args.metrics_port})
+                                     "metrics_port": args.metrics_port, "dist_timeout": args.dist_timeout})
+        # the global batch stays the run's in any world size: per-rank batch = global / processes
+        args.batch_size = distributed.per_rank_batch(saved["batch_size"] * saved.get("world_size", 1))
     else:
         name = f"{args.finetune}-{os.path.basename(args.base.rstrip('/'))}" if args.base else args.preset
-        run_dir = args.out or os.path.join("out", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = distributed.broadcast_object(  # rank 0's clock names the run
+            args.out or os.path.join("out", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"))
         if any(os.path.isfile(os.path.join(run_dir, f)) for f in ("config.json", "adapter_config.json")):
             raise ValueError(f"{run_dir} already holds a checkpoint; pick another --out "
                              f"or continue it with --resume {run_dir}")
+    args.world_size = distributed.world_size()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     torch.manual_seed(args.seed)
 
     # Data: the tokenizer (the base model's, or trained on the corpus), then the task: language
     # modelling on text, SFT on instruction/chat JSONL, or DPO on preference pairs.
-    data_path = args.data or fetch_shakespeare()
-    os.makedirs(run_dir, exist_ok=True)
+    # Under torchrun every rank draws the same global batches from this generator (the task
+    # keeps its rank's rows); rank 0 fills the download/tokenizer/token caches first.
     gen = torch.Generator().manual_seed(args.seed)
     texts = None
-    if args.base:  # the base model brings its tokenizer
-        from engine.hub import load_model
-        model, tok = load_model(args.base, dtype=torch.float32, device=device)
-        if tok is None:
-            raise ValueError(f"--base {args.base} has no tokenizer files")
-    else:
-        texts = read_text_splits(args, data_path)
-        vocab_size = args.vocab_size or PRESETS[args.preset]["vocab_size"]
-        tok = load_or_train_tokenizer(texts[0], vocab_size, resume_dir or run_dir)
-    task = build_task(args, tok, data_path, gen, texts)
+    with distributed.main_first():
+        data_path = args.data or fetch_shakespeare()
+        os.makedirs(run_dir, exist_ok=True)
+        if args.base:  # the base model brings its tokenizer
+            from engine.hub import load_model
+            model, tok = load_model(args.base, dtype=torch.float32, device=device)
+            if tok is None:
+                raise ValueError(f"--base {args.base} has no tokenizer files")
+        else:
+            texts = read_text_splits(args, data_path)
+            vocab_size = args.vocab_size or PRESETS[args.preset]["vocab_size"]
+            tok = load_or_train_tokenizer(texts[0], vocab_size, resume_dir or run_dir)
+        task = build_task(args, tok, data_path, gen, texts)
     print(task.describe(data_path), flush=True)
 
     # Model and optimizer.
@@ -232,40 +258,50 @@ def main(argv=None) -> int:
         cfg.max_position_embeddings = max(cfg.max_position_embeddings, args.seq_len)
         model = Transformer(cfg).to(device)
     model.grad_checkpointing = args.grad_checkpointing
+    if args.fsdp:  # before the optimizer: parameters become this rank's shards
+        distributed.shard_model(model, device)
     optimizer = configure_optimizer(model, args.lr, args.weight_decay, (0.9, 0.95))
     hft = None
     if args.half_finetune:  # all candidates are in the optimizer; each round unfreezes half
         hft = finetune.HalfFineTuning(model, finetune.parse_layers(
             args.trainable_layers, len(model.model.layers), 2 if mode == "freeze" else None), args.seed)
+    # What train_step calls: DDP under torchrun (gradients averaged over ranks), else the model.
+    net = distributed.data_parallel(model, optimizer, device, toggles_trainable=hft is not None)
     step, extra = 0, {"elapsed_s": 0.0, "best_val": math.inf, "bad_evals": 0, "tokens": 0}
     if resume_dir:
-        step, extra = load_training_state(resume_dir, optimizer, gen)
+        step, extra = load_training_state(
+            resume_dir, distributed.optimizer_for_loading(model, optimizer, args.fsdp), gen)
         task.load_state_dict(extra.get("data", {}))
         print(f"resumed {run_dir} at step {step}", flush=True)
-    else:
+    elif distributed.is_main():
         atomic_write_text(os.path.join(run_dir, "run_args.json"), json.dumps(vars(args), indent=2))
-    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"),
-                         truncate_after_step=step if resume_dir else None)
+    if args.world_size > 1:  # LoRA dropout masks: independent per rank (nothing else draws here)
+        torch.manual_seed(args.seed + 7919 * distributed.rank() + step)
+    metrics = (MetricsLog(os.path.join(run_dir, "metrics.jsonl"),
+                          truncate_after_step=step if resume_dir else None)
+               if distributed.is_main() else distributed.NoLog())
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     n_params = model.num_parameters()
     n_train = model.num_parameters(trainable_only=True)
-    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
+    tokens_per_step = args.batch_size * args.world_size * args.seq_len * args.grad_accum
     print(f"model: {args.base or args.preset}, {n_params / 1e6:.2f}M parameters "
-          f"({n_train / 1e6:.2f}M trainable); {tokens_per_step:,} tokens/step; run dir {run_dir}",
-          flush=True)
+          f"({n_train / 1e6:.2f}M trainable); {tokens_per_step:,} tokens/step; run dir {run_dir}"
+          + (f"; {args.world_size} processes{' (FSDP2)' if args.fsdp else ''}"
+             if args.world_size > 1 else ""), flush=True)
 
     budget_s = args.max_minutes * 60 if args.max_minutes else None
     t0 = time.time() - extra["elapsed_s"]
     elapsed = lambda: time.time() - t0  # noqa: E731
-    progress = lambda: max(step / args.max_steps, elapsed() / budget_s if budget_s else 0.0)  # noqa: E731
+    progress = lambda now=None: max(step / args.max_steps, (elapsed() if now is None else now)  # noqa: E731
+                                    / budget_s if budget_s else 0.0)
     meter = Throughput()
-    bar = tqdm(total=args.max_steps, initial=step, disable=args.no_progress, dynamic_ncols=True,
-               desc="train")
+    bar = tqdm(total=args.max_steps, initial=step, dynamic_ncols=True, desc="train",
+               disable=args.no_progress or not distributed.is_main())
     model.train()
     stop_reason = "max steps"
     monitor = None
-    if args.metrics_port is not None:  # watch the job like a server: curl localhost:PORT/metrics
+    if args.metrics_port is not None and distributed.is_main():  # curl localhost:PORT/metrics
         from engine.metrics import TrainingMetricsServer
         monitor = TrainingMetricsServer(args.metrics_port)
         atexit.register(monitor.close)
@@ -283,7 +319,7 @@ def main(argv=None) -> int:
             monitor.update(step=step, val_loss=res["val_loss"])
         if res["val_loss"] < extra["best_val"]:
             extra["best_val"], extra["bad_evals"] = res["val_loss"], 0
-            finetune.save_trained(model, tok, run_dir, mode, args.base)  # best-by-validation
+            distributed.save_trained(model, tok, run_dir, mode, args.base)  # best-by-validation
         else:
             extra["bad_evals"] += 1
         checkpoint_last()
@@ -292,22 +328,28 @@ def main(argv=None) -> int:
         extra["elapsed_s"], extra["data"] = elapsed(), task.state_dict()
         save_last(model, tok, run_dir, optimizer, step, gen, extra, args)
 
+    if args.base and step == 0 and not resume_dir:
+        do_eval()  # the base model's score: the baseline every later evaluation compares to
+
     try:
         while step < args.max_steps:
-            if budget_s and elapsed() >= budget_s:
+            now = distributed.main_value(elapsed()) if budget_s else None  # one clock for all ranks
+            if budget_s and now >= budget_s:
                 stop_reason = "time budget"
                 break
             if hft is not None and step % args.half_round_steps == 0:
                 hft.select(step // args.half_round_steps)
-            lr = get_lr(step, progress(), args.lr, args.warmup_steps, args.min_lr_ratio)
+            lr = get_lr(step, progress(now), args.lr, args.warmup_steps, args.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = 0.0
-            for _ in range(args.grad_accum):
-                with autocast:
-                    loss = task.train_step(model, gen, device) / args.grad_accum
-                loss.backward()
+            for micro in range(args.grad_accum):  # ranks sync gradients on the last micro-step only
+                with distributed.accumulating(net, sync=micro == args.grad_accum - 1):
+                    with autocast:
+                        loss = task.train_step(net, gen, device) / args.grad_accum
+                    loss.backward()
                 loss_sum += loss.item()
+            loss_sum = distributed.mean(loss_sum)  # the global batch's loss
             if not math.isfinite(loss_sum):
                 bar.close()
                 print(f"error: training loss became {loss_sum} at step {step}; stopping. The last "
@@ -324,7 +366,7 @@ def main(argv=None) -> int:
             bar.update(1)
             if step % args.log_every == 0:
                 tps = meter.rate()
-                pref = task.log(args.grad_accum)  # DPO: this step's rewards, accuracy, margin
+                pref = distributed.mean_dict(task.log(args.grad_accum))  # DPO: rewards, accuracy, margin
                 metrics.log(step=step, elapsed_s=round(elapsed(), 2), train_loss=round(loss_sum, 5),
                             lr=lr, tokens_per_s=round(tps, 1), **{k: v for k, v in pref.items()
                                                                   if k != "train_loss"})
@@ -349,7 +391,8 @@ def main(argv=None) -> int:
                 return 0
     except KeyboardInterrupt:
         bar.close()
-        checkpoint_last()
+        if args.world_size == 1:  # under torchrun ranks stop at different points: keep the last one
+            checkpoint_last()
         print(f"\ninterrupted at step {step}; resume with: python train.py --resume {run_dir}",
               file=sys.stderr)
         return 130
@@ -358,8 +401,10 @@ def main(argv=None) -> int:
         do_eval()
 
     # Final report: the best checkpoint over the whole validation split, a model card, a plot.
-    finetune.restore_trained(model, run_dir, mode)
-    final = task.evaluate(model, device, autocast, full=True)
+    distributed.restore_trained(model, run_dir, mode)
+    final = task.evaluate(model, device, autocast, full=args.final_eval_windows)
+    if not distributed.is_main():
+        return 0
     metrics.log(step=step, elapsed_s=round(elapsed(), 2), final=True, **final)
     plot_losses(metrics.read(), os.path.join(run_dir, "loss.png"))
     tps = extra["tokens"] / max(elapsed(), 1e-9)
@@ -368,7 +413,8 @@ def main(argv=None) -> int:
                      data_path=data_path, data_sizes=task.sizes(),
                      mode=mode if args.base else "pretraining", adapter=mode in finetune.ADAPTER_MODES,
                      hyperparameters={k: v for k, v in vars(args).items() if v is not None and k not in
-                                      ("resume", "no_progress", "threads", "pause_at_step")},
+                                      ("resume", "no_progress", "threads", "pause_at_step",
+                                       "dist_timeout")},
                      metrics={"steps": step, "train_loss (last logged)": last_train,
                               "tokens_per_s": round(tps, 1), **{k: round(v, 5) for k, v in final.items()}},
                      wall_time_s=elapsed())
@@ -383,7 +429,9 @@ def _targets(spec: str):
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        code = main()
+        distributed.cleanup()
+        sys.exit(code)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {distributed.explain(e)}", file=sys.stderr)
         sys.exit(2)

@@ -9,11 +9,16 @@ Each has train_step(model, gen, device) -> loss (to backward), evaluate(model, d
 -> dict with val_loss, pop_tokens() -> tokens since the last call, log(n) -> extra metrics of the
 last n micro-batches, and state_dict()/load_state_dict() for what resume must restore beyond the
 generator (JSON-serializable).
+
+Under torchrun a task's batch size is the GLOBAL one: every rank draws the same batch from the
+shared generator and trains on its own rows (engine/distributed.py shard / shard_mean), so the
+run takes exactly the steps of one process with the whole batch; tokens are counted globally.
 """
 from __future__ import annotations
 
 from engine.data import (TokenSplit, check_trainable, eval_windows, get_batch, read_corpus,
                          split_text, tokenize_cached, tokenizer_hash)
+from engine.distributed import shard, shard_mean, world_size
 from engine.trainer import evaluate as evaluate_windows
 
 
@@ -35,12 +40,14 @@ class LMTask:
                 f"tokens, {self.train.bytes_per_token:.2f} bytes/token")
 
     def train_step(self, model, gen, device):
-        x, y = get_batch(self.train, self.batch_size, self.seq_len, gen, device)  # (B, T) each
+        x, y = get_batch(self.train, self.batch_size, self.seq_len, gen)  # (B, T) each
         self._tokens += x.numel()
-        return model(x, labels=y)
+        return model(shard(x).to(device), labels=shard(y).to(device))  # this rank's rows
 
-    def evaluate(self, model, device, autocast, full: bool = False) -> dict:
-        starts = eval_windows(self.val, self.seq_len, 4096) if full else self.val_starts
+    def evaluate(self, model, device, autocast, full: int | bool = False) -> dict:
+        """Periodic validation windows, or with `full` up to that many (True: 4096)."""
+        starts = (eval_windows(self.val, self.seq_len, 4096 if full is True else full) if full
+                  else self.val_starts)
         return evaluate_windows(model, self.val, starts, self.seq_len, self.batch_size, device,
                                 autocast)
 
@@ -77,11 +84,15 @@ class SFTTask(LMTask):
         return f"data: {path}: " + format_report(self.report)
 
     def train_step(self, model, gen, device):
-        batch = next(self.stream).to(device)
-        self._tokens += int((batch.labels != -100).sum())
-        return model(batch.input_ids, **batch.model_kwargs())
+        def loss(b):  # mean over b's response tokens
+            b = b.to(device)
+            return model(b.input_ids, **b.model_kwargs())
 
-    def evaluate(self, model, device, autocast, full: bool = False) -> dict:
+        batch = next(self.stream)
+        self._tokens += _n_trained(batch)
+        return shard_mean(batch, loss, _n_trained)  # ranks weighted by their response tokens
+
+    def evaluate(self, model, device, autocast, full: int | bool = False) -> dict:
         from engine.sft import response_loss
         r = response_loss(model, self.val, self.batch_size, device, autocast)
         return {"val_loss": r["loss"], "val_ppl": r["ppl"]}
@@ -97,14 +108,20 @@ class SFTTask(LMTask):
             self.stream.load_state_dict(state)
 
 
+def _n_trained(batch) -> int:
+    return int((batch.labels != -100).sum())
+
+
 def build_task(args, tok, data_path: str, gen, texts: tuple[str, str] | None = None):
     """The task for train.py's flags: DPO for --objective dpo, SFT for instruction / chat JSONL,
-    otherwise language modelling on the text (`texts`: the (train, val) split if already read)."""
+    otherwise language modelling on the text (`texts`: the (train, val) split if already read).
+    Batches are global: --batch-size (per process) x world size."""
+    batch_size = args.batch_size * world_size()
     if args.objective == "dpo":
         from engine import dpo as dpo_lib
         train_p, val_p, rep = dpo_lib.load_preference_data(data_path, tok, args.seq_len,
                                                            args.val_fraction, args.val_data)
-        task = dpo_lib.DPO(train_p, val_p, args.batch_size, args.beta, args.label_smoothing)
+        task = dpo_lib.DPO(train_p, val_p, batch_size, args.beta, args.label_smoothing)
         task.describe = lambda path: dpo_lib.format_report(rep, path)
         task.format_eval = dpo_lib.format_eval
         task.sizes = lambda: {k.removeprefix("n_"): v for k, v in rep.items()
@@ -115,7 +132,7 @@ def build_task(args, tok, data_path: str, gen, texts: tuple[str, str] | None = N
     if fmt in ("instruction", "completion", "chat"):
         train, val, rep = load_sft(data_path, tok, args.seq_len, args.val_fraction, args.val_data,
                                    on_error=args.bad_lines)
-        task = SFTTask(train, val, args.batch_size, gen, pack=args.pack)
+        task = SFTTask(train, val, batch_size, gen, pack=args.pack)
         task.report = rep
         return task
     if fmt == "preference":
@@ -123,7 +140,7 @@ def build_task(args, tok, data_path: str, gen, texts: tuple[str, str] | None = N
     train_text, val_text = texts or read_text_splits(args, data_path)
     th = tokenizer_hash(tok)
     return LMTask(tokenize_cached(train_text, tok, th), tokenize_cached(val_text, tok, th),
-                  args.batch_size, args.seq_len, args.eval_batches)
+                  batch_size, args.seq_len, args.eval_batches)
 
 
 def read_text_splits(args, data_path: str) -> tuple[str, str]:
