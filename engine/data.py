@@ -11,7 +11,6 @@ import glob
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -212,9 +211,3 @@ def check_trainable(split: TokenSplit, seq_len: int, what: str) -> None:
     if len(split.tokens) < seq_len + 2:
         raise ValueError(f"{what} has {len(split.tokens)} tokens, fewer than one training window "
                          f"(--seq-len {seq_len} + 1); use more text or a smaller --seq-len")
-
-
-def copy_file_atomic(src: str, dst: str) -> None:
-    tmp = dst + f".tmp{os.getpid()}"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
