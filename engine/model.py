@@ -234,10 +234,14 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, max_len, dtype, p.device)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
+        """Unique parameters; a 4-bit (NF4) linear's frozen weight counts as in*out elements."""
         seen, n = set(), 0
         for p in self.parameters():
             if id(p) in seen or (trainable_only and not p.requires_grad):
                 continue
             seen.add(id(p))
             n += p.numel()
+        if not trainable_only:
+            n += sum(m.in_features * m.out_features for m in self.modules()
+                     if hasattr(m, "packed") and hasattr(m, "in_features"))
         return n
