@@ -177,7 +177,8 @@ class DPO:
         idx = self.train.sample(self.batch_size, gen)
         self._tokens += sum(len(self.train.pairs[i].chosen_ids) + len(self.train.pairs[i].rejected_ids)
                             for i in idx)
-        losses, c, r = self.loss(model, self.train, idx, device)
+        from engine.distributed import shard  # under torchrun: this rank's pairs of the global batch
+        losses, c, r = self.loss(model, self.train, shard(idx), device)
         self._stats.append(summarize(losses, c, r))
         return losses.mean()
 
