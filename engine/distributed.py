@@ -151,12 +151,12 @@ def check_same_flags(flags: dict) -> None:
 
 def explain(e: BaseException) -> str:
     """A one-line message for an error; a failed collective says what probably happened."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if _world > 1 and (isinstance(e, tdist.DistError) or any(
             s in str(e) for s in ("gloo", "Gloo", "NCCL", "Connection closed", "Timed out"))):
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         return (f"rank {_rank}: lost contact with the other ranks (a process died, or hung longer "
-                f"than --dist-timeout {_timeout:g}s; see the launcher's log for which one): {text}")
-    return text
+                f"than --dist-timeout {_timeout:g}s; see the launcher's log for which one): {first}")
+    return str(e)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,6 +353,8 @@ class _FullOptimizerState:
         return self.state
 
     def load_state_dict(self, state: dict) -> None:
+        if not state["state"]:  # saved before the first step: nothing to restore
+            return
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
         set_optimizer_state_dict(self.model, self.optimizer, state, options=_full_options())
 
@@ -363,6 +365,10 @@ def optimizer_for_saving(model, optimizer, fsdp: bool):
     state gathered to rank 0."""
     if not fsdp:
         return optimizer
+    if not optimizer.state:
+        # Before the first step: get_optimizer_state_dict would create the state by an lr-0 step,
+        # which counts as a step for Adam's bias correction and changes the trajectory.
+        return _FullOptimizerState(model, optimizer, {"state": {}, "param_groups": []})
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     state = get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
     return _FullOptimizerState(model, optimizer, state)

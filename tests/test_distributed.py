@@ -1,0 +1,249 @@
+"""train.py under torchrun (engine/distributed.py), 2 processes on CPU with gloo: the same
+trajectory and weights as one process with the same global batch (DDP: full training and LoRA;
+FSDP2), checkpoints that resume in 1 or 2 processes, and bad input (mismatched flags, a world
+size that does not divide the global batch, a rank that dies or hangs).
+
+Each multi-process run is `python -m torch.distributed.run` or, where a test needs per-rank
+control, two `python train.py` processes given the env:// variables torchrun would set.
+"""
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train  # noqa: E402
+from engine import distributed  # noqa: E402
+
+TOL = 1e-5  # fp32: the ranks' gradient average vs one process's mean over the whole batch
+FLAGS = ["--seq-len", "16", "--no-progress", "--threads", "1", "--warmup-steps", "2",
+         "--log-every", "1", "--eval-every", "3", "--eval-batches", "2", "--seed", "3"]
+SCRATCH = ["--preset", "tiny", "--vocab-size", "300", "--lr", "3e-3", *FLAGS]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(cache):
+    return {**os.environ, "WHETSTONE_CACHE": str(cache), "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def torchrun(cache, *args, n=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+           "--master_port", str(free_port()), os.path.join(ROOT, "train.py"), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env(cache), cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def ranks(cache, tmp, per_rank_args, timeout=None):
+    """Start one `python train.py` per entry of per_rank_args with torchrun's env:// variables
+    (per-rank flags: what a mistyped command on one machine gives). Returns the Popen objects;
+    stdout / stderr go to tmp/rank{r}.out / .err."""
+    port, n, procs = free_port(), len(per_rank_args), []
+    for r, args in enumerate(per_rank_args):
+        e = {**env(cache), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r),
+             "LOCAL_RANK": str(r), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n)}
+        out, err = (open(os.path.join(tmp, f"rank{r}.{x}"), "w") for x in ("out", "err"))
+        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args],
+                                      stdout=out, stderr=err, env=e, cwd=ROOT))
+        out.close()
+        err.close()
+    if timeout is not None:
+        for p in procs:
+            p.wait(timeout=timeout)
+    return procs
+
+
+def read(tmp, r, what="err"):
+    with open(os.path.join(tmp, f"rank{r}.{what}")) as f:
+        return f.read()
+
+
+def metrics(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def trajectory(run, steps=None):
+    """{step: (train_loss, val_loss)} of the non-final events."""
+    out = {}
+    for e in metrics(run):
+        if e.get("final") or (steps and e["step"] not in steps):
+            continue
+        tl, vl = out.get(e["step"], (None, None))
+        out[e["step"]] = (e.get("train_loss", tl), e.get("val_loss", vl))
+    return out
+
+
+def assert_same_run(ref, run, steps=None, weights="last/model.safetensors"):
+    a, b = trajectory(ref, steps), trajectory(run, steps)
+    assert a.keys() == b.keys() and a, (a, b)
+    for s in a:
+        for u, v in zip(a[s], b[s]):
+            assert (u is None and v is None) or abs(u - v) < TOL, (s, a[s], b[s])
+    wa, wb = load_file(os.path.join(ref, weights)), load_file(os.path.join(run, weights))
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    print(f"{run}: worst weight difference {worst:.2e}")
+    assert worst < TOL
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Corpus, shared cache, and the single-process reference: 6 steps, global batch 8."""
+    tmp = tmp_path_factory.mktemp("dist")
+    cache = tmp / "cache"
+    os.environ["WHETSTONE_CACHE"] = str(cache)
+    rng = random.Random(0)
+    words = ["the king", "my lord", "good night", "sweet prince", "to be", "or not", "alas"]
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(6)) + "."
+                                for _ in range(800)) + "\n")
+    ref = str(tmp / "ref")
+    assert train.main(["--data", str(corpus), "--out", ref, "--max-steps", "6",
+                       "--batch-size", "8", *SCRATCH]) == 0
+    return tmp, cache, str(corpus), ref
+
+
+def test_ddp_full_equals_one_process_and_resumes_in_1_and_2(setup):
+    tmp, cache, corpus, ref = setup
+    run = str(tmp / "ddp")
+    r = torchrun(cache, "--data", corpus, "--out", run, "--max-steps", "6", "--batch-size", "4",
+                 "--pause-at-step", "3", *SCRATCH)
+    assert "2 processes" in r.stdout and "paused at step 3" in r.stdout
+    assert trajectory(run) == pytest.approx(trajectory(ref, steps=range(4)), abs=TOL)
+    assert json.load(open(os.path.join(run, "run_args.json")))["world_size"] == 2
+    one = str(tmp / "ddp-resumed-in-1")
+    shutil.copytree(run, one)
+    ranks(cache, tmp, [["--resume", run, "--no-progress", "--threads", "1"]] * 2, timeout=120)
+    assert train.main(["--resume", one, "--no-progress", "--threads", "1"]) == 0
+    for resumed in (run, one):
+        assert_same_run(ref, resumed)
+        assert_same_run(ref, resumed, weights="model.safetensors")  # best-by-validation
+
+
+def test_ddp_lora_on_sft_equals_one_process_with_accumulation(setup):
+    """LoRA on a tiny base with SFT data: 9 samples in global micro-batches of 4 rows leave a last
+    batch of 1 row (rank 1 gets none), so ranks hold different token counts; gradient
+    accumulation runs the micro-steps under no_sync."""
+    tmp, cache, _, ref = setup
+    data = tmp / "sft.jsonl"
+    rng = random.Random(1)
+    words = ["king", "lord", "night", "prince", "be", "not", "alas", "sweet"]
+    data.write_text("".join(json.dumps({"prompt": " ".join(rng.choices(words, k=rng.randint(1, 6))) + " ",
+                                        "completion": " ".join(rng.choices(words, k=rng.randint(1, 9)))})
+                            + "\n" for _ in range(10)))
+    common = ["--base", ref, "--finetune", "lora", "--lora-r", "4", "--data", str(data),
+              "--max-steps", "3", "--grad-accum", "2", *FLAGS, "--seq-len", "48", "--lr", "1e-2"]
+    one, two = str(tmp / "lora1"), str(tmp / "lora2")
+    assert train.main([*common, "--out", one, "--batch-size", "4"]) == 0
+    torchrun(cache, *common, "--out", two, "--batch-size", "2")
+    assert_same_run(one, two, weights="last/adapter_model.safetensors")
+
+
+def test_fsdp2_full_finetune_equals_one_process_and_resumes_in_one(setup):
+    """FSDP2 runs on CPU with gloo in this torch: sharded full fine-tuning, gathered HF
+    checkpoints (from step 0 on: the base model's score), name-keyed full optimizer state that
+    a single process resumes from."""
+    tmp, cache, corpus, ref = setup
+    common = ["--base", ref, "--finetune", "full", "--data", corpus, "--max-steps", "6", *FLAGS,
+              "--lr", "1e-3"]
+    one, run = str(tmp / "full1"), str(tmp / "fsdp")
+    assert train.main([*common, "--out", one, "--batch-size", "8"]) == 0
+    ranks(cache, tmp, [[*common, "--out", run, "--batch-size", "4", "--pause-at-step", "3",
+                        "--fsdp"]] * 2, timeout=120)
+    assert "FSDP2" in read(tmp, 0, "out"), read(tmp, 0) + read(tmp, 1)
+    assert trajectory(run) == pytest.approx(trajectory(one, steps=range(4)), abs=TOL)
+    assert train.main(["--resume", run, "--no-progress", "--threads", "1"]) == 0
+    assert_same_run(one, run)
+
+
+def one_clear_line(text: str, needle: str) -> None:
+    lines = [line for line in text.strip().splitlines() if "Warning" not in line]
+    assert any(needle in line for line in lines) and "Traceback" not in text, text
+
+
+def test_mismatched_flags_fail_on_every_rank(setup):
+    tmp, cache, corpus, _ = setup
+    base = ["--data", corpus, "--out", str(tmp / "mismatch"), "--max-steps", "2", "--batch-size", "4",
+            *SCRATCH]
+    procs = ranks(cache, tmp, [base, [*base, "--lr", "1e-3"]], timeout=120)
+    for r, p in enumerate(procs):
+        assert p.returncode == 2
+        one_clear_line(read(tmp, r), "flags differ across ranks: rank 1 has --lr 0.001 but rank 0 "
+                                     "has 0.003")
+
+
+def test_world_size_must_divide_the_global_batch(setup):
+    tmp, cache, corpus, _ = setup
+    run = str(tmp / "odd")
+    assert train.main(["--data", corpus, "--out", run, "--max-steps", "2", "--batch-size", "3",
+                       "--pause-at-step", "1", *SCRATCH]) == 0
+    procs = ranks(cache, tmp, [["--resume", run, "--no-progress"]] * 2, timeout=120)
+    for r, p in enumerate(procs):
+        assert p.returncode == 2
+        one_clear_line(read(tmp, r), "global batch of 3 rows (--batch-size x world size) does not "
+                                     "divide among 2 processes")
+
+
+@pytest.mark.parametrize("how", ["dies", "hangs"])
+def test_lost_rank_makes_the_other_exit_with_a_message(setup, how):
+    """Rank 1 is killed (or stopped) mid-run: rank 0 exits on its own, with one clear line,
+    within --dist-timeout (plus start-up slack) instead of waiting forever."""
+    tmp, cache, corpus, _ = setup
+    timeout = 4
+    args = ["--data", corpus, "--out", str(tmp / f"lost-{how}"), "--max-steps", "100000",
+            "--batch-size", "4", "--dist-timeout", str(timeout), *SCRATCH, "--eval-every", "100000"]
+    p0, p1 = ranks(cache, tmp, [args, args])
+    try:
+        deadline = time.time() + 120
+        while "step 2:" not in read(tmp, 0, "out"):
+            assert time.time() < deadline and p0.poll() is None, read(tmp, 0) + read(tmp, 1)
+            time.sleep(0.2)
+        os.kill(p1.pid, signal.SIGKILL if how == "dies" else signal.SIGSTOP)
+        t = time.time()
+        rc = p0.wait(timeout=timeout + 60)
+        print(f"rank 1 {how}: rank 0 exited after {time.time() - t:.1f}s")
+    finally:
+        for p in (p0, p1):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert rc == 2
+    one_clear_line(read(tmp, 0), "rank 0: lost contact with the other ranks")
+
+
+def test_rows_and_weights_partition_the_global_batch(monkeypatch):
+    """shard / shard_mean without processes: contiguous blocks covering every row once, and
+    per-rank losses weighted so their average is the global token mean."""
+    batch = torch.arange(7)
+    values = torch.tensor([3.0, 1, 4, 1, 5, 9, 2])  # a per-row loss
+    for world in (1, 2, 3, 4, 8):
+        rows, parts = [], []
+        for r in range(world):
+            monkeypatch.setattr(distributed, "_rank", r)
+            monkeypatch.setattr(distributed, "_world", world)
+            rows += distributed.shard(batch).tolist()
+            mean = distributed.shard_mean(batch, lambda b: values[b].mean(), len)
+            parts.append(float(mean))
+        assert rows == list(range(7))
+        assert sum(parts) / world == pytest.approx(values.mean().item())
+    monkeypatch.setattr(distributed, "_world", 4)
+    assert distributed.per_rank_batch(8) == 2
+    with pytest.raises(ValueError, match="global batch of 6 rows .* does not divide among 4"):
+        distributed.per_rank_batch(6)
