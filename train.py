@@ -235,6 +235,8 @@ def main(argv=None) -> int:
             texts = read_text_splits(args, data_path)
             vocab_size = args.vocab_size or PRESETS[args.preset]["vocab_size"]
             tok = load_or_train_tokenizer(texts[0], vocab_size, resume_dir or run_dir)
+            if args.world_size > 1 and distributed.is_main() and not resume_dir:
+                tok.save(run_dir)  # every rank, on every machine, then loads rank 0's tokenizer
         task = build_task(args, tok, data_path, gen, texts)
     print(task.describe(data_path), flush=True)
 

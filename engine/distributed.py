@@ -69,7 +69,8 @@ def setup(device: str, timeout_s: float) -> torch.device:
     elif dev.type != "cpu":
         raise ValueError(f"--device {device}: multi-process training runs on cuda or cpu")
     tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                             timeout=timedelta(seconds=timeout_s))
+                             timeout=timedelta(seconds=timeout_s),
+                             device_id=dev if dev.type == "cuda" else None)
     _cpu_group = tdist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     _wait_group = tdist.new_group(backend="gloo", timeout=timedelta(days=1))
     if _rank != 0:
