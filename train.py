@@ -436,4 +436,5 @@ if __name__ == "__main__":
         sys.exit(code)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {distributed.explain(e)}", file=sys.stderr)
+        distributed.fail_together(e)
         sys.exit(2)

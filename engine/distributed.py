@@ -58,6 +58,9 @@ def setup(device: str, timeout_s: float) -> torch.device:
         return dev
     if not timeout_s > 0:
         raise ValueError(f"--dist-timeout must be > 0 seconds, got {timeout_s}")
+    if "RANK" not in os.environ:
+        raise ValueError("WORLD_SIZE is set but RANK is not: launch with torchrun (it sets RANK, "
+                         "LOCAL_RANK, MASTER_ADDR, MASTER_PORT)")
     _rank, _world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     _local_rank, _timeout = int(os.environ.get("LOCAL_RANK", "0")), timeout_s
     if dev.type == "cuda":
@@ -150,14 +153,34 @@ def check_same_flags(flags: dict) -> None:
                                  "(run the same command on every rank)")
 
 
+def _lost_contact(e: BaseException) -> bool:
+    return _world > 1 and (isinstance(e, tdist.DistError) or any(
+        s in str(e) for s in ("gloo", "Gloo", "NCCL", "Connection closed", "Timed out")))
+
+
 def explain(e: BaseException) -> str:
     """A one-line message for an error; a failed collective says what probably happened."""
-    if _world > 1 and (isinstance(e, tdist.DistError) or any(
-            s in str(e) for s in ("gloo", "Gloo", "NCCL", "Connection closed", "Timed out"))):
+    if _lost_contact(e):
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         return (f"rank {_rank}: lost contact with the other ranks (a process died, or hung longer "
                 f"than --dist-timeout {_timeout:g}s; see the launcher's log for which one): {first}")
     return str(e)
+
+
+def fail_together(e: BaseException, wait_s: float = 10.0) -> None:
+    """Call after printing an error, before exiting. Bad input that every rank detects (a bad
+    --resume, mismatched flags) makes every rank fail at about the same time; a rank that exits
+    while a peer is still finishing the last collective would make that peer report a lost
+    connection instead of the real error. So each rank marks itself failed in the rendezvous
+    store and waits (at most wait_s) until every rank has. Not after a lost connection."""
+    if _world == 1 or not tdist.is_initialized() or _lost_contact(e):
+        return
+    try:
+        store = tdist.distributed_c10d._get_default_store()
+        store.set(f"whetstone/failed/{_rank}", "1")
+        store.wait([f"whetstone/failed/{r}" for r in range(_world)], timedelta(seconds=wait_s))
+    except Exception:  # noqa: BLE001  (the store is gone or a rank did not fail: just exit)
+        pass
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -64,8 +65,14 @@ def ranks(cache, tmp, per_rank_args, timeout=None):
         out.close()
         err.close()
     if timeout is not None:
-        for p in procs:
-            p.wait(timeout=timeout)
+        try:
+            for p in procs:
+                p.wait(timeout=timeout)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
     return procs
 
 
@@ -154,6 +161,19 @@ def test_ddp_lora_on_sft_equals_one_process_with_accumulation(setup):
     assert train.main([*common, "--out", one, "--batch-size", "4"]) == 0
     torchrun(cache, *common, "--out", two, "--batch-size", "2")
     assert_same_run(one, two, weights="last/adapter_model.safetensors")
+
+
+def test_ddp_half_finetuning_equals_one_process(setup):
+    """HFT freezes a different half of every block each round: DDP registers every candidate and
+    syncs only what got a gradient; the frozen half stays untouched (no weight decay, no Adam
+    moments), as in one process."""
+    tmp, cache, corpus, ref = setup
+    common = ["--base", ref, "--finetune", "full", "--half-finetune", "--half-round-steps", "2",
+              "--data", corpus, "--max-steps", "4", *FLAGS, "--lr", "1e-3"]
+    one, two = str(tmp / "hft1"), str(tmp / "hft2")
+    assert train.main([*common, "--out", one, "--batch-size", "8"]) == 0
+    torchrun(cache, *common, "--out", two, "--batch-size", "4")
+    assert_same_run(one, two)
 
 
 def test_fsdp2_full_finetune_equals_one_process_and_resumes_in_one(setup):
@@ -247,3 +267,44 @@ def test_rows_and_weights_partition_the_global_batch(monkeypatch):
     assert distributed.per_rank_batch(8) == 2
     with pytest.raises(ValueError, match="global batch of 6 rows .* does not divide among 4"):
         distributed.per_rank_batch(6)
+
+
+def test_each_task_trains_only_its_rows_of_the_shared_global_batch(monkeypatch):
+    """LM windows, SFT rows and DPO pairs: every rank draws the same global batch (of 6 rows) from
+    the same generator state and gives the model only its block of rows; the blocks, in rank
+    order, are exactly what one process trains on."""
+    import numpy as np
+    from engine.data import TokenSplit
+    from engine.dpo import DPO
+    from engine.sft import SFTDataset
+    from engine.tasks import LMTask, SFTTask
+
+    split = TokenSplit(np.arange(500, dtype=np.uint16), 1000)
+    sft = SFTDataset([([i, i + 1, i + 2], [-100, i + 2, i + 3]) for i in range(10, 60, 3)], 8, 0)
+    pairs = type("Pairs", (), {"pairs": [SimpleNamespace(chosen_ids=[1], rejected_ids=[2])] * 20,
+                               "sample": lambda self, n, g: torch.randint(20, (n,), generator=g).tolist()})()
+    seen = []
+    monkeypatch.setattr(DPO, "loss", lambda self, m, data, idx, device: (
+        seen.append(list(idx)), (torch.zeros(len(idx)),) * 3)[1])
+
+    def model(x, labels=None, **kw):  # records the rows it is given
+        seen.append(x.tolist())
+        return x.float().mean() * 0 + 1.0
+
+    tasks = {"lm": lambda gen: LMTask(split, split, 6, 8, 1),
+             "sft": lambda gen: SFTTask(sft, sft, 6, gen),
+             "dpo": lambda gen: DPO(pairs, None, 6)}
+    for name, make in tasks.items():
+        per_rank = {}
+        for world, rank in ((1, 0), (2, 0), (2, 1)):
+            monkeypatch.setattr(distributed, "_rank", rank)
+            monkeypatch.setattr(distributed, "_world", world)
+            seen.clear()
+            gen = torch.Generator().manual_seed(5)
+            task = make(gen)
+            for _ in range(2):
+                task.train_step(model, gen, "cpu")
+            per_rank[world, rank] = list(seen)
+        for k in range(2):
+            assert per_rank[2, 0][k] + per_rank[2, 1][k] == per_rank[1, 0][k], name
+            assert len(per_rank[2, 0][k]) == 3, name
