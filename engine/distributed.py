@@ -35,6 +35,7 @@ import torch.distributed as tdist
 
 _rank, _world, _local_rank = 0, 1, 0
 _timeout = 600.0
+_barriers = 0  # barrier() calls so far (the same count on every rank)
 _cpu_group = None  # gloo group for small CPU values and objects (even when the backend is nccl)
 _wait_group = None  # gloo group without a practical deadline: waiting for rank 0's data preparation
 PER_RANK_FLAGS = ("threads", "no_progress", "metrics_port", "dist_timeout")  # may differ per rank
@@ -99,9 +100,20 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
-    """All ranks meet (around checkpoint writes: no deadline, a large checkpoint may take long)."""
-    if _world > 1:
-        tdist.barrier(group=_wait_group)
+    """After rank 0 wrote a checkpoint: the other ranks wait until it is complete, without a
+    deadline (a large checkpoint may take long); rank 0 itself does not wait, so a rank that hung
+    meanwhile (say in evaluation, which has no collectives) is caught by rank 0's next collective
+    within --dist-timeout. Through the rendezvous store, keyed by a count of calls."""
+    global _barriers
+    if _world == 1:
+        return
+    _barriers += 1
+    key = f"whetstone/written/{_barriers}"
+    store = tdist.distributed_c10d._get_default_store()
+    if _rank == 0:
+        store.set(key, "1")
+    else:
+        store.wait([key], timedelta(days=1))
 
 
 @contextlib.contextmanager
@@ -162,8 +174,8 @@ def explain(e: BaseException) -> str:
     """A one-line message for an error; a failed collective says what probably happened."""
     if _lost_contact(e):
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        return (f"rank {_rank}: lost contact with the other ranks (a process died, or hung longer "
-                f"than --dist-timeout {_timeout:g}s; see the launcher's log for which one): {first}")
+        return (f"rank {_rank}: lost contact with the other ranks (a process died, or hung "
+                f"longer than --dist-timeout {_timeout:g}s; the launcher's log names it): {first}")
     return str(e)
 
 
@@ -260,10 +272,10 @@ def mean_dict(values: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 def fsdp_available() -> bool:
     try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401  (FSDP2, torch >= 2.6)
+        import torch.distributed.fsdp as fsdp
     except ImportError:
         return False
-    return True
+    return hasattr(fsdp, "fully_shard")  # FSDP2 (torch >= 2.6)
 
 
 def shard_model(model: torch.nn.Module, device: torch.device) -> None:
@@ -305,7 +317,7 @@ def data_parallel(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     for p in params:
         p.requires_grad_(True)
     try:
-        with warnings.catch_warnings():  # torch 2.13 deprecates broadcast_buffers but advises to keep
+        with warnings.catch_warnings():  # torch 2.13 deprecates broadcast_buffers, but advises
             warnings.simplefilter("ignore", FutureWarning)  # it while buffers must not sync at init
             net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                       broadcast_buffers=False, find_unused_parameters=toggles_trainable)

@@ -152,9 +152,9 @@ def test_ddp_lora_on_sft_equals_one_process_with_accumulation(setup):
     data = tmp / "sft.jsonl"
     rng = random.Random(1)
     words = ["king", "lord", "night", "prince", "be", "not", "alas", "sweet"]
-    data.write_text("".join(json.dumps({"prompt": " ".join(rng.choices(words, k=rng.randint(1, 6))) + " ",
-                                        "completion": " ".join(rng.choices(words, k=rng.randint(1, 9)))})
-                            + "\n" for _ in range(10)))
+    say = lambda n: " ".join(rng.choices(words, k=rng.randint(1, n)))  # noqa: E731
+    data.write_text("".join(json.dumps({"prompt": say(6) + " ", "completion": say(9)}) + "\n"
+                            for _ in range(10)))
     common = ["--base", ref, "--finetune", "lora", "--lora-r", "4", "--data", str(data),
               "--max-steps", "3", "--grad-accum", "2", *FLAGS, "--seq-len", "48", "--lr", "1e-2"]
     one, two = str(tmp / "lora1"), str(tmp / "lora2")
@@ -200,8 +200,8 @@ def one_clear_line(text: str, needle: str) -> None:
 
 def test_mismatched_flags_fail_on_every_rank(setup):
     tmp, cache, corpus, _ = setup
-    base = ["--data", corpus, "--out", str(tmp / "mismatch"), "--max-steps", "2", "--batch-size", "4",
-            *SCRATCH]
+    base = ["--data", corpus, "--out", str(tmp / "mismatch"), "--max-steps", "2",
+            "--batch-size", "4", *SCRATCH]
     procs = ranks(cache, tmp, [base, [*base, "--lr", "1e-3"]], timeout=120)
     for r, p in enumerate(procs):
         assert p.returncode == 2
@@ -281,8 +281,8 @@ def test_each_task_trains_only_its_rows_of_the_shared_global_batch(monkeypatch):
 
     split = TokenSplit(np.arange(500, dtype=np.uint16), 1000)
     sft = SFTDataset([([i, i + 1, i + 2], [-100, i + 2, i + 3]) for i in range(10, 60, 3)], 8, 0)
-    pairs = type("Pairs", (), {"pairs": [SimpleNamespace(chosen_ids=[1], rejected_ids=[2])] * 20,
-                               "sample": lambda self, n, g: torch.randint(20, (n,), generator=g).tolist()})()
+    pairs = SimpleNamespace(pairs=[SimpleNamespace(chosen_ids=[1], rejected_ids=[2])] * 20,
+                            sample=lambda n, g: torch.randint(20, (n,), generator=g).tolist())
     seen = []
     monkeypatch.setattr(DPO, "loss", lambda self, m, data, idx, device: (
         seen.append(list(idx)), (torch.zeros(len(idx)),) * 3)[1])
