@@ -62,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                       "--max-steps is not given)")
     a("--batch-size", type=int, default=d.batch_size, help="micro-batch per process (global batch "
                                                            "= this x processes x --grad-accum)")
-    a("--seq-len", type=int, default=d.seq_len)
+    a("--seq-len", type=int, default=None,
+      help=f"tokens per training window (default: 128 from scratch, {d.seq_len} fine-tuning)")
     a("--grad-accum", type=int, default=d.grad_accum)
     a("--lr", type=float, default=None, help="peak learning rate (default: 3e-3 from scratch, "
                                               "1e-3 for adapters, 5e-5 for full fine-tuning)")
@@ -72,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--grad-clip", type=float, default=d.grad_clip)
     a("--eval-every", type=int, default=d.eval_every)
     a("--eval-batches", type=int, default=d.eval_batches, help="batches per periodic validation")
-    a("--final-eval-windows", type=int, default=4096,
+    a("--final-eval-windows", type=int, default=1024,
       help="windows of the validation split scored at the end (plain-text data)")
     a("--log-every", type=int, default=10)
     a("--patience", type=int, default=None, help="stop after this many evaluations without improvement")
@@ -115,6 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--dist-timeout", type=float, default=600.0, metavar="S", help="under torchrun: seconds a rank "
       "waits for the others in a collective before exiting with an error (a dead or hung rank)")
     args = p.parse_args(argv)
+    if args.seq_len is None:
+        args.seq_len = d.seq_len if args.base else 128
     if args.max_steps is None:
         args.max_steps = 100000
         if args.max_minutes is None:
