@@ -154,3 +154,21 @@ def test_sft_chat_jsonl_trains_on_responses_and_resumes(base):
                                       "--bad-lines", "stop", "--out", str(tmp / "sft-bad")],
                                      capture_output=True, text=True)
     assert r.returncode == 2 and "chat.jsonl:121" in r.stderr
+
+
+def test_merge_command_writes_plain_model_with_same_logits(base):
+    run_base, domain, tmp = base
+    out = str(tmp / "ft-merge-src")
+    assert train.main(["--base", run_base, "--finetune", "lora", "--data", domain, "--out", out,
+                       "--max-steps", "4", "--eval-every", "4", "--lr", "1e-2", "--lora-r", "4", *FLAGS]) == 0
+    from engine import merge
+    from engine.hub import load_model
+    merged_dir = str(tmp / "merged")
+    assert merge.main(["--base", run_base, "--adapter", out, "--out", merged_dir]) == 0
+    adapted, _ = load_model(run_base, adapter=out)
+    merged, _ = load_model(merged_dir)
+    assert not any("lora" in k for k in merged.state_dict())
+    ids = torch.randint(0, 300, (2, 16))
+    torch.testing.assert_close(merged(ids), adapted(ids), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="already holds a model"):
+        merge.main(["--base", run_base, "--adapter", out, "--out", merged_dir])

@@ -1,0 +1,54 @@
+"""Merge a LoRA / DoRA adapter into its base and write a plain HF-format model directory.
+
+    python -m engine.merge --base smollm2-135m-instruct --adapter out/RUN --out merged/
+    python -m engine.merge --base M --adapter A1 --adapter A2 --weights 0.7 0.3 --method cat --out merged/
+
+W' = W + scaling * B @ A (DoRA: rescaled rows), per shared/FORMATS.md section 2. With several
+adapters they are first combined (engine.lora.combine_adapters: cat, linear or svd).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, help="model name, HF directory or .gguf file")
+    p.add_argument("--adapter", action="append", required=True, help="adapter directory (repeatable)")
+    p.add_argument("--weights", type=float, nargs="+", help="per-adapter weights (default 1 each)")
+    p.add_argument("--method", choices=("cat", "linear", "svd"), default="cat")
+    p.add_argument("--rank", type=int, default=None, help="svd: rank of the combined adapter")
+    p.add_argument("--out", required=True, help="output directory (must not hold a model yet)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    args = p.parse_args(argv)
+    if os.path.isfile(os.path.join(args.out, "config.json")):
+        raise ValueError(f"{args.out} already holds a model; pick another --out")
+    from engine.checkpoint import parse_dtype, save_model
+    from engine.hub import load_model
+    from engine.lora import Adapter, combine_adapters, load_adapter, merge_lora
+    model, tok = load_model(args.base, dtype=torch.float32)
+    if len(args.adapter) == 1:
+        load_adapter(model, args.adapter[0])
+    else:
+        weights = args.weights or [1.0] * len(args.adapter)
+        if len(weights) != len(args.adapter):
+            raise ValueError(f"{len(args.adapter)} adapters but {len(weights)} --weights")
+        load_adapter(model, combine_adapters([Adapter.load(a) for a in args.adapter], weights,
+                                             method=args.method, rank=args.rank))
+    merge_lora(model)
+    model.to(parse_dtype(args.dtype))
+    save_model(model, args.out, tok)
+    print(f"merged {', '.join(args.adapter)} into {args.base} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
