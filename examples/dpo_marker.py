@@ -122,8 +122,10 @@ def make(args) -> None:
           f"prompts ({skipped} unfinished answers skipped) -> {args.out}")
 
 
-def has_marker(text: str) -> bool:
-    return text.rstrip().endswith(MARKER)
+def has_property(text: str, finished: bool) -> bool:
+    """The answer ended (stop token, not the length limit), ends with the marker, and has it
+    once: a degenerate "[DONE] [DONE] ..." loop does not count."""
+    return finished and text.rstrip().endswith(MARKER) and text.count(MARKER) == 1
 
 
 def measure(args) -> None:
@@ -134,7 +136,7 @@ def measure(args) -> None:
     prompts = [p for p in prompts for _ in range(args.samples)]
     model, tok = load_model(args.model, adapter=args.adapter)
     report = {}
-    for name in ("base", "tuned"):
+    for name in args.which.split(","):
         print(f"sampling {len(prompts)} answers ({name}) ...", flush=True)
         if name == "base":
             with disable_adapters(model):
@@ -143,17 +145,19 @@ def measure(args) -> None:
         else:
             answers = generate_batched(model, tok, prompts, args.max_new_tokens, args.temperature,
                                        args.top_k, args.seed, args.batch)
-        hits = [has_marker(a) for a, _ in answers]
+        hits = [has_property(a, f) for a, f in answers]
         report[name] = {"marker_rate": sum(hits) / len(hits), "n": len(hits),
+                        "any_marker_rate": sum(MARKER in a for a, _ in answers) / len(answers),
                         "finished_rate": sum(f for _, f in answers) / len(answers),
                         "mean_words": sum(len(a.split()) for a, _ in answers) / len(answers),
                         "examples": [{"prompt": p, "answer": a} for p, (a, _) in
                                      list(zip(prompts, answers))[:5]]}
-    print(f"\nproperty: answer ends with {MARKER!r}; {len(prompts)} sampled answers on held-out prompts "
-          f"(temperature {args.temperature}, top-k {args.top_k})")
-    print(f"{'':8}{'marker rate':>12}{'finished':>10}{'words':>8}")
+    print(f"\nproperty: a finished answer that ends with {MARKER!r} (once); {len(prompts)} sampled "
+          f"answers on held-out prompts (temperature {args.temperature}, top-k {args.top_k})")
+    print(f"{'':8}{'property':>10}{'any marker':>12}{'finished':>10}{'words':>8}")
     for name, r in report.items():
-        print(f"{name:8}{r['marker_rate']:>12.1%}{r['finished_rate']:>10.1%}{r['mean_words']:>8.1f}")
+        print(f"{name:8}{r['marker_rate']:>10.1%}{r['any_marker_rate']:>12.1%}"
+              f"{r['finished_rate']:>10.1%}{r['mean_words']:>8.1f}")
     out = args.json or os.path.join(args.adapter, "marker_rate.json")
     atomic_write_text(out, json.dumps({"marker": MARKER, "settings": vars(args), **report}, indent=2))
     print(f"report: {out}")
@@ -174,6 +178,7 @@ def main(argv=None) -> None:
     s.add_argument("--top-k", type=int, default=50)
     s.add_argument("--max-new-tokens", type=int, default=96)
     s.add_argument("--json", default=None)
+    s.add_argument("--which", default="base,tuned", help="comma-separated: base (adapter disabled), tuned")
     for q in (m, s):
         q.add_argument("--model", default="smollm2-135m-instruct")
         q.add_argument("--batch", type=int, default=32)
