@@ -1,16 +1,18 @@
 """A DPO preference set with an objective, checkable property, and the measurement of it.
 
-Property: the assistant's answer ends with the sign-off line "[DONE]". Pairs are on-policy: the
-base model's own greedy answer to each prompt, with the marker appended (chosen) and as it is
-(rejected), so the only thing DPO can learn from the pair is the preference itself.
+Property (--style prefix, the default): the assistant's answer starts with "Answer:"; with
+--style suffix it ends with a last line "[DONE]". Pairs are on-policy: the base model's own
+greedy answer to each prompt with the marker added (chosen) and as it is (rejected), so the
+only thing DPO can learn from a pair is the preference itself.
 
-    python examples/dpo_marker.py make --out data/dpo_marker        # pairs + held-out prompts
+    python examples/dpo_marker.py make --out out/dpo_data        # pairs + held-out prompts
     python train.py --objective dpo --base smollm2-135m-instruct --finetune lora \\
-        --data data/dpo_marker/train.jsonl --val-data data/dpo_marker/heldout.jsonl ...
-    python examples/dpo_marker.py measure --adapter out/dpo-marker \\
-        --prompts data/dpo_marker/heldout_prompts.jsonl           # marker rate, base vs tuned
+        --data out/dpo_data/train.jsonl --val-data out/dpo_data/heldout.jsonl ...
+    python examples/dpo_marker.py measure --adapter out/dpo-answer \\
+        --prompts out/dpo_data/heldout_prompts.jsonl              # property rate, base vs tuned
 
-Prompts come from templates x topics; the held-out topics never appear in train.jsonl.
+Prompts come from templates x topics; the held-out topics never appear in train.jsonl. The
+base's answers are cached in answers.jsonl (re-running `make` with another --style reuses them).
 Generation is batched over prompts of equal token length (engine.generation's prefill /
 decode_one_token / sample with one KV cache per group), which is what makes this practical on
 a CPU.
@@ -32,7 +34,7 @@ from engine.generation import decode_one_token, prefill, sample  # noqa: E402
 from engine.hub import load_model  # noqa: E402
 from tokenizer.chat import render_chat  # noqa: E402
 
-MARKER = "[DONE]"
+MARKERS = {"prefix": "Answer:", "suffix": "[DONE]"}
 TEMPLATES = ["Tell me about {} in one sentence.", "Give me one short fact about {}.",
              "Describe {} briefly.", "Why do people care about {}? Keep it short."]
 TOPICS = ["volcanoes", "owls", "bicycles", "rainbows", "honey bees", "the moon", "glaciers",
@@ -93,39 +95,56 @@ def generate_batched(model, tok, prompts: list[str], max_new_tokens: int, temper
     return out
 
 
+def with_marker(answer: str, style: str) -> str:
+    return f"{MARKERS[style]} {answer}" if style == "prefix" else f"{answer}\n\n{MARKERS[style]}"
+
+
+def has_property(text: str, finished: bool, style: str) -> bool:
+    """The answer ended (stop token, not the length limit) and carries the marker exactly once,
+    at its start (prefix) or end (suffix): a degenerate "[DONE] [DONE] ..." loop does not count."""
+    m = MARKERS[style]
+    placed = text.lstrip().startswith(m) if style == "prefix" else text.rstrip().endswith(m)
+    return finished and placed and text.count(m) == 1
+
+
 def make(args) -> None:
     rng = random.Random(args.seed)
     tops = list(TOPICS)
     rng.shuffle(tops)
     held = set(tops[:args.heldout_topics])
     prompts = [(t.format(top), top in held) for top in tops for t in TEMPLATES]
-    model, tok = load_model(args.model)
-    print(f"generating {len(prompts)} greedy answers with {args.model} ...", flush=True)
-    answers = generate_batched(model, tok, [p for p, _ in prompts], args.max_new_tokens,
-                               batch=args.batch)
+    cache = os.path.join(args.out, "answers.jsonl")
+    if os.path.isfile(cache):
+        with open(cache) as f:
+            rows = [json.loads(l) for l in f if l.strip()]
+        answers = [(r["answer"], r["finished"]) for r in rows]
+        if [r["prompt"] for r in rows] != [p for p, _ in prompts]:
+            raise SystemExit(f"{cache} holds other prompts; remove it to regenerate")
+        print(f"reusing {len(rows)} base answers from {cache}")
+    else:
+        model, tok = load_model(args.model)
+        print(f"generating {len(prompts)} greedy answers with {args.model} ...", flush=True)
+        answers = generate_batched(model, tok, [p for p, _ in prompts], args.max_new_tokens,
+                                   batch=args.batch)
+        os.makedirs(args.out, exist_ok=True)
+        atomic_write_text(cache, "".join(json.dumps({"prompt": p, "answer": a, "finished": f}) + "\n"
+                                         for (p, _), (a, f) in zip(prompts, answers)))
     train, val, held_prompts, skipped = [], [], [], 0
     for (prompt, is_held), (answer, finished) in zip(prompts, answers):
         if is_held:
             held_prompts.append({"prompt": prompt})
-        if not finished or not answer or MARKER in answer:
-            skipped += 1  # an answer cut by max_new_tokens would teach the marker mid-sentence
+        if not finished or not answer or MARKERS[args.style] in answer:
+            skipped += 1  # an answer cut by max_new_tokens is not an example of a whole answer
             continue
         pair = {"prompt": [{"role": "user", "content": prompt}],
-                "chosen": [{"role": "assistant", "content": f"{answer}\n\n{MARKER}"}],
+                "chosen": [{"role": "assistant", "content": with_marker(answer, args.style)}],
                 "rejected": [{"role": "assistant", "content": answer}]}
         (val if is_held else train).append(pair)
-    os.makedirs(args.out, exist_ok=True)
     for name, rows in (("train.jsonl", train), ("heldout.jsonl", val),
                        ("heldout_prompts.jsonl", held_prompts)):
         atomic_write_text(os.path.join(args.out, name), "".join(json.dumps(r) + "\n" for r in rows))
     print(f"{len(train)} training pairs, {len(val)} held-out pairs, {len(held_prompts)} held-out "
           f"prompts ({skipped} unfinished answers skipped) -> {args.out}")
-
-
-def has_property(text: str, finished: bool) -> bool:
-    """The answer ended (stop token, not the length limit), ends with the marker, and has it
-    once: a degenerate "[DONE] [DONE] ..." loop does not count."""
-    return finished and text.rstrip().endswith(MARKER) and text.count(MARKER) == 1
 
 
 def measure(args) -> None:
@@ -145,21 +164,23 @@ def measure(args) -> None:
         else:
             answers = generate_batched(model, tok, prompts, args.max_new_tokens, args.temperature,
                                        args.top_k, args.seed, args.batch)
-        hits = [has_property(a, f) for a, f in answers]
+        hits = [has_property(a, f, args.style) for a, f in answers]
         report[name] = {"marker_rate": sum(hits) / len(hits), "n": len(hits),
-                        "any_marker_rate": sum(MARKER in a for a, _ in answers) / len(answers),
+                        "any_marker_rate": sum(MARKERS[args.style] in a for a, _ in answers) / len(answers),
                         "finished_rate": sum(f for _, f in answers) / len(answers),
                         "mean_words": sum(len(a.split()) for a, _ in answers) / len(answers),
                         "examples": [{"prompt": p, "answer": a} for p, (a, _) in
                                      list(zip(prompts, answers))[:5]]}
-    print(f"\nproperty: a finished answer that ends with {MARKER!r} (once); {len(prompts)} sampled "
+    where = "starts" if args.style == "prefix" else "ends"
+    print(f"\nproperty: a finished answer that {where} with {MARKERS[args.style]!r} (once); "
+          f"{len(prompts)} sampled "
           f"answers on held-out prompts (temperature {args.temperature}, top-k {args.top_k})")
     print(f"{'':8}{'property':>10}{'any marker':>12}{'finished':>10}{'words':>8}")
     for name, r in report.items():
         print(f"{name:8}{r['marker_rate']:>10.1%}{r['any_marker_rate']:>12.1%}"
               f"{r['finished_rate']:>10.1%}{r['mean_words']:>8.1f}")
-    out = args.json or os.path.join(args.adapter, "marker_rate.json")
-    atomic_write_text(out, json.dumps({"marker": MARKER, "settings": vars(args), **report}, indent=2))
+    out = args.json or os.path.join(args.adapter, "property_rate.json")
+    atomic_write_text(out, json.dumps({"marker": MARKERS[args.style], "settings": vars(args), **report}, indent=2))
     print(f"report: {out}")
 
 
@@ -184,6 +205,8 @@ def main(argv=None) -> None:
         q.add_argument("--batch", type=int, default=32)
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--threads", type=int, default=None)
+        q.add_argument("--style", choices=tuple(MARKERS), default="prefix",
+                       help="marker at the start (prefix) or as the last line (suffix)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
