@@ -102,6 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
            "an adapter --finetune mode: the reference is the base with adapters disabled)")
     a("--beta", type=float, default=0.1, help="DPO: strength of the KL-style reference anchor")
     a("--label-smoothing", type=float, default=0.0, help="DPO: conservative DPO label noise in [0, 0.5)")
+    a("--rpo-alpha", type=float, default=0.0,
+      help="DPO: add this x the chosen answers' NLL per token (RPO; keeps them likely)")
     a("--resume", metavar="DIR", help="continue the run in DIR (same flags, same trajectory)")
     a("--pause-at-step", type=int, default=None, metavar="N",
       help="save a resumable checkpoint at step N and exit (train in chunks; --resume continues)")
@@ -146,8 +148,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.finetune not in finetune.ADAPTER_MODES:
             p.error("--objective dpo needs --finetune lora, dora or qlora (the reference model is "
                     "the base with its adapters disabled)")
-        if not args.beta > 0 or not 0 <= args.label_smoothing < 0.5:
-            p.error("--beta must be > 0 and --label-smoothing in [0, 0.5)")
+        if not args.beta > 0 or not 0 <= args.label_smoothing < 0.5 or not args.rpo_alpha >= 0:
+            p.error("--beta must be > 0, --label-smoothing in [0, 0.5), --rpo-alpha >= 0")
     if args.lr is None:
         args.lr = (d.lr if not args.base else 1e-3 if args.finetune in finetune.ADAPTER_MODES
                    else 5e-5)
@@ -202,7 +204,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--resume {args.resume}: no resumable checkpoint ({LAST}/) there")
         with open(os.path.join(run_dir, "run_args.json")) as f:
             saved = json.load(f)
-        args = argparse.Namespace(**{"fsdp": False, **saved, "resume": args.resume, "device": args.device,
+        args = argparse.Namespace(**{"fsdp": False, "rpo_alpha": 0.0, **saved,  # older runs lack some
+                                     "resume": args.resume, "device": args.device,
                                      "threads": args.threads, "no_progress": args.no_progress,
                                      "pause_at_step": args.pause_at_step,
                                      "metrics_port": args.metrics_port, "dist_timeout": args.dist_timeout})

@@ -8,7 +8,15 @@ token log-probabilities of the completion tokens only (the prompt is context, la
 
 with ls = label smoothing (0: the sigmoid DPO loss; > 0: conservative DPO, cDPO). Logged as in
 TRL: rewards = beta * (logp_pi - logp_ref) for chosen and rejected, reward accuracy (chosen
-reward > rejected reward) and margin (chosen - rejected reward).
+reward > rejected reward) and margin (chosen - rejected reward); also chosen_nll, the policy's
+mean NLL per chosen completion token.
+
+--rpo-alpha a > 0 adds a * chosen_nll to each pair's loss (RPO, Pang et al. 2024; TRL's
+rpo_alpha). Pure DPO only asks the chosen answer to gain on the rejected one, and when the two
+share most tokens (minimal-edit pairs) it often gets there by making both unlikely: the
+"likelihood displacement" that leaves answers rambling or unfinished. The NLL term keeps the
+chosen answers likely. TRL averages it over the batch's tokens, here over each pair's (the same
+when the chosen answers have equal lengths).
 
 The reference is the policy itself with its LoRA adapters switched off
 (engine.lora.disable_adapters) under no_grad: no second copy of the weights. The base weights
@@ -51,11 +59,13 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def check_hparams(beta: float, label_smoothing: float) -> None:
+def check_hparams(beta: float, label_smoothing: float, rpo_alpha: float = 0.0) -> None:
     if not beta > 0 or not math.isfinite(beta):
         raise ValueError(f"--beta must be > 0, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"--label-smoothing must be in [0, 0.5), got {label_smoothing}")
+    if not 0.0 <= rpo_alpha < math.inf:
+        raise ValueError(f"--rpo-alpha must be >= 0, got {rpo_alpha}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,34 +153,43 @@ def reference_logps(model, data: PreferenceSet, idx: list[int], x: torch.Tensor,
     return ref[:, 0], ref[:, 1]
 
 
-def summarize(losses, chosen_rewards, rejected_rewards, prefix: str = "") -> dict[str, float]:
-    """Mean loss, rewards, reward accuracy and margin (TRL's names) as floats."""
+def summarize(losses, chosen_rewards, rejected_rewards, chosen_nll=None, prefix: str = ""
+              ) -> dict[str, float]:
+    """Mean loss, rewards, reward accuracy and margin (TRL's names), chosen NLL, as floats."""
     losses, c, r = losses.detach().float(), chosen_rewards.float(), rejected_rewards.float()
-    return {f"{prefix}loss": losses.mean().item(), f"{prefix}rewards_chosen": c.mean().item(),
-            f"{prefix}rewards_rejected": r.mean().item(),
-            f"{prefix}reward_acc": (c > r).float().mean().item(),
-            f"{prefix}margin": (c - r).mean().item()}
+    out = {f"{prefix}loss": losses.mean().item(), f"{prefix}rewards_chosen": c.mean().item(),
+           f"{prefix}rewards_rejected": r.mean().item(),
+           f"{prefix}reward_acc": (c > r).float().mean().item(),
+           f"{prefix}margin": (c - r).mean().item()}
+    if chosen_nll is not None:
+        out[f"{prefix}chosen_nll"] = chosen_nll.detach().float().mean().item()
+    return out
 
 
 class DPO:
     """Training and held-out evaluation of the DPO objective over two PreferenceSets."""
 
     def __init__(self, train: PreferenceSet, val: PreferenceSet, batch_size: int, beta: float = 0.1,
-                 label_smoothing: float = 0.0):
-        check_hparams(beta, label_smoothing)
+                 label_smoothing: float = 0.0, rpo_alpha: float = 0.0):
+        check_hparams(beta, label_smoothing, rpo_alpha)
         self.train, self.val, self.batch_size = train, val, batch_size
-        self.beta, self.label_smoothing = beta, label_smoothing
+        self.beta, self.label_smoothing, self.rpo_alpha = beta, label_smoothing, rpo_alpha
         self._stats: list[dict] = []
         self._tokens = 0  # real (non-padding) tokens through the policy since pop_tokens()
 
     def loss(self, model, data: PreferenceSet, idx: list[int], device
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-pair losses and rewards of pairs idx; the losses carry the policy's graph."""
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-pair losses, chosen and rejected rewards, and chosen NLL per token (all (B,)) of
+        pairs idx; the losses carry the policy's graph."""
         x, y = data.collate(idx, device)                                    # (2B, T)
         ref_c, ref_r = reference_logps(model, data, idx, x, y)              # (B,), (B,)
         logps = sequence_logps(model, x, y)                                 # (2B,)
         B = len(idx)
-        return dpo_loss(logps[:B], logps[B:], ref_c, ref_r, self.beta, self.label_smoothing)
+        losses, rc, rr = dpo_loss(logps[:B], logps[B:], ref_c, ref_r, self.beta, self.label_smoothing)
+        nll = -logps[:B] / (y[:B] != IGNORE).sum(dim=1).clamp(min=1)        # (B,)
+        if self.rpo_alpha:
+            losses = losses + self.rpo_alpha * nll
+        return losses, rc, rr, nll.detach()
 
     def train_step(self, model, gen: torch.Generator, device) -> torch.Tensor:
         """Mean loss over one random batch (for backward); its statistics are kept for log()."""
@@ -178,8 +197,8 @@ class DPO:
         self._tokens += sum(len(self.train.pairs[i].chosen_ids) + len(self.train.pairs[i].rejected_ids)
                             for i in idx)
         from engine.distributed import shard  # under torchrun: this rank's pairs of the global batch
-        losses, c, r = self.loss(model, self.train, shard(idx), device)
-        self._stats.append(summarize(losses, c, r))
+        losses, c, r, nll = self.loss(model, self.train, shard(idx), device)
+        self._stats.append(summarize(losses, c, r, nll))
         return losses.mean()
 
     def state_dict(self) -> dict:
@@ -195,7 +214,8 @@ class DPO:
 
     def log(self, last: int = 1) -> dict[str, float]:
         """Statistics averaged over the `last` micro-batches (one optimizer step's), as
-        train_loss, rewards_chosen, rewards_rejected, reward_acc, margin; the rest is dropped."""
+        train_loss, rewards_chosen, rewards_rejected, reward_acc, margin, chosen_nll; the rest is
+        dropped."""
         stats, self._stats = self._stats[-last:], []
         keys = stats[0].keys() if stats else ()
         return {("train_loss" if k == "loss" else k): round(sum(s[k] for s in stats) / len(stats), 5)
@@ -213,15 +233,16 @@ class DPO:
                 parts.append(self.loss(model, self.val, list(range(b, min(b + self.batch_size,
                                                                          len(self.val)))), device))
         model.train(was_training)
-        losses, c, r = (torch.cat(t) for t in zip(*parts))
-        return summarize(losses, c, r, prefix="val_")
+        losses, c, r, nll = (torch.cat(t) for t in zip(*parts))
+        return summarize(losses, c, r, nll, prefix="val_")
 
 
 def format_eval(res: dict) -> str:
     """One progress line for a DPO evaluation."""
     return (f"val DPO loss {res['val_loss']:.4f}, reward acc {res['val_reward_acc']:.1%}, "
             f"margin {res['val_margin']:.3f} (chosen {res['val_rewards_chosen']:+.3f}, "
-            f"rejected {res['val_rewards_rejected']:+.3f})")
+            f"rejected {res['val_rewards_rejected']:+.3f}), chosen NLL/token "
+            f"{res['val_chosen_nll']:.3f}")
 
 
 def format_report(report: dict, path: str) -> str:

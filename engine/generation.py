@@ -361,6 +361,47 @@ def generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, max_n
             stream(ev.row, ev.text)
 
 
+@torch.inference_mode()
+def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                  stop_ids: Iterable[int] = (), generator: torch.Generator | None = None,
+                  batch_size: int = 32, progress: Callable[[int, int], None] | None = None
+                  ) -> list[tuple[list[int], bool]]:
+    """One continuation of each of many prompts: (new ids without the stop id, ended by a stop
+    id) per prompt, in order. Prompts of equal length decode together, batch_size at a time,
+    one KV cache per group: no padding, so each row's result is what `generate` gives it alone
+    (greedy). progress(done, total) after each group. For evaluation sweeps on a CPU."""
+    check_sampling_args(temperature, top_k, top_p, 1.0)
+    stop_set = set(stop_ids)
+    device = _device(model)
+    stop = torch.tensor(sorted(stop_set), dtype=torch.long, device=device)
+    groups: dict[int, list[int]] = {}
+    for i, ids in enumerate(prompts):
+        groups.setdefault(len(ids), []).append(i)
+    work = [g[k:k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
+    out: list[tuple[list[int], bool]] = [([], False)] * len(prompts)
+    for n, rows in enumerate(work):
+        x = torch.tensor([list(prompts[i]) for i in rows], device=device)  # (B, T)
+        cache = model.new_cache(len(rows), x.shape[1] + max_new_tokens)
+        logits = prefill(model, x, cache)                                   # (B, V)
+        new = []                                                            # [(B,)] per step
+        done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            nxt = sample(logits, temperature, top_k, top_p, generator)      # (B,)
+            new.append(nxt)
+            done |= torch.isin(nxt, stop)
+            if done.all():
+                break
+            logits = decode_one_token(model, nxt[:, None], cache)
+        toks = torch.stack(new, dim=1).tolist()                             # (B, steps)
+        for r, i in enumerate(rows):
+            cut = next((k for k, t in enumerate(toks[r]) if t in stop_set), None)
+            out[i] = (toks[r][:cut], cut is not None)
+        if progress is not None:
+            progress(sum(len(w) for w in work[:n + 1]), len(prompts))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Beam search
 # ---------------------------------------------------------------------------------------------

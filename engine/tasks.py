@@ -121,7 +121,8 @@ def build_task(args, tok, data_path: str, gen, texts: tuple[str, str] | None = N
         from engine import dpo as dpo_lib
         train_p, val_p, rep = dpo_lib.load_preference_data(data_path, tok, args.seq_len,
                                                            args.val_fraction, args.val_data)
-        task = dpo_lib.DPO(train_p, val_p, batch_size, args.beta, args.label_smoothing)
+        task = dpo_lib.DPO(train_p, val_p, batch_size, args.beta, args.label_smoothing,
+                           args.rpo_alpha)
         task.describe = lambda path: dpo_lib.format_report(rep, path)
         task.format_eval = dpo_lib.format_eval
         task.sizes = lambda: {k.removeprefix("n_"): v for k, v in rep.items()

@@ -75,21 +75,22 @@ def explicit_logp(model, ids: list[int], n_prompt: int) -> torch.Tensor:
     return sum(logp[t - 1, ids[t]] for t in range(n_prompt, len(ids)))
 
 
-def test_loss_and_gradients_equal_hand_computed_reference(tmp_path):
+@pytest.mark.parametrize("rpo_alpha", [0.0, 0.7])
+def test_loss_and_gradients_equal_hand_computed_reference(tmp_path, rpo_alpha):
     policy, base = tiny_lora_model()
     tok = CharTok()
     raw, _ = load_preferences(write_jsonl(tmp_path / "p.jsonl", PAIRS))
     data, _ = dpo.PreferenceSet.tokenize(raw, tok, seq_len=64)
     beta, ls = 0.5, 0.1
-    trainer = dpo.DPO(data, data, batch_size=3, beta=beta, label_smoothing=ls)
-    losses, rc, rr = trainer.loss(policy, data, [0, 1, 2], "cpu")
+    trainer = dpo.DPO(data, data, batch_size=3, beta=beta, label_smoothing=ls, rpo_alpha=rpo_alpha)
+    losses, rc, rr, nll = trainer.loss(policy, data, [0, 1, 2], "cpu")
     loss = losses.mean()
     loss.backward()
     ours = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
     policy.zero_grad()
 
     # By hand: prompt = BOS + prompt chars; completion = its chars + EOS.
-    ref_losses, ref_rc, ref_rr = [], [], []
+    ref_losses, ref_rc, ref_rr, ref_nll = [], [], [], []
     for p in PAIRS:
         prompt = [1] + [10 + ord(c) for c in p["prompt"]]
         seqs = [prompt + [10 + ord(c) for c in p[k]] + [2] for k in ("chosen", "rejected")]
@@ -97,7 +98,10 @@ def test_loss_and_gradients_equal_hand_computed_reference(tmp_path):
         with torch.no_grad():
             ref = [explicit_logp(base, s, len(prompt)) for s in seqs]
         z = beta * ((pi[0] - ref[0]) - (pi[1] - ref[1]))
-        ref_losses.append(-(1 - ls) * torch.log(torch.sigmoid(z)) - ls * torch.log(torch.sigmoid(-z)))
+        chosen_nll = -pi[0] / (len(p["chosen"]) + 1)  # per completion token (EOS included)
+        ref_losses.append(-(1 - ls) * torch.log(torch.sigmoid(z)) - ls * torch.log(torch.sigmoid(-z))
+                          + rpo_alpha * chosen_nll)
+        ref_nll.append(chosen_nll.item())
         ref_rc.append(beta * (pi[0] - ref[0]).item())
         ref_rr.append(beta * (pi[1] - ref[1]).item())
     ref_loss = torch.stack(ref_losses).mean()
@@ -105,6 +109,7 @@ def test_loss_and_gradients_equal_hand_computed_reference(tmp_path):
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5, abs=1e-6)
     assert rc.tolist() == pytest.approx(ref_rc, abs=1e-5)
     assert rr.tolist() == pytest.approx(ref_rr, abs=1e-5)
+    assert nll.tolist() == pytest.approx(ref_nll, abs=1e-5)
     worst = 0.0
     for n, p in policy.named_parameters():
         if p.requires_grad:
@@ -148,8 +153,10 @@ def test_fresh_adapter_starts_at_log2(tmp_path):
     trainer = dpo.DPO(data, data, batch_size=2, beta=0.1)
     loss = trainer.train_step(model, torch.Generator().manual_seed(0), "cpu")
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
-    assert trainer.log() == {"train_loss": pytest.approx(math.log(2), abs=1e-5), "rewards_chosen": 0.0,
-                             "rewards_rejected": 0.0, "reward_acc": 0.0, "margin": 0.0}
+    logged = trainer.log()
+    assert logged.pop("chosen_nll") > 0
+    assert logged == {"train_loss": pytest.approx(math.log(2), abs=1e-5), "rewards_chosen": 0.0,
+                      "rewards_rejected": 0.0, "reward_acc": 0.0, "margin": 0.0}
 
 
 def test_reference_is_base_under_disabled_adapters(tmp_path):

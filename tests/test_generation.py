@@ -16,8 +16,9 @@ import torch.nn as nn
 
 from engine.config import preset
 from engine.generation import (StopStringStream, apply_repetition_penalty, beam_search,
-                               decode_one_token, fit_context, generate, iter_generate, prefill,
-                               sample, top_k_filter, top_p_filter, trim_stop_strings)
+                               decode_one_token, fit_context, generate, generate_many,
+                               iter_generate, prefill, sample, top_k_filter, top_p_filter,
+                               trim_stop_strings)
 from engine.model import Transformer
 from tokenizer.base import Tokenizer
 
@@ -156,6 +157,18 @@ def test_stop_id_ends_and_is_excluded():
     res = generate(model, prompt, 24, temperature=0, stop_ids=[stop])
     assert res.tokens[0] == ref[:ref.index(stop)]
     assert res.finish_reasons == ["stop"]
+
+
+def test_generate_many_equals_one_prompt_at_a_time():
+    # prompts of three lengths, more of one length than batch_size: grouped and split, in order
+    model = tiny_model()
+    prompts = [[5, 17, 200, 3], [9, 9], [4, 8, 15, 16], [7, 1, 2, 3], [100, 42], [3, 3, 3, 3, 3]]
+    stop = naive_greedy(model, prompts[0], 24)[5]
+    got = generate_many(model, prompts, 24, temperature=0, stop_ids=[stop], batch_size=2)
+    for prompt, (ids, finished) in zip(prompts, got):
+        ref = generate(model, prompt, 24, temperature=0, stop_ids=[stop])
+        assert ids == ref.tokens[0] and finished == (ref.finish_reasons == ["stop"])
+    assert got[0][1] and len(got[0][0]) == 5
 
 
 def test_same_seed_same_samples_and_batched_rows():
