@@ -29,7 +29,7 @@ from tqdm import tqdm
 from engine import distributed, finetune
 from engine.checkpoint import load_model_dir
 from engine.config import PRESETS, TrainConfig, atomic_write_text, preset
-from engine.card import write_model_card
+from engine.card import peak_memory_mb, write_model_card
 from engine.data import cache_dir, fetch_shakespeare
 from engine.model import Transformer
 from engine.tasks import build_task, read_text_splits
@@ -416,6 +416,7 @@ def main(argv=None) -> int:
     metrics.log(step=step, elapsed_s=round(elapsed(), 2), final=True, **final)
     plot_losses(metrics.read(), os.path.join(run_dir, "loss.png"))
     tps = extra["tokens"] / max(elapsed(), 1e-9)
+    peak = peak_memory_mb()
     last_train = next((e["train_loss"] for e in reversed(metrics.read()) if "train_loss" in e), None)
     write_model_card(run_dir, base_model=args.base or f"none (trained from scratch, preset {args.preset})",
                      data_path=data_path, data_sizes=task.sizes(),
@@ -424,9 +425,10 @@ def main(argv=None) -> int:
                                       ("resume", "no_progress", "threads", "pause_at_step",
                                        "dist_timeout")},
                      metrics={"steps": step, "train_loss (last logged)": last_train,
-                              "tokens_per_s": round(tps, 1), **{k: round(v, 5) for k, v in final.items()}},
+                              "tokens_per_s": round(tps, 1), **peak, **{k: round(v, 5) for k, v in final.items()}},
                      wall_time_s=elapsed())
-    print(f"done ({stop_reason}): {step} steps in {elapsed():.0f}s, {tps:,.0f} tokens/s; best "
+    mem = ", ".join(f"{k.removesuffix('_mb').replace('_', ' ')} {v:,.0f} MB" for k, v in peak.items())
+    print(f"done ({stop_reason}): {step} steps in {elapsed():.0f}s, {tps:,.0f} tokens/s, {mem}; best "
           f"checkpoint: {task.format_eval(final)} -> {run_dir}")
     return 0
 

@@ -94,6 +94,22 @@ def describe_hardware() -> str:
     return "; ".join(parts)
 
 
+def peak_memory_mb() -> dict:
+    """This process's peak memory so far: resident set size (ru_maxrss: kB on Linux, bytes on
+    macOS), and the CUDA allocator's peak when a GPU is in use."""
+    import torch
+    out = {}
+    try:
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["peak_rss_mb"] = round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)
+    except ImportError:  # Windows
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
 def command_line(argv: list[str] | None = None) -> str:
     """The command that started this process, shell-quoted (python SCRIPT ARGS...)."""
     argv = sys.argv if argv is None else argv

@@ -140,12 +140,61 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -100) -> torch.Tensor:
-    """Loss of `hidden @ weight.T` against targets without keeping full fp32 logits on the
-    kernel path. hidden: (N, H); weight: (V, H); targets: (N,)."""
+    """Loss of `hidden @ weight.T` against targets, never holding the full fp32 logits (Triton
+    kernel on CUDA, chunked PyTorch otherwise). hidden: (N, H); weight: (V, H); targets: (N,)."""
     if _use_triton(hidden):
         from kernels.cross_entropy import linear_cross_entropy as k
         return k(hidden, weight, targets, ignore_index=ignore_index)
-    return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=ignore_index)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _ChunkedLinearCE.apply(hidden, weight, targets, ignore_index)
+    return _chunked_linear_ce(hidden, weight, targets, ignore_index, False, False)[0]
+
+
+def _chunked_linear_ce(hidden, weight, targets, ignore_index: int, need_dh: bool, need_dw: bool):
+    """The PyTorch path of the fused loss (kernels/cross_entropy.py's algorithm with torch ops):
+    rows in chunks whose fp32 logits stay near 32 MB, the gradient computed with the loss.
+    On a CPU at vocab 49k and 1k tokens this replaces ~600 MB of logits, log-softmax and their
+    gradients with one chunk's worth. Returns (mean loss, grad_hidden (N, H) | None,
+    grad_weight (V, H) | None), gradients of the mean loss."""
+    (N, H), V = hidden.shape, weight.shape[0]
+    valid = targets != ignore_index
+    n_valid = valid.sum()
+    grad_h = torch.empty_like(hidden) if need_dh else None
+    grad_w = torch.zeros_like(weight) if need_dw else None
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    C = max(1, (8 << 20) // V)  # rows per chunk: (C, V) fp32 about 32 MB
+    for s in range(0, N, C):
+        h, ok = hidden[s:s + C], valid[s:s + C]
+        t = torch.where(ok, targets[s:s + C], 0)
+        with torch.no_grad():
+            logits = (h @ weight.t()).float()  # (C, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (C,)
+            total += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * ok).sum()
+            if need_dh or need_dw:
+                # d(mean loss)/d logits = (softmax - onehot) / n_valid on valid rows, 0 elsewhere
+                g = logits.sub_(lse[:, None]).exp_()
+                g[torch.arange(len(t), device=g.device), t] -= 1.0
+                g = g.mul_((ok / n_valid.clamp(min=1))[:, None]).to(hidden.dtype)
+                if need_dh:
+                    torch.mm(g, weight, out=grad_h[s:s + C])  # (C, H)
+                if need_dw:
+                    grad_w.addmm_(g.t(), h)  # (V, H) += (V, C) @ (C, H)
+    return total / n_valid, grad_h, grad_w  # NaN when nothing is valid, as F.cross_entropy
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index):
+        loss, grad_h, grad_w = _chunked_linear_ce(hidden, weight, targets, ignore_index,
+                                                  ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad.to(grad_h.dtype) if grad_h is not None else None,
+                grad_w * grad.to(grad_w.dtype) if grad_w is not None else None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
