@@ -285,7 +285,7 @@ def test_each_task_trains_only_its_rows_of_the_shared_global_batch(monkeypatch):
                             sample=lambda n, g: torch.randint(20, (n,), generator=g).tolist())
     seen = []
     monkeypatch.setattr(DPO, "loss", lambda self, m, data, idx, device: (
-        seen.append(list(idx)), (torch.zeros(len(idx)),) * 3)[1])
+        seen.append(list(idx)), (torch.zeros(len(idx)),) * 4)[1])  # losses, rc, rr, nll
 
     def model(x, labels=None, **kw):  # records the rows it is given
         seen.append(x.tolist())

@@ -79,7 +79,10 @@ def test_quantize_bit_identical_to_bitsandbytes(BF, name, double_quant):
         assert q.offset == st.offset.item()
     else:
         assert torch.equal(q.absmax, st.absmax)
-    # Dequantization in the original dtype, bit for bit
+    # Dequantization in the original dtype, bit for bit. bitsandbytes' native CPU kernel (0.50)
+    # finds a block from (row, column), which is wrong when a row's length is not a multiple
+    # of the blocksize (64 x 96 here): dequantize the flat tensor, where the two agree.
+    st.shape = torch.Size([W.numel()])
     ref = BF.dequantize_4bit(packed, st)
     ours = dequantize_nf4(q)
     assert ours.dtype == W.dtype and ours.shape == W.shape
