@@ -184,13 +184,17 @@ def fail_together(e: BaseException, wait_s: float = 10.0) -> None:
     --resume, mismatched flags) makes every rank fail at about the same time; a rank that exits
     while a peer is still finishing the last collective would make that peer report a lost
     connection instead of the real error. So each rank marks itself failed in the rendezvous
-    store and waits (at most wait_s) until every rank has. Not after a lost connection."""
+    store and waits (at most wait_s) until every rank has, then destroys the process group.
+    Not after a lost connection."""
     if _world == 1 or not tdist.is_initialized() or _lost_contact(e):
         return
     try:
         store = tdist.distributed_c10d._get_default_store()
         store.set(f"whetstone/failed/{_rank}", "1")
         store.wait([f"whetstone/failed/{r}" for r in range(_world)], timedelta(seconds=wait_s))
+        # Tear the group down before exiting: left to interpreter exit, its threads can die with
+        # "terminate called without an active exception" (SIGABRT instead of exit status 2).
+        tdist.destroy_process_group()
     except Exception:  # noqa: BLE001  (the store is gone or a rank did not fail: just exit)
         pass
 

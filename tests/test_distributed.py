@@ -216,7 +216,7 @@ def test_world_size_must_divide_the_global_batch(setup):
                        "--pause-at-step", "1", *SCRATCH]) == 0
     procs = ranks(cache, tmp, [["--resume", run, "--no-progress"]] * 2, timeout=120)
     for r, p in enumerate(procs):
-        assert p.returncode == 2
+        assert p.returncode == 2, read(tmp, r)
         one_clear_line(read(tmp, r), "global batch of 3 rows (--batch-size x world size) does not "
                                      "divide among 2 processes")
 
