@@ -40,11 +40,8 @@ from engine.sft import (IGNORE, collate_pairs, load_preferences, pad_id_of, spli
 # ---------------------------------------------------------------------------------------------
 def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(N,) sum over positions with labels != -100 of log p(labels[t] | input_ids[:t+1])."""
-    logits = model(input_ids)                                               # (N, T, V)
-    N, T, V = logits.shape
-    nll = F.cross_entropy(logits.float().reshape(N * T, V), labels.reshape(N * T),
-                          ignore_index=IGNORE, reduction="none")            # (N*T,), 0 where ignored
-    return -nll.view(N, T).sum(dim=1)
+    nll = model(input_ids, labels=labels, ignore_index=IGNORE, reduction="none")  # (N, T), 0 where ignored
+    return -nll.sum(dim=1)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from engine import ops
@@ -199,10 +200,13 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 cache: KVCache | None = None, position_ids: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, ignore_index: int = -100):
+                doc_ids: torch.Tensor | None = None, ignore_index: int = -100,
+                reduction: str = "mean"):
         """input_ids: (B, T). labels: (B, T) targets already aligned with the inputs (the token
         that follows each position; ignore_index where no loss). doc_ids: (B, T) document index
-        per position for packed sequences: attention never crosses documents."""
+        per position for packed sequences: attention never crosses documents. Returns logits
+        (B, T, V) without labels; with labels the mean loss, or with reduction="none" the (B, T)
+        fp32 NLL per position (0 where ignored), both without the full fp32 logits."""
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
         if position_ids is None:
@@ -222,6 +226,14 @@ class Transformer(nn.Module):
             cache.pos += T
         if labels is None:
             return self.lm_head(x)  # (B, T, V)
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        if reduction == "none" and type(self.lm_head) is nn.Linear:
+            return ops.linear_token_nll(x.reshape(B * T, -1), self.lm_head.weight,
+                                        labels.reshape(B * T), ignore_index).view(B, T)
+        if reduction == "none":
+            return F.cross_entropy(self.lm_head(x).float().reshape(B * T, -1), labels.reshape(B * T),
+                                   ignore_index=ignore_index, reduction="none").view(B, T)
         if type(self.lm_head) is nn.Linear:  # fused path never holds the full fp32 logits
             return ops.linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight,
                                             labels.reshape(B * T), ignore_index=ignore_index)

@@ -94,3 +94,26 @@ def test_torch_linear_cross_entropy_is_chunked_and_exact(need):
         assert (a is None) == (b is None), what
         if a is not None:
             assert_close(a, b, TOL, what)
+
+
+def test_torch_linear_token_nll_in_chunks_equals_full_logits():
+    """ops.linear_token_nll (3 checkpointed chunks at V = 50k) equals F.cross_entropy with
+    reduction="none" on the full logits, in values and both gradients."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(1)
+    N, H, V = 400, 8, 50_000
+    hidden, weight = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g) * 0.3
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[::5] = -100
+    up = torch.randn(N, generator=g)
+    res = []
+    for full in (True, False):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        nll = (F.cross_entropy(h @ w.t(), targets, reduction="none") if full
+               else ops.linear_token_nll(h, w, targets))
+        (nll * up).sum().backward()
+        res.append((nll.detach(), h.grad, w.grad))
+    for a, b, what in zip(res[1], res[0], ("nll", "grad hidden", "grad weight")):
+        assert_close(a, b, TOL, what)
+    with torch.no_grad():
+        assert_close(ops.linear_token_nll(hidden, weight, targets), res[0][0], TOL, "no-grad nll")

@@ -182,3 +182,25 @@ def test_config_errors_are_clear():
         ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "vocab_size": 3,
                                "intermediate_size": 4, "num_hidden_layers": 1,
                                "num_attention_heads": 1})
+
+
+def test_per_token_nll_equals_cross_entropy_of_logits_with_grads():
+    """reduction="none" (DPO's sequence log-probs) gives F.cross_entropy(reduction="none") of the
+    logits, 0 where ignored, and the same parameter gradients."""
+    m = tiny().train()
+    ids, labels = torch.randint(0, 256, (2, 12)), torch.randint(0, 256, (2, 12))
+    labels[1, :4] = -100
+    w = torch.linspace(-1, 1, 24).view(2, 12)  # a non-uniform upstream gradient
+    got = m(ids, labels=labels, reduction="none")
+    (got * w).sum().backward()
+    g_got = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    want = F.cross_entropy(m(ids).reshape(-1, 256).float(), labels.reshape(-1), ignore_index=-100,
+                           reduction="none").view(2, 12)
+    (want * w).sum().backward()
+    torch.testing.assert_close(got, want)
+    assert torch.all(got[1, :4] == 0)
+    for a, p in zip(g_got, m.parameters()):
+        torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="reduction"):
+        m(ids, labels=labels, reduction="sum")
