@@ -23,12 +23,7 @@ import time
 import torch
 
 from engine import eval as tasks
-from engine.config import atomic_write_text
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+from engine.config import OneLineParser, atomic_write_text
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -19,7 +19,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -28,23 +27,13 @@ from tqdm import tqdm
 
 from engine import distributed, finetune
 from engine.checkpoint import load_model_dir
-from engine.config import PRESETS, TrainConfig, atomic_write_text, preset
+from engine.config import PRESETS, OneLineParser, TrainConfig, atomic_write_text, preset
 from engine.card import peak_memory_mb, write_model_card
-from engine.data import cache_dir, fetch_shakespeare
+from engine.data import fetch_shakespeare, load_or_train_tokenizer
 from engine.model import Transformer
 from engine.tasks import build_task, read_text_splits
-from engine.trainer import (MetricsLog, Throughput, configure_optimizer, get_lr, load_training_state,
-                            plot_losses, save_training_state)
-
-LAST = "last"  # subdirectory with the most recent (resumable) weights and training state
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Bad flags get one line (not the whole usage block) and exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
+from engine.trainer import (LAST, MetricsLog, Throughput, configure_optimizer, get_lr,
+                            load_training_state, plot_losses, save_last)
 
 def parse_args(argv=None) -> argparse.Namespace:
     d = TrainConfig()
@@ -154,40 +143,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.lr = (d.lr if not args.base else 1e-3 if args.finetune in finetune.ADAPTER_MODES
                    else 5e-5)
     return args
-
-
-def load_or_train_tokenizer(train_text: str, vocab_size: int, out_dir: str):
-    """Reuse the run's tokenizer, else a cached one trained on the same text, else train one."""
-    from tokenizer import load_tokenizer
-    from tokenizer.spm import SentencePieceTokenizer
-    if os.path.isfile(os.path.join(out_dir, "tokenizer.model")):
-        return load_tokenizer(out_dir)
-    import hashlib
-    key = hashlib.sha256(train_text.encode()).hexdigest()[:24] + f"-v{vocab_size}"
-    cached = os.path.join(cache_dir(), "tokenizers", key)
-    if not os.path.isfile(os.path.join(cached, "tokenizer.model")):
-        print(f"training a SentencePiece tokenizer (vocab {vocab_size}) ...", flush=True)
-        t = time.time()
-        SentencePieceTokenizer.train(train_text, cached, vocab_size=vocab_size)
-        print(f"  done in {time.time() - t:.1f}s", flush=True)
-    return load_tokenizer(cached)
-
-
-def save_last(model, tok, run_dir: str, optimizer, step: int, gen, extra: dict, args) -> None:
-    """Write weights + training state into run_dir/last as one unit (new dir, then swap).
-    Under torchrun every rank calls this (FSDP2 gathers); rank 0 writes, then all meet."""
-    new, last, old = (os.path.join(run_dir, n) for n in (LAST + ".new", LAST, LAST + ".old"))
-    if distributed.is_main():
-        shutil.rmtree(new, ignore_errors=True)
-    distributed.save_trained(model, tok, new, args.finetune or "full", args.base)
-    optimizer = distributed.optimizer_for_saving(model, optimizer, args.fsdp)
-    if distributed.is_main():
-        save_training_state(new, optimizer, step, gen, extra)
-        if os.path.isdir(last):
-            os.replace(last, old)
-        os.replace(new, last)
-        shutil.rmtree(old, ignore_errors=True)
-    distributed.barrier()
 
 
 def main(argv=None) -> int:

@@ -5,6 +5,7 @@ Follows the key names of transformers' LlamaConfig / MistralConfig / Qwen2Config
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -216,3 +217,10 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags get one line (not the whole usage block) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -211,3 +212,19 @@ def check_trainable(split: TokenSplit, seq_len: int, what: str) -> None:
     if len(split.tokens) < seq_len + 2:
         raise ValueError(f"{what} has {len(split.tokens)} tokens, fewer than one training window "
                          f"(--seq-len {seq_len} + 1); use more text or a smaller --seq-len")
+
+
+def load_or_train_tokenizer(train_text: str, vocab_size: int, out_dir: str):
+    """Reuse the run's tokenizer, else a cached one trained on the same text, else train one."""
+    from tokenizer import load_tokenizer
+    from tokenizer.spm import SentencePieceTokenizer
+    if os.path.isfile(os.path.join(out_dir, "tokenizer.model")):
+        return load_tokenizer(out_dir)
+    key = hashlib.sha256(train_text.encode()).hexdigest()[:24] + f"-v{vocab_size}"
+    cached = os.path.join(cache_dir(), "tokenizers", key)
+    if not os.path.isfile(os.path.join(cached, "tokenizer.model")):
+        print(f"training a SentencePiece tokenizer (vocab {vocab_size}) ...", flush=True)
+        t = time.time()
+        SentencePieceTokenizer.train(train_text, cached, vocab_size=vocab_size)
+        print(f"  done in {time.time() - t:.1f}s", flush=True)
+    return load_tokenizer(cached)

@@ -1,20 +1,24 @@
 """Pieces of the training loop that train.py reads top to bottom: optimizer groups, the
 warmup + cosine schedule, evaluation (loss, perplexity, bits per byte), metrics logging,
-resumable training state and the loss-curve plot. Follows nanoGPT's train.py.
+resumable training state (saved as one unit in run/last) and the loss-curve plot. Follows
+nanoGPT's train.py.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import time
 
 import numpy as np
 import torch
 
+from engine import distributed
 from engine.config import atomic_write_bytes
 
 STATE_FILE = "training_state.pt"
+LAST = "last"  # subdirectory of a run with the most recent (resumable) weights and training state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,3 +159,20 @@ class Throughput:
         r = self.tokens / max(now - self.t, 1e-9)
         self.t, self.tokens = now, 0
         return r
+
+
+def save_last(model, tok, run_dir: str, optimizer, step: int, gen, extra: dict, args) -> None:
+    """Write weights + training state into run_dir/last as one unit (new dir, then swap).
+    Under torchrun every rank calls this (FSDP2 gathers); rank 0 writes, then all meet."""
+    new, last, old = (os.path.join(run_dir, n) for n in (LAST + ".new", LAST, LAST + ".old"))
+    if distributed.is_main():
+        shutil.rmtree(new, ignore_errors=True)
+    distributed.save_trained(model, tok, new, args.finetune or "full", args.base)
+    optimizer = distributed.optimizer_for_saving(model, optimizer, args.fsdp)
+    if distributed.is_main():
+        save_training_state(new, optimizer, step, gen, extra)
+        if os.path.isdir(last):
+            os.replace(last, old)
+        os.replace(new, last)
+        shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
