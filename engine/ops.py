@@ -221,10 +221,13 @@ class _ChunkedLinearCE(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 # NF4 (QLoRA) weights, bitsandbytes layout (shared/FORMATS.md section 1)
 # ---------------------------------------------------------------------------------------------
-_NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-             -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-             0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-             0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
+# The 16 NF4 codes, exact float32 values (quantiles of N(0, 1) normalised to [-1, 1]); the one
+# copy on the engine side (engine/nf4.py builds its tensor from it; kernels/nf4.py has its own).
+NF4_CODE_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                   -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                   0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+                   0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                   0.7229568362236023, 1.0)
 
 
 def nf4_dequantize(packed: torch.Tensor, absmax_q: torch.Tensor,
@@ -245,7 +248,7 @@ def nf4_dequantize(packed: torch.Tensor, absmax_q: torch.Tensor,
         absmax = nested_code[absmax_q.long()] * nested_absmax[group] + float(offset)
     else:
         absmax = absmax_q.float()
-    code = torch.tensor(_NF4_CODE, dtype=torch.float32, device=p.device)
+    code = torch.tensor(NF4_CODE_VALUES, dtype=torch.float32, device=p.device)
     w = code[nibbles] * absmax.repeat_interleave(blocksize)[: N * K]  # fp32, then one cast
     return w.to(dtype).view(N, K)
 

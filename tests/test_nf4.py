@@ -46,6 +46,8 @@ CASES = _cases()
 
 def test_code_tables_match_bitsandbytes(BF):
     assert torch.equal(NF4_CODE, BF.get_4bit_type("nf4", device="cpu"))
+    from kernels.nf4 import NF4_CODE as KERNEL_CODE  # the Triton side keeps its own copy
+    assert torch.equal(torch.tensor(KERNEL_CODE, dtype=torch.float32), NF4_CODE)
     dyn = BF.create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8)
     assert torch.equal(DYNAMIC_MAP, dyn)
     assert DYNAMIC_MAP[127] == 0 and DYNAMIC_MAP[255] == 1 and abs(DYNAMIC_MAP[0] + 0.99297) < 1e-5
