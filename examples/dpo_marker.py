@@ -6,10 +6,16 @@ greedy answer to each prompt with the marker added (chosen) and as it is (reject
 only thing DPO can learn from a pair is the preference itself.
 
     python examples/dpo_marker.py make --out out/dpo_data        # pairs + held-out prompts
-    python train.py --objective dpo --base smollm2-135m-instruct --finetune lora \\
-        --data out/dpo_data/train.jsonl --val-data out/dpo_data/heldout.jsonl ...
-    python examples/dpo_marker.py measure --adapter out/dpo-answer \\
-        --prompts out/dpo_data/heldout_prompts.jsonl              # property rate, base vs tuned
+    python train.py --objective dpo --base smollm2-135m-instruct --finetune lora --lora-r 8 \\
+        --lora-alpha 16 --data out/dpo_data/train.jsonl --val-data out/dpo_data/heldout.jsonl \\
+        --seq-len 160 --batch-size 4 --max-steps 40 --lr 2e-4 --beta 0.25 --rpo-alpha 1 \\
+        --warmup-steps 5 --out out/dpo-rpo
+    python examples/dpo_marker.py measure --adapter out/dpo-rpo \\
+        --prompts out/dpo_data/heldout_prompts.jsonl --samples 2  # property rate, base vs tuned
+
+Recorded on 2 CPU cores (2026-12-02), 120 sampled answers on held-out prompts: held-out reward
+accuracy 100% with or without --rpo-alpha; the property in 0.0% of the base's answers, 99.2%
+with --rpo-alpha 1, 30.8% with pure DPO (--rpo-alpha 0: only 40.8% of its answers finish).
 
 Prompts come from templates x topics; the held-out topics never appear in train.jsonl. The
 base's answers are cached in answers.jsonl (re-running `make` with another --style reuses them).

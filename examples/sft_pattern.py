@@ -9,11 +9,14 @@ teaches is the format, not new content.
 
     python examples/sft_pattern.py make --out out/sft_data       # train/held-out chat JSONL
     python train.py --base smollm2-135m-instruct --finetune lora --data out/sft_data/train.jsonl \\
-        --val-data out/sft_data/heldout.jsonl --out out/sft-json ...
+        --val-data out/sft_data/heldout.jsonl --batch-size 8 --seq-len 256 --max-steps 60 \\
+        --lr 5e-4 --out out/sft-json
     python examples/sft_pattern.py measure --adapter out/sft-json \\
-        --prompts out/sft_data/heldout_prompts.jsonl             # pattern rate, base vs tuned
+        --prompts out/sft_data/heldout_prompts.jsonl --samples 2  # pattern rate, base vs tuned
 
-Held-out topics never appear in train.jsonl.
+Held-out topics never appear in train.jsonl. Recorded on 2 CPU cores (2026-12-02): 244 training
+samples, 216 s of training; of 120 sampled answers on held-out prompts, 0.0% (base) vs 87.5%
+(tuned) follow the pattern.
 """
 from __future__ import annotations
 
