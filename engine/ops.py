@@ -175,11 +175,11 @@ def _chunked_linear_ce(hidden, weight, targets, ignore_index: int, need_dh: bool
                 # d(mean loss)/d logits = (softmax - onehot) / n_valid on valid rows, 0 elsewhere
                 g = logits.sub_(lse[:, None]).exp_()
                 g[torch.arange(len(t), device=g.device), t] -= 1.0
-                g = g.mul_((ok / n_valid.clamp(min=1))[:, None]).to(hidden.dtype)
-                if need_dh:
-                    torch.mm(g, weight, out=grad_h[s:s + C])  # (C, H)
+                g = g.mul_((ok / n_valid.clamp(min=1))[:, None]).to(weight.dtype)
+                if need_dh:  # (C, H); hidden and weight dtypes may differ under autocast
+                    grad_h[s:s + C] = g @ weight
                 if need_dw:
-                    grad_w.addmm_(g.t(), h)  # (V, H) += (V, C) @ (C, H)
+                    grad_w.addmm_(g.t(), h.to(weight.dtype))  # (V, H) += (V, C) @ (C, H)
     return total / n_valid, grad_h, grad_w  # NaN when nothing is valid, as F.cross_entropy
 
 

@@ -117,3 +117,23 @@ def test_torch_linear_token_nll_in_chunks_equals_full_logits():
         assert_close(a, b, TOL, what)
     with torch.no_grad():
         assert_close(ops.linear_token_nll(hidden, weight, targets), res[0][0], TOL, "no-grad nll")
+
+
+def test_torch_linear_cross_entropy_under_autocast_with_mixed_dtypes():
+    """Under autocast a bf16 hidden meets an fp32 lm_head weight: the chunked path runs (its
+    gradient matmuls are not autocast) and agrees with the reference."""
+    from kernels.cross_entropy import linear_cross_entropy_ref
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(300, 16, generator=g).bfloat16()
+    weight = torch.randn(40_000, 16, generator=g)
+    targets = torch.randint(0, 40_000, (300,), generator=g)
+    out = []
+    for fn in (linear_cross_entropy_ref, ops.linear_cross_entropy):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16), ops.use_kernels("torch"):
+            loss = fn(h, w, targets)
+        loss.backward()
+        assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+        out.append((loss.detach(), h.grad.float(), w.grad))
+    for a, b in zip(out[1], out[0]):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
