@@ -35,6 +35,7 @@ from engine.tasks import build_task, read_text_splits
 from engine.trainer import (LAST, MetricsLog, Throughput, configure_optimizer, get_lr,
                             load_training_state, plot_losses, save_last)
 
+
 def parse_args(argv=None) -> argparse.Namespace:
     d = TrainConfig()
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,8 +138,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.finetune not in finetune.ADAPTER_MODES:
             p.error("--objective dpo needs --finetune lora, dora or qlora (the reference model is "
                     "the base with its adapters disabled)")
-        if not args.beta > 0 or not 0 <= args.label_smoothing < 0.5 or not args.rpo_alpha >= 0:
-            p.error("--beta must be > 0, --label-smoothing in [0, 0.5), --rpo-alpha >= 0")
+        from engine.dpo import check_hparams
+        try:
+            check_hparams(args.beta, args.label_smoothing, args.rpo_alpha)
+        except ValueError as e:
+            p.error(str(e))
     if args.lr is None:
         args.lr = (d.lr if not args.base else 1e-3 if args.finetune in finetune.ADAPTER_MODES
                    else 5e-5)

@@ -60,7 +60,7 @@ def check_hparams(beta: float, label_smoothing: float, rpo_alpha: float = 0.0) -
     if not beta > 0 or not math.isfinite(beta):
         raise ValueError(f"--beta must be > 0, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"--label-smoothing must be in [0, 0.5), got {label_smoothing}")
+        raise ValueError(f"--label-smoothing in [0, 0.5) is required, got {label_smoothing}")
     if not 0.0 <= rpo_alpha < math.inf:
         raise ValueError(f"--rpo-alpha must be >= 0, got {rpo_alpha}")
 

@@ -380,7 +380,8 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
         groups.setdefault(len(ids), []).append(i)
     work = [g[k:k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
     out: list[tuple[list[int], bool]] = [([], False)] * len(prompts)
-    for n, rows in enumerate(work):
+    n_done = 0
+    for rows in work:
         x = torch.tensor([list(prompts[i]) for i in rows], device=device)  # (B, T)
         cache = model.new_cache(len(rows), x.shape[1] + max_new_tokens)
         logits = prefill(model, x, cache)                                   # (B, V)
@@ -397,8 +398,9 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
         for r, i in enumerate(rows):
             cut = next((k for k, t in enumerate(toks[r]) if t in stop_set), None)
             out[i] = (toks[r][:cut], cut is not None)
+        n_done += len(rows)
         if progress is not None:
-            progress(sum(len(w) for w in work[:n + 1]), len(prompts))
+            progress(n_done, len(prompts))
     return out
 
 

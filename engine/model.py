@@ -228,17 +228,17 @@ class Transformer(nn.Module):
             return self.lm_head(x)  # (B, T, V)
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-        if reduction == "none" and type(self.lm_head) is nn.Linear:
-            return ops.linear_token_nll(x.reshape(B * T, -1), self.lm_head.weight,
-                                        labels.reshape(B * T), ignore_index).view(B, T)
+        x, labels = x.reshape(B * T, -1), labels.reshape(B * T)
+        fused = type(self.lm_head) is nn.Linear  # never holds the full fp32 logits
         if reduction == "none":
-            return F.cross_entropy(self.lm_head(x).float().reshape(B * T, -1), labels.reshape(B * T),
-                                   ignore_index=ignore_index, reduction="none").view(B, T)
-        if type(self.lm_head) is nn.Linear:  # fused path never holds the full fp32 logits
-            return ops.linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight,
-                                            labels.reshape(B * T), ignore_index=ignore_index)
-        logits = self.lm_head(x)  # a wrapped head (LoRA on lm_head): plain path
-        return ops.cross_entropy(logits.reshape(B * T, -1), labels.reshape(B * T), ignore_index)
+            nll = (ops.linear_token_nll(x, self.lm_head.weight, labels, ignore_index) if fused else
+                   F.cross_entropy(self.lm_head(x).float(), labels, ignore_index=ignore_index,
+                                   reduction="none"))
+            return nll.view(B, T)
+        if fused:
+            return ops.linear_cross_entropy(x, self.lm_head.weight, labels, ignore_index=ignore_index)
+        # a wrapped head (LoRA on lm_head): plain path
+        return ops.cross_entropy(self.lm_head(x), labels, ignore_index)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.lm_head.weight

@@ -151,6 +151,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return _chunked_linear_ce(hidden, weight, targets, ignore_index, False, False)[0]
 
 
+def _chunk_rows(V: int) -> int:
+    """Rows per chunk of the PyTorch loss paths: (rows, V) fp32 logits of about 32 MB."""
+    return max(1, (8 << 20) // V)
+
+
 def _chunked_linear_ce(hidden, weight, targets, ignore_index: int, need_dh: bool, need_dw: bool):
     """The PyTorch path of the fused loss (kernels/cross_entropy.py's algorithm with torch ops):
     rows in chunks whose fp32 logits stay near 32 MB, the gradient computed with the loss.
@@ -163,7 +168,7 @@ def _chunked_linear_ce(hidden, weight, targets, ignore_index: int, need_dh: bool
     grad_h = torch.empty_like(hidden) if need_dh else None
     grad_w = torch.zeros_like(weight) if need_dw else None
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    C = max(1, (8 << 20) // V)  # rows per chunk: (C, V) fp32 about 32 MB
+    C = _chunk_rows(V)
     for s in range(0, N, C):
         h, ok = hidden[s:s + C], valid[s:s + C]
         t = torch.where(ok, targets[s:s + C], 0)
@@ -189,8 +194,7 @@ def linear_token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     F.cross_entropy(..., reduction="none") gives), in row chunks of ~32 MB of logits. With grad
     each chunk is checkpointed: backward recomputes its logits, so the full (N, V) logits and
     their gradient never exist (DPO's sequence log-probs at vocab 49k: ~1 GB saved per step)."""
-    N, V = hidden.shape[0], weight.shape[0]
-    C = max(1, (8 << 20) // V)
+    N, C = hidden.shape[0], _chunk_rows(weight.shape[0])
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     parts = []
     for s in range(0, N, C):
