@@ -27,7 +27,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.utils import check_device, interpreting, next_pow2, num_programs, upcast_dots
+from kernels.utils import (check_device, interpreting, launch_fitting, next_pow2, num_programs,
+                           upcast_dots)
 
 LOG2E = 1.4426950408889634
 
@@ -328,17 +329,40 @@ def _attn_decode_reduce_kernel(O_PART, ML_PART, O, sob, soh, sot, HKV, T, GROUP,
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-def _cfg(kind: str, D: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Tutorial-style defaults for H100-class GPUs;
-    tiny blocks in the interpreter, where every op costs a numpy call."""
+def _configs(kind: str, D: int, dtype: torch.dtype) -> list[dict]:
+    """Launch configs for kind fwd | dkdv | dq | decode, fastest first (`launch_fitting` runs
+    the first the GPU has shared memory for). The first is tutorial-style, tuned for H100-class
+    GPUs (227 KiB of shared memory per block); then fewer pipeline stages and halved tiles for
+    an A100 (163 KiB) or an RTX card (99 KiB). Decode keeps BLOCK_M out: its row tile is the
+    GQA group. Tiny blocks in the interpreter, where every op costs a numpy call."""
     if interpreting():
-        return 16, 16, 4, 1
+        return [dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)]
     wide = D >= 256 or dtype == torch.float32  # halve tiles to fit registers / shared memory
-    if kind == "fwd":
-        return (64, 32, 8, 2) if wide else (128, 64, 4 if D <= 64 else 8, 3)
-    if kind == "dkdv":
-        return (32, 64, 8, 2) if wide else (32, 128, 4 if D <= 64 else 8, 3)
-    return (64, 32, 8, 2) if wide else (128, 32, 4 if D <= 64 else 8, 3)  # dq
+    warps = 4 if D <= 64 else 8
+    bm, bn, w, stages = {
+        "fwd": (64, 32, 8, 2) if wide else (128, 64, warps, 3),
+        "dkdv": (32, 64, 8, 2) if wide else (32, 128, warps, 3),
+        "dq": (64, 32, 8, 2) if wide else (128, 32, warps, 3),
+        "decode": (16, 64, 4, 3),
+    }[kind]
+    chain = [(bm, bn, stages), (bm, bn, min(stages, 2))]
+    while bm > 16 or bn > 16:  # halve the larger tile (decode: only the key tile)
+        if bm >= bn and bm > 16 and kind != "decode":
+            bm //= 2
+        elif bn > 16:
+            bn //= 2
+        else:
+            break
+        chain.append((bm, bn, min(stages, 2)))
+    chain.append((bm, bn, 1))
+    out = []
+    for bm, bn, st in chain:
+        cfg = dict(BLOCK_N=bn, num_warps=w, num_stages=st)
+        if kind != "decode":
+            cfg["BLOCK_M"] = bm
+        if cfg not in out:
+            out.append(cfg)
+    return out
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -351,12 +375,11 @@ def attention_forward(q, k, v, causal: bool, scale: float):
     S, HKV = k.shape[2], k.shape[1]
     o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    BM, BN, warps, stages = _cfg("fwd", D, q.dtype)
-    grid = (triton.cdiv(T, BM), B * H)
-    _attn_fwd_kernel[grid](q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                           *o.stride()[:3], H, T, S, H // HKV, scale * LOG2E, CAUSAL=causal,
-                           HEAD_DIM=D, BLOCK_M=BM, BLOCK_N=BN, UPCAST=upcast_dots(q.dtype),
-                           PREC=_prec(q.dtype), num_warps=warps, num_stages=stages)
+    launch_fitting(_attn_fwd_kernel, lambda c: (triton.cdiv(T, c["BLOCK_M"]), B * H),
+                   _configs("fwd", D, q.dtype),
+                   q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                   *o.stride()[:3], H, T, S, H // HKV, scale * LOG2E, CAUSAL=causal,
+                   HEAD_DIM=D, UPCAST=upcast_dots(q.dtype), PREC=_prec(q.dtype))
     return o, lse
 
 
@@ -365,23 +388,22 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, scale: float):
     B, H, T, D = q.shape
     S, HKV = k.shape[2], k.shape[1]
     delta = torch.empty_like(lse)
-    BM, _, _, _ = _cfg("dq", D, q.dtype)
+    BM = 16 if interpreting() else 64
     _bwd_preprocess_kernel[(triton.cdiv(T, BM), B * H)](o, do, delta, *o.stride()[:3],
                                                         *do.stride()[:3], H, T, HEAD_DIM=D,
                                                         BLOCK_M=BM)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(CAUSAL=causal, HEAD_DIM=D, UPCAST=upcast_dots(q.dtype), PREC=_prec(q.dtype))
-    BM, BN, warps, stages = _cfg("dkdv", D, q.dtype)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(S, BN), B * HKV)](
-        q, k, v, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], H, HKV, T, S, H // HKV,
-        scale * LOG2E, scale, BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages,
-        **common)
-    BM, BN, warps, stages = _cfg("dq", D, q.dtype)
-    _attn_bwd_dq_kernel[(triton.cdiv(T, BM), B * H)](
-        q, k, v, do, lse, delta, dq, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *do.stride()[:3], *dq.stride()[:3], H, T, S, H // HKV, scale * LOG2E, scale,
-        BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **common)
+    launch_fitting(_attn_bwd_dkdv_kernel, lambda c: (triton.cdiv(S, c["BLOCK_N"]), B * HKV),
+                   _configs("dkdv", D, q.dtype),
+                   q, k, v, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3],
+                   *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], H,
+                   HKV, T, S, H // HKV, scale * LOG2E, scale, **common)
+    launch_fitting(_attn_bwd_dq_kernel, lambda c: (triton.cdiv(T, c["BLOCK_M"]), B * H),
+                   _configs("dq", D, q.dtype),
+                   q, k, v, do, lse, delta, dq, *q.stride()[:3], *k.stride()[:3],
+                   *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], H, T, S, H // HKV,
+                   scale * LOG2E, scale, **common)
     return dq, dk, dv
 
 
@@ -393,7 +415,8 @@ def attention_decode(q, k, v, causal: bool, scale: float, num_splits: int | None
     B, H, T, D = q.shape
     S, HKV = k.shape[2], k.shape[1]
     group = H // HKV
-    block_n = 16 if interpreting() else 64
+    configs = _configs("decode", D, q.dtype)
+    block_n = configs[0]["BLOCK_N"]  # fallbacks halve it: splits stay whole multiples
     if num_splits is None:  # enough programs to fill the GPU, each with >= 2 key blocks
         want = triton.cdiv(2 * num_programs(q.device, 1 << 20), B * HKV)
         num_splits = max(1, min(want, triton.cdiv(S, 2 * block_n)))
@@ -402,11 +425,11 @@ def attention_decode(q, k, v, causal: bool, scale: float, num_splits: int | None
     R = group * T
     o_part = torch.empty((B * HKV, num_splits, R, D), dtype=torch.float32, device=q.device)
     ml_part = torch.empty((B * HKV, num_splits, R, 2), dtype=torch.float32, device=q.device)
-    _attn_decode_kernel[(num_splits, B * HKV)](
-        q, k, v, o_part, ml_part, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], HKV, T, S,
-        group, scale * LOG2E, keys_per_split, num_splits, CAUSAL=causal, HEAD_DIM=D,
-        BLOCK_R=max(16, next_pow2(R)), BLOCK_N=block_n, UPCAST=upcast_dots(q.dtype),
-        PREC=_prec(q.dtype), num_warps=4, num_stages=1 if interpreting() else 3)
+    launch_fitting(_attn_decode_kernel, lambda c: (num_splits, B * HKV), configs,
+                   q, k, v, o_part, ml_part, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                   HKV, T, S, group, scale * LOG2E, keys_per_split, num_splits, CAUSAL=causal,
+                   HEAD_DIM=D, BLOCK_R=max(16, next_pow2(R)), UPCAST=upcast_dots(q.dtype),
+                   PREC=_prec(q.dtype))
     o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     _attn_decode_reduce_kernel[(R, B * HKV)](o_part, ml_part, o, *o.stride()[:3], HKV, T, group,
                                              num_splits, HEAD_DIM=D,

@@ -44,14 +44,19 @@ FUSED_MAX_M = 256   # above this, dequantize + library matmul (cuBLAS beats a de
 def _block_absmax(AQ, NABS, NCODE, OFFSET, offset_val, blk, mask,
                   DOUBLE_QUANT: tl.constexpr, OFFSET_PTR: tl.constexpr):
     """fp32 scale of quantization blocks `blk`: two fp32 roundings, like bitsandbytes."""
+    # One return, if/else on the constexprs: Triton type-checks every return statement, even
+    # one after a constexpr branch that returned (uint8 AQ vs fp32 scale fails to compile).
     if DOUBLE_QUANT:
         qi = tl.load(AQ + blk, mask=mask, other=0).to(tl.int32)
         scale = tl.load(NCODE + qi, mask=mask, other=0.0) * \
             tl.load(NABS + blk // 256, mask=mask, other=0.0)
         if OFFSET_PTR:
-            return scale + tl.load(OFFSET)
-        return scale + offset_val
-    return tl.load(AQ + blk, mask=mask, other=0.0)
+            scale = scale + tl.load(OFFSET)
+        else:
+            scale = scale + offset_val
+    else:
+        scale = tl.load(AQ + blk, mask=mask, other=0.0)
+    return scale
 
 
 @triton.jit

@@ -17,6 +17,12 @@ import os
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
+
+
+# Set by kernels.compile_check while it compiles for a GPU it does not have: CPU tensors then
+# stand in for CUDA ones, and launchers size their grids for this many SMs.
+COMPILE_ONLY_SMS: int | None = None
 
 
 def interpreting() -> bool:
@@ -49,6 +55,8 @@ def num_programs(device: torch.device, cap: int) -> int:
     """How many persistent programs to launch: one per SM on CUDA, a few in the interpreter."""
     if device.type == "cuda":
         return max(1, min(cap, sm_count(device.index if device.index is not None else 0)))
+    if COMPILE_ONLY_SMS:
+        return max(1, min(cap, COMPILE_ONLY_SMS))
     return max(1, min(cap, 4))
 
 
@@ -58,9 +66,31 @@ def check_device(*tensors: torch.Tensor) -> None:
     for t in tensors:
         if t.device != dev:
             raise ValueError(f"all tensors must be on one device, got {dev} and {t.device}")
-    if dev.type != "cuda" and not interpreting():
+    if dev.type != "cuda" and not interpreting() and not COMPILE_ONLY_SMS:
         raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {dev}")
 
 
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
+
+
+_fitting: dict = {}  # (kernel, device, dtype, constexprs) -> index of the config that fits
+
+
+def launch_fitting(kernel, grid, configs: list[dict], *args, **kwargs) -> dict:
+    """Launch `kernel[grid(cfg)](*args, **kwargs, **cfg)` with the first of `configs` (launch
+    kwargs: block sizes, num_warps, num_stages; fastest first) that the GPU can run. Triton
+    raises OutOfResources before launching a build that needs more shared memory than the
+    device has (H100 tiles on an RTX 4090: 227 KiB per block there, 99 KiB here); the next,
+    smaller config is tried then. The choice is remembered per device, dtype and constexprs."""
+    key = (kernel, args[0].device, args[0].dtype, tuple(sorted(kwargs.items())))
+    for i in range(_fitting.get(key, 0), len(configs)):
+        try:
+            kernel[grid(configs[i])](*args, **kwargs, **configs[i])
+        except OutOfResources:
+            if i + 1 == len(configs):
+                raise
+            continue
+        _fitting[key] = i
+        return configs[i]
+    raise ValueError("launch_fitting: no configs")
