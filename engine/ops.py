@@ -278,6 +278,8 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax_q: torch.Tensor,
                shape, bias: torch.Tensor | None = None, blocksize: int = 64) -> torch.Tensor:
     """x (..., K) @ W.T (+ bias) for an NF4 weight W of `shape` (N, K), in x's dtype. Fields as
     in nf4_dequantize. The kernel path fuses dequantization into the matmul."""
+    if torch.is_autocast_enabled(x.device.type):  # compute in the autocast dtype, as F.linear
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     if bias is not None:
         bias = bias.to(x.dtype)
     if _use_triton(x):

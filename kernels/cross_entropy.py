@@ -150,9 +150,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
             raise ValueError(f"linear_cross_entropy: hidden must be (N, H) and weight (V, H), "
                              f"got {tuple(hidden.shape)} and {tuple(weight.shape)}")
-        if hidden.dtype != weight.dtype:
+        if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
             raise ValueError(f"linear_cross_entropy: hidden and weight dtypes differ "
-                             f"({hidden.dtype} vs {weight.dtype})")
+                             f"({hidden.dtype} vs {weight.dtype}) outside autocast")
         (N, H), V = hidden.shape, weight.shape[0]
         _check_targets(N, V, targets, ignore_index)
         check_device(hidden, weight, targets)
@@ -167,14 +167,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         for start in range(0, N, C):
             end = min(start + C, N)
             h_c, t_c = hidden[start:end], targets[start:end]
-            logits_c = h_c @ weight.t()  # (C, V): the only logits that exist at a time
+            # (C, V): the only logits that exist at a time; under autocast in its dtype (bf16)
+            logits_c = h_c @ weight.t()
             loss_rows[start:end], lse_c = ce_forward(logits_c, t_c, ignore_index)
             if need_dh or need_dw:
                 ce_grad(logits_c, t_c, lse_c, scale, ignore_index, out=logits_c)  # in place
                 if need_dh:
-                    torch.mm(logits_c, weight, out=grad_h[start:end])  # (C, H)
-                if need_dw:
-                    grad_w.addmm_(logits_c.t(), h_c)  # (V, H) += (V, C) @ (C, H)
+                    grad_h[start:end] = logits_c @ weight  # (C, H), cast to hidden's dtype
+                if need_dw:  # (V, H) += (V, C) @ (C, H), in the weight's dtype (in-place ops
+                    # are not autocast: under it, bf16 logits meet an fp32 weight here)
+                    grad_w.addmm_(logits_c.t().to(grad_w.dtype), h_c.to(grad_w.dtype))
         ctx.save_for_backward(grad_h, grad_w)
         return loss_rows.sum() / n_valid
 

@@ -14,7 +14,6 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from engine.checkpoint import load_model_dir  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
 from engine.gguf import (hf_name, load_gguf, permute_qk, read_gguf,  # noqa: E402
                          tokenizer_from_gguf, unpermute_qk)
