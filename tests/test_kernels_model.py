@@ -9,6 +9,7 @@ import torch
 
 from engine import ops
 from engine.config import ModelConfig
+from engine.generation import decode_one_token, prefill
 from engine.lora import apply_lora
 from engine.model import Transformer
 from engine.nf4 import quantize_model
@@ -89,3 +90,25 @@ def test_kernels_on_and_off_train_along_the_same_20_step_loss_curve(device):
     ref, got = loss_curve("torch", device), loss_curve("triton", device)
     assert ref[-1] < ref[0] - 0.3  # it learns, so the curves compare real training
     assert_close(got, ref, (2e-3, 2e-3), "loss curve")
+
+
+def cached_decode_logits(mode, device, steps=6):
+    """Greedy decoding with a KV cache: prefill (the forward kernel) then one token at a time
+    (the split-KV decode kernel). Returns the (steps + 1, B, V) logits."""
+    model = make_model(device).eval()
+    ids, _ = batch(device)
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + steps)
+    out = []
+    with ops.use_kernels(mode), torch.inference_mode():
+        logits = prefill(model, ids, cache)  # (B, V)
+        for _ in range(steps):
+            out.append(logits)
+            logits = decode_one_token(model, logits.argmax(-1)[:, None], cache)
+    return torch.stack(out + [logits])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernels_on_and_off_decode_the_same_with_a_kv_cache(device):
+    ref, got = cached_decode_logits("torch", device), cached_decode_logits("triton", device)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert_close(got, ref, (1e-4, 1e-4), "logits per step")
