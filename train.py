@@ -193,7 +193,8 @@ def main(argv=None) -> int:
         os.makedirs(run_dir, exist_ok=True)
         if args.base:  # the base model brings its tokenizer
             from engine.hub import load_model
-            model, tok = load_model(args.base, dtype=torch.float32, device=device)
+            model, tok = load_model(args.base, dtype=torch.float32, device=device,
+                                    quantize="nf4" if args.finetune == "qlora" else None)
             if tok is None:
                 raise ValueError(f"--base {args.base} has no tokenizer files")
         else:

@@ -145,10 +145,11 @@ def load_config(directory: str) -> ModelConfig:
 
 
 def load_model_dir(directory: str, dtype: torch.dtype | str = torch.float32,
-                   device: str | torch.device = "cpu") -> Transformer:
+                   device: str | torch.device = "cpu", on_tensor=None) -> Transformer:
     """Build the model on the meta device, then assign each tensor as it is read from the
     (mmap'd) safetensors files, converted to `dtype` on `device`. A tensor already in `dtype`
-    on the CPU is used in place (copy-on-write pages of the file, as gpt-fast's mmap load)."""
+    on the CPU is used in place (copy-on-write pages of the file, as gpt-fast's mmap load).
+    `on_tensor(model, name)` runs after each assignment (engine.nf4.QuantizeOnLoad)."""
     config = load_config(directory)
     dtype = parse_dtype(dtype)
     model = empty_model(config)
@@ -167,6 +168,8 @@ def load_model_dir(directory: str, dtype: torch.dtype | str = torch.float32,
                     with _open(path) as g:
                         t = _get(g, name, path).to(device=device, dtype=dtype)
                 assign_tensor(model, name, t)
+                if on_tensor is not None:
+                    on_tensor(model, name)
                 done.add(name)
     _check_missing(shapes, done, directory)
     model.tie_weights()

@@ -63,9 +63,9 @@ def prepare(model: nn.Module, mode: str, *, r: int = 8, alpha: float = 16, dropo
     n_layers = len(model.model.layers)
     if mode in ADAPTER_MODES:
         from engine.lora import apply_lora, lora_summary
-        if mode == "qlora":
+        if mode == "qlora":  # quantized while loading (load_model(quantize="nf4")), or now
             from engine.nf4 import quantize_model
-            q = quantize_model(model)
+            q = getattr(model, "nf4_report", None) or quantize_model(model)
             report["nf4"] = {k: q[k] for k in ("layers", "bytes_before", "bytes_after", "bits_per_param")}
         apply_lora(model, targets=targets, r=r, alpha=alpha, dropout=dropout, rslora=rslora,
                    dora=mode == "dora", dtype=torch.float32)

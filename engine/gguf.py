@@ -252,8 +252,9 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def load_gguf(path: str, dtype: torch.dtype | str = torch.float32,
-              device: str | torch.device = "cpu") -> tuple[Transformer, dict]:
-    """(model, metadata fields). Each tensor is dequantized into a preallocated parameter."""
+              device: str | torch.device = "cpu", on_tensor=None) -> tuple[Transformer, dict]:
+    """(model, metadata fields). Each tensor is dequantized into a preallocated parameter;
+    `on_tensor(model, hf_name)` runs after each (engine.nf4.QuantizeOnLoad)."""
     dtype = parse_dtype(dtype)
     fields, tensors = read_gguf(path)
     cfg = config_from_gguf(fields, tensors, path)
@@ -288,6 +289,9 @@ def load_gguf(path: str, dtype: torch.dtype | str = torch.float32,
                 n = cfg.num_attention_heads if kind == "attn_q" else cfg.num_key_value_heads
                 param.copy_(unpermute_qk(param, n))
             assign_tensor(model, name, param)
+            del param  # a hook that replaces the module frees the full-precision weight
+            if on_tensor is not None:
+                on_tensor(model, name)
             done.add(name)
     missing = [k for k in shapes if k not in done]
     if missing:

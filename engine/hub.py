@@ -124,23 +124,34 @@ def _dir_tokenizer(directory: str):
 
 
 def load_model(source: str, dtype: torch.dtype | str = torch.float32,
-               device: str | torch.device = "cpu", adapter: str | None = None):
+               device: str | torch.device = "cpu", adapter: str | None = None,
+               quantize: str | None = None):
     """(model, tokenizer) from "smollm2-135m-instruct" (or another registered name), an HF
     model directory (config.json + safetensors, also what train.py writes) or a .gguf file.
 
     model(input_ids (B, T)) -> logits (B, T, vocab), in eval mode. tokenizer is None for a
     directory without tokenizer files. adapter=DIR applies a LoRA adapter (ours or PEFT's)
-    with engine.lora.load_adapter.
+    with engine.lora.load_adapter. quantize="nf4" turns every linear but lm_head into an
+    NF4Linear as its weight is read (QLoRA), so the full-precision model never exists at once;
+    the quantization report is then `model.nf4_report`.
     """
     dtype = parse_dtype(dtype)
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+    hook = None
+    if quantize == "nf4":
+        from engine.nf4 import QuantizeOnLoad
+        hook = QuantizeOnLoad()
     kind, path = resolve(source)
     if kind == "gguf":
         from engine.gguf import load_gguf, tokenizer_from_gguf
-        model, fields = load_gguf(path, dtype=dtype, device=device)
+        model, fields = load_gguf(path, dtype=dtype, device=device, on_tensor=hook)
         tokenizer = tokenizer_from_gguf(fields, path)
     else:
-        model = load_model_dir(path, dtype=dtype, device=device)
+        model = load_model_dir(path, dtype=dtype, device=device, on_tensor=hook)
         tokenizer = _dir_tokenizer(path)
+    if hook is not None:
+        model.nf4_report = hook.report()
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{source}: tokenizer has {tokenizer.vocab_size} tokens but the model "
                          f"only {model.config.vocab_size} embedding rows")

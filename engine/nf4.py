@@ -370,27 +370,52 @@ def quantize_model(model: nn.Module, skip=("lm_head", "embed_tokens"), blocksize
     suffix) by an NF4Linear, in place. Returns {"layers", "params", "bytes_before",
     "bytes_after", "bits_per_param", "skipped"}; bits_per_param counts codes and scales
     (4.127 with double quant), bytes_after all NF4 buffers including the 1 KiB code tables."""
-    if isinstance(skip, str):
-        skip = (skip,)
     if any(hasattr(m, "lora_A") for m in model.modules()):
         raise ValueError("quantize_model must run before apply_lora (the model has LoRA layers)")
-    _check_blocksize(blocksize)
-    report = dict(layers=0, params=0, bytes_before=0, bytes_after=0, payload_bytes=0, skipped=[])
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear):
-                continue
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if _matches(name, skip):
-                report["skipped"].append(name)
-                continue
-            layer = NF4Linear.from_linear(child, blocksize, double_quant)
-            setattr(parent, child_name, layer)
-            report["layers"] += 1
-            report["params"] += child.weight.numel()
-            report["bytes_before"] += child.weight.numel() * child.weight.element_size()
-            report["payload_bytes"] += layer.nf4_weight().payload_bytes()
-            report["bytes_after"] += sum(b.numel() * b.element_size() for b in layer.buffers()
-                                         if b is not layer.bias)
-    report["bits_per_param"] = 8 * report.pop("payload_bytes") / max(report["params"], 1)
-    return report
+    q = QuantizeOnLoad(skip, blocksize, double_quant)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear):
+            q(model, name + ".weight")
+    return q.report()
+
+
+class QuantizeOnLoad:
+    """Quantizes an nn.Linear to NF4 when called with the name of its just-loaded weight.
+    Passed as `on_tensor` to the loaders (engine.hub.load_model(..., quantize="nf4")), it
+    keeps the full-precision model from ever existing at once: QLoRA's load peak is the NF4
+    weights, the unquantized embeddings / norms / lm_head, and one linear's weight."""
+
+    def __init__(self, skip=("lm_head", "embed_tokens"), blocksize: int = 64,
+                 double_quant: bool = True):
+        _check_blocksize(blocksize)
+        self.skip = (skip,) if isinstance(skip, str) else tuple(skip)
+        self.blocksize, self.double_quant = blocksize, double_quant
+        self.counts = dict(layers=0, params=0, bytes_before=0, bytes_after=0, payload_bytes=0)
+        self.skipped: list[str] = []
+
+    def __call__(self, model: nn.Module, tensor_name: str) -> None:
+        name, _, leaf = tensor_name.rpartition(".")
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        child = getattr(parent, child_name, None)
+        if leaf != "weight" or not isinstance(child, nn.Linear):
+            return
+        if _matches(name, self.skip):
+            self.skipped.append(name)
+            return
+        # A bias not loaded yet is a meta tensor here; the loader assigns it into the NF4Linear.
+        layer = NF4Linear.from_linear(child, self.blocksize, self.double_quant)
+        setattr(parent, child_name, layer)
+        c = self.counts
+        c["layers"] += 1
+        c["params"] += child.weight.numel()
+        c["bytes_before"] += child.weight.numel() * child.weight.element_size()
+        c["payload_bytes"] += layer.nf4_weight().payload_bytes()
+        c["bytes_after"] += sum(b.numel() * b.element_size() for b in layer.buffers()
+                                if b is not layer.bias)
+
+    def report(self) -> dict:
+        out = {k: v for k, v in self.counts.items() if k != "payload_bytes"}
+        out["bits_per_param"] = 8 * self.counts["payload_bytes"] / max(self.counts["params"], 1)
+        out["skipped"] = list(self.skipped)
+        return out
