@@ -353,6 +353,8 @@ def main(argv=None) -> int:
               "interpreter (TRITON_INTERPRET=1) instead.\n")
         ok = interpreter_check()
         print("\nall kernels match their references" if ok else "\nMISMATCH: see the table")
+        print("To check that every kernel also compiles natively for a GPU (registers, spills, "
+              "shared memory): python -m kernels.compile_check")
         return 0 if ok else 1
     only = set(args.only.split(","))
     models = {"Llama-3-8B": MODELS["Llama-3-8B"]} if args.quick else MODELS
