@@ -1,0 +1,318 @@
+"""The OpenAI request/response layer of the server (engine/serve.py): validates a JSON body
+into a Job for the scheduler (engine/serve_engine.py) and shapes its events into responses.
+
+Follows the OpenAI API shapes as llama.cpp's tools/server and vLLM's entrypoints serve them
+(shared/FORMATS.md section 7): POST /v1/completions, POST /v1/chat/completions (streamed as
+`data: {json}` events ending in `data: [DONE]`), GET /v1/models, /health, /metrics; errors are
+`{"error": {"message", "type", "param", "code"}}` with a 4xx status for bad input.
+
+Usage counts: prompt_tokens once per prompt (not per choice); completion_tokens are the output
+tokens, without the stop id that ended a choice (as engine.generation counts them).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from engine.serve_engine import Engine, GenRequest, SamplingParams
+
+if TYPE_CHECKING:  # only for _Answer's annotation; engine.serve imports this module
+    from engine.serve import Server
+
+# =============================================================================================
+# Errors
+# =============================================================================================
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 408: "invalid_request_error",
+               411: "invalid_request_error", 413: "invalid_request_error",
+               429: "rate_limit_error", 431: "invalid_request_error", 500: "server_error",
+               503: "server_error", 505: "invalid_request_error"}
+
+
+class APIError(Exception):
+    """An error answered as an OpenAI error object with this HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, close: bool = False):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.close = close  # the connection cannot be reused (body not read, bad framing)
+
+    @property
+    def type(self) -> str:
+        return ERROR_TYPES.get(self.status, "invalid_request_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+# =============================================================================================
+# OpenAI request validation -> (prompts, params)
+# =============================================================================================
+@dataclass
+class Job:
+    kind: str  # "completion" | "chat"
+    model: str
+    adapter: str | None
+    prompts: list[list[int]]
+    params: SamplingParams
+    n: int
+    stream: bool
+    include_usage: bool
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param, code)
+
+
+def _typed(body: dict, name: str, kind: str, default=None):
+    """body[name] checked against kind ('int', 'number', 'bool', 'str'); absent/null -> default."""
+    v = body.get(name)
+    if v is None:
+        return default
+    ok = {"int": isinstance(v, int) and not isinstance(v, bool),
+          "number": isinstance(v, int) and not isinstance(v, bool)
+          or isinstance(v, float) and math.isfinite(v),
+          "bool": isinstance(v, bool),
+          "str": isinstance(v, str)}[kind]
+    if not ok:
+        what = {"int": "an integer", "number": "a number", "bool": "a boolean",
+                "str": "a string"}[kind]
+        raise _bad(f"'{name}' must be {what}, got {json.dumps(v)[:40]}", name)
+    return v
+
+
+# Fields we accept only at their "off" value (the API has them; this server does not).
+_UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
+                "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
+                "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+                "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+                "response_format": (None, {"type": "text"})}
+
+
+class API:
+    """Turns a parsed JSON body into a Job (runs on the tokenizer thread)."""
+
+    def __init__(self, engine: Engine, max_stop: int = 16):
+        self.engine, self.tok, self.max_stop = engine, engine.tok, max_stop
+
+    def prepare(self, kind: str, body) -> Job:
+        if not isinstance(body, dict):
+            raise _bad("the request body must be a JSON object")
+        for name, off in _UNSUPPORTED.items():
+            if body.get(name) not in off:
+                raise _bad(f"'{name}' is not supported by this server", name)
+        model = _typed(body, "model", "str", self.engine.name)
+        if model not in self.engine.model_names:
+            raise APIError(404, f"the model '{model}' does not exist; available: "
+                           f"{', '.join(self.engine.model_names)}", "model", "model_not_found")
+        if kind == "chat":
+            prompts = [self._chat_ids(body.get("messages"))]
+        else:
+            prompts = self._prompt_ids(body.get("prompt"))
+        n = _typed(body, "n", "int", 1)
+        if not 1 <= n <= self.engine.max_batch:
+            raise _bad(f"'n' must be between 1 and {self.engine.max_batch}, got {n}", "n")
+        if n * len(prompts) > self.engine.max_batch:
+            raise _bad(f"{len(prompts)} prompts x n={n} exceeds this server's batch of "
+                       f"{self.engine.max_batch} sequences", "n")
+        params = self._params(body, kind, max(len(p) for p in prompts))
+        stream = _typed(body, "stream", "bool", False)
+        opts = body.get("stream_options")
+        if opts is not None and not (isinstance(opts, dict) and isinstance(
+                opts.get("include_usage", False), bool)):
+            raise _bad("'stream_options' must be an object like {\"include_usage\": true}",
+                       "stream_options")
+        if opts is not None and not stream:
+            raise _bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
+        adapter = model if model != self.engine.name else None
+        return Job(kind, model, adapter, prompts, params, n, stream,
+                   bool(opts and opts.get("include_usage")))
+
+    def _params(self, body: dict, kind: str, prompt_len: int) -> SamplingParams:
+        ctx = self.engine.max_len
+        room = ctx - prompt_len
+        max_tokens = _typed(body, "max_tokens", "int")
+        if kind == "chat" and max_tokens is None:
+            max_tokens = _typed(body, "max_completion_tokens", "int")
+        if prompt_len >= ctx:
+            raise _bad(f"this model's maximum context length is {ctx} tokens, but the prompt has "
+                       f"{prompt_len} tokens", "messages" if kind == "chat" else "prompt",
+                       "context_length_exceeded")
+        if max_tokens is None:  # OpenAI's defaults: 16 for completions, the rest for chat
+            max_tokens = min(16, room) if kind == "completion" else room
+        if max_tokens < 1:
+            raise _bad(f"'max_tokens' must be at least 1, got {max_tokens}", "max_tokens")
+        if max_tokens > room:
+            raise _bad(f"this model's maximum context length is {ctx} tokens; the prompt has "
+                       f"{prompt_len} tokens and max_tokens asks for {max_tokens} more (at most "
+                       f"{room} fit)", "max_tokens", "context_length_exceeded")
+        temperature = _typed(body, "temperature", "number", 1.0)
+        if temperature < 0:
+            raise _bad(f"'temperature' must be >= 0 (0 = greedy), got {temperature}", "temperature")
+        top_p = _typed(body, "top_p", "number", 1.0)
+        if not 0 < top_p <= 1:
+            raise _bad(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
+        top_k = _typed(body, "top_k", "int", 0)
+        if top_k < -1:
+            raise _bad(f"'top_k' must be >= 1 (0 or -1 = off), got {top_k}", "top_k")
+        penalty = _typed(body, "repetition_penalty", "number", 1.0)
+        if penalty <= 0:
+            raise _bad(f"'repetition_penalty' must be > 0 (1 = off), got {penalty}",
+                       "repetition_penalty")
+        stop = body.get("stop")
+        stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+        if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+            raise _bad("'stop' must be a string or a list of strings", "stop")
+        if len(stop) > self.max_stop:
+            raise _bad(f"'stop' has {len(stop)} strings; at most {self.max_stop}", "stop")
+        seed = _typed(body, "seed", "int")
+        return SamplingParams(max_tokens, float(temperature), top_p if top_p < 1 else None,
+                              top_k if top_k > 0 else None, float(penalty),
+                              [s for s in stop if s], seed)
+
+    def _prompt_ids(self, prompt) -> list[list[int]]:
+        """prompt: a string, a list of strings, a list of token ids or a list of such lists."""
+        if isinstance(prompt, str):
+            return [self._encode(prompt)]
+        if isinstance(prompt, list) and prompt:
+            if all(isinstance(p, str) for p in prompt):
+                prompts = [self._encode(p) for p in prompt]
+            elif all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                prompts = [self._check_ids(prompt)]
+            elif all(isinstance(p, list) and p for p in prompt):
+                prompts = [self._check_ids(p) for p in prompt]
+            else:
+                prompts = None
+            if prompts is not None:
+                if len(prompts) > self.engine.max_batch:
+                    raise _bad(f"{len(prompts)} prompts in one request; at most "
+                               f"{self.engine.max_batch}", "prompt")
+                return prompts
+        raise _bad("'prompt' must be a string, a list of strings, a list of token ids or a list "
+                   "of token-id lists (non-empty)", "prompt")
+
+    def _encode(self, text: str) -> list[int]:
+        """generate.py's rule: the tokenizer's BOS default; an empty prompt starts a document."""
+        ids = self.tok.encode(text)
+        if not ids:
+            start = self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
+            ids = [start] if start is not None else self.tok.encode("\n")
+        return ids
+
+    def _check_ids(self, ids: list) -> list[int]:
+        V = self.engine.n_vocab
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < V for t in ids):
+            raise _bad(f"token ids in 'prompt' must be integers in [0, {V})", "prompt")
+        return list(ids)
+
+    def _chat_ids(self, messages) -> list[int]:
+        if not isinstance(messages, list) or not messages:
+            raise _bad("'messages' must be a non-empty list of {role, content} objects",
+                       "messages")
+        clean = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise _bad(f"messages[{i}] must be an object with a string 'role'", "messages")
+            content = m.get("content")
+            if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+                if not all(isinstance(p, dict) and p.get("type") == "text"
+                           and isinstance(p.get("text"), str) for p in content):
+                    raise _bad(f"messages[{i}].content: only text parts are supported",
+                               "messages")
+                content = "".join(p["text"] for p in content)
+            if content is None:
+                content = ""
+            if not isinstance(content, str):
+                raise _bad(f"messages[{i}].content must be a string or a list of text parts",
+                           "messages")
+            role = "system" if m["role"] == "developer" else m["role"]
+            clean.append({"role": role, "content": content})
+        try:
+            return self.tok.apply_chat_template(clean, add_generation_prompt=True, tokenize=True)
+        except ValueError as e:  # ChatTemplateError included
+            raise _bad(f"cannot apply the chat template: {e}", "messages") from None
+
+
+# =============================================================================================
+# OpenAI responses (and stream chunks) from engine events
+# =============================================================================================
+class _Answer:
+    """Builds the OpenAI response (or stream chunks) of one Job from engine events."""
+
+    def __init__(self, job: Job, gen: GenRequest, route: str, t0: float, server: Server):
+        self.job, self.gen, self.route, self.t0, self.server = job, gen, route, t0, server
+        chat = job.kind == "chat"
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.object = "chat.completion" if chat else "text_completion"
+        self.created = int(time.time())
+        k = gen.num_seqs
+        self.texts, self.reasons, self.tokens = [""] * k, [None] * k, [0] * k
+        self.finished = False
+        self.first_token = False
+
+    def _base(self, obj: str) -> dict:
+        d = {"id": self.id, "object": obj, "created": self.created, "model": self.job.model}
+        if self.job.stream and self.job.include_usage:
+            d["usage"] = None
+        return d
+
+    def _choice(self, i: int, text: str | None, reason: str | None, first: bool = False) -> dict:
+        if self.job.kind == "chat":
+            delta = {"role": "assistant", "content": ""} if first else \
+                ({} if text is None else {"content": text})
+            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+        return {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+
+    def _chunk(self, choices: list[dict]) -> dict:
+        obj = "chat.completion.chunk" if self.job.kind == "chat" else "text_completion"
+        return {**self._base(obj), "choices": choices}
+
+    def start_chunks(self) -> list[dict]:
+        if self.job.kind != "chat":
+            return []
+        return [self._chunk([self._choice(i, None, None, first=True)])
+                for i in range(self.gen.num_seqs)]
+
+    def apply(self, ev: tuple) -> list[dict]:
+        """Record an engine event; the stream chunks it produces."""
+        if ev[0] == "token":
+            _, i, text = ev
+            if not self.first_token:
+                self.first_token = True
+                self.server.m_ttft.observe(time.monotonic() - self.t0, route=self.route)
+            self.texts[i] += text
+            return [self._chunk([self._choice(i, text, None)])] if text else []
+        if ev[0] == "finish":
+            _, i, reason, n = ev
+            self.reasons[i], self.tokens[i] = reason, n
+            return [self._chunk([self._choice(i, None if self.job.kind == "chat" else "",
+                                              reason)])]
+        if ev[0] == "done":
+            self.finished = True
+        return []
+
+    def usage(self) -> dict:
+        prompt = sum(len(p) for p in self.job.prompts)
+        completion = sum(self.tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}
+
+    def usage_chunk(self) -> dict:
+        return {**self._chunk([]), "usage": self.usage()}
+
+    def response(self) -> dict:
+        if self.job.kind == "chat":
+            choices = [{"index": i, "message": {"role": "assistant", "content": t},
+                        "logprobs": None, "finish_reason": r}
+                       for i, (t, r) in enumerate(zip(self.texts, self.reasons))]
+        else:
+            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
+                       for i, (t, r) in enumerate(zip(self.texts, self.reasons))]
+        return {"id": self.id, "object": self.object, "created": self.created,
+                "model": self.job.model, "choices": choices, "usage": self.usage()}

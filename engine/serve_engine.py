@@ -1,0 +1,552 @@
+"""The model side of the server (engine/serve.py): one scheduler thread (`Engine`) owns the
+model and does continuous batching over a slot KV cache, with per-request LoRA adapters.
+
+Requests wait in a bounded FIFO (QueueFull when full: 429); each admitted sequence gets a row of
+a preallocated KV "slot" pool; every iteration prefills newly admitted requests, samples one token
+for every active sequence and runs ONE batched decode forward for all of them (continuous
+batching as in Orca / vLLM, without paging). Rows have their own lengths: keys past a row's length
+are masked, RoPE positions are per row. Finished or cancelled sequences free their row at once
+(the last row moves into it, so active rows stay contiguous and the batch reads a view of the
+pool, not a gathered copy).
+
+Adapters (`--adapter NAME=DIR`): one base model in memory. Each adapter is loaded with
+engine.lora.load_adapter into its own LoRALinear layers that share the base weights, and each
+covered linear becomes an `AdapterSwitch` that sends the rows of every adapter through that
+adapter's LoRALinear (the base linear for base rows). So one decode forward serves a batch that
+mixes adapters, the math is exactly engine.lora's (LoRA, rsLoRA, DoRA, NF4 bases), and an adapter
+costs only its LoRA tensors. Adapters that replace whole modules (PEFT modules_to_save) are refused.
+
+Sampling is engine.generation's (repetition penalty, temperature, top-k, top-p; the same stop
+handling via StopStringStream), per sequence with its own torch.Generator, so a greedy request
+returns what engine.generation.generate / generate.py return for the same prompt, and a seeded one
+does not depend on what else is in the batch. Choice i of a request with `seed` s uses seed s + i.
+(A request decoded alone runs exactly generate()'s forward; batched with others its row math is
+the same but the floating-point summation order of a larger matmul may differ in the last bits,
+so an exact near-tie could in principle resolve differently. Tests compare batched greedy output
+with generate() on random and real models.)
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import secrets
+import sys
+import threading
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from engine.generation import StopStringStream, apply_repetition_penalty, sample
+from engine.metrics import Registry
+
+# =============================================================================================
+# Errors
+# =============================================================================================
+class QueueFull(Exception):
+    pass
+
+
+class ShuttingDown(Exception):
+    pass
+
+
+# =============================================================================================
+# Per-request LoRA adapters over one base model
+# =============================================================================================
+class AdapterSelector:
+    """Which adapter each batch row uses during the next forward, set by the scheduler:
+    groups = [(adapter name or None for the base, row indices or None for all rows)]."""
+
+    def __init__(self):
+        self.groups: list[tuple[str | None, torch.Tensor | None]] = [(None, None)]
+
+
+class AdapterSwitch(nn.Module):
+    """Stands where a base linear was; routes each row group through its adapter's LoRALinear."""
+
+    def __init__(self, base: nn.Module, selector: AdapterSelector):
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()  # str(index) -> LoRALinear (names may contain '.')
+        self.keys: dict[str, str] = {}   # adapter name -> key in self.adapters
+        self.selector = selector
+
+    def add(self, name: str, layer: nn.Module) -> None:
+        self.keys[name] = str(len(self.keys))
+        self.adapters[self.keys[name]] = layer
+
+    def _layer(self, name: str | None) -> nn.Module:
+        key = self.keys.get(name)
+        return self.adapters[key] if key is not None else self.base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
+        groups = self.selector.groups
+        if len(groups) == 1:
+            return self._layer(groups[0][0])(x)
+        out = None
+        for name, rows in groups:
+            y = self._layer(name)(x[rows])  # (b, T, out)
+            if out is None:
+                out = y.new_empty(x.shape[:-1] + y.shape[-1:])
+            out[rows] = y
+        return out
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def install_adapters(model: nn.Module, adapters: dict[str, str]) -> AdapterSelector:
+    """Load each adapter directory (ours or PEFT's) into LoRA layers sharing the base weights and
+    put an AdapterSwitch on every covered linear. Returns the selector the scheduler sets."""
+    from engine.lora import LORA_PARTS, Adapter, load_adapter, lora_layers
+    if lora_layers(model):
+        raise ValueError("the base model already has LoRA layers; serve a merged model")
+    selector = AdapterSelector()
+    per_module: dict[str, dict[str, nn.Module]] = collections.defaultdict(dict)
+    for name, directory in adapters.items():
+        adapter = Adapter.load(directory)
+        whole = [k for k in adapter.tensors if not any(p in k.split(".") for p in LORA_PARTS)]
+        if whole:  # would overwrite base weights shared by every other request
+            raise ValueError(f"adapter {name!r}: whole-module tensors such as {whole[0]!r} "
+                             "(PEFT modules_to_save) are not supported by the server; merge the "
+                             "adapter into a full checkpoint and serve that instead")
+        originals = dict(model.named_modules())
+        try:
+            load_adapter(model, adapter)
+        except ValueError as e:
+            raise ValueError(f"adapter {name!r} ({directory}): {e}") from None
+        for mod_name, layer in lora_layers(model).items():
+            per_module[mod_name][name] = layer.eval()
+            _set_module(model, mod_name, originals[mod_name])  # base back for the next adapter
+    for mod_name, layers in per_module.items():
+        switch = AdapterSwitch(model.get_submodule(mod_name), selector)
+        for name, layer in layers.items():
+            switch.add(name, layer)
+        _set_module(model, mod_name, switch)
+    return selector
+
+
+# =============================================================================================
+# Slot KV cache and the batched forward
+# =============================================================================================
+class SlotPool:
+    """Keys and values of up to `slots` sequences: k[l], v[l] of shape (slots, Hkv, length, D).
+    Active sequences occupy rows 0..n-1. `length` grows (doubling, up to max_len) when a
+    sequence reaches it, so memory follows the longest sequence so far, not the context."""
+
+    def __init__(self, model: nn.Module, slots: int, max_len: int):
+        self.model, self.slots, self.max_len = model, slots, max_len
+        self.length = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    def ensure(self, length: int) -> None:
+        if length <= self.length:
+            return
+        new = min(self.max_len, max(length, 64, 2 * self.length))
+        cache = self.model.new_cache(self.slots, new)  # (slots, Hkv, new, D) per layer
+        for old, fresh in ((self.k, cache.k), (self.v, cache.v)):
+            for o, f in zip(old, fresh):
+                f[:, :, :self.length] = o
+        self.k, self.v, self.length = cache.k, cache.v, new
+
+    def copy_row(self, src: int, dst: int, n: int) -> None:
+        for t in self.k + self.v:
+            t[dst, :, :n] = t[src, :, :n]
+
+
+class RowsCache:
+    """The KV cache one forward sees: pool rows [0, B). Token t of row b is written at position
+    start[b] + t; attention reads the first `span` positions of each row (more are masked)."""
+
+    def __init__(self, pool: SlotPool, rows: slice, start: torch.Tensor, span: int):
+        self.pool, self.rows, self.start, self.span = pool, rows, start, span
+        self.uniform = bool((start == start[0]).all())
+        self.pos = int(start[0])  # read by Transformer.forward when positions are uniform
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """k, v: (B, Hkv, T, D) -> all keys and values of these rows (B, Hkv, span, D)."""
+        K, V = self.pool.k[layer], self.pool.v[layer]
+        T = k.shape[2]
+        if self.uniform:
+            K[self.rows, :, self.pos:self.pos + T] = k
+            V[self.rows, :, self.pos:self.pos + T] = v
+        else:  # decode (T == 1) with a different position in every row
+            idx = torch.arange(self.rows.start, self.rows.stop, device=k.device)
+            K[idx, :, self.start] = k[:, :, 0]
+            V[idx, :, self.start] = v[:, :, 0]
+        return K[self.rows, :, :self.span], V[self.rows, :, :self.span]
+
+
+def forward_rows(model: nn.Module, ids: torch.Tensor, cache: RowsCache) -> torch.Tensor:
+    """ids (B, T) -> logits of each row's last position (B, V). Same modules and order as
+    Transformer.forward (an uncompiled inference path); when the rows' positions differ, RoPE
+    gets per-row positions and a key mask hides each row's positions beyond its own length."""
+    B, T = ids.shape
+    if cache.uniform:
+        return model(ids, cache=cache)[:, -1]  # exactly engine.generation's prefill / decode
+    positions = cache.start[:, None]  # (B, 1)
+    cos, sin = model.rotary(positions)  # (B, 1, 1, D)
+    kpos = torch.arange(cache.span, device=ids.device)
+    mask = (kpos[None, :] <= cache.start[:, None])[:, None, None, :]  # (B, 1, 1, span)
+    x = model.model.embed_tokens(ids)  # (B, 1, H)
+    for layer in model.model.layers:
+        x = layer(x, cos, sin, cache, mask)
+    return model.lm_head(model.model.norm(x))[:, -1]
+
+
+# =============================================================================================
+# Requests and sequences
+# =============================================================================================
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+class GenRequest:
+    """One API request: `n` choices for each prompt; events go to on_event from the scheduler
+    thread: ("token", index, text) per generated token (text may be "" while held back),
+    ("finish", index, reason, completion_tokens), then ("done",); or ("error", status, message)."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
+                 adapter: str | None = None, on_event: Callable[[tuple], None] = lambda ev: None):
+        self.id = next(self._ids)
+        self.prompts, self.params, self.n, self.adapter = prompts, params, n, adapter
+        self.on_event = on_event
+        self.cancelled = False
+        self.remaining = n * len(prompts)  # sequences not finished yet
+
+    @property
+    def num_seqs(self) -> int:
+        return self.n * len(self.prompts)
+
+
+class Sequence:
+    """One choice being generated: its pool row, sampler state and text stream."""
+
+    def __init__(self, req: GenRequest, index: int, prompt: list[int], engine: "Engine"):
+        p = req.params
+        self.req, self.index, self.params = req, index, p
+        # (1, T + N): prompt + generated ids, what the repetition penalty looks at
+        self.ids = torch.zeros(1, len(prompt) + p.max_tokens, dtype=torch.long,
+                               device=engine.device)
+        self.ids[0, :len(prompt)] = torch.tensor(prompt)
+        self.n_ids = len(prompt)
+        self.length = 0  # positions in the KV cache
+        self.sampled = 0  # tokens sampled (a stop id included)
+        self.completion_tokens = 0  # tokens of the output (no stop id)
+        self.stream = StopStringStream(engine.tok, p.stop, prompt[-4:])
+        seed = (p.seed + index if p.seed is not None else secrets.randbits(63)) % (1 << 63)
+        self.generator = torch.Generator(device=engine.device)
+        self.generator.manual_seed(seed)
+        self.slot = -1
+        self.logits: torch.Tensor | None = None  # (1, V) for the next sample
+        self.next_token = 0
+
+
+# =============================================================================================
+# The scheduler: one thread owns the model
+# =============================================================================================
+class Engine:
+    """Continuous batching over a SlotPool. `submit` (any thread) enqueues a GenRequest or raises
+    QueueFull / ShuttingDown; `cancel` frees its rows at the next iteration."""
+
+    def __init__(self, model: nn.Module, tokenizer, name: str = "model",
+                 adapters: dict[str, str] | None = None, max_batch: int = 8,
+                 max_queue: int = 64, max_model_len: int | None = None,
+                 registry: Registry | None = None, step_hook: Callable[[], None] | None = None):
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, "
+                             f"{max_queue}")
+        if tokenizer is None:
+            raise ValueError("the model has no tokenizer files; the server needs a tokenizer")
+        self.model, self.tok, self.name = model.eval(), tokenizer, name
+        self.device = model.lm_head.weight.device
+        ctx = model.config.max_position_embeddings
+        self.max_len = min(ctx, max_model_len) if max_model_len else ctx
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.stop_ids = set(tokenizer.stop_ids)
+        # Embedding rows past the tokenizer's vocabulary (padding) are never sampled: no text.
+        self.n_vocab = min(model.config.vocab_size, tokenizer.vocab_size)
+        self.adapters = dict(adapters or {})
+        for a in self.adapters:
+            if a == name or not a:
+                raise ValueError(f"adapter name {a!r} must be non-empty and differ from the "
+                                 f"base model's name {name!r}")
+        self.selector = install_adapters(model, self.adapters) if self.adapters else None
+        self.pool = SlotPool(model, max_batch, self.max_len)
+        self.active: list[Sequence] = []  # active[i].slot == i
+        self._waiting: collections.deque[GenRequest] = collections.deque()
+        self._running: set[GenRequest] = set()
+        self._cv = threading.Condition()
+        self._accepting, self._stopping, self._abort = True, False, None
+        self._thread: threading.Thread | None = None
+        self.dead: str | None = None  # set if the scheduler thread ever fails
+        self.step_hook = step_hook  # called before every decode forward (tests slow it down)
+        reg = registry or Registry()
+        self.registry = reg
+        self.m_prompt = reg.counter("prompt_tokens_total", "Prompt tokens prefilled", ["model"])
+        self.m_gen = reg.counter("generation_tokens_total", "Tokens generated (stop ids excluded)",
+                                 ["model"])
+        self.m_running = reg.gauge("requests_running", "Requests being generated")
+        self.m_waiting = reg.gauge("requests_waiting", "Requests queued for a free KV slot")
+        self.m_slots = reg.gauge("kv_slots_used", "KV cache rows in use")
+        self.m_batch = reg.histogram("decode_batch_size", "Sequences per decode forward",
+                                     buckets=[1, 2, 4, 8, 16, 32, 64, 128])
+        self.m_cancel = reg.counter("requests_cancelled_total", "Requests cancelled before the end",
+                                    ["reason"])
+
+    @property
+    def model_names(self) -> list[str]:
+        return [self.name] + list(self.adapters)
+
+    # -- requests -----------------------------------------------------------------------------
+    def submit(self, req: GenRequest) -> None:
+        with self._cv:
+            if not self._accepting:
+                raise ShuttingDown(f"the scheduler failed: {self.dead}" if self.dead
+                                   else "the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the server is busy: {len(self._waiting)} requests are queued")
+            self._waiting.append(req)
+            self.m_waiting.set(len(self._waiting))
+            self._cv.notify()
+
+    def cancel(self, req: GenRequest, reason: str = "client_disconnected") -> None:
+        if not req.cancelled and req.remaining > 0:
+            req.cancelled = True
+            self.m_cancel.inc(reason=reason)
+        with self._cv:
+            self._cv.notify()
+
+    def idle(self) -> bool:
+        with self._cv:
+            return not self._waiting and not self._running
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="whetstone-scheduler",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def stop_accepting(self) -> None:
+        with self._cv:
+            self._accepting = False
+
+    def abort_all(self, message: str = "the server is shutting down") -> None:
+        """Fail every queued and running request with a 503 error event."""
+        with self._cv:
+            self._abort = message
+            self._cv.notify()
+
+    def close(self) -> None:
+        self.stop_accepting()
+        self.abort_all()
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():  # the pool holds inference tensors: every write in here
+                self._serve_forever()
+        except BaseException as e:  # a bug in the scheduler: fail loudly, never hang clients
+            traceback.print_exc(file=sys.stderr)
+            with self._cv:
+                self._accepting, self.dead = False, f"{type(e).__name__}: {e}"
+                for req in list(self._waiting) + list(self._running):
+                    if req.remaining > 0:
+                        req.remaining = 0
+                        self._emit(req, ("error", 500, f"the scheduler failed: {self.dead}"))
+                self._waiting.clear()
+                self._running.clear()
+
+    def _serve_forever(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._stopping or self._abort or self._waiting or self.active):
+                    self._cv.wait()
+                if self._abort:
+                    self._abort_locked(self._abort)
+                if self._stopping and not self.active:
+                    return
+                for req in [r for r in self._waiting if r.cancelled]:
+                    self._waiting.remove(req)
+                admitted = []
+                while self._waiting and (len(self.active) + sum(r.num_seqs for r in admitted)
+                                         + self._waiting[0].num_seqs <= self.max_batch):
+                    admitted.append(self._waiting.popleft())
+                self._running.update(admitted)
+                self.m_waiting.set(len(self._waiting))
+                self.m_running.set(len(self._running))
+            try:
+                self._iteration(admitted)
+            except Exception as e:  # a failed forward must not take the server down
+                traceback.print_exc(file=sys.stderr)
+                for seq in list(self.active):
+                    self._fail(seq.req, 500, f"generation failed: {type(e).__name__}: {e}")
+                for req in admitted:
+                    self._fail(req, 500, f"generation failed: {type(e).__name__}: {e}")
+
+    def _abort_locked(self, message: str) -> None:
+        for req in list(self._waiting) + list(self._running):
+            self.m_cancel.inc(reason="shutdown")
+            self._fail(req, 503, message)
+        self._waiting.clear()
+        self.m_waiting.set(0)
+        self._abort = None
+
+    def _fail(self, req: GenRequest, status: int, message: str) -> None:
+        for seq in [s for s in self.active if s.req is req]:
+            self._remove(seq)
+        if req.remaining > 0:
+            req.remaining = 0
+            self._emit(req, ("error", status, message))
+        self._running.discard(req)
+        self.m_running.set(len(self._running))
+
+    def _iteration(self, admitted: list[GenRequest]) -> None:
+        for seq in [s for s in self.active if s.req.cancelled]:
+            self._remove(seq)
+        for req in [r for r in self._running if r.cancelled]:
+            self._running.discard(req)
+        for req in admitted:
+            if req.cancelled:
+                self._running.discard(req)
+                continue
+            try:
+                self._prefill(req)
+            except Exception as e:  # e.g. out of memory for this prompt: only it fails
+                self._fail(req, 500, f"prefill failed: {type(e).__name__}: {e}")
+        for seq in list(self.active):  # one token for every active sequence
+            if seq.slot < 0:
+                continue  # its request failed while sampling an earlier row
+            try:
+                self._sample(seq)
+            except Exception as e:
+                self._fail(seq.req, 500, f"sampling failed: {type(e).__name__}: {e}")
+        if self.active:
+            if self.step_hook is not None:
+                self.step_hook()
+            self._decode()
+        self.m_running.set(len(self._running))
+        self.m_slots.set(len(self.active))
+
+    def _prefill(self, req: GenRequest) -> None:
+        self._select([(req.adapter, None)])
+        self.pool.ensure(max(len(p) for p in req.prompts))
+        for p_idx, prompt in enumerate(req.prompts):
+            seqs = [Sequence(req, p_idx * req.n + j, prompt, self) for j in range(req.n)]
+            for seq in seqs:
+                seq.slot = len(self.active)
+                self.active.append(seq)
+            first = seqs[0]
+            ids = torch.tensor([prompt], dtype=torch.long, device=self.device)  # (1, T)
+            cache = RowsCache(self.pool, slice(first.slot, first.slot + 1),
+                              torch.zeros(1, dtype=torch.long, device=self.device), len(prompt))
+            logits = self._unpad(forward_rows(self.model, ids, cache))  # (1, V)
+            self.m_prompt.inc(len(prompt), model=self._model_label(req))
+            for seq in seqs:
+                if seq is not first:
+                    self.pool.copy_row(first.slot, seq.slot, len(prompt))
+                seq.logits, seq.length = logits, len(prompt)
+
+    def _sample(self, seq: Sequence) -> None:
+        p, req = seq.params, seq.req
+        logits = apply_repetition_penalty(seq.logits, seq.ids[:, :seq.n_ids], p.repetition_penalty)
+        tid = int(sample(logits, p.temperature, p.top_k, p.top_p, seq.generator))
+        seq.ids[0, seq.n_ids] = tid
+        seq.n_ids += 1
+        seq.sampled += 1
+        reason = None
+        if tid in self.stop_ids:
+            reason, text = "stop", seq.stream.finish()
+        else:
+            seq.completion_tokens += 1
+            self.m_gen.inc(model=self._model_label(req))
+            text = seq.stream.push(tid)
+            if seq.stream.stopped:
+                reason = "stop"  # a stop string
+            elif seq.sampled >= p.max_tokens:
+                reason, text = "length", text + seq.stream.finish()
+        self._emit(req, ("token", seq.index, text))
+        if reason is None:
+            seq.next_token = tid
+            return
+        self._emit(req, ("finish", seq.index, reason, seq.completion_tokens))
+        self._remove(seq)
+        req.remaining -= 1
+        if req.remaining == 0:
+            self._running.discard(req)
+            self._emit(req, ("done",))
+
+    def _decode(self) -> None:
+        B = len(self.active)
+        tokens = torch.tensor([[s.next_token] for s in self.active], device=self.device)  # (B, 1)
+        start = torch.tensor([s.length for s in self.active], device=self.device)  # (B,)
+        span = max(s.length for s in self.active) + 1
+        self.pool.ensure(span)  # grows with what is generated, not with what max_tokens allows
+        window = getattr(self.model.config, "sliding_window", None)
+        if window and span > window and B > 1 and not bool((start == start[0]).all()):
+            # ops.attention places the window by the batch's last position: go row by row
+            blocks = [slice(i, i + 1) for i in range(B)]
+        else:
+            blocks = [slice(0, B)]
+        self.m_batch.observe(B)
+        for rows in blocks:
+            seqs = self.active[rows]
+            groups = collections.defaultdict(list)
+            for i, s in enumerate(seqs):
+                groups[s.req.adapter].append(i)
+            self._select([(a, torch.tensor(r, device=self.device)) for a, r in groups.items()]
+                         if len(groups) > 1 else [(seqs[0].req.adapter, None)])
+            s_span = span if len(blocks) == 1 else seqs[0].length + 1
+            cache = RowsCache(self.pool, rows, start[rows], s_span)
+            logits = self._unpad(forward_rows(self.model, tokens[rows], cache))  # (b, V)
+            for i, s in enumerate(seqs):
+                s.logits, s.length = logits[i:i + 1], s.length + 1
+
+    def _unpad(self, logits: torch.Tensor) -> torch.Tensor:
+        if logits.shape[-1] > self.n_vocab:
+            logits[:, self.n_vocab:] = float("-inf")
+        return logits
+
+    def _select(self, groups) -> None:
+        if self.selector is not None:
+            self.selector.groups = groups
+
+    def _remove(self, seq: Sequence) -> None:
+        """Free seq's row; the last active row moves into it (active rows stay 0..n-1)."""
+        i, last = seq.slot, self.active[-1]
+        if last is not seq:
+            self.pool.copy_row(last.slot, i, last.length)
+            last.slot, self.active[i] = i, last
+        self.active.pop()
+        seq.slot = -1
+
+    def _model_label(self, req: GenRequest) -> str:
+        return req.adapter or self.name
+
+    def _emit(self, req: GenRequest, event: tuple) -> None:
+        try:
+            req.on_event(event)
+        except Exception:  # e.g. the event loop is gone during shutdown
+            pass
