@@ -1,4 +1,4 @@
-"""Serve a model over an OpenAI-compatible HTTP API (engine/serve.py does the work).
+"""Serve a model over an OpenAI-compatible HTTP API (engine/serve*.py does the work).
 
     python serve.py --model smollm2-135m-instruct                      # http://127.0.0.1:8000
     python serve.py --model out/RUN --adapter chat=out/RUN-lora --port 8001 --api-key secret

@@ -593,12 +593,12 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
     """['NAME=DIR', ...] -> {NAME: DIR}; a one-line ValueError for a malformed or repeated one."""
     out: dict[str, str] = {}
     for spec in specs:
-        name, sep, directory = spec.partition("=")
-        if not sep or not name.strip() or not directory.strip():
+        name, sep, directory = (part.strip() for part in spec.partition("="))
+        if not sep or not name or not directory:
             raise ValueError(f"--adapter expects NAME=DIR, got {spec!r}")
         if name in out:
             raise ValueError(f"adapter name {name!r} is given twice")
-        out[name.strip()] = directory.strip()
+        out[name] = directory
     return out
 
 

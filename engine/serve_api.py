@@ -70,14 +70,21 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> API
     return APIError(400, message, param, code)
 
 
+def _finite(v: int | float) -> bool:
+    """A finite float, also after conversion (a JSON integer like 1e400 overflows float)."""
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
 def _typed(body: dict, name: str, kind: str, default=None):
     """body[name] checked against kind ('int', 'number', 'bool', 'str'); absent/null -> default."""
     v = body.get(name)
     if v is None:
         return default
     ok = {"int": isinstance(v, int) and not isinstance(v, bool),
-          "number": isinstance(v, int) and not isinstance(v, bool)
-          or isinstance(v, float) and math.isfinite(v),
+          "number": isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v),
           "bool": isinstance(v, bool),
           "str": isinstance(v, str)}[kind]
     if not ok:

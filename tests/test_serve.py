@@ -1,4 +1,4 @@
-"""Tests for engine/serve.py, serve.py and engine/metrics.py.
+"""Tests for engine/serve.py (with serve_api.py, serve_engine.py), serve.py and engine/metrics.py.
 
 References: engine.generation.generate (and generate.py's CLI) on the same checkpoint for greedy
 and seeded output, load_model(..., adapter=DIR) for adapters, the official `openai` client for
@@ -371,6 +371,8 @@ BAD = [  # (method, path, body or raw bytes, extra kwargs, status, param)
     ("POST", "/v1/completions", {"prompt": 5}, {}, 400, "prompt"),
     ("POST", "/v1/completions", {"prompt": [1, 999]}, {}, 400, "prompt"),
     ("POST", "/v1/completions", {"prompt": "a", "temperature": -1}, {}, 400, "temperature"),
+    ("POST", "/v1/completions", b'{"prompt": "a", "temperature": 1' + b"0" * 400 + b"}", {}, 400,
+     "temperature"),  # an integer too large for a float: a 400, not a 500
     ("POST", "/v1/completions", {"prompt": "a", "top_p": 0}, {}, 400, "top_p"),
     ("POST", "/v1/completions", {"prompt": "a", "stop": [1]}, {}, 400, "stop"),
     ("POST", "/v1/completions", {"prompt": "a", "n": 0}, {}, 400, "n"),
@@ -742,6 +744,8 @@ def test_parse_adapter_specs():
     assert parse_adapter_specs(["a=/x", "b=y=z"]) == {"a": "/x", "b": "y=z"}
     with pytest.raises(ValueError, match="twice"):
         parse_adapter_specs(["a=/x", "a=/y"])
+    with pytest.raises(ValueError, match="twice"):
+        parse_adapter_specs(["a=/x", "a =/y"])
 
 
 @pytest.mark.slow
