@@ -341,7 +341,9 @@ def _configs(kind: str, D: int, dtype: torch.dtype) -> list[dict]:
     warps = 4 if D <= 64 else 8
     bm, bn, w, stages = {
         "fwd": (64, 32, 8, 2) if wide else (128, 64, warps, 3),
-        "dkdv": (32, 64, 8, 2) if wide else (32, 128, warps, 3),
+        # dK/dV holds two (BLOCK_N, D) fp32 accumulators: with 4 warps at D = 64 ptxas spills
+        # 264 bytes per thread on sm_90, with 8 none (python -m kernels.compile_check)
+        "dkdv": (32, 64, 8, 2) if wide else (32, 128, 8, 3),
         "dq": (64, 32, 8, 2) if wide else (128, 32, warps, 3),
         "decode": (16, 64, 4, 3),
     }[kind]

@@ -6,7 +6,9 @@ runs at the benchmark's model shapes (few rows: builds depend on feature sizes, 
 launcher's choices, not on the row count) with CPU tensors standing in for CUDA ones, and every
 launch becomes a compile for the target that never runs; outputs are garbage, only builds matter.
 For each distinct build it reports registers per thread, spilled bytes per thread and shared
-memory against the target's per-block limit (`cuobjdump --dump-resource-usage` on the cubin).
+memory against the target's per-block limit (`cuobjdump --dump-resource-usage` on the cubin;
+spills are its local + stack bytes: Triton kernels make no calls, so the stack frame ptxas gives
+a thread holds spilled registers).
 
 A build that needs more shared memory than the target has raises OutOfResources, as loading it
 on that GPU would, so launchers that fall back to smaller tiles are exercised too. Exit status 1
@@ -108,7 +110,7 @@ def compile_only(arch: int):
 
 
 def resource_usage(cubin: bytes) -> dict:
-    """Registers, spill (local) bytes per thread and static shared memory of a cubin."""
+    """Registers, local and stack bytes per thread, static shared memory of a cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
