@@ -20,6 +20,7 @@ cost speed, not correctness).
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import json
 import os
@@ -184,13 +185,25 @@ def describe(kwargs: dict) -> str:
 
 
 def _reason(e: BaseException) -> str:
-    """The innermost cause, with the kernel source line for a Triton compile error."""
-    while e.__cause__ is not None:
-        e = e.__cause__
-    if isinstance(e, CompilationError):
-        where = e.src.split("\n")[e.node.lineno - 1].strip() if e.src else "?"
-        return f"CompilationError at `{where}`: {e.error_message}"
-    return f"{type(e).__name__}: {e}"
+    """One line: where the kernel's compile failed (the line in the kernel, and the @jit
+    function it called that failed) and the innermost error."""
+    chain = [e]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    errors = [c for c in chain if isinstance(c, CompilationError)]
+    if not errors:
+        return f"{type(e).__name__}: {e}"
+
+    def line(c):
+        return c.src.split("\n")[c.node.lineno - 1].strip() if c.src and c.node else "?"
+    where = f"CompilationError at `{line(errors[0])}`"
+    inner = errors[-1]
+    if inner is not errors[0] and isinstance(inner.node, ast.FunctionDef):
+        where += f" (in @jit {inner.node.name})"
+    elif inner is not errors[0]:
+        where += f" (at `{line(inner)}`)"
+    message = inner.error_message or (repr(chain[-1]) if chain[-1] is not inner else "")
+    return f"{where}: {message}"
 
 
 def check(arch: int, case_list, verbose=True) -> tuple[list[dict], list[str]]:

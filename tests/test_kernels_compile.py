@@ -81,3 +81,38 @@ def test_launch_fitting_takes_the_first_config_that_fits_and_remembers_it():
     assert kernel.launches[2:] == [((2,), 64)]  # no second try of the build that failed
     with pytest.raises(OutOfResources):
         launch_fitting(FakeKernel(limit=16), grid, configs, x, FLAG=True)
+
+
+BROKEN = '''
+import torch, triton, triton.language as tl
+from kernels import compile_check as cc
+
+@triton.jit
+def _mixed_returns(X, FLAG: tl.constexpr):  # the NF4 bug: uint8 from one path, fp32 from another
+    if FLAG:
+        return tl.load(X).to(tl.float32)
+    return tl.load(X)
+
+@triton.jit
+def _broken_kernel(X, OUT):
+    tl.store(OUT, _mixed_returns(X, True))
+
+def case():
+    x, out = torch.zeros(1, dtype=torch.uint8), torch.zeros(1)
+    _broken_kernel[(1,)](x, out)
+
+rows, errors = cc.check(90, [("broken", case)], verbose=False)
+print(errors)
+'''
+
+
+def test_a_kernel_that_only_the_interpreter_accepts_is_reported_in_one_line(tmp_path):
+    script = tmp_path / "broken.py"  # @triton.jit needs its source in a file
+    script.write_text(BROKEN)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert ("broken: CompilationError at `tl.store(OUT, _mixed_returns(X, True))` (in @jit "
+            "_mixed_returns): TypeError('Return type mismatch" in out.stdout), out.stdout
