@@ -15,7 +15,8 @@ on that GPU would, so launchers that fall back to smaller tiles are exercised to
 when a case fails (a compile error, or no config fits); spills are reported, not failed (they
 cost speed, not correctness).
 
-    python -m kernels.compile_check [--arch 90] [--quick] [--only attention,nf4] [--json PATH]
+    python -m kernels.compile_check [--arch 80,89,90] [--quick] [--only attention,nf4]
+                                    [--dtypes bf16,fp32] [--head-dims 64,128] [--json PATH]
 """
 from __future__ import annotations
 
