@@ -112,7 +112,8 @@ class API:
         if not isinstance(body, dict):
             raise _bad("the request body must be a JSON object")
         for name, off in _UNSUPPORTED.items():
-            if body.get(name) not in off:
+            v = body.get(name)  # `false` is not the number 0 here (nor `0` the boolean)
+            if not any(v == o and type(v) is type(o) for o in off):
                 raise _bad(f"'{name}' is not supported by this server", name)
         model = _typed(body, "model", "str", self.engine.name)
         if model not in self.engine.model_names:
@@ -176,12 +177,13 @@ class API:
         stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
         if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
             raise _bad("'stop' must be a string or a list of strings", "stop")
+        stop = [s for s in stop if s]  # an empty stop string stops nothing
         if len(stop) > self.max_stop:
             raise _bad(f"'stop' has {len(stop)} strings; at most {self.max_stop}", "stop")
         seed = _typed(body, "seed", "int")
         return SamplingParams(max_tokens, float(temperature), top_p if top_p < 1 else None,
                               top_k if top_k > 0 else None, float(penalty),
-                              [s for s in stop if s], seed)
+                              stop, seed)
 
     def _prompt_ids(self, prompt) -> list[list[int]]:
         """prompt: a string, a list of strings, a list of token ids or a list of such lists."""

@@ -243,6 +243,11 @@ def test_seed_n_stop_and_repetition_penalty(server, refs):
                                                          "temperature": 0, "stop": [stop, "zzz"]})
     assert r["choices"][0] == {"index": 0, "text": greedy[:greedy.index(stop)], "logprobs": None,
                                "finish_reason": "stop"}
+    # empty stop strings stop nothing and do not count against the limit of 16
+    many = [stop] + [f"zz{i}" for i in range(15)] + ["", ""]
+    s, _, r2 = request(server, "POST", "/v1/completions", {"prompt": "To be", "max_tokens": 24,
+                                                          "temperature": 0, "stop": many})
+    assert s == 200 and r2["choices"][0] == r["choices"][0]
     s, _, r = request(server, "POST", "/v1/completions", {"prompt": "To be", "max_tokens": 3,
                                                          "temperature": 0})
     assert r["choices"][0]["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 3
@@ -378,6 +383,8 @@ BAD = [  # (method, path, body or raw bytes, extra kwargs, status, param)
     ("POST", "/v1/completions", {"prompt": "a", "n": 0}, {}, 400, "n"),
     ("POST", "/v1/completions", {"prompt": "a", "n": 5}, {}, 400, "n"),
     ("POST", "/v1/completions", {"prompt": "a", "logprobs": 2}, {}, 400, "logprobs"),
+    ("POST", "/v1/completions", {"prompt": "a", "presence_penalty": False}, {}, 400,
+     "presence_penalty"),
     ("POST", "/v1/completions", {"prompt": "a", "stream_options": {"include_usage": True}}, {},
      400, "stream_options"),
     ("POST", "/v1/completions", {"prompt": "a" * 300}, {}, 400, "prompt"),
