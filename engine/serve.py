@@ -457,7 +457,8 @@ class Server:
             raise APIError(429, str(e), code="queue_full") from None
         except ShuttingDown as e:
             raise APIError(503, str(e), code="shutting_down") from None
-        state = _Answer(job, gen, route, req.t0, self)
+        state = _Answer(job, gen, route, req.t0,
+                        lambda seconds: self.m_ttft.observe(seconds, route=route))
         try:
             if job.stream:
                 return await self._stream(req, state, events, reader, writer)

@@ -16,12 +16,9 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Callable
 
 from engine.serve_engine import Engine, GenRequest, SamplingParams
-
-if TYPE_CHECKING:  # only for _Answer's annotation; engine.serve imports this module
-    from engine.serve import Server
 
 # =============================================================================================
 # Errors
@@ -254,8 +251,11 @@ class API:
 class _Answer:
     """Builds the OpenAI response (or stream chunks) of one Job from engine events."""
 
-    def __init__(self, job: Job, gen: GenRequest, route: str, t0: float, server: Server):
-        self.job, self.gen, self.route, self.t0, self.server = job, gen, route, t0, server
+    def __init__(self, job: Job, gen: GenRequest, route: str, t0: float,
+                 on_first_token: Callable[[float], None]):
+        """on_first_token(seconds since t0) runs once, at the first token (the TTFT metric)."""
+        self.job, self.gen, self.route, self.t0 = job, gen, route, t0
+        self.on_first_token = on_first_token
         chat = job.kind == "chat"
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.object = "chat.completion" if chat else "text_completion"
@@ -294,7 +294,7 @@ class _Answer:
             _, i, text = ev
             if not self.first_token:
                 self.first_token = True
-                self.server.m_ttft.observe(time.monotonic() - self.t0, route=self.route)
+                self.on_first_token(time.monotonic() - self.t0)
             self.texts[i] += text
             return [self._chunk([self._choice(i, text, None)])] if text else []
         if ev[0] == "finish":
