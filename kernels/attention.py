@@ -348,13 +348,11 @@ def _configs(kind: str, D: int, dtype: torch.dtype) -> list[dict]:
         "decode": (16, 64, 4, 3),
     }[kind]
     chain = [(bm, bn, stages), (bm, bn, min(stages, 2))]
-    while bm > 16 or bn > 16:  # halve the larger tile (decode: only the key tile)
-        if bm >= bn and bm > 16 and kind != "decode":
+    while bm > 16 or bn > 16:  # halve the larger tile (decode's bm is 16: only keys halve)
+        if bm >= bn and bm > 16:
             bm //= 2
-        elif bn > 16:
-            bn //= 2
         else:
-            break
+            bn //= 2
         chain.append((bm, bn, min(stages, 2)))
     chain.append((bm, bn, 1))
     out = []
