@@ -1,27 +1,36 @@
 """python -m kernels.bench: every Triton kernel against its PyTorch reference, one table.
 
 On CUDA: measures the device's copy bandwidth and bf16 matmul throughput first, then for each
-kernel at SmolLM2-135M, Llama-2-7B and Llama-3-8B layer shapes (sequence 512-8k) times
-  triton  the kernel;   eager  the *_ref PyTorch function;
+kernel at Llama-3-8B, Llama-2-7B and SmolLM2-135M layer shapes (sequence 512-8k) times
+  eager   the *_ref PyTorch function (also the correctness reference: `rel err` is the
+          worst ||out - ref|| / ||ref|| over the output and every input gradient);
+  triton  the kernel;
   best    the best PyTorch offers: scaled_dot_product_attention (flash) for attention,
           torch.compile of the reference for the others (dequantize + F.linear for NF4),
 reporting the median ms (triton.testing.do_bench), TFLOP/s or GB/s, percent of the measured
-peak, speedup over eager, and peak memory. Prints a markdown table and appends JSON lines (GPU,
-versions, commit, date) to benchmarks/results/bench.jsonl.
+peak, speedup over eager, and peak memory. Rows print and append to benchmarks/results/
+bench.jsonl (with GPU, versions, commit, date) as each case finishes, so a run cut short keeps
+what it measured; `--budget-min` stops starting new cases after that many minutes. Llama-3-8B
+comes first: its shapes alone decide every target of issue 5, judged in the table printed last.
 Without CUDA: says so and runs a small correctness pass through the Triton interpreter
 (exit status 0 when every kernel matches its reference).
 
-    python -m kernels.bench [--quick] [--only attention,nf4] [--no-compile] [--out PATH]
+    python -m kernels.bench [--quick] [--only attention,nf4] [--no-compile] [--budget-min M]
+                            [--out PATH]
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -35,12 +44,19 @@ from triton.testing import do_bench  # noqa: E402
 from kernels import attention as attn, cross_entropy as ce, nf4, rmsnorm, rope, swiglu  # noqa
 
 MODELS = {  # hidden, heads, kv heads, head_dim, intermediate, vocab
-    "SmolLM2-135M": (576, 9, 3, 64, 1536, 49152),
-    "Llama-2-7B": (4096, 32, 32, 128, 11008, 32000),
     "Llama-3-8B": (4096, 32, 8, 128, 14336, 128256),
+    "Llama-2-7B": (4096, 32, 32, 128, 11008, 32000),
+    "SmolLM2-135M": (576, 9, 3, 64, 1536, 49152),
 }
 SEQS = (512, 2048, 8192)
-TOKENS = 8192  # tokens per batch for the per-token kernels
+KERNELS = ("attention", "nf4", "rmsnorm", "rope", "swiglu", "cross_entropy")  # run in this order
+SIZES = dict(tokens=8192,        # rows of the per-token kernels (rmsnorm, swiglu)
+             rope_seq=2048,      # rope: (tokens / rope_seq, heads, rope_seq, head_dim)
+             ce_rows=4096,       # tokens of the cross-entropy cases
+             attn_tokens=16384,  # attention batch * seq
+             decode_batch=8,
+             nf4_m=(1, 16, 256, 4096))
+BIG_BYTES = 25e6  # bandwidth targets are judged from here up: below, launch overhead dominates
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,7 +64,7 @@ TOKENS = 8192  # tokens per batch for the per-token kernels
 # ---------------------------------------------------------------------------------------------
 def measure_peaks() -> tuple[float, float]:
     """(copy GB/s counting read + write, bf16 matmul TFLOP/s) measured on this device."""
-    x = torch.empty(256 * 2 ** 20, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(256 * 2 ** 20, dtype=torch.bfloat16, device="cuda")
     y = torch.empty_like(x)
     ms = do_bench(lambda: y.copy_(x), return_mode="median")
     copy = 2 * x.numel() * 2 / ms / 1e6
@@ -57,23 +73,41 @@ def measure_peaks() -> tuple[float, float]:
     return copy, 2 * 8192 ** 3 / ms / 1e9
 
 
-def peak_mib(fn) -> float:
+def cuda_ms(run, grads) -> float:
+    return do_bench(run, grad_to_none=grads or None, return_mode="median")
+
+
+def cuda_peak_mib(run) -> float:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    fn()
+    run()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
-def leaves(*args, grad: bool):
-    """Fresh leaf copies of the tensor arguments (others pass through)."""
-    return [t.detach().clone().requires_grad_(grad and t.is_floating_point())
-            if torch.is_tensor(t) else t for t in args]
+@dataclass
+class Bench:
+    """Where and how the cases run. The defaults time on CUDA; tests pass a CPU clock."""
+    peaks: tuple[float, float]             # measured copy GB/s, bf16 matmul TFLOP/s
+    device: str = "cuda"
+    dtype: torch.dtype = torch.bfloat16
+    time_ms: Callable = cuda_ms            # (run, grads to reset) -> median ms
+    peak_mib: Callable = cuda_peak_mib     # run -> peak MiB allocated above the start
+    deadline: float = math.inf             # time.monotonic() after which no case starts
+    on_rows: Callable = lambda rows: None  # called with each finished case's rows
+    rows: list = field(default_factory=list)
+    skipped: int = 0
+
+
+def leaves(args, diff):
+    """Fresh copies of the arguments; those at the indices in `diff` require grad."""
+    return [t.detach().clone().requires_grad_(i in diff) if torch.is_tensor(t) else t
+            for i, t in enumerate(args)]
 
 
 def runner(fn, args, mode: str, upstream=None):
-    """A no-argument callable running fn(*args), plus its backward in 'fwd+bwd' mode."""
+    """A no-argument callable running fn(*args) (and its backward in 'fwd+bwd' mode)."""
     if mode == "fwd":
         def run():
             with torch.no_grad():
@@ -83,137 +117,158 @@ def runner(fn, args, mode: str, upstream=None):
     def run_bwd():
         out = fn(*args)
         out.backward(upstream if out.dim() else None)
+        return out
     return run_bwd
 
 
-def bench_case(rows, peaks, kernel, model, shape, mode, impls, work, unit, args, upstream=None):
-    """Time each implementation of one case; append result dicts to rows."""
-    grad = mode == "fwd+bwd"
-    eager_ms, first = None, len(rows)
+def rel_err(got: list, ref: list) -> float:
+    """Worst ||got - ref|| / ||ref|| over the output and the gradients (inf for NaN)."""
+    worst = 0.0
+    for g, r in zip(got, ref):
+        e = ((g.float() - r.float()).norm() / r.float().norm().clamp_min(1e-30)).item()
+        worst = max(worst, e if math.isfinite(e) else math.inf)
+    return worst
+
+
+def bench_case(b: Bench, kernel, model, shape, mode, impls, work, unit, args, diff=(),
+               upstream=None, **info):
+    """Time each implementation of one case. The first of eager / best to run is the
+    reference the others' rel_err is measured against, so list those first."""
+    if time.monotonic() > b.deadline:
+        b.skipped += 1
+        return
+    diff = diff if mode == "fwd+bwd" else ()
+    case, ref = [], None
     for impl, fn in impls.items():
         if fn is None:
             continue
-        a = leaves(*args, grad=grad)
+        a = leaves(args, diff)
+        grads = [a[i] for i in diff]
         run = runner(fn, a, mode, upstream)
+        ms = mem = err = None
         try:
-            run()  # compile / warm up
-            grads = [t for t in a if torch.is_tensor(t) and t.requires_grad]
-            ms = do_bench(run, grad_to_none=grads or None, return_mode="median")
-            mem = peak_mib(run)
+            got = [run().detach()] + [t.grad for t in grads]  # also compiles / warms up
+            if ref is None and impl in ("eager", "best"):
+                ref = got
+            elif ref is not None:
+                err = rel_err(got, ref)
+            del got
+            for t in grads:
+                t.grad = None
+            ms = b.time_ms(run, grads)
+            for t in grads:
+                t.grad = None
+            mem = b.peak_mib(run)
         except torch.cuda.OutOfMemoryError:
-            ms = mem = None
             torch.cuda.empty_cache()
         except Exception as e:  # e.g. a backend that rejects this shape
-            print(f"  {kernel} {shape} {impl}: {type(e).__name__}: {str(e)[:120]}")
-            ms = mem = None
-        if impl == "eager":
-            eager_ms = ms
+            print(f"  {kernel} {shape} {mode} {impl}: {type(e).__name__}: {str(e)[:160]}")
         rate = None if ms is None else work / ms / (1e9 if unit == "TFLOP/s" else 1e6)
-        peak = peaks[1] if unit == "TFLOP/s" else peaks[0]
-        rows.append(dict(kernel=kernel, model=model, shape=shape, mode=mode, impl=impl, ms=ms,
+        peak = b.peaks[1] if unit == "TFLOP/s" else b.peaks[0]
+        case.append(dict(kernel=kernel, model=model, shape=shape, mode=mode, impl=impl, ms=ms,
                          rate=rate, unit=unit, pct_peak=None if rate is None else 100 * rate / peak,
-                         peak_mib=mem))
-        del a
-    for r in rows[first:]:
-        r["speedup_vs_eager"] = (eager_ms / r["ms"]) if eager_ms and r["ms"] else None
+                         peak_mib=mem, rel_err=err, work=work, **info))
+        del a, grads, run
+    eager = next((r["ms"] for r in case if r["impl"] == "eager"), None)
+    for r in case:
+        r["speedup_vs_eager"] = eager / r["ms"] if eager and r["ms"] else None
+    b.rows.extend(case)
+    b.on_rows(case)
 
 
 # ---------------------------------------------------------------------------------------------
 # Cases
 # ---------------------------------------------------------------------------------------------
-def compiled(fn, enabled):
-    return torch.compile(fn, dynamic=False) if enabled else None
-
-
-def run_benchmarks(models, seqs, only, use_compile, peaks):
-    rows = []
-    dt, dev = torch.bfloat16, "cuda"
+def run_benchmarks(b: Bench, models: dict, seqs, only, use_compile: bool, sizes=SIZES):
+    dt, dev = b.dtype, b.device
     r = lambda *s: torch.randn(*s, device=dev, dtype=dt)  # noqa: E731
     modes = ("fwd", "fwd+bwd")
+    best = lambda fn: torch.compile(fn, dynamic=False) if use_compile else None  # noqa: E731
+    N_tok = sizes["tokens"]
     for name, (hid, nh, nkv, hd, inter, vocab) in models.items():
         print(f"# {name}", flush=True)
-        if "rmsnorm" in only:
-            x, w = r(TOKENS, hid), r(hid)
-            for mode in modes:
-                work = (2 if mode == "fwd" else 5) * x.numel() * 2
-                bench_case(rows, peaks, "rmsnorm", name, f"{TOKENS}x{hid}", mode,
-                           dict(triton=lambda a, b: rmsnorm.rms_norm(a, b, 1e-5),
-                                eager=lambda a, b: rmsnorm.rms_norm_ref(a, b, 1e-5),
-                                best=compiled(lambda a, b: rmsnorm.rms_norm_ref(a, b, 1e-5),
-                                              use_compile)),
-                           work, "GB/s", (x, w), upstream=torch.randn_like(x))
-        if "rope" in only:
-            T = 2048
-            q = r(TOKENS // T, nh, T, hd)
-            cos, sin = torch.randn(T, hd, device=dev), torch.randn(T, hd, device=dev)
-            for mode in modes:
-                work = (2 if mode == "fwd" else 4) * q.numel() * 2
-                bench_case(rows, peaks, "rope", name, f"{tuple(q.shape)}", mode,
-                           dict(triton=rope.apply_rope, eager=rope.apply_rope_ref,
-                                best=compiled(rope.apply_rope_ref, use_compile)),
-                           work, "GB/s", (q, cos, sin), upstream=torch.randn_like(q))
-        if "swiglu" in only:
-            g, u = r(TOKENS, inter), r(TOKENS, inter)
-            for mode in modes:
-                work = (3 if mode == "fwd" else 8) * g.numel() * 2
-                bench_case(rows, peaks, "swiglu", name, f"{TOKENS}x{inter}", mode,
-                           dict(triton=swiglu.swiglu, eager=swiglu.swiglu_ref,
-                                best=compiled(swiglu.swiglu_ref, use_compile)),
-                           work, "GB/s", (g, u), upstream=torch.randn_like(g))
-        if "cross_entropy" in only:
-            N = 4096
-            logits, t = r(N, vocab), torch.randint(0, vocab, (N,), device=dev)
-            for mode in modes:
-                bench_case(rows, peaks, "cross_entropy", name, f"{N}x{vocab}", mode,
-                           dict(triton=ce.cross_entropy, eager=ce.cross_entropy_ref,
-                                best=compiled(ce.cross_entropy_ref, use_compile)),
-                           (1 if mode == "fwd" else 3) * logits.numel() * 2, "GB/s",
-                           (logits, t))
-            h, w = r(N, hid), r(vocab, hid) * hid ** -0.5
-            for mode in modes:
-                bench_case(rows, peaks, "linear_cross_entropy", name, f"{N}x{hid}x{vocab}", mode,
-                           dict(triton=ce.linear_cross_entropy, eager=ce.linear_cross_entropy_ref,
-                                best=compiled(ce.linear_cross_entropy_ref, use_compile)),
-                           (2 if mode == "fwd" else 6) * N * hid * vocab, "TFLOP/s", (h, w, t))
         if "attention" in only:
             for T in seqs:
-                B = max(1, 16384 // T)
+                B = max(1, sizes["attn_tokens"] // T)
                 q, k, v = r(B, nh, T, hd), r(B, nkv, T, hd), r(B, nkv, T, hd)
                 for mode in modes:
                     flops = 2 * 2 * B * nh * T * T * hd * 0.5 * (1 if mode == "fwd" else 3.5)
-                    bench_case(rows, peaks, "attention", name, f"B{B} T{T} causal", mode,
-                               dict(triton=attn.attention, eager=attn.attention_ref,
-                                    best=sdpa_flash),
-                               flops, "TFLOP/s", (q, k, v), upstream=torch.randn_like(q))
+                    bench_case(b, "attention", name, f"B{B} T{T} causal", mode,
+                               dict(eager=attn.attention_ref, best=sdpa_flash,
+                                    triton=attn.attention),
+                               flops, "TFLOP/s", (q, k, v), (0, 1, 2), torch.randn_like(q),
+                               head_dim=hd, seq=T)
             for S in seqs:  # decode: one query per sequence against an S-long cache
-                B = 8
+                B = sizes["decode_batch"]
                 q, k, v = r(B, nh, 1, hd), r(B, nkv, S, hd), r(B, nkv, S, hd)
-                bench_case(rows, peaks, "attention_decode", name, f"B{B} T1 S{S}", "fwd",
-                           dict(triton=attn.attention, eager=attn.attention_ref,
-                                best=sdpa_flash),
-                           2 * k.numel() * 2, "GB/s", (q, k, v))
+                bench_case(b, "attention_decode", name, f"B{B} T1 S{S}", "fwd",
+                           dict(eager=attn.attention_ref, best=sdpa_flash, triton=attn.attention),
+                           2 * k.numel() * k.element_size(), "GB/s", (q, k, v))
         if "nf4" in only:
             for N, K in ((inter, hid), (hid, hid)):
                 fields = random_nf4(N, K, dev)
                 numel = N * K
                 deq = lambda *f: nf4.nf4_dequantize(*f, (N, K), dt)  # noqa: E731
                 deq_ref = lambda *f: nf4.nf4_dequantize_ref(*f, (N, K), dt)  # noqa: E731
-                bench_case(rows, peaks, "nf4_dequantize", name, f"{N}x{K}", "fwd",
-                           dict(triton=deq, eager=deq_ref, best=compiled(deq_ref, use_compile)),
+                bench_case(b, "nf4_dequantize", name, f"{N}x{K}", "fwd",
+                           dict(eager=deq_ref, best=best(deq_ref), triton=deq),
                            numel * 2.5 + numel / 64, "GB/s", fields)
-                for M in (1, 16, 256, 4096):
-                    x = r(M, K)
-                    mm = lambda a, *f: nf4.nf4_matmul(a, *f, (N, K))  # noqa: E731
+                for M in sizes["nf4_m"]:
                     mm_ref = lambda a, *f: nf4.nf4_matmul_ref(a, *f, (N, K))  # noqa: E731
-                    impls = dict(triton=mm, eager=mm_ref, best=compiled(mm_ref, use_compile))
-                    if 16 < M <= 1024:  # tune FUSED_MAX_M: the fused kernel vs dequant + mm
+                    impls = dict(eager=mm_ref, best=best(mm_ref),
+                                 triton=lambda a, *f: nf4.nf4_matmul(a, *f, (N, K)))
+                    if 16 < M <= 1024:  # tunes FUSED_MAX_M: the fused kernel vs dequant + mm
                         impls["triton-fused"] = lambda a, *f: nf4.nf4_matmul_fused(a, *f, (N, K))
-                        impls["triton-dequant+mm"] = lambda a, *f: F.linear(a, deq(*f))
-                    gemv = M <= 16
-                    work = numel * 0.5 + numel / 64 if gemv else 2 * M * N * K
-                    bench_case(rows, peaks, "nf4_matmul", name, f"M{M} {N}x{K}", "fwd", impls,
-                               work, "GB/s" if gemv else "TFLOP/s", (x, *fields))
-    return rows
+                    impls["triton-dequant+mm"] = lambda a, *f: F.linear(a, deq(*f))
+                    gemv = M <= 16  # bound by reading the 4-bit weight once
+                    bench_case(b, "nf4_matmul", name, f"M{M} {N}x{K}", "fwd", impls,
+                               numel * 0.5 + numel / 64 if gemv else 2 * M * N * K,
+                               "GB/s" if gemv else "TFLOP/s", (r(M, K), *fields), M=M)
+        if "rmsnorm" in only:
+            x, w = r(N_tok, hid), r(hid)
+            for mode in modes:
+                rms = lambda a, w: rmsnorm.rms_norm(a, w, 1e-5)  # noqa: E731
+                rms_ref = lambda a, w: rmsnorm.rms_norm_ref(a, w, 1e-5)  # noqa: E731
+                bench_case(b, "rmsnorm", name, f"{N_tok}x{hid}", mode,
+                           dict(eager=rms_ref, best=best(rms_ref), triton=rms),
+                           (2 if mode == "fwd" else 5) * x.numel() * 2, "GB/s", (x, w), (0, 1),
+                           torch.randn_like(x))
+        if "rope" in only:
+            T = min(sizes["rope_seq"], N_tok)
+            q = r(N_tok // T, nh, T, hd)
+            cos, sin = torch.randn(T, hd, device=dev), torch.randn(T, hd, device=dev)
+            for mode in modes:
+                bench_case(b, "rope", name, f"{tuple(q.shape)}", mode,
+                           dict(eager=rope.apply_rope_ref, best=best(rope.apply_rope_ref),
+                                triton=rope.apply_rope),
+                           (2 if mode == "fwd" else 4) * q.numel() * 2, "GB/s", (q, cos, sin),
+                           (0,), torch.randn_like(q))
+        if "swiglu" in only:
+            g, u = r(N_tok, inter), r(N_tok, inter)
+            for mode in modes:
+                bench_case(b, "swiglu", name, f"{N_tok}x{inter}", mode,
+                           dict(eager=swiglu.swiglu_ref, best=best(swiglu.swiglu_ref),
+                                triton=swiglu.swiglu),
+                           (3 if mode == "fwd" else 8) * g.numel() * 2, "GB/s", (g, u), (0, 1),
+                           torch.randn_like(g))
+        if "cross_entropy" in only:
+            N = sizes["ce_rows"]
+            logits, t = r(N, vocab), torch.randint(0, vocab, (N,), device=dev)
+            for mode in modes:
+                bench_case(b, "cross_entropy", name, f"{N}x{vocab}", mode,
+                           dict(eager=ce.cross_entropy_ref, best=best(ce.cross_entropy_ref),
+                                triton=ce.cross_entropy),
+                           (1 if mode == "fwd" else 3) * logits.numel() * 2, "GB/s",
+                           (logits, t), (0,), vocab=vocab)
+            h, w = r(N, hid), r(vocab, hid) * hid ** -0.5
+            for mode in modes:
+                bench_case(b, "linear_cross_entropy", name, f"{N}x{hid}x{vocab}", mode,
+                           dict(eager=ce.linear_cross_entropy_ref,
+                                best=best(ce.linear_cross_entropy_ref),
+                                triton=ce.linear_cross_entropy),
+                           (2 if mode == "fwd" else 6) * N * hid * vocab, "TFLOP/s", (h, w, t),
+                           (0, 1), vocab=vocab)
+    return b.rows
 
 
 def sdpa_flash(q, k, v):
@@ -235,21 +290,77 @@ def random_nf4(N, K, device, blocksize=64):
 
 
 # ---------------------------------------------------------------------------------------------
+# Issue 5's targets, judged on the measured rows
+# ---------------------------------------------------------------------------------------------
+def targets(rows: list[dict]) -> list[dict]:
+    """One verdict per (target, case): measured value, goal, met (None: not measured).
+    Bandwidth targets are judged where the kernel moves BIG_BYTES or more."""
+    index = {(r["kernel"], r["model"], r["shape"], r["mode"], r["impl"]): r for r in rows}
+    out = []
+
+    def ms_ratio(r, num_impl, den_impl):  # time of num_impl / time of den_impl
+        num = index.get((r["kernel"], r["model"], r["shape"], r["mode"], num_impl), {})
+        den = index.get((r["kernel"], r["model"], r["shape"], r["mode"], den_impl), {})
+        return num["ms"] / den["ms"] if num.get("ms") and den.get("ms") else None
+
+    def judge(target, r, value, goal, less=False):
+        met = None if value is None else (value <= goal if less else value >= goal)
+        out.append(dict(target=target, case=f"{r['model']} {r['kernel']} {r['shape']} "
+                        f"{r['mode']}", value=value, goal=goal, met=met))
+
+    for r in rows:
+        if r["impl"] != "triton":
+            continue
+        k, big = r["kernel"], r["unit"] == "GB/s" and r["work"] >= BIG_BYTES
+        if k == "attention" and r["mode"] == "fwd+bwd" and r["head_dim"] >= 128 \
+                and r["seq"] >= 2048:
+            judge("attention speedup over SDPA flash", r, ms_ratio(r, "best", "triton"), 1.0)
+        elif k == "nf4_dequantize" and big:
+            judge("NF4 dequantize % of copy bandwidth", r, r["pct_peak"], 80)
+        elif k == "nf4_matmul" and r["M"] == 1 and big:
+            judge("NF4 GEMV (M=1) % of bandwidth", r, r["pct_peak"], 70)
+            judge("NF4 GEMV speedup over dequantize + matmul", r,
+                  ms_ratio(r, "triton-dequant+mm", "triton"), 2.0)
+        elif k in ("rmsnorm", "rope", "swiglu") and big:
+            judge(f"{k} % of copy bandwidth", r, r["pct_peak"], 80)
+        elif k == "linear_cross_entropy" and r["vocab"] >= 49000:
+            eager = index.get((k, r["model"], r["shape"], r["mode"], "eager"), {})
+            mem = (r["peak_mib"] / eager["peak_mib"]
+                   if r["peak_mib"] is not None and eager.get("peak_mib") else None)
+            judge("fused cross-entropy peak memory / eager's", r, mem, 0.25, less=True)
+            judge("fused cross-entropy speedup over eager", r, ms_ratio(r, "eager", "triton"), 1.0)
+    errs = [r for r in rows if r["impl"].startswith("triton") and r["rel_err"] is not None]
+    if errs:
+        worst = max(errs, key=lambda r: r["rel_err"])
+        judge(f"worst rel err of {len(errs)} triton rows vs the reference", worst,
+              worst["rel_err"], 2e-2, less=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
 def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
-def markdown(rows, peaks) -> str:
-    lines = [f"Measured peaks: copy {peaks[0]:.0f} GB/s, bf16 matmul {peaks[1]:.0f} TFLOP/s", "",
-             "| kernel | model | shape | mode | impl | ms | rate | % peak | x eager | peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['kernel']} | {r['model']} | {r['shape']} | {r['mode']} | {r['impl']} "
-                     f"| {fmt(r['ms'], '.3f')} | {fmt(r['rate'], '.1f')} {r['unit']} "
-                     f"| {fmt(r['pct_peak'], '.0f')} | {fmt(r['speedup_vs_eager'], '.2f')} "
-                     f"| {fmt(r['peak_mib'], '.0f')} |")
+ROW_HEADER = ("| kernel | model | shape | mode | impl | ms | rate | % peak | x eager | peak MiB "
+              "| rel err |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def row_line(r: dict) -> str:
+    return (f"| {r['kernel']} | {r['model']} | {r['shape']} | {r['mode']} | {r['impl']} "
+            f"| {fmt(r['ms'], '.3f')} | {fmt(r['rate'], '.1f')} {r['unit']} "
+            f"| {fmt(r['pct_peak'], '.0f')} | {fmt(r['speedup_vs_eager'], '.2f')} "
+            f"| {fmt(r['peak_mib'], '.0f')} | {fmt(r['rel_err'], '.1e')} |")
+
+
+def targets_table(verdicts: list[dict]) -> str:
+    lines = ["| target | case | measured | goal | met |", "|---|---|---|---|---|"]
+    for v in verdicts:
+        met = {True: "yes", False: "**no**", None: "not measured"}[v["met"]]
+        lines.append(f"| {v['target']} | {v['case']} | {fmt(v['value'], '.3g')} "
+                     f"| {v['goal']:g} | {met} |")
     return "\n".join(lines)
 
 
@@ -278,17 +389,16 @@ def append_jsonl(path: str, rows: list[dict], meta: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 def compare(name, fn, ref, args, tol, grad=True, results=None):
     """Run fn on args and ref on fp32 copies; compare output and every input gradient."""
-    a = leaves(*args, grad=grad)
-    af = [t.detach().float().requires_grad_(grad) if torch.is_tensor(t) and t.is_floating_point()
-          else t for t in args]
+    diff = [i for i, t in enumerate(args) if grad and t.is_floating_point()]
+    a = leaves(args, diff)
+    af = leaves([t.float() if t.is_floating_point() else t for t in args], diff)
     out, want = fn(*a), ref(*af)
     checks = [("out", out, want)]
     if grad:
         up = torch.randn_like(want)
         out.backward(up.to(out.dtype) if out.dim() else None)
         want.backward(up if want.dim() else None)
-        checks += [(f"grad{i}", x.grad, y.grad) for i, (x, y) in enumerate(zip(a, af))
-                   if x.requires_grad]
+        checks += [(f"grad{i}", a[i].grad, af[i].grad) for i in diff]
     for what, got, exp in checks:
         err = (got.float() - exp.float()).abs().max().item()
         ok = bool(torch.allclose(got.float(), exp.float(), atol=tol, rtol=tol))
@@ -343,11 +453,18 @@ def interpreter_check() -> bool:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="Llama-3-8B shapes, seq 2048 only")
-    p.add_argument("--only", default="rmsnorm,rope,swiglu,cross_entropy,attention,nf4",
-                   help="comma-separated kernels to run")
+    p.add_argument("--only", default=",".join(KERNELS), help="comma-separated kernels to run")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
+    p.add_argument("--budget-min", type=float, default=None,
+                   help="start no new case after this many minutes (the rows so far are kept)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "bench.jsonl"))
     args = p.parse_args(argv)
+    only = set(args.only.split(","))
+    if only - set(KERNELS):
+        p.error(f"--only: unknown kernel(s) {', '.join(sorted(only - set(KERNELS)))}; "
+                f"choose from {', '.join(KERNELS)}")
+    if args.budget_min is not None and args.budget_min <= 0:
+        p.error("--budget-min must be positive")
     if not torch.cuda.is_available():
         print("No CUDA device: no timings. Running the correctness pass in the Triton "
               "interpreter (TRITON_INTERPRET=1) instead.\n")
@@ -356,19 +473,32 @@ def main(argv=None) -> int:
         print("To check that every kernel also compiles natively for a GPU (registers, spills, "
               "shared memory): python -m kernels.compile_check")
         return 0 if ok else 1
-    only = set(args.only.split(","))
+    start = time.monotonic()
     models = {"Llama-3-8B": MODELS["Llama-3-8B"]} if args.quick else MODELS
     seqs = (2048,) if args.quick else SEQS
     peaks = measure_peaks()
-    print(f"peak copy {peaks[0]:.0f} GB/s, bf16 matmul {peaks[1]:.0f} TFLOP/s", flush=True)
-    rows = run_benchmarks(models, seqs, only, not args.no_compile, peaks)
-    print(markdown(rows, peaks))
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, commit=git_commit(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 peak_copy_gbs=peaks[0], peak_bf16_tflops=peaks[1])
-    append_jsonl(args.out, rows, meta)
-    print(f"\nappended {len(rows)} rows to {args.out}")
+    print(f"{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, commit "
+          f"{meta['commit'][:10]}\nMeasured peaks: copy {peaks[0]:.0f} GB/s, bf16 matmul "
+          f"{peaks[1]:.0f} TFLOP/s\n\n{ROW_HEADER}", flush=True)
+
+    def on_rows(case):
+        for r in case:
+            print(row_line(r), flush=True)
+        append_jsonl(args.out, [{"record": "case", **r} for r in case], meta)
+
+    b = Bench(peaks, deadline=start + 60 * args.budget_min if args.budget_min else math.inf,
+              on_rows=on_rows)
+    run_benchmarks(b, models, seqs, only, not args.no_compile)
+    if b.skipped:
+        print(f"\n--budget-min {args.budget_min:g} reached: {b.skipped} cases not run")
+    verdicts = targets(b.rows)
+    append_jsonl(args.out, [{"record": "target", **v} for v in verdicts], meta)
+    print(f"\n{len(b.rows)} rows appended to {args.out} ({time.monotonic() - start:.0f} s)\n\n"
+          f"Issue 5's targets ({meta['gpu']}, bf16):\n{targets_table(verdicts)}")
     return 0
 
 

@@ -1,0 +1,126 @@
+"""kernels/bench.py without a GPU: every benchmark case at tiny shapes through the interpreter
+(the code a GPU session runs first, so a wrong argument there costs no device time), the
+targets verdict on made-up rows, the time budget, and the CPU correctness pass of main()."""
+import json
+import math
+import time
+
+import pytest
+import torch
+
+from tests.kernel_utils import HAS_CUDA  # noqa: F401  (turns the interpreter on first)
+from kernels import bench
+
+TINY = {"tiny": (64, 4, 2, 16, 96, 320)}  # hidden, heads, kv heads, head_dim, inter, vocab
+SIZES = dict(tokens=12, rope_seq=6, ce_rows=10, attn_tokens=48, decode_batch=2, nf4_m=(1, 20))
+
+
+def cpu_bench(**kw) -> bench.Bench:
+    def time_ms(run, grads):
+        t = time.perf_counter()
+        run()
+        return (time.perf_counter() - t) * 1e3
+
+    def peak_mib(run):
+        run()
+        return 1.0
+    return bench.Bench(peaks=(1.0, 1.0), device="cpu", time_ms=time_ms, peak_mib=peak_mib, **kw)
+
+
+def test_every_case_runs_and_triton_matches_eager():
+    streamed = []
+    b = cpu_bench(on_rows=streamed.append)
+    bench.run_benchmarks(b, TINY, (24,), set(bench.KERNELS), use_compile=False, sizes=SIZES)
+    assert sum(len(c) for c in streamed) == len(b.rows)  # every case reached the sink
+    assert {r["kernel"] for r in b.rows} == {
+        "attention", "attention_decode", "nf4_dequantize", "nf4_matmul", "rmsnorm", "rope",
+        "swiglu", "cross_entropy", "linear_cross_entropy"}
+    failed = [(r["kernel"], r["mode"], r["impl"]) for r in b.rows if r["ms"] is None]
+    assert not failed, f"cases that raised: {failed}"
+    for r in b.rows:
+        if r["impl"].startswith("triton"):
+            assert r["rel_err"] is not None and r["rel_err"] < 2e-2, r
+        assert r["rate"] > 0 and r["speedup_vs_eager"] > 0
+    # fwd+bwd compares the gradients too: the attention case returns dq, dk, dv
+    modes = {(r["kernel"], r["mode"]) for r in b.rows}
+    assert ("attention", "fwd+bwd") in modes and ("rope", "fwd+bwd") in modes
+    assert {r["M"] for r in b.rows if r["kernel"] == "nf4_matmul"} == {1, 20}
+    impls = {r["impl"] for r in b.rows if r["kernel"] == "nf4_matmul" and r["M"] == 20}
+    assert impls == {"eager", "triton", "triton-fused", "triton-dequant+mm"}
+
+
+def test_rel_err_catches_a_wrong_gradient():
+    b = cpu_bench()
+    wrong = lambda x, w: bench.rmsnorm.rms_norm_ref(x, w * 1.1, 1e-5)  # noqa: E731
+    x, w = torch.randn(4, 32), torch.rand(32)
+    bench.bench_case(b, "rmsnorm", "m", "4x32", "fwd+bwd",
+                     dict(eager=lambda x, w: bench.rmsnorm.rms_norm_ref(x, w, 1e-5), triton=wrong),
+                     1.0, "GB/s", (x, w), (0, 1), torch.randn(4, 32))
+    assert b.rows[0]["rel_err"] is None and b.rows[1]["rel_err"] > 0.05
+
+
+def test_budget_stops_new_cases():
+    b = cpu_bench(deadline=time.monotonic() - 1)
+    bench.run_benchmarks(b, TINY, (24,), {"rmsnorm", "swiglu"}, use_compile=False, sizes=SIZES)
+    assert b.rows == [] and b.skipped == 4
+
+
+def row(kernel, impl, ms, mode="fwd+bwd", shape="s", unit="GB/s", work=1e9, pct=None,
+        mem=None, err=1e-3, **info):
+    return dict(kernel=kernel, model="M", shape=shape, mode=mode, impl=impl, ms=ms, unit=unit,
+                work=work, pct_peak=pct, peak_mib=mem, rel_err=err if impl != "eager" else None,
+                **info)
+
+
+def test_targets_judge_each_goal():
+    rows = [
+        row("attention", "best", 1.0, head_dim=128, seq=2048),
+        row("attention", "triton", 0.9, head_dim=128, seq=2048),      # 1.11x SDPA: met
+        row("attention", "triton", 0.9, shape="short", head_dim=128, seq=512),  # not judged
+        row("nf4_dequantize", "triton", 1.0, mode="fwd", pct=79.0),    # under 80%
+        row("nf4_matmul", "triton", 1.0, mode="fwd", pct=75.0, M=1),
+        row("nf4_matmul", "triton-dequant+mm", 1.5, mode="fwd", M=1),  # only 1.5x
+        row("rmsnorm", "triton", 1.0, pct=85.0),
+        row("rope", "triton", 1.0, pct=10.0, work=1e6),                # too small to judge
+        row("linear_cross_entropy", "eager", 2.0, mem=1000.0, unit="TFLOP/s", vocab=128256),
+        row("linear_cross_entropy", "triton", 1.9, mem=200.0, unit="TFLOP/s", vocab=128256),
+        row("swiglu", "triton", None, err=None),                       # failed: not measured
+    ]
+    got = {(v["target"].split(" ")[0] + " " + v["target"].split(" ")[-1], v["met"])
+           for v in bench.targets(rows)}
+    assert got == {("attention flash", True), ("NF4 bandwidth", False), ("NF4 bandwidth", True),
+                   ("NF4 matmul", False), ("rmsnorm bandwidth", True),
+                   ("fused eager's", True), ("fused eager", True),
+                   ("swiglu bandwidth", None), ("worst reference", True)}
+    table = bench.targets_table(bench.targets(rows))
+    assert "| **no** |" in table and "not measured" in table
+
+
+def test_targets_flag_a_bad_rel_err():
+    rows = [row("rmsnorm", "triton", 1.0, pct=90.0, err=0.5)]
+    worst = bench.targets(rows)[-1]
+    assert worst["target"].startswith("worst rel err") and worst["met"] is False
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the no-GPU path")
+def test_main_without_cuda_runs_the_interpreter_pass(capsys):
+    assert bench.main([]) == 0
+    out = capsys.readouterr().out
+    assert "No CUDA device" in out and "all kernels match their references" in out
+    assert "| NO |" not in out
+
+
+def test_main_rejects_bad_flags(capsys):
+    for argv in (["--only", "attention,flash"], ["--budget-min", "0"]):
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv)
+        assert e.value.code == 2
+    assert "unknown kernel(s) flash" in capsys.readouterr().err
+
+
+def test_append_jsonl_keeps_earlier_lines(tmp_path):
+    path = tmp_path / "r" / "bench.jsonl"
+    bench.append_jsonl(str(path), [{"a": 1}], {"gpu": "g"})
+    bench.append_jsonl(str(path), [{"a": 2, "x": math.pi}], {"gpu": "g"})
+    lines = [json.loads(s) for s in path.read_text().splitlines()]
+    assert [r["a"] for r in lines] == [1, 2] and lines[0]["gpu"] == "g"
