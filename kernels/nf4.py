@@ -14,9 +14,11 @@ registers per block.
 K loop covers one quantization block (blocksize columns), loads the packed bytes of BLOCK_N rows,
 dequantizes the high nibbles (even columns) and low nibbles (odd columns) in registers, and
 multiplies them with the even / odd columns of x. M <= 16 runs it as a GEMV (BLOCK_M = 16,
-split-K for parallelism); medium M as a tiled GEMM; large M (and K not a multiple of blocksize)
-dequantizes with the kernel and calls the library matmul, where cuBLAS wins. The backward gives
-the input gradient only (grad @ W, W dequantized again), as QLoRA needs; the 4-bit weight is frozen.
+split-K for parallelism); medium M as a tiled GEMM; large M (and fp32 past GEMV sizes, and K
+not a multiple of blocksize) dequantizes with the kernel and calls the library matmul, where
+cuBLAS wins. The codes come from a 256-entry table of (high, low) nibble pairs: one gather per
+byte. The backward gives the input gradient only (grad @ W, W dequantized again), as QLoRA
+needs; the 4-bit weight is frozen.
 """
 from __future__ import annotations
 
@@ -60,6 +62,17 @@ def _block_absmax(AQ, NABS, NCODE, OFFSET, offset_val, blk, mask,
 
 
 @triton.jit
+def _codes(PAIRS, packed):
+    """NF4 codes (fp32) of the high and low nibbles of the bytes `packed` (int32): one 8-byte
+    gather per byte from a 256-entry table instead of two 4-byte ones from the 16 codes (the
+    gathers, not the bytes, bound the load instructions of these kernels)."""
+    pair = tl.load(PAIRS + packed)  # int64: low word = high nibble's code, high word = low's
+    hi = pair.to(tl.int32).to(tl.float32, bitcast=True)
+    lo = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    return hi, lo
+
+
+@triton.jit
 def _nf4_dequant_kernel(P, AQ, NABS, NCODE, OFFSET, CODE, OUT, offset_val, numel, n_bytes,
                         n_blocks, BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
                         DOUBLE_QUANT: tl.constexpr, OFFSET_PTR: tl.constexpr):
@@ -73,9 +86,8 @@ def _nf4_dequant_kernel(P, AQ, NABS, NCODE, OFFSET, CODE, OUT, offset_val, numel
     packed = tl.load(P + byte, mask=bmask, other=0).to(tl.int32)
     scale = _block_absmax(AQ, NABS, NCODE, OFFSET, offset_val, blk, blk < n_blocks,
                           DOUBLE_QUANT, OFFSET_PTR)[:, None]
-    hi = tl.load(CODE + (packed >> 4)) * scale  # elements 2j
-    lo = tl.load(CODE + (packed & 15)) * scale  # elements 2j + 1
-    w = tl.interleave(hi, lo)  # (ROWS, BLOCKSIZE) in memory order
+    hi, lo = _codes(CODE, packed)
+    w = tl.interleave(hi * scale, lo * scale)  # (ROWS, BLOCKSIZE) in memory order
     idx = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     tl.store(OUT + idx, w.to(OUT.dtype.element_ty), mask=idx < numel)
 
@@ -106,8 +118,8 @@ def _nf4_matmul_kernel(X, P, AQ, NABS, NCODE, OFFSET, CODE, BIAS, OUT, offset_va
         if UPCAST:
             x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)
         # Dequantize in registers: fp32 code * absmax, rounded once to x's dtype (= reference).
-        w_hi = (tl.load(CODE + (packed >> 4)) * scale).to(x_even.dtype)
-        w_lo = (tl.load(CODE + (packed & 15)) * scale).to(x_even.dtype)
+        hi, lo = _codes(CODE, packed)
+        w_hi, w_lo = (hi * scale).to(x_even.dtype), (lo * scale).to(x_even.dtype)
         acc += tl.dot(x_even, tl.trans(w_hi), input_precision=PREC)
         acc += tl.dot(x_odd, tl.trans(w_lo), input_precision=PREC)
     if HAS_BIAS:
@@ -123,6 +135,15 @@ def _nf4_matmul_kernel(X, P, AQ, NABS, NCODE, OFFSET, CODE, BIAS, OUT, offset_va
 @functools.lru_cache(maxsize=None)
 def _code_table(device: torch.device) -> torch.Tensor:
     return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _pair_table(device: torch.device) -> torch.Tensor:
+    """int64 [256]: entry b holds the fp32 codes of byte b's high nibble (low word, as the
+    little-endian GPUs and CPUs we run on store element 0 of a pair) and low nibble."""
+    code = _code_table(device)
+    b = torch.arange(256, device=device)
+    return torch.stack([code[b >> 4], code[b & 15]], dim=1).contiguous().view(torch.int64)[:, 0]
 
 
 def _fields(packed, absmax_q, nested_absmax, nested_code, offset, shape, blocksize):
@@ -164,7 +185,7 @@ def _fields(packed, absmax_q, nested_absmax, nested_code, offset, shape, blocksi
     off_t = offset.float().reshape(1) if offset_ptr else nabs
     off_v = 0.0 if offset_ptr else float(offset)
     args = (packed.reshape(-1), absmax_q.reshape(-1), nabs, ncode, off_t,
-            _code_table(packed.device))
+            _pair_table(packed.device))
     return N, K, numel, n_blocks, double_quant, args, off_v, offset_ptr
 
 
@@ -195,7 +216,10 @@ def nf4_matmul_fused(x2, packed, absmax_q, nested_absmax, nested_code, offset, s
     M = x2.shape[0]
     interp = interpreting()
     if M <= GEMV_MAX_M:  # decode: weight-bandwidth bound, spread K across programs
-        BM, BN, warps, stages = 16, (16 if interp else 64), 4, (1 if interp else 4)
+        # fp32 dots run on FMA units (IEEE precision), not tensor cores: 4 warps spill 224
+        # bytes per thread on sm_90, 8 none (python -m kernels.compile_check --dtypes fp32)
+        warps = 8 if x2.dtype == torch.float32 else 4
+        BM, BN, stages = 16, (16 if interp else 64), (1 if interp else 4)
         if split_k is None:
             tiles = triton.cdiv(N, BN)
             programs = 2 * num_programs(x2.device, 1 << 20)  # two waves of SMs
@@ -227,7 +251,9 @@ class NF4MatmulFunction(torch.autograd.Function):
         fields = (packed, absmax_q, nested_absmax, nested_code, offset, shape)
         if bias is not None:
             bias = bias.to(x.dtype)
-        if x2.shape[0] <= FUSED_MAX_M and K % blocksize == 0:
+        # fp32 beyond GEMV sizes: the FMA-dot tiles spill kilobytes per thread, cuBLAS does not
+        fused_max = GEMV_MAX_M if x.dtype == torch.float32 else FUSED_MAX_M
+        if x2.shape[0] <= fused_max and K % blocksize == 0:
             y = nf4_matmul_fused(x2, *fields, bias=bias, blocksize=blocksize)
         else:
             y = F.linear(x2, nf4_dequantize(*fields, x.dtype, blocksize), bias)
