@@ -1,6 +1,6 @@
-"""kernels/bench.py without a GPU: every benchmark case at tiny shapes through the interpreter
-(the code a GPU session runs first, so a wrong argument there costs no device time), the
-targets verdict on made-up rows, the time budget, and the CPU correctness pass of main()."""
+"""kernels/bench.py at tiny shapes: every benchmark case through the interpreter (and natively
+on CUDA, `gpu`), so a wrong argument in code that only a GPU session runs costs no device time;
+the targets verdict on made-up rows, the time budget, and the no-GPU correctness pass of main()."""
 import json
 import math
 import time
@@ -8,28 +8,32 @@ import time
 import pytest
 import torch
 
-from tests.kernel_utils import HAS_CUDA  # noqa: F401  (turns the interpreter on first)
+from tests.kernel_utils import DEVICES, HAS_CUDA  # first: turns the interpreter on
 from kernels import bench
 
 TINY = {"tiny": (64, 4, 2, 16, 96, 320)}  # hidden, heads, kv heads, head_dim, inter, vocab
 SIZES = dict(tokens=12, rope_seq=6, ce_rows=10, attn_tokens=48, decode_batch=2, nf4_m=(1, 20))
 
 
-def cpu_bench(**kw) -> bench.Bench:
+def cpu_bench(device="cpu", **kw) -> bench.Bench:
+    """A Bench timing with the host clock (any device: the figures are not the point)."""
     def time_ms(run, grads):
         t = time.perf_counter()
         run()
+        if device == "cuda":
+            torch.cuda.synchronize()
         return (time.perf_counter() - t) * 1e3
 
     def peak_mib(run):
         run()
         return 1.0
-    return bench.Bench(peaks=(1.0, 1.0), device="cpu", time_ms=time_ms, peak_mib=peak_mib, **kw)
+    return bench.Bench(peaks=(1.0, 1.0), device=device, time_ms=time_ms, peak_mib=peak_mib, **kw)
 
 
-def test_every_case_runs_and_triton_matches_eager():
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_case_runs_and_triton_matches_eager(device):
     streamed = []
-    b = cpu_bench(on_rows=streamed.append)
+    b = cpu_bench(device, on_rows=streamed.append)
     bench.run_benchmarks(b, TINY, (24,), set(bench.KERNELS), use_compile=False, sizes=SIZES)
     assert sum(len(c) for c in streamed) == len(b.rows)  # every case reached the sink
     assert {r["kernel"] for r in b.rows} == {
