@@ -8,7 +8,8 @@ launch becomes a compile for the target that never runs; outputs are garbage, on
 For each distinct build it reports registers per thread, spilled bytes per thread and shared
 memory against the target's per-block limit (`cuobjdump --dump-resource-usage` on the cubin;
 spills are its local + stack bytes: Triton kernels make no calls, so the stack frame ptxas gives
-a thread holds spilled registers).
+a thread holds spilled registers), and from the PTX the matrix instruction its dots became
+(wgmma on Hopper, mma.sync before) and its global load instructions, how many moving 16 bytes.
 
 A build that needs more shared memory than the target has raises OutOfResources, as loading it
 on that GPU would, so launchers that fall back to smaller tiles are exercised too. Exit status 1
@@ -122,6 +123,23 @@ def resource_usage(cubin: bytes) -> dict:
     return {k.lower(): int(v) for k, v in fields.items()}
 
 
+_LOAD = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld\.global\S*|cp\.async\.c[ag]\.shared\.global)"
+                   r"([^;]*);", re.M)
+
+
+def ptx_stats(ptx: str) -> dict:
+    """What the PTX says about speed: the matrix instruction the dots became (wgmma is
+    Hopper's warpgroup MMA; mma.sync the older per-warp one; '-' none) and the global load
+    instructions (static count per thread), how many of them move 16 bytes."""
+    mma = ("wgmma" if "wgmma.mma_async" in ptx
+           else "mma.sync" if re.search(r"\bmma\.sync", ptx) else "-")
+    loads = _LOAD.findall(ptx)
+    wide = sum(bool(re.search(r"\.v4\.(b|f|u|s)32|\.v2\.(b|f|u|s)64", op)) if op.startswith("ld")
+               else operands.rstrip().endswith("0x10") or ", 0x10," in operands
+               for op, operands in loads)
+    return dict(mma=mma, global_loads=len(loads), loads_16B=wide)
+
+
 # ---------------------------------------------------------------------------------------------
 # Cases: each runs public kernel functions (forward and backward) once
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +250,8 @@ def check(arch: int, case_list, verbose=True) -> tuple[list[dict], list[str]]:
                        num_warps=kernel.metadata.num_warps,
                        num_stages=kernel.metadata.num_stages, registers=use.get("reg"),
                        spill_bytes=use.get("local", 0) + use.get("stack", 0),
-                       shared_bytes=shared, fits=shared <= smem_limit)
+                       shared_bytes=shared, fits=shared <= smem_limit,
+                       **ptx_stats(kernel.asm["ptx"]))
             rows.append(row)  # a build that does not fit was rejected: the launcher fell back
         if verbose:
             print(f"  built {label}", file=sys.stderr, flush=True)
@@ -242,14 +261,15 @@ def check(arch: int, case_list, verbose=True) -> tuple[list[dict], list[str]]:
 def markdown(rows, arch) -> str:
     gpus, limit, _ = TARGETS[arch]
     lines = [f"sm_{arch} ({gpus}); shared memory limit {limit // 1024} KiB per block", "",
-             "| kernel | case | tiles | warps | stages | regs | spill B | shared KiB | fits |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| kernel | case | tiles | warps | stages | regs | spill B | shared KiB | fits | mma "
+             "| loads (16 B) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tiles = " ".join(f"{k[6:]}={v}" for k, v in sorted(r["tiles"].items())) or "-"
         lines.append(f"| {r['kernel']} | {r['case']} | {tiles} | {r['num_warps']} "
                      f"| {r['num_stages']} "
                      f"| {r['registers']} | {r['spill_bytes']} | {r['shared_bytes'] / 1024:.1f} "
-                     f"| {'yes' if r['fits'] else 'no: fell back'} |")
+                     f"| {'yes' if r['fits'] else 'no: fell back'} | {r['mma']} "
+                     f"| {r['global_loads']} ({r['loads_16B']}) |")
     return "\n".join(lines)
 
 
