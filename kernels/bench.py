@@ -277,6 +277,9 @@ def run_benchmarks(b: Bench, models: dict, seqs, only, use_compile: bool, sizes=
                                  triton=lambda a, *f: nf4.nf4_matmul(a, *f, (N, K)))
                     if 16 < M <= 1024:  # tunes FUSED_MAX_M: the fused kernel vs dequant + mm
                         impls["triton-fused"] = lambda a, *f: nf4.nf4_matmul_fused(a, *f, (N, K))
+                    if M <= 16:  # is split-K (more loads in flight, two more launches) worth it?
+                        impls["triton-split1"] = lambda a, *f: nf4.nf4_matmul_fused(
+                            a, *f, (N, K), split_k=1)
                     impls["triton-dequant+mm"] = lambda a, *f: F.linear(a, deq(*f))
                     gemv = M <= 16  # bound by reading the 4-bit weight once
                     bench_case(b, "nf4_matmul", name, f"M{M} {N}x{K}", "fwd", impls,

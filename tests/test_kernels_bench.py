@@ -62,6 +62,8 @@ def test_every_case_runs_and_triton_matches_eager(device):
     assert {r["M"] for r in b.rows if r["kernel"] == "nf4_matmul"} == {1, 20}
     impls = {r["impl"] for r in b.rows if r["kernel"] == "nf4_matmul" and r["M"] == 20}
     assert impls == {"eager", "triton", "triton-fused", "triton-dequant+mm"}
+    impls = {r["impl"] for r in b.rows if r["kernel"] == "nf4_matmul" and r["M"] == 1}
+    assert impls == {"eager", "triton", "triton-split1", "triton-dequant+mm"}
 
 
 def test_rel_err_catches_a_wrong_gradient():
