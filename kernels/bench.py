@@ -30,7 +30,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -436,14 +435,12 @@ def git_commit() -> str:
 
 
 def append_jsonl(path: str, rows: list[dict], meta: dict) -> None:
-    """Append atomically: write old content + new lines to a temp file, then rename."""
+    """Append the rows as JSON lines in one write. Called once per case: appending never
+    rewrites (or risks) the lines of earlier cases and runs, where copying the whole file
+    each time would grow with the results' history."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    old = open(path).read() if os.path.exists(path) else ""
-    new = "".join(json.dumps({**meta, **r}) + "\n" for r in rows)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(old + new)
-    os.replace(tmp, path)
+    with open(path, "a") as f:
+        f.write("".join(json.dumps({**meta, **r}) + "\n" for r in rows))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,11 +44,12 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 import kernels.utils  # noqa: E402
 from kernels import attention as attn, cross_entropy as ce, nf4, rmsnorm, rope, swiglu  # noqa
+from kernels import bench  # noqa: E402
 from kernels.bench import MODELS, random_nf4  # noqa: E402
 
 os.environ.pop("TRITON_INTERPRET", None)  # kernels.bench sets it on a machine without CUDA
 
-KERNELS = {"attention", "cross_entropy", "nf4", "rmsnorm", "rope", "swiglu"}
+KERNELS = set(bench.KERNELS)
 # compute capability -> (GPUs, max shared memory per block with opt-in in bytes, SMs)
 TARGETS = {
     80: ("A100", 166912, 108),

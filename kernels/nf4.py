@@ -73,7 +73,7 @@ def _codes(PAIRS, packed):
 
 
 @triton.jit
-def _nf4_dequant_kernel(P, AQ, NABS, NCODE, OFFSET, CODE, OUT, offset_val, numel, n_bytes,
+def _nf4_dequant_kernel(P, AQ, NABS, NCODE, OFFSET, PAIRS, OUT, offset_val, numel, n_bytes,
                         n_blocks, BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
                         DOUBLE_QUANT: tl.constexpr, OFFSET_PTR: tl.constexpr):
     HALF: tl.constexpr = BLOCKSIZE // 2
@@ -86,14 +86,14 @@ def _nf4_dequant_kernel(P, AQ, NABS, NCODE, OFFSET, CODE, OUT, offset_val, numel
     packed = tl.load(P + byte, mask=bmask, other=0).to(tl.int32)
     scale = _block_absmax(AQ, NABS, NCODE, OFFSET, offset_val, blk, blk < n_blocks,
                           DOUBLE_QUANT, OFFSET_PTR)[:, None]
-    hi, lo = _codes(CODE, packed)
+    hi, lo = _codes(PAIRS, packed)
     w = tl.interleave(hi * scale, lo * scale)  # (ROWS, BLOCKSIZE) in memory order
     idx = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     tl.store(OUT + idx, w.to(OUT.dtype.element_ty), mask=idx < numel)
 
 
 @triton.jit
-def _nf4_matmul_kernel(X, P, AQ, NABS, NCODE, OFFSET, CODE, BIAS, OUT, offset_val, M, N, K,
+def _nf4_matmul_kernel(X, P, AQ, NABS, NCODE, OFFSET, PAIRS, BIAS, OUT, offset_val, M, N, K,
                        spn, sxm, sxk, BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
                        DOUBLE_QUANT: tl.constexpr, OFFSET_PTR: tl.constexpr,
@@ -118,7 +118,7 @@ def _nf4_matmul_kernel(X, P, AQ, NABS, NCODE, OFFSET, CODE, BIAS, OUT, offset_va
         if UPCAST:
             x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)
         # Dequantize in registers: fp32 code * absmax, rounded once to x's dtype (= reference).
-        hi, lo = _codes(CODE, packed)
+        hi, lo = _codes(PAIRS, packed)
         w_hi, w_lo = (hi * scale).to(x_even.dtype), (lo * scale).to(x_even.dtype)
         acc += tl.dot(x_even, tl.trans(w_hi), input_precision=PREC)
         acc += tl.dot(x_odd, tl.trans(w_lo), input_precision=PREC)
