@@ -17,11 +17,8 @@ import os
 import sys
 import warnings
 
-import torch
-
-
-class UsageError(Exception):
-    """Bad command-line input: printed as one line, exit code 2."""
+# generate.py's: one line on stderr, exit code 2 (and the same --device / --dtype rules)
+from generate import UsageError, pick_device_dtype
 
 
 class Parser(argparse.ArgumentParser):
@@ -71,16 +68,18 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError("--max-queue must be >= 0 and --port in [0, 65535]")
     if args.timeout <= 0 or args.shutdown_grace < 0:
         raise UsageError("--timeout must be > 0 and --shutdown-grace >= 0")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise UsageError(f"--max-model-len must be >= 2, got {args.max_model_len}")
     adapters = parse_adapter_specs(args.adapter)
     for name, d in adapters.items():
         if not os.path.isdir(d):
             raise UsageError(f"--adapter {name}={d}: no such directory")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine")
-    dtype = (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32) \
-        if args.dtype == "auto" else getattr(torch, args.dtype)
-    model, tok = load_model(args.model, dtype=dtype, device=device)
+    device, dtype = pick_device_dtype(args.device, args.dtype)
+    try:
+        model, tok = load_model(args.model, dtype=dtype, device=device)
+    except RuntimeError as e:  # e.g. a device this torch build lacks
+        raise UsageError(f"cannot load {args.model} on {device}: "
+                         f"{str(e).strip().splitlines()[0]}") from None
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     engine = Engine(model, tok, name, adapters, max_batch=args.max_batch,
                     max_queue=args.max_queue, max_model_len=args.max_model_len)
@@ -97,6 +96,9 @@ def cli(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the server's own signal handlers (loading the model)
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

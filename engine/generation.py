@@ -39,7 +39,9 @@ def apply_repetition_penalty(logits: torch.Tensor, prev_ids: torch.Tensor,
     if penalty == 1.0 or prev_ids.numel() == 0:
         return logits
     seen = logits.gather(1, prev_ids)  # (B, L)
-    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    # zero stays zero (0 * inf would be NaN); an extreme penalty saturates instead of overflowing
+    seen = torch.where(seen > 0, seen / penalty, torch.where(seen < 0, seen * penalty, seen))
+    seen = seen.clamp(max=torch.finfo(seen.dtype).max)
     return logits.scatter(1, prev_ids, seen)  # repeated ids write the same value
 
 
@@ -67,11 +69,14 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row. logits: (B, V) -> (B,) int64. temperature 0 is greedy (argmax);
-    the generator (on the logits' device) makes draws reproducible."""
-    if temperature == 0:
+    """One token per row. logits: (B, V) -> (B,) int64. temperature 0 is greedy (argmax), and so
+    is one below 1e-5 (as in vLLM: dividing by it overflows float32); the generator (on the
+    logits' device) makes draws reproducible."""
+    if temperature < 1e-5:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # shift first (softmax ignores it): the top logit is 0, so dividing cannot make inf - inf
+    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:
@@ -183,7 +188,10 @@ class StopStringStream:
     def __init__(self, tok: Tokenizer, stop_strings: Sequence[str], prefix_ids: list[int] = ()):
         self.dec = StreamDecoder(tok, list(prefix_ids))
         self.stops = [s for s in stop_strings if s]
-        self.longest = max((len(s) for s in self.stops), default=0)
+        self.tables = [_kmp_table(s) for s in self.stops]
+        # per stop string: how many of its first characters the text ends with (KMP's state),
+        # so each new character costs O(1) however long the text or the stop strings are
+        self.matched = [0] * len(self.stops)
         self.text = ""  # generated text so far (complete characters)
         self.emitted = 0  # characters of self.text already released
         self.stopped = False
@@ -197,26 +205,38 @@ class StopStringStream:
         return "" if self.stopped else self._advance(self.dec.flush(), final=True)
 
     def _advance(self, piece: str, final: bool) -> str:
-        start = max(0, len(self.text) - self.longest + 1)  # a new match must end in the new piece
+        base, cut = len(self.text), None
         self.text += piece
-        hits = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
-        if hits:
-            self.text, self.stopped = self.text[:max(min(hits), self.emitted)], True
+        for j, (stop, table) in enumerate(zip(self.stops, self.tables)):
+            k = self.matched[j]
+            for i, ch in enumerate(piece):
+                while k and stop[k] != ch:
+                    k = table[k - 1]
+                k += stop[k] == ch
+                if k == len(stop):  # its first occurrence: the text is cut where it starts
+                    start = base + i + 1 - k
+                    cut = start if cut is None else min(cut, start)
+                    break
+            self.matched[j] = k
+        if cut is not None:
+            self.text, self.stopped = self.text[:max(cut, self.emitted)], True
             final = True
-        safe = len(self.text) if final else len(self.text) - self._partial_suffix()
+        # hold back a tail that may still become a stop string
+        safe = len(self.text) if final else len(self.text) - max(self.matched, default=0)
         out = self.text[self.emitted:safe]
         self.emitted = max(self.emitted, safe)
         return out
 
-    def _partial_suffix(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of a stop string."""
-        best = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.text)), best, -1):
-                if self.text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
+
+def _kmp_table(s: str) -> list[int]:
+    """table[i]: length of the longest proper prefix of s[:i + 1] that is also its suffix."""
+    table, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = table[k - 1]
+        k += s[i] == s[k]
+        table[i] = k
+    return table
 
 
 def trim_stop_strings(text: str, stop_strings: Iterable[str]) -> tuple[str, bool]:

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.parse
 from dataclasses import dataclass
 from typing import Callable
 
@@ -109,7 +110,8 @@ class Server:
         self._server: asyncio.base_events.Server | None = None
         self._closing = False
         self._shutdown_grace: float | None = None
-        self._shutdown_requested: asyncio.Event | None = None
+        # made here, not in start(): request_shutdown() may come before the server runs
+        self._shutdown_requested = asyncio.Event()
         reg = engine.registry
         self.m_requests = reg.counter("http_requests_total", "HTTP requests answered",
                                       ["route", "status"])
@@ -125,7 +127,6 @@ class Server:
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
-        self._shutdown_requested = asyncio.Event()
         try:
             self._server = await asyncio.start_server(self._accept, self.host, self.port,
                                                       limit=self.limits.max_header)
@@ -203,6 +204,8 @@ class Server:
             pass
         except asyncio.CancelledError:
             pass
+        except Exception:  # a bug: keep serving the other connections, close this one
+            traceback.print_exc(file=sys.stderr)
         finally:
             self._conns.discard(conn)
             self.m_conns.dec()
@@ -287,7 +290,7 @@ class Server:
             raise APIError(400, "both Transfer-Encoding and Content-Length", close=True)
         if te is not None and te.lower() != "chunked":
             raise APIError(400, f"unsupported Transfer-Encoding {te[:20]!r}", close=True)
-        if cl is not None and (not cl.isdigit() or len(cl) > 18):
+        if cl is not None and not (cl.isascii() and cl.isdigit() and len(cl) <= 18):
             raise APIError(400, "invalid Content-Length", close=True)
         size = int(cl) if cl is not None else 0
         if size > lim.max_body:
@@ -309,10 +312,12 @@ class Server:
         while True:
             line = (await reader.readuntil(b"\r\n"))[:-2].split(b";", 1)[0].strip()
             try:
-                size = int(line, 16)
+                size = int(line, 16) if line.isalnum() else -1  # hex digits only: no sign, no _
             except ValueError:
-                raise APIError(400, "malformed chunk size", close=True) from None
-            if size < 0 or len(body) + size > self.limits.max_body:
+                size = -1
+            if size < 0:
+                raise APIError(400, "malformed chunk size", close=True)
+            if len(body) + size > self.limits.max_body:
                 raise APIError(413, f"request body exceeds the limit of {self.limits.max_body} "
                                "bytes", code="request_too_large", close=True)
             if size == 0:
@@ -429,7 +434,7 @@ class Server:
         if route == "/v1/models":
             obj = {"object": "list", "data": [card(m) for m in self.engine.model_names]}
         else:
-            name = req.path[len("/v1/models/"):]
+            name = urllib.parse.unquote(req.path[len("/v1/models/"):])  # models.retrieve quotes
             if name not in self.engine.model_names:
                 raise APIError(404, f"the model '{name[:100]}' does not exist", "model",
                                "model_not_found")
@@ -530,7 +535,10 @@ def _reject_constant(name: str):
 
 
 def _dumps(obj) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    # backslashreplace: a lone surrogate (valid in JSON input) is written back as its \uXXXX
+    # escape instead of failing the UTF-8 encode
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode(
+        "utf-8", "backslashreplace")
 
 
 def _sse(obj) -> bytes:

@@ -205,7 +205,11 @@ class API:
 
     def _encode(self, text: str) -> list[int]:
         """generate.py's rule: the tokenizer's BOS default; an empty prompt starts a document."""
-        ids = self.tok.encode(text)
+        try:
+            ids = self.tok.encode(text)
+        except UnicodeEncodeError as e:  # a lone surrogate: valid JSON, not valid text
+            raise _bad(f"'prompt' is not valid Unicode: {e.reason} at character {e.start}",
+                       "prompt") from None
         if not ids:
             start = self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
             ids = [start] if start is not None else self.tok.encode("\n")

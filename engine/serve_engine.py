@@ -315,15 +315,30 @@ class Engine:
 
     # -- requests -----------------------------------------------------------------------------
     def submit(self, req: GenRequest) -> None:
+        if not 1 <= req.num_seqs <= self.max_batch:  # it could never be admitted
+            raise ValueError(f"a request of {req.num_seqs} sequences does not fit this engine's "
+                             f"batch of {self.max_batch}")
         with self._cv:
             if not self._accepting:
                 raise ShuttingDown(f"the scheduler failed: {self.dead}" if self.dead
                                    else "the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"the server is busy: {len(self._waiting)} requests are queued")
+            queued, rows = self._queued_locked()
+            if (queued or rows + req.num_seqs > self.max_batch) and queued >= self.max_queue:
+                raise QueueFull(f"the server is busy: all {self.max_batch} rows are taken and "
+                                f"{queued} requests are queued")
             self._waiting.append(req)
             self.m_waiting.set(len(self._waiting))
             self._cv.notify()
+
+    def _queued_locked(self) -> tuple[int, int]:
+        """(waiting requests the next iteration cannot admit, rows taken once it admits the
+        others): the queue limit counts only requests that must wait for a row."""
+        rows = sum(r.remaining for r in self._running if not r.cancelled)
+        for i, r in enumerate(self._waiting):
+            if rows + r.num_seqs > self.max_batch:  # admission is FIFO: the rest wait too
+                return len(self._waiting) - i, rows
+            rows += r.num_seqs
+        return 0, rows
 
     def cancel(self, req: GenRequest, reason: str = "client_disconnected") -> None:
         if not req.cancelled and req.remaining > 0:
@@ -485,8 +500,9 @@ class Engine:
             text = seq.stream.push(tid)
             if seq.stream.stopped:
                 reason = "stop"  # a stop string
-            elif seq.sampled >= p.max_tokens:
-                reason, text = "length", text + seq.stream.finish()
+            elif seq.sampled >= p.max_tokens:  # the flushed tail may still hold a stop string
+                text += seq.stream.finish()
+                reason = "stop" if seq.stream.stopped else "length"
         self._emit(req, ("token", seq.index, text))
         if reason is None:
             seq.next_token = tid

@@ -7,6 +7,7 @@ when installed) for repetition penalty, top-k and top-p.
 import itertools
 import math
 import os
+import random
 import subprocess
 import sys
 
@@ -436,6 +437,42 @@ def test_stop_string_stream_unit():
     assert out == "1x2xy3" and s.stopped and s.text == "1x2xy3"
     assert trim_stop_strings("hello world", ["o w", "ll"]) == ("he", True)
     assert trim_stop_strings("hello", ["z"]) == ("hello", False)
+
+
+def test_stop_string_stream_matches_first_completed_stop_on_random_text():
+    """Against the definition: the text is cut at the first stop string to complete, and
+    nothing that could still become one is released before that."""
+    rng = random.Random(0)
+
+    def first_stop(text, stops):
+        for end in range(1, len(text) + 1):
+            cut, hit = trim_stop_strings(text[:end], stops)
+            if hit:
+                return cut
+        return text
+    for _ in range(2000):
+        text = "".join(rng.choice("ab c") for _ in range(rng.randint(0, 30)))
+        stops = ["".join(rng.choice("ab c") for _ in range(rng.randint(1, 5)))
+                 for _ in range(rng.randint(0, 3))]
+        s = StopStringStream(ByteTokenizer(), stops)
+        out = "".join(s.push(b) for b in text.encode())
+        assert out + s.finish() == first_stop(text, stops), (text, stops)
+
+
+def test_sampling_survives_extreme_temperature_and_penalty():
+    """A temperature or penalty that overflows float32 used to give NaN probabilities (and a
+    failed multinomial); tiny temperatures are greedy, huge penalties saturate."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 40) * 5
+    logits[:, 0] = 0.0  # a zero logit times an infinite penalty must not become NaN
+    prev = torch.tensor([[0, 1, 2]] * 3)
+    assert torch.equal(sample(logits, 1e-300), logits.argmax(-1))
+    for penalty in (1e-300, 1e300, 1.5):
+        out = apply_repetition_penalty(logits, prev, penalty)
+        assert not out.isnan().any()
+        for t in (1e-300, 1e-4, 1.0, 1e30):
+            tok = sample(out, t, top_k=10, top_p=0.9)
+            assert tok.shape == (3,) and ((0 <= tok) & (tok < 40)).all()
 
 
 def test_long_prompt_left_truncated_with_warning():

@@ -7,6 +7,7 @@ the API shapes, raw sockets for HTTP framing, slow and vanishing clients. Everyt
 """
 import contextlib
 import http.client
+import asyncio
 import json
 import os
 import random
@@ -25,7 +26,8 @@ from engine.generation import generate
 from engine.hub import load_model
 from engine.metrics import Registry, TrainingMetricsServer, parse_text
 from engine.model import Transformer
-from engine.serve import Engine, Limits, ServerThread, parse_adapter_specs
+from engine.serve import (Engine, GenRequest, Limits, SamplingParams, Server, ServerThread,
+                          parse_adapter_specs)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "sk-test-key"
@@ -403,6 +405,9 @@ BAD = [  # (method, path, body or raw bytes, extra kwargs, status, param)
     ("GET", "/v2/nothing", None, {}, 404, None),
     ("GET", "/v1/models/nope", None, {}, 404, "model"),
     ("POST", "/v1/completions", b"x" * (65 << 10), {}, 413, None),
+    # lone surrogates are valid JSON: a 400 (prompt) and a 404 (model), not a dropped connection
+    ("POST", "/v1/completions", {"prompt": "a\ud800"}, {}, 400, "prompt"),
+    ("POST", "/v1/completions", {"prompt": "a", "model": "\ud800"}, {}, 404, "model"),
 ]
 
 
@@ -445,6 +450,34 @@ def test_health_needs_no_key_and_chunked_body_and_keep_alive(server):
         http_body(f)
         sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
         assert f.readline().startswith(b"HTTP/1.1 401")
+
+
+@pytest.mark.parametrize("head,message", [
+    (b"Content-Length: \xc2\xb2\r\n", "invalid Content-Length"),  # a digit to str.isdigit
+    (b"Transfer-Encoding: chunked\r\n", "malformed chunk size"),  # then a chunk of size -1
+])
+def test_bad_framing_gets_one_400(server, head, message):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n-1\r\n")
+        f = sock.makefile("rb")
+        assert f.readline().startswith(b"HTTP/1.1 400")
+        assert message in json.loads(http_body(f))["error"]["message"]
+
+
+def test_extreme_sampling_values_and_quoted_model_ids(server):
+    """A temperature or penalty that overflows float32 is answered (greedy, or saturated),
+    not a 500; a percent-encoded model id (as the OpenAI client sends it) is found."""
+    greedy = request(server, "POST", "/v1/completions",
+                     {"prompt": "ab", "max_tokens": 6, "temperature": 0})[2]["choices"][0]["text"]
+    for extra in ({"temperature": 1e-300}, {"repetition_penalty": 1e-300},
+                  {"repetition_penalty": 1e300}):
+        s, _, obj = request(server, "POST", "/v1/completions",
+                            {"prompt": "ab", "max_tokens": 6, **extra})
+        assert s == 200, obj
+        if "temperature" in extra:
+            assert obj["choices"][0]["text"] == greedy
+    s, _, obj = request(server, "GET", "/v1/models/%61d")
+    assert s == 200 and obj["id"] == "ad"
 
 
 def http_body(f) -> bytes:
@@ -541,6 +574,40 @@ def test_full_queue_gets_429_and_shutdown_finishes_in_flight(ckpt):
         assert results["b"][0] == 200 and sse_events(results["b"][2])
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", srv.port), timeout=2).close()
+
+
+def test_queue_limit_counts_only_requests_waiting_for_a_row(ckpt):
+    """--max-queue 0 still serves while rows are free; a request past the free rows is 429."""
+    gate = threading.Event()
+    with serving(ckpt, adapters=False, api_key=None, max_batch=2, max_queue=0,
+                 step_hook=lambda: gate.wait(10)) as srv:
+        results = {}
+
+        def call(name):
+            results[name] = request(srv, "POST", "/v1/completions",
+                                    {"prompt": name, "max_tokens": 3})
+        threads = [threading.Thread(target=call, args=(k,)) for k in "ab"]
+        threads[0].start()  # two requests for two rows while the first decode step is held
+        wait_for(lambda: metrics(srv)["whetstone_requests_running"] == 1)
+        threads[1].start()
+        wait_for(lambda: metrics(srv)["whetstone_requests_waiting"] == 1)
+        s, _, obj = request(srv, "POST", "/v1/completions", {"prompt": "c"})
+        assert s == 429 and "all 2 rows are taken" in obj["error"]["message"]
+        gate.set()
+        for t in threads:
+            t.join(20)
+        assert results["a"][0] == 200 and results["b"][0] == 200
+        with pytest.raises(ValueError, match="does not fit"):  # could never be admitted
+            srv.server.engine.submit(GenRequest([[1]], SamplingParams(2), n=3))
+
+
+def test_shutdown_requested_before_the_server_runs(ckpt):
+    model, tok = load_model(ckpt["base"])
+    server = Server(Engine(model, tok, "base", registry=Registry()), port=0)
+    server.request_shutdown(grace=0)  # e.g. a signal during startup: not lost, no error
+    t0 = time.monotonic()
+    asyncio.run(asyncio.wait_for(server.serve(), 20))
+    assert time.monotonic() - t0 < 10
 
 
 def test_shutdown_with_no_grace_cancels_in_flight_with_503(ckpt):
@@ -707,6 +774,8 @@ def test_load_16_clients_no_5xx_all_correct_metrics_agree(ckpt, refs):
     (["--adapter", "x=/does/not/exist"], "no such directory"),
     (["--max-batch", "0"], "--max-batch"),
     (["--port", "70000"], "--port"),
+    (["--device", "foo"], "--device"),
+    (["--max-model-len", "0"], "--max-model-len"),
 ])
 def test_cli_bad_flags_one_line_exit_2(ckpt, capsys, args, msg):
     sys.path.insert(0, ROOT)

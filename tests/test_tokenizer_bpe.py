@@ -233,6 +233,26 @@ def test_stream_decoder_holds_partial_utf8(smol):
     assert "\ufffd" not in "".join(out)
 
 
+def test_stream_decoder_equals_whole_decode_and_stays_local(smol):
+    """Streamed pieces (after a prompt or not) add up to the whole decode, and each push decodes
+    a few tokens, not the whole sequence (that made a long stream quadratic)."""
+    seen = []
+    decode = smol.decode
+
+    class Counting:  # the tokenizer, recording how many ids each decode gets
+        def decode(self, ids):
+            seen.append(len(ids))
+            return decode(ids)
+    text = "".join(varied_strings(n_random=30, seed=3))
+    prompt, ids = smol.encode("Once upon a 🤗 time"), smol.encode(text)
+    for prefix in ([], prompt):
+        seen.clear()
+        dec = StreamDecoder(Counting(), prefix)
+        out = "".join(dec.push(i) for i in ids) + dec.flush()
+        assert out == smol.decode(prefix + ids)[len(smol.decode(prefix)):]
+        assert len(ids) > 1000 and max(seen) <= 12
+
+
 def test_save_load_roundtrip_and_hf_loads_it(smol, smol_ref, tmp_path):
     smol.save(str(tmp_path))
     again = load_tokenizer(str(tmp_path))

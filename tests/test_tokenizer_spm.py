@@ -100,6 +100,16 @@ def test_stream_decoder_multibyte(tok):
     assert "".join(parts) + dec.flush() == text and "\ufffd" not in "".join(parts)
 
 
+def test_stream_decoder_equals_whole_decode(tok):
+    """SentencePiece drops a leading space only at the start of a decode: the streamed pieces,
+    decoded a few tokens at a time, still add up to the whole decode, after a prompt or not."""
+    ids = tok.encode(" ".join(HARD), add_bos=False)
+    for prefix in ([], tok.encode("To be, or not", add_bos=True)):
+        dec = StreamDecoder(tok, prefix)
+        out = "".join(dec.push(i) for i in ids) + dec.flush()
+        assert out == tok.decode(prefix + ids)[len(tok.decode(prefix)):]
+
+
 def test_save_load(tok, tmp_path):
     tok.chat_template = "{{ messages[0]['content'] }}"
     try:

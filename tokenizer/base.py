@@ -127,23 +127,30 @@ class StreamDecoder:
     """Incremental detokenizer for streaming: feed ids one at a time, get only the new text.
 
     Holds back output while the decoded tail is an incomplete UTF-8 sequence (U+FFFD at the
-    end), so multi-byte characters split across tokens are printed whole.
+    end), so multi-byte characters split across tokens are printed whole. Decodes a window that
+    starts one emission back (vLLM's prefix/read offsets), not the whole sequence, so a token
+    costs the same at any length; the window's first tokens give the new ones their context
+    (SentencePiece drops a leading space only at the start of a decode).
     """
 
     def __init__(self, tok: Tokenizer, prefix_ids: list[int] | None = None):
         self.tok = tok
         self.ids: list[int] = list(prefix_ids or [])
-        self.emitted = len(tok.decode(self.ids)) if self.ids else 0
+        self.read = len(self.ids)  # ids before this are emitted
+        self.start = max(0, self.read - 4)  # the window's start: context for ids[read:]
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.emitted = text[self.emitted:], len(text)
-        return new
+        return self._advance(final=False)
 
     def flush(self) -> str:
-        text = self.tok.decode(self.ids)
-        new, self.emitted = text[self.emitted:], len(text)
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        window = self.ids[self.start:]
+        text = self.tok.decode(window)
+        if text.endswith("\ufffd") and not final:
+            return ""
+        new = text[len(self.tok.decode(window[:self.read - self.start])):]
+        self.start, self.read = self.read, len(self.ids)
         return new
