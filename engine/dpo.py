@@ -106,14 +106,16 @@ class PreferenceSet:
 
 
 def load_preference_data(path: str, tok, seq_len: int, val_fraction: float = 0.1,
-                         val_path: str | None = None, seed: int = 0
-                         ) -> tuple[PreferenceSet, PreferenceSet, dict]:
+                         val_path: str | None = None, seed: int = 0, on_error: str = "stop",
+                         warn=print) -> tuple[PreferenceSet, PreferenceSet, dict]:
     """(train, held-out, report) from a preference JSONL ({"prompt","chosen","rejected"}, strings
     or message lists); held-out pairs are val_path's, else a seeded val_fraction of path's.
-    Malformed lines raise ValueError("FILE:LINE: what is wrong")."""
-    raw, _ = load_preferences(path)
+    Malformed lines raise ValueError("FILE:LINE: what is wrong") (on_error="stop"), or are left
+    out with a warning and counted in the report's skipped_lines (on_error="skip")."""
+    raw, skipped = load_preferences(path, on_error, warn)
     if val_path:
-        train_raw, (val_raw, _) = raw, load_preferences(val_path)
+        val_raw, val_skipped = load_preferences(val_path, on_error, warn)
+        train_raw, skipped = raw, skipped + val_skipped
     else:
         tr, va = split_indices(len(raw), val_fraction, seed)
         train_raw, val_raw = [raw[i] for i in tr], [raw[i] for i in va]
@@ -126,7 +128,7 @@ def load_preference_data(path: str, tok, seq_len: int, val_fraction: float = 0.1
     report = {"n_train": len(train), "n_val": len(val),
               "n_truncated": rt["n_truncated"] + rv["n_truncated"],
               "dropped_lines": sorted(rt["dropped_lines"] + rv["dropped_lines"]),
-              "conversational": raw[0].conversational}
+              "skipped_lines": skipped, "conversational": raw[0].conversational}
     return train, val, report
 
 
@@ -187,6 +189,9 @@ class DPO:
         if self.rpo_alpha:
             losses = losses + self.rpo_alpha * nll
         return losses, rc, rr, nll.detach()
+
+    def start_step(self, n_micro: int) -> None:
+        pass  # micro-batches of equal pair counts: each is 1/n_micro of the step
 
     def train_step(self, model, gen: torch.Generator, device) -> torch.Tensor:
         """Mean loss over one random batch (for backward); its statistics are kept for log()."""
@@ -250,4 +255,8 @@ def format_report(report: dict, path: str) -> str:
     if report["dropped_lines"]:
         s += (f"; {len(report['dropped_lines']):,} dropped (no completion token within --seq-len;"
               f" lines {', '.join(map(str, report['dropped_lines'][:10]))})")
+    if report.get("skipped_lines"):
+        lines = report["skipped_lines"]
+        s += (f"; {len(lines):,} malformed line(s) skipped ({', '.join(map(str, lines[:10]))}"
+              + (", ..." if len(lines) > 10 else "") + ")")
     return s

@@ -308,10 +308,18 @@ class Adapter:
             if not os.path.isfile(p):
                 raise ValueError(f"not an adapter directory: {p} is missing")
         with open(cfg_path, encoding="utf-8") as f:
-            config = json.load(f)
-        if config.get("peft_type") != "LORA":
-            raise ValueError(f"{cfg_path}: peft_type {config.get('peft_type')!r} is not 'LORA'")
-        return cls(config, {_our_key(k): v for k, v in load_file(st_path).items()})
+            try:
+                config = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+        if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+            got = config.get("peft_type") if isinstance(config, dict) else config
+            raise ValueError(f"{cfg_path}: peft_type {got!r} is not 'LORA'")
+        try:
+            tensors = load_file(st_path)
+        except Exception as e:  # noqa: BLE001  (safetensors' own error types, as checkpoint._open)
+            raise ValueError(f"cannot read {st_path}: {e}") from None
+        return cls(config, {_our_key(k): v for k, v in tensors.items()})
 
 
 def _our_key(key: str) -> str:

@@ -5,7 +5,8 @@
   SFTTask  instruction / chat JSONL (engine/sft.py): loss on response tokens only
   DPO      preference pairs (engine/dpo.py)
 
-Each has train_step(model, gen, device) -> loss (to backward), evaluate(model, device, autocast)
+Each has start_step(n_micro) (called before an optimizer step's n_micro train_step calls),
+train_step(model, gen, device) -> loss (to backward; train.py divides it by n_micro), evaluate(model, device, autocast)
 -> dict with val_loss, pop_tokens() -> tokens since the last call, log(n) -> extra metrics of the
 last n micro-batches, and state_dict()/load_state_dict() for what resume must restore beyond the
 generator (JSON-serializable).
@@ -15,6 +16,8 @@ shared generator and trains on its own rows (engine/distributed.py shard / shard
 run takes exactly the steps of one process with the whole batch; tokens are counted globally.
 """
 from __future__ import annotations
+
+import torch
 
 from engine.data import (TokenSplit, check_trainable, eval_windows, get_batch, read_corpus,
                          split_text, tokenize_cached, tokenizer_hash)
@@ -38,6 +41,9 @@ class LMTask:
     def describe(self, path: str) -> str:
         return (f"data: {path}: {len(self.train.tokens):,} train / {len(self.val.tokens):,} val "
                 f"tokens, {self.train.bytes_per_token:.2f} bytes/token")
+
+    def start_step(self, n_micro: int) -> None:
+        pass  # equal-sized micro-batches: each is 1/n_micro of the step
 
     def train_step(self, model, gen, device):
         x, y = get_batch(self.train, self.batch_size, self.seq_len, gen)  # (B, T) each
@@ -74,6 +80,7 @@ class SFTTask(LMTask):
         self.train, self.val, self.batch_size = train, val, batch_size
         self.stream = BatchStream(train, batch_size, gen, pack)
         self._tokens = 0
+        self._queue, self._n_micro, self._step_trained = [], 1, 0
 
     def sizes(self) -> dict:
         return {k.removeprefix("n_").replace("_", " "): v for k, v in self.report.items()
@@ -83,14 +90,27 @@ class SFTTask(LMTask):
         from engine.sft import format_report
         return f"data: {path}: " + format_report(self.report)
 
+    def start_step(self, n_micro: int) -> None:
+        """Draw the step's micro-batches now: each one's loss is weighted by its share of the
+        step's trained tokens, so batch 1 x accumulation 2 trains exactly like batch 2 (the
+        weighting shard_mean applies across ranks)."""
+        self._queue = [next(self.stream) for _ in range(n_micro)]
+        self._n_micro = n_micro
+        self._step_trained = sum(_n_trained(b) for b in self._queue)
+
     def train_step(self, model, gen, device):
         def loss(b):  # mean over b's response tokens
             b = b.to(device)
             return model(b.input_ids, **b.model_kwargs())
 
-        batch = next(self.stream)
-        self._tokens += _n_trained(batch)
-        return shard_mean(batch, loss, _n_trained)  # ranks weighted by their response tokens
+        if not self._queue:  # called without start_step: one micro-batch per step
+            self.start_step(1)
+        batch = self._queue.pop(0)
+        self._tokens += _n_real(batch)
+        # ranks weighted by their response tokens; micro-batches by theirs (train.py divides
+        # each micro-batch's loss by n_micro, hence the factor)
+        weight = self._n_micro * _n_trained(batch) / self._step_trained
+        return shard_mean(batch, loss, _n_trained) * weight
 
     def evaluate(self, model, device, autocast, full: int | bool = False) -> dict:
         from engine.sft import response_loss
@@ -112,6 +132,15 @@ def _n_trained(batch) -> int:
     return int((batch.labels != -100).sum())
 
 
+def _n_real(batch) -> int:
+    """Tokens of a batch that are not padding (what tokens/s counts, as for LM and DPO). Every
+    sample ends with a trained token (engine.sft.shift_labels), so a row's real tokens run up
+    to its last label != -100, packed or padded."""
+    trained = batch.labels != -100                                          # (B, T)
+    pos = torch.arange(1, trained.shape[1] + 1)                             # (T,)
+    return int((trained * pos).max(dim=1).values.sum())
+
+
 def build_task(args, tok, data_path: str, gen, texts: tuple[str, str] | None = None):
     """The task for train.py's flags: DPO for --objective dpo, SFT for instruction / chat JSONL,
     otherwise language modelling on the text (`texts`: the (train, val) split if already read).
@@ -120,7 +149,8 @@ def build_task(args, tok, data_path: str, gen, texts: tuple[str, str] | None = N
     if args.objective == "dpo":
         from engine import dpo as dpo_lib
         train_p, val_p, rep = dpo_lib.load_preference_data(data_path, tok, args.seq_len,
-                                                           args.val_fraction, args.val_data)
+                                                           args.val_fraction, args.val_data,
+                                                           on_error=args.bad_lines)
         task = dpo_lib.DPO(train_p, val_p, batch_size, args.beta, args.label_smoothing,
                            args.rpo_alpha)
         task.describe = lambda path: dpo_lib.format_report(rep, path)

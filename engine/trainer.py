@@ -9,7 +9,9 @@ import json
 import math
 import os
 import shutil
-import time
+import signal
+import sys
+import threading
 
 import numpy as np
 import torch
@@ -40,11 +42,24 @@ def configure_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
 
 def get_lr(step: int, progress: float, lr: float, warmup_steps: int, min_lr_ratio: float) -> float:
     """Linear warmup over `warmup_steps`, then cosine from lr to lr * min_lr_ratio as
-    `progress` (fraction of the step or time budget used, whichever is larger) goes 0 -> 1."""
+    `progress` (the decay phase used so far, see decay_progress) goes 0 -> 1."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     p = min(max(progress, 0.0), 1.0)
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def decay_progress(step: int, max_steps: int, warmup_steps: int, elapsed_s: float = 0.0,
+                   budget_s: float | None = None, warmup_end_s: float = 0.0) -> float:
+    """How far the cosine has run (0 -> 1) at `step`: the steps after warmup over the steps left
+    for decay (nanoGPT's (it - warmup) / (decay_iters - warmup), so the LR does not jump when
+    warmup ends), or with a time budget the time since warmup ended (warmup_end_s) over the time
+    that was left then, whichever is further: the schedule follows the budget that ends first.
+    Counted like warmup (step + 1): the last step (max_steps - 1) trains at the minimum LR."""
+    p = (step + 1 - warmup_steps) / max(1, max_steps - warmup_steps)
+    if budget_s:
+        p = max(p, (elapsed_s - warmup_end_s) / max(budget_s - warmup_end_s, 1e-9))
+    return min(max(p, 0.0), 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,10 +96,11 @@ class MetricsLog:
     def __init__(self, path: str, truncate_after_step: int | None = None):
         self.path = path
         if truncate_after_step is not None and os.path.isfile(path):
-            # On resume, drop events past the checkpoint so the log matches the trajectory.
-            with open(path, encoding="utf-8") as f:
-                keep = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= truncate_after_step]
-            atomic_write_bytes(path, "".join(keep).encode())
+            # On resume, drop events past the checkpoint so the log matches the trajectory, and
+            # the final report of a finished run (the resumed run writes its own).
+            keep = [e for e in self.read() if e.get("step", 0) <= truncate_after_step
+                    and not e.get("final")]
+            atomic_write_bytes(path, "".join(json.dumps(e) + "\n" for e in keep).encode())
         elif truncate_after_step is None and os.path.isfile(path):
             os.remove(path)
 
@@ -93,10 +109,21 @@ class MetricsLog:
             f.write(json.dumps(event) + "\n")
 
     def read(self) -> list[dict]:
+        """The events; a torn last line (a kill during the append) is skipped, a bad line
+        elsewhere is an error naming it."""
         if not os.path.isfile(self.path):
             return []
-        with open(self.path, encoding="utf-8") as f:
-            return [json.loads(l) for l in f if l.strip()]
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            lines = [(n, l) for n, l in enumerate(f, 1) if l.strip()]
+        events = []
+        for k, (n, line) in enumerate(lines):
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if k == len(lines) - 1 and not line.endswith("\n"):
+                    break
+                raise ValueError(f"{self.path}:{n}: not a JSON event ({e.msg})") from None
+        return events
 
 
 def plot_losses(events: list[dict], path: str) -> None:
@@ -138,32 +165,40 @@ def load_training_state(directory: str, optimizer, data_gen: torch.Generator) ->
     path = os.path.join(directory, STATE_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {STATE_FILE} in {directory!r}: not a resumable checkpoint")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        step, extra = int(state["step"]), json.loads(state["extra"])
+        rngs = state["data_rng"], state["torch_rng"]
+    except Exception as e:  # noqa: BLE001  (pickle, zip and key errors of a damaged file)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot read {path} (damaged?): {first}") from None
     optimizer.load_state_dict(state["optimizer"])
-    data_gen.set_state(state["data_rng"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["step"]), json.loads(state["extra"])
+    data_gen.set_state(rngs[0])
+    torch.set_rng_state(rngs[1])
+    return step, extra
 
 
 class Throughput:
-    """Tokens per second over the steps since the last report."""
+    """Tokens per second of training over the steps since the last report: add() each step's
+    tokens with the seconds the step took, so evaluation and checkpointing don't count."""
 
     def __init__(self):
-        self.t, self.tokens = time.perf_counter(), 0
+        self.seconds, self.tokens = 0.0, 0
 
-    def add(self, n: int) -> None:
+    def add(self, n: int, seconds: float) -> None:
         self.tokens += n
+        self.seconds += seconds
 
     def rate(self) -> float:
-        now = time.perf_counter()
-        r = self.tokens / max(now - self.t, 1e-9)
-        self.t, self.tokens = now, 0
+        r = self.tokens / max(self.seconds, 1e-9)
+        self.seconds, self.tokens = 0.0, 0
         return r
 
 
 def save_last(model, tok, run_dir: str, optimizer, step: int, gen, extra: dict, args) -> None:
     """Write weights + training state into run_dir/last as one unit (new dir, then swap).
-    Under torchrun every rank calls this (FSDP2 gathers); rank 0 writes, then all meet."""
+    Under torchrun every rank calls this (FSDP2 gathers); rank 0 writes, then all meet.
+    A kill between the two renames leaves last.old and last.new: recover_last picks one."""
     new, last, old = (os.path.join(run_dir, n) for n in (LAST + ".new", LAST, LAST + ".old"))
     if distributed.is_main():
         shutil.rmtree(new, ignore_errors=True)
@@ -176,3 +211,57 @@ def save_last(model, tok, run_dir: str, optimizer, step: int, gen, extra: dict, 
         os.replace(new, last)
         shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
+
+
+def recover_last(run_dir: str) -> None:
+    """Finish a save_last that a kill interrupted between its renames: with no last/, last.new
+    is complete if it holds the training state (written after the weights), else last.old is
+    the previous checkpoint. Either becomes last/."""
+    last = os.path.join(run_dir, LAST)
+    if os.path.isdir(last):
+        return
+    for name in (LAST + ".new", LAST + ".old"):
+        d = os.path.join(run_dir, name)
+        if os.path.isfile(os.path.join(d, STATE_FILE)):
+            os.replace(d, last)
+            return
+
+
+def has_run(run_dir: str) -> str | None:
+    """What in run_dir belongs to an earlier run (a checkpoint, resumable state or its flags),
+    or None: a new run must not overwrite it."""
+    for name in ("config.json", "adapter_config.json", "run_args.json", LAST, LAST + ".new",
+                 LAST + ".old"):
+        if os.path.exists(os.path.join(run_dir, name)):
+            return name
+    return None
+
+
+class StepBoundaryInterrupt:
+    """Ctrl-C (SIGINT) during the loop: the first one only sets `requested` and the loop stops
+    at the next step boundary, where the data generator, the data stream, the weights and the
+    optimizer all belong to the same step (a checkpoint taken mid-step would resume on another
+    trajectory); a second one raises KeyboardInterrupt at once. Not installed when disabled
+    (under torchrun ranks would stop at different steps) or off the main thread."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.requested, self._installed, self._previous = enabled, False, False, None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step to save a resumable checkpoint (Ctrl-C again "
+              "to quit without saving it)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StepBoundaryInterrupt":
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:  # None: the previous handler was not set from Python
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None
+                          else signal.default_int_handler)
+            self._installed = False

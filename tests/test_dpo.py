@@ -295,3 +295,14 @@ def test_cli_errors_are_one_line(base, tmp_path, capsys):
                        cwd=str(tmp_path), env=dict(os.environ))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and lines == [f"error: {bad}:1: 'chosen' and 'rejected' are identical"]
+
+
+def test_bad_lines_skip_reaches_preference_data(base, tmp_path, capsys):
+    run_base, _, _ = base
+    good = [{"prompt": f"Q: is it {i}? A:", "chosen": " yes", "rejected": " no"} for i in range(12)]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [*good[:2], {"prompt": "Q", "chosen": "a"}, *good[2:]])
+    assert train.main(["--objective", "dpo", "--base", run_base, "--data", bad, "--bad-lines", "skip",
+                       "--out", str(tmp_path / "o"), "--max-steps", "1", *FLAGS]) == 0
+    out = capsys.readouterr()
+    assert "warning: skipping" in out.out and "bad.jsonl:3: missing 'rejected'" in out.out
+    assert "1 malformed line(s) skipped (3)" in out.out

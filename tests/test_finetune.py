@@ -172,3 +172,22 @@ def test_merge_command_writes_plain_model_with_same_logits(base):
     torch.testing.assert_close(merged(ids), adapted(ids), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="already holds a model"):
         merge.main(["--base", run_base, "--adapter", out, "--out", merged_dir])
+
+
+def test_half_finetune_resumes_in_the_middle_of_a_round(base):
+    """Paused at step 5 with rounds of 3 steps: the resumed run selects round 1 (steps 3-5) at
+    once, and continues exactly."""
+    run_base, domain, tmp = base
+    common = ["--base", run_base, "--finetune", "full", "--half-finetune", "--half-round-steps", "3",
+              "--data", domain, "--max-steps", "8", "--eval-every", "4", "--lr", "1e-3", *FLAGS,
+              "--log-every", "1"]
+    full, part = str(tmp / "hft-full"), str(tmp / "hft-part")
+    assert train.main([*common, "--out", full]) == 0
+    assert train.main([*common, "--out", part, "--pause-at-step", "5"]) == 0
+    assert train.main(["--resume", part, "--no-progress", "--threads", "1"]) == 0
+    a = [(e["step"], e.get("train_loss"), e.get("val_loss")) for e in metrics(full) if not e.get("final")]
+    b = [(e["step"], e.get("train_loss"), e.get("val_loss")) for e in metrics(part) if not e.get("final")]
+    assert [x[0] for x in a] == [y[0] for y in b] and len(a) == 11  # 8 steps, 3 evaluations (0, 4, 8)
+    for x, y in zip(a, b):
+        for u, v in zip(x[1:], y[1:]):
+            assert (u is None and v is None) or u == pytest.approx(v, abs=1e-5), x[0]

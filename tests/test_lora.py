@@ -234,6 +234,14 @@ def test_bad_input_errors(tmp_path):
         load_adapter(other, str(tmp_path))
     with pytest.raises(ValueError, match="adapter_config.json is missing"):
         load_adapter(_model(), str(tmp_path / "nowhere"))
+    # damaged files: one line naming the file (as engine.checkpoint does for model weights)
+    st = tmp_path / "adapter_model.safetensors"
+    st.write_bytes(st.read_bytes()[:40])
+    with pytest.raises(ValueError, match=r"cannot read .*adapter_model\.safetensors"):
+        load_adapter(_model(), str(tmp_path))
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LO')
+    with pytest.raises(ValueError, match=r"adapter_config\.json is not valid JSON"):
+        load_adapter(_model(), str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------

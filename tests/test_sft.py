@@ -516,3 +516,33 @@ def test_chat_spans_unlocatable():
     tok = CharTok("{% for m in messages %}{{ m['role'] }}|{% endfor %}")
     with pytest.raises(ValueError, match="cannot locate assistant message 1"):
         chat_spans(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "zq"}])
+
+
+def test_grad_accumulation_weights_micro_batches_by_trained_tokens():
+    """SFTTask with batch 1 x accumulation 2 takes the same step as batch 2: each micro-batch
+    counts by its trained tokens (samples of different lengths), as across ranks."""
+    from engine.tasks import SFTTask, _n_real, _n_trained
+    ds, _ = _dataset(n=7, seq_len=24)
+    grads = []
+    for batch, accum in ((2, 1), (1, 2)):
+        model = _tiny_model().train()
+        task = SFTTask(ds, ds, batch, torch.Generator().manual_seed(0))
+        for _ in range(2):  # two optimizer steps' worth of data; gradients of the second
+            model.zero_grad()
+            task.start_step(accum)
+            if accum == 2:  # the case that needs the weighting: 4 vs 2, then 3 vs 2 tokens
+                assert len({_n_trained(b) for b in task._queue}) == 2
+            total = 0.0
+            for _ in range(accum):
+                loss = task.train_step(model, None, "cpu") / accum
+                loss.backward()
+                total += loss.item()
+        grads.append((total, [p.grad.clone() for p in model.parameters()]))
+    (l1, g1), (l2, g2) = grads
+    assert l1 == pytest.approx(l2, abs=1e-6)
+    assert max((a - b).abs().max().item() for a, b in zip(g1, g2)) < 1e-6
+    # tokens/s counts a batch's real (non-padding) tokens, not only the trained ones
+    b = ds.collate([[0], [4]], pack=False)
+    assert _n_real(b) == len(ds.samples[0][0]) + len(ds.samples[4][0]) < b.input_ids.numel()
+    packed = ds.collate([[0, 1], [4]], pack=True)
+    assert _n_real(packed) == sum(len(ds.samples[i][0]) for i in (0, 1, 4))

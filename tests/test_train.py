@@ -172,3 +172,320 @@ def test_metrics_port_serves_prometheus_during_training(corpus, tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume, interrupts and run-directory safety, on one shared reference run
+# ---------------------------------------------------------------------------------------------
+REF = [*TINY, "--max-steps", "16", "--eval-every", "5", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+    """A corpus and an uninterrupted 16-step run (losses logged every step)."""
+    tmp = tmp_path_factory.mktemp("ref")
+    old = os.environ.get("WHETSTONE_CACHE")
+    os.environ["WHETSTONE_CACHE"] = str(tmp / "cache")
+    rng = random.Random(0)
+    words = ["the king", "my lord", "good night", "sweet prince", "to be", "or not", "alas"]
+    data = tmp / "corpus.txt"
+    data.write_text("\n".join(" ".join(rng.choice(words) for _ in range(6)) + "."
+                              for _ in range(1500)) + "\n")
+    run = str(tmp / "ref")
+    assert train.main(["--data", str(data), "--out", run, *REF]) == 0
+    yield str(data), run, tmp
+    if old is None:
+        os.environ.pop("WHETSTONE_CACHE", None)
+    else:
+        os.environ["WHETSTONE_CACHE"] = old
+
+
+def trajectory(run):
+    return [(e["step"], e.get("train_loss"), e.get("val_loss")) for e in metrics(run)
+            if not e.get("final")]
+
+
+def assert_same_trajectory(a, b):
+    ta, tb = trajectory(a), trajectory(b)
+    assert [s for s, *_ in ta] == [s for s, *_ in tb]
+    for (s, tl1, vl1), (_, tl2, vl2) in zip(ta, tb):
+        assert (tl1 is None) == (tl2 is None) and (vl1 is None) == (vl2 is None), s
+        assert tl1 is None or tl1 == pytest.approx(tl2, abs=1e-5), (s, tl1, tl2)
+        assert vl1 is None or vl1 == pytest.approx(vl2, abs=1e-5), (s, vl1, vl2)
+
+
+def paused(ref, name, at):
+    data, _, tmp = ref
+    run = str(tmp / name)
+    assert train.main(["--data", data, "--out", run, *REF, "--pause-at-step", str(at)]) == 0
+    return run
+
+
+def resume(run, *flags):
+    return train.main(["--resume", run, "--no-progress", "--threads", "1", *flags])
+
+
+def test_ctrl_c_then_resume_continues_exactly(ref, monkeypatch, capsys):
+    """Ctrl-C (a real SIGINT) arrives in the middle of step 8, after its batch was drawn: the step
+    finishes and the checkpoint is taken at the step boundary. A second, immediate interrupt
+    (KeyboardInterrupt mid-step) saves nothing and leaves the last checkpoint (step 10)."""
+    import signal
+    from engine import tasks
+    data, full, tmp = ref
+    original = tasks.LMTask.train_step
+    calls = {"n": 0}
+
+    def interrupting(when, how):
+        def train_step(self, *a):
+            loss = original(self, *a)
+            calls["n"] += 1
+            if calls["n"] == when:
+                how()
+            return loss
+        return train_step
+
+    def sigint():
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def hard():
+        raise KeyboardInterrupt
+
+    for name, when, how, stopped_at, msg in (("sigint", 8, sigint, 8, "interrupted at step 8"),
+                                             ("hard", 13, hard, 10, "interrupted during step 13")):
+        run, calls["n"] = str(tmp / name), 0
+        with monkeypatch.context() as m:
+            m.setattr(tasks.LMTask, "train_step", interrupting(when, how))
+            assert train.main(["--data", data, "--out", run, *REF]) == 130
+        assert msg in capsys.readouterr().err
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+        state = torch_load_state(run)
+        assert state["step"] == stopped_at
+        assert resume(run) == 0
+        assert_same_trajectory(full, run)
+
+
+def torch_load_state(run):
+    import torch
+    return torch.load(os.path.join(run, "last", "training_state.pt"), weights_only=True)
+
+
+def test_resume_refuses_changed_flags_and_bad_pause(ref):
+    data, _, _ = ref
+    run = paused(ref, "flags", 6)
+    before = open(os.path.join(run, "metrics.jsonl")).read()
+    with pytest.raises(ValueError, match=r"--lr 1\.0 \(the run has 0\.003\); --max-steps 30"):
+        resume(run, "--max-steps", "30", "--lr", "1")
+    with pytest.raises(ValueError, match="--data /nonexistent"):
+        resume(run, "--data", "/nonexistent")
+    for at in ("3", "6", "17"):  # at or before the run's step, or after its end
+        with pytest.raises(ValueError, match=f"--pause-at-step {at}: the run is at step 6"):
+            resume(run, "--pause-at-step", at)
+    assert open(os.path.join(run, "metrics.jsonl")).read() == before  # nothing touched
+    # the same values as the run's are fine, as are per-invocation flags
+    assert resume(run, "--data", data, "--max-steps", "16", "--pause-at-step", "8") == 0
+    assert torch_load_state(run)["step"] == 8
+
+
+def test_resume_recovers_an_interrupted_checkpoint_swap_and_a_torn_log(ref):
+    """A kill between save_last's renames leaves last.old (previous) + last.new (complete), or
+    only last.old; a kill during a metrics append leaves half a line. Resume uses the complete
+    checkpoint and skips the torn line."""
+    _, full, _ = ref
+    a, b = paused(ref, "swap-new", 10), paused(ref, "swap-old", 10)
+    os.rename(os.path.join(a, "last"), os.path.join(a, "last.new"))
+    os.makedirs(os.path.join(a, "last.old"))  # the older one (incomplete here: must not be used)
+    os.rename(os.path.join(b, "last"), os.path.join(b, "last.old"))
+    with open(os.path.join(b, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 11, "elapsed_s": 1.2, "train_lo')
+    for run in (a, b):
+        assert resume(run) == 0
+        assert_same_trajectory(full, run)
+        assert not os.path.exists(os.path.join(run, "last.old"))
+        assert not os.path.exists(os.path.join(run, "last.new"))
+    # resuming a finished run redoes only the final report: one final event, as before
+    assert resume(full) == 0
+    assert sum(1 for e in metrics(full) if e.get("final")) == 1
+
+
+def test_new_run_never_overwrites_a_paused_run(ref):
+    data, _, _ = ref
+    run = paused(ref, "keep", 3)  # before the first evaluation: no config.json yet, only last/
+    state = open(os.path.join(run, "last", "training_state.pt"), "rb").read()
+    with pytest.raises(ValueError, match="already holds a checkpoint or run"):
+        train.main(["--data", data, "--out", run, *TINY, "--max-steps", "6"])
+    assert open(os.path.join(run, "last", "training_state.pt"), "rb").read() == state
+    assert metrics(run)
+
+
+def test_damaged_run_files_give_one_line_errors(ref):
+    data, _, tmp = ref
+    run = paused(ref, "damaged", 2)
+    state = os.path.join(run, "last", "training_state.pt")
+    good = open(state, "rb").read()
+    open(state, "wb").write(b"not a torch file")
+    with pytest.raises(ValueError, match="cannot read .*training_state.pt"):
+        resume(run)
+    open(state, "wb").write(good)
+    open(os.path.join(run, "run_args.json"), "w").write('{"batch_size": 8,')
+    with pytest.raises(ValueError, match=r"run_args\.json is damaged"):
+        resume(run)
+    with open(os.path.join(run, "metrics.jsonl"), "a") as f:
+        f.write("garbage\n{}\n")  # a bad line that is not the last: named
+    from engine.trainer import MetricsLog
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:\d+: not a JSON event"):
+        MetricsLog(os.path.join(run, "metrics.jsonl"), truncate_after_step=2)  # what resume does
+    afile = tmp / "afile"
+    afile.write_text("x")
+    for out, msg in ((afile, "is a file, not a directory"), (afile / "sub", "cannot create --out")):
+        with pytest.raises(ValueError, match=msg):
+            train.main(["--data", data, "--out", str(out), *TINY, "--max-steps", "1"])
+
+
+def test_metrics_port_in_use_is_an_error_before_data_preparation(tmp_path, monkeypatch):
+    import socket
+    monkeypatch.setattr(train, "read_text_splits", lambda *a: pytest.fail("data was prepared"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(ValueError, match="cannot serve metrics"):
+            train.main(["--data", "x.txt", "--out", str(tmp_path / "o"), *TINY,
+                        "--metrics-port", str(s.getsockname()[1])])
+
+
+def test_ctrl_c_outside_the_loop_is_one_short_message(tmp_path, monkeypatch, capsys):
+    def interrupted(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "read_text_splits", interrupted)
+    assert train.main(["--data", "x.txt", "--out", str(tmp_path / "o"), *TINY]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted before training started; nothing was saved"
+
+
+def test_nonfinite_validation_loss_keeps_the_last_good_checkpoint(corpus, tmp_path, capsys):
+    from safetensors.torch import load_file
+    run = str(tmp_path / "nan")
+    assert train.main(["--data", str(corpus), "--out", run, *TINY, "--max-steps", "50",
+                       "--eval-every", "1", "--eval-batches", "1", "--warmup-steps", "1",
+                       "--grad-clip", "0", "--lr", "1e6"]) == 1
+    err = capsys.readouterr().err
+    assert "became nan" in err or "became inf" in err or "non-finite" in err, err
+    assert "last good checkpoint is kept" in err
+    assert any(not math.isfinite(e["val_loss"]) for e in metrics(run) if "val_loss" in e)
+    weights = load_file(os.path.join(run, "last", "model.safetensors"))
+    assert all(t.isfinite().all() for t in weights.values())
+
+
+def test_tokens_per_second_leaves_evaluation_out(corpus, tmp_path, monkeypatch, capsys):
+    import time
+    from engine import tasks
+    slow = tasks.LMTask.evaluate
+
+    def slow_evaluate(*a, **k):
+        time.sleep(0.3)
+        return slow(*a, **k)
+    monkeypatch.setattr(tasks.LMTask, "evaluate", slow_evaluate)
+    run = str(tmp_path / "tps")
+    assert train.main(["--data", str(corpus), "--out", run, *TINY, "--max-steps", "4",
+                       "--eval-every", "1", "--log-every", "1"]) == 0
+    # 4 steps of 8 x 32 tokens with 1.5 s of evaluation: counting it would give < 700 tokens/s
+    rates = [e["tokens_per_s"] for e in metrics(run) if "tokens_per_s" in e]
+    done = [l for l in capsys.readouterr().out.splitlines() if l.startswith("done")][0]
+    final = float(done.split(" tokens/s")[0].rsplit(" ", 1)[1].replace(",", ""))
+    assert len(rates) == 4 and min(rates) > 2000 and final > 2000, (rates, done)
+
+
+def test_time_budget_before_the_first_step_saves_the_step0_model(corpus, tmp_path, capsys):
+    run = str(tmp_path / "budget")
+    assert train.main(["--data", str(corpus), "--out", run, *TINY, "--max-minutes", "1e-9"]) == 0
+    assert "time budget ended before the first step" in capsys.readouterr().err
+    assert os.path.isfile(os.path.join(run, "model.safetensors"))
+    assert [e["step"] for e in metrics(run)] == [0, 0]  # the step-0 evaluation, the final one
+
+
+def test_preset_tiny_alone_trains(corpus, tmp_path):
+    flags = [f for f in TINY if f not in ("--vocab-size", "300")]
+    run = str(tmp_path / "tiny")
+    assert train.main(["--data", str(corpus), "--out", run, *flags, "--max-steps", "2"]) == 0
+    cfg = json.load(open(os.path.join(run, "config.json")))
+    assert 259 < cfg["vocab_size"] <= train.MIN_TRAINED_VOCAB
+
+
+def test_json_corpus_is_read_as_jsonl_like_detect_format(tmp_path):
+    from engine.data import read_corpus
+    from engine.sft import detect_format
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in ("first doc", "second doc"))
+    (tmp_path / "t.json").write_text(lines)
+    (tmp_path / "t.jsonl").write_text(lines)
+    assert detect_format(str(tmp_path / "t.json")) == "text"
+    assert read_corpus(str(tmp_path / "t.json")) == read_corpus(str(tmp_path / "t.jsonl")) \
+        == "first doc\n\nsecond doc"
+    (tmp_path / "a.json").write_text(json.dumps([{"text": "x"}]))
+    for read in (read_corpus, detect_format):
+        with pytest.raises(ValueError, match="a JSON array; write one JSON object per line"):
+            read(str(tmp_path / "a.json"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eval-batches", "0"], "--eval-batches must be >= 1"),
+    (["--eval-batches", "-3"], "--eval-batches must be >= 1"),
+    (["--final-eval-windows", "0"], "--final-eval-windows must be >= 1"),
+    (["--seq-len", "0"], "--seq-len must be >= 1"),
+    (["--grad-accum", "0"], "--grad-accum must be >= 1"),
+    (["--log-every", "0"], "--log-every must be >= 1"),
+    (["--patience", "0"], "--patience must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--pause-at-step", "0"], "--pause-at-step must be >= 1"),
+    (["--max-steps", "5", "--pause-at-step", "6"], "--pause-at-step 6 is after --max-steps 5"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--lr", "nan"], "--lr must be > 0"),
+    (["--max-minutes", "inf"], "--max-minutes must be > 0"),
+    (["--min-lr-ratio", "1.5"], "--min-lr-ratio must be in [0, 1]"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    (["--grad-clip", "-1"], "--grad-clip must be >= 0"),
+    (["--val-fraction", "1"], "--val-fraction must be in (0, 1)"),
+    (["--vocab-size", "100"], "--vocab-size must be >= 260"),
+    (["--metrics-port", "70000"], "--metrics-port must be in 0..65535"),
+    (["--device", "potato"], "--device 'potato'"),
+    (["--half-finetune"], "--half-finetune needs --base"),
+    (["--base", "m", "--preset", "tiny"], "--preset applies only to training from scratch"),
+    (["--base", "m", "--vocab-size", "300"], "--vocab-size applies only to training from scratch"),
+    (["--base", "m", "--trainable-layers", "2"], "--trainable-layers applies only to --finetune full"),
+    (["--base", "m", "--finetune", "full", "--lora-r", "4"], "--lora-r applies only to --finetune lora"),
+    (["--beta", "0.2"], "--beta applies only to --objective dpo"),
+    (["--half-round-steps", "5"], "--half-round-steps applies only to --half-finetune"),
+])
+def test_nonsensical_flags_one_usage_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(flags)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a CPU-only machine")
+def test_device_cuda_without_cuda_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--device", "cuda"])
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_warmup_default_is_capped_and_an_explicit_long_one_warns(capsys):
+    assert train.parse_args(["--max-steps", "20"]).warmup_steps == 2
+    assert train.parse_args(["--max-steps", "2000"]).warmup_steps == 50
+    assert train.parse_args(["--max-minutes", "1"]).warmup_steps == 50
+    assert capsys.readouterr().err == ""
+    assert train.parse_args(["--max-steps", "20", "--warmup-steps", "20"]).warmup_steps == 20
+    assert "never reaches --lr" in capsys.readouterr().err
+
+
+def test_lr_is_continuous_at_the_end_of_warmup_and_ends_at_min():
+    from engine.trainer import decay_progress, get_lr
+    lr, warm, steps = 5e-4, 50, 60
+    lrs = [get_lr(s, decay_progress(s, steps, warm), lr, warm, 0.1) for s in range(steps)]
+    assert lrs[warm - 1] == pytest.approx(lr)
+    assert lrs[warm] == pytest.approx(lr, rel=0.03)  # was 8e-5: cosine evaluated at 50/60
+    assert all(a >= b for a, b in zip(lrs[warm - 1:], lrs[warm:]))  # decays monotonically
+    assert lrs[-1] == pytest.approx(0.1 * lr)
+    # a time budget: the cosine runs over the time left when warmup ended (at 30 s of 130)
+    assert decay_progress(50, 10**5, warm, 30.0, 130.0, 30.0) == pytest.approx(1e-5, abs=1e-4)
+    assert decay_progress(80, 10**5, warm, 80.0, 130.0, 30.0) == pytest.approx(0.5)
+    assert decay_progress(90, 10**5, warm, 140.0, 130.0, 30.0) == 1.0
