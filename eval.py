@@ -23,6 +23,7 @@ import time
 import torch
 
 from engine import eval as tasks
+from engine.checkpoint import parse_dtype
 from engine.config import OneLineParser, atomic_write_text
 
 
@@ -45,12 +46,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--batch-size", type=int, default=8)
     a("--json", metavar="OUT", help="report path (default: eval_report.json in the adapter "
                                     "directory, else in the current directory)")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     a("--dtype", default="float32", help="float32, bfloat16 or float16")
     a("--threads", type=int, default=None, help="CPU threads for torch")
     a("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    for name in ("seq_len", "stride", "batch_size"):
+    for name in ("seq_len", "stride", "batch_size", "threads"):
         v = getattr(args, name)
         if v is not None and v < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -61,6 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--compare needs --adapter DIR (base = the model with that adapter disabled)")
     if args.val_fraction is not None and args.task != "perplexity":
         p.error("--val-fraction applies to --task perplexity")
+    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
+        p.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    try:
+        parse_dtype(args.dtype)
+    except ValueError as e:
+        p.error(f"--dtype: {e}")
     return args
 
 
@@ -81,7 +88,7 @@ def run_task(args, model, tok, device) -> tuple[dict, dict]:
     """(metrics, data description) of the model as it is now (adapters on or off)."""
     progress = not args.no_progress
     ctx = min(1024, model.config.max_position_embeddings)
-    seq_len = args.seq_len or ctx
+    seq_len = args.seq_len or ctx  # main() has checked it fits the model's context
     if args.task == "perplexity":
         from engine.data import read_corpus, split_text, tokenize_cached
         text = read_corpus(args.data)
@@ -110,13 +117,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from engine.hub import load_model
+    from engine.hub import load_model, pick_device
     model_src, adapter = resolve_model(args.model, args.adapter)
-    device = torch.device(args.device)
+    device = pick_device(args.device)  # one line, not a traceback, for cuda on a CPU machine
     t0 = time.time()
     model, tok = load_model(model_src, dtype=args.dtype, device=device, adapter=adapter)
     if tok is None:
         raise ValueError(f"{model_src} has no tokenizer files")
+    ctx = model.config.max_position_embeddings
+    if args.seq_len is not None and args.seq_len > ctx:  # positions the model never saw
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the model context of {ctx}")
     model.eval()
     results, data = {}, {}
     if args.compare:
@@ -150,9 +160,17 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """main() with bad input (and load / run failures) as one line on stderr and exit code 2."""
     try:
-        sys.exit(main())
+        return main(argv)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

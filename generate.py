@@ -12,7 +12,9 @@ characters only), report tokens/s to stderr. Bad input gets one line on stderr a
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
 import warnings
 
@@ -30,6 +32,16 @@ class UsageError(Exception):
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + message
         raise UsageError(f"{message} (see --help)")
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """\\n, \\t, \\r and \\\\ in a command-line value become newline, tab, CR and a backslash (the
+    shell passes "\\n\\n" as four characters); any other backslash stays as typed. Not Python's
+    unicode_escape, which would also mangle non-ASCII text."""
+    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(0)), text, flags=re.S)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,12 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--top-k", type=int, default=None)
     a("--top-p", type=float, default=None)
     a("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
-    a("--seed", type=int, default=None, help="same seed, same text (default: random, printed)")
+    a("--seed", type=int, default=None,
+      help="same seed, same text; 0 to 2**64-1 (default: random, printed)")
     a("--num-samples", type=int, default=1)
-    a("--beams", type=int, default=1, help="beam search with N beams (1 = sampling / greedy)")
+    a("--beams", type=int, default=1,
+      help="beam search with N beams (1 = sampling / greedy); it applies --repetition-penalty, "
+           "not --temperature / --top-k / --top-p")
     a("--length-penalty", type=float, default=1.0, help="beam score = logprob / len**this")
-    a("--stop", action="append", default=[], metavar="STRING",
-      help="stop when this text appears (repeatable); it is trimmed from the output")
+    a("--stop", action="append", default=[], metavar="STRING", type=unescape,
+      help="stop when this text appears (repeatable); it is trimmed from the output. \\n, \\t, "
+           "\\r and \\\\ are escapes: --stop '\\n\\n' stops at a blank line")
     a("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
       help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)")
@@ -71,6 +87,10 @@ def validate(args) -> None:
         raise UsageError(str(e).replace("top_k", "--top-k").replace("top_p", "--top-p")
                          .replace("repetition_penalty", "--repetition-penalty")
                          .replace("temperature", "--temperature")) from None
+    if not math.isfinite(args.length_penalty):
+        raise UsageError(f"--length-penalty must be a finite number, got {args.length_penalty}")
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise UsageError(f"--seed must be between 0 and 2**64-1, got {args.seed}")
     for flag, value in (("--max-new-tokens", args.max_new_tokens),
                         ("--num-samples", args.num_samples), ("--beams", args.beams)):
         if value < 1:
@@ -85,6 +105,9 @@ def validate(args) -> None:
         raise UsageError("--interactive does not support --num-samples")
     if args.prompt and (args.chat is not None or args.interactive):
         raise UsageError("--prompt cannot be combined with --chat or --interactive")
+    if args.system is not None and args.chat is None and not args.interactive:
+        raise UsageError("--system needs --chat or --interactive (a plain --prompt has no "
+                         "chat template to put it in)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,13 +130,14 @@ def latest_checkpoint(root: str = CHECKPOINT_ROOT) -> str:
 
 
 def pick_device_dtype(device: str | None, dtype: str) -> tuple[str, torch.dtype]:
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """(device name, weights dtype) for --device / --dtype (engine.hub.pick_device's rules, shared
+    with eval.py; serve.py imports this)."""
+    from engine.hub import pick_device
     try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"invalid --device {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine")
+        dev = pick_device(device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    device = device or str(dev)
     if dtype == "auto":
         return device, torch.bfloat16 if dev.type == "cuda" else torch.float32
     return device, getattr(torch, dtype)
@@ -151,7 +175,8 @@ def run_once(model, tok, prompt_ids, stop_ids, args, gen, echo: str = "") -> lis
     """Generate for one prompt; stream when there is a single sequence. Returns the texts."""
     if args.beams > 1:
         res = beam_search(model, prompt_ids, args.beams, args.max_new_tokens, args.length_penalty,
-                          stop_ids, stop_strings=args.stop, tokenizer=tok)
+                          stop_ids, stop_strings=args.stop, tokenizer=tok,
+                          repetition_penalty=args.repetition_penalty)
         out(echo + res.texts[0] + "\n")
         texts = res.texts[:1]
     else:

@@ -278,6 +278,23 @@ def _device(model: torch.nn.Module) -> torch.device:
     return model.lm_head.weight.device
 
 
+def _vocab_limit(vocab_size: int | None, tokenizer: Tokenizer | None) -> int | None:
+    """How many ids may be generated: vocab_size, else the tokenizer's (None: every row)."""
+    if vocab_size is not None:
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        return vocab_size
+    return tokenizer.vocab_size if tokenizer is not None else None
+
+
+def _unpad(logits: torch.Tensor, n_vocab: int | None) -> torch.Tensor:
+    """-inf for ids >= n_vocab, in place: embedding rows padded past the tokenizer (Qwen2: 151,936
+    rows, 151,665 tokens) are not tokens, so they must never be sampled (as serve_engine does)."""
+    if n_vocab is not None and logits.shape[-1] > n_vocab:
+        logits[..., n_vocab:] = float("-inf")
+    return logits
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling / greedy generation
 # ---------------------------------------------------------------------------------------------
@@ -287,10 +304,12 @@ def iter_generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor,
                   top_p: float | None = None, repetition_penalty: float = 1.0,
                   stop_ids: Iterable[int] = (), stop_strings: Sequence[str] = (),
                   generator: torch.Generator | None = None, num_samples: int = 1,
-                  tokenizer: Tokenizer | None = None) -> Iterator[StreamEvent]:
+                  tokenizer: Tokenizer | None = None, vocab_size: int | None = None
+                  ) -> Iterator[StreamEvent]:
     """Generator version of `generate`: yields a StreamEvent per token and row, then returns the
     GenerationResult (as StopIteration.value). See `generate` for the arguments."""
     check_sampling_args(temperature, top_k, top_p, repetition_penalty)
+    n_vocab = _vocab_limit(vocab_size, tokenizer)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if stop_strings and tokenizer is None:
@@ -310,7 +329,7 @@ def iter_generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor,
 
     _sync(device)
     t0 = time.perf_counter()
-    logits = prefill(model, seq[:1, :T], cache)  # (1, V): the prompt once, then copy the cache
+    logits = _unpad(prefill(model, seq[:1, :T], cache), n_vocab)  # (1, V): once, then copied
     _sync(device)
     stats.prefill_s = time.perf_counter() - t0
     if B > 1:
@@ -342,7 +361,7 @@ def iter_generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor,
             yield StreamEvent(r, tid, text)
         if all(reasons) or step == max_new_tokens - 1:
             break
-        logits = decode_one_token(model, nxt[:, None], cache)
+        logits = _unpad(decode_one_token(model, nxt[:, None], cache), n_vocab)
         stats.decode_steps += 1
     for r in range(B):
         if reasons[r] is None:
@@ -360,7 +379,8 @@ def generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, max_n
              repetition_penalty: float = 1.0, stop_ids: Iterable[int] = (),
              stop_strings: Sequence[str] = (), generator: torch.Generator | None = None,
              num_samples: int = 1, tokenizer: Tokenizer | None = None,
-             stream: Callable[[int, str], None] | None = None) -> GenerationResult:
+             stream: Callable[[int, str], None] | None = None,
+             vocab_size: int | None = None) -> GenerationResult:
     """Sample `num_samples` continuations of one prompt (a batch sharing one prefill).
 
     prompt_ids: list of ids or a 1-D tensor. temperature 0 = greedy. top_k >= 1, top_p in
@@ -368,10 +388,12 @@ def generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, max_n
     string (needs `tokenizer`) or after max_new_tokens. `generator` (torch.Generator on the
     model's device) makes sampling reproducible: same seed, same tokens. `stream(row, text)` is
     called with each piece of finished text (complete UTF-8 characters, stop strings held back).
+    Only ids below `vocab_size` (default: the tokenizer's vocab_size) are ever generated: a
+    model may have more embedding rows than its tokenizer has tokens.
     """
     it = iter_generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p,
                        repetition_penalty, stop_ids, stop_strings, generator, num_samples,
-                       tokenizer)
+                       tokenizer, vocab_size=vocab_size)
     while True:
         try:
             ev = next(it)
@@ -385,13 +407,15 @@ def generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, max_n
 def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                   stop_ids: Iterable[int] = (), generator: torch.Generator | None = None,
-                  batch_size: int = 32, progress: Callable[[int, int], None] | None = None
-                  ) -> list[tuple[list[int], bool]]:
+                  batch_size: int = 32, progress: Callable[[int, int], None] | None = None,
+                  vocab_size: int | None = None) -> list[tuple[list[int], bool]]:
     """One continuation of each of many prompts: (new ids without the stop id, ended by a stop
     id) per prompt, in order. Prompts of equal length decode together, batch_size at a time,
     one KV cache per group: no padding, so each row's result is what `generate` gives it alone
-    (greedy). progress(done, total) after each group. For evaluation sweeps on a CPU."""
+    (greedy). progress(done, total) after each group. Only ids below `vocab_size` (pass the
+    tokenizer's) are generated. For evaluation sweeps on a CPU."""
     check_sampling_args(temperature, top_k, top_p, 1.0)
+    n_vocab = _vocab_limit(vocab_size, None)
     stop_set = set(stop_ids)
     device = _device(model)
     stop = torch.tensor(sorted(stop_set), dtype=torch.long, device=device)
@@ -404,7 +428,7 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
     for rows in work:
         x = torch.tensor([list(prompts[i]) for i in rows], device=device)  # (B, T)
         cache = model.new_cache(len(rows), x.shape[1] + max_new_tokens)
-        logits = prefill(model, x, cache)                                   # (B, V)
+        logits = _unpad(prefill(model, x, cache), n_vocab)                  # (B, V)
         new = []                                                            # [(B,)] per step
         done = torch.zeros(len(rows), dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
@@ -413,7 +437,7 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
             done |= torch.isin(nxt, stop)
             if done.all():
                 break
-            logits = decode_one_token(model, nxt[:, None], cache)
+            logits = _unpad(decode_one_token(model, nxt[:, None], cache), n_vocab)
         toks = torch.stack(new, dim=1).tolist()                             # (B, steps)
         for r, i in enumerate(rows):
             cut = next((k for k, t in enumerate(toks[r]) if t in stop_set), None)
@@ -431,7 +455,8 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
 def beam_search(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, num_beams: int,
                 max_new_tokens: int, length_penalty: float = 1.0, stop_ids: Iterable[int] = (),
                 early_stopping: bool = False, stop_strings: Sequence[str] = (),
-                tokenizer: Tokenizer | None = None) -> GenerationResult:
+                tokenizer: Tokenizer | None = None, repetition_penalty: float = 1.0,
+                vocab_size: int | None = None) -> GenerationResult:
     """Beam search (HF BeamSearchScorer semantics). Returns up to num_beams hypotheses, best first.
 
     A hypothesis' score is sum(logprob of its new tokens) / len ** length_penalty, where len
@@ -439,13 +464,22 @@ def beam_search(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, nu
     num_beams candidates of a step finishes that hypothesis (kept, the num_beams best); the
     other candidates continue. early_stopping=True stops once num_beams hypotheses are finished
     (then num_beams=1 is exactly greedy); False searches on while a running beam could still beat
-    the worst kept hypothesis (an exact bound, HF's early_stopping="never"). Stop strings are
-    applied to the final texts only.
+    the worst kept hypothesis (an exact bound, HF's early_stopping="never").
+
+    repetition_penalty is applied as HF's beam search applies its logits processors: to each
+    beam's log-probs (ids in its prompt + tokens so far), and the penalized values are what the
+    scores add up. Only ids below `vocab_size` (default: the tokenizer's) are generated. Texts are
+    decoded with the end of the prompt as context (as the sampling path streams them), and stop
+    strings are applied to the final texts only.
     """
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if not math.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be a finite number, got {length_penalty}")
+    check_sampling_args(0.0, None, None, repetition_penalty)
     if stop_strings and tokenizer is None:
         raise ValueError("stop strings need a tokenizer to decode the text")
+    n_vocab = _vocab_limit(vocab_size, tokenizer)
     if isinstance(prompt_ids, torch.Tensor):
         prompt_ids = prompt_ids.flatten().tolist()
     ids, max_new_tokens = fit_context(prompt_ids, max_new_tokens,
@@ -460,13 +494,15 @@ def beam_search(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, nu
     cache = model.new_cache(1, T + max_new_tokens)
     _sync(device)
     t0 = time.perf_counter()
-    logits = prefill(model, torch.tensor([ids], device=device), cache)  # (1, V)
+    logits = _unpad(prefill(model, torch.tensor([ids], device=device), cache), n_vocab)  # (1, V)
     _sync(device)
     stats.prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     cache.reorder(torch.zeros(K, dtype=torch.long, device=device))
     logits = logits.expand(K, -1)
     V = logits.shape[-1]
+    # Prompt + tokens of each beam, for the repetition penalty (reordered with the beams).
+    seq = torch.tensor(ids, dtype=torch.long, device=device).repeat(K, 1)  # (K, T)
     # Only beam 0 is live at first, so the K copies of the prompt do not yield K equal beams.
     beam_scores = torch.full((K,), float("-inf"), device=device)
     beam_scores[0] = 0.0
@@ -482,6 +518,7 @@ def beam_search(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, nu
     for step in range(max_new_tokens):
         length = step + 1  # new tokens in every candidate of this step
         logp = F.log_softmax(logits.float(), dim=-1)  # (K, V)
+        logp = apply_repetition_penalty(logp, seq, repetition_penalty)  # HF: on the log-probs
         cand = (beam_scores[:, None] + logp).view(-1)  # (K * V,)
         top_scores, top_idx = cand.topk(n_cand)
         running: list[tuple[float, int, int]] = []  # (sum logprob, source beam, token)
@@ -514,8 +551,9 @@ def beam_search(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, nu
         toks = torch.tensor([r[2] for r in running], device=device)
         beam_scores = torch.tensor([r[0] for r in running], device=device)
         beam_seqs = [beam_seqs[r[1]] + [r[2]] for r in running]
+        seq = torch.cat([seq[src], toks[:, None]], dim=1)  # (K, T + length)
         cache.reorder(src)
-        logits = decode_one_token(model, toks[:, None], cache)
+        logits = _unpad(decode_one_token(model, toks[:, None], cache), n_vocab)
         stats.decode_steps += 1
     _sync(device)
     stats.decode_s = time.perf_counter() - t0
@@ -526,8 +564,13 @@ def beam_search(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, nu
     if tokenizer is not None:
         texts = []
         for r, toks in enumerate(tokens):
-            text, hit = trim_stop_strings(tokenizer.decode(toks), stop_strings)
-            texts.append(text)
-            if hit:
+            # decoded after the prompt's last ids, as the sampling path streams it: SentencePiece
+            # keeps the new text's leading space only with context before it
+            stream = StopStringStream(tokenizer, stop_strings, ids[-4:])
+            for t in toks:
+                stream.push(t)
+            stream.finish()
+            texts.append(stream.text)
+            if stream.stopped:
                 reasons[r] = "stop_string"
     return GenerationResult(tokens, texts, reasons, stats, scores=[h[0] for h in finished])

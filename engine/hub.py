@@ -7,6 +7,7 @@ unzipped, atomically, into the cache ($WHETSTONE_CACHE, else ~/.cache/whetstone)
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -114,6 +115,24 @@ def resolve(source: str) -> tuple[str, str]:
                             "a directory or a .gguf file")
 
 
+def pick_device(device: str | None) -> torch.device:
+    """The torch.device a command line asked for (None: cuda when available, else cpu); a
+    malformed name or a CUDA device this machine lacks is a ValueError with one line (what
+    generate.py, serve.py and eval.py print before exit code 2)."""
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"invalid --device {name!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+    return dev
+
+
 def _dir_tokenizer(directory: str):
     """The directory's tokenizer, or None when it has no tokenizer files."""
     names = ("tokenizer.json", "tokenizer.model")
@@ -123,6 +142,23 @@ def _dir_tokenizer(directory: str):
     return load_tokenizer(directory)
 
 
+def generation_eos_ids(directory: str) -> set[int]:
+    """eos_token_id of the directory's generation_config.json (an int or a list, as HF writes
+    it; Llama 3.x instruct lists 128001, 128008 and 128009), {} without one."""
+    path = os.path.join(directory, "generation_config.json")
+    if not os.path.isfile(path):
+        return set()
+    try:
+        with open(path, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{path}: eos_token_id must be an id or a list of ids, got {eos!r}")
+    return set(ids)
+
+
 def load_model(source: str, dtype: torch.dtype | str = torch.float32,
                device: str | torch.device = "cpu", adapter: str | None = None,
                quantize: str | None = None):
@@ -130,7 +166,8 @@ def load_model(source: str, dtype: torch.dtype | str = torch.float32,
     model directory (config.json + safetensors, also what train.py writes) or a .gguf file.
 
     model(input_ids (B, T)) -> logits (B, T, vocab), in eval mode. tokenizer is None for a
-    directory without tokenizer files. adapter=DIR applies a LoRA adapter (ours or PEFT's)
+    directory without tokenizer files; a directory's generation_config.json eos_token_id ids join
+    tokenizer.stop_ids. adapter=DIR applies a LoRA adapter (ours or PEFT's)
     with engine.lora.load_adapter. quantize="nf4" turns every linear but lm_head into an
     NF4Linear as its weight is read (QLoRA), so the full-precision model never exists at once;
     the quantization report is then `model.nf4_report`.
@@ -150,6 +187,8 @@ def load_model(source: str, dtype: torch.dtype | str = torch.float32,
     else:
         model = load_model_dir(path, dtype=dtype, device=device, on_tensor=hook)
         tokenizer = _dir_tokenizer(path)
+        if tokenizer is not None:  # HF's generate stops on these too, not only the tokenizer's EOS
+            tokenizer.extra_stop_ids = frozenset(generation_eos_ids(path))
     if hook is not None:
         model.nf4_report = hook.report()
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:

@@ -61,7 +61,7 @@ def answer(model, tok, prompts: list[str], max_new_tokens: int, temperature: flo
     """(answer text, ended by a stop token rather than the length limit) per chat prompt."""
     t0 = time.time()
     res = generate_many(model, [chat_ids(tok, p) for p in prompts], max_new_tokens, temperature,
-                        top_k, stop_ids=tok.stop_ids, batch_size=batch,
+                        top_k, stop_ids=tok.stop_ids, batch_size=batch, vocab_size=tok.vocab_size,
                         generator=torch.Generator().manual_seed(seed),
                         progress=lambda d, n: print(f"  {d}/{n} answers, {time.time() - t0:.0f}s",
                                                     flush=True))

@@ -297,3 +297,34 @@ def test_cli_errors_one_line(runs, tmp_path, capsys):
                        cwd=str(tmp_path), env=dict(os.environ))
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"error: {bad}:2: label 3 out of range for 1 choices"]
+
+
+def test_cli_device_and_bad_values_one_line(tmp_path, capsys, monkeypatch):
+    """No traceback for --device cuda on a CPU-only machine, a --seq-len past the model's
+    context (positions it never saw) or out-of-range --threads / --val-fraction / --dtype."""
+    from engine.checkpoint import save_model
+    from tokenizer.bpe import ByteLevelBPETokenizer, bytes_to_unicode
+    b2u = bytes_to_unicode()
+    tok = ByteLevelBPETokenizer({b2u[b]: b for b in range(256)}, [], pre_tokenizer="gpt-2",
+                                added_tokens=[{"id": 256, "content": "<|endoftext|>"}], eos_id=256)
+    save_model(Transformer(preset("tiny", vocab_size=257, max_position_embeddings=64)),
+               str(tmp_path / "m"), tok)
+    (tmp_path / "t.txt").write_text("to be or not to be " * 20)
+    base = ["--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.txt"), "--task",
+            "perplexity", "--no-progress", "--json", str(tmp_path / "r.json")]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for args, msg in [(["--device", "cuda"], "error: --device cuda: CUDA is not available"),
+                      (["--seq-len", "65"], "error: --seq-len 65 exceeds the model context of 64")]:
+        assert eval_cli.cli(base + args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(msg), err
+    for args, msg in [(["--threads", "0"], "--threads must be >= 1"),
+                      (["--val-fraction", "1.5"], "--val-fraction must be in (0, 1)"),
+                      (["--val-fraction", "nan"], "--val-fraction must be in (0, 1)"),
+                      (["--dtype", "int8"], "--dtype: unknown dtype 'int8'")]:
+        with pytest.raises(SystemExit) as e:
+            eval_cli.cli(base + args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and msg in err[0], err
+    assert eval_cli.cli(base + ["--seq-len", "64", "--device", "cpu"]) == 0  # the context itself
+    assert json.load(open(tmp_path / "r.json"))["results"]["model"]["seq_len"] == 64

@@ -346,6 +346,30 @@ def test_beam_search_matches_transformers(tmp_path):
             assert torch.allclose(torch.tensor(ours.scores), ref.sequences_scores, rtol=1e-4)
 
 
+def test_beam_search_repetition_penalty_matches_transformers(tmp_path):
+    """HF's beam search applies the repetition penalty to each beam's log-probs (prompt + its
+    tokens) and sums the penalized values: same hypotheses and scores, penalty > 1 and < 1."""
+    tf = pytest.importorskip("transformers")
+    from engine.checkpoint import save_model
+    prompt, K, N = [5, 6, 7, 5, 8], 3, 8
+    model = tiny_model(1)
+    save_model(model, str(tmp_path))
+    hf = tf.LlamaForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    for rp in (2.5, 0.6):
+        ours = beam_search(model, prompt, K, N, 1.0, repetition_penalty=rp)
+        ref = hf.generate(torch.tensor([prompt]), num_beams=K, num_return_sequences=K,
+                          max_new_tokens=N, repetition_penalty=rp, early_stopping="never",
+                          do_sample=False, eos_token_id=None, pad_token_id=0,
+                          return_dict_in_generate=True, output_scores=True)
+        assert ours.tokens == ref.sequences[:, len(prompt):].tolist(), rp
+        assert torch.allclose(torch.tensor(ours.scores), ref.sequences_scores, rtol=1e-4)
+    assert ours.tokens != beam_search(model, prompt, K, N, 1.0).tokens  # the penalty mattered
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        beam_search(model, prompt, K, N, repetition_penalty=0)
+    with pytest.raises(ValueError, match="length_penalty must be a finite"):
+        beam_search(model, prompt, K, N, length_penalty=float("nan"))
+
+
 class BigramModel(nn.Module):
     """Fake model whose next-token distribution depends only on the last token: probs[last]."""
 
@@ -475,6 +499,75 @@ def test_sampling_survives_extreme_temperature_and_penalty():
             assert tok.shape == (3,) and ((0 <= tok) & (tok < 40)).all()
 
 
+class PaddedModel(ScriptedModel):
+    """ScriptedModel with 300 embedding rows for ByteTokenizer's 257 tokens, whose padded rows
+    (257..299) have the largest logits: what sampling must never pick."""
+
+    def __init__(self, script):
+        super().__init__(script, vocab=300)
+
+    def forward(self, input_ids, cache=None):
+        logits = super().forward(input_ids, cache)
+        logits[..., 257:] = 100.0
+        return logits
+
+
+def test_padded_vocab_rows_are_never_generated():
+    tok = ByteTokenizer()
+    script = list(b"fine")
+    g = torch.Generator().manual_seed(0)
+    for kw in (dict(temperature=0), dict(temperature=1.0, generator=g), dict(top_k=3, top_p=0.5)):
+        res = generate(PaddedModel(script), [1, 2], 4, tokenizer=tok, **kw)
+        assert res.tokens == [script] and res.texts == ["fine"], kw
+        res = generate(PaddedModel(script), [1, 2], 4, vocab_size=257, **kw)  # no tokenizer
+        assert res.tokens == [script], kw
+    res = beam_search(PaddedModel(script), [1, 2], 2, 4, tokenizer=tok)
+    assert res.tokens[0] == script and res.texts[0] == "fine"
+    assert all(t < 257 for toks in res.tokens for t in toks)
+    out = generate_many(PaddedModel(script), [[1, 2], [3, 4]], 4, temperature=0, vocab_size=257)
+    assert out == [(script, False)] * 2
+    assert generate(PaddedModel(script), [1, 2], 1, temperature=0).tokens == [[257]]  # unmasked
+
+
+def llama2_style_spm():
+    """A small SentencePiece model with Llama 2's dummy prefix (the text's first piece starts with
+    U+2581, and a decode drops the space of its first piece)."""
+    import io
+    spm = pytest.importorskip("sentencepiece")
+    from tokenizer import SentencePieceTokenizer
+    rng = random.Random(0)
+    words = "the king queen hath good sir my lord fair lady crown thou art".split()
+    lines = [" ".join(rng.choice(words) for _ in range(8)) for _ in range(300)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=300,
+        byte_fallback=True, add_dummy_prefix=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    return SentencePieceTokenizer(buf.getvalue(), add_bos=True)
+
+
+def test_beam_text_keeps_sentencepiece_leading_space():
+    """Beam texts are decoded after the prompt, as the sampling path streams them: the first
+    new piece's U+2581 is a space there (decoded alone, a dummy-prefix SentencePiece drops it)."""
+    tok = llama2_style_spm()
+    prompt = tok.encode("ROMEO:")
+    script = tok.encode("the king", add_bos=False)
+    assert tok.id_to_token(script[0]).startswith("\u2581") and tok.decode(script) == "the king"
+    ref = tok.decode(prompt + script)[len(tok.decode(prompt)):]
+    assert ref == " the king"
+    model = ScriptedModel(script, vocab=300)
+    sampled = generate(model, prompt, len(script), temperature=0, tokenizer=tok)
+    for K in (1, 2):
+        beams = beam_search(ScriptedModel(script, vocab=300), prompt, K, len(script),
+                            early_stopping=True, tokenizer=tok)
+        assert beams.tokens[0] == sampled.tokens[0] == script
+        assert beams.texts[0] == sampled.texts[0] == ref
+    # stop strings are matched on that text: " the" is found (on "the king" it was not)
+    beams = beam_search(ScriptedModel(script, vocab=300), prompt, 2, len(script), tokenizer=tok,
+                        stop_strings=[" king"])
+    assert beams.texts[0] == " the" and beams.finish_reasons[0] == "stop_string"
+
+
 def test_long_prompt_left_truncated_with_warning():
     model = tiny_model(max_position_embeddings=64)
     prompt = list(range(100))
@@ -535,6 +628,12 @@ BAD_INPUT = [
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--num-samples", "0"], "--num-samples must be >= 1"),
     (["--beams", "0"], "--beams must be >= 1"),
+    (["--length-penalty", "nan"], "--length-penalty must be a finite number"),
+    (["--length-penalty", "inf"], "--length-penalty must be a finite number"),
+    (["--seed", "99999999999999999999"], "--seed must be between 0 and 2**64-1"),
+    (["--seed", "-1"], "--seed must be between 0 and 2**64-1"),
+    (["--system", "be terse", "--prompt", "hi"], "--system needs --chat or --interactive"),
+    (["--device", "foo:bar"], "invalid --device 'foo:bar'"),
     (["--top-k", "abc"], "invalid int value"),
     (["--dtype", "int8"], "invalid choice"),
     (["--chat", "hi", "--interactive"], "either --chat or --interactive"),
@@ -561,6 +660,30 @@ def test_cli_subprocess_exit_code_and_no_traceback(tmp_path):
     r = run_cli("--top-k", "40", cwd=tmp_path)
     assert r.returncode == 2 and "no checkpoint under" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_device_without_cuda_one_line(monkeypatch, capsys, tmp_path):
+    sys.path.insert(0, ROOT)
+    import generate as cli_mod
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli_mod.cli(["--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --device cuda: CUDA is not available on this machine\n"
+    assert cli_mod.pick_device_dtype(None, "auto") == ("cpu", torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cli_mod.cli(["--device", "cuda:3"]) == 2
+    assert "cuda:3: this machine has 1 CUDA device(s)" in capsys.readouterr().err
+
+
+def test_stop_values_take_backslash_escapes():
+    sys.path.insert(0, ROOT)
+    import generate as cli_mod
+    stops = cli_mod.build_parser().parse_args(
+        ["--stop", r"\n\n", "--stop", r"a\tb\r", "--stop", r"C:\\new \q é\u00e9日"]).stop
+    # \\ is one backslash (so "\\n" stays backslash + n); unknown escapes and non-ASCII unchanged
+    assert stops == ["\n\n", "a\tb\r", "C:\\new \\q é\\u00e9日"]
 
 
 def test_latest_checkpoint_picks_newest(tmp_path):
@@ -685,6 +808,46 @@ def test_cli_prompt_greedy_and_stop_string(tmp_path, capsys, monkeypatch):
                                 capsys, monkeypatch)
     best = beam_search(model, tok.encode("To be"), 3, 6, stop_ids=tok.stop_ids, tokenizer=tok)
     assert rc == 0 and out == "To be" + best.texts[0] + "\n"
+
+
+def test_cli_stop_blank_line_as_the_readme_writes_it(tmp_path, capsys, monkeypatch):
+    bigram_checkpoint(tmp_path / "nl", [ord("i"), 10, 10])  # "i" -> "\n" -> "\n" -> ...
+    args = ["--checkpoint", str(tmp_path / "nl"), "--prompt", "Hi", "--max-new-tokens", "8",
+            "--temperature", "0", "--quiet"]
+    rc, out, err = cli_in_process(args, capsys, monkeypatch)
+    assert rc == 0 and out == "Hi" + "\n" * 8 + "\n", err
+    for extra in (["--stop", r"\n\n"], ["--stop", r"\n\n", "--beams", "2"]):
+        rc, out, err = cli_in_process(args + extra, capsys, monkeypatch)  # bash's "\n\n"
+        assert rc == 0 and out == "Hi\n", (extra, out, err)
+
+
+def test_cli_beams_apply_repetition_penalty(tmp_path, capsys, monkeypatch):
+    model = random_checkpoint(tmp_path / "rand", 1)
+    tok = byte_bpe_tokenizer()
+    args = ["--checkpoint", str(tmp_path / "rand"), "--prompt", "To be", "--max-new-tokens", "8",
+            "--beams", "2", "--quiet"]
+    texts = []
+    for rp in (1.0, 5.0):
+        rc, out, err = cli_in_process(args + ["--repetition-penalty", str(rp)], capsys, monkeypatch)
+        ref = beam_search(model.eval(), tok.encode("To be"), 2, 8, stop_ids=tok.stop_ids,
+                          tokenizer=tok, repetition_penalty=rp)
+        assert rc == 0 and out == "To be" + ref.texts[0] + "\n", err
+        texts.append(out)
+    assert texts[0] != texts[1]
+
+
+def test_cli_stops_at_generation_config_eos_ids(tmp_path, capsys, monkeypatch):
+    """Llama 3 lists more EOS ids in generation_config.json (<|eot_id|>, ...): stop there too."""
+    import json
+    bigram_checkpoint(tmp_path / "b", PARIS)
+    args = ["--checkpoint", str(tmp_path / "b"), "--prompt", "\n", "--temperature", "0",
+            "--quiet"]
+    rc, out, _ = cli_in_process(args, capsys, monkeypatch)
+    assert out == "\nParis\n"  # without the file: stops at <|im_end|> (the tokenizer's stop id)
+    for eos in ([256, ord("r")], ord("r")):
+        (tmp_path / "b" / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+        rc, out, err = cli_in_process(args, capsys, monkeypatch)
+        assert rc == 0 and out == "\nPa\n", (eos, out, err)
 
 
 def test_cli_top_k_samples_newest_checkpoint_same_seed_same_text(tmp_path, capsys, monkeypatch):

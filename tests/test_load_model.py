@@ -138,6 +138,36 @@ def test_fetch_failures_are_one_line_and_leave_nothing(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "smollm2") == []
 
 
+def test_generation_config_eos_ids_join_stop_ids(tmp_path):
+    """Llama 3's generation_config.json lists several EOS ids (int or list): they end
+    generation as in transformers' generate, besides the tokenizer's own EOS."""
+    import json
+    save_model(random_model(**TINY), str(tmp_path), tokenizer=_bpe())
+    _, tok = load_model(str(tmp_path))
+    base = tok.stop_ids
+    assert 2 in base and not {7, 9} & base
+    cfg = tmp_path / "generation_config.json"
+    for eos, extra in (([2, 7, 9], {7, 9}), (7, {7}), (None, set())):
+        cfg.write_text(json.dumps({"bos_token_id": 1, "eos_token_id": eos}))
+        _, tok = load_model(str(tmp_path))
+        assert tok.stop_ids == base | extra, eos
+    assert _bpe().stop_ids == base  # set on each loaded tokenizer, never on the class
+    for bad in ('{"eos_token_id": "x"}', "[1]", "{"):
+        cfg.write_text(bad)
+        with pytest.raises(ValueError, match="generation_config.json"):
+            load_model(str(tmp_path))
+
+
+def test_pick_device_rules(monkeypatch):
+    assert hub.pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="invalid --device 'gpu0'"):
+        hub.pick_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert hub.pick_device(None) == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device cuda: CUDA is not available"):
+        hub.pick_device("cuda")
+
+
 def test_bad_sources(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a known name .*smollm2-135m-instruct"):
         load_model("no-such-model")

@@ -61,6 +61,8 @@ class Tokenizer(ABC):
       pad_id: int | None
       add_bos: bool              whether encode() prepends BOS by default
       chat_template: str | None  Jinja source of the model's chat template, if it has one
+      extra_stop_ids: frozenset  more ids that end generation, from the model directory's
+                                 generation_config.json (set by engine.hub.load_model)
     """
 
     vocab_size: int
@@ -69,6 +71,7 @@ class Tokenizer(ABC):
     pad_id: int | None = None
     add_bos: bool = False
     chat_template: str | None = None
+    extra_stop_ids: frozenset[int] = frozenset()
 
     @abstractmethod
     def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False,
@@ -111,10 +114,11 @@ class Tokenizer(ABC):
 
     @property
     def stop_ids(self) -> set[int]:
-        """Ids that end generation: EOS plus the chat template's end-of-turn token if any."""
+        """Ids that end generation: EOS, the chat template's end-of-turn token if any, and
+        extra_stop_ids (Llama 3's generation_config.json lists <|eot_id|> and <|eom_id|> too)."""
         from tokenizer.chat import end_of_turn_ids
         ids = {self.eos_id} if self.eos_id is not None else set()
-        return ids | end_of_turn_ids(self)
+        return ids | end_of_turn_ids(self) | set(self.extra_stop_ids)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tokenize: bool = False):
