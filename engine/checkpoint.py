@@ -44,11 +44,20 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------------
+def weights_tied(model: Transformer) -> bool:
+    """True when lm_head really shares the embedding. A config may say tied while the weights
+    are not any more (a merged LoRA on lm_head, a PEFT modules_to_save copy of embed_tokens)."""
+    head = getattr(model.lm_head, "weight", None)
+    return bool(model.config.tie_word_embeddings) and head is model.model.embed_tokens.weight
+
+
 def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """HF-named tensors, contiguous, without the tied lm_head copy."""
+    """HF-named tensors, contiguous, without the tied lm_head copy (kept when no longer tied)."""
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
+    if weights_tied(model):
         sd.pop("lm_head.weight", None)
+    elif model.config.tie_word_embeddings:  # state_dict drops a tied alias: add the head back
+        sd["lm_head.weight"] = model.lm_head.weight.detach().contiguous()
     return sd
 
 
@@ -70,13 +79,16 @@ def save_model(model: Transformer, directory: str, tokenizer=None,
     """Write config.json, model.safetensors (or shards + index when the tensors exceed
     `max_shard_size` bytes) and, if given, the tokenizer's files (tokenizer.save(directory))."""
     sd = model_state_dict(model)
-    expected = set(_expected_names(model.config))
+    cfg = hf_config(model.config)
+    # untied since load (merged lm_head LoRA...): the saved config must say so, or a reload
+    # would drop the stored lm_head and use the embedding
+    cfg.tie_word_embeddings = weights_tied(model)
+    expected = set(_expected_names(cfg))
     extra = sorted(set(sd) - expected)
     if extra:
         raise ValueError(f"model has non-HF tensor {extra[0]!r}: merge LoRA / dequantize "
                          "before saving as an HF checkpoint")
     os.makedirs(directory, exist_ok=True)
-    cfg = hf_config(model.config)
     cfg.torch_dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
     shards = _split_shards(sd, max_shard_size)
     names = (["model.safetensors"] if len(shards) == 1 else

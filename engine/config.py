@@ -125,6 +125,9 @@ class ModelConfig:
             # HF Llama's attention_bias also puts a bias on o_proj, and mlp_bias on the MLP.
             if d.get("attention_bias") or d.get("mlp_bias"):
                 raise ValueError("LlamaForCausalLM with attention_bias/mlp_bias is not supported")
+        else:  # mistral: transformers' MistralConfig.sliding_window defaults to 4096 (an
+            # explicit null still means no window)
+            d.setdefault("sliding_window", 4096)
         if "torch_dtype" not in d and "dtype" in d:
             d["torch_dtype"] = d["dtype"]
         required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,8 @@ from engine.nf4 import (NF4Linear, apply_keeping_nf4, nf4_dense_weight, nf4_line
 
 PEFT_PREFIX = "base_model.model."
 LORA_PARTS = ("lora_A", "lora_B", "lora_magnitude_vector")
+BASE_LAYER = ".base_layer.weight"  # PEFT also saves the base weight of a LoRA-wrapped lm_head
+_ORIGINAL = "lora_original_"  # buffer prefix: the base tensor a modules_to_save copy replaced
 
 
 class LoRALinear(nn.Module):
@@ -223,6 +225,7 @@ def apply_lora(model: nn.Module, targets=("q_proj", "v_proj"), r: int = 8, alpha
             layer = LoRALinear(model.get_submodule(name), r, alpha, dropout, rslora, dora, dtype)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
+        layer.train(model.get_submodule(name).training)  # eval model: LoRA dropout off too
         _set_module(model, name, layer)
     for pname, p in model.named_parameters():
         p.requires_grad_(any(part in pname.split(".") for part in LORA_PARTS))
@@ -234,21 +237,35 @@ def merge_lora(model: nn.Module) -> nn.Module:
     their original dtype). Returns the model, which no longer needs any LoRA code."""
     for name, layer in lora_layers(model).items():
         _set_module(model, name, layer.merged_linear())
+    for _, mod, buf in _whole_module_originals(model):  # the trained copies stay
+        delattr(mod, buf)
     return model
+
+
+def _whole_module_originals(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(param name, module, buffer name) for each base tensor a modules_to_save copy replaced."""
+    return [(b.removeprefix(_ORIGINAL), m, b) for m in model.modules()
+            for b in list(m._buffers) if b.startswith(_ORIGINAL)]
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """Run the base model: every LoRA layer is bypassed inside the block."""
+    """Run the base model: every LoRA layer is bypassed inside the block, and modules_to_save
+    copies are swapped for the original tensors."""
     layers = list(lora_layers(model).values())
     before = [lay.disabled for lay in layers]
+    whole = [(mod, pname, getattr(mod, pname)) for pname, mod, _ in _whole_module_originals(model)]
     for lay in layers:
         lay.disabled = True
+    for mod, pname, _ in whole:
+        setattr(mod, pname, nn.Parameter(getattr(mod, _ORIGINAL + pname), requires_grad=False))
     try:
         yield model
     finally:
         for lay, d in zip(layers, before):
             lay.disabled = d
+        for mod, pname, trained in whole:
+            setattr(mod, pname, trained)
 
 
 def lora_summary(model: nn.Module) -> dict:
@@ -281,6 +298,9 @@ class Adapter:
     """An adapter in memory: PEFT adapter_config as a dict; tensors with our key names."""
     config: dict
     tensors: dict[str, torch.Tensor]
+    # PEFT's copies of base weights (`lm_head.base_layer.weight` -> key `lm_head`): not adapter
+    # parameters; load_adapter checks they equal the model's
+    base_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def modules(self) -> list[str]:
         return sorted({k.rsplit(".lora_A.weight", 1)[0] for k in self.tensors
@@ -294,6 +314,8 @@ class Adapter:
         from safetensors.torch import save
         tensors = {PEFT_PREFIX + k: v.detach().contiguous().clone()
                    for k, v in self.tensors.items()}
+        tensors.update({PEFT_PREFIX + k + BASE_LAYER: v.detach().contiguous().clone()
+                        for k, v in self.base_tensors.items()})
         atomic_write_bytes(os.path.join(directory, "adapter_model.safetensors"),
                            save(tensors, metadata={"format": "pt"}))
         atomic_write_text(os.path.join(directory, "adapter_config.json"),
@@ -319,7 +341,14 @@ class Adapter:
             tensors = load_file(st_path)
         except Exception as e:  # noqa: BLE001  (safetensors' own error types, as checkpoint._open)
             raise ValueError(f"cannot read {st_path}: {e}") from None
-        return cls(config, {_our_key(k): v for k, v in tensors.items()})
+        ours = {_our_key(k): v for k, v in tensors.items()}
+        base = {k.removesuffix(BASE_LAYER): ours.pop(k)
+                for k in list(ours) if k.endswith(BASE_LAYER)}
+        return cls(config, ours, base)
+
+    def whole_module_keys(self) -> list[str]:
+        """Keys of whole-module tensors (PEFT modules_to_save), e.g. `lm_head.weight`."""
+        return sorted(k for k in self.tensors if not any(p in k.split(".") for p in LORA_PARTS))
 
 
 def _our_key(key: str) -> str:
@@ -335,17 +364,37 @@ def _our_key(key: str) -> str:
     return key
 
 
-# Config fields we do not implement, with the value that means "off".
+# peft 0.21 LoraConfig fields that change the forward and that we do not implement, with the
+# value that means "off" (None / False / {} / [] also do). The other fields only steer target
+# selection, training or the initialization, whose result the saved tensors already hold.
 _UNSUPPORTED = {"fan_in_fan_out": False, "bias": "none", "lora_bias": False, "rank_pattern": {},
                 "alpha_pattern": {}, "layer_replication": None, "use_qalora": False,
-                "target_parameters": None, "trainable_token_indices": None}
+                "target_parameters": None, "trainable_token_indices": None,
+                "alora_invocation_tokens": None, "arrow_config": None, "use_bdlora": None,
+                "velora_config": None, "monteclora_config": None, "kasa_config": None,
+                "megatron_config": None}
+# init_lora_weights values that also rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ,
+# LoRA-GA): such an adapter is only right on the base it was trained from, not the original one
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 def _check_config(config: dict) -> None:
     for key, off in _UNSUPPORTED.items():
         value = config.get(key, off)
-        if value != off and value not in (None, {}, []):
+        if value != off and value not in (None, False, {}, []):
             raise ValueError(f"adapter_config: {key}={value!r} is not supported")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise ValueError(f"adapter_config: init_lora_weights={init!r} is not supported (it "
+                         "modifies the base weights, which the adapter files do not hold)")
+
+
+def _check_tensors(adapter: Adapter) -> None:
+    emb = sorted({k.split(".lora_embedding_")[0] for k in adapter.tensors
+                  if ".lora_embedding_" in k})
+    if emb:
+        raise ValueError(f"adapter has LoRA on embedding layer {emb[0]}, which is not supported "
+                         "(LoRA applies to linear layers only)")
 
 
 def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str | None = None,
@@ -379,6 +428,7 @@ def load_adapter(model: nn.Module, adapter: str | Adapter) -> list[str]:
         adapter = Adapter.load(adapter)
     c = adapter.config
     _check_config(c)
+    _check_tensors(adapter)
     modules = adapter.modules()
     if not modules:
         raise ValueError("adapter has no lora_A tensors")
@@ -397,9 +447,22 @@ def load_adapter(model: nn.Module, adapter: str | Adapter) -> list[str]:
             if have != (hp["r"], hp["alpha"], hp["rslora"], hp["dora"]):
                 raise ValueError(f"{name}: (r, alpha, rslora, dora) = {have} differs from the "
                                  f"adapter's config")
+    whole = adapter.whole_module_keys()
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if whole and tied and c.get("ensure_weight_tying"):
+        raise ValueError("adapter_config: ensure_weight_tying=true (modules_to_save kept tied to "
+                         "the embedding) is not supported")
+    for name, value in adapter.base_tensors.items():
+        base = getattr(_submodule(model, name + BASE_LAYER), "weight", None)
+        if not isinstance(base, torch.Tensor) or not torch.equal(value.to(base), base):
+            raise ValueError(f"adapter tensor {name}{BASE_LAYER} differs from the model's "
+                             f"{name}.weight (adapter for a different or resized base?)")
     params = dict(model.named_parameters())
     own = lora_state_dict(model)
     for key, value in adapter.tensors.items():
+        if key in whole:
+            _load_whole(model, key, value)
+            continue
         if key not in params:
             raise ValueError(f"adapter tensor {key} has no matching parameter in the model")
         if tuple(value.shape) != tuple(params[key].shape):
@@ -411,6 +474,32 @@ def load_adapter(model: nn.Module, adapter: str | Adapter) -> list[str]:
     if missing:
         raise ValueError(f"adapter lacks {len(missing)} tensor(s), e.g. {missing[0]}")
     return names
+
+
+def _submodule(model: nn.Module, key: str) -> nn.Module:
+    try:
+        return model.get_submodule(key.rsplit(".", 2 if key.endswith(BASE_LAYER) else 1)[0])
+    except AttributeError:
+        raise ValueError(f"adapter tensor {key} has no matching module in the model") from None
+
+
+def _load_whole(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    """A modules_to_save tensor becomes a new Parameter of its own, as PEFT's copy: on a tied
+    model the other side (lm_head or embed_tokens) keeps the original, and the original is kept
+    (non-persistent buffer) for disable_adapters."""
+    mod, pname = _submodule(model, key), key.rsplit(".", 1)[1]
+    if isinstance(mod, LoRALinear):
+        raise ValueError(f"adapter has both LoRA and a whole-module tensor ({key}) for one module")
+    orig = getattr(mod, pname, None)
+    if not isinstance(orig, nn.Parameter):
+        raise ValueError(f"adapter tensor {key} has no matching parameter in the model")
+    if tuple(value.shape) != tuple(orig.shape):
+        raise ValueError(f"adapter tensor {key} has shape {tuple(value.shape)} but the model "
+                         f"expects {tuple(orig.shape)} (adapter for a different base?)")
+    if _ORIGINAL + pname not in mod._buffers:  # a second load (resume) keeps the first original
+        mod.register_buffer(_ORIGINAL + pname, orig.detach(), persistent=False)
+    new = value.detach().to(device=orig.device, dtype=orig.dtype).clone()
+    setattr(mod, pname, nn.Parameter(new, requires_grad=orig.requires_grad))
 
 
 def combine_adapters(adapters: list, weights: list[float], method: str = "cat",
@@ -426,6 +515,16 @@ def combine_adapters(adapters: list, weights: list[float], method: str = "cat",
                          f"{len(weights)} weights")
     if method not in ("cat", "linear", "svd"):
         raise ValueError(f"combination method must be cat, linear or svd, got {method!r}")
+    for i, a in enumerate(ads):  # the same checks as load_adapter, for every input
+        try:
+            _check_config(a.config)
+            _check_tensors(a)
+        except ValueError as e:
+            raise ValueError(f"adapter {i + 1} of {len(ads)}: {e}") from None
+        if a.whole_module_keys():  # only lora_A/B are combined: the copy would be lost
+            raise ValueError(f"adapter {i + 1} of {len(ads)} has whole-module tensors "
+                             f"(modules_to_save, e.g. {a.whole_module_keys()[0]}), which cannot "
+                             "be combined; merge it on its own")
     if any(a.config.get("use_dora") for a in ads):
         raise ValueError("DoRA adapters cannot be combined")
     modules = ads[0].modules()
@@ -456,8 +555,8 @@ def combine_adapters(adapters: list, weights: list[float], method: str = "cat",
         tensors[m + ".lora_A.weight"], tensors[m + ".lora_B.weight"] = A.to(dtype), B.to(dtype)
     targets = sorted({t for a in ads for t in _as_list(a.config.get("target_modules"))})
     config = {**ads[0].config, "r": new_r, "lora_alpha": new_r, "use_rslora": False,
-              "target_modules": targets}
-    return Adapter(config, tensors)
+              "target_modules": targets, "modules_to_save": None}
+    return Adapter(config, tensors, dict(ads[0].base_tensors))
 
 
 def _as_list(t) -> list:

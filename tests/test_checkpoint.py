@@ -175,3 +175,22 @@ def test_no_second_copy_of_the_weights(tmp_path, dtype):
     weights = size if dtype == "float32" else size // 2
     assert grown < weights + 1.5 * largest, \
         f"peak grew {grown / 2**20:.1f} MiB for {weights / 2**20:.1f} MiB of weights"
+
+
+def test_config_tied_but_weights_untied_saves_the_head(tmp_path):
+    """A tied model whose lm_head got its own weight (a merged lm_head LoRA): the head is
+    stored and config.json says untied, so the reload gives the same logits."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**TINY, tie_word_embeddings=True)).eval()
+    head = torch.nn.Linear(TINY["hidden_size"], TINY["vocab_size"], bias=False)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight + 0.1)
+    model.lm_head = head
+    save_model(model, str(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is False
+    assert "lm_head.weight" in read_safetensors_dir(str(tmp_path))
+    ids = torch.randint(0, TINY["vocab_size"], (1, 9))
+    again = load_model_dir(str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))
+    assert model.config.tie_word_embeddings  # the live config is left alone

@@ -165,3 +165,14 @@ def test_engine_sharded_save_loads_in_transformers(tmp_path):
     save_model(ours, str(tmp_path))  # re-save as one file: the shards and index go away
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     _compare(load_model_dir(str(tmp_path)), hf)
+
+
+def test_mistral_config_without_sliding_window_gets_transformers_default():
+    """transformers' MistralConfig.sliding_window defaults to 4096; an explicit null stays None."""
+    d = {**BASE, "architectures": ["MistralForCausalLM"], "model_type": "mistral"}
+    want = transformers.MistralConfig(**BASE).sliding_window
+    assert want == 4096 and ModelConfig.from_dict(d).sliding_window == want
+    assert ModelConfig.from_dict({**d, "sliding_window": None}).sliding_window is None
+    assert ModelConfig.from_dict({**d, "sliding_window": 16}).sliding_window == 16
+    llama = {**BASE, "architectures": ["LlamaForCausalLM"]}
+    assert ModelConfig.from_dict(llama).sliding_window is None

@@ -416,3 +416,197 @@ def test_combination_matches_peft_add_weighted_adapter(hf_base, tmp_path):
             assert checked == 4
     finally:
         pm.unload()
+
+
+# ---------------------------------------------------------------------------------------------
+# Review fixes: tied models, modules_to_save, lm_head, unsupported configs, eval mode
+# ---------------------------------------------------------------------------------------------
+def _hf_tiny(tied, seed=0):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **TINY, rms_norm_eps=1e-5, tie_word_embeddings=tied)).eval()
+
+
+@pytest.mark.parametrize("tied, module", [(True, "embed_tokens"), (True, "lm_head"),
+                                          (False, "lm_head")])
+def test_modules_to_save_matches_peft_and_disables_to_base(tmp_path, tied, module):
+    """PEFT trains a copy of the module; on a tied base the other side keeps the original."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from engine.checkpoint import load_model_dir, save_model
+    hf = _hf_tiny(tied)
+    hf.save_pretrained(str(tmp_path / "base"))
+    pm = get_peft_model(copy.deepcopy(hf), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=[module],
+        init_lora_weights=False, task_type="CAUSAL_LM")).eval()
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.5 * torch.randn(p.shape))
+    pm.save_pretrained(str(tmp_path / "ad"))
+    ids = _ids()
+    with torch.no_grad():
+        ref, true_base = pm(ids).logits, hf(ids).logits
+    ours = load_model_dir(str(tmp_path / "base"))
+    load_adapter(ours, str(tmp_path / "ad"))
+    with torch.no_grad():
+        out = ours(ids)
+        with disable_adapters(ours):
+            base = ours(ids)
+        again = ours(ids)
+    assert _max_diff(ref, true_base) > 1e-1
+    assert _max_diff(out, ref) < 1e-4 and _max_diff(again, ref) < 1e-4
+    assert _max_diff(base, true_base) < 1e-4
+    merge_lora(ours)                      # merged + saved: the untied head must survive
+    save_model(ours, str(tmp_path / "merged"))
+    with torch.no_grad():
+        reloaded = load_model_dir(str(tmp_path / "merged"))(ids)
+    assert _max_diff(reloaded, ref) < 1e-4
+
+
+def test_modules_to_save_with_weight_tying_is_refused(tmp_path):
+    m = _model(tie_word_embeddings=True)
+    ad = Adapter({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "ensure_weight_tying": True},
+                 {"model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64),
+                  "model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 4),
+                  "model.embed_tokens.weight": torch.zeros(128, 64)})
+    with pytest.raises(ValueError, match="ensure_weight_tying"):
+        load_adapter(m, ad)
+
+
+def test_tied_lm_head_lora_merge_save_reload(tmp_path):
+    from engine.checkpoint import load_model_dir, save_model
+    from engine.merge import main as merge_main
+    m = _model(tie_word_embeddings=True)
+    save_model(m, str(tmp_path / "base"))
+    apply_lora(m, ["q_proj", "lm_head"], r=4, alpha=8)
+    _randomize_adapter(m)
+    save_adapter(m, str(tmp_path / "ad"))
+    ids = _ids()
+    with torch.no_grad():
+        unmerged = m(ids)
+        merge_lora(m)
+        merged = m(ids)
+    save_model(m, str(tmp_path / "out"))
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False
+    assert merge_main(["--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "ad"),
+                       "--out", str(tmp_path / "cli")]) == 0
+    with torch.no_grad():
+        for d in ("out", "cli"):
+            assert _max_diff(load_model_dir(str(tmp_path / d))(ids), merged) < 1e-5, d
+    assert _max_diff(merged, unmerged) < 1e-5
+
+
+def test_peft_lm_head_lora_loads_and_embedding_lora_is_refused(hf_base, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    ours = _ours_from(hf_base)
+    torch.manual_seed(6)
+    pm = get_peft_model(hf_base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"],
+                                            init_lora_weights=False, task_type="CAUSAL_LM")).eval()
+    try:
+        pm.save_pretrained(str(tmp_path / "head"))
+        ids = _ids()
+        with torch.no_grad():
+            ref = pm(ids).logits
+    finally:
+        pm.unload()
+    ad = Adapter.load(str(tmp_path / "head"))
+    assert list(ad.base_tensors) == ["lm_head"]        # PEFT's lm_head.base_layer.weight
+    assert "lm_head" in load_adapter(ours, ad)
+    with torch.no_grad():
+        assert _max_diff(ours(ids), ref) < 1e-4
+    other = _model(seed=7, rms_norm_eps=1e-5)          # a different base: its head differs
+    with pytest.raises(ValueError, match="lm_head.base_layer.weight differs"):
+        load_adapter(other, ad)
+    pm = get_peft_model(hf_base, LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"],
+                                            task_type="CAUSAL_LM"))
+    try:
+        pm.save_pretrained(str(tmp_path / "emb"))
+    finally:
+        pm.unload()
+    with pytest.raises(ValueError, match="LoRA on embedding layer model.embed_tokens"):
+        load_adapter(_ours_from(hf_base), str(tmp_path / "emb"))
+
+
+# LoraConfig fields that are harmless to ignore: target selection, training, initialization
+# (the saved tensors hold its result), bookkeeping.
+_IGNORED_FIELDS = {"task_type", "peft_type", "auto_mapping", "peft_version",
+                   "base_model_name_or_path", "revision", "inference_mode", "r", "target_modules",
+                   "exclude_modules", "lora_alpha", "lora_dropout", "use_rslora", "modules_to_save",
+                   "init_lora_weights", "layers_to_transform", "layers_pattern", "megatron_core",
+                   "loftq_config", "eva_config", "corda_config", "lora_ga_config", "use_dora",
+                   "qalora_group_size", "runtime_config", "ensure_weight_tying"}
+
+
+def test_every_peft_lora_config_field_is_handled_or_refused():
+    """A new peft field must be classified: implemented/harmless, or refused when set."""
+    import dataclasses
+    peft = pytest.importorskip("peft")
+    from engine.lora import _UNSUPPORTED
+    fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    assert fields - _IGNORED_FIELDS - set(_UNSUPPORTED) == set()
+    defaults = peft.LoraConfig()
+    for key, off in _UNSUPPORTED.items():
+        if key in fields:  # our "off" value is peft's default
+            assert getattr(defaults, key) in (off, None, False, {}, []), key
+
+
+@pytest.mark.parametrize("key, value", [
+    ("alora_invocation_tokens", [7, 8]), ("arrow_config", {"top_k": 2}), ("use_bdlora", True),
+    ("velora_config", {"x": 1}), ("monteclora_config", {"x": 1}), ("kasa_config", {"x": 1}),
+    ("megatron_config", {"x": 1}), ("init_lora_weights", "pissa_niter_4")])
+def test_unsupported_config_fields_are_refused(key, value):
+    ad = _adapter(4, 8)
+    ad.config[key] = value
+    with pytest.raises(ValueError, match=f"adapter_config: {key}="):
+        load_adapter(_model(), ad)
+    with pytest.raises(ValueError, match=f"adapter 2 of 2: adapter_config: {key}="):
+        combine_adapters([_adapter(4, 8), ad], [1, 1])
+    ad.config[key] = False if key == "use_bdlora" else None   # "off" values still load
+    combine_adapters([_adapter(4, 8), ad], [1, 1])
+
+
+def test_peft_alora_adapter_is_refused(hf_base, tmp_path):
+    """PEFT applies aLoRA only from the invocation tokens on; we would apply it everywhere."""
+    from peft import LoraConfig, get_peft_model
+    pm = get_peft_model(hf_base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                            alora_invocation_tokens=[7, 8], task_type="CAUSAL_LM"))
+    try:
+        pm.save_pretrained(str(tmp_path))
+    finally:
+        pm.unload()
+    with pytest.raises(ValueError, match=r"alora_invocation_tokens=\[7, 8\] is not supported"):
+        load_adapter(_ours_from(hf_base), str(tmp_path))
+
+
+def test_combine_refuses_patterns_and_modules_to_save():
+    a2 = _adapter(4, 8, seed=1)
+    a2.config["alpha_pattern"] = {"q_proj": 1}
+    with pytest.raises(ValueError, match="adapter 2 of 2: adapter_config: alpha_pattern"):
+        combine_adapters([_adapter(4, 8), a2], [1, 1])
+    a3 = _adapter(4, 8, seed=2)
+    a3.tensors["lm_head.weight"] = torch.zeros(10, 12)
+    with pytest.raises(ValueError, match="adapter 1 of 2 has whole-module tensors"):
+        combine_adapters([a3, _adapter(4, 8)], [1, 1])
+
+
+def test_new_lora_layers_follow_the_model_mode(tmp_path):
+    m = _model()
+    apply_lora(m, ["q_proj"], r=4, alpha=8, dropout=0.5)
+    _randomize_adapter(m)
+    save_adapter(m, str(tmp_path))
+    fresh = _model()                                   # eval mode
+    load_adapter(fresh, str(tmp_path))
+    assert not any(lay.training for lay in lora_layers(fresh).values())
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), fresh(ids))     # dropout off
+    train = _model().train()
+    apply_lora(train, ["q_proj"], r=4, alpha=8, dropout=0.5)
+    assert all(lay.training for lay in lora_layers(train).values())
