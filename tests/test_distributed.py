@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train  # noqa: E402
+from demo_assets import word_corpus  # noqa: E402
 from engine import distributed  # noqa: E402
 
 TOL = 1e-5  # fp32: the ranks' gradient average vs one process's mean over the whole batch
@@ -123,11 +124,7 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     cache = tmp / "cache"
     os.environ["WHETSTONE_CACHE"] = str(cache)
-    rng = random.Random(0)
-    words = ["the king", "my lord", "good night", "sweet prince", "to be", "or not", "alas"]
-    corpus = tmp / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(6)) + "."
-                                for _ in range(800)) + "\n")
+    corpus = word_corpus(tmp / "corpus.txt", 800)
     ref = str(tmp / "ref")
     assert train.main(["--data", str(corpus), "--out", ref, "--max-steps", "6",
                        "--batch-size", "8", *SCRATCH]) == 0

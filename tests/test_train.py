@@ -12,6 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train  # noqa: E402
+from demo_assets import word_corpus  # noqa: E402
 
 TINY = ["--preset", "tiny", "--vocab-size", "300", "--batch-size", "8", "--seq-len", "32",
         "--no-progress", "--threads", "1", "--warmup-steps", "5", "--log-every", "5"]
@@ -186,11 +187,7 @@ def ref(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
     old = os.environ.get("WHETSTONE_CACHE")
     os.environ["WHETSTONE_CACHE"] = str(tmp / "cache")
-    rng = random.Random(0)
-    words = ["the king", "my lord", "good night", "sweet prince", "to be", "or not", "alas"]
-    data = tmp / "corpus.txt"
-    data.write_text("\n".join(" ".join(rng.choice(words) for _ in range(6)) + "."
-                              for _ in range(1500)) + "\n")
+    data = word_corpus(tmp / "corpus.txt", 1500)
     run = str(tmp / "ref")
     assert train.main(["--data", str(data), "--out", run, *REF]) == 0
     yield str(data), run, tmp
