@@ -2,14 +2,16 @@
 
 Each op has a PyTorch path (the reference, used on CPU and whenever Triton is unusable) and,
 when the tensors are on CUDA and Triton imports, the kernel from `kernels/`. The environment
-variable WHETSTONE_KERNELS=triton|torch|auto (default auto) forces a choice; `use_kernels(...)`
-does the same from Python. The kernels package is imported lazily, only on the Triton path.
+variable WHETSTONE_KERNELS=triton|torch|auto (default auto) forces a choice (triton where the
+kernels cannot run warns once, then uses the reference); `use_kernels(...)` does the same from
+Python. The kernels package is imported lazily, only on the Triton path.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -48,12 +50,25 @@ def triton_available() -> bool:
 
 def _use_triton(t: torch.Tensor) -> bool:
     mode = kernel_mode()
-    if mode == "torch" or not triton_available():
+    if mode == "torch":
         return False
     if mode == "triton":
         # Forced: also on CPU, where the kernels need TRITON_INTERPRET=1 (tests do this).
-        return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return t.is_cuda
+        if not triton_available():
+            _forced_but_unusable("Triton does not import")
+            return False
+        if not (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            _forced_but_unusable(f"{t.device.type} tensors need CUDA or TRITON_INTERPRET=1")
+            return False
+        return True
+    return t.is_cuda and triton_available()
+
+
+@functools.lru_cache(maxsize=None)
+def _forced_but_unusable(why: str) -> None:
+    """Say once why WHETSTONE_KERNELS=triton still runs the PyTorch path: a silent fallback
+    would pass for the kernels."""
+    warnings.warn(f"WHETSTONE_KERNELS=triton, but {why}: using the PyTorch reference")
 
 
 # ---------------------------------------------------------------------------------------------

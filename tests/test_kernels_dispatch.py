@@ -2,6 +2,8 @@
 interpreter on CPU) and agrees with the PyTorch path; NF4 ops match engine/nf4.py."""
 from kernel_utils import DEVICES, assert_close  # first: sets TRITON_INTERPRET
 
+import warnings
+
 import pytest
 import torch
 
@@ -137,3 +139,20 @@ def test_torch_linear_cross_entropy_under_autocast_with_mixed_dtypes():
         out.append((loss.detach(), h.grad.float(), w.grad))
     for a, b in zip(out[1], out[0]):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+def test_forced_kernels_that_cannot_run_say_so_once(monkeypatch):
+    """WHETSTONE_KERNELS=triton on CPU without the interpreter runs the reference, with one
+    warning saying why (a silent fallback would pass for the kernels)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ops._forced_but_unusable.cache_clear()
+    x, w = torch.randn(3, 32), torch.randn(32)
+    with ops.use_kernels("torch"):
+        ref = ops.rms_norm(x, w, 1e-6)
+    with ops.use_kernels("triton"):
+        with pytest.warns(UserWarning, match="TRITON_INTERPRET=1: using the PyTorch reference"):
+            y = ops.rms_norm(x, w, 1e-6)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the second call is quiet
+            ops.rms_norm(x, w, 1e-6)
+    assert torch.equal(y, ref)
