@@ -32,8 +32,8 @@ from engine.card import peak_memory_mb, write_model_card
 from engine.data import fetch_shakespeare, load_or_train_tokenizer
 from engine.model import Transformer
 from engine.tasks import build_task, read_text_splits
-from engine.train_args import (MIN_TRAINED_VOCAB, RESUME_FLAGS, _read_run_args,  # noqa: F401
-                               explicit_flags, parse_args)
+from engine.train_args import (MIN_TRAINED_VOCAB, RESUME_FLAGS, explicit_flags, parse_args,
+                               read_run_args)
 from engine.trainer import (LAST, MetricsLog, StepBoundaryInterrupt, Throughput,
                             configure_optimizer, decay_progress, get_lr, has_run,
                             load_training_state, plot_losses, recover_last, save_last)
@@ -68,7 +68,7 @@ def _run(args, given: set[str], stage: dict) -> int:
         resume_dir = os.path.join(run_dir, LAST)
         if not os.path.isdir(resume_dir):
             raise ValueError(f"--resume {args.resume}: no resumable checkpoint ({LAST}/) there")
-        saved = _read_run_args(run_dir)
+        saved = read_run_args(run_dir)
         # The run continues with its saved flags: a different value here would be ignored.
         changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {saved.get(k)})"
                    for k in sorted(given - set(RESUME_FLAGS)) if getattr(args, k) != saved.get(k)]

@@ -287,9 +287,9 @@ def _vocab_limit(vocab_size: int | None, tokenizer: Tokenizer | None) -> int | N
     return tokenizer.vocab_size if tokenizer is not None else None
 
 
-def _unpad(logits: torch.Tensor, n_vocab: int | None) -> torch.Tensor:
+def mask_past_vocab(logits: torch.Tensor, n_vocab: int | None) -> torch.Tensor:
     """-inf for ids >= n_vocab, in place: embedding rows padded past the tokenizer (Qwen2: 151,936
-    rows, 151,665 tokens) are not tokens, so they must never be sampled (as serve_engine does)."""
+    rows, 151,665 tokens) are not tokens, so they must never be sampled (serve_engine too)."""
     if n_vocab is not None and logits.shape[-1] > n_vocab:
         logits[..., n_vocab:] = float("-inf")
     return logits
@@ -329,7 +329,8 @@ def iter_generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor,
 
     _sync(device)
     t0 = time.perf_counter()
-    logits = _unpad(prefill(model, seq[:1, :T], cache), n_vocab)  # (1, V): once, then copied
+    # (1, V): the prompt once, then its cache is copied
+    logits = mask_past_vocab(prefill(model, seq[:1, :T], cache), n_vocab)
     _sync(device)
     stats.prefill_s = time.perf_counter() - t0
     if B > 1:
@@ -361,7 +362,7 @@ def iter_generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor,
             yield StreamEvent(r, tid, text)
         if all(reasons) or step == max_new_tokens - 1:
             break
-        logits = _unpad(decode_one_token(model, nxt[:, None], cache), n_vocab)
+        logits = mask_past_vocab(decode_one_token(model, nxt[:, None], cache), n_vocab)
         stats.decode_steps += 1
     for r in range(B):
         if reasons[r] is None:
@@ -428,7 +429,7 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
     for rows in work:
         x = torch.tensor([list(prompts[i]) for i in rows], device=device)  # (B, T)
         cache = model.new_cache(len(rows), x.shape[1] + max_new_tokens)
-        logits = _unpad(prefill(model, x, cache), n_vocab)                  # (B, V)
+        logits = mask_past_vocab(prefill(model, x, cache), n_vocab)         # (B, V)
         new = []                                                            # [(B,)] per step
         done = torch.zeros(len(rows), dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
@@ -437,7 +438,7 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
             done |= torch.isin(nxt, stop)
             if done.all():
                 break
-            logits = _unpad(decode_one_token(model, nxt[:, None], cache), n_vocab)
+            logits = mask_past_vocab(decode_one_token(model, nxt[:, None], cache), n_vocab)
         toks = torch.stack(new, dim=1).tolist()                             # (B, steps)
         for r, i in enumerate(rows):
             cut = next((k for k, t in enumerate(toks[r]) if t in stop_set), None)
@@ -494,7 +495,8 @@ def beam_search(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, nu
     cache = model.new_cache(1, T + max_new_tokens)
     _sync(device)
     t0 = time.perf_counter()
-    logits = _unpad(prefill(model, torch.tensor([ids], device=device), cache), n_vocab)  # (1, V)
+    logits = mask_past_vocab(prefill(model, torch.tensor([ids], device=device), cache),
+                             n_vocab)  # (1, V)
     _sync(device)
     stats.prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -553,7 +555,7 @@ def beam_search(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, nu
         beam_seqs = [beam_seqs[r[1]] + [r[2]] for r in running]
         seq = torch.cat([seq[src], toks[:, None]], dim=1)  # (K, T + length)
         cache.reorder(src)
-        logits = _unpad(decode_one_token(model, toks[:, None], cache), n_vocab)
+        logits = mask_past_vocab(decode_one_token(model, toks[:, None], cache), n_vocab)
         stats.decode_steps += 1
     _sync(device)
     stats.decode_s = time.perf_counter() - t0

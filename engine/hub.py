@@ -117,19 +117,24 @@ def resolve(source: str) -> tuple[str, str]:
 
 def pick_device(device: str | None) -> torch.device:
     """The torch.device a command line asked for (None: cuda when available, else cpu); a
-    malformed name or a CUDA device this machine lacks is a ValueError with one line (what
+    malformed name or a device this machine lacks is a ValueError with one line (what train.py,
     generate.py, serve.py and eval.py print before exit code 2)."""
     name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    expected = "expected cpu, cuda, cuda:N or mps"
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"invalid --device {name!r}") from None
+        raise ValueError(f"invalid --device {name!r}: {expected}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {name}: CUDA is not available on this machine")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} "
                              "CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"invalid --device {name!r}: {expected}")
     return dev
 
 

@@ -39,7 +39,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from engine.generation import StopStringStream, apply_repetition_penalty, sample
+from engine.generation import (StopStringStream, apply_repetition_penalty, mask_past_vocab,
+                               sample)
 from engine.metrics import Registry
 
 # =============================================================================================
@@ -477,7 +478,7 @@ class Engine:
             ids = torch.tensor([prompt], dtype=torch.long, device=self.device)  # (1, T)
             cache = RowsCache(self.pool, slice(first.slot, first.slot + 1),
                               torch.zeros(1, dtype=torch.long, device=self.device), len(prompt))
-            logits = self._unpad(forward_rows(self.model, ids, cache))  # (1, V)
+            logits = mask_past_vocab(forward_rows(self.model, ids, cache), self.n_vocab)  # (1, V)
             self.m_prompt.inc(len(prompt), model=self._model_label(req))
             for seq in seqs:
                 if seq is not first:
@@ -536,14 +537,10 @@ class Engine:
                          if len(groups) > 1 else [(seqs[0].req.adapter, None)])
             s_span = span if len(blocks) == 1 else seqs[0].length + 1
             cache = RowsCache(self.pool, rows, start[rows], s_span)
-            logits = self._unpad(forward_rows(self.model, tokens[rows], cache))  # (b, V)
+            logits = mask_past_vocab(forward_rows(self.model, tokens[rows], cache),
+                                     self.n_vocab)  # (b, V)
             for i, s in enumerate(seqs):
                 s.logits, s.length = logits[i:i + 1], s.length + 1
-
-    def _unpad(self, logits: torch.Tensor) -> torch.Tensor:
-        if logits.shape[-1] > self.n_vocab:
-            logits[:, self.n_vocab:] = float("-inf")
-        return logits
 
     def _select(self, groups) -> None:
         if self.selector is not None:

@@ -14,6 +14,7 @@ import torch
 
 from engine import finetune
 from engine.config import PRESETS, OneLineParser, TrainConfig
+from engine.hub import pick_device
 
 # What --resume may change: how and where this invocation runs, not what the run trains (the rest
 # comes from the run's run_args.json; a different value on the command line is an error).
@@ -160,7 +161,10 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
         p.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     if not 0.0 < args.val_fraction < 1.0:
         p.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
-    _check_device(p, args.device)
+    try:  # before any data preparation
+        pick_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
     if args.preset not in PRESETS:
         p.error(f"unknown preset {args.preset!r}; valid presets: {', '.join(PRESETS)}")
     if args.finetune and not args.base:
@@ -205,26 +209,7 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
     return args
 
 
-def _check_device(p, device: str) -> None:
-    """Fail on the command line, before any data preparation, if the device cannot be used."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        p.error(f"--device {device!r}: expected cpu, cuda, cuda:N or mps")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            p.error(f"--device {device}: CUDA is not available (this torch "
-                    + ("has no CUDA support" if torch.version.cuda is None else "sees no GPU")
-                    + "); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            p.error(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        p.error(f"--device {device}: MPS is not available; use --device cpu")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        p.error(f"--device {device!r}: expected cpu, cuda, cuda:N or mps")
-
-
-def _read_run_args(run_dir: str) -> dict:
+def read_run_args(run_dir: str) -> dict:
     path = os.path.join(run_dir, "run_args.json")
     try:
         with open(path, encoding="utf-8") as f:
