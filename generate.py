@@ -62,13 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--temperature", type=float, default=1.0, help="0 = greedy")
     a("--top-k", type=int, default=None)
     a("--top-p", type=float, default=None)
+    a("--min-p", type=float, default=None,
+      help="drop tokens less likely than this times the top token (e.g. 0.05)")
     a("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
     a("--seed", type=int, default=None,
       help="same seed, same text; 0 to 2**64-1 (default: random, printed)")
     a("--num-samples", type=int, default=1)
     a("--beams", type=int, default=1,
       help="beam search with N beams (1 = sampling / greedy); it applies --repetition-penalty, "
-           "not --temperature / --top-k / --top-p")
+           "not --temperature / --top-k / --top-p / --min-p")
     a("--length-penalty", type=float, default=1.0, help="beam score = logprob / len**this")
     a("--stop", action="append", default=[], metavar="STRING", type=unescape,
       help="stop when this text appears (repeatable); it is trimmed from the output. \\n, \\t, "
@@ -82,9 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(args) -> None:
     try:
-        check_sampling_args(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+        check_sampling_args(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
+                            args.min_p)
     except ValueError as e:
         raise UsageError(str(e).replace("top_k", "--top-k").replace("top_p", "--top-p")
+                         .replace("min_p", "--min-p")
                          .replace("repetition_penalty", "--repetition-penalty")
                          .replace("temperature", "--temperature")) from None
     if not math.isfinite(args.length_penalty):
@@ -184,7 +188,7 @@ def run_once(model, tok, prompt_ids, stop_ids, args, gen, echo: str = "") -> lis
         if single:
             out(echo)
         res = generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p,
+                       top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                        repetition_penalty=args.repetition_penalty, stop_ids=stop_ids,
                        stop_strings=args.stop, generator=gen, num_samples=args.num_samples,
                        tokenizer=tok, stream=(lambda row, text: out(text)) if single else None)

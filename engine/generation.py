@@ -4,7 +4,8 @@ Follows gpt-fast's generate.py (`prefill`, `decode_one_token`, `generate`, a KV 
 preallocated to prompt + max_new_tokens rather than the model's whole context, tokens/s and
 GB/s reported) and Hugging Face transformers' logits processors for the sampling math:
 repetition penalty (CTRL, Keskar et al. 2019: divide positive logits, multiply negative ones),
-then temperature, top-k, top-p (nucleus, Holtzman et al. 2019), in that order. Beam search
+then temperature, top-k, top-p (nucleus, Holtzman et al. 2019), min-p (Nguyen et al. 2024), in
+that order. Beam search
 follows HF's BeamSearchScorer: a hypothesis' score is sum(logprob) / len ** length_penalty,
 finished hypotheses are kept, the cache follows its beams through `KVCache.reorder`.
 
@@ -67,11 +68,21 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def min_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Min-p filter (HF MinPLogitsWarper): drop tokens whose probability is below p times the
+    top token's, -inf there. The cut scales with the model's confidence: strict when one token
+    dominates, lenient when many are plausible. The top token is always kept."""
+    probs = logits.float().softmax(-1)  # (B, V)
+    return logits.masked_fill(probs < p * probs.max(-1, keepdim=True).values, float("-inf"))
+
+
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+           top_p: float | None = None, generator: torch.Generator | None = None, *,
+           min_p: float | None = None) -> torch.Tensor:
     """One token per row. logits: (B, V) -> (B,) int64. temperature 0 is greedy (argmax), and so
     is one below 1e-5 (as in vLLM: dividing by it overflows float32); the generator (on the
-    logits' device) makes draws reproducible."""
+    logits' device) makes draws reproducible. Filters apply after temperature, as in HF:
+    top-k, then top-p, then min-p."""
     if temperature < 1e-5:
         return logits.argmax(-1)
     logits = logits.float()
@@ -81,12 +92,14 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
         logits = top_k_filter(logits, top_k)
     if top_p is not None:
         logits = top_p_filter(logits, top_p)
+    if min_p is not None:
+        logits = min_p_filter(logits, min_p)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None,
-                        repetition_penalty: float) -> None:
+                        repetition_penalty: float, min_p: float | None = None) -> None:
     """ValueError with one precise line for out-of-range sampling settings."""
     if not (temperature >= 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -94,6 +107,8 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not (0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if min_p is not None and not (0 <= min_p <= 1):
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
     if not (repetition_penalty > 0 and math.isfinite(repetition_penalty)):
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
 
@@ -304,11 +319,11 @@ def iter_generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor,
                   top_p: float | None = None, repetition_penalty: float = 1.0,
                   stop_ids: Iterable[int] = (), stop_strings: Sequence[str] = (),
                   generator: torch.Generator | None = None, num_samples: int = 1,
-                  tokenizer: Tokenizer | None = None, vocab_size: int | None = None
-                  ) -> Iterator[StreamEvent]:
+                  tokenizer: Tokenizer | None = None, vocab_size: int | None = None, *,
+                  min_p: float | None = None) -> Iterator[StreamEvent]:
     """Generator version of `generate`: yields a StreamEvent per token and row, then returns the
     GenerationResult (as StopIteration.value). See `generate` for the arguments."""
-    check_sampling_args(temperature, top_k, top_p, repetition_penalty)
+    check_sampling_args(temperature, top_k, top_p, repetition_penalty, min_p)
     n_vocab = _vocab_limit(vocab_size, tokenizer)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -344,7 +359,7 @@ def iter_generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor,
     t0 = time.perf_counter()
     for step in range(max_new_tokens):
         logits = apply_repetition_penalty(logits, seq[:, :T + step], repetition_penalty)
-        nxt = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+        nxt = sample(logits, temperature, top_k, top_p, generator, min_p=min_p)  # (B,)
         seq[:, T + step] = nxt
         for r, tid in enumerate(nxt.tolist()):
             if reasons[r] is not None:
@@ -381,11 +396,11 @@ def generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, max_n
              stop_strings: Sequence[str] = (), generator: torch.Generator | None = None,
              num_samples: int = 1, tokenizer: Tokenizer | None = None,
              stream: Callable[[int, str], None] | None = None,
-             vocab_size: int | None = None) -> GenerationResult:
+             vocab_size: int | None = None, *, min_p: float | None = None) -> GenerationResult:
     """Sample `num_samples` continuations of one prompt (a batch sharing one prefill).
 
     prompt_ids: list of ids or a 1-D tensor. temperature 0 = greedy. top_k >= 1, top_p in
-    (0, 1], repetition_penalty > 0 (1 = off). Generation of a row ends at a stop id, a stop
+    (0, 1], min_p in [0, 1], repetition_penalty > 0 (1 = off). Generation of a row ends at a stop id, a stop
     string (needs `tokenizer`) or after max_new_tokens. `generator` (torch.Generator on the
     model's device) makes sampling reproducible: same seed, same tokens. `stream(row, text)` is
     called with each piece of finished text (complete UTF-8 characters, stop strings held back).
@@ -394,7 +409,7 @@ def generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, max_n
     """
     it = iter_generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p,
                        repetition_penalty, stop_ids, stop_strings, generator, num_samples,
-                       tokenizer, vocab_size=vocab_size)
+                       tokenizer, vocab_size=vocab_size, min_p=min_p)
     while True:
         try:
             ev = next(it)
@@ -409,13 +424,14 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                   stop_ids: Iterable[int] = (), generator: torch.Generator | None = None,
                   batch_size: int = 32, progress: Callable[[int, int], None] | None = None,
-                  vocab_size: int | None = None) -> list[tuple[list[int], bool]]:
+                  vocab_size: int | None = None, *, min_p: float | None = None
+                  ) -> list[tuple[list[int], bool]]:
     """One continuation of each of many prompts: (new ids without the stop id, ended by a stop
     id) per prompt, in order. Prompts of equal length decode together, batch_size at a time,
     one KV cache per group: no padding, so each row's result is what `generate` gives it alone
     (greedy). progress(done, total) after each group. Only ids below `vocab_size` (pass the
     tokenizer's) are generated. For evaluation sweeps on a CPU."""
-    check_sampling_args(temperature, top_k, top_p, 1.0)
+    check_sampling_args(temperature, top_k, top_p, 1.0, min_p)
     n_vocab = _vocab_limit(vocab_size, None)
     stop_set = set(stop_ids)
     device = _device(model)
@@ -433,7 +449,7 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
         new = []                                                            # [(B,)] per step
         done = torch.zeros(len(rows), dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
-            nxt = sample(logits, temperature, top_k, top_p, generator)      # (B,)
+            nxt = sample(logits, temperature, top_k, top_p, generator, min_p=min_p)  # (B,)
             new.append(nxt)
             done |= torch.isin(nxt, stop)
             if done.all():

@@ -166,6 +166,9 @@ class API:
         top_k = _typed(body, "top_k", "int", 0)
         if top_k < -1:
             raise _bad(f"'top_k' must be >= 1 (0 or -1 = off), got {top_k}", "top_k")
+        min_p = _typed(body, "min_p", "number", 0.0)  # vLLM's extension, 0 = off
+        if not 0 <= min_p <= 1:
+            raise _bad(f"'min_p' must be in [0, 1] (0 = off), got {min_p}", "min_p")
         penalty = _typed(body, "repetition_penalty", "number", 1.0)
         if penalty <= 0:
             raise _bad(f"'repetition_penalty' must be > 0 (1 = off), got {penalty}",
@@ -180,7 +183,7 @@ class API:
         seed = _typed(body, "seed", "int")
         return SamplingParams(max_tokens, float(temperature), top_p if top_p < 1 else None,
                               top_k if top_k > 0 else None, float(penalty),
-                              stop, seed)
+                              stop, seed, float(min_p) if min_p > 0 else None)
 
     def _prompt_ids(self, prompt) -> list[list[int]]:
         """prompt: a string, a list of strings, a list of token ids or a list of such lists."""

@@ -213,6 +213,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    min_p: float | None = None
 
 
 class GenRequest:
@@ -488,7 +489,7 @@ class Engine:
     def _sample(self, seq: Sequence) -> None:
         p, req = seq.params, seq.req
         logits = apply_repetition_penalty(seq.logits, seq.ids[:, :seq.n_ids], p.repetition_penalty)
-        tid = int(sample(logits, p.temperature, p.top_k, p.top_p, seq.generator))
+        tid = int(sample(logits, p.temperature, p.top_k, p.top_p, seq.generator, min_p=p.min_p))
         seq.ids[0, seq.n_ids] = tid
         seq.n_ids += 1
         seq.sampled += 1

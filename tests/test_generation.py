@@ -18,8 +18,8 @@ import torch.nn as nn
 from engine.config import preset
 from engine.generation import (StopStringStream, apply_repetition_penalty, beam_search,
                                decode_one_token, fit_context, generate, generate_many,
-                               iter_generate, prefill, sample, top_k_filter, top_p_filter,
-                               trim_stop_strings)
+                               iter_generate, min_p_filter, prefill, sample, top_k_filter,
+                               top_p_filter, trim_stop_strings)
 from engine.model import Transformer
 from tokenizer.base import Tokenizer
 
@@ -256,6 +256,24 @@ def test_processors_match_transformers():
     for p in (0.05, 0.3, 0.77, 0.95):
         ref = tf.TopPLogitsWarper(p)(ids, scores.clone())
         assert torch.equal(torch.isfinite(top_p_filter(scores, p)), torch.isfinite(ref))
+    for p in (0.0, 0.01, 0.1, 0.5, 1.0):
+        ref = tf.MinPLogitsWarper(p)(ids, scores.clone())
+        assert torch.equal(torch.isfinite(min_p_filter(scores, p)), torch.isfinite(ref))
+
+
+def test_min_p_keeps_tokens_relative_to_the_top_one():
+    probs = torch.tensor([0.5, 0.3, 0.1, 0.06, 0.04])
+    logits = probs.log()[None]
+    # min_p 0.15: the cut is 0.15 * 0.5 = 0.075 -> {0, 1, 2}; after top_p 0.7 -> {0, 1}
+    assert torch.isfinite(min_p_filter(logits, 0.15))[0].tolist() == [1, 1, 1, 0, 0]
+    g = torch.Generator().manual_seed(0)
+    draws = sample(logits.expand(20000, -1), 1.0, top_p=0.7, generator=g, min_p=0.15)
+    assert set(draws.tolist()) == {0, 1}
+    # temperature first: at 0.5 the probabilities sharpen to 25:9:1 and 0.1 * 25 cuts index 2
+    draws = sample(logits.expand(20000, -1), 0.5, generator=g, min_p=0.1)
+    assert set(draws.tolist()) == {0, 1}
+    with pytest.raises(ValueError, match="min_p"):
+        generate(Transformer(preset("tiny")), [1], 2, min_p=1.5)
 
 
 def test_temperature_zero_is_argmax_after_penalty():
@@ -623,6 +641,7 @@ BAD_INPUT = [
     (["--top-k", "0"], "--top-k must be >= 1"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--min-p", "-0.1"], "--min-p must be in [0, 1]"),
     (["--temperature", "-0.5"], "--temperature must be >= 0"),
     (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),

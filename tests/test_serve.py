@@ -229,9 +229,10 @@ def test_seed_n_stop_and_repetition_penalty(server, refs):
     tok = refs["tok"]
     ids = tok.encode("To be")
     body = {"model": "base", "prompt": "To be", "max_tokens": 16, "temperature": 0.9,
-            "top_k": 40, "top_p": 0.95, "seed": 7}
+            "top_k": 40, "top_p": 0.95, "min_p": 0.02, "seed": 7}
     s, _, one = request(server, "POST", "/v1/completions", body)
-    want, _, _ = ref_text(refs, "base", ids, 16, seed=7, temperature=0.9, top_k=40, top_p=0.95)
+    want, _, _ = ref_text(refs, "base", ids, 16, seed=7, temperature=0.9, top_k=40, top_p=0.95,
+                          min_p=0.02)
     assert s == 200 and one["choices"][0]["text"] == want  # same draws as generate(seed)
     s, _, two = request(server, "POST", "/v1/completions", {**body, "n": 2})
     assert [c["index"] for c in two["choices"]] == [0, 1]
@@ -381,6 +382,7 @@ BAD = [  # (method, path, body or raw bytes, extra kwargs, status, param)
     ("POST", "/v1/completions", b'{"prompt": "a", "temperature": 1' + b"0" * 400 + b"}", {}, 400,
      "temperature"),  # an integer too large for a float: a 400, not a 500
     ("POST", "/v1/completions", {"prompt": "a", "top_p": 0}, {}, 400, "top_p"),
+    ("POST", "/v1/completions", {"prompt": "a", "min_p": 1.5}, {}, 400, "min_p"),
     ("POST", "/v1/completions", {"prompt": "a", "stop": [1]}, {}, 400, "stop"),
     ("POST", "/v1/completions", {"prompt": "a", "n": 0}, {}, 400, "n"),
     ("POST", "/v1/completions", {"prompt": "a", "n": 5}, {}, 400, "n"),
