@@ -1,0 +1,324 @@
+"""GGUF export: a model (a checkpoint, an HF directory, a GGUF file or a demo-model name, with an
+optional LoRA adapter merged in) -> one .gguf file for llama.cpp, ollama or LM Studio.
+
+    python -m engine.gguf_export --model out/RUN --out run.gguf                        # f16
+    python -m engine.gguf_export --model smollm2-135m-instruct --adapter out/RUN \\
+        --type q8_0 --out tuned.gguf
+
+Follows llama.cpp's convert_hf_to_gguf.py (shared/FORMATS.md section 4): the `llama`
+architecture for Llama and Mistral, whose q and k rows are permuted to GGUF's interleaved RoPE
+pairs; `qwen2` for models with q/k/v bias, unpermuted. Norms and biases stay F32; in a q8_0
+file a weight whose rows don't split into 32-value blocks stays F16, as llama.cpp does; Llama 3
+RoPE scaling is written as the `rope_freqs` per-frequency divisors. Tokenizer metadata is copied
+key by key from a GGUF source; otherwise it is built from the tokenizer: byte-level BPE ->
+"gpt2" with llama.cpp's pre-tokenizer name (found by splitting a probe text both ways),
+SentencePiece -> "llama" with each piece's score and type. The file is written beside --out
+and renamed into place, so an interrupted export leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+Q_TYPES = ("f32", "f16", "bf16", "q8_0")  # what --type takes
+# Splits differently under every pre-tokenizer llama.cpp knows: contractions, digit runs,
+# punctuation runs, whitespace runs, newlines, non-Latin scripts, emoji.
+PRE_PROBE = ("Hello World!! I've 'll 'LL 3 33 333 3333 1234567 ...  \t\n\n\n  x \r\n"
+             " ~~~ $+<=>^ 日本語テキスト 🚀🦙 don't  Ünïcödé αβγ -- 10,000.5 a\u00a0b")
+
+
+def _gguf():
+    import gguf  # imported here: only an export needs the writer
+    return gguf
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+# ---------------------------------------------------------------------------------------------
+def gguf_arch(config) -> str:
+    """llama.cpp architecture: q/k/v bias is Qwen2's; Llama and Mistral are both `llama`."""
+    if config.attention_bias and config.sliding_window:
+        raise ValueError("llama.cpp has no architecture with both q/k/v bias and a sliding window")
+    return "qwen2" if config.attention_bias else "llama"
+
+
+def gguf_tensor_names(config) -> dict[str, str]:
+    """HF name -> GGUF name for every tensor of this config (engine.gguf.hf_name inverted)."""
+    from engine.gguf import _GLOBAL_NAMES, _LAYER_NAMES
+    out = {f"{hf}.weight": f"{g}.weight" for g, hf in _GLOBAL_NAMES.items()}
+    for i in range(config.num_hidden_layers):
+        for g, hf in _LAYER_NAMES.items():
+            for kind in ("weight", "bias"):
+                out[f"model.layers.{i}.{hf}.{kind}"] = f"blk.{i}.{g}.{kind}"
+    return out
+
+
+def encode_tensor(arr: np.ndarray, kind: str):
+    """(data, GGML type) for one float32 tensor: 1-D tensors (norms, biases) stay F32; a q8_0
+    weight whose rows are not whole 32-value blocks falls back to F16."""
+    gguf = _gguf()
+    Q = gguf.GGMLQuantizationType
+    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[kind]
+    if arr.ndim == 1 or qtype == Q.F32:
+        return arr, Q.F32
+    if qtype == Q.Q8_0 and arr.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
+        qtype = Q.F16
+    if qtype == Q.F16:
+        if np.abs(arr).max(initial=0.0) > np.finfo(np.float16).max:
+            raise ValueError("a weight exceeds float16's range; export with --type bf16 or f32")
+        return arr.astype(np.float16), Q.F16
+    return gguf.quants.quantize(arr, qtype), qtype
+
+
+def export_tensors(model, kind: str):
+    """Yield (GGUF name, data, GGML type) for every weight of a merged (plain) Transformer."""
+    from engine.checkpoint import model_state_dict
+    from engine.gguf import permute_qk
+    from engine.model import rope_inv_freq
+    cfg = model.config
+    arch, names = gguf_arch(cfg), gguf_tensor_names(cfg)
+    for name, t in model_state_dict(model).items():
+        if name not in names:
+            raise ValueError(f"cannot export tensor {name!r}: merge adapters and quantized "
+                             "layers into plain weights first")
+        gname, t = names[name], t.detach().float().cpu()
+        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+            t = permute_qk(t, cfg.num_attention_heads)
+        elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+            t = permute_qk(t, cfg.num_key_value_heads)
+        yield (gname, *encode_tensor(t.numpy(), kind))
+    rs = cfg.rope_scaling or {}
+    if rs.get("rope_type", rs.get("type")) == "llama3":  # per-frequency divisors, (head_dim/2,)
+        plain = rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None))
+        yield "rope_freqs.weight", (plain / rope_inv_freq(cfg)).numpy(), _gguf().GGMLQuantizationType.F32
+
+
+def write_model_metadata(w, config, kind: str, name: str) -> None:
+    """general.* and {arch}.* keys as convert_hf_to_gguf.py writes them."""
+    gguf = _gguf()
+    w.add_name(name)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])
+    if kind == "q8_0":
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    c = config
+    w.add_vocab_size(c.vocab_size)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_rope_dimension_count(c.head_dim)
+    if c.head_dim != c.hidden_size // c.num_attention_heads:
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
+    rs = c.rope_scaling or {}
+    rope_type = rs.get("rope_type", rs.get("type"))
+    if rope_type == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rs["factor"]))
+    elif rope_type == "llama3":
+        if (rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)) != (1.0, 4.0):
+            raise ValueError("llama3 rope scaling with low/high frequency factors other than "
+                             "1 and 4 has no GGUF form that loads back the same")
+        w.add_rope_scaling_orig_ctx_len(int(rs.get("original_max_position_embeddings", 8192)))
+    elif rope_type not in (None, "default"):
+        raise ValueError(f"rope scaling {rope_type!r} has no GGUF export here (linear, llama3)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer metadata
+# ---------------------------------------------------------------------------------------------
+def copy_tokenizer_fields(w, path: str) -> None:
+    """Every tokenizer.* key of a GGUF file, with its exact value type."""
+    gguf = _gguf()
+    for key, field in gguf.GGUFReader(path).fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, field.contents(), vtype, sub_type=sub)
+
+
+def pre_tokenizer_name(tok) -> str:
+    """llama.cpp's name for this byte-level BPE pre-tokenizer: the known one that splits a probe
+    text into the same pieces (convert_hf_to_gguf.py hashes a probe's tokens the same way)."""
+    from tokenizer.bpe import PRE_TOKENIZERS, PreTokenizer
+    want = tok.pre_tokenizer(PRE_PROBE)
+    for name in PRE_TOKENIZERS:
+        if PreTokenizer(name)(PRE_PROBE) == want:
+            return name
+    raise ValueError("this tokenizer's pre-tokenizer matches none that llama.cpp knows "
+                     f"({', '.join(PRE_TOKENIZERS)}); it cannot be exported to GGUF")
+
+
+def _proto_fields(buf: bytes):
+    """(field number, value) pairs of a protobuf message: varints as ints, the rest as bytes."""
+    def varint(i):
+        n = shift = 0
+        while True:
+            b = buf[i]
+            n |= (b & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if b < 0x80:
+                return n, i
+
+    i = 0
+    while i < len(buf):
+        key, i = varint(i)
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            val, i = varint(i)
+        elif wire in (1, 5):  # fixed 64 / 32 bits
+            size = 8 if wire == 1 else 4
+            val, i = buf[i:i + size], i + size
+        elif wire == 2:  # length-delimited
+            size, i = varint(i)
+            val, i = buf[i:i + size], i + size
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire} in the sentencepiece model")
+        yield num, val
+
+
+def spm_piece_types(proto: bytes) -> tuple[list[int], bool]:
+    """(each piece's type, add_dummy_prefix) from a sentencepiece ModelProto, read by hand (no
+    protobuf dependency): field 1 is the repeated SentencePiece {1: piece, 2: score, 3: type,
+    default 1 normal; 2 unknown, 3 control, 4 user defined, 5 unused, 6 byte}; field 3 the
+    NormalizerSpec {3: add_dummy_prefix, default true}."""
+    types, dummy_prefix = [], True
+    for num, val in _proto_fields(proto):
+        if num == 1:
+            types.append(next((v for n, v in _proto_fields(val) if n == 3), 1))
+        elif num == 3:
+            dummy_prefix = bool(next((v for n, v in _proto_fields(val) if n == 3), 1))
+    return types, dummy_prefix
+
+
+def write_tokenizer_metadata(w, tok) -> None:
+    """tokenizer.ggml.* keys built from one of our tokenizers (what tokenizer/ reads back)."""
+    from tokenizer.bpe import ByteLevelBPETokenizer
+    from tokenizer.spm import SentencePieceTokenizer
+    n = tok.vocab_size
+    if isinstance(tok, ByteLevelBPETokenizer):
+        missing = [i for i in range(n) if i not in tok.id_to_tok]
+        if missing:
+            raise ValueError(f"the tokenizer has no token for ids {missing[:5]}; GGUF needs a "
+                             "token for every id")
+        kinds = {t["id"]: 3 if t["special"] else 4 for t in tok.added_tokens}
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre_tokenizer_name(tok))
+        w.add_token_list([tok.id_to_tok[i] for i in range(n)])
+        w.add_token_types([kinds.get(i, 1) for i in range(n)])
+        w.add_token_merges([f"{a} {b}" for a, b in tok.merges])
+    elif isinstance(tok, SentencePieceTokenizer):
+        sp = tok.sp
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list([sp.id_to_piece(i) for i in range(n)])
+        w.add_token_scores([float(sp.get_score(i)) for i in range(n)])
+        types, dummy_prefix = spm_piece_types(tok.model_proto)
+        w.add_token_types(types)
+        w.add_add_space_prefix(dummy_prefix)
+    else:
+        raise ValueError(f"no GGUF form for a {type(tok).__name__}")
+    for key, tid in (("bos", tok.bos_id), ("eos", tok.eos_id), ("unk", tok.unk_id),
+                     ("pad", tok.pad_id)):
+        if tid is not None:
+            getattr(w, f"add_{key}_token_id")(tid)
+    w.add_add_bos_token(bool(tok.add_bos))
+    if tok.chat_template:
+        w.add_chat_template(tok.chat_template)
+
+
+# ---------------------------------------------------------------------------------------------
+# The export
+# ---------------------------------------------------------------------------------------------
+def export_gguf(model, tok, out: str, kind: str = "f16", name: str = "model",
+                tokenizer_from: str | None = None) -> dict:
+    """Write `model` (plain weights, no LoRA layers) and `tok` to `out` atomically.
+    tokenizer_from: a GGUF file whose tokenizer.* keys are copied instead of built from `tok`.
+    Returns {"tensors": n, "bytes": file size, "types": {ggml type: count}}."""
+    if kind not in Q_TYPES:
+        raise ValueError(f"unknown GGUF type {kind!r}; choose from {', '.join(Q_TYPES)}")
+    gguf = _gguf()
+    cfg = model.config
+    if tok is not None and tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens, the model {cfg.vocab_size} rows")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), suffix=".gguf.tmp")
+    os.close(fd)
+    types: dict[str, int] = {}
+    try:
+        w = gguf.GGUFWriter(tmp, gguf_arch(cfg))
+        write_model_metadata(w, cfg, kind, name)
+        if tokenizer_from is not None:
+            copy_tokenizer_fields(w, tokenizer_from)
+        elif tok is not None:
+            write_tokenizer_metadata(w, tok)
+        for gname, data, qtype in export_tensors(model, kind):
+            w.add_tensor(gname, data, raw_dtype=qtype)
+            types[qtype.name] = types.get(qtype.name, 0) + 1
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return {"tensors": sum(types.values()), "bytes": os.path.getsize(out), "types": types}
+
+
+def main(argv=None) -> int:
+    from engine.config import OneLineParser
+    p = OneLineParser(prog="python -m engine.gguf_export", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, metavar="NAME|DIR|FILE.gguf",
+                   help="a demo-model name, an HF / checkpoint directory or a GGUF file")
+    p.add_argument("--adapter", metavar="DIR", help="LoRA / DoRA adapter to merge in first")
+    p.add_argument("--out", required=True, metavar="FILE.gguf")
+    p.add_argument("--type", default="f16", choices=Q_TYPES, help="weights type")
+    p.add_argument("--name", default=None, help="general.name (default: the output file's name)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    args = p.parse_args(argv)
+    if os.path.exists(args.out) and not args.force:
+        raise ValueError(f"{args.out} exists; pass --force to replace it")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise ValueError(f"{os.path.dirname(args.out)}: no such directory for --out")
+    from engine.hub import load_model, resolve
+    from engine.lora import merge_lora
+    model, tok = load_model(args.model, dtype=torch.float32, adapter=args.adapter)
+    merge_lora(model)
+    kind, path = resolve(args.model)
+    name = args.name or os.path.splitext(os.path.basename(args.out))[0]
+    info = export_gguf(model, tok, args.out, args.type, name,
+                       tokenizer_from=path if kind == "gguf" else None)
+    types = ", ".join(f"{n} {t}" for t, n in sorted(info["types"].items()))
+    print(f"wrote {args.out}: {info['tensors']} tensors ({types}), "
+          f"{info['bytes'] / 2**20:.1f} MiB" + ("" if tok is not None else "; no tokenizer"))
+    return 0
+
+
+def cli(argv=None) -> int:
+    """main() with bad input and load failures as one line on stderr and exit code 2."""
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

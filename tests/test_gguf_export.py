@@ -1,0 +1,242 @@
+"""GGUF export (engine/gguf_export.py): files read back by our loader and, independently, by
+transformers' GGUF loader (its own q/k un-permutation, dequantization and tokenizer conversion);
+the demo model's export keeps every llama.* and tokenizer.* key of llama.cpp's own file (slow).
+"""
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+from engine.config import ModelConfig  # noqa: E402
+from engine.gguf import load_gguf, tokenizer_from_gguf  # noqa: E402
+from engine.gguf_export import PRE_PROBE, cli, export_gguf, pre_tokenizer_name  # noqa: E402
+from engine.lora import apply_lora, save_adapter  # noqa: E402
+from engine.model import Transformer  # noqa: E402
+from tokenizer import SentencePieceTokenizer, load_tokenizer  # noqa: E402
+from tokenizer.bpe import PRE_TOKENIZERS, PreTokenizer  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(vocab_size=640, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=0, eos_token_id=1)
+TEXTS = ["Hello world, 1234 apples!", "  two  spaces\nand a newline\t tab", "naïve café 日本 🚀",
+         "<|eot_id|>after a special token"]
+
+
+def random_model(**kw) -> Transformer:
+    model = Transformer(ModelConfig(**{**TINY, **kw})).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1 + 0.3 * torch.randn(p.shape, generator=g)) if name.endswith("norm.weight")
+                    else 0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def bpe_tokenizer(tmp_path, family="llama-bpe"):
+    """A byte-level BPE trained by HF tokenizers with a llama.cpp family's pre-tokenizer."""
+    hf = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    t = hf.Tokenizer(models.BPE())
+    tj = {"version": "1.0", "added_tokens": [], "normalizer": None, "post_processor": None,
+          "pre_tokenizer": PRE_TOKENIZERS[family], "decoder": None,
+          "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}
+    t.pre_tokenizer = hf.Tokenizer.from_str(json.dumps(tj)).pre_tokenizer
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|begin_of_text|>", "<|eot_id|>"],
+                                  show_progress=False)
+    t.train_from_iterator(TEXTS * 20 + ["the king my lord good night sweet prince"] * 50, trainer)
+    d = tmp_path / f"tok-{family}"
+    d.mkdir()
+    (d / "tokenizer.json").write_text(t.to_str())
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "add_bos_token": True,
+         "chat_template": "{% for m in messages %}{{ m.content }}<|eot_id|>{% endfor %}"}))
+    return load_tokenizer(str(d))
+
+
+def hf_load(path):
+    d, f = os.path.dirname(path), os.path.basename(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    return model.eval(), transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        out = model(torch.tensor([ids]))
+    return (out.logits if hasattr(out, "logits") else out)[0]
+
+
+@pytest.mark.parametrize("family,kw", [
+    ("llama-bpe", dict()),                                                 # llama, GQA, untied
+    ("qwen2", dict(attention_bias=True, tie_word_embeddings=True,
+                   architectures=["Qwen2ForCausalLM"])),                    # qwen2: bias, tied
+])
+def test_f32_export_loads_back_and_in_transformers(family, kw, tmp_path):
+    model, tok = random_model(**kw), bpe_tokenizer(tmp_path, family)
+    path = str(tmp_path / "m.gguf")
+    info = export_gguf(model, tok, path, "f32", name="tiny")
+    assert info["types"] == {"F32": 2 + 9 * 2 + (0 if kw else 1) + (6 if kw else 0)}
+    back, fields = load_gguf(path)
+    assert fields["general.architecture"] == ("qwen2" if kw else "llama")
+    tok_back = tokenizer_from_gguf(fields, path)
+    hf, hf_tok = hf_load(path)
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert tok_back.encode(text) == ids
+        assert hf_tok(text)["input_ids"] == ids, text  # transformers' own GGUF tokenizer
+        want = logits(model, ids)
+        assert (logits(back, ids) - want).abs().max() < 1e-5
+        assert (logits(hf, ids) - want).abs().max() < 1e-4
+    assert tok_back.chat_template == tok.chat_template and tok_back.add_bos and tok_back.eos_id == 1
+
+
+def test_quantized_types_and_q8_fallback(tmp_path):
+    model = random_model(hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64)  # rows of 48: not whole 32-value blocks
+    ids = list(range(3, 40))
+    want = logits(model, ids)
+    for kind, bound in (("f16", 2e-3), ("bf16", 2e-2), ("q8_0", 2e-2)):
+        path = str(tmp_path / f"{kind}.gguf")
+        info = export_gguf(model, None, path, kind)
+        back, _ = load_gguf(path)
+        err = ((logits(back, ids) - want).abs().max() / want.abs().max()).item()
+        assert err < bound, (kind, err)
+        if kind == "q8_0":  # the 64-wide down_proj rows quantize, the 48-wide ones stay F16
+            assert info["types"] == {"F32": 2 * 2 + 1, "Q8_0": 2, "F16": 2 * 6 + 2}
+    small = export_gguf(model, None, str(tmp_path / "s.gguf"), "q8_0")["bytes"]
+    assert small < os.path.getsize(tmp_path / "f16.gguf")
+
+
+def test_rope_scaling_round_trips(tmp_path):
+    for rs in ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+               {"rope_type": "linear", "factor": 2.0}):
+        model = random_model(rope_scaling=rs, max_position_embeddings=512)
+        path = str(tmp_path / f"{rs['rope_type']}.gguf")
+        export_gguf(model, None, path, "f32")
+        back, _ = load_gguf(path)
+        assert back.config.rope_scaling == rs
+        far = dict(input_ids=torch.tensor([[5, 6, 7]]), position_ids=torch.tensor([[0, 200, 500]]))
+        with torch.no_grad():
+            assert (back(**far) - model(**far)).abs().max() < 1e-5
+    odd = {**rs, "rope_type": "llama3", "low_freq_factor": 2.0, "high_freq_factor": 4.0}
+    with pytest.raises(ValueError, match="no GGUF form"):
+        export_gguf(random_model(rope_scaling=odd), None, str(tmp_path / "y.gguf"))
+    assert not os.path.exists(tmp_path / "y.gguf")
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # no temp file left
+
+
+def llama_style_spm(corpus, vocab_size=400) -> SentencePieceTokenizer:
+    """Llama 2's sentencepiece settings: byte fallback, a dummy prefix, no normalization."""
+    import io
+    import sentencepiece as spm
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(input=str(corpus), model_writer=proto, vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, add_dummy_prefix=True,
+                                   normalization_rule_name="identity", minloglevel=2,
+                                   remove_extra_whitespaces=False, split_digits=True,
+                                   hard_vocab_limit=False)
+    return SentencePieceTokenizer(proto.getvalue())
+
+
+@pytest.mark.parametrize("style", ["ours", "llama"])
+def test_sentencepiece_tokenizer_export(style, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(f"the king {i} my lord ünïcode {i * 7} good night"
+                                for i in range(400)))
+    tok = (SentencePieceTokenizer.train(str(corpus), str(tmp_path / "spm"), 400) if style == "ours"
+           else llama_style_spm(corpus))
+    path = str(tmp_path / "s.gguf")
+    export_gguf(random_model(vocab_size=400), tok, path, "f32")
+    back = tokenizer_from_gguf(load_gguf(path)[1], path)
+    texts = ["the king 12 my lord", " leading space", "ünïcode 😀 unseen ✓", "</s> x", "a▁b"]
+    for text in texts:
+        assert back.encode(text) == tok.encode(text), text
+    fields = gguf.GGUFReader(path).fields
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() == (style == "llama")
+    types, sp = fields["tokenizer.ggml.token_type"].contents(), tok.sp
+    assert [i for i, t in enumerate(types) if t == 6] == \
+        [i for i in range(tok.vocab_size) if sp.is_byte(i)]
+    assert types[sp.unk_id()] == 2 and types[tok.bos_id] == 3 and types[tok.eos_id] == 3
+    if style == "llama":  # transformers' GGUF converter assumes the dummy prefix of Llama 2
+        _, hf_tok = hf_load(path)
+        # (not text starting with a space or following a special token: there HF's non-legacy
+        # Metaspace differs from sentencepiece and llama.cpp, which ours follows)
+        for text in [t for t in texts if not t.startswith((" ", "</s>"))]:
+            assert hf_tok(text)["input_ids"] == tok.encode(text), text
+
+
+def test_pre_tokenizer_names_and_unknown_one():
+    for name in PRE_TOKENIZERS:  # the probe tells every llama.cpp family apart
+        assert pre_tokenizer_name(SimpleNamespace(pre_tokenizer=PreTokenizer(name))) == name
+    odd = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": False}
+    tok = SimpleNamespace(pre_tokenizer=PreTokenizer(odd))
+    assert tok.pre_tokenizer(PRE_PROBE)  # it splits, just not like any llama.cpp family
+    with pytest.raises(ValueError, match="matches none that llama.cpp knows"):
+        pre_tokenizer_name(tok)
+
+
+def test_cli_merges_an_adapter_and_refuses_bad_input(tmp_path, capsys):
+    from engine.checkpoint import save_model
+    from engine.lora import merge_lora
+    model, tok = random_model(), bpe_tokenizer(tmp_path)
+    save_model(model, str(tmp_path / "base"), tok)
+    apply_lora(model, targets=("q_proj", "k_proj", "down_proj"), r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    save_adapter(model, str(tmp_path / "ad"))
+    merged = merge_lora(model)
+    out = tmp_path / "x.gguf"
+    assert cli(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "ad"),
+                "--out", str(out), "--type", "f32"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    back, _ = load_gguf(str(out))
+    ids = tok.encode(TEXTS[0])
+    assert (logits(back, ids) - logits(merged, ids)).abs().max() < 1e-5
+    before = out.read_bytes()
+    base = str(tmp_path / "base")
+    for args, msg in ((["--model", base, "--out", str(out)], "exists; pass --force"),
+                      (["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "y.gguf")], "nope"),
+                      (["--model", base, "--out", str(tmp_path / "no/y.gguf")], "no such directory"),
+                      (["--model", base, "--adapter", base, "--out", str(tmp_path / "y.gguf")],
+                       "adapter")):
+        assert cli(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and msg in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(SystemExit) as e:
+        cli(["--model", base, "--out", str(tmp_path / "y.gguf"), "--type", "q4_k"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "invalid choice" in err and len(err.strip().splitlines()) == 1
+    assert out.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["ad", "base", "tok-llama-bpe",
+                                                                           "x.gguf"]
+    r = subprocess.run([sys.executable, "-m", "engine.gguf_export", "--help"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--adapter" in r.stdout
+
+
+@pytest.mark.slow
+def test_demo_model_export_keeps_llamacpp_metadata(tmp_path):
+    """Exporting the demo GGUF again: every llama.* and tokenizer.* key equals llama.cpp's own
+    file, and the f16 copy still answers " Paris"."""
+    from engine.hub import fetch, load_model
+    src = fetch("smollm2-135m-instruct")
+    model, tok = load_model(src)
+    path = str(tmp_path / "smol.gguf")
+    export_gguf(model, tok, path, "f16", tokenizer_from=src)
+    a, b = gguf.GGUFReader(src).fields, gguf.GGUFReader(path).fields
+    keys = [k for k in a if k.startswith(("llama.", "tokenizer."))]
+    assert len(keys) > 20 and all(b[k].contents() == a[k].contents() for k in keys)
+    back, _ = load_gguf(path)
+    ids = tok.encode("The capital of France is")
+    assert tok.decode([logits(back, ids)[-1].argmax().item()]) == " Paris"
