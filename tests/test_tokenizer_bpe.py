@@ -332,3 +332,129 @@ def test_bad_input(tmp_path, smol_fields):
         load_tokenizer(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="takes a str"):
         from_gguf_metadata(smol_fields).encode(b"bytes")
+
+
+def _letters_tokenizer_json(n_words=3000, vocab_size=2000):
+    """A GPT-2 style tokenizer.json trained by HF on random a-j words (many merge levels)."""
+    from tokenizers import trainers
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 12)))
+             for _ in range(n_words)]
+    tok = hf.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([" ".join(words)], trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return json.loads(tok.to_str())
+
+
+def _load_json(tmp_path, tj):
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    return load_tokenizer(str(tmp_path)), hf.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+
+
+def test_long_word_is_not_quadratic(tmp_path):
+    """A 20k-character word (one pre-token): rescanning it per merge looked up ~1000x more pairs
+    (seconds; a 100k word took minutes). Counted lookups, not time, so a loaded CI cannot flake."""
+    ours, ref = _load_json(tmp_path, _letters_tokenizer_json())
+    rng = random.Random(1)
+    word = "".join(rng.choice("abcdefghij") for _ in range(20000))
+
+    class CountingRanks(dict):
+        calls = 0
+
+        def get(self, key, default=None):
+            CountingRanks.calls += 1
+            return super().get(key, default)
+    ours.ranks = CountingRanks(ours.ranks)
+    ids = ours.encode(word)
+    assert CountingRanks.calls < 5 * len(word)
+    assert ids == ref.encode(word).ids and ours.decode(ids) == word
+
+
+def test_symbols_missing_from_vocab_are_dropped_before_merging(tmp_path):
+    """As HF's BPE (and SmolLM2, whose vocab lacks byte 0x04): the neighbours of a dropped byte
+    can merge, e.g. 'ab\\x04cd' -> the ids of 'abcd'."""
+    tj = _letters_tokenizer_json()
+    del tj["model"]["vocab"][bytes_to_unicode()[4]]
+    tj["pre_tokenizer"]["use_regex"] = False  # one piece: "ab", "\x04", "cd" are not split apart
+    ours, ref = _load_json(tmp_path, tj)
+    for s in ["ab\x04cd", "\x04", "a\x04\x04a", "abcdefghij\x04abcdefghij", "x\x04"]:
+        assert ours.encode(s) == ref.encode(s).ids, repr(s)
+    assert ours.encode("ab\x04cd") == ours.encode("abcd")
+
+
+def _with_added(tj, *tokens):
+    base = len(tj["model"]["vocab"])
+    for i, (content, flags) in enumerate(tokens):
+        tj["added_tokens"].append({"id": base + i, "content": content, "single_word": False,
+                                   "lstrip": False, "rstrip": False, "normalized": False,
+                                   "special": True, **flags})
+    return tj
+
+
+def test_added_token_flags_and_parse_special_match_hf(tmp_path):
+    """lstrip / rstrip / single_word against HF on random mixes; parse_special=False is HF's
+    encode_special_tokens: special tokens become text, non-special added tokens still split out
+    (llama.cpp keeps user-defined tokens too)."""
+    tj = _with_added(_letters_tokenizer_json(300, 400),
+                     ("<|im_end|>", {}), ("<|im", {}), ("<tool_call>", {"special": False}),
+                     ("<A>", {"lstrip": True, "single_word": True}),
+                     ("<B>", {"rstrip": True, "single_word": True, "special": False}),
+                     ("<AB>", {"lstrip": True, "rstrip": True}), ("xq", {"single_word": True}))
+    ours, ref = _load_json(tmp_path, tj)
+    parts = ["<|im_end|>", "<|im", "<tool_call>", "<A>", "<B>", "<AB>", "xq", "x", "q", " ", "  ",
+             "\n", "ab", "é", "日", "_", "1", "\t", "-", "\xa0"]
+    rng = random.Random(0)
+    for parse_special in (True, False):
+        ref.encode_special_tokens = not parse_special
+        for _ in range(1500):
+            s = "".join(rng.choice(parts) for _ in range(rng.randint(1, 7)))
+            assert ours.encode(s, parse_special=parse_special) == ref.encode(s).ids, \
+                (parse_special, s)
+    tool_call = ours.token_to_id("<tool_call>")
+    assert ours.encode("a<tool_call>b", parse_special=False) == ours.encode("a<tool_call>b")
+    assert tool_call in ours.encode("a<tool_call>b", parse_special=False)
+    assert ours.token_to_id("<|im_end|>") not in ours.encode("a<|im_end|>", parse_special=False)
+
+
+def test_nfc_normalizer_like_qwen2(tmp_path):
+    """Qwen2's tokenizer.json has normalizer NFC (it failed to load); NFKC / NFD work too."""
+    tj = _with_added(_train_hf(PRE_TOKENIZERS["qwen2"], varied_strings(n_random=100, seed=4)),
+                     ("<|im_end|>", {}))
+    strings = ["cafe\u0301", "e\u0301<|im_end|>\u0301x", "\u212b ﬁ ① Å", "\u1100\u1161"] + \
+        varied_strings(n_random=30, seed=5)
+    for normalizer in ({"type": "NFC"}, {"type": "Sequence", "normalizers": [{"type": "NFKC"}]},
+                       {"type": "NFD"}):
+        tj["normalizer"] = normalizer
+        ours, ref = _load_json(tmp_path, tj)
+        for s in strings:
+            assert ours.encode(s) == ref.encode(s).ids, (normalizer, s)
+    assert ours.decode(ours.encode("cafe\u0301")) == "cafe\u0301"  # NFD keeps it decomposed
+    tj["normalizer"] = {"type": "NFC"}
+    ours, _ = _load_json(tmp_path, tj)
+    assert ours.decode(ours.encode("cafe\u0301")) == "caf\u00e9"
+    ours.save(str(tmp_path / "saved"))
+    again = hf.Tokenizer.from_file(str(tmp_path / "saved" / "tokenizer.json"))
+    assert load_tokenizer(str(tmp_path / "saved")).encode("cafe\u0301") == \
+        again.encode("cafe\u0301").ids == ours.encode("cafe\u0301")
+
+
+def test_unsupported_normalizer_or_decoder_is_a_clear_error(tmp_path):
+    """Either would be ignored, giving wrong ids or wrong text without a word."""
+    tj = _letters_tokenizer_json(300, 400)
+    tj["normalizer"] = {"type": "Lowercase"}
+    with pytest.raises(ValueError, match="tokenizer.json: unsupported normalizer type 'Lowercase'"):
+        _load_json(tmp_path, tj)
+    tj["normalizer"] = None
+    tj["decoder"] = {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]}
+    with pytest.raises(ValueError, match="decoder 'Sequence' is not supported"):
+        _load_json(tmp_path, tj)
+
+
+def test_lone_surrogate_is_a_clear_error(tmp_path):
+    ours, _ = _load_json(tmp_path, _letters_tokenizer_json(300, 400))
+    text = json.loads('"ab\\ud800cd"')  # JSON allows a lone surrogate escape
+    with pytest.raises(ValueError, match="lone surrogate '\\\\ud800' at index 2"):
+        ours.encode(text)

@@ -219,3 +219,9 @@ def test_bad_input(tmp_path, corpus):
         from_gguf_metadata({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a"],
                             "tokenizer.ggml.scores": [0.0], "tokenizer.ggml.token_type": [1]})
     assert not (tmp_path / "x").exists() or not (tmp_path / "x" / "tokenizer.model").exists()
+
+
+def test_lone_surrogate_is_a_clear_error(tok):
+    """JSON allows "\\ud800"; sentencepiece failed on it with a cryptic RuntimeError."""
+    with pytest.raises(ValueError, match="lone surrogate '\\\\ud800' at index 1"):
+        tok.encode(json.loads('"a\\ud800b"'))

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from abc import ABC, abstractmethod
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -24,6 +27,17 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 def atomic_write_text(path: str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_text(text) -> None:
+    """encode()'s input check: a str with no lone surrogate (e.g. from json.loads of "\\ud800"),
+    which has no UTF-8 form; sentencepiece would fail on it with a cryptic RuntimeError."""
+    if not isinstance(text, str):
+        raise ValueError(f"encode() takes a str, got {type(text).__name__}")
+    m = _SURROGATE.search(text)
+    if m:
+        raise ValueError(f"text has a lone surrogate {m.group()!r} at index {m.start()}: "
+                         "not valid Unicode, cannot be encoded")
 
 
 def read_tokenizer_config(directory: str) -> dict:

@@ -1,27 +1,30 @@
 """Byte-level BPE (GPT-2 family: GPT-2, SmolLM, Llama 3, Qwen2), written from scratch.
 
 Follows the GPT-2 encoder (bytes_to_unicode, merges by rank), Hugging Face `tokenizers`'
-tokenizer.json semantics (added tokens split out first, leftmost-longest; pre-tokenizer
-Sequence / Split / Digits / ByteLevel; ByteLevel decoder) and llama.cpp's llama-vocab.cpp for the
-pre-tokenizer regexes chosen by GGUF `tokenizer.ggml.pre` name (shared/FORMATS.md sections 4, 5).
+tokenizer.json semantics (added tokens split out first, leftmost-longest; normalizer none or
+Unicode NFC / NFD / NFKC / NFKD (Qwen2 has NFC); pre-tokenizer Sequence / Split / Digits /
+ByteLevel; ByteLevel decoder) and llama.cpp's llama-vocab.cpp for the pre-tokenizer regexes
+chosen by GGUF `tokenizer.ggml.pre` name (shared/FORMATS.md sections 4, 5).
 
 Pipeline for encode(text):
   1. split out added/special tokens (leftmost-longest match) -> their ids directly;
-  2. pre-tokenize each remaining segment: every step splits every current piece
-     (regex splits keep the unmatched gaps as pieces, like llama.cpp and HF `Isolated`);
-     the ByteLevel step maps each piece's UTF-8 bytes to printable characters;
+  2. normalize (if configured) and pre-tokenize each remaining segment: every step splits
+     every current piece (regex splits keep the unmatched gaps as pieces, like llama.cpp and HF
+     `Isolated`); the ByteLevel step maps each piece's UTF-8 bytes to printable characters;
   3. BPE each piece: repeatedly merge the adjacent pair with the lowest merge rank (leftmost on
      ties), then map symbols to ids. Results are cached per piece, so a 5 MB corpus takes seconds.
 """
 from __future__ import annotations
 
+import heapq
 import json
 import os
+import unicodedata
 from functools import lru_cache
 
 import regex
 
-from tokenizer.base import Tokenizer, atomic_write_text, read_tokenizer_config
+from tokenizer.base import Tokenizer, atomic_write_text, check_text, read_tokenizer_config
 
 # GPT-2's pattern as Hugging Face's ByteLevel pre-tokenizer spells it (trailing `|\s+` included).
 BYTELEVEL_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -206,6 +209,20 @@ class PreTokenizer:
         return pieces
 
 
+def _unicode_forms(config: dict | None) -> list[str]:
+    """The unicodedata forms of a tokenizer.json `normalizer`: none, NFC / NFD / NFKC / NFKD, or
+    a Sequence of them (the only ones byte-level BPE tokenizers use: Qwen2 has NFC)."""
+    if not config:
+        return []
+    kind = config.get("type")
+    if kind == "Sequence":
+        return [f for sub in config.get("normalizers", []) for f in _unicode_forms(sub)]
+    if kind in ("NFC", "NFD", "NFKC", "NFKD"):
+        return [kind]
+    raise ValueError(f"unsupported normalizer type {kind!r} for byte-level BPE (supported: none, "
+                     "NFC, NFD, NFKC, NFKD)")
+
+
 # ---------------------------------------------------------------------------------------------
 
 class ByteLevelBPETokenizer(Tokenizer):
@@ -217,9 +234,10 @@ class ByteLevelBPETokenizer(Tokenizer):
                  pre_tokenizer: dict | str = "gpt-2", added_tokens: list[dict] | None = None,
                  bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None,
                  unk_id: int | None = None, add_bos: bool = False, chat_template: str | None = None,
-                 ignore_merges: bool = False):
+                 ignore_merges: bool = False, normalizer: dict | None = None):
         """vocab: token -> id, or the list of tokens by id (GGUF order; duplicates keep their ids,
-        encoding uses the first). merges: "a b" strings or (a, b) pairs, by rank."""
+        encoding uses the first). merges: "a b" strings or (a, b) pairs, by rank. normalizer: a
+        tokenizer.json `normalizer` config, applied to the text between added tokens."""
         if isinstance(vocab, dict):
             self.vocab, self.id_to_tok = dict(vocab), {i: t for t, i in vocab.items()}
         else:
@@ -235,7 +253,10 @@ class ByteLevelBPETokenizer(Tokenizer):
         self.pre_tokenizer = pre_tokenizer if isinstance(pre_tokenizer, PreTokenizer) \
             else PreTokenizer(pre_tokenizer)
         self.ignore_merges = ignore_merges
-        # Added tokens: {"id", "content", "special", "lstrip", "rstrip", ...} as in tokenizer.json.
+        self.normalizer = normalizer or None
+        self._unicode_forms = _unicode_forms(normalizer)
+        # Added tokens: {"id", "content", "special", "lstrip", "rstrip", "single_word"} as in
+        # tokenizer.json.
         self.added_tokens = [dict(t) for t in (added_tokens or [])]
         for t in self.added_tokens:
             t.setdefault("special", True)
@@ -251,7 +272,10 @@ class ByteLevelBPETokenizer(Tokenizer):
         self.chat_template = chat_template
         self._added_by_content = {t["content"]: t["id"] for t in self.added_tokens}
         self._special_ids = {t["id"] for t in self.added_tokens if t["special"]}
-        self._added_rx = self._added_regex()
+        self._added_rx = self._added_regex(self.added_tokens)
+        # parse_special=False still splits out non-special added tokens (HF's
+        # split_special_tokens, llama.cpp's user-defined tokens): they are not control tokens.
+        self._plain_added_rx = self._added_regex([t for t in self.added_tokens if not t["special"]])
         self._cache: dict[str, list[int]] = {}
         self._token_bytes: list[bytes] | None = None
 
@@ -272,14 +296,19 @@ class ByteLevelBPETokenizer(Tokenizer):
             raise ValueError(f"{file}: model type {model.get('type')!r} is not BPE with merges")
         if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
             raise ValueError(f"{file}: subword prefix/suffix BPE is not byte-level BPE")
-        if tj.get("normalizer"):
-            raise ValueError(f"{file}: normalizer {tj['normalizer'].get('type')!r} is not supported "
-                             "for byte-level BPE (expected none)")
+        try:
+            _unicode_forms(tj.get("normalizer"))
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}") from None
+        decoder = tj.get("decoder")
+        if decoder and decoder.get("type") != "ByteLevel":  # it would be ignored: wrong text
+            raise ValueError(f"{file}: decoder {decoder.get('type')!r} is not supported for "
+                             "byte-level BPE (expected ByteLevel)")
         if not tj.get("pre_tokenizer"):
             raise ValueError(f"{file}: no pre_tokenizer (expected ByteLevel for byte-level BPE)")
         cfg = read_tokenizer_config(directory)
-        added = [{k: t[k] for k in ("id", "content", "special", "lstrip", "rstrip") if k in t}
-                 for t in tj.get("added_tokens", [])]
+        keys = ("id", "content", "special", "lstrip", "rstrip", "single_word")
+        added = [{k: t[k] for k in keys if k in t} for t in tj.get("added_tokens", [])]
         vocab = dict(model["vocab"])
         for t in added:
             vocab.setdefault(t["content"], t["id"])
@@ -300,7 +329,8 @@ class ByteLevelBPETokenizer(Tokenizer):
                    bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
                    unk_id=vocab.get(model["unk_token"]) if model.get("unk_token") else None,
                    add_bos=bool(add_bos), chat_template=cfg.get("chat_template"),
-                   ignore_merges=bool(model.get("ignore_merges", False)))
+                   ignore_merges=bool(model.get("ignore_merges", False)),
+                   normalizer=tj.get("normalizer"))
 
     @classmethod
     def from_gguf_metadata(cls, fields: dict) -> "ByteLevelBPETokenizer":
@@ -332,13 +362,16 @@ class ByteLevelBPETokenizer(Tokenizer):
 
     # -- encode -------------------------------------------------------------------------------
 
-    def _added_regex(self):
-        if not self.added_tokens:
+    @staticmethod
+    def _added_regex(tokens: list[dict]):
+        if not tokens:
             return None
         alts = []
         # Longest first: at one position the regex takes the first alternative that matches.
-        for t in sorted(self.added_tokens, key=lambda t: -len(t["content"])):
+        for t in sorted(tokens, key=lambda t: -len(t["content"])):
             alt = regex.escape(t["content"])
+            if t.get("single_word"):  # HF: no word character directly before or after it
+                alt = rf"(?<!\w){alt}(?!\w)"
             if t.get("lstrip"):
                 alt = r"\s*" + alt
             if t.get("rstrip"):
@@ -348,11 +381,12 @@ class ByteLevelBPETokenizer(Tokenizer):
 
     def _segments(self, text: str, parse_special: bool):
         """Yield (text, None) for plain text and (content, id) for each added token found."""
-        if self._added_rx is None or not parse_special:
+        rx = self._added_rx if parse_special else self._plain_added_rx
+        if rx is None:
             yield text, None
             return
         pos = 0
-        for m in self._added_rx.finditer(text):
+        for m in rx.finditer(text):
             if m.start() > pos:
                 yield text[pos:m.start()], None
             tid = self._added_by_content.get(m.group())
@@ -364,38 +398,47 @@ class ByteLevelBPETokenizer(Tokenizer):
             yield text[pos:], None
 
     def _bpe(self, piece: str) -> list[int]:
-        """Ids of one pre-tokenized piece (byte-level characters)."""
+        """Ids of one pre-tokenized piece (byte-level characters).
+
+        As HF's Word::merge_all: characters missing from the vocab become unk (which merges with
+        nothing) or are dropped before merging, so their neighbours may merge; then the adjacent
+        pair of lowest rank (leftmost on ties) is merged until none is left. A heap of
+        (rank, position) over a linked list of symbols keeps a long piece O(n log n): rescanning
+        the whole piece per merge took minutes on a 100k-character word."""
         vocab = self.vocab
         if self.ignore_merges and piece in vocab:
             return [vocab[piece]]
-        symbols = list(piece)
-        ranks = self.ranks
-        while len(symbols) > 1:
-            best, best_rank = -1, None
-            for i in range(len(symbols) - 1):
-                r = ranks.get((symbols[i], symbols[i + 1]))
-                if r is not None and (best_rank is None or r < best_rank):
-                    best, best_rank = i, r
-            if best < 0:
-                break
-            a, b = symbols[best], symbols[best + 1]
-            merged, i = symbols[:best], best
-            while i < len(symbols):  # merge every occurrence of (a, b), left to right
-                if i + 1 < len(symbols) and symbols[i] == a and symbols[i + 1] == b:
-                    merged.append(a + b)
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
-        # A symbol missing from the vocab becomes unk, or is dropped without one (as HF does).
         unk = self.unk_id
-        return [i for i in (vocab.get(s, unk) for s in symbols) if i is not None]
+        syms: list[str | None] = [c for c in piece if c in vocab or unk is not None]
+        n = len(syms)
+        if n > 1:
+            ranks = self.ranks
+            nxt = list(range(1, n + 1))
+            nxt[-1] = -1
+            prv = list(range(-1, n - 1))
+            heap = [(r, i) for i in range(n - 1)
+                    if (r := ranks.get((syms[i], syms[i + 1]))) is not None]
+            heapq.heapify(heap)
+            while heap:
+                r, i = heapq.heappop(heap)
+                j = nxt[i]
+                # stale entry: symbol i was merged away, or its pair has changed since the push
+                if syms[i] is None or j < 0 or ranks.get((syms[i], syms[j])) != r:
+                    continue
+                syms[i], syms[j] = syms[i] + syms[j], None
+                k = nxt[i] = nxt[j]
+                if k >= 0:
+                    prv[k] = i
+                    if (r2 := ranks.get((syms[i], syms[k]))) is not None:
+                        heapq.heappush(heap, (r2, i))
+                if (h := prv[i]) >= 0 and (r2 := ranks.get((syms[h], syms[i]))) is not None:
+                    heapq.heappush(heap, (r2, h))
+        ids = (vocab.get(s, unk) for s in syms if s is not None)
+        return [i for i in ids if i is not None]  # (a merge result missing from the vocab)
 
     def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False,
                parse_special: bool = True) -> list[int]:
-        if not isinstance(text, str):
-            raise ValueError(f"encode() takes a str, got {type(text).__name__}")
+        check_text(text)
         ids: list[int] = []
         if (self.add_bos if add_bos is None else add_bos):
             if self.bos_id is None:
@@ -406,6 +449,8 @@ class ByteLevelBPETokenizer(Tokenizer):
             if tid is not None:
                 ids.append(tid)
                 continue
+            for form in self._unicode_forms:
+                seg = unicodedata.normalize(form, seg)
             for piece in self.pre_tokenizer(seg):
                 out = cache.get(piece)
                 if out is None:
@@ -473,10 +518,11 @@ class ByteLevelBPETokenizer(Tokenizer):
                     "special_tokens": {bos: {"id": bos, "ids": [self.bos_id], "tokens": [bos]}}}
         return {
             "version": "1.0", "truncation": None, "padding": None,
-            "added_tokens": [{"id": t["id"], "content": t["content"], "single_word": False,
+            "added_tokens": [{"id": t["id"], "content": t["content"],
+                              "single_word": bool(t.get("single_word")),
                               "lstrip": bool(t.get("lstrip")), "rstrip": bool(t.get("rstrip")),
                               "normalized": False, "special": bool(t["special"])} for t in added],
-            "normalizer": None,
+            "normalizer": self.normalizer,
             "pre_tokenizer": self.pre_tokenizer.config,
             "post_processor": post,
             "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,

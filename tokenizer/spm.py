@@ -23,7 +23,8 @@ from typing import Iterable, Iterator
 import regex
 import sentencepiece as spm
 
-from tokenizer.base import Tokenizer, atomic_write_bytes, atomic_write_text, read_tokenizer_config
+from tokenizer.base import Tokenizer, atomic_write_bytes, atomic_write_text, check_text, \
+    read_tokenizer_config
 
 # ModelProto.SentencePiece.Type (also GGUF tokenizer.ggml.token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -170,8 +171,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False,
                parse_special: bool = True) -> list[int]:
-        if not isinstance(text, str):
-            raise ValueError(f"encode() takes a str, got {type(text).__name__}")
+        check_text(text)
         ids: list[int] = []
         if (self.add_bos if add_bos is None else add_bos):
             if self.bos_id is None:
