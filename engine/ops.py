@@ -101,7 +101,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # SwiGLU gate: silu(gate) * up
 # ---------------------------------------------------------------------------------------------
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    if _use_triton(gate):
+    # the kernel is elementwise over same-shape, same-dtype tensors; PyTorch broadcasts/promotes
+    if gate.shape == up.shape and gate.dtype == up.dtype and _use_triton(gate):
         from kernels.swiglu import swiglu as k
         return k(gate, up)
     return F.silu(gate) * up
@@ -120,8 +121,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     combined with the causal rule (used for packed sequences). Returns (B, Hq, T, D).
     """
     T, S = q.shape[-2], k.shape[-2]
-    # The kernel covers power-of-two head dims and S >= T when causal; others use PyTorch.
-    kernel_ok = q.shape[-1] in (16, 32, 64, 128, 256) and (S >= T or not causal)
+    # The kernel covers power-of-two head dims, fp16/bf16/fp32 shared by q, k, v, and S >= T
+    # when causal; others (an fp64 model, say) use PyTorch.
+    kernel_ok = (q.shape[-1] in (16, 32, 64, 128, 256) and (S >= T or not causal)
+                 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                 and q.dtype == k.dtype == v.dtype)
     if mask is None and window is None and kernel_ok and _use_triton(q):
         from kernels.attention import attention as kern
         return kern(q, k, v, causal=causal)

@@ -414,6 +414,8 @@ def attention_decode(q, k, v, causal: bool, scale: float, num_splits: int | None
     """Launcher for few queries against a long KV cache (forward only), split-KV."""
     B, H, T, D = q.shape
     S, HKV = k.shape[2], k.shape[1]
+    if q.numel() == 0:  # an empty batch: no programs (and no division by B * HKV below)
+        return torch.empty_like(q)
     group = H // HKV
     configs = _configs("decode", D, q.dtype)
     block_n = configs[0]["BLOCK_N"]  # fallbacks halve it: splits stay whole multiples

@@ -31,17 +31,20 @@ def _ce_fwd_kernel(LOGITS, TARGETS, LOSS, LSE, stride_row, V, ignore_index,
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride_row
     cols = tl.arange(0, BLOCK_V)
-    # First chunk outside the loop: its max is finite, so no (-inf) - (-inf) below.
+    # First chunk outside the loop (it gives the running max its type). Chunks of only -inf
+    # logits (a masked vocabulary) leave the max at -inf: shift by 0 then, not by -inf, or
+    # (-inf) - (-inf) = NaN.
     x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32) * 1.4426950408889634
     x = tl.where(cols < V, x, float("-inf"))
     m = tl.max(x, axis=0)
-    s = tl.sum(tl.exp2(x - m), axis=0)
+    s = tl.sum(tl.exp2(x - tl.where(m == float("-inf"), 0.0, m)), axis=0)
     for start in range(BLOCK_V, V, BLOCK_V):
         mask = start + cols < V
         x = tl.load(base + start + cols, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634
         x = tl.where(mask, x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(x - m_new), axis=0)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp2(m - m_safe) + tl.sum(tl.exp2(x - m_safe), axis=0)
         m = m_new
     lse = (m + tl.log2(s)) * 0.6931471805599453  # back to natural log
     target = tl.load(TARGETS + row)
@@ -183,9 +186,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad_h, grad_w = ctx.saved_tensors
-        g = grad.to(grad_h.dtype if grad_h is not None else grad_w.dtype)
-        return (grad_h * g if grad_h is not None else None,
-                grad_w * g if grad_w is not None else None, None, None, None)
+        # each in its own dtype: under autocast grad_h is bf16 but grad_w fp32, and a bf16
+        # copy of grad (1/3 -> 0.334) would bias the fp32 weight gradient
+        return (grad_h * grad.to(grad_h.dtype) if grad_h is not None else None,
+                grad_w * grad.to(grad_w.dtype) if grad_w is not None else None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

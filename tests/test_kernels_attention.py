@@ -83,3 +83,13 @@ def test_attention_rejects_bad_input():
         attention(q, torch.randn(1, 1, 3, 16), torch.randn(1, 1, 3, 16))
     with pytest.raises(ValueError, match="head_dim must be"):
         attention(torch.randn(1, 1, 4, 24), torch.randn(1, 1, 4, 24), torch.randn(1, 1, 4, 24))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grad", [False, True])
+def test_attention_empty_batch(device, grad):
+    """B = 0 (e.g. a serving step with no live sequences) gives an empty output, decode path
+    (no grad) included."""
+    q = torch.randn(0, 4, 1, 16, device=device, requires_grad=grad)
+    k, v = torch.randn(2, 0, 2, 5, 16, device=device)
+    assert attention(q, k, v).shape == (0, 4, 1, 16)

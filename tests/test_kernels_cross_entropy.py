@@ -49,6 +49,25 @@ def test_cross_entropy_all_ignored_is_nan_with_zero_grad(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy_masked_vocabulary(device):
+    """-inf logits (a vocabulary restricted by masking) filling whole chunks, the first one
+    included (4200 > the GPU's 4096-wide chunk), give torch's finite loss and gradient."""
+    N, V = 3, 5003
+    x = torch.randn(N, V, device=device)
+    x[:, :4200] = float("-inf")
+    x[1, 4300:4400] = float("-inf")
+    x = x.requires_grad_()
+    t = torch.tensor([4201, 5002, -100], device=device)
+    loss = cross_entropy(x, t)
+    loss.backward()
+    xf = x.detach().clone().requires_grad_()
+    ref = cross_entropy_ref(xf, t)
+    ref.backward()
+    assert_close(loss, ref, TOL[torch.float32], "loss")
+    assert_close(x.grad, xf.grad, TOL[torch.float32], "dlogits")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("chunk_size", [None, 4])
 def test_linear_cross_entropy_matches_reference(device, dtype, chunk_size):
@@ -84,3 +103,22 @@ def test_linear_cross_entropy_no_grad_and_scaled_grad(device):
 def test_cross_entropy_rejects_out_of_range_targets():
     with pytest.raises(ValueError, match="target ids must be in"):
         cross_entropy(torch.randn(2, 10), torch.tensor([1, 10]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_cross_entropy_autocast_scales_fp32_weight_grad_exactly(device):
+    """Under autocast (bf16 hidden, fp32 lm_head weight) an upstream grad such as 1/3 (loss
+    divided by accumulation steps) scales the fp32 weight gradient by 1/3, not by 1/3
+    rounded to bf16 (0.334, a 0.2% bias on every step)."""
+    h = torch.randn(10, 16, device=device).bfloat16()
+    w = torch.randn(100, 16, device=device) * 0.3
+    t = make_targets(10, 100, device)
+    grads = []
+    for scale in (1.0, 1 / 3):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = linear_cross_entropy(hh, ww, t)
+        (loss * scale).backward()
+        assert ww.grad.dtype == torch.float32
+        grads.append(ww.grad)
+    assert_close(grads[1], grads[0] / 3, TOL[torch.float32], "dweight (scaled by 1/3)")

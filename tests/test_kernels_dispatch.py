@@ -50,6 +50,21 @@ def test_every_op_dispatches_to_its_kernel(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_inputs_the_kernels_do_not_take_fall_back_to_pytorch(device):
+    """With kernels on, inputs a kernel rejects (fp64 attention, e.g. a gradient check in
+    double precision; swiglu of mixed dtypes) run the PyTorch path instead of raising."""
+    q = torch.randn(1, 4, 5, 16, device=device, dtype=torch.float64)
+    k, v = torch.randn(2, 1, 2, 9, 16, device=device, dtype=torch.float64)
+    gate, up = torch.randn(4, 24, device=device), torch.randn(4, 24, device=device).bfloat16()
+    for fn, args in ((ops.attention, (q, k, v)), (ops.swiglu, (gate, up))):
+        with ops.use_kernels("torch"):
+            ref = fn(*args)
+        with ops.use_kernels("triton"):
+            out = fn(*args)
+        assert out.dtype == ref.dtype and torch.equal(out, ref), fn.__name__
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_nf4_ops_match_engine_reference(device):
     nf4 = pytest.importorskip("engine.nf4")
     w = torch.randn(24, 128)
