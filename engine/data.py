@@ -176,15 +176,28 @@ def tokenize_cached(text: str, tok, tok_hash: str | None = None, root: str | Non
     return TokenSplit(tokens, meta["n_bytes"])
 
 
-def _encode_chunked(text: str, tok, chunk_chars: int = 1 << 20) -> list[int]:
-    """Encode in ~1 MB pieces cut at line starts (bounded memory, identical ids for SPM/BPE
-    tokenizers whose pre-tokenization never merges across a newline boundary)."""
+def _splits_at(text: str, c: int, tok, context: int = 256) -> bool:
+    """Whether the tokenizer splits `text` at character c: encoding the text around c whole
+    gives the two sides' ids. (A piece can span a newline: ".\n'" in the SentencePiece models
+    trained here, "\n\n" in byte-level BPE.)"""
+    a, b = text[max(0, c - context):c], text[c:c + context]
+    return tok.encode(a + b, add_bos=False) == tok.encode(a, add_bos=False) + tok.encode(b, add_bos=False)
+
+
+def _encode_chunked(text: str, tok, chunk_chars: int = 1 << 20, max_tries: int = 100) -> list[int]:
+    """Encode in ~1 MB pieces (bounded memory) cut at a line start where the tokenizer splits
+    anyway, so the ids are those of encoding the whole text. (A tokenizer that never splits
+    there, e.g. one adding a dummy-prefix space to every encode, is cut after max_tries.)"""
     ids, start = [], 0
     while start < len(text):
         end = min(len(text), start + chunk_chars)
-        if end < len(text):
+        for _ in range(max_tries):
+            if end >= len(text):
+                break
             nl = text.find("\n", end)
             end = len(text) if nl < 0 else nl + 1
+            if end < len(text) and _splits_at(text, end, tok):
+                break
         ids.extend(tok.encode(text[start:end], add_bos=False))
         start = end
     return ids
@@ -195,9 +208,10 @@ def _encode_chunked(text: str, tok, chunk_chars: int = 1 << 20) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 def get_batch(split: TokenSplit, batch_size: int, seq_len: int, gen: torch.Generator,
               device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows: x (B, T) and the next tokens y (B, T), int64."""
+    """Random windows: x (B, T) and the next tokens y (B, T), int64. Every start from 0 to
+    len - seq_len - 1 can be drawn (nanoGPT's bound), so the last token is a target too."""
     data = split.tokens
-    ix = torch.randint(len(data) - seq_len - 1, (batch_size,), generator=gen)
+    ix = torch.randint(len(data) - seq_len, (batch_size,), generator=gen)
     x = torch.from_numpy(np.stack([data[i:i + seq_len].astype(np.int64) for i in ix.tolist()]))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + seq_len].astype(np.int64) for i in ix.tolist()]))
     return x.to(device), y.to(device)
@@ -214,7 +228,7 @@ def eval_windows(split: TokenSplit, seq_len: int, max_windows: int | None = None
 
 
 def check_trainable(split: TokenSplit, seq_len: int, what: str) -> None:
-    if len(split.tokens) < seq_len + 2:
+    if len(split.tokens) < seq_len + 1:
         raise ValueError(f"{what} has {len(split.tokens)} tokens, fewer than one training window "
                          f"(--seq-len {seq_len} + 1); use more text or a smaller --seq-len")
 

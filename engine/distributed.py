@@ -119,14 +119,19 @@ def barrier() -> None:
 @contextlib.contextmanager
 def main_first():
     """Rank 0 runs the block first (downloads, tokenizer training, token caches), then the others
-    (reading what it cached); all wait without a deadline, then continue together."""
+    (reading what it cached); all wait without a deadline, then continue together. When the
+    block raises on rank 0 (bad data, say), the others are still released: they run the block
+    too and normally fail the same way, so every rank reports the real error (rather than
+    waiting until rank 0's exit reads as a lost connection)."""
     if _world > 1 and _rank != 0:
         tdist.barrier(group=_wait_group)
-    yield
-    if _world > 1:
-        if _rank == 0:
+    try:
+        yield
+    finally:
+        if _world > 1:
+            if _rank == 0:
+                tdist.barrier(group=_wait_group)
             tdist.barrier(group=_wait_group)
-        tdist.barrier(group=_wait_group)
 
 
 def broadcast_object(obj):

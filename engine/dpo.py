@@ -31,8 +31,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from engine.sft import (IGNORE, collate_pairs, load_preferences, pad_id_of, split_indices,
-                        tokenize_pair)
+from engine.sft import (IGNORE, collate_pairs, encode_or_skip, load_preferences, pad_id_of,
+                        split_indices, tokenize_pair)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,12 +77,18 @@ class PreferenceSet:
         self.ref: dict[int, tuple[float, float]] = {}
 
     @classmethod
-    def tokenize(cls, raw_pairs: list, tok, seq_len: int) -> tuple["PreferenceSet", dict]:
+    def tokenize(cls, raw_pairs: list, tok, seq_len: int, on_error: str = "stop", warn=None,
+                 source: str | None = None) -> tuple["PreferenceSet", dict]:
         """Tokenize; a pair whose chosen or rejected side keeps no completion token within
-        seq_len (the prompt fills it) is dropped, as is one whose two sides became identical."""
-        pairs, lines, truncated, dropped = [], [], 0, []
+        seq_len (the prompt fills it) is dropped, as is one whose two sides became identical.
+        A pair the chat template rejects raises ValueError("SOURCE:LINE: why"), or with
+        on_error="skip" is left out (warned, listed in the report's skipped_lines)."""
+        pairs, lines, truncated, dropped, skipped = [], [], 0, [], []
         for p in raw_pairs:
-            tp = tokenize_pair(p, tok, seq_len)
+            tp = encode_or_skip(lambda: tokenize_pair(p, tok, seq_len), source, p.line, on_error, warn)
+            if tp is None:
+                skipped.append(p.line)
+                continue
             truncated += tp.truncated
             empty = all(t == IGNORE for t in tp.chosen_labels) or all(t == IGNORE for t in tp.rejected_labels)
             if empty or (tp.chosen_ids, tp.chosen_labels) == (tp.rejected_ids, tp.rejected_labels):
@@ -90,7 +96,8 @@ class PreferenceSet:
                 continue
             pairs.append(tp)
             lines.append(p.line)
-        return cls(pairs, lines, pad_id_of(tok)), {"n_truncated": truncated, "dropped_lines": dropped}
+        return cls(pairs, lines, pad_id_of(tok)), {"n_truncated": truncated, "dropped_lines": dropped,
+                                                    "skipped_lines": skipped}
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -119,8 +126,9 @@ def load_preference_data(path: str, tok, seq_len: int, val_fraction: float = 0.1
     else:
         tr, va = split_indices(len(raw), val_fraction, seed)
         train_raw, val_raw = [raw[i] for i in tr], [raw[i] for i in va]
-    train, rt = PreferenceSet.tokenize(train_raw, tok, seq_len)
-    val, rv = PreferenceSet.tokenize(val_raw, tok, seq_len)
+    train, rt = PreferenceSet.tokenize(train_raw, tok, seq_len, on_error, warn, path)
+    val, rv = PreferenceSet.tokenize(val_raw, tok, seq_len, on_error, warn, val_path or path)
+    skipped = sorted(skipped + rt["skipped_lines"] + rv["skipped_lines"])
     for name, ds, src in (("training", train, path), ("held-out", val, val_path or path)):
         if len(ds) == 0:
             raise ValueError(f"{src}: no {name} pair keeps a completion token within --seq-len "

@@ -250,8 +250,15 @@ def chat_spans(tok, messages: list[dict], first: int = 0) -> tuple[str, list[tup
                 span = (len(before), end)
         if span is None and m["content"]:
             # The template renders earlier turns differently once later ones follow (some
-            # drop reasoning, some add a system prompt only at the start): find the content.
-            at = full.find(m["content"], cursor)
+            # drop reasoning, some add a system prompt only at the start): find the content,
+            # after the message before it if that is found (an answer such as "ok" can occur
+            # in the question "say ok").
+            prev = messages[i - 1]["content"].strip() if i else ""
+            at_prev = full.find(prev, cursor) if prev else -1
+            after = at_prev + len(prev) if at_prev >= 0 else cursor
+            at = full.find(m["content"], after)
+            if at < 0:
+                at = full.find(m["content"], cursor)
             if at >= 0:
                 span = (at, at + _turn_end(full[at:], m["content"], eots))
         if span is None:
@@ -285,6 +292,20 @@ def encode_spans(tok, text: str, spans: list[tuple[int, int]]) -> tuple[list[int
         for j in range(where[s], where[e]):
             mask[j] = True
     return ids, mask
+
+
+def encode_or_skip(encode, source: str | None, line: int, on_error: str, warn):
+    """encode(), or None when it raises ValueError and on_error is "skip" (a template that
+    rejects the sample, e.g. "System role not supported"). The error names the file and line."""
+    try:
+        return encode()
+    except ValueError as e:
+        where = f"{source}:{line}" if source else f"line {line}"
+        if on_error != "skip":
+            raise ValueError(f"{where}: {e}") from None
+        if warn is not None:
+            warn(f"warning: skipping {where}: {e}")
+        return None
 
 
 def _with_bos(tok, ids: list[int], mask: list[bool]) -> tuple[list[int], list[bool]]:
@@ -396,20 +417,30 @@ class SFTDataset:
                            n_loss_tokens=sum(sum(t != IGNORE for t in y) for _, y in samples))
 
     @classmethod
-    def from_examples(cls, examples: list, tok, seq_len: int) -> "SFTDataset":
-        """Tokenize; count truncated samples and drop those left without a trained token."""
+    def from_examples(cls, examples: list, tok, seq_len: int, on_error: str = "stop", warn=None,
+                      source: str | None = None) -> "SFTDataset":
+        """Tokenize; count truncated samples and drop those left without a trained token. A
+        sample the chat template rejects (or renders without its answer) raises
+        ValueError("SOURCE:LINE: why") (on_error="stop"), or is left out, reported through
+        `warn` and listed in report["skipped_lines"] (on_error="skip")."""
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        samples, truncated, dropped = [], 0, []
+        samples, truncated, dropped, skipped = [], 0, [], []
         for k, ex in enumerate(examples):
-            x, y, cut = shift_labels(*encode_example(ex, tok), seq_len)
+            line = getattr(ex, "line", 0) or k + 1
+            encoded = encode_or_skip(lambda: encode_example(ex, tok), source, line, on_error, warn)
+            if encoded is None:
+                skipped.append(line)
+                continue
+            x, y, cut = shift_labels(*encoded, seq_len)
             truncated += cut
             if not x or all(t == IGNORE for t in y):  # prompt alone fills seq_len: nothing to learn
-                dropped.append(getattr(ex, "line", 0) or k + 1)
+                dropped.append(line)
                 continue
             samples.append((x, y))
         return cls(samples, seq_len, pad_id_of(tok),
-                   {"n_truncated": truncated, "n_dropped": len(dropped), "dropped_lines": dropped})
+                   {"n_truncated": truncated, "n_dropped": len(dropped), "dropped_lines": dropped,
+                    "skipped_lines": skipped})
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -562,8 +593,12 @@ def load_sft(path: str, tok, seq_len: int, val_fraction: float = 0.1, val_path: 
     else:
         tr, va = split_indices(len(examples), val_fraction, split_seed)
         train_ex, val_ex, val_skipped = [examples[i] for i in tr], [examples[i] for i in va], []
-    train = SFTDataset.from_examples(train_ex, tok, seq_len)
-    val = SFTDataset.from_examples(val_ex, tok, seq_len)
+    train = SFTDataset.from_examples(train_ex, tok, seq_len, on_error, warn, path)
+    val = SFTDataset.from_examples(val_ex, tok, seq_len, on_error, warn, val_path or path)
+    # lines the chat template rejected (on_error="skip"), with their file's malformed ones
+    skipped = sorted(skipped + train.report["skipped_lines"]
+                     + ([] if val_path else val.report["skipped_lines"]))
+    val_skipped = sorted(val_skipped + (val.report["skipped_lines"] if val_path else []))
     if len(train) == 0:
         raise ValueError(f"{path}: no training sample keeps a response token within seq_len {seq_len}")
     if len(val) == 0:

@@ -225,6 +225,19 @@ def test_world_size_must_divide_the_global_batch(setup):
                                      "divide among 2 processes")
 
 
+def test_bad_data_on_rank_0_fails_every_rank_with_the_real_error(tmp_path):
+    """Rank 0 prepares the data first (main_first); when that fails, the other ranks are
+    released, meet the same error and say so, instead of reporting a lost rank 0."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    args = ["--data", str(empty), "--out", str(tmp_path / "o"), "--max-steps", "4", *SCRATCH]
+    procs = ranks(tmp_path / "cache", tmp_path, [args, args], timeout=120)
+    for r, p in enumerate(procs):
+        assert p.returncode == 2, read(tmp_path, r)
+        one_clear_line(read(tmp_path, r), f"error: corpus {empty} is empty")
+        assert "lost contact" not in read(tmp_path, r)
+
+
 @pytest.mark.parametrize("how", ["dies", "hangs"])
 def test_lost_rank_makes_the_other_exit_with_a_message(setup, how):
     """Rank 1 is killed (or stopped) mid-run: rank 0 exits on its own, with one clear line,

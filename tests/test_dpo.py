@@ -306,3 +306,24 @@ def test_bad_lines_skip_reaches_preference_data(base, tmp_path, capsys):
     out = capsys.readouterr()
     assert "warning: skipping" in out.out and "bad.jsonl:3: missing 'rejected'" in out.out
     assert "1 malformed line(s) skipped (3)" in out.out
+
+
+def test_pair_the_template_rejects_names_its_line_and_can_be_skipped(tmp_path):
+    """A conversational pair that the chat template refuses (here: a system message) is a
+    FILE:LINE error, or skipped and reported with on_error="skip"."""
+    tok = CharTok()
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role "
+                         "not supported') }}{% endif %}{% for m in messages %}{{ m['role'] + ': ' "
+                         "+ m['content'] + '\\n' }}{% endfor %}{% if add_generation_prompt %}"
+                         "{{ 'assistant: ' }}{% endif %}")
+    rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": " yes", "rejected": " no"}
+            for i in range(5)]
+    rows[2]["prompt"] = [{"role": "system", "content": "s"}, *rows[2]["prompt"]]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    with pytest.raises(ValueError, match=r"p\.jsonl:3: chat template failed to render: System role"):
+        dpo.load_preference_data(path, tok, 64)
+    warnings = []
+    train_set, val_set, rep = dpo.load_preference_data(path, tok, 64, on_error="skip",
+                                                       warn=warnings.append)
+    assert len(train_set) + len(val_set) == 4 and rep["skipped_lines"] == [3]
+    assert len(warnings) == 1 and "p.jsonl:3: chat template failed to render" in warnings[0]

@@ -5,7 +5,8 @@ Masks are checked by hand on a character-level stub tokenizer (one id per charac
 tokens whole) under ChatML, Llama 3, Llama 2 and a history-rewriting template; against
 transformers' `return_assistant_tokens_mask` on a byte-level BPE built here; and on SmolLM2's
 real tokenizer and template. Packing is checked against the tiny Transformer: the loss of a
-packed batch equals the token-weighted loss of each sample on its own.
+packed batch equals the token-weighted loss of each sample on its own. At the end: engine/data.py's
+random corpus windows and chunked corpus encoding.
 """
 import json
 
@@ -461,6 +462,27 @@ def test_malformed_instruction_lines(tmp_path):
         load_examples(str(tmp_path / "missing.jsonl"))
 
 
+# A template that refuses some conversations (as Gemma's and Llama 2's raise_exception does).
+NO_SYSTEM = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+             "supported') }}{% endif %}" + DEFAULT_CHAT_TEMPLATE)
+
+
+def test_sample_the_template_rejects_names_its_line_and_can_be_skipped(tmp_path):
+    tok = CharTok(NO_SYSTEM)
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+            for i in range(5)]
+    rows[3] = {"messages": [{"role": "system", "content": "s"}, *rows[3]["messages"]]}
+    path = _write(tmp_path, "c.jsonl", rows)
+    with pytest.raises(ValueError, match=r"c\.jsonl:4: chat template failed to render: System role"):
+        load_sft(path, tok, 64)
+    warnings = []
+    train, val, rep = load_sft(path, tok, 64, on_error="skip", warn=warnings.append)
+    assert len(train) + len(val) == 4 and rep["skipped_lines"] == [4] and rep["n_skipped"] == 1
+    assert warnings == ["warning: skipping " + path + ":4: chat template failed to render: System "
+                        "role not supported"]
+    assert "1 malformed line(s) skipped (4)" in format_report(rep)
+
+
 # ---------------------------------------------------------------------------------------------
 # Preferences (DPO data)
 # ---------------------------------------------------------------------------------------------
@@ -511,6 +533,23 @@ def test_tokenize_pair_masks():
         tokenize_pair({"prompt": "Q", "chosen": "a", "rejected": "a"}, tok, 8)
 
 
+def test_history_rewriting_template_answer_inside_the_question():
+    """When the template rewrites history (the content search is used), an answer that also
+    occurs in the question is found after the question, not inside it."""
+    tok = CharTok(REWRITING)
+    msgs = [{"role": "user", "content": "say ok"}, {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "and no?"}, {"role": "assistant", "content": "no"}]
+    ids, mask = encode_example({"messages": msgs}, tok)
+    text = tok.decode(ids)
+    assert text.endswith("user: say ok<|im_end|>\nassistant: ok<|im_end|>\nuser: and no?<|im_end|>\n"
+                         "assistant: no<|im_end|>\n")
+    trained = [j for j, m in enumerate(mask) if m]
+    # the two answers with their end-of-turn tokens, at their own places
+    assert tok.decode([ids[j] for j in trained]) == "ok<|im_end|>no<|im_end|>"
+    assert tok.decode(ids[:trained[0]]).endswith("assistant: ")
+    assert tok.decode(ids[:trained[3]]).endswith("assistant: ")
+
+
 def test_chat_spans_unlocatable():
     # A template that drops assistant content cannot be trained on: a clear error.
     tok = CharTok("{% for m in messages %}{{ m['role'] }}|{% endfor %}")
@@ -546,3 +585,52 @@ def test_grad_accumulation_weights_micro_batches_by_trained_tokens():
     assert _n_real(b) == len(ds.samples[0][0]) + len(ds.samples[4][0]) < b.input_ids.numel()
     packed = ds.collate([[0, 1], [4]], pack=True)
     assert _n_real(packed) == sum(len(ds.samples[i][0]) for i in (0, 1, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus windows (engine/data.py)
+# ---------------------------------------------------------------------------------------------
+def test_get_batch_draws_every_window_including_the_last():
+    """Starts 0..len-seq_len-1 (nanoGPT's bound): the last token is a target, and a split of
+    exactly seq_len + 1 tokens (one window, as the error says) trains."""
+    import numpy as np
+    from engine.data import TokenSplit, check_trainable, get_batch
+    split = TokenSplit(np.arange(10, dtype=np.uint16), 20)
+    gen = torch.Generator().manual_seed(0)
+    starts = set()
+    for _ in range(100):
+        x, y = get_batch(split, 4, 5, gen)
+        assert torch.equal(y, x + 1)
+        starts |= set(x[:, 0].tolist())
+    assert starts == set(range(5))  # 10 - 5 windows, the last one ending at token 9
+    one = TokenSplit(np.arange(6, dtype=np.uint16), 12)
+    check_trainable(one, 5, "the training split")
+    x, y = get_batch(one, 2, 5, gen)
+    assert x[0].tolist() == [0, 1, 2, 3, 4] and y[0].tolist() == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="has 5 tokens, fewer than one training window"):
+        check_trainable(TokenSplit(np.arange(5, dtype=np.uint16), 10), 5, "the training split")
+
+
+def test_chunked_corpus_encoding_equals_encoding_the_whole_text():
+    """The token cache encodes large corpora in pieces cut at line starts; a cut never falls
+    inside a token that spans a newline (".\\n'" and "\\n\\n" below, as SentencePiece and
+    byte-level BPE learn them)."""
+    from engine.data import _encode_chunked
+
+    class SpanningTok:  # greedy longest match; two tokens that span a newline
+        merges = {".\n'": 300, "\n\n": 301}
+
+        def encode(self, text, add_bos=False):
+            ids, i = [], 0
+            while i < len(text):
+                m = next((m for m in self.merges if text.startswith(m, i)), None)
+                ids.append(self.merges[m] if m else ord(text[i]))
+                i += len(m) if m else 1
+            return ids
+
+    tok = SpanningTok()
+    text = "".join(f"line {i}.\n'tis\n\n\nend {i}\n" for i in range(40))
+    whole = tok.encode(text)
+    assert whole.count(300) == 40 and whole.count(301) == 40
+    for chunk in (1, 7, 16, 50):
+        assert _encode_chunked(text, tok, chunk_chars=chunk) == whole, chunk
