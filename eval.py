@@ -101,7 +101,7 @@ def run_task(args, model, tok, device) -> tuple[dict, dict]:
     if args.task == "response-loss":
         from engine.sft import SFTDataset, load_examples, response_loss
         examples, _ = load_examples(args.data)
-        ds = SFTDataset.from_examples(examples, tok, seq_len)
+        ds = SFTDataset.from_examples(examples, tok, seq_len, source=args.data)
         if len(ds) == 0:
             raise ValueError(f"{args.data}: no example keeps a response token within --seq-len {seq_len}")
         res = response_loss(model, ds, args.batch_size, device)
