@@ -195,9 +195,10 @@ def safetensors_files(directory: str) -> list[str]:
         try:
             with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
-        files = [os.path.join(directory, n) for n in sorted(set(weight_map.values()))]
+        files = [os.path.join(directory, n) for n in names]
         for p in files:
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"shard {os.path.basename(p)!r} listed in {index} "

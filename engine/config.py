@@ -45,6 +45,16 @@ class ModelConfig:
     torch_dtype: str = "float32"
 
     def __post_init__(self):
+        # A zero / non-integer size would otherwise surface later as a ZeroDivisionError or
+        # TypeError deep in model construction (no file named, no clear cause).
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+            v = getattr(self, name)
+            if v is None and name in ("num_key_value_heads", "head_dim"):
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        _check_rope_scaling(self.rope_scaling)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -151,10 +161,29 @@ class ModelConfig:
                 d = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(d).__name__}")
         return cls.from_dict(d)
 
 
 _ARCH_BY_TYPE = {v: k for k, v in ARCHITECTURES.items()}
+_ROPE_TYPES = ("linear", "llama3")  # what engine.model.rope_inv_freq implements
+
+
+def _check_rope_scaling(rs) -> None:
+    """Refuse, at config time, a rope_scaling the model cannot apply (dynamic / yarn / longrope
+    change the math beyond inv_freq) or one without its `factor`."""
+    if rs is None:
+        return
+    if not isinstance(rs, dict):
+        raise ValueError(f"rope_scaling must be an object or null, got {rs!r}")
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind not in _ROPE_TYPES:
+        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: "
+                         + ", ".join(_ROPE_TYPES) + ")")
+    factor = rs.get("factor")
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
+        raise ValueError(f"rope_scaling {kind!r} needs a positive 'factor', got {factor!r}")
 
 
 # Presets: looked up by exact name ---------------------------------------------------------
@@ -215,11 +244,16 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     tmp = os.path.join(d, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # disk full, Ctrl-C: no hidden half-written temp file stays behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -128,7 +128,9 @@ def read_gguf(path: str) -> tuple[dict, dict[str, TensorInfo]]:
                 name = h.string()
                 dims = [h.scalar("<Q") for _ in range(h.scalar("<I"))]
                 infos.append((name, dims, h.scalar("<I"), h.scalar("<Q")))
-            align = int(fields.get("general.alignment", 32))
+            align = fields.get("general.alignment", 32)
+            if not isinstance(align, int) or align <= 0:
+                raise ValueError(f"bad general.alignment {align!r}")
             start = (h.pos + align - 1) // align * align
     except (ValueError, struct.error, OSError, IndexError) as e:
         raise ValueError(f"cannot read GGUF file {path}: {e}") from None
@@ -140,6 +142,8 @@ def read_gguf(path: str) -> tuple[dict, dict[str, TensorInfo]]:
             raise ValueError(f"{path}: tensor {name!r} has unknown type id {tid}") from None
         block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
         n = int(np.prod(dims))
+        if not dims:
+            raise ValueError(f"{path}: tensor {name!r} has no dimensions")
         if dims[0] % block:
             raise ValueError(f"{path}: tensor {name!r} has rows of {dims[0]} values, not whole "
                              f"{qtype.name} blocks of {block}")
@@ -161,10 +165,15 @@ def config_from_gguf(fields: dict, tensors: dict[str, TensorInfo],
         raise ValueError(f"{path}: unsupported GGUF architecture {arch!r}; supported: "
                          + ", ".join(SUPPORTED_ARCHS))
 
-    def get(key, default=KeyError):
+    def get(key, default=KeyError, kind=None):
         v = fields.get(f"{arch}.{key}", default)
         if v is KeyError:
             raise ValueError(f"{path}: GGUF metadata is missing {arch}.{key}")
+        if kind is not None and v is not None:  # an array or a string where a number belongs
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise ValueError(f"{path}: GGUF metadata {arch}.{key} must be a number, "
+                                 f"got {type(v).__name__}")
+            v = kind(v)
         return v
 
     if "token_embd.weight" not in tensors:
@@ -175,31 +184,37 @@ def config_from_gguf(fields: dict, tensors: dict[str, TensorInfo],
     if n_tokens > rows or (declared is not None and declared != rows):
         raise ValueError(f"{path}: vocab size ({declared or n_tokens}) does not match the "
                          f"{rows} rows of token_embd.weight")
-    n_head, hidden = int(get("attention.head_count")), int(get("embedding_length"))
-    head_dim = int(get("attention.key_length", hidden // n_head))
+    n_head, hidden = get("attention.head_count", kind=int), get("embedding_length", kind=int)
+    if n_head < 1:
+        raise ValueError(f"{path}: num_attention_heads must be a positive integer, got {n_head}")
+    head_dim = get("attention.key_length", hidden // n_head, kind=int)
     rot = get("rope.dimension_count", head_dim)
     if rot != head_dim:
         raise ValueError(f"{path}: partial rotary ({rot} of {head_dim} dims) is not supported")
     rope_scaling = None
     kind = get("rope.scaling.type", "none")
     if kind == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+        rope_scaling = {"rope_type": "linear", "factor": get("rope.scaling.factor", kind=float)}
     elif kind != "none":
         raise ValueError(f"{path}: unsupported rope scaling {kind!r} (supported: linear, llama3)")
-    cfg = ModelConfig(
-        vocab_size=rows, hidden_size=hidden, intermediate_size=int(get("feed_forward_length")),
-        num_hidden_layers=int(get("block_count")), num_attention_heads=n_head,
-        num_key_value_heads=int(get("attention.head_count_kv", n_head)), head_dim=head_dim,
-        max_position_embeddings=int(get("context_length", 2048)),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=rope_scaling,
-        tie_word_embeddings="output.weight" not in tensors,
-        attention_bias="blk.0.attn_q.bias" in tensors,
-        bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=fields.get("tokenizer.ggml.eos_token_id"),
-        pad_token_id=fields.get("tokenizer.ggml.padding_token_id"),
-        architectures=[SUPPORTED_ARCHS[arch]])
-    return cfg
+    ffn, layers = get("feed_forward_length", kind=int), get("block_count", kind=int)
+    n_kv = get("attention.head_count_kv", n_head, kind=int)
+    ctx = get("context_length", 2048, kind=int)
+    eps = get("attention.layer_norm_rms_epsilon", kind=float)
+    theta = get("rope.freq_base", 10000.0, kind=float)
+    try:
+        return ModelConfig(
+            vocab_size=rows, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+            num_attention_heads=n_head, num_key_value_heads=n_kv, head_dim=head_dim,
+            max_position_embeddings=ctx, rms_norm_eps=eps, rope_theta=theta,
+            rope_scaling=rope_scaling, tie_word_embeddings="output.weight" not in tensors,
+            attention_bias="blk.0.attn_q.bias" in tensors,
+            bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=fields.get("tokenizer.ggml.eos_token_id"),
+            pad_token_id=fields.get("tokenizer.ggml.padding_token_id"),
+            architectures=[SUPPORTED_ARCHS[arch]])
+    except ValueError as e:  # ModelConfig's checks (0 heads, 0 layers...): name the file
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _llama3_from_rope_freqs(cfg: ModelConfig, factors: torch.Tensor, fields: dict,

@@ -164,6 +164,17 @@ def generation_eos_ids(directory: str) -> set[int]:
     return set(ids)
 
 
+def gguf_stop_ids(fields: dict) -> set[int]:
+    """`tokenizer.ggml.eot_token_id` / `eom_token_id` of GGUF metadata (Llama 3's <|eot_id|>
+    and <|eom_id|>), when present: llama.cpp ends generation on them as on EOS."""
+    ids = set()
+    for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        i = fields.get(key)
+        if isinstance(i, int) and not isinstance(i, bool) and i >= 0:
+            ids.add(i)
+    return ids
+
+
 def load_model(source: str, dtype: torch.dtype | str = torch.float32,
                device: str | torch.device = "cpu", adapter: str | None = None,
                quantize: str | None = None):
@@ -171,11 +182,12 @@ def load_model(source: str, dtype: torch.dtype | str = torch.float32,
     model directory (config.json + safetensors, also what train.py writes) or a .gguf file.
 
     model(input_ids (B, T)) -> logits (B, T, vocab), in eval mode. tokenizer is None for a
-    directory without tokenizer files; a directory's generation_config.json eos_token_id ids join
-    tokenizer.stop_ids. adapter=DIR applies a LoRA adapter (ours or PEFT's)
-    with engine.lora.load_adapter. quantize="nf4" turns every linear but lm_head into an
-    NF4Linear as its weight is read (QLoRA), so the full-precision model never exists at once;
-    the quantization report is then `model.nf4_report`.
+    directory without tokenizer files; the eos_token_id ids of a directory's config.json and
+    generation_config.json (or a GGUF's eot/eom token ids) join tokenizer.stop_ids.
+    adapter=DIR applies a LoRA adapter (ours or PEFT's) with engine.lora.load_adapter.
+    quantize="nf4" turns every linear but lm_head into an NF4Linear as its weight is read
+    (QLoRA), so the full-precision model never exists at once; the quantization report is then
+    `model.nf4_report`.
     """
     dtype = parse_dtype(dtype)
     if quantize not in (None, "nf4"):
@@ -189,11 +201,14 @@ def load_model(source: str, dtype: torch.dtype | str = torch.float32,
         from engine.gguf import load_gguf, tokenizer_from_gguf
         model, fields = load_gguf(path, dtype=dtype, device=device, on_tensor=hook)
         tokenizer = tokenizer_from_gguf(fields, path)
+        if tokenizer is not None:  # llama.cpp stops on end-of-turn / end-of-message too
+            tokenizer.extra_stop_ids = frozenset(gguf_stop_ids(fields))
     else:
         model = load_model_dir(path, dtype=dtype, device=device, on_tensor=hook)
         tokenizer = _dir_tokenizer(path)
         if tokenizer is not None:  # HF's generate stops on these too, not only the tokenizer's EOS
-            tokenizer.extra_stop_ids = frozenset(generation_eos_ids(path))
+            config_eos = {i for i in model.config.eos_ids if isinstance(i, int) and i >= 0}
+            tokenizer.extra_stop_ids = frozenset(generation_eos_ids(path) | config_eos)
     if hook is not None:
         model.nf4_report = hook.report()
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:

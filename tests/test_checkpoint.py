@@ -112,6 +112,13 @@ def test_truncated_and_corrupt_safetensors(saved):
     (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "unsupported rope_scaling type 'yarn'"),
     (dict(attention_bias=True), "attention_bias/mlp_bias is not supported"),
     (dict(hidden_act="gelu"), "unsupported hidden_act 'gelu'"),
+    # zero sizes were a ZeroDivisionError, a factor-less scaling a KeyError
+    (dict(num_key_value_heads=0), "config.json: num_key_value_heads must be a positive integer"),
+    (dict(num_hidden_layers=0), "config.json: num_hidden_layers must be a positive integer"),
+    (dict(num_attention_heads=0), "config.json: num_attention_heads must be a positive integer"),
+    (dict(rope_scaling={"rope_type": "linear"}), "rope_scaling 'linear' needs a positive 'factor'"),
+    (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "config.json: unsupported "
+                                                            "rope_scaling type 'dynamic'"),
 ])
 def test_bad_config(saved, changes, message):
     _, path = saved
@@ -127,12 +134,18 @@ def test_bad_directory(saved, tmp_path):
     (path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="is not valid JSON"):
         load_model_dir(str(path))
+    (path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json must hold a JSON object, got list"):
+        load_model_dir(str(path))
     os.remove(path / "model.safetensors")
     save_model(Transformer(ModelConfig(**TINY)), str(path))
     (path / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
     with pytest.raises(FileNotFoundError, match="shard 'model-00002-of-00002.safetensors' "
                                                 "listed in .* is missing"):
+        load_model_dir(str(path))
+    (path / "model.safetensors.index.json").write_text('{"weight_map": ["x"]}')
+    with pytest.raises(ValueError, match="not a valid safetensors index"):  # was AttributeError
         load_model_dir(str(path))
 
 
@@ -194,3 +207,19 @@ def test_config_tied_but_weights_untied_saves_the_head(tmp_path):
     with torch.no_grad():
         assert torch.equal(again(ids), model(ids))
     assert model.config.tie_word_embeddings  # the live config is left alone
+
+
+def test_failed_save_keeps_the_old_file_and_leaves_no_temp_file(saved, monkeypatch):
+    """A write that fails (disk full) keeps the previous model.safetensors intact and removes
+    its hidden temp file (it used to stay behind, as large as the weights written so far)."""
+    model, path = saved
+    before = (path / "model.safetensors").read_bytes()
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_model(Transformer(ModelConfig(**TINY)), str(path))
+    monkeypatch.undo()
+    assert (path / "model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors"]

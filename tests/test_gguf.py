@@ -51,9 +51,10 @@ def random_model(**kw) -> Transformer:
 
 
 def write_gguf(path, model, qtype=Q.F32, arch="llama", tokens=None, skip=(), meta=None,
-               raw=None, extra=None, omit=()):
+               raw=None, extra=None, omit=(), kv=None):
     """Write `model` as a GGUF file. raw: {gguf name: (uint8 array, qtype)} replaces tensors;
-    extra: {gguf name: float32 array} adds tensors; omit: metadata keys (without arch) left out."""
+    extra: {gguf name: float32 array} adds tensors; omit: metadata keys (without arch) left out;
+    kv: {full metadata key: uint32 or list} added as is."""
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
     ints = dict(block_count=c.num_hidden_layers, context_length=c.max_position_embeddings,
@@ -78,6 +79,8 @@ def write_gguf(path, model, qtype=Q.F32, arch="llama", tokens=None, skip=(), met
         w.add_chat_template("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}")
     for k, v in (meta or {}).items():
         (w.add_uint32 if isinstance(v, int) else w.add_string)(f"{arch}.{k}", v)
+    for k, v in (kv or {}).items():
+        w.add_array(k, v) if isinstance(v, list) else w.add_uint32(k, v)
     for name, t in model_state(model).items():
         gname = gguf_name(name)
         if gname in skip:
@@ -334,6 +337,19 @@ def test_bad_metadata(tmp_path):
         load_gguf(write_gguf(tmp_path / "f.gguf", src, omit=("feed_forward_length",)))
     with pytest.raises(ValueError, match="unsupported rope scaling 'yarn'"):
         load_gguf(write_gguf(tmp_path / "y.gguf", src, meta={"rope.scaling.type": "yarn"}))
+    # these were ZeroDivisionErrors
+    with pytest.raises(ValueError, match="h.gguf: num_attention_heads must be a positive integer"):
+        load_gguf(write_gguf(tmp_path / "h.gguf", src, meta={"attention.head_count": 0},
+                             omit=("attention.head_count",)))
+    with pytest.raises(ValueError, match="b.gguf: num_hidden_layers must be a positive integer"):
+        load_gguf(write_gguf(tmp_path / "b.gguf", src, meta={"block_count": 0},
+                             omit=("block_count",)))
+    with pytest.raises(ValueError, match="l.gguf: GGUF metadata llama.attention.head_count_kv "
+                                         "must be a number, got list"):  # was a TypeError
+        load_gguf(write_gguf(tmp_path / "l.gguf", src, kv={"llama.attention.head_count_kv": [2, 2]},
+                             omit=("attention.head_count_kv",)))
+    with pytest.raises(ValueError, match="cannot read GGUF file .*: bad general.alignment 0"):
+        load_gguf(write_gguf(tmp_path / "al.gguf", src, kv={"general.alignment": 0}))
 
 
 def test_unsupported_quant_type(tmp_path):

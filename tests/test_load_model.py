@@ -158,6 +158,27 @@ def test_generation_config_eos_ids_join_stop_ids(tmp_path):
             load_model(str(tmp_path))
 
 
+def test_config_eos_id_list_joins_stop_ids(tmp_path):
+    """config.json's eos_token_id may be a list (Llama 3.1: [128001, 128008, 128009]); every
+    id ends generation, as in transformers' generate, even without a generation_config.json."""
+    save_model(random_model(**TINY, eos_token_id=[2, 7, 9]), str(tmp_path), tokenizer=_bpe())
+    model, tok = load_model(str(tmp_path))
+    assert model.config.eos_token_id == [2, 7, 9]
+    assert {2, 7, 9} <= tok.stop_ids and 8 not in tok.stop_ids
+
+
+def test_gguf_eot_eom_ids_join_stop_ids(tmp_path):
+    """tokenizer.ggml.eot_token_id / eom_token_id (Llama 3's <|eot_id|>, <|eom_id|>) end
+    generation, as in llama.cpp; without them only EOS and the template's end of turn do."""
+    src = random_model(**TINY, tie_word_embeddings=True)
+    plain = write_gguf(tmp_path / "a.gguf", src, tokens=_tokens())
+    assert not {7, 9} & load_model(plain)[1].stop_ids
+    path = write_gguf(tmp_path / "b.gguf", src, tokens=_tokens(),
+                      kv={"tokenizer.ggml.eot_token_id": 7, "tokenizer.ggml.eom_token_id": 9})
+    _, tok = load_model(path)
+    assert {2, 7, 9} <= tok.stop_ids and 8 not in tok.stop_ids
+
+
 def test_pick_device_rules(monkeypatch):
     assert hub.pick_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="invalid --device 'gpu0'"):
