@@ -21,6 +21,7 @@ import warnings
 import torch
 
 from engine.generation import beam_search, check_sampling_args, generate
+from engine.hub import pick_device_dtype
 
 CHECKPOINT_ROOT = "out"  # where train.py writes its run directories
 
@@ -131,20 +132,6 @@ def latest_checkpoint(root: str = CHECKPOINT_ROOT) -> str:
         raise FileNotFoundError(f"no checkpoint under ./{root} (a directory with config.json and "
                                 "model.safetensors); pass --checkpoint DIR or --model NAME")
     return max(dirs, key=lambda d: os.path.getmtime(os.path.join(d, "model.safetensors")))
-
-
-def pick_device_dtype(device: str | None, dtype: str) -> tuple[str, torch.dtype]:
-    """(device name, weights dtype) for --device / --dtype (engine.hub.pick_device's rules, shared
-    with eval.py; serve.py imports this)."""
-    from engine.hub import pick_device
-    try:
-        dev = pick_device(device)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    device = device or str(dev)
-    if dtype == "auto":
-        return device, torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return device, getattr(torch, dtype)
 
 
 def load(source: str, dtype: torch.dtype, device: str, adapter: str | None):

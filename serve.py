@@ -17,8 +17,11 @@ import os
 import sys
 import warnings
 
-# generate.py's: one line on stderr, exit code 2 (and the same --device / --dtype rules)
-from generate import UsageError, pick_device_dtype
+from engine.hub import pick_device_dtype  # generate.py's --device / --dtype rules
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit code 2."""
 
 
 class Parser(argparse.ArgumentParser):

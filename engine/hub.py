@@ -138,6 +138,15 @@ def pick_device(device: str | None) -> torch.device:
     return dev
 
 
+def pick_device_dtype(device: str | None, dtype: str) -> tuple[str, torch.dtype]:
+    """(device name, weights dtype) for --device / --dtype as generate.py and serve.py take
+    them: dtype "auto" is bfloat16 on CUDA and float32 elsewhere."""
+    dev = pick_device(device)
+    if dtype == "auto":
+        return device or str(dev), torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return device or str(dev), getattr(torch, dtype)
+
+
 def _dir_tokenizer(directory: str):
     """The directory's tokenizer, or None when it has no tokenizer files."""
     names = ("tokenizer.json", "tokenizer.model")

@@ -210,9 +210,8 @@ class API:
         """generate.py's rule: the tokenizer's BOS default; an empty prompt starts a document."""
         try:
             ids = self.tok.encode(text)
-        except UnicodeEncodeError as e:  # a lone surrogate: valid JSON, not valid text
-            raise _bad(f"'prompt' is not valid Unicode: {e.reason} at character {e.start}",
-                       "prompt") from None
+        except ValueError as e:  # a lone surrogate: valid JSON, not valid text
+            raise _bad(f"'prompt': {e}", "prompt") from None
         if not ids:
             start = self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
             ids = [start] if start is not None else self.tok.encode("\n")

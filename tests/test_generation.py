@@ -20,6 +20,7 @@ from engine.generation import (StopStringStream, apply_repetition_penalty, beam_
                                decode_one_token, fit_context, generate, generate_many,
                                iter_generate, min_p_filter, prefill, sample, top_k_filter,
                                top_p_filter, trim_stop_strings)
+from engine.hub import pick_device_dtype
 from engine.model import Transformer
 from tokenizer.base import Tokenizer
 
@@ -689,7 +690,7 @@ def test_cli_device_without_cuda_one_line(monkeypatch, capsys, tmp_path):
     assert cli_mod.cli(["--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert err == "error: --device cuda: CUDA is not available on this machine\n"
-    assert cli_mod.pick_device_dtype(None, "auto") == ("cpu", torch.float32)
+    assert pick_device_dtype(None, "auto") == ("cpu", torch.float32)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert cli_mod.cli(["--device", "cuda:3"]) == 2

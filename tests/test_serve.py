@@ -409,6 +409,8 @@ BAD = [  # (method, path, body or raw bytes, extra kwargs, status, param)
     ("POST", "/v1/completions", b"x" * (65 << 10), {}, 413, None),
     # lone surrogates are valid JSON: a 400 (prompt) and a 404 (model), not a dropped connection
     ("POST", "/v1/completions", {"prompt": "a\ud800"}, {}, 400, "prompt"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800"}]}, {},
+     400, "messages"),
     ("POST", "/v1/completions", {"prompt": "a", "model": "\ud800"}, {}, 404, "model"),
 ]
 
