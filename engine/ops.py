@@ -2,8 +2,9 @@
 
 Each op has a PyTorch path (the reference, used on CPU and whenever Triton is unusable) and,
 when the tensors are on CUDA and Triton imports, the kernel from `kernels/`. The environment
-variable WHETSTONE_KERNELS=triton|torch|auto (default auto) forces a choice (triton where the
-kernels cannot run warns once, then uses the reference); `use_kernels(...)` does the same from
+variable WHETSTONE_KERNELS=triton|torch|auto (default auto: kernels on GPUs of compute
+capability 8.0 or newer) forces a choice (triton where the kernels cannot run warns once, then
+uses the reference); `use_kernels(...)` does the same from
 Python. The kernels package is imported lazily, only on the Triton path.
 """
 from __future__ import annotations
@@ -61,7 +62,20 @@ def _use_triton(t: torch.Tensor) -> bool:
             _forced_but_unusable(f"{t.device.type} tensors need CUDA or TRITON_INTERPRET=1")
             return False
         return True
-    return t.is_cuda and triton_available()
+    return t.is_cuda and triton_available() and kernels_supported(t.device)
+
+
+def kernels_supported(device: torch.device) -> bool:
+    """Auto mode's GPU rule: the kernels are built and checked for compute capability 8.0 and
+    newer (kernels.compile_check: sm_80 to sm_120). Older GPUs (T4, V100) have no bf16
+    tensor-core dots, so they run the PyTorch path; WHETSTONE_KERNELS=triton still tries."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index) >= (8, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 @functools.lru_cache(maxsize=None)

@@ -171,3 +171,14 @@ def test_forced_kernels_that_cannot_run_say_so_once(monkeypatch):
             warnings.simplefilter("error")  # the second call is quiet
             ops.rms_norm(x, w, 1e-6)
     assert torch.equal(y, ref)
+
+
+def test_auto_mode_uses_kernels_only_from_compute_capability_8(monkeypatch):
+    """Auto picks the kernels on sm_80 and newer (what kernels.compile_check builds for); a T4
+    (7.5) or V100 (7.0), without bf16 tensor-core dots, gets the PyTorch path."""
+    for cap, want in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True),
+                      ((12, 0), True)):
+        ops._capability.cache_clear()
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i, c=cap: c)
+        assert ops.kernels_supported(torch.device("cuda", 0)) is want, cap
+    ops._capability.cache_clear()
