@@ -28,6 +28,7 @@ setup(
     ],
     extras_require={
         # Reference implementations: tests compare against them; the engine never imports them.
-        "dev": ["pytest", "transformers", "tokenizers", "peft", "bitsandbytes", "openai"],
+        "dev": ["pytest", "transformers", "tokenizers", "peft", "bitsandbytes", "openai",
+                "protobuf"],  # protobuf: transformers reads tokenizer.model with it
     },
 )

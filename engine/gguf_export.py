@@ -162,52 +162,10 @@ def pre_tokenizer_name(tok) -> str:
                      f"({', '.join(PRE_TOKENIZERS)}); it cannot be exported to GGUF")
 
 
-def _proto_fields(buf: bytes):
-    """(field number, value) pairs of a protobuf message: varints as ints, the rest as bytes."""
-    def varint(i):
-        n = shift = 0
-        while True:
-            b = buf[i]
-            n |= (b & 0x7F) << shift
-            i, shift = i + 1, shift + 7
-            if b < 0x80:
-                return n, i
-
-    i = 0
-    while i < len(buf):
-        key, i = varint(i)
-        num, wire = key >> 3, key & 7
-        if wire == 0:
-            val, i = varint(i)
-        elif wire in (1, 5):  # fixed 64 / 32 bits
-            size = 8 if wire == 1 else 4
-            val, i = buf[i:i + size], i + size
-        elif wire == 2:  # length-delimited
-            size, i = varint(i)
-            val, i = buf[i:i + size], i + size
-        else:
-            raise ValueError(f"unexpected protobuf wire type {wire} in the sentencepiece model")
-        yield num, val
-
-
-def spm_piece_types(proto: bytes) -> tuple[list[int], bool]:
-    """(each piece's type, add_dummy_prefix) from a sentencepiece ModelProto, read by hand (no
-    protobuf dependency): field 1 is the repeated SentencePiece {1: piece, 2: score, 3: type,
-    default 1 normal; 2 unknown, 3 control, 4 user defined, 5 unused, 6 byte}; field 3 the
-    NormalizerSpec {3: add_dummy_prefix, default true}."""
-    types, dummy_prefix = [], True
-    for num, val in _proto_fields(proto):
-        if num == 1:
-            types.append(next((v for n, v in _proto_fields(val) if n == 3), 1))
-        elif num == 3:
-            dummy_prefix = bool(next((v for n, v in _proto_fields(val) if n == 3), 1))
-    return types, dummy_prefix
-
-
 def write_tokenizer_metadata(w, tok) -> None:
     """tokenizer.ggml.* keys built from one of our tokenizers (what tokenizer/ reads back)."""
     from tokenizer.bpe import ByteLevelBPETokenizer
-    from tokenizer.spm import SentencePieceTokenizer
+    from tokenizer.spm import SentencePieceTokenizer, spm_piece_types
     n = tok.vocab_size
     if isinstance(tok, ByteLevelBPETokenizer):
         missing = [i for i in range(n) if i not in tok.id_to_tok]
@@ -221,12 +179,25 @@ def write_tokenizer_metadata(w, tok) -> None:
         w.add_token_types([kinds.get(i, 1) for i in range(n)])
         w.add_token_merges([f"{a} {b}" for a, b in tok.merges])
     elif isinstance(tok, SentencePieceTokenizer):
-        sp = tok.sp
+        # As convert_hf_to_gguf.py's _set_vocab_sentencepiece: the model's pieces, then HF's
+        # added tokens over them (score -1000, CONTROL if special, else USER_DEFINED), ids
+        # without a token as "[PAD{i}]" UNUSED. An added token that only reuses a piece of the
+        # same text and kind keeps it as is (an <unk> turned CONTROL would leave no unknown).
+        sp, n_sp = tok.sp, tok.sp_size
+        types, dummy_prefix = spm_piece_types(tok.model_proto)
+        tokens = [sp.id_to_piece(i) for i in range(n_sp)] + [f"[PAD{i}]" for i in range(n_sp, n)]
+        scores = [float(sp.get_score(i)) for i in range(n_sp)] + [-10000.0] * (n - n_sp)
+        types = types + [5] * (n - n_sp)
+        for t in tok.added_tokens:
+            i = t["id"]
+            kinds = (3, 2) if t["special"] else (4,)
+            if i < n_sp and tokens[i] == t["content"] and types[i] in kinds:
+                continue
+            tokens[i], scores[i], types[i] = t["content"], -1000.0, 3 if t["special"] else 4
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")
-        w.add_token_list([sp.id_to_piece(i) for i in range(n)])
-        w.add_token_scores([float(sp.get_score(i)) for i in range(n)])
-        types, dummy_prefix = spm_piece_types(tok.model_proto)
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
         w.add_token_types(types)
         w.add_add_space_prefix(dummy_prefix)
     else:

@@ -175,6 +175,39 @@ def test_sentencepiece_tokenizer_export(style, tmp_path):
             assert hf_tok(text)["input_ids"] == tok.encode(text), text
 
 
+def test_sentencepiece_added_tokens_export(tmp_path):
+    """ChatML tokens added past the sentencepiece pieces (a Llama 2 / Mistral fine-tune such as
+    OpenHermes) are written after them as convert_hf_to_gguf.py does: CONTROL if special, else
+    USER_DEFINED, score -1000, a gap filled with [PAD{i}] UNUSED; the export had failed on them."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(f"the king {i} my lord user assistant {i * 7}" for i in range(400)))
+    base = llama_style_spm(corpus)
+    n = base.vocab_size
+    template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+                "'<|im_end|>\n' }}{% endfor %}{{ '<|im_start|>assistant\n' }}")
+    tok = SentencePieceTokenizer(base.model_proto, chat_template=template, eos_id=n + 1,
+                                 added_tokens=[{"id": n, "content": "<|im_start|>"},
+                                               {"id": n + 1, "content": "<|im_end|>"},
+                                               {"id": n + 3, "content": "<tool>", "special": False}])
+    path = str(tmp_path / "s.gguf")
+    export_gguf(random_model(vocab_size=n + 4), tok, path, "f32")
+    fields = gguf.GGUFReader(path).fields
+    assert fields["tokenizer.ggml.tokens"].contents()[n:] == \
+        ["<|im_start|>", "<|im_end|>", f"[PAD{n + 2}]", "<tool>"]
+    assert fields["tokenizer.ggml.token_type"].contents()[n:] == [3, 3, 5, 4]
+    assert fields["tokenizer.ggml.scores"].contents()[n:n + 2] == [-1000.0, -1000.0]
+    back = tokenizer_from_gguf(load_gguf(path)[1], path)
+    assert (back.vocab_size, back.eos_id, back.stop_ids) == (n + 4, n + 1, {n + 1})
+    chats = [[{"role": "user", "content": "the king 12 <tool> my lord"}],
+             [{"role": "system", "content": "ünïcode 😀"}, {"role": "user", "content": "a▁b </s>"},
+              {"role": "assistant", "content": " leading space"}]]
+    for chat in chats:
+        text = tok.apply_chat_template(chat)
+        assert back.apply_chat_template(chat) == text
+        assert back.encode(text) == tok.encode(text), text
+        assert back.decode(tok.encode(text)) == tok.decode(tok.encode(text))
+
+
 def test_pre_tokenizer_names_and_unknown_one():
     for name in PRE_TOKENIZERS:  # the probe tells every llama.cpp family apart
         assert pre_tokenizer_name(SimpleNamespace(pre_tokenizer=PreTokenizer(name))) == name

@@ -7,6 +7,7 @@ SentencePieceProcessor.encode), and exact text equality for round trips.
 import io
 import json
 import os
+import re
 
 import pytest
 import sentencepiece as spm
@@ -45,7 +46,8 @@ def test_ids_and_defaults(tok):
     ids = tok.encode("Hello", add_eos=True)
     assert ids[0] == 1 and ids[-1] == 2 and tok.encode("Hello", add_bos=False) == ids[1:-1]
     assert (tok.bos_token, tok.eos_token) == ("<s>", "</s>")
-    assert tok.special_tokens == {"<s>": 1, "</s>": 2}
+    # <unk> is split out of text too, as HF (a special token) and llama.cpp (UNKNOWN) do
+    assert tok.special_tokens == {"<unk>": 0, "<s>": 1, "</s>": 2}
     assert tok.encode("", add_bos=False) == []
     plain = tok.encode("<s>x</s>", add_bos=False, parse_special=False)
     assert 1 not in plain and 2 not in plain and tok.decode(plain) == "<s>x</s>"
@@ -55,7 +57,8 @@ def test_ids_and_defaults(tok):
 def test_roundtrip_hard_cases(tok, s):
     assert tok.decode(tok.encode(s)) == "<s>" + s
     assert tok.decode(tok.encode(s, add_bos=False)) == s
-    assert tok.decode(tok.encode(s), skip_special=True) == s.replace("<s>", "").replace("</s>", "")
+    assert tok.decode(tok.encode(s), skip_special=True) == \
+        s.replace("<s>", "").replace("</s>", "").replace("<unk>", "")
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -160,7 +163,7 @@ def test_llama_style_model_follows_its_own_settings(corpus, tmp_path):
     assert tok.encode("Hello world", add_bos=False) == sp.encode("Hello world")
     assert tok.id_to_token(tok.encode("Hello", add_bos=False)[0]).startswith("▁")  # dummy prefix
     for s in HARD:
-        if "<s>" not in s and "</s>" not in s:
+        if not any(t in s for t in ("<s>", "</s>", "<unk>")):
             assert tok.encode(s, add_bos=False) == sp.encode(s), repr(s)
         # sentencepiece itself reads a literal U+2581 as a space in dummy-prefix models
         assert tok.decode(tok.encode(s, add_bos=False)) == s.replace("▁", " "), repr(s)
@@ -225,3 +228,173 @@ def test_lone_surrogate_is_a_clear_error(tok):
     """JSON allows "\\ud800"; sentencepiece failed on it with a cryptic RuntimeError."""
     with pytest.raises(ValueError, match="lone surrogate '\\\\ud800' at index 1"):
         tok.encode(json.loads('"a\\ud800b"'))
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+          "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATS = [[{"role": "user", "content": "Hello, my lord!"}],
+         [{"role": "system", "content": "Be brief.\n\nReally."},
+          {"role": "user", "content": "日本 🤗 café\ttab"},
+          {"role": "assistant", "content": "To be, or not to be</s>"}]]
+
+
+def _chatml_dir(proto: bytes, d) -> str:
+    """A ChatML fine-tune of a Llama-2-style model (as OpenHermes): <|im_start|> and <|im_end|>
+    added past the sentencepiece pieces in tokenizer_config.json, eos <|im_end|>."""
+    n = spm.SentencePieceProcessor(model_proto=proto).get_piece_size()
+    d.mkdir(exist_ok=True)
+    (d / "tokenizer.model").write_bytes(proto)
+    tok = lambda c: {"content": c, "lstrip": False, "normalized": False, "rstrip": False,  # noqa
+                     "single_word": False, "special": True}
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+        "bos_token": "<s>", "eos_token": "<|im_end|>", "unk_token": "<unk>", "pad_token": None,
+        "legacy": True, "chat_template": CHATML,
+        "added_tokens_decoder": {"0": tok("<unk>"), "1": tok("<s>"), "2": tok("</s>"),
+                                 str(n): tok("<|im_start|>"), str(n + 1): tok("<|im_end|>")}}))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def llama_proto(corpus):
+    return _llama_style_model(corpus)
+
+
+def test_added_tokens_past_the_model(llama_proto, tmp_path):
+    """Added tokens were dropped: vocab_size stayed at the pieces, eos stayed </s>,
+    "<|im_start|>user" was encoded as text, and <|im_end|> did not stop generation."""
+    tok = load_tokenizer(_chatml_dir(llama_proto, tmp_path / "chatml"))
+    sp = spm.SentencePieceProcessor(model_proto=llama_proto)
+    assert isinstance(tok, SentencePieceTokenizer)
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.eos_token) == (802, 1, 801, "<|im_end|>")
+    assert tok.id_to_token(800) == "<|im_start|>" and tok.token_to_id("<|im_end|>") == 801
+    assert tok.special_tokens["<|im_start|>"] == 800 and tok.stop_ids == {801}
+    assert tok.encode("<|im_start|>user\nhi<|im_end|>", add_bos=False) == \
+        [800] + sp.encode("user\nhi") + [801]
+    plain = tok.encode("<|im_start|>x", add_bos=False, parse_special=False)
+    assert plain == sp.encode("<|im_start|>x") and max(plain) < 800
+    text = tok.apply_chat_template(CHATS[1])
+    ids = tok.encode(text, add_bos=False)
+    assert tok.decode(ids) == text
+    assert tok.decode(ids, skip_special=True) == text.replace("<|im_start|>", "") \
+        .replace("<|im_end|>", "").replace("</s>", "")
+    dec = StreamDecoder(tok, tok.encode("<|im_start|>assistant\n"))
+    assert "".join(dec.push(i) for i in ids) + dec.flush() == text
+    with pytest.raises(ValueError, match="out of range"):
+        tok.decode([802])
+    # save() keeps them, for load() and for transformers
+    tok.save(str(tmp_path / "saved"))
+    again = load_tokenizer(str(tmp_path / "saved"))
+    assert (again.vocab_size, again.eos_id, again.special_tokens) == \
+        (802, 801, tok.special_tokens)
+    assert again.encode(text) == tok.encode(text)
+
+
+def test_added_tokens_from_tokenizer_json(llama_proto, tmp_path):
+    """A Llama-layout directory (tokenizer.model beside a sentencepiece-style tokenizer.json):
+    load_tokenizer takes the SentencePiece path and reads tokenizer.json's added_tokens."""
+    (tmp_path / "tokenizer.model").write_bytes(llama_proto)
+    (tmp_path / "tokenizer.json").write_text(json.dumps({
+        "version": "1.0", "pre_tokenizer": {"type": "Metaspace", "replacement": "▁"},
+        "model": {"type": "BPE", "vocab": {}, "merges": []},
+        "added_tokens": [{"id": 800, "content": "<|im_start|>", "special": True, "lstrip": False,
+                          "rstrip": False, "single_word": False, "normalized": False}]}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|im_start|>"}))
+    tok = load_tokenizer(str(tmp_path))
+    assert isinstance(tok, SentencePieceTokenizer) and tok.vocab_size == 801
+    assert tok.pad_id == 800 and tok.encode("<|im_start|>", add_bos=False) == [800]
+
+
+def _hf_comparable(text: str) -> bool:
+    """HF's legacy Metaspace adds no "▁" to a segment that already starts with a space or "▁"
+    (sentencepiece, llama.cpp and ours do): compare only texts where no segment does."""
+    segments = re.split(r"<\|im_start\|>|<\|im_end\|>|</?s>|<unk>|\s*<tool>\s*", text)
+    return "▁" not in text and not any(seg.startswith(" ") for seg in segments)
+
+
+def test_added_tokens_equal_transformers(llama_proto, tmp_path):
+    """transformers' LlamaTokenizer reads the same tokenizer from the original directory and
+    from ours after save() (it needs protobuf to read tokenizer.model)."""
+    pytest.importorskip("google.protobuf")
+    transformers = pytest.importorskip("transformers")
+    tok = load_tokenizer(_chatml_dir(llama_proto, tmp_path / "chatml"))
+    tok.added_tokens.append({"id": 802, "content": "<tool>", "special": False, "lstrip": True,
+                             "rstrip": True})
+    tok = SentencePieceTokenizer(llama_proto, added_tokens=tok.added_tokens, eos_id=801,
+                                 chat_template=CHATML)
+    tok.save(str(tmp_path / "saved"))
+    texts = [tok.apply_chat_template(c) for c in CHATS] + [t for t in HARD] + \
+        ["a <tool> b", "x<tool>\n\ny", "<|im_end|><|im_start|>", "<s>hi<unk>"]
+    texts = [t for t in texts if _hf_comparable(t)]
+    assert len(texts) > 25
+    for d, ours in ((tmp_path / "chatml", load_tokenizer(str(tmp_path / "chatml"))),
+                    (tmp_path / "saved", tok)):
+        hf = transformers.AutoTokenizer.from_pretrained(str(d))
+        assert len(hf) == ours.vocab_size and hf.eos_token_id == ours.eos_id
+        for t in texts:
+            if "<tool>" in t and ours is not tok:
+                continue
+            assert hf(t)["input_ids"] == ours.encode(t), repr(t)
+        assert hf.convert_ids_to_tokens(list(range(ours.vocab_size))) == \
+            [ours.id_to_token(i) for i in range(ours.vocab_size)]
+
+
+def test_added_token_options():
+    """lstrip/rstrip take the whitespace along, non-special ones are split out even with
+    parse_special=False, an added token can rename a piece; a gap in the ids has no token."""
+    toks = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["a", "b", "▁a"]
+    types = [2, 3, 3] + [6] * 256 + [1, 1, 1]
+    proto = spm_build(toks, types)
+    tok = SentencePieceTokenizer(proto, added_tokens=[
+        {"id": 265, "content": "<mask>", "special": True, "lstrip": True, "rstrip": True},
+        {"id": 263, "content": "<tool>", "special": False},
+        {"id": 2, "content": "<|end|>", "special": True}])
+    assert tok.vocab_size == 266 and tok.id_to_token(2) == "<|end|>"
+    assert tok.encode("a  <mask>  b<|end|>", add_bos=False) == [259, 265, 260, 2]
+    assert tok.encode("a<tool>b<mask>", add_bos=False, parse_special=False) == \
+        [259, 263, 260] + tok.encode("<mask>", add_bos=False, parse_special=False)
+    assert tok.decode([259, 263, 265, 2, 260], skip_special=True) == "a<tool>b"
+    with pytest.raises(ValueError, match="has no token"):
+        tok.decode([264])
+    with pytest.raises(ValueError, match="bad added token"):
+        SentencePieceTokenizer(proto, added_tokens=[{"content": "x"}])
+
+
+def spm_build(tokens, types, dummy_prefix=False) -> bytes:
+    from tokenizer.spm import build_model_proto
+    scores = [0.0 if t != 1 else -float(k) for k, t in enumerate(types)]
+    return build_model_proto(tokens, scores, types, bos_id=1, eos_id=2,
+                             add_dummy_prefix=dummy_prefix)
+
+
+def test_dummy_prefix_read_from_the_model():
+    """The dummy prefix was probed by encoding "a": where "a" is a byte piece the probe said
+    "dummy prefix", so a literal "▁" became a space: "a▁b" decoded as "a b"."""
+    toks = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["b", "▁b"]
+    types = [2, 3, 3] + [6] * 256 + [1, 1]
+    tok = SentencePieceTokenizer(spm_build(toks, types))
+    assert not tok.add_dummy_prefix
+    assert tok.decode(tok.encode("a▁b", add_bos=False)) == "a▁b"
+    assert SentencePieceTokenizer(spm_build(toks, types, True)).add_dummy_prefix
+
+
+def test_gguf_added_tokens_after_the_pieces(llama_proto, tmp_path):
+    """What convert_hf_to_gguf.py writes for added tokens (CONTROL 3 if special, else
+    USER_DEFINED 4, score -1000, after the pieces) loads as the same tokenizer."""
+    tok = SentencePieceTokenizer(llama_proto, chat_template=CHATML, eos_id=801, added_tokens=[
+        {"id": 800, "content": "<|im_start|>"}, {"id": 801, "content": "<|im_end|>"},
+        {"id": 802, "content": "<tool>", "special": False}])
+    fields = _gguf_fields_of(llama_proto)
+    fields["tokenizer.ggml.tokens"] += ["<|im_start|>", "<|im_end|>", "<tool>"]
+    fields["tokenizer.ggml.scores"] += [-1000.0] * 3
+    fields["tokenizer.ggml.token_type"] += [3, 3, 4]
+    fields["tokenizer.ggml.eos_token_id"] = 801
+    fields["tokenizer.chat_template"] = CHATML
+    back = from_gguf_metadata(fields)
+    assert (back.vocab_size, back.eos_id, back.stop_ids) == (803, 801, {801})
+    for s in HARD + [tok.apply_chat_template(c) for c in CHATS] + ["x<tool>y <tool> z"]:
+        for parse_special in (True, False):
+            ids = tok.encode(s, parse_special=parse_special)
+            assert back.encode(s, parse_special=parse_special) == ids, repr(s)
+            assert back.decode(ids) == tok.decode(ids)

@@ -8,9 +8,14 @@ collapsing, byte fallback (any UTF-8 round-trips), whitespace-only pieces allowe
 fed paragraph-sized chunks with their newlines, so pieces like ".\n" are learned; sentencepiece
 would otherwise see one line per sentence and spend a byte token on every newline.
 
-Special (control) tokens such as "<s>" are split out of the text first, then each plain segment is
-encoded by sentencepiece, so a model with add_dummy_prefix (Llama 2) gets its "▁" at the start of
-each segment, as llama.cpp does. Decode is the exact inverse segment by segment.
+Special tokens (control pieces such as "<s>", <unk>, HF's special added tokens) are split out of
+the text first (only with parse_special), and so are user-defined pieces and non-special added
+tokens (always); then each plain segment is encoded by sentencepiece, so a model with
+add_dummy_prefix (Llama 2) gets its "▁" at the start of each segment, as llama.cpp and HF's
+legacy Llama tokenizer do. HF's added tokens (tokenizer.json `added_tokens`, tokenizer_config.json
+`added_tokens_decoder`) may lie past the model's pieces: ChatML's <|im_start|> = 32000 in a Llama 2
+fine-tune extends the vocab. Decode is the exact inverse segment by segment (HF's differs: it
+keeps the "▁" after a special token as a space).
 """
 from __future__ import annotations
 
@@ -35,14 +40,39 @@ class SentencePieceTokenizer(Tokenizer):
 
     def __init__(self, model_proto: bytes, *, add_bos: bool | None = None,
                  chat_template: str | None = None, bos_id: int | None = None,
-                 eos_id: int | None = None, pad_id: int | None = None):
+                 eos_id: int | None = None, pad_id: int | None = None,
+                 added_tokens: list[dict] | None = None):
+        """added_tokens: HF's tokens on top of the model, {"id", "content", "special", "lstrip",
+        "rstrip", "single_word"} as in tokenizer.json; ids past the model's pieces extend the
+        vocab (ChatML's <|im_start|> = 32000 in a Llama 2 fine-tune), others rename or reuse one."""
         try:
             self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         except (RuntimeError, OSError) as e:
             raise ValueError(f"not a valid sentencepiece model: {e}") from None
         self.model_proto = model_proto
         sp = self.sp
-        self.vocab_size = sp.get_piece_size()
+        self._piece_types, self.add_dummy_prefix = spm_piece_types(model_proto)
+        self.sp_size = n = sp.get_piece_size()
+        added: dict[int, dict] = {}
+        for t in added_tokens or ():
+            try:
+                t = {"special": True, **t, "id": int(t["id"]), "content": str(t["content"])}
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"bad added token {t!r:.80}: needs an integer id and a content") \
+                    from None
+            if t["id"] < 0:
+                raise ValueError(f"added token {t['content']!r} has a negative id {t['id']}")
+            if t["content"]:
+                added[t["id"]] = t
+        self.added_tokens = [added[i] for i in sorted(added)]
+        self.vocab_size = max([n] + [i + 1 for i in added])
+        # None: an id between the model's pieces and an added token that has no token
+        self._pieces: list[str | None] = [sp.id_to_piece(i) for i in range(n)] + \
+            [None] * (self.vocab_size - n)
+        self._piece_to_id = {p: i for i, p in enumerate(self._pieces[:n])}
+        for i, t in added.items():  # an added token wins, as in HF's added vocabulary
+            self._pieces[i] = t["content"]
+            self._piece_to_id[t["content"]] = i
         ids = lambda v: v if v is not None and v >= 0 else None  # noqa: E731  (-1 = none)
         self.bos_id = ids(sp.bos_id()) if bos_id is None else bos_id
         self.eos_id = ids(sp.eos_id()) if eos_id is None else eos_id
@@ -51,24 +81,40 @@ class SentencePieceTokenizer(Tokenizer):
         # Llama convention: a BOS starts every sequence unless the config says otherwise.
         self.add_bos = (self.bos_id is not None) if add_bos is None else bool(add_bos)
         self.chat_template = chat_template
-        self._pieces = [sp.id_to_piece(i) for i in range(self.vocab_size)]
-        self._control = {self._pieces[i]: i for i in range(self.vocab_size) if sp.is_control(i)}
-        for i in (self.bos_id, self.eos_id, self.pad_id):
-            if i is not None:
-                if not 0 <= i < self.vocab_size:
-                    raise ValueError(f"special id {i} is outside the vocab of {self.vocab_size}")
-                self._control.setdefault(self._pieces[i], i)
-        # Longest first, so that of two control tokens sharing a prefix the longer wins.
-        self._control_rx = regex.compile("|".join(
-            regex.escape(p) for p in sorted(self._control, key=len, reverse=True) if p)) \
-            if self._control else None
-        self._piece_to_id = {p: i for i, p in enumerate(self._pieces)}
+        self._index()
         # sentencepiece reads a literal "▁" (U+2581) in the text as a space. Without a dummy
         # prefix we encode it as its three UTF-8 byte pieces instead, so it round-trips; models
         # with a dummy prefix (Llama 2) keep sentencepiece's behaviour, as HF and llama.cpp do.
         meta = [self._piece_to_id.get(f"<0x{b:02X}>") for b in "▁".encode("utf-8")]
-        dummy_prefix = sp.encode("a", out_type=str)[:1] != ["a"]
-        self._meta_bytes = meta if None not in meta and not dummy_prefix else None
+        self._meta_bytes = meta if None not in meta and not self.add_dummy_prefix else None
+
+    def _index(self) -> None:
+        """The tokens split out of the text before sentencepiece sees it (call again after
+        changing bos/eos/pad_id). Special ones (control and unknown pieces, special added
+        tokens, bos/eos/pad) only with parse_special, as llama.cpp and HF do; user-defined
+        pieces and non-special added tokens always (HF's split_special_tokens, llama.cpp's
+        user-defined tokens)."""
+        special, plain = {}, {}  # id -> token dict
+        for i, ty in enumerate(self._piece_types):
+            if ty in (CONTROL, UNKNOWN, USER_DEFINED):
+                kind = plain if ty == USER_DEFINED else special
+                kind[i] = {"id": i, "content": self._pieces[i]}
+        for t in self.added_tokens:
+            special.pop(t["id"], None)
+            plain.pop(t["id"], None)
+            (special if t["special"] else plain)[t["id"]] = t
+        for i in (self.bos_id, self.eos_id, self.pad_id):
+            if i is not None:
+                if not 0 <= i < self.vocab_size or self._pieces[i] is None:
+                    raise ValueError(f"special id {i} is outside the vocab of {self.vocab_size}")
+                if i not in plain:
+                    special.setdefault(i, {"id": i, "content": self._pieces[i]})
+        self._special_ids = set(special)
+        self._split_ids = set(special) | set(plain)
+        self._split_by_content = {t["content"]: i for d in (special, plain) for i, t in d.items()}
+        self._special_by_content = {t["content"]: i for i, t in special.items()}
+        self._split_rx = _split_regex([*special.values(), *plain.values()])
+        self._plain_rx = _split_regex(list(plain.values()))
 
     # -- construction -------------------------------------------------------------------------
 
@@ -81,12 +127,15 @@ class SentencePieceTokenizer(Tokenizer):
                 proto = f.read()
         except OSError as e:
             raise ValueError(f"cannot read sentencepiece model {file}: {e.strerror}") from None
-        cfg = read_tokenizer_config(os.path.dirname(file))
-        tok = cls(proto, add_bos=cfg.get("add_bos_token"), chat_template=cfg["chat_template"])
+        directory = os.path.dirname(file)
+        cfg = read_tokenizer_config(directory)
+        tok = cls(proto, add_bos=cfg.get("add_bos_token"), chat_template=cfg["chat_template"],
+                  added_tokens=_read_added_tokens(directory, cfg))
         for key, attr in (("bos_token", "bos_id"), ("eos_token", "eos_id"), ("pad_token", "pad_id")):
             i = tok.token_to_id(cfg[key]) if cfg.get(key) is not None else None
             if i is not None:
                 setattr(tok, attr, i)
+        tok._index()
         return tok
 
     @classmethod
@@ -178,12 +227,13 @@ class SentencePieceTokenizer(Tokenizer):
                 raise ValueError("add_bos requested but this tokenizer has no BOS token")
             ids.append(self.bos_id)
         pos = 0
-        if parse_special and self._control_rx is not None:
-            for m in self._control_rx.finditer(text):
-                if m.start() > pos:
-                    self._encode_plain(text[pos:m.start()], ids)
-                ids.append(self._control[m.group()])
-                pos = m.end()
+        rx = self._split_rx if parse_special else self._plain_rx
+        for m in (rx.finditer(text) if rx is not None else ()):
+            if m.start() > pos:
+                self._encode_plain(text[pos:m.start()], ids)
+            # the token without the whitespace an lstrip/rstrip token takes along
+            ids.append(self._split_by_content[m.group("t")])
+            pos = m.end()
         if pos < len(text):
             self._encode_plain(text[pos:], ids)
         if add_eos:
@@ -203,19 +253,22 @@ class SentencePieceTokenizer(Tokenizer):
                 ids.extend(self.sp.encode(part))
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        """sentencepiece's text for each run of ordinary ids; split-out tokens (control,
+        user-defined, added) as their text between the runs, special ones dropped with
+        skip_special (HF's skip_special_tokens)."""
         n = self.vocab_size
         out, run = [], []
         for i in ids:
             i = int(i)
-            if not 0 <= i < n:
-                raise ValueError(f"token id {i} is out of range for a vocab of {n}")
-            piece = self._pieces[i]
-            if piece in self._control and self._control[piece] == i:
+            if not 0 <= i < n or self._pieces[i] is None:
+                raise ValueError(f"token id {i} is out of range for a vocab of {n}"
+                                 if not 0 <= i < n else f"token id {i} has no token")
+            if i in self._split_ids:
                 if run:
                     out.append(self.sp.decode(run))
                     run = []
-                if not skip_special:
-                    out.append(piece)
+                if not (skip_special and i in self._special_ids):
+                    out.append(self._pieces[i])
             else:
                 run.append(i)
         if run:
@@ -223,6 +276,8 @@ class SentencePieceTokenizer(Tokenizer):
         return "".join(out)
 
     def id_to_token(self, i: int) -> str:
+        if not 0 <= i < self.vocab_size or self._pieces[i] is None:
+            raise ValueError(f"token id {i} is not in the vocab of {self.vocab_size}")
         return self._pieces[i]
 
     def token_to_id(self, token: str) -> int | None:
@@ -230,21 +285,79 @@ class SentencePieceTokenizer(Tokenizer):
 
     @property
     def special_tokens(self) -> dict[str, int]:
-        return dict(self._control)
+        return dict(self._special_by_content)
 
     # -- save ---------------------------------------------------------------------------------
 
     def save(self, directory: str) -> None:
+        """tokenizer.model and tokenizer_config.json with every split-out token in
+        added_tokens_decoder, and legacy / add_prefix_space set so that transformers'
+        LlamaTokenizer(Fast) gives each text segment the model's own dummy prefix, as here."""
         os.makedirs(directory, exist_ok=True)
         atomic_write_bytes(os.path.join(directory, "tokenizer.model"), self.model_proto)
         name = lambda i: self._pieces[i] if i is not None else None  # noqa: E731
-        cfg = {"add_bos_token": self.add_bos, "add_eos_token": False,
-               "bos_token": name(self.bos_id), "eos_token": name(self.eos_id),
-               "unk_token": name(self.unk_id), "pad_token": name(self.pad_id)}
+        added = {t["id"]: t for t in self.added_tokens}
+        decoder = {}
+        for i in sorted(self._split_ids):
+            t = added.get(i, {})
+            decoder[str(i)] = {"content": self._pieces[i], "lstrip": bool(t.get("lstrip")),
+                               "normalized": False, "rstrip": bool(t.get("rstrip")),
+                               "single_word": bool(t.get("single_word")),
+                               "special": i in self._special_ids}
+        cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": self.add_bos,
+               "add_eos_token": False, "bos_token": name(self.bos_id),
+               "eos_token": name(self.eos_id), "unk_token": name(self.unk_id),
+               "pad_token": name(self.pad_id), "legacy": True,
+               "add_prefix_space": self.add_dummy_prefix, "clean_up_tokenization_spaces": False,
+               "added_tokens_decoder": decoder}
         if self.chat_template:
             cfg["chat_template"] = self.chat_template
         atomic_write_text(os.path.join(directory, "tokenizer_config.json"),
                           json.dumps(cfg, ensure_ascii=False, indent=2))
+
+
+def _read_added_tokens(directory: str, cfg: dict) -> list[dict]:
+    """HF's added tokens of a model directory: tokenizer.json `added_tokens`, then
+    tokenizer_config.json `added_tokens_decoder` ({"32000": {"content": ...}}) for other ids."""
+    added: dict[int, dict] = {}
+    path = os.path.join(directory, "tokenizer.json")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                tj = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read {path}: {e}") from None
+        for t in tj.get("added_tokens") or []:
+            if isinstance(t, dict) and "id" in t:
+                added[t["id"]] = t
+    decoder = cfg.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        raise ValueError("tokenizer_config.json: added_tokens_decoder is not an object")
+    for i, t in decoder.items():
+        try:
+            i = int(i)
+        except ValueError:
+            raise ValueError(f"tokenizer_config.json: added_tokens_decoder key {i!r} is not "
+                             "a token id") from None
+        if isinstance(t, str):
+            t = {"content": t}
+        added.setdefault(i, {**t, "id": i})
+    keys = ("id", "content", "special", "lstrip", "rstrip", "single_word")
+    return [{k: t[k] for k in keys if k in t} for t in added.values()]
+
+
+def _split_regex(tokens: list[dict]):
+    """Leftmost-longest match of the tokens' texts (HF's AddedVocabulary), the text itself in
+    group "t": lstrip / rstrip tokens also take the whitespace before / after them."""
+    if not tokens:
+        return None
+    alts = []
+    for t in sorted(tokens, key=lambda t: -len(t["content"])):  # longest first at a position
+        alt = rf"(?P<t>{regex.escape(t['content'])})"
+        if t.get("single_word"):  # no word character directly before or after it
+            alt = rf"(?<!\w){alt}(?!\w)"
+        alts.append((r"\s*" if t.get("lstrip") else "") + alt + (r"\s*" if t.get("rstrip") else ""))
+    return regex.compile("|".join(alts))
 
 
 # -- training input ---------------------------------------------------------------------------
@@ -288,7 +401,49 @@ def _prepend(first, rest):
     yield from rest
 
 
-# -- a minimal protobuf writer for ModelProto (no protobuf dependency) ------------------------
+# -- a minimal protobuf reader and writer for ModelProto (no protobuf dependency) -------------
+
+def _proto_fields(buf: bytes):
+    """(field number, value) pairs of a protobuf message: varints as ints, the rest as bytes."""
+    def varint(i):
+        n = shift = 0
+        while True:
+            b = buf[i]
+            n |= (b & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if b < 0x80:
+                return n, i
+
+    i = 0
+    while i < len(buf):
+        key, i = varint(i)
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            val, i = varint(i)
+        elif wire in (1, 5):  # fixed 64 / 32 bits
+            size = 8 if wire == 1 else 4
+            val, i = buf[i:i + size], i + size
+        elif wire == 2:  # length-delimited
+            size, i = varint(i)
+            val, i = buf[i:i + size], i + size
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire} in the sentencepiece model")
+        yield num, val
+
+
+def spm_piece_types(proto: bytes) -> tuple[list[int], bool]:
+    """(each piece's type, add_dummy_prefix) from a sentencepiece ModelProto, read by hand (no
+    protobuf dependency): field 1 is the repeated SentencePiece {1: piece, 2: score, 3: type,
+    default 1 normal; 2 unknown, 3 control, 4 user defined, 5 unused, 6 byte}; field 3 the
+    NormalizerSpec {3: add_dummy_prefix, default true}."""
+    types, dummy_prefix = [], True
+    for num, val in _proto_fields(proto):
+        if num == 1:
+            types.append(next((v for n, v in _proto_fields(val) if n == 3), 1))
+        elif num == 3:
+            dummy_prefix = bool(next((v for n, v in _proto_fields(val) if n == 3), 1))
+    return types, dummy_prefix
+
 
 def _varint(n: int) -> bytes:
     n &= (1 << 64) - 1  # negative int32 -> two's complement, as protobuf encodes it
