@@ -12,7 +12,8 @@ file a weight whose rows don't split into 32-value blocks stays F16, as llama.cp
 RoPE scaling is written as the `rope_freqs` per-frequency divisors. Tokenizer metadata is copied
 key by key from a GGUF source; otherwise it is built from the tokenizer: byte-level BPE ->
 "gpt2" with llama.cpp's pre-tokenizer name (found by splitting a probe text both ways),
-SentencePiece -> "llama" with each piece's score and type. The file is written beside --out
+SentencePiece -> "llama" with each piece's score and type; llama.cpp wants a token per
+embedding row, so rows past the tokenizer's vocab get "[PAD{i}]" tokens of type UNUSED. The file is written beside --out
 and renamed into place, so an interrupted export leaves nothing half-written.
 """
 from __future__ import annotations
@@ -162,21 +163,19 @@ def pre_tokenizer_name(tok) -> str:
                      f"({', '.join(PRE_TOKENIZERS)}); it cannot be exported to GGUF")
 
 
-def write_tokenizer_metadata(w, tok) -> None:
-    """tokenizer.ggml.* keys built from one of our tokenizers (what tokenizer/ reads back)."""
+def write_tokenizer_metadata(w, tok, n_rows: int) -> None:
+    """tokenizer.ggml.* keys built from one of our tokenizers (what tokenizer/ reads back).
+    llama.cpp wants a token per embedding row: ids without a token (a gap, or rows past the
+    tokenizer's vocab) become "[PAD{i}]" of type UNUSED, as convert_hf_to_gguf.py writes them."""
     from tokenizer.bpe import ByteLevelBPETokenizer
     from tokenizer.spm import SentencePieceTokenizer, spm_piece_types
-    n = tok.vocab_size
+    n = n_rows
     if isinstance(tok, ByteLevelBPETokenizer):
-        missing = [i for i in range(n) if i not in tok.id_to_tok]
-        if missing:
-            raise ValueError(f"the tokenizer has no token for ids {missing[:5]}; GGUF needs a "
-                             "token for every id")
         kinds = {t["id"]: 3 if t["special"] else 4 for t in tok.added_tokens}
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(pre_tokenizer_name(tok))
-        w.add_token_list([tok.id_to_tok[i] for i in range(n)])
-        w.add_token_types([kinds.get(i, 1) for i in range(n)])
+        w.add_token_list([tok.id_to_tok.get(i, f"[PAD{i}]") for i in range(n)])
+        w.add_token_types([kinds.get(i, 1) if i in tok.id_to_tok else 5 for i in range(n)])
         w.add_token_merges([f"{a} {b}" for a, b in tok.merges])
     elif isinstance(tok, SentencePieceTokenizer):
         # As convert_hf_to_gguf.py's _set_vocab_sentencepiece: the model's pieces, then HF's
@@ -234,7 +233,7 @@ def export_gguf(model, tok, out: str, kind: str = "f16", name: str = "model",
         if tokenizer_from is not None:
             copy_tokenizer_fields(w, tokenizer_from)
         elif tok is not None:
-            write_tokenizer_metadata(w, tok)
+            write_tokenizer_metadata(w, tok, cfg.vocab_size)
         for gname, data, qtype in export_tensors(model, kind):
             w.add_tensor(gname, data, raw_dtype=qtype)
             types[qtype.name] = types.get(qtype.name, 0) + 1

@@ -97,6 +97,11 @@ def test_f32_export_loads_back_and_in_transformers(family, kw, tmp_path):
         assert (logits(back, ids) - want).abs().max() < 1e-5
         assert (logits(hf, ids) - want).abs().max() < 1e-4
     assert tok_back.chat_template == tok.chat_template and tok_back.add_bos and tok_back.eos_id == 1
+    # a token per embedding row, as llama.cpp requires: rows past the tokenizer are "[PAD{i}]"
+    # UNUSED, which the reader leaves out again (so generation keeps masking those rows)
+    types = gguf.GGUFReader(path).fields["tokenizer.ggml.token_type"].contents()
+    assert len(types) == 640 and set(types[tok.vocab_size:]) == {5} and 5 not in types[:tok.vocab_size]
+    assert tok_back.vocab_size == tok.vocab_size < 640
 
 
 def test_quantized_types_and_q8_fallback(tmp_path):
@@ -158,6 +163,7 @@ def test_sentencepiece_tokenizer_export(style, tmp_path):
     path = str(tmp_path / "s.gguf")
     export_gguf(random_model(vocab_size=400), tok, path, "f32")
     back = tokenizer_from_gguf(load_gguf(path)[1], path)
+    assert back.vocab_size == tok.vocab_size  # the "[PAD{i}]" rows past it are left out
     texts = ["the king 12 my lord", " leading space", "ünïcode 😀 unseen ✓", "</s> x", "a▁b"]
     for text in texts:
         assert back.encode(text) == tok.encode(text), text
@@ -273,3 +279,23 @@ def test_demo_model_export_keeps_llamacpp_metadata(tmp_path):
     back, _ = load_gguf(path)
     ids = tok.encode("The capital of France is")
     assert tok.decode([logits(back, ids)[-1].argmax().item()]) == " Paris"
+
+
+def test_llama_cpp_reads_the_export_to_the_same_logits(tmp_path):
+    """llama.cpp itself (llama-cpp-python, not in the dev extras: it compiles llama.cpp, about
+    30 minutes on 2 cores) gives our logits for an exported llama and qwen2 model."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+    for family, kw in (("llama-bpe", {}), ("qwen2", dict(attention_bias=True,
+                                                          architectures=["Qwen2ForCausalLM"]))):
+        model, tok = random_model(**kw), bpe_tokenizer(tmp_path, family)
+        path = str(tmp_path / f"{family}.gguf")
+        export_gguf(model, tok, path, "f32")
+        llm = llama_cpp.Llama(model_path=path, n_ctx=128, logits_all=True, verbose=False)
+        for text in TEXTS:
+            ids = tok.encode(text)
+            assert llm.tokenize(text.encode(), add_bos=tok.add_bos, special=True) == ids, text
+            llm.reset()
+            llm.eval(ids)
+            theirs = torch.from_numpy(np.array(llm.scores[:len(ids)]))
+            assert (theirs - logits(model, ids)).abs().max() < 5e-3, (family, text)  # f16 KV cache

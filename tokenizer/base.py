@@ -40,6 +40,17 @@ def check_text(text) -> None:
                          "not valid Unicode, cannot be encoded")
 
 
+def unpadded_length(types: list[int]) -> int:
+    """How many GGUF tokens to keep: without the trailing run of UNUSED (type 5) entries, the
+    "[PAD{i}]" names llama.cpp's converter gives embedding rows past the tokenizer's vocab
+    (Qwen2: 152064 rows for 151665 tokens). Left out, those rows stay masked in generation
+    (engine.generation.mask_past_vocab), as they are for the HF checkpoint."""
+    n = len(types)
+    while n and types[n - 1] == 5:
+        n -= 1
+    return n
+
+
 def read_tokenizer_config(directory: str) -> dict:
     """HF tokenizer_config.json in `directory` ({} if absent), normalized: "chat_template" is a
     str or None (a list of named templates gives "default"; newer transformers keep it in

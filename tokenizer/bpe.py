@@ -24,7 +24,8 @@ from functools import lru_cache
 
 import regex
 
-from tokenizer.base import Tokenizer, atomic_write_text, check_text, read_tokenizer_config
+from tokenizer.base import Tokenizer, atomic_write_text, check_text, read_tokenizer_config, \
+    unpadded_length
 
 # GPT-2's pattern as Hugging Face's ByteLevel pre-tokenizer spells it (trailing `|\s+` included).
 BYTELEVEL_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -344,6 +345,7 @@ class ByteLevelBPETokenizer(Tokenizer):
         if not tokens or merges is None:
             raise ValueError("GGUF metadata lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
         types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        tokens = tokens[:unpadded_length(types)]
         # 3 = control (special), 4 = user defined: both are split out before pre-tokenization.
         added = [{"id": i, "content": t, "special": types[i] == 3}
                  for i, t in enumerate(tokens) if types[i] in (3, 4)]

@@ -29,7 +29,7 @@ import regex
 import sentencepiece as spm
 
 from tokenizer.base import Tokenizer, atomic_write_bytes, atomic_write_text, check_text, \
-    read_tokenizer_config
+    read_tokenizer_config, unpadded_length
 
 # ModelProto.SentencePiece.Type (also GGUF tokenizer.ggml.token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -203,6 +203,8 @@ class SentencePieceTokenizer(Tokenizer):
                              f"{len(scores)} scores, {len(types)} token types")
         if UNKNOWN not in types:
             raise ValueError("GGUF sentencepiece vocab has no unknown token (token_type 2)")
+        n = unpadded_length(types)
+        tokens, scores, types = tokens[:n], scores[:n], types[:n]
 
         def get_id(key):
             v = fields.get(f"tokenizer.ggml.{key}_token_id")
