@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 
-from tokenizer.base import StreamDecoder, Tokenizer
+from tokenizer.base import StreamDecoder, Tokenizer, read_json
 from tokenizer.bpe import ByteLevelBPETokenizer
 from tokenizer.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplateError, end_of_turn_ids, render_chat
 from tokenizer.spm import SentencePieceTokenizer
@@ -21,11 +21,7 @@ __all__ = ["Tokenizer", "StreamDecoder", "ByteLevelBPETokenizer", "SentencePiece
 
 def _is_byte_level_json(path: str) -> bool:
     """True if tokenizer.json is a byte-level BPE (a Llama 2 style one is sentencepiece-like)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            tj = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from None
+    tj = read_json(path)
     return "ByteLevel" in json.dumps(tj.get("pre_tokenizer")) and (tj.get("model") or {}).get("type") == "BPE"
 
 

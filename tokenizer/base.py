@@ -40,6 +40,15 @@ def check_text(text) -> None:
                          "not valid Unicode, cannot be encoded")
 
 
+def read_json(path: str):
+    """A JSON file's value; an unreadable or malformed file is one ValueError line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+
+
 def unpadded_length(types: list[int]) -> int:
     """How many GGUF tokens to keep: without the trailing run of UNUSED (type 5) entries, the
     "[PAD{i}]" names llama.cpp's converter gives embedding rows past the tokenizer's vocab
@@ -58,11 +67,7 @@ def read_tokenizer_config(directory: str) -> dict:
     cfg: dict = {}
     path = os.path.join(directory, "tokenizer_config.json")
     if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                cfg = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read {path}: {e}") from None
+        cfg = read_json(path)
     tpl = cfg.get("chat_template")
     if isinstance(tpl, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         tpl = next((t["template"] for t in tpl if t.get("name") == "default"), None)

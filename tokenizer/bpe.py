@@ -24,8 +24,8 @@ from functools import lru_cache
 
 import regex
 
-from tokenizer.base import Tokenizer, atomic_write_text, check_text, read_tokenizer_config, \
-    unpadded_length
+from tokenizer.base import Tokenizer, atomic_write_text, check_text, read_json, \
+    read_tokenizer_config, unpadded_length
 
 # GPT-2's pattern as Hugging Face's ByteLevel pre-tokenizer spells it (trailing `|\s+` included).
 BYTELEVEL_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -287,11 +287,7 @@ class ByteLevelBPETokenizer(Tokenizer):
         """Load a HF `tokenizer.json` (a file, or a directory with tokenizer_config.json beside it)."""
         directory = path if os.path.isdir(path) else os.path.dirname(path)
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-        try:
-            with open(file, encoding="utf-8") as f:
-                tj = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read tokenizer.json {file}: {e}") from None
+        tj = read_json(file)
         model = tj.get("model") or {}
         if model.get("type") != "BPE" or "merges" not in model:
             raise ValueError(f"{file}: model type {model.get('type')!r} is not BPE with merges")

@@ -29,7 +29,7 @@ import regex
 import sentencepiece as spm
 
 from tokenizer.base import Tokenizer, atomic_write_bytes, atomic_write_text, check_text, \
-    read_tokenizer_config, unpadded_length
+    read_json, read_tokenizer_config, unpadded_length
 
 # ModelProto.SentencePiece.Type (also GGUF tokenizer.ggml.token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -324,11 +324,7 @@ def _read_added_tokens(directory: str, cfg: dict) -> list[dict]:
     added: dict[int, dict] = {}
     path = os.path.join(directory, "tokenizer.json")
     if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                tj = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read {path}: {e}") from None
+        tj = read_json(path)
         for t in tj.get("added_tokens") or []:
             if isinstance(t, dict) and "id" in t:
                 added[t["id"]] = t
