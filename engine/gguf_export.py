@@ -60,44 +60,65 @@ def gguf_tensor_names(config) -> dict[str, str]:
     return out
 
 
-def encode_tensor(arr: np.ndarray, kind: str):
-    """(data, GGML type) for one float32 tensor: 1-D tensors (norms, biases) stay F32; a q8_0
-    weight whose rows are not whole 32-value blocks falls back to F16."""
+def target_type(shape: tuple, kind: str):
+    """The GGML type a tensor of this shape gets in a --type `kind` file: 1-D tensors (norms,
+    biases) stay F32; a q8_0 weight whose rows are not whole 32-value blocks becomes F16."""
     gguf = _gguf()
     Q = gguf.GGMLQuantizationType
     qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[kind]
-    if arr.ndim == 1 or qtype == Q.F32:
-        return arr, Q.F32
-    if qtype == Q.Q8_0 and arr.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
-        qtype = Q.F16
+    if len(shape) == 1:
+        return Q.F32
+    if qtype == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
+        return Q.F16
+    return qtype
+
+
+def encode_tensor(arr: np.ndarray, qtype) -> np.ndarray:
+    """A float32 array as the bytes (or float16 / float32 values) of GGML type `qtype`."""
+    gguf = _gguf()
+    Q = gguf.GGMLQuantizationType
+    if qtype == Q.F32:
+        return arr
     if qtype == Q.F16:
         if np.abs(arr).max(initial=0.0) > np.finfo(np.float16).max:
             raise ValueError("a weight exceeds float16's range; export with --type bf16 or f32")
-        return arr.astype(np.float16), Q.F16
-    return gguf.quants.quantize(arr, qtype), qtype
+        return arr.astype(np.float16)
+    return gguf.quants.quantize(arr, qtype)
 
 
-def export_tensors(model, kind: str):
-    """Yield (GGUF name, data, GGML type) for every weight of a merged (plain) Transformer."""
+def export_tensors(model, kind: str) -> list[tuple]:
+    """(GGUF name, shape, GGML type, make) for every weight of a merged (plain) Transformer;
+    make() gives the float32 array as GGUF lays it out. Converted one at a time while writing,
+    so an export needs the model plus one tensor, not a second copy of the model."""
     from engine.checkpoint import model_state_dict
     from engine.gguf import permute_qk
     from engine.model import rope_inv_freq
     cfg = model.config
     arch, names = gguf_arch(cfg), gguf_tensor_names(cfg)
-    for name, t in model_state_dict(model).items():
-        if name not in names:
-            raise ValueError(f"cannot export tensor {name!r}: merge adapters and quantized "
-                             "layers into plain weights first")
-        gname, t = names[name], t.detach().float().cpu()
+
+    def make(name, t):
+        t = t.detach().float().cpu()
         if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
             t = permute_qk(t, cfg.num_attention_heads)
         elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
             t = permute_qk(t, cfg.num_key_value_heads)
-        yield (gname, *encode_tensor(t.numpy(), kind))
+        return t.numpy()
+
+    plan = []
+    for name, t in model_state_dict(model).items():
+        if name not in names:
+            raise ValueError(f"cannot export tensor {name!r}: merge adapters and quantized "
+                             "layers into plain weights first")
+        shape = tuple(t.shape)
+        plan.append((names[name], shape, target_type(shape, kind),
+                     lambda name=name, t=t: make(name, t)))
     rs = cfg.rope_scaling or {}
     if rs.get("rope_type", rs.get("type")) == "llama3":  # per-frequency divisors, (head_dim/2,)
-        plain = rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None))
-        yield "rope_freqs.weight", (plain / rope_inv_freq(cfg)).numpy(), _gguf().GGMLQuantizationType.F32
+        factors = (rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None))
+                   / rope_inv_freq(cfg)).numpy()
+        plan.append(("rope_freqs.weight", factors.shape, target_type(factors.shape, kind),
+                     lambda: factors))
+    return plan
 
 
 def write_model_metadata(w, config, kind: str, name: str) -> None:
@@ -234,12 +255,16 @@ def export_gguf(model, tok, out: str, kind: str = "f16", name: str = "model",
             copy_tokenizer_fields(w, tokenizer_from)
         elif tok is not None:
             write_tokenizer_metadata(w, tok, cfg.vocab_size)
-        for gname, data, qtype in export_tensors(model, kind):
-            w.add_tensor(gname, data, raw_dtype=qtype)
+        plan = export_tensors(model, kind)
+        for gname, shape, qtype, _ in plan:
+            nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(shape, qtype)))
+            w.add_tensor_info(gname, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
             types[qtype.name] = types.get(qtype.name, 0) + 1
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        w.write_ti_data_to_file()
+        for _, _, qtype, make in plan:
+            w.write_tensor_data(encode_tensor(make(), qtype))
         w.close()
         os.replace(tmp, out)
     finally:
@@ -257,6 +282,9 @@ def main(argv=None) -> int:
     p.add_argument("--adapter", metavar="DIR", help="LoRA / DoRA adapter to merge in first")
     p.add_argument("--out", required=True, metavar="FILE.gguf")
     p.add_argument("--type", default="f16", choices=Q_TYPES, help="weights type")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype the model is loaded (and an adapter merged) in: bfloat16 halves "
+                        "the memory an export needs")
     p.add_argument("--name", default=None, help="general.name (default: the output file's name)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
@@ -266,7 +294,7 @@ def main(argv=None) -> int:
         raise ValueError(f"{os.path.dirname(args.out)}: no such directory for --out")
     from engine.hub import load_model, resolve
     from engine.lora import merge_lora
-    model, tok = load_model(args.model, dtype=torch.float32, adapter=args.adapter)
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), adapter=args.adapter)
     merge_lora(model)
     kind, path = resolve(args.model)
     name = args.name or os.path.splitext(os.path.basename(args.out))[0]
