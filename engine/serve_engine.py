@@ -75,6 +75,12 @@ class AdapterSwitch(nn.Module):
         self.keys: dict[str, str] = {}   # adapter name -> key in self.adapters
         self.selector = selector
 
+    @property
+    def weight(self) -> torch.Tensor:
+        # the base's: Transformer.new_cache reads lm_head.weight for the KV cache's dtype/device,
+        # and an adapter may cover lm_head (LoRALinear keeps `weight` under the same name)
+        return self.base.weight
+
     def add(self, name: str, layer: nn.Module) -> None:
         self.keys[name] = str(len(self.keys))
         self.adapters[self.keys[name]] = layer

@@ -301,8 +301,9 @@ def run_engine(engine, jobs, timeout=60):
                 out[j] = ev if ev[0] == "error" else (texts, reasons, ntok)
                 done.release()
         return on_event
-    for j, (prompts, params, n) in enumerate(jobs):
-        engine.submit(GenRequest(prompts, params, n, None, sink(j, n * len(prompts))))
+    for j, (prompts, params, n, *adapter) in enumerate(jobs):  # (prompts, params, n[, adapter])
+        engine.submit(GenRequest(prompts, params, n, adapter[0] if adapter else None,
+                                 sink(j, n * len(prompts))))
     engine.start()
     try:
         for _ in jobs:
@@ -354,6 +355,37 @@ def test_padded_embedding_rows_are_never_sampled_or_accepted():
     got = run_engine(engine, [([[1, 2, 3]], SamplingParams(max_tokens=8, temperature=0), 1)])
     texts, reasons, ntok = got[0]
     assert reasons == ["length"] and ntok == [8] and isinstance(texts[0], str)
+
+
+def test_adapter_on_lm_head_dora_and_rslora_in_one_batch(ckpt, refs, tmp_path):
+    """Adapters covering lm_head (DoRA) and others (rsLoRA) served together with the base:
+    each row equals generate() with load_model(..., adapter=DIR). (An AdapterSwitch on lm_head
+    once broke the KV pool, which reads lm_head.weight: every request got a 500.)"""
+    from engine.lora import apply_lora, lora_layers, save_adapter
+    dirs = {}
+    for name, targets, kw in (("dora", ["q_proj", "lm_head"], {"dora": True}),
+                              ("rs", ["up_proj", "k_proj"], {"rslora": True})):
+        model, _ = load_model(ckpt["base"])
+        apply_lora(model, targets, r=2, alpha=4, **kw)
+        torch.manual_seed(4)
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                layer.lora_B.weight.normal_(0, 0.5)
+        dirs[name] = str(tmp_path / name)
+        save_adapter(model, dirs[name])
+    tok = refs["tok"]
+    prompts = [tok.encode(p) for p in ("To be", "or not to be")]
+    jobs, want = [], []
+    for a in (None, "dora", "rs"):
+        ref_model = refs["base"] if a is None else load_model(ckpt["base"], adapter=dirs[a])[0]
+        for p in prompts:
+            res = generate(ref_model, p, 12, temperature=0, stop_ids=tok.stop_ids, tokenizer=tok)
+            want.append([res.texts[0]])
+            jobs.append(([p], SamplingParams(max_tokens=12, temperature=0), 1, a))
+    assert want[0] != want[2] != want[4]  # each adapter changes the text
+    model, _ = load_model(ckpt["base"])
+    got = run_engine(Engine(model, tok, "base", dirs, max_batch=6, registry=Registry()), jobs)
+    assert [got[j][0] if got[j][0] != "error" else got[j] for j in range(len(jobs))] == want
 
 
 def test_adapter_with_whole_module_tensors_is_refused(ckpt, tmp_path):
@@ -474,11 +506,11 @@ def test_extreme_sampling_values_and_quoted_model_ids(server):
     greedy = request(server, "POST", "/v1/completions",
                      {"prompt": "ab", "max_tokens": 6, "temperature": 0})[2]["choices"][0]["text"]
     for extra in ({"temperature": 1e-300}, {"repetition_penalty": 1e-300},
-                  {"repetition_penalty": 1e300}):
+                  {"repetition_penalty": 1e300}, {"top_p": 1e-300}):
         s, _, obj = request(server, "POST", "/v1/completions",
                             {"prompt": "ab", "max_tokens": 6, **extra})
         assert s == 200, obj
-        if "temperature" in extra:
+        if "temperature" in extra or "top_p" in extra:  # top_p 1e-300: only the top token
             assert obj["choices"][0]["text"] == greedy
     s, _, obj = request(server, "GET", "/v1/models/%61d")
     assert s == 200 and obj["id"] == "ad"
