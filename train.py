@@ -32,8 +32,8 @@ from engine.card import peak_memory_mb, write_model_card
 from engine.data import fetch_shakespeare, load_or_train_tokenizer
 from engine.model import Transformer
 from engine.tasks import build_task, read_text_splits
-from engine.train_args import (MIN_TRAINED_VOCAB, RESUME_FLAGS, explicit_flags, parse_args,
-                               read_run_args)
+from engine.train_args import (MIN_TRAINED_VOCAB, RESUME_FLAGS, card_hyperparameters,
+                               explicit_flags, parse_args, read_run_args)
 from engine.trainer import (LAST, MetricsLog, StepBoundaryInterrupt, Throughput,
                             configure_optimizer, decay_progress, get_lr, has_run,
                             load_training_state, plot_losses, recover_last, save_last)
@@ -352,12 +352,10 @@ def _run(args, given: set[str], stage: dict) -> int:
     tps = extra["tokens"] / max(extra["train_s"], 1e-9)  # training steps only, not evaluation
     peak = peak_memory_mb()
     last_train = next((e["train_loss"] for e in reversed(metrics.read()) if "train_loss" in e), None)
-    write_model_card(run_dir, base_model=args.base or f"none (trained from scratch, preset {args.preset})",
+    write_model_card(run_dir, base_model=args.base,  # None: the card says "trained from scratch"
                      data_path=data_path, data_sizes=task.sizes(),
-                     mode=mode if args.base else "pretraining", adapter=mode in finetune.ADAPTER_MODES,
-                     hyperparameters={k: v for k, v in vars(args).items() if v is not None and k not in
-                                      ("resume", "no_progress", "threads", "pause_at_step",
-                                       "dist_timeout")},
+                     mode=mode if args.base else "pretrain", adapter=mode in finetune.ADAPTER_MODES,
+                     hyperparameters=card_hyperparameters(args),
                      metrics={"steps": step, "train_loss (last logged)": last_train,
                               "tokens_per_s": round(tps, 1), **peak, **{k: round(v, 5) for k, v in final.items()}},
                      wall_time_s=elapsed())

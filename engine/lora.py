@@ -200,8 +200,9 @@ def resolve_targets(model: nn.Module, targets) -> list[str]:
     targets = list(targets)
     found = {t: [n for n in leaves if n == t or n.endswith("." + t)] for t in targets}
     missing = [t for t, ns in found.items() if not ns]
-    if missing:
-        raise ValueError(f"unknown LoRA target(s) {missing}; linear modules available: "
+    if missing:  # an adapter for a deeper model misses hundreds: name a few
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ValueError(f"unknown LoRA target(s) {missing[:3]}{more}; linear modules available: "
                          f"{sorted({n.split('.')[-1] for n in leaves})}")
     return [n for n in leaves if any(n in ns for ns in found.values())]
 
@@ -515,6 +516,8 @@ def combine_adapters(adapters: list, weights: list[float], method: str = "cat",
                          f"{len(weights)} weights")
     if method not in ("cat", "linear", "svd"):
         raise ValueError(f"combination method must be cat, linear or svd, got {method!r}")
+    if rank is not None and not (isinstance(rank, int) and rank >= 1):
+        raise ValueError(f"svd rank must be a positive integer, got {rank!r}")
     for i, a in enumerate(ads):  # the same checks as load_adapter, for every input
         try:
             _check_config(a.config)

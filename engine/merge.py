@@ -16,29 +16,35 @@ import torch
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from engine.config import OneLineParser
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="model name, HF directory or .gguf file")
     p.add_argument("--adapter", action="append", required=True, help="adapter directory (repeatable)")
     p.add_argument("--weights", type=float, nargs="+", help="per-adapter weights (default 1 each)")
-    p.add_argument("--method", choices=("cat", "linear", "svd"), default="cat")
+    p.add_argument("--method", choices=("cat", "linear", "svd"), default=None,
+                   help="how several adapters combine (default cat)")
     p.add_argument("--rank", type=int, default=None, help="svd: rank of the combined adapter")
     p.add_argument("--out", required=True, help="output directory (must not hold a model yet)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     args = p.parse_args(argv)
+    if args.rank is not None and (args.method != "svd" or args.rank < 1):
+        p.error(f"--rank {args.rank}: needs --method svd and a rank >= 1")
+    if args.weights and len(args.weights) != len(args.adapter):
+        p.error(f"{len(args.adapter)} adapter(s) but {len(args.weights)} --weights")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file, not a directory")
     if os.path.isfile(os.path.join(args.out, "config.json")):
         raise ValueError(f"{args.out} already holds a model; pick another --out")
     from engine.checkpoint import parse_dtype, save_model
     from engine.hub import load_model
     from engine.lora import Adapter, combine_adapters, load_adapter, merge_lora
     model, tok = load_model(args.base, dtype=torch.float32)
-    if len(args.adapter) == 1:
+    if len(args.adapter) == 1 and not args.weights and not args.method:
         load_adapter(model, args.adapter[0])
-    else:
+    else:  # a single adapter too, when --weights scales it or --method svd --rank truncates it
         weights = args.weights or [1.0] * len(args.adapter)
-        if len(weights) != len(args.adapter):
-            raise ValueError(f"{len(args.adapter)} adapters but {len(weights)} --weights")
         load_adapter(model, combine_adapters([Adapter.load(a) for a in args.adapter], weights,
-                                             method=args.method, rank=args.rank))
+                                             method=args.method or "cat", rank=args.rank))
     merge_lora(model)
     model.to(parse_dtype(args.dtype))
     save_model(model, args.out, tok)
@@ -49,6 +55,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: a full disk, no permission ...
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -124,6 +124,16 @@ _ONLY_WITH = (
 )
 
 
+def card_hyperparameters(args: argparse.Namespace) -> dict:
+    """The run's flags for its model card: only those that took part in it (not --preset for a
+    fine-tune, nor --lora-r for a full one or for pretraining) and not how this invocation ran."""
+    left_out = {"resume", "no_progress", "threads", "pause_at_step", "dist_timeout"}
+    for names, applies, _ in _ONLY_WITH:
+        if not applies(args):
+            left_out.update(names)
+    return {k: v for k, v in vars(args).items() if v is not None and k not in left_out}
+
+
 def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
     """The checked flags; `description` is --help's text (train.py passes its docstring)."""
     p = _parser(description)

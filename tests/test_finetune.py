@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import subprocess
 import sys
 
 import pytest
@@ -93,6 +94,21 @@ def test_freeze_trains_only_chosen_blocks(base):
         assert changed == k.startswith("model.layers.1."), k
 
 
+def test_model_cards_list_only_the_flags_that_took_part(base):
+    run_base, domain, tmp = base
+    card = open(os.path.join(run_base, "README.md")).read()  # the base: trained from scratch
+    assert "base_model:" not in card and "None: trained from scratch." in card
+    assert "Mode: `pretrain` — pretraining from scratch." in card
+    assert "| preset | tiny |" in card and "| lora_r |" not in card and "| beta |" not in card
+    out = str(tmp / "ft-full-card")
+    assert train.main(["--base", run_base, "--finetune", "full", "--data", domain, "--out", out,
+                       "--max-steps", "2", "--eval-every", "2", "--lr", "1e-3", *FLAGS]) == 0
+    card = open(os.path.join(out, "README.md")).read()
+    assert f'base_model: "{run_base}"' in card and "| finetune | full |" in card
+    for unused in ("preset", "lora_r", "lora_alpha", "lora_targets", "half_round_steps", "beta"):
+        assert f"| {unused} |" not in card, unused
+
+
 def test_prepare_reports_and_gradients_only_on_trainable():
     m = Transformer(preset("tiny"))
     rep = finetune.prepare(m, "freeze", trainable_layers="0-0")
@@ -172,6 +188,30 @@ def test_merge_command_writes_plain_model_with_same_logits(base):
     torch.testing.assert_close(merged(ids), adapted(ids), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="already holds a model"):
         merge.main(["--base", run_base, "--adapter", out, "--out", merged_dir])
+    # --weights scales a single adapter too (it was ignored: weight 0 merged the whole adapter)
+    zero_dir, half_dir = str(tmp / "merged-w0"), str(tmp / "merged-w05")
+    assert merge.main(["--base", run_base, "--adapter", out, "--weights", "0", "--out", zero_dir]) == 0
+    assert merge.main(["--base", run_base, "--adapter", out, "--weights", "0.5", "--out", half_dir]) == 0
+    plain, _ = load_model(run_base)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(zero_dir)[0](ids), plain(ids), atol=1e-6, rtol=0)
+        half = load_model(half_dir)[0]
+        w = "model.layers.0.self_attn.q_proj.weight"
+        torch.testing.assert_close(half.state_dict()[w] - plain.state_dict()[w],
+                                   0.5 * (merged.state_dict()[w] - plain.state_dict()[w]),
+                                   atol=1e-6, rtol=1e-4)
+    # bad flags: one line, exit code 2, before loading anything
+    afile = tmp / "afile"
+    afile.write_text("x")
+    for flags, message in ((["--out", str(afile)], "is a file, not a directory"),
+                           (["--out", str(tmp / "m-r"), "--rank", "0", "--method", "svd"], "rank >= 1"),
+                           (["--out", str(tmp / "m-r"), "--rank", "2"], "needs --method svd"),
+                           (["--out", str(tmp / "m-w"), "--weights", "1", "2"], "1 adapter(s) but 2")):
+        r = subprocess.run([sys.executable, "-m", "engine.merge", "--base", run_base, "--adapter",
+                            out, *flags], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 2 and message in r.stderr, (flags, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert afile.read_text() == "x"
 
 
 def test_half_finetune_resumes_in_the_middle_of_a_round(base):

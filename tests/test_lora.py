@@ -302,6 +302,20 @@ def test_linear_and_svd_combination_math():
         combine_adapters([a1, _adapter(2, 2)], [1, 1], "linear")
     with pytest.raises(ValueError, match="cat, linear or svd"):
         combine_adapters([a1, a2], [1, 1], "ties")
+    for bad in (0, -1):  # rank 0 silently became max r_i; -1 dropped the last singular value
+        with pytest.raises(ValueError, match="svd rank must be a positive integer"):
+            combine_adapters([a1, a2], w, "svd", rank=bad)
+
+
+def test_unknown_targets_error_names_only_a_few():
+    """An adapter for a deeper model names hundreds of modules the model lacks: the one-line
+    error shows three and a count, not all of them."""
+    missing = [f"model.layers.{i}.self_attn.q_proj" for i in range(5, 40)]
+    with pytest.raises(ValueError) as e:
+        apply_lora(_model(), missing)
+    msg = str(e.value)
+    assert "['model.layers.5.self_attn.q_proj'" in msg and "and 32 more" in msg
+    assert "layers.39" not in msg and len(msg) < 400
 
 
 # ---------------------------------------------------------------------------------------------
