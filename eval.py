@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--val-fraction applies to --task perplexity")
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
         p.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if args.json is not None and os.path.isdir(args.json):  # found now, not after the run
+        p.error(f"--json {args.json} is a directory; give the report's file path")
     try:
         parse_dtype(args.dtype)
     except ValueError as e:
@@ -127,6 +129,10 @@ def main(argv=None) -> int:
     ctx = model.config.max_position_embeddings
     if args.seq_len is not None and args.seq_len > ctx:  # positions the model never saw
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model context of {ctx}")
+    window = args.seq_len or min(1024, ctx)
+    if args.stride is not None and args.stride > window:  # it would be cut to the window silently
+        raise ValueError(f"--stride {args.stride} exceeds --seq-len {window} (the default: "
+                         "min(1024, the model's context)); a larger stride would skip tokens")
     model.eval()
     results, data = {}, {}
     if args.compare:

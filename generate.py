@@ -214,7 +214,10 @@ def chat_ids(tok, messages: list[dict], budget: int) -> list[int]:
 
 def interactive(model, tok, args, gen) -> None:
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    budget = model.config.max_position_embeddings - args.max_new_tokens
+    # Room kept for the answer, as fit_context keeps it: at most half the context, so that a
+    # --max-new-tokens near or past the context does not drop the whole history every turn.
+    ctx = model.config.max_position_embeddings
+    budget = ctx - min(args.max_new_tokens, ctx // 2)
     print("chat: type a message, /exit or Ctrl-D to quit", file=sys.stderr)
     while True:
         try:

@@ -358,7 +358,9 @@ def iter_generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor,
     reasons: list[str | None] = [None] * B
     t0 = time.perf_counter()
     for step in range(max_new_tokens):
-        logits = apply_repetition_penalty(logits, seq[:, :T + step], repetition_penalty)
+        # fp32 before the penalty, as transformers does: in bf16 logit / penalty is rounded
+        # again and can tie with (or pass) a token it should fall below
+        logits = apply_repetition_penalty(logits.float(), seq[:, :T + step], repetition_penalty)
         nxt = sample(logits, temperature, top_k, top_p, generator, min_p=min_p)  # (B,)
         seq[:, T + step] = nxt
         for r, tid in enumerate(nxt.tolist()):

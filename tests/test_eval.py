@@ -314,14 +314,18 @@ def test_cli_device_and_bad_values_one_line(tmp_path, capsys, monkeypatch):
             "perplexity", "--no-progress", "--json", str(tmp_path / "r.json")]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for args, msg in [(["--device", "cuda"], "error: --device cuda: CUDA is not available"),
-                      (["--seq-len", "65"], "error: --seq-len 65 exceeds the model context of 64")]:
+                      (["--seq-len", "65"], "error: --seq-len 65 exceeds the model context of 64"),
+                      # the default window is the context (64): a stride past it was cut silently
+                      (["--stride", "100"], "error: --stride 100 exceeds --seq-len 64")]:
         assert eval_cli.cli(base + args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(msg), err
     for args, msg in [(["--threads", "0"], "--threads must be >= 1"),
                       (["--val-fraction", "1.5"], "--val-fraction must be in (0, 1)"),
                       (["--val-fraction", "nan"], "--val-fraction must be in (0, 1)"),
-                      (["--dtype", "int8"], "--dtype: unknown dtype 'int8'")]:
+                      (["--dtype", "int8"], "--dtype: unknown dtype 'int8'"),
+                      # refused before the run, not after it (the report was lost)
+                      (["--json", str(tmp_path)], "is a directory")]:
         with pytest.raises(SystemExit) as e:
             eval_cli.cli(base + args)
         err = capsys.readouterr().err.strip().splitlines()

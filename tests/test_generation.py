@@ -277,6 +277,37 @@ def test_min_p_keeps_tokens_relative_to_the_top_one():
         generate(Transformer(preset("tiny")), [1], 2, min_p=1.5)
 
 
+class Bf16Logits(nn.Module):
+    """Fake bf16 model: always the same logits (id 5 at 10.3125, id 7 at 7.9375, both exact)."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = preset("tiny", vocab_size=10)
+        self.lm_head = nn.Linear(1, 10, bias=False).to(torch.bfloat16)
+
+    def new_cache(self, batch_size, max_len):
+        class Cache:
+            def reorder(self, index):
+                pass
+        return Cache()
+
+    def forward(self, input_ids, cache=None):
+        logits = torch.full((*input_ids.shape, 10), -5.0, dtype=torch.bfloat16)
+        logits[..., 5], logits[..., 7] = 10.3125, 7.9375
+        return logits
+
+
+def test_repetition_penalty_in_fp32_on_bf16_logits_like_transformers():
+    """10.3125 / 1.3 = 7.9327 < 7.9375 in fp32 (transformers' processors), but rounded in bf16
+    it became 7.9375, a tie that argmax gave to id 5."""
+    tf = pytest.importorskip("transformers")
+    ids = torch.tensor([[5]])
+    logits = Bf16Logits()(ids)[:, -1]
+    ref = tf.RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.float()).argmax(-1).item()
+    got = generate(Bf16Logits(), [5], 1, temperature=0, repetition_penalty=1.3).tokens[0]
+    assert ref == 7 and got == [7]
+
+
 def test_temperature_zero_is_argmax_after_penalty():
     logits = torch.tensor([[3.0, 2.9, 0.0]])
     penalized = apply_repetition_penalty(logits, torch.tensor([[0]]), 1.2)  # 3.0 -> 2.5
@@ -806,6 +837,25 @@ def test_cli_interactive_keeps_history_until_exit(tmp_path, capsys, monkeypatch)
                                  "--temperature", "0", "--quiet"], capsys, monkeypatch,
                                 stdin="hi\n")  # EOF ends too
     assert rc == 0 and out == "> Paris\n> "
+
+
+def test_cli_interactive_max_new_tokens_past_context_keeps_history(tmp_path, capsys,
+                                                                    monkeypatch):
+    """--max-new-tokens larger than the context (256) used to leave a history budget below 1
+    token, so every turn dropped the whole conversation although it fit easily."""
+    bigram_checkpoint(tmp_path / "bigram", PARIS)
+    rc, out, err = cli_in_process(["--checkpoint", str(tmp_path / "bigram"), "--interactive",
+                                   "--temperature", "0", "--max-new-tokens", "300"],
+                                  capsys, monkeypatch, stdin="capital?\nand again?\n")
+    assert rc == 0, err
+    assert out == "> Paris\n> Paris\n> "
+    history = [{"role": "user", "content": "capital?"}, {"role": "assistant", "content": "Paris"},
+               {"role": "user", "content": "and again?"}]
+    n = len(byte_bpe_tokenizer().apply_chat_template(history, add_generation_prompt=True,
+                                                     tokenize=True))
+    prefills = [line.split()[1] for line in err.splitlines() if line.startswith("prefill:")]
+    assert prefills[1] == str(n)
+    assert "dropping the oldest turn" not in err
 
 
 def test_cli_prompt_greedy_and_stop_string(tmp_path, capsys, monkeypatch):
