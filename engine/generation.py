@@ -63,7 +63,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
     probs = sorted_logits.float().softmax(-1)
     before = probs.cumsum(-1) - probs  # probability mass strictly ahead of each token
-    drop_sorted = before >= p  # the mass before it already reaches p; position 0 has 0 < p
+    drop_sorted = before >= p  # the mass before it already reaches p
+    drop_sorted[..., 0] = False  # the top token always stays (a p of 1e-300 is 0 in float32)
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
 

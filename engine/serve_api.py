@@ -163,10 +163,6 @@ class API:
         top_p = _typed(body, "top_p", "number", 1.0)
         if not 0 < top_p <= 1:
             raise _bad(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
-        # A top_p that rounds to 0 in float32 (1e-300) would make the sampler's nucleus empty
-        # (NaN probabilities: a 500). Any top_p below the top token's probability (>= 1/vocab)
-        # keeps just that token, so 1e-30 means the same.
-        top_p = max(top_p, 1e-30)
         top_k = _typed(body, "top_k", "int", 0)
         if top_k < -1:
             raise _bad(f"'top_k' must be >= 1 (0 or -1 = off), got {top_k}", "top_k")

@@ -222,6 +222,8 @@ def test_top_p_stays_in_nucleus_with_renormalized_frequencies():
     assert kept == [0, 1, 2]
     assert torch.isfinite(top_p_filter(logits, 0.1))[0].nonzero().flatten().tolist() == [0]
     assert torch.isfinite(top_p_filter(logits, 1.0)).all()
+    for tiny in (1e-300, 1e-50):  # 0 in float32: still the top token, never an empty nucleus
+        assert torch.isfinite(top_p_filter(logits, tiny))[0].nonzero().flatten().tolist() == [0]
     g = torch.Generator().manual_seed(0)
     n = 30000
     draws = sample(logits.expand(n, -1), 1.0, top_p=0.7, generator=g)
