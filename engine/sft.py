@@ -309,8 +309,8 @@ def encode_or_skip(encode, source: str | None, line: int, on_error: str, warn):
 
 
 def _with_bos(tok, ids: list[int], mask: list[bool]) -> tuple[list[int], list[bool]]:
-    """Prepend BOS when the tokenizer adds one and the text does not already start with it
-    (chat templates often render bos_token themselves)."""
+    """Prepend BOS when the tokenizer adds one and the text does not already start with it: a
+    plain prompt is encoded so at inference (generate.py --prompt)."""
     if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
         return [tok.bos_id] + ids, [False] + mask
     return ids, mask
@@ -326,8 +326,11 @@ def _plain(tok, prompt: str, completion: str) -> tuple[list[int], list[bool]]:
 
 
 def _chat(tok, messages: list[dict], first: int = 0) -> tuple[list[int], list[bool]]:
+    """The rendered conversation with no BOS beyond what the template writes: the ids
+    apply_chat_template(tokenize=True) gives at inference (generate.py --chat, the server), as
+    in transformers and TRL. (Llama 2 / 3 and Mistral templates render bos_token themselves.)"""
     text, spans = chat_spans(tok, messages, first)
-    return _with_bos(tok, *encode_spans(tok, text, spans))
+    return encode_spans(tok, text, spans)
 
 
 def instruction_prompt(data: dict) -> str:

@@ -138,13 +138,16 @@ def test_multi_turn_templates(template, runs):
 
 
 def test_bos_not_doubled():
+    """Chat samples are the ids apply_chat_template gives at inference (BOS only where the
+    template renders it); a plain prompt gets the tokenizer's BOS, as generate.py --prompt."""
     msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     tok = CharTok(LLAMA3, add_bos=True)  # the template renders bos_token itself
     ids, _ = encode_example({"messages": msgs}, tok)
     assert ids[0] == 1 and ids[1] == 6
-    tok = CharTok(DEFAULT_CHAT_TEMPLATE, add_bos=True)  # it does not: BOS is added once
+    tok = CharTok(DEFAULT_CHAT_TEMPLATE, add_bos=True)  # it does not: no BOS, as at inference
     ids, mask = encode_example({"messages": msgs}, tok)
-    assert ids[:2] == [1, 3] and ids.count(1) == 1 and not mask[0]
+    assert ids == tok.apply_chat_template(msgs, add_generation_prompt=False, tokenize=True)
+    assert 1 not in ids
     tok = CharTok(None, add_bos=True)
     ids, _ = encode_example({"prompt": "a", "completion": "b"}, tok)
     assert ids == [1, 10 + ord("a"), 10 + ord("b"), 2]
