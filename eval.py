@@ -110,7 +110,7 @@ def run_task(args, model, tok, device) -> tuple[dict, dict]:
         return res, {k: ds.report[k] for k in ("n_examples", "n_truncated", "n_dropped",
                                                  "n_loss_tokens")}
     items = tasks.load_choice_items(args.data)  # inputs keep their last --seq-len tokens
-    res = tasks.choice_task(model, tok, items, args.seq_len or model.config.max_position_embeddings,
+    res = tasks.choice_task(model, tok, items, seq_len,
                             args.batch_size, device, args.delimiter, progress)
     return res, {"n_items": len(items), "n_choices": sum(len(i.choices) for i in items)}
 
