@@ -24,7 +24,7 @@ import torch
 
 from engine import eval as tasks
 from engine.checkpoint import parse_dtype
-from engine.config import OneLineParser, atomic_write_text
+from engine.config import OneLineParser, atomic_write_text, run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -168,14 +168,7 @@ def main(argv=None) -> int:
 
 def cli(argv=None) -> int:
     """main() with bad input (and load / run failures) as one line on stderr and exit code 2."""
-    try:
-        return main(argv)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -261,3 +262,16 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def run_cli(main, argv=None) -> int:
+    """main(argv) for a command line: bad input and load / run failures (ValueError, OSError,
+    RuntimeError) become one `error:` line on stderr and exit code 2; Ctrl-C exits 130."""
+    try:
+        return main(argv)
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: a missing file, a full disk ...
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130

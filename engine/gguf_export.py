@@ -308,14 +308,8 @@ def main(argv=None) -> int:
 
 def cli(argv=None) -> int:
     """main() with bad input and load failures as one line on stderr and exit code 2."""
-    try:
-        return main(argv)
-    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    from engine.config import run_cli
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -53,8 +53,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, OSError, RuntimeError) as e:  # OSError: a full disk, no permission ...
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from engine.config import run_cli
+    sys.exit(run_cli(main))
