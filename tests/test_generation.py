@@ -279,6 +279,13 @@ def test_min_p_keeps_tokens_relative_to_the_top_one():
         generate(Transformer(preset("tiny")), [1], 2, min_p=1.5)
 
 
+class NullCache:
+    """The cache of a fake model whose logits do not depend on the past."""
+
+    def reorder(self, index):
+        pass
+
+
 class Bf16Logits(nn.Module):
     """Fake bf16 model: always the same logits (id 5 at 10.3125, id 7 at 7.9375, both exact)."""
 
@@ -288,10 +295,7 @@ class Bf16Logits(nn.Module):
         self.lm_head = nn.Linear(1, 10, bias=False).to(torch.bfloat16)
 
     def new_cache(self, batch_size, max_len):
-        class Cache:
-            def reorder(self, index):
-                pass
-        return Cache()
+        return NullCache()
 
     def forward(self, input_ids, cache=None):
         logits = torch.full((*input_ids.shape, 10), -5.0, dtype=torch.bfloat16)
@@ -433,10 +437,7 @@ class BigramModel(nn.Module):
         self.lm_head = nn.Linear(1, V, bias=False)
 
     def new_cache(self, batch_size, max_len):
-        class Cache:
-            def reorder(self, index):
-                pass
-        return Cache()
+        return NullCache()
 
     def forward(self, input_ids, cache=None):
         return self.logp[input_ids]  # (B, T, V)
