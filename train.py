@@ -354,7 +354,10 @@ def _run(args, given: set[str], stage: dict) -> int:
     last_train = next((e["train_loss"] for e in reversed(metrics.read()) if "train_loss" in e), None)
     write_model_card(run_dir, base_model=args.base,  # None: the card says "trained from scratch"
                      data_path=data_path, data_sizes=task.sizes(),
-                     mode=mode if args.base else "pretrain", adapter=mode in finetune.ADAPTER_MODES,
+                     mode="+".join([mode if args.base else "pretrain"]
+                                   + ["half"] * bool(args.half_finetune)
+                                   + ["dpo"] * (args.objective == "dpo")),
+                     adapter=mode in finetune.ADAPTER_MODES,
                      hyperparameters=card_hyperparameters(args),
                      metrics={"steps": step, "train_loss (last logged)": last_train,
                               "tokens_per_s": round(tps, 1), **peak, **{k: round(v, 5) for k, v in final.items()}},

@@ -157,14 +157,15 @@ def render_model_card(directory: str, *, base_model: str | None, data_path: str 
                       command: str, adapter: bool, notes: str | None = None) -> str:
     """The README.md text (see write_model_card)."""
     name = os.path.basename(os.path.normpath(directory)) or "model"
-    tags = ["whetstone", mode] + (["peft", "adapter"] if adapter else []) + ["text-generation"]
+    parts = mode.split("+")  # e.g. "lora+dpo": the method, then how it was trained
+    tags = ["whetstone", *parts] + (["peft", "adapter"] if adapter else []) + ["text-generation"]
     front = ["---", "library_name: whetstone"]
     if base_model:
         front.append(f"base_model: {_yaml_str(base_model)}")
     front += ["pipeline_tag: text-generation", "tags:"] + [f"- {_yaml_str(t)}" for t in dict.fromkeys(tags)]
     front.append("---")
 
-    what = MODES.get(mode, mode)
+    what = " with ".join(MODES.get(m, m) for m in parts)
     kind = "An adapter" if adapter else "A model"
     summary = (kind + (f" for `{base_model}`," if base_model else "") + f" trained with Whetstone by {what}"
                + (f" on `{data_path}`" if data_path else "") + ".")
@@ -217,6 +218,7 @@ def write_model_card(directory: str, *, base_model: str | None, data_path: str |
     """Write `directory`/README.md atomically; returns its path.
 
     data_hash: SHA-256 of the data (computed with file_sha256 when None and data_path exists).
+    mode: a MODES key, or keys joined by "+" ("lora+dpo", "full+half").
     data_sizes: e.g. {"train examples": 900, "validation examples": 100, "train tokens": ...}.
     hyperparameters / metrics: flat dicts rendered as tables. hardware defaults to
     describe_hardware(), command to this process's command line.

@@ -97,3 +97,11 @@ def test_helpers():
     assert hw.startswith(("GPU: ", "CPU: ")) and f"{cores} cores usable" in hw and "torch " in hw
     text = render_model_card("x", **dict(CARD, metrics={}, notes="Trained on a laptop."))
     assert "(no metrics recorded)" in text and text.rstrip().endswith("Trained on a laptop.")
+
+
+def test_combined_mode_names_method_and_objective():
+    """A DPO run through LoRA says both (before, the card only said LoRA)."""
+    text = render_model_card("x", **dict(CARD, mode="lora+dpo", metrics={}))
+    assert ("trained with Whetstone by LoRA (low-rank adapters; base weights frozen) with DPO "
+            "preference optimization") in text
+    assert '- "lora"' in text and '- "dpo"' in text
