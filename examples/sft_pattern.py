@@ -14,9 +14,11 @@ teaches is the format, not new content.
     python examples/sft_pattern.py measure --adapter out/sft-json \\
         --prompts out/sft_data/heldout_prompts.jsonl --samples 2  # pattern rate, base vs tuned
 
-Held-out topics never appear in train.jsonl. Recorded on 2 CPU cores (2026-12-02): 244 training
-samples, 216 s of training; of 120 sampled answers on held-out prompts, 0.0% (base) vs 87.5%
-(tuned) follow the pattern.
+Held-out topics never appear in train.jsonl. Recorded on 2 CPU cores (2026-12-02, re-run after
+the cosine schedule change): 244 training samples, 60 steps in 314 s (the cores shared with other
+jobs); of 120 sampled answers on held-out prompts, 0.0% (base) vs 84.2% (tuned) follow the
+pattern, 100% of tuned answers start with "{" and 99.2% finish. (Before the schedule change:
+87.5%.)
 """
 from __future__ import annotations
 
