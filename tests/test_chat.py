@@ -146,3 +146,21 @@ def test_errors_are_one_line():
         render_chat(tok, [{"role": "user"}])
     with pytest.raises(ValueError, match="must be a list"):
         render_chat(tok, "hello")
+
+
+TOOL_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content %}{{ m.content }}{% endif %}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}"
+    "<|im_end|>\n{% endfor %}")
+
+
+def test_tool_call_turn_without_content_renders_like_transformers():
+    """An assistant turn that only calls a tool has no 'content' (OpenAI's format, Qwen2.5)."""
+    tok = _FakeTok(TOOL_TEMPLATE, {})
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+                    "name": "weather", "arguments": {"city": "Paris"}}}]},
+                {"role": "tool", "content": "sunny"}]
+    ref, _ = render_jinja_template(conversations=[messages], chat_template=TOOL_TEMPLATE)
+    assert render_chat(tok, messages, add_generation_prompt=False) == ref[0]
+    assert '<tool_call>{"name": "weather", "arguments": {"city": "Paris"}}</tool_call>' in ref[0]

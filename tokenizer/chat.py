@@ -80,8 +80,10 @@ def _check_messages(messages) -> None:
         raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts, got "
                          f"{type(messages).__name__}")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r:.80}")
+        # an assistant turn that only calls tools may have no content (OpenAI, Qwen2.5's template)
+        if not isinstance(m, dict) or "role" not in m or not ("content" in m or "tool_calls" in m):
+            raise ValueError(f"message {i} must be a dict with 'role' and 'content' (or "
+                             f"'tool_calls'), got {m!r:.80}")
 
 
 def render_chat(tok, messages: list[dict], add_generation_prompt: bool = True,
