@@ -130,7 +130,10 @@ def _run(args, given: set[str], stage: dict) -> int:
         else:
             texts = read_text_splits(args, data_path)
             vocab_size = args.vocab_size or max(PRESETS[args.preset]["vocab_size"], MIN_TRAINED_VOCAB)
-            tok = load_or_train_tokenizer(texts[0], vocab_size, resume_dir or run_dir)
+            # A new run's rank 0 never reads --out: a tokenizer left there (by a failed torchrun
+            # launch, say) may be another corpus's. The other ranks load the one it saves there.
+            tok = load_or_train_tokenizer(texts[0], vocab_size, resume_dir or (
+                run_dir if not distributed.is_main() else None))
             if args.world_size > 1 and distributed.is_main() and not resume_dir:
                 tok.save(run_dir)  # every rank, on every machine, then loads rank 0's tokenizer
         task = build_task(args, tok, data_path, gen, texts)

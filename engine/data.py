@@ -9,6 +9,7 @@ SentencePiece tokenizer is cached by the hash of its training text (load_or_trai
 """
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
@@ -81,19 +82,24 @@ def corpus_files(path: str) -> list[str]:
 
 
 def _decode(raw: bytes, path: str, warn) -> str:
+    # A byte-order mark is not text; a UTF-16 one says how the file is encoded (what Windows
+    # PowerShell's `>` writes: read as UTF-8 it was a NUL in every other byte, hardly warned).
+    name, codec = (("UTF-16", "utf-16") if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+                   else ("UTF-8", "utf-8-sig"))
     try:
-        return raw.decode("utf-8")
+        return raw.decode(codec)
     except UnicodeDecodeError:
-        text = raw.decode("utf-8", errors="replace")
-        n = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
-        warn(f"warning: {path}: {n} invalid UTF-8 byte sequence(s) replaced with U+FFFD")
+        text = raw.decode(codec, errors="replace")
+        n = text.count("\ufffd") - raw.decode(codec, errors="ignore").count("\ufffd")
+        warn(f"warning: {path}: {n} invalid {name} byte sequence(s) replaced with U+FFFD")
         return text
 
 
 def read_corpus(path: str, warn=print) -> str:
-    """The whole corpus as one string (files joined in sorted order; the 'text' fields of JSONL
-    files, .jsonl or .json as engine.sft.detect_format reads them, joined by blank lines).
-    Invalid UTF-8 is replaced, with a count."""
+    """The whole corpus as one string (files joined in sorted order, a line break added where a
+    file does not end with one; the 'text' fields of JSONL files, .jsonl or .json as
+    engine.sft.detect_format reads them, joined by blank lines).
+    UTF-8, or UTF-16 with a byte-order mark; invalid sequences are replaced, with a count."""
     texts = []
     for f in corpus_files(path):
         with open(f, "rb") as fh:
@@ -114,7 +120,10 @@ def read_corpus(path: str, warn=print) -> str:
                     raise ValueError(f"{f}:{i}: expected an object with a string 'text' field")
                 docs.append(obj["text"])
             text = "\n\n".join(docs)
-        texts.append(text)
+        if text and texts and not texts[-1].endswith("\n"):
+            texts[-1] += "\n"  # a file's last line does not run on into the next file's first
+        if text:
+            texts.append(text)
     text = "".join(texts)
     if not text.strip():
         raise ValueError(f"corpus {path} is empty")
@@ -138,6 +147,7 @@ def split_text(text: str, val_fraction: float) -> tuple[str, str]:
 class TokenSplit:
     tokens: np.ndarray  # (N,) uint16/uint32 memmap
     n_bytes: int  # UTF-8 bytes of the text these tokens encode (for bits per byte)
+    key: str = ""  # the text's and the tokenizer's hash (the cache key): what --resume checks
 
     @property
     def bytes_per_token(self) -> float:
@@ -173,7 +183,7 @@ def tokenize_cached(text: str, tok, tok_hash: str | None = None, root: str | Non
         meta = json.load(f)
     tokens = (np.memmap(path, dtype=meta["dtype"], mode="r") if meta["n_tokens"]
               else np.zeros(0, dtype=meta["dtype"]))
-    return TokenSplit(tokens, meta["n_bytes"])
+    return TokenSplit(tokens, meta["n_bytes"], key)
 
 
 def _splits_at(text: str, c: int, tok, context: int = 256) -> bool:
@@ -233,11 +243,12 @@ def check_trainable(split: TokenSplit, seq_len: int, what: str) -> None:
                          f"(--seq-len {seq_len} + 1); use more text or a smaller --seq-len")
 
 
-def load_or_train_tokenizer(train_text: str, vocab_size: int, out_dir: str):
-    """Reuse the run's tokenizer, else a cached one trained on the same text, else train one."""
+def load_or_train_tokenizer(train_text: str, vocab_size: int, out_dir: str | None):
+    """Reuse the run's tokenizer (in out_dir, when given), else a cached one trained on the same
+    text, else train one."""
     from tokenizer import load_tokenizer
     from tokenizer.spm import SentencePieceTokenizer
-    if os.path.isfile(os.path.join(out_dir, "tokenizer.model")):
+    if out_dir and os.path.isfile(os.path.join(out_dir, "tokenizer.model")):
         return load_tokenizer(out_dir)
     key = hashlib.sha256(train_text.encode()).hexdigest()[:24] + f"-v{vocab_size}"
     cached = os.path.join(cache_dir(), "tokenizers", key)

@@ -8,8 +8,8 @@
 Each has start_step(n_micro) (called before an optimizer step's n_micro train_step calls),
 train_step(model, gen, device) -> loss (to backward; train.py divides it by n_micro), evaluate(model, device, autocast)
 -> dict with val_loss, pop_tokens() -> tokens since the last call, log(n) -> extra metrics of the
-last n micro-batches, and state_dict()/load_state_dict() for what resume must restore beyond the
-generator (JSON-serializable).
+last n micro-batches, and state_dict()/load_state_dict() for what resume must restore (or check)
+beyond the generator (JSON-serializable).
 
 Under torchrun a task's batch size is the GLOBAL one: every rank draws the same batch from the
 shared generator and trains on its own rows (engine/distributed.py shard / shard_mean), so the
@@ -68,10 +68,19 @@ class LMTask:
         return {}
 
     def state_dict(self) -> dict:
-        return {}
+        return {"train_key": self.train.key, "val_key": self.val.key}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        """On resume: the same text (and tokenizer) as the run's, else the run would silently
+        continue on other data, its best checkpoint judged on another validation split.
+        (Runs saved before these keys existed are not checked.)"""
+        for split, name, key in (("training", "train_key", self.train.key),
+                                 ("validation", "val_key", self.val.key)):
+            saved = state.get(name)
+            if saved and key and saved != key:
+                raise ValueError(f"--resume: the {split} text differs from the one the run was "
+                                 "trained on (the data changed since it started), so the run "
+                                 "cannot continue as it was; restore that data, or start a new run")
 
 
 class SFTTask(LMTask):

@@ -114,6 +114,8 @@ def explicit_flags(argv=None) -> set[str]:
 
 # Flags that mean something only with other flags: given without them, they would be ignored.
 _ONLY_WITH = (
+    (("val_fraction",), lambda a: not a.val_data,
+     "a validation split held out from --data (--val-data is the validation data)"),
     (("preset", "vocab_size"), lambda a: not a.base,
      "training from scratch (--base brings its own model and tokenizer)"),
     (("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "rslora"),

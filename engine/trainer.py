@@ -131,7 +131,8 @@ def plot_losses(events: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     tr = [(e["step"], e["train_loss"]) for e in events if "train_loss" in e]
-    va = [(e["step"], e["val_loss"]) for e in events if "val_loss" in e]
+    # not the final report: the best checkpoint's score, which belongs to no step of the curve
+    va = [(e["step"], e["val_loss"]) for e in events if "val_loss" in e and not e.get("final")]
     fig, ax = plt.subplots(figsize=(7, 4))
     if tr:
         ax.plot(*zip(*tr), label="train", alpha=0.8)

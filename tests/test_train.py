@@ -107,6 +107,30 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path, capsys):
     assert "2 invalid UTF-8" in capsys.readouterr().out
 
 
+def test_utf16_and_byte_order_marks_are_read_as_text(tmp_path, capsys):
+    """UTF-16 with a BOM (Windows PowerShell's `>`) was read as UTF-8: a NUL in every other
+    byte, with a warning of only 2 invalid sequences; a UTF-8 BOM was kept as text."""
+    from engine.data import read_corpus
+    text = "the king, café\nmy lord 😀\n"
+    (tmp_path / "a.txt").write_bytes(text.encode("utf-16"))  # little-endian, with its BOM
+    (tmp_path / "b.txt").write_bytes(("\ufeff" + text).encode("utf-16-be"))
+    (tmp_path / "c.txt").write_bytes(text.encode("utf-8-sig"))
+    assert read_corpus(str(tmp_path)) == text * 3
+    assert capsys.readouterr().out == ""
+
+
+def test_directory_files_do_not_run_into_each_other(tmp_path):
+    """A file without a final newline had its last line glued to the next file's first
+    ("The EndChapter 2"); nested and empty files are read too."""
+    from engine.data import read_corpus
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("The End")
+    (tmp_path / "b.txt").write_text("")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "one doc"}) + "\n")
+    (tmp_path / "sub" / "d.txt").write_text("Chapter 2\n")
+    assert read_corpus(str(tmp_path)) == "The End\none doc\nChapter 2\n"
+
+
 def test_existing_checkpoint_is_not_overwritten(corpus, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -117,12 +141,46 @@ def test_existing_checkpoint_is_not_overwritten(corpus, tmp_path):
     assert (run / "config.json").read_text() == "{}"
 
 
+def test_a_tokenizer_left_in_out_is_not_reused_by_a_new_run(corpus, tmp_path):
+    """A failed torchrun launch leaves rank 0's tokenizer in --out (its other ranks load it from
+    there) but no run; a new run there with other data must train its own, not reuse that one."""
+    from tokenizer.spm import SentencePieceTokenizer
+    run = tmp_path / "run"
+    SentencePieceTokenizer.train("ab ba\n" * 50, str(run), vocab_size=270)
+    stale = (run / "tokenizer.model").read_bytes()
+    assert train.main(["--data", str(corpus), "--out", str(run), *TINY, "--max-steps", "1"]) == 0
+    assert (run / "tokenizer.model").read_bytes() != stale
+    assert json.load(open(run / "config.json"))["vocab_size"] > 270
+
+
 def test_lr_schedule_warmup_then_cosine():
     from engine.trainer import get_lr
     assert get_lr(0, 0.0, 1.0, 10, 0.1) == pytest.approx(0.1)
     assert get_lr(9, 0.0, 1.0, 10, 0.1) == pytest.approx(1.0)
     assert get_lr(50, 0.5, 1.0, 10, 0.1) == pytest.approx(0.55)
     assert get_lr(100, 1.0, 1.0, 10, 0.1) == pytest.approx(0.1)
+
+
+def test_loss_plot_leaves_the_final_report_out_of_the_validation_curve(tmp_path, monkeypatch):
+    """The final event scores the best checkpoint (say step 38's) on the whole validation split;
+    drawn at the last step it made the curve drop at the end, as if the last weights were best."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+    from engine.trainer import plot_losses
+    drawn, plot = {}, Axes.plot
+
+    def recording(self, *a, **k):
+        drawn[k.get("label")] = [list(x) for x in a[:2]]  # (steps, losses) of each curve
+        return plot(self, *a, **k)
+    monkeypatch.setattr(Axes, "plot", recording)
+    events = [{"step": 5, "train_loss": 3.0}, {"step": 5, "val_loss": 3.2},
+              {"step": 10, "train_loss": 2.9}, {"step": 10, "val_loss": 3.5},
+              {"step": 10, "final": True, "val_loss": 3.1, "val_ppl": 22.2, "val_bpb": 1.0}]
+    plot_losses(events, str(tmp_path / "loss.png"))
+    assert drawn["validation"] == [[5, 10], [3.2, 3.5]]
+    assert drawn["train"] == [[5, 10], [3.0, 2.9]]
+    assert (tmp_path / "loss.png").stat().st_size > 0
 
 
 def test_token_cache_reused(tmp_path, monkeypatch):
@@ -283,6 +341,27 @@ def test_resume_refuses_changed_flags_and_bad_pause(ref):
     assert torch_load_state(run)["step"] == 8
 
 
+def test_resume_refuses_a_corpus_that_changed_since_the_run_started(ref):
+    """Resuming after the corpus file was edited would silently train on other text and judge
+    the best checkpoint on another validation split: refused, nothing touched; restored, the
+    run continues exactly."""
+    import shutil
+    data, full, tmp = ref
+    copy = tmp / "changing.txt"
+    shutil.copy(data, copy)
+    run = str(tmp / "changed")
+    assert train.main(["--data", str(copy), "--out", run, *REF, "--pause-at-step", "6"]) == 0
+    before = open(os.path.join(run, "metrics.jsonl")).read()
+    original = copy.read_text()
+    copy.write_text(original + "a line added after the run started\n")
+    with pytest.raises(ValueError, match="text differs from the one the run was trained on"):
+        resume(run)
+    assert open(os.path.join(run, "metrics.jsonl")).read() == before
+    copy.write_text(original)
+    assert resume(run) == 0
+    assert_same_trajectory(full, run)
+
+
 def test_resume_recovers_an_interrupted_checkpoint_swap_and_a_torn_log(ref):
     """A kill between save_last's renames leaves last.old (previous) + last.new (complete), or
     only last.old; a kill during a metrics append leaves half a line. Resume uses the complete
@@ -440,6 +519,8 @@ def test_json_corpus_is_read_as_jsonl_like_detect_format(tmp_path):
     (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
     (["--grad-clip", "-1"], "--grad-clip must be >= 0"),
     (["--val-fraction", "1"], "--val-fraction must be in (0, 1)"),
+    (["--val-data", "v.txt", "--val-fraction", "0.2"], "--val-fraction applies only to a validation "
+                                                       "split held out from --data"),
     (["--vocab-size", "100"], "--vocab-size must be >= 260"),
     (["--metrics-port", "70000"], "--metrics-port must be in 0..65535"),
     (["--device", "potato"], "--device 'potato'"),
