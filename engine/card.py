@@ -111,8 +111,14 @@ def peak_memory_mb() -> dict:
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    """The command that started this process, shell-quoted (python SCRIPT ARGS...)."""
+    """The command that started this process, shell-quoted (python SCRIPT ARGS...; under
+    torchrun, torchrun --nnodes N --nproc_per_node M SCRIPT ARGS..., from its environment)."""
     argv = sys.argv if argv is None else argv
+    world, local = os.environ.get("WORLD_SIZE"), os.environ.get("LOCAL_WORLD_SIZE")
+    if world and local and int(world) > 1:
+        nodes = int(world) // int(local)
+        return shlex.join(["torchrun", "--nnodes", str(nodes), "--nproc_per_node", local]
+                          + list(argv))
     return shlex.join(["python"] + list(argv))
 
 

@@ -105,3 +105,12 @@ def test_combined_mode_names_method_and_objective():
     assert ("trained with Whetstone by LoRA (low-rank adapters; base weights frozen) with DPO "
             "preference optimization") in text
     assert '- "lora"' in text and '- "dpo"' in text
+
+
+def test_command_line_under_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert command_line(["train.py", "--data", "d.txt"]) == \
+        "torchrun --nnodes 2 --nproc_per_node 2 train.py --data d.txt"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert command_line(["train.py"]) == "python train.py"
