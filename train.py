@@ -129,7 +129,10 @@ def _run(args, given: set[str], stage: dict) -> int:
                 raise ValueError(f"--base {args.base} has no tokenizer files")
         else:
             texts = read_text_splits(args, data_path)
-            vocab_size = args.vocab_size or max(PRESETS[args.preset]["vocab_size"], MIN_TRAINED_VOCAB)
+            # Not given: the preset's, but room for the byte pieces, specials and every character
+            # (sentencepiece refuses fewer ids than the characters it must cover)
+            vocab_size = args.vocab_size or max(PRESETS[args.preset]["vocab_size"],
+                                                MIN_TRAINED_VOCAB, 259 + len(set(texts[0])))
             # A new run's rank 0 never reads --out: a tokenizer left there (by a failed torchrun
             # launch, say) may be another corpus's. The other ranks load the one it saves there.
             tok = load_or_train_tokenizer(texts[0], vocab_size, resume_dir or (

@@ -177,6 +177,10 @@ def build_task(args, tok, data_path: str, gen, texts: tuple[str, str] | None = N
         return task
     if fmt == "preference":
         raise ValueError(f"{data_path} holds preference pairs: use --objective dpo")
+    for flag, on in (("--pack", args.pack), ("--bad-lines skip", args.bad_lines == "skip")):
+        if on:  # it would be ignored: plain text has no samples to pack or lines to skip
+            raise ValueError(f"{flag} applies only to SFT or preference JSONL; {data_path} is "
+                             "plain text")
     train_text, val_text = texts or read_text_splits(args, data_path)
     th = tokenizer_hash(tok)
     return LMTask(tokenize_cached(train_text, tok, th), tokenize_cached(val_text, tok, th),

@@ -85,6 +85,8 @@ def run_cli(*args, env=None):
     (None, ["--top-k", "3"], "unrecognized arguments"),
     (None, ["--batch-size", "0"], "--batch-size must be >= 1"),
     (None, ["--preset", "huge"], "unknown preset 'huge'"),
+    ("hello there, my lord\n" * 300, ["--pack"], "--pack applies only to SFT or preference"),
+    ("hello there, my lord\n" * 300, ["--bad-lines", "skip"], "--bad-lines skip applies only"),
 ])
 def test_bad_input_one_clear_line(tmp_path, make, flags, message):
     args = list(flags)
@@ -567,3 +569,22 @@ def test_lr_is_continuous_at_the_end_of_warmup_and_ends_at_min():
     assert decay_progress(50, 10**5, warm, 30.0, 130.0, 30.0) == pytest.approx(1e-5, abs=1e-4)
     assert decay_progress(80, 10**5, warm, 80.0, 130.0, 30.0) == pytest.approx(0.5)
     assert decay_progress(90, 10**5, warm, 140.0, 130.0, 30.0) == 1.0
+
+
+def test_default_vocab_covers_a_corpus_with_many_characters(tmp_path, monkeypatch):
+    """--preset tiny without --vocab-size on text of 90+ distinct characters (Shakespeare has 84):
+    the vocabulary grows to hold them; an explicit --vocab-size too small says how much is needed."""
+    monkeypatch.setenv("WHETSTONE_CACHE", str(tmp_path / "cache"))
+    rng = random.Random(1)
+    chars = [chr(c) for c in range(0x21, 0x7f)] + list("éèàçüöß")
+    text = "\n".join(" ".join("".join(rng.choice(chars) for _ in range(5)) for _ in range(8))
+                     for _ in range(800)) + "\n"
+    (tmp_path / "c.txt").write_text(text)
+    flags = ["--data", str(tmp_path / "c.txt"), "--preset", "tiny", "--max-steps", "1",
+             "--batch-size", "2", "--seq-len", "16", "--no-progress", "--threads", "1"]
+    assert train.main([*flags, "--out", str(tmp_path / "run")]) == 0
+    from tokenizer import load_tokenizer
+    assert load_tokenizer(str(tmp_path / "run")).vocab_size >= 259 + 90
+    with pytest.raises(ValueError, match="vocab_size 300 is too small for this corpus's "
+                       "characters: it needs at least"):
+        train.main([*flags, "--out", str(tmp_path / "run2"), "--vocab-size", "300"])

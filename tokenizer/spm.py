@@ -183,8 +183,12 @@ class SentencePieceTokenizer(Tokenizer):
                 train_extremely_large_corpus=False, minloglevel=2,
                 hard_vocab_limit=False)  # a small corpus gets a smaller vocabulary, not an error
         except RuntimeError as e:  # e.g. "Vocabulary size is too high (8000). Must be <= 1234."
-            raise ValueError(f"sentencepiece training failed: {str(e).strip().splitlines()[-1]}") \
-                from None
+            why = str(e).strip().splitlines()[-1]
+            need = regex.search(r"smaller than required_chars\. \d+ vs (\d+)", why)
+            if need:  # the corpus has more distinct characters than the vocab has room for
+                raise ValueError(f"vocab_size {vocab_size} is too small for this corpus's "
+                                 f"characters: it needs at least {need.group(1)}") from None
+            raise ValueError(f"sentencepiece training failed: {why}") from None
         tok = cls(model.getvalue(), add_bos=add_bos)
         tok.save(out_dir)
         return tok
