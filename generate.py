@@ -20,6 +20,7 @@ import warnings
 
 import torch
 
+from engine.config import DefaultsHelpFormatter
 from engine.generation import beam_search, check_sampling_args, generate
 from engine.hub import pick_device_dtype
 
@@ -47,7 +48,7 @@ def unescape(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               formatter_class=DefaultsHelpFormatter)
     a = p.add_argument
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", metavar="DIR",

@@ -17,6 +17,7 @@ import os
 import sys
 import warnings
 
+from engine.config import DefaultsHelpFormatter
 from engine.hub import pick_device_dtype  # generate.py's --device / --dtype rules
 
 
@@ -31,7 +32,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               formatter_class=DefaultsHelpFormatter)
     a = p.add_argument
     a("--model", required=True, metavar="NAME|HF_DIR|FILE.gguf",
       help="a named model (e.g. smollm2-135m-instruct), a model directory or a GGUF file")

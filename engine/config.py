@@ -257,6 +257,13 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default, except None: those flags say their default in words."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Bad flags get one line (not the whole usage block) and exit code 2."""
 

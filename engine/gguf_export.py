@@ -18,7 +18,6 @@ and renamed into place, so an interrupted export leaves nothing half-written.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -247,6 +246,9 @@ def export_gguf(model, tok, out: str, kind: str = "f16", name: str = "model",
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens, the model {cfg.vocab_size} rows")
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), suffix=".gguf.tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would keep other users (ollama's) out
     types: dict[str, int] = {}
     try:
         w = gguf.GGUFWriter(tmp, gguf_arch(cfg))
@@ -275,8 +277,9 @@ def export_gguf(model, tok, out: str, kind: str = "f16", name: str = "model",
 
 def main(argv=None) -> int:
     from engine.config import OneLineParser
+    from engine.config import DefaultsHelpFormatter
     p = OneLineParser(prog="python -m engine.gguf_export", description=__doc__.split("\n\n")[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", required=True, metavar="NAME|DIR|FILE.gguf",
                    help="a demo-model name, an HF / checkpoint directory or a GGUF file")
     p.add_argument("--adapter", metavar="DIR", help="LoRA / DoRA adapter to merge in first")

@@ -240,6 +240,9 @@ def test_cli_merges_an_adapter_and_refuses_bad_input(tmp_path, capsys):
     assert cli(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "ad"),
                 "--out", str(out), "--type", "f32"]) == 0
     assert "wrote" in capsys.readouterr().out
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask  # readable by others, as a plain write
     back, _ = load_gguf(str(out))
     ids = tok.encode(TEXTS[0])
     assert (logits(back, ids) - logits(merged, ids)).abs().max() < 1e-5
