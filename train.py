@@ -52,6 +52,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted {stage['now']}", file=sys.stderr)
         return 130
+    finally:  # a run that failed before writing anything (bad data, say) leaves no empty --out
+        made = stage.get("created")
+        if made and os.path.isdir(made) and not os.listdir(made):
+            with contextlib.suppress(OSError):  # another rank may have removed it first
+                os.rmdir(made)
 
 
 def _run(args, given: set[str], stage: dict) -> int:
@@ -96,6 +101,8 @@ def _run(args, given: set[str], stage: dict) -> int:
             raise ValueError(f"{run_dir} already holds a checkpoint or run ({found}); pick another "
                              f"--out or continue it with --resume {run_dir}")
         try:
+            if not os.path.isdir(run_dir):
+                stage["created"] = run_dir
             os.makedirs(run_dir, exist_ok=True)
         except OSError as e:
             raise ValueError(f"cannot create --out {run_dir}: {e.strerror or e}") from None
@@ -185,9 +192,10 @@ def _run(args, given: set[str], stage: dict) -> int:
     elif distributed.is_main():
         atomic_write_text(os.path.join(run_dir, "run_args.json"), json.dumps(vars(args), indent=2))
     if args.pause_at_step is not None and not step < args.pause_at_step <= args.max_steps:
+        where = (f"pause at a step in {step + 1}..{args.max_steps}" if step < args.max_steps
+                 else "it has finished: there is no step left to pause at")
         raise ValueError(f"--pause-at-step {args.pause_at_step}: the run is at step {step} and ends "
-                         f"at --max-steps {args.max_steps}; pause at a step in {step + 1}.."
-                         f"{args.max_steps}")
+                         f"at --max-steps {args.max_steps}; {where}")
     hft_round = None
     if hft is not None:  # the round of this step (a resumed run may be in the middle of one)
         hft_round = step // args.half_round_steps

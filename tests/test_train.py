@@ -98,6 +98,7 @@ def test_bad_input_one_clear_line(tmp_path, make, flags, message):
     assert r.returncode == 2, r.stderr
     assert message in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists()  # nothing was written: no empty run directory left
 
 
 def test_invalid_utf8_is_replaced_and_counted(tmp_path, capsys):
@@ -341,6 +342,10 @@ def test_resume_refuses_changed_flags_and_bad_pause(ref):
     # the same values as the run's are fine, as are per-invocation flags
     assert resume(run, "--data", data, "--max-steps", "16", "--pause-at-step", "8") == 0
     assert torch_load_state(run)["step"] == 8
+    import shutil
+    done = shutil.copytree(ref[1], os.path.join(os.path.dirname(run), "finished"))
+    with pytest.raises(ValueError, match="at step 16 .* it has finished: there is no step left"):
+        resume(done, "--pause-at-step", "5")
 
 
 def test_resume_refuses_a_corpus_that_changed_since_the_run_started(ref):
