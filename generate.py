@@ -20,20 +20,11 @@ import warnings
 
 import torch
 
-from engine.config import DefaultsHelpFormatter
+from engine.config import DefaultsHelpFormatter, RaisingParser, UsageError
 from engine.generation import beam_search, check_sampling_args, generate
 from engine.hub import pick_device_dtype
 
 CHECKPOINT_ROOT = "out"  # where train.py writes its run directories
-
-
-class UsageError(Exception):
-    """Bad command-line input: printed as one line, exit code 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + message
-        raise UsageError(f"{message} (see --help)")
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
@@ -47,8 +38,8 @@ def unescape(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(description=__doc__.split("\n\n")[0],
-               formatter_class=DefaultsHelpFormatter)
+    p = RaisingParser(description=__doc__.split("\n\n")[0],
+                      formatter_class=DefaultsHelpFormatter)
     a = p.add_argument
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", metavar="DIR",

@@ -17,22 +17,13 @@ import os
 import sys
 import warnings
 
-from engine.config import DefaultsHelpFormatter
+from engine.config import DefaultsHelpFormatter, RaisingParser, UsageError
 from engine.hub import pick_device_dtype  # generate.py's --device / --dtype rules
 
 
-class UsageError(Exception):
-    """Bad command-line input: printed as one line, exit code 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(description=__doc__.split("\n\n")[0],
-               formatter_class=DefaultsHelpFormatter)
+    p = RaisingParser(description=__doc__.split("\n\n")[0],
+                      formatter_class=DefaultsHelpFormatter)
     a = p.add_argument
     a("--model", required=True, metavar="NAME|HF_DIR|FILE.gguf",
       help="a named model (e.g. smollm2-135m-instruct), a model directory or a GGUF file")

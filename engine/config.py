@@ -264,6 +264,18 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit code 2."""
+
+
+class RaisingParser(argparse.ArgumentParser):
+    """A bad flag raises UsageError (one line) instead of printing usage and exiting, so a
+    script's cli() reports it like its other errors (generate.py, serve.py)."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Bad flags get one line (not the whole usage block) and exit code 2."""
 

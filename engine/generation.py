@@ -36,9 +36,12 @@ def apply_repetition_penalty(logits: torch.Tensor, prev_ids: torch.Tensor,
                              penalty: float) -> torch.Tensor:
     """CTRL / HF repetition penalty. logits: (B, V); prev_ids: (B, L) ids already in the
     sequence (prompt + generated). A seen token's logit is divided by `penalty` if positive and
-    multiplied by it if negative, so penalty > 1 always makes it less likely. Returns new logits."""
+    multiplied by it if negative, so penalty > 1 always makes it less likely. Returns new logits,
+    in fp32 as transformers computes them (in bf16, logit / penalty is rounded again and can tie
+    with, or pass, a token it should fall below)."""
     if penalty == 1.0 or prev_ids.numel() == 0:
         return logits
+    logits = logits.float()
     seen = logits.gather(1, prev_ids)  # (B, L)
     # zero stays zero (0 * inf would be NaN); an extreme penalty saturates instead of overflowing
     seen = torch.where(seen > 0, seen / penalty, torch.where(seen < 0, seen * penalty, seen))
@@ -359,9 +362,7 @@ def iter_generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor,
     reasons: list[str | None] = [None] * B
     t0 = time.perf_counter()
     for step in range(max_new_tokens):
-        # fp32 before the penalty, as transformers does: in bf16 logit / penalty is rounded
-        # again and can tie with (or pass) a token it should fall below
-        logits = apply_repetition_penalty(logits.float(), seq[:, :T + step], repetition_penalty)
+        logits = apply_repetition_penalty(logits, seq[:, :T + step], repetition_penalty)
         nxt = sample(logits, temperature, top_k, top_p, generator, min_p=min_p)  # (B,)
         seq[:, T + step] = nxt
         for r, tid in enumerate(nxt.tolist()):

@@ -494,9 +494,7 @@ class Engine:
 
     def _sample(self, seq: Sequence) -> None:
         p, req = seq.params, seq.req
-        # fp32 before the penalty, as generate() and transformers do (bf16 would round it again)
-        logits = apply_repetition_penalty(seq.logits.float(), seq.ids[:, :seq.n_ids],
-                                          p.repetition_penalty)
+        logits = apply_repetition_penalty(seq.logits, seq.ids[:, :seq.n_ids], p.repetition_penalty)
         tid = int(sample(logits, p.temperature, p.top_k, p.top_p, seq.generator, min_p=p.min_p))
         seq.ids[0, seq.n_ids] = tid
         seq.n_ids += 1

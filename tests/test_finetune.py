@@ -43,6 +43,17 @@ def metrics(run):
         return [json.loads(l) for l in f]
 
 
+def full_and_resumed(common, tmp, name, pause):
+    """(step, train_loss, val_loss) of each logged event, final report left out, of a run done
+    at once and of the same run paused at step `pause`, then resumed."""
+    full, part = str(tmp / f"{name}-full"), str(tmp / f"{name}-part")
+    assert train.main([*common, "--out", full]) == 0
+    assert train.main([*common, "--out", part, "--pause-at-step", str(pause)]) == 0
+    assert train.main(["--resume", part, "--no-progress", "--threads", "1"]) == 0
+    return [[(e["step"], e.get("train_loss"), e.get("val_loss")) for e in metrics(run)
+             if not e.get("final")] for run in (full, part)]
+
+
 @pytest.mark.parametrize("mode", ["lora", "qlora", "dora"])
 def test_adapter_modes_save_peft_adapters_and_learn(base, mode):
     run_base, domain, tmp = base
@@ -68,12 +79,7 @@ def test_lora_resume_identical(base):
     run_base, domain, tmp = base
     common = ["--base", run_base, "--finetune", "qlora", "--data", domain, "--max-steps", "12",
               "--eval-every", "4", "--lr", "1e-2", "--lora-r", "4", *FLAGS]
-    full, part = str(tmp / "q-full"), str(tmp / "q-part")
-    assert train.main([*common, "--out", full]) == 0
-    assert train.main([*common, "--out", part, "--pause-at-step", "4"]) == 0
-    assert train.main(["--resume", part, "--no-progress", "--threads", "1"]) == 0
-    a = [(e["step"], e.get("train_loss"), e.get("val_loss")) for e in metrics(full) if not e.get("final")]
-    b = [(e["step"], e.get("train_loss"), e.get("val_loss")) for e in metrics(part) if not e.get("final")]
+    a, b = full_and_resumed(common, tmp, "q", 4)
     assert len(a) == len(b)
     for x, y in zip(a, b):
         assert x[0] == y[0]
@@ -221,12 +227,7 @@ def test_half_finetune_resumes_in_the_middle_of_a_round(base):
     common = ["--base", run_base, "--finetune", "full", "--half-finetune", "--half-round-steps", "3",
               "--data", domain, "--max-steps", "8", "--eval-every", "4", "--lr", "1e-3", *FLAGS,
               "--log-every", "1"]
-    full, part = str(tmp / "hft-full"), str(tmp / "hft-part")
-    assert train.main([*common, "--out", full]) == 0
-    assert train.main([*common, "--out", part, "--pause-at-step", "5"]) == 0
-    assert train.main(["--resume", part, "--no-progress", "--threads", "1"]) == 0
-    a = [(e["step"], e.get("train_loss"), e.get("val_loss")) for e in metrics(full) if not e.get("final")]
-    b = [(e["step"], e.get("train_loss"), e.get("val_loss")) for e in metrics(part) if not e.get("final")]
+    a, b = full_and_resumed(common, tmp, "hft", 5)
     assert [x[0] for x in a] == [y[0] for y in b] and len(a) == 11  # 8 steps, 3 evaluations (0, 4, 8)
     for x, y in zip(a, b):
         for u, v in zip(x[1:], y[1:]):

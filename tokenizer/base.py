@@ -9,6 +9,8 @@ import os
 import re
 from abc import ABC, abstractmethod
 
+import regex
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -38,6 +40,21 @@ def check_text(text) -> None:
     if m:
         raise ValueError(f"text has a lone surrogate {m.group()!r} at index {m.start()}: "
                          "not valid Unicode, cannot be encoded")
+
+
+def added_token_regex(tokens: list[dict]):
+    """Leftmost-longest match of added tokens' texts (HF's AddedVocabulary; shared by both
+    tokenizers), the text itself in group "t": lstrip / rstrip tokens also take the whitespace
+    before / after them, single_word ones match only between non-word characters."""
+    if not tokens:
+        return None
+    alts = []
+    for t in sorted(tokens, key=lambda t: -len(t["content"])):  # longest first at a position
+        alt = rf"(?P<t>{regex.escape(t['content'])})"
+        if t.get("single_word"):  # no word character directly before or after it
+            alt = rf"(?<!\w){alt}(?!\w)"
+        alts.append((r"\s*" if t.get("lstrip") else "") + alt + (r"\s*" if t.get("rstrip") else ""))
+    return regex.compile("|".join(alts))
 
 
 def read_json(path: str):

@@ -24,8 +24,8 @@ from functools import lru_cache
 
 import regex
 
-from tokenizer.base import Tokenizer, atomic_write_text, check_text, read_json, \
-    read_tokenizer_config, unpadded_length
+from tokenizer.base import Tokenizer, added_token_regex, atomic_write_text, check_text, \
+    read_json, read_tokenizer_config, unpadded_length
 
 # GPT-2's pattern as Hugging Face's ByteLevel pre-tokenizer spells it (trailing `|\s+` included).
 BYTELEVEL_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -273,10 +273,10 @@ class ByteLevelBPETokenizer(Tokenizer):
         self.chat_template = chat_template
         self._added_by_content = {t["content"]: t["id"] for t in self.added_tokens}
         self._special_ids = {t["id"] for t in self.added_tokens if t["special"]}
-        self._added_rx = self._added_regex(self.added_tokens)
+        self._added_rx = added_token_regex(self.added_tokens)
         # parse_special=False still splits out non-special added tokens (HF's
         # split_special_tokens, llama.cpp's user-defined tokens): they are not control tokens.
-        self._plain_added_rx = self._added_regex([t for t in self.added_tokens if not t["special"]])
+        self._plain_added_rx = added_token_regex([t for t in self.added_tokens if not t["special"]])
         self._cache: dict[str, list[int]] = {}
         self._token_bytes: list[bytes] | None = None
 
@@ -360,23 +360,6 @@ class ByteLevelBPETokenizer(Tokenizer):
 
     # -- encode -------------------------------------------------------------------------------
 
-    @staticmethod
-    def _added_regex(tokens: list[dict]):
-        if not tokens:
-            return None
-        alts = []
-        # Longest first: at one position the regex takes the first alternative that matches.
-        for t in sorted(tokens, key=lambda t: -len(t["content"])):
-            alt = regex.escape(t["content"])
-            if t.get("single_word"):  # HF: no word character directly before or after it
-                alt = rf"(?<!\w){alt}(?!\w)"
-            if t.get("lstrip"):
-                alt = r"\s*" + alt
-            if t.get("rstrip"):
-                alt = alt + r"\s*"
-            alts.append(alt)
-        return regex.compile("|".join(alts))
-
     def _segments(self, text: str, parse_special: bool):
         """Yield (text, None) for plain text and (content, id) for each added token found."""
         rx = self._added_rx if parse_special else self._plain_added_rx
@@ -387,10 +370,8 @@ class ByteLevelBPETokenizer(Tokenizer):
         for m in rx.finditer(text):
             if m.start() > pos:
                 yield text[pos:m.start()], None
-            tid = self._added_by_content.get(m.group())
-            if tid is None:  # an lstrip/rstrip token matched together with its whitespace
-                tid = self._added_by_content[m.group().strip()]
-            yield m.group(), tid
+            # (group "t": the token without the whitespace an lstrip / rstrip token takes along)
+            yield m.group(), self._added_by_content[m.group("t")]
             pos = m.end()
         if pos < len(text):
             yield text[pos:], None

@@ -29,7 +29,8 @@ import regex
 import sentencepiece as spm
 
 from tokenizer.base import Tokenizer, atomic_write_bytes, atomic_write_text, check_text, \
-    read_json, read_tokenizer_config, unpadded_length
+    added_token_regex, read_json, read_tokenizer_config, \
+    unpadded_length
 
 # ModelProto.SentencePiece.Type (also GGUF tokenizer.ggml.token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -113,8 +114,8 @@ class SentencePieceTokenizer(Tokenizer):
         self._split_ids = set(special) | set(plain)
         self._split_by_content = {t["content"]: i for d in (special, plain) for i, t in d.items()}
         self._special_by_content = {t["content"]: i for i, t in special.items()}
-        self._split_rx = _split_regex([*special.values(), *plain.values()])
-        self._plain_rx = _split_regex(list(plain.values()))
+        self._split_rx = added_token_regex([*special.values(), *plain.values()])
+        self._plain_rx = added_token_regex(list(plain.values()))
 
     # -- construction -------------------------------------------------------------------------
 
@@ -346,20 +347,6 @@ def _read_added_tokens(directory: str, cfg: dict) -> list[dict]:
         added.setdefault(i, {**t, "id": i})
     keys = ("id", "content", "special", "lstrip", "rstrip", "single_word")
     return [{k: t[k] for k in keys if k in t} for t in added.values()]
-
-
-def _split_regex(tokens: list[dict]):
-    """Leftmost-longest match of the tokens' texts (HF's AddedVocabulary), the text itself in
-    group "t": lstrip / rstrip tokens also take the whitespace before / after them."""
-    if not tokens:
-        return None
-    alts = []
-    for t in sorted(tokens, key=lambda t: -len(t["content"])):  # longest first at a position
-        alt = rf"(?P<t>{regex.escape(t['content'])})"
-        if t.get("single_word"):  # no word character directly before or after it
-            alt = rf"(?<!\w){alt}(?!\w)"
-        alts.append((r"\s*" if t.get("lstrip") else "") + alt + (r"\s*" if t.get("rstrip") else ""))
-    return regex.compile("|".join(alts))
 
 
 # -- training input ---------------------------------------------------------------------------
