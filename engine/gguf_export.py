@@ -226,6 +226,7 @@ def write_tokenizer_metadata(w, tok, n_rows: int) -> None:
         if tid is not None:
             getattr(w, f"add_{key}_token_id")(tid)
     w.add_add_bos_token(bool(tok.add_bos))
+    w.add_add_eos_token(bool(tok.add_eos))
     if tok.chat_template:
         w.add_chat_template(tok.chat_template)
 

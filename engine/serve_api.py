@@ -207,9 +207,10 @@ class API:
                    "of token-id lists (non-empty)", "prompt")
 
     def _encode(self, text: str) -> list[int]:
-        """generate.py's rule: the tokenizer's BOS default; an empty prompt starts a document."""
+        """generate.py's rule: the tokenizer's BOS default, never its EOS (a prompt is the start
+        of a text to continue); an empty prompt starts a document."""
         try:
-            ids = self.tok.encode(text)
+            ids = self.tok.encode(text, add_eos=False)
         except ValueError as e:  # a lone surrogate: valid JSON, not valid text
             raise _bad(f"'prompt': {e}", "prompt") from None
         if not ids:

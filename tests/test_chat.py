@@ -164,3 +164,21 @@ def test_tool_call_turn_without_content_renders_like_transformers():
     ref, _ = render_jinja_template(conversations=[messages], chat_template=TOOL_TEMPLATE)
     assert render_chat(tok, messages, add_generation_prompt=False) == ref[0]
     assert '<tool_call>{"name": "weather", "arguments": {"city": "Paris"}}</tool_call>' in ref[0]
+
+
+def test_chat_template_jinja_file_wins_like_transformers(tmp_path):
+    """chat_template.jinja beside a tokenizer_config.json that has a chat_template too:
+    transformers uses the file; we used the config's entry."""
+    from tokenizer import load_tokenizer
+    from tokenizer.bpe import bytes_to_unicode
+    chars = list(bytes_to_unicode().values())
+    tok = ByteLevelBPETokenizer(chars + ["<|im_end|>"], [], added_tokens=[
+        {"id": 256, "content": "<|im_end|>"}], eos_id=256,
+        chat_template="CONFIG {{ messages[0]['content'] }}")
+    tok.save(str(tmp_path))
+    (tmp_path / "chat_template.jinja").write_text("FILE {{ messages[0]['content'] }}<|im_end|>")
+    ours = load_tokenizer(str(tmp_path))
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    msgs = [{"role": "user", "content": "hi"}]
+    assert ours.apply_chat_template(msgs) == ref.apply_chat_template(msgs, tokenize=False) == \
+        "FILE hi<|im_end|>"

@@ -458,3 +458,76 @@ def test_lone_surrogate_is_a_clear_error(tmp_path):
     text = json.loads('"ab\\ud800cd"')  # JSON allows a lone surrogate escape
     with pytest.raises(ValueError, match="lone surrogate '\\\\ud800' at index 2"):
         ours.encode(text)
+
+
+def _template(*parts):
+    """A TemplateProcessing post_processor for a single sequence, e.g. "<s>", "$A", "</s>"."""
+    single = [{"Sequence": {"id": "A", "type_id": 0}} if p == "$A" else
+              {"SpecialToken": {"id": p, "type_id": 0}} for p in parts]
+    ids = {"<|begin_of_text|>": 0, "<|eot_id|>": 1}
+    return {"type": "TemplateProcessing", "single": single,
+            "pair": single + [{"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {p: {"id": p, "ids": [ids[p]], "tokens": [p]} for p in parts if p != "$A"}}
+
+
+@pytest.fixture(scope="module")
+def small_tj():
+    return _train_hf(PRE_TOKENIZERS["llama-bpe"], varied_strings(n_random=40, seed=6))
+
+
+BOS_EOS = _template("<|begin_of_text|>", "$A", "<|eot_id|>")
+
+
+@pytest.mark.parametrize("post,flags", [
+    (BOS_EOS, {}),
+    ({"type": "Sequence", "processors": [{"type": "ByteLevel", "add_prefix_space": False,
+                                          "trim_offsets": False, "use_regex": False}, BOS_EOS]},
+     {"add_bos_token": False, "add_eos_token": False}),  # transformers 5: the template wins
+    (_template("$A", "<|eot_id|>"), {}),
+    (_template("<|begin_of_text|>", "$A"), {"add_eos_token": True}),
+])
+def test_post_processor_eos_matches_transformers(small_tj, post, flags, tmp_path):
+    """An EOS in the post_processor template ("<s> $A </s>") was never appended; and
+    add_bos_token / add_eos_token were read although transformers 5 lets tokenizer.json's
+    post_processor decide. Chat templates (add_special_tokens=False) get neither."""
+    transformers = pytest.importorskip("transformers")
+    tj = dict(small_tj, post_processor=post)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+         "chat_template": "{% for m in messages %}{{ m.content }}<|eot_id|>{% endfor %}", **flags}))
+    ours = load_tokenizer(str(tmp_path))
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    msgs = [{"role": "user", "content": "Hello world"}]
+    ref_chat = ref.apply_chat_template(msgs, tokenize=True)
+    ref_chat = ref_chat["input_ids"] if not isinstance(ref_chat, list) else ref_chat
+    assert ours.apply_chat_template(msgs, tokenize=True) == ref_chat
+    for s in ["Hello world", "", "x<|eot_id|>"]:
+        assert ours.encode(s) == ref(s)["input_ids"], repr(s)
+        assert ours.encode(s, add_bos=False) == ref(s, add_special_tokens=False)["input_ids"]
+    # save() writes the same rule, for transformers and for load_tokenizer
+    ours.save(str(tmp_path / "saved"))
+    again = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    assert again("Hello world")["input_ids"] == ours.encode("Hello world") == \
+        load_tokenizer(str(tmp_path / "saved")).encode("Hello world")
+
+
+def test_gguf_add_eos_token(smol_fields):
+    """tokenizer.ggml.add_eos_token (llama.cpp appends EOS with it) was ignored."""
+    tok = from_gguf_metadata({**smol_fields, "tokenizer.ggml.add_eos_token": True})
+    assert tok.add_eos and tok.encode("Hi") == tok.encode("Hi", add_eos=False) + [tok.eos_id]
+    assert tok.eos_id not in tok.encode("Hi", add_bos=False)
+    assert tok.eos_id not in tok.apply_chat_template([{"role": "user", "content": "Hi"}],
+                                                     tokenize=True)[-1:]
+
+
+def test_tokenizer_json_not_an_object_is_one_line(tmp_path):
+    """A tokenizer.json holding a list raised AttributeError: 'list' object has no attribute 'get'."""
+    (tmp_path / "tokenizer.json").write_text("[1]")
+    for path in (tmp_path, tmp_path / "tokenizer.json"):
+        with pytest.raises(ValueError, match="tokenizer.json: expected a JSON object"):
+            load_tokenizer(str(path))
+    tj = _letters_tokenizer_json(300, 400)
+    tj["post_processor"] = ["not", "an", "object"]
+    with pytest.raises(ValueError, match="tokenizer.json: post_processor is not an object"):
+        _load_json(tmp_path, tj)

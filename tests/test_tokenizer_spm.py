@@ -398,3 +398,110 @@ def test_gguf_added_tokens_after_the_pieces(llama_proto, tmp_path):
             ids = tok.encode(s, parse_special=parse_special)
             assert back.encode(s, parse_special=parse_special) == ids, repr(s)
             assert back.decode(ids) == tok.decode(ids)
+
+
+def _llama_dir(proto: bytes, d, cfg: dict | None = None, **files) -> str:
+    """tokenizer.model, a tokenizer_config.json (unless cfg is None) and other JSON files."""
+    d.mkdir(exist_ok=True)
+    (d / "tokenizer.model").write_bytes(proto)
+    if cfg is not None:
+        (d / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "LlamaTokenizer", "legacy": True, "chat_template": CHATML, **cfg}))
+    for name, value in files.items():
+        (d / f"{name}.json").write_text(json.dumps(value))
+    return str(d)
+
+
+@pytest.mark.parametrize("flags", [{"add_bos_token": True, "add_eos_token": True},
+                                   {"add_bos_token": False, "add_eos_token": True}])
+def test_config_add_eos_token_matches_transformers(llama_proto, tmp_path, flags):
+    """add_eos_token: true (a Llama fine-tune's config) was ignored: no EOS after the text.
+    A rendered chat (add_special_tokens=False) still gets no BOS and no EOS."""
+    pytest.importorskip("google.protobuf")
+    transformers = pytest.importorskip("transformers")
+    d = _llama_dir(llama_proto, tmp_path / "d", {"bos_token": "<s>", "eos_token": "</s>", **flags})
+    ours, ref = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(d)
+    assert ours.add_eos and ours.add_bos == flags["add_bos_token"]
+    for s in ["Hello world", "", "a</s>b"]:
+        assert ours.encode(s) == ref(s)["input_ids"], repr(s)
+        assert ours.encode(s, add_bos=False) == ref(s, add_special_tokens=False)["input_ids"]
+    ref_chat = ref.apply_chat_template(CHATS[0], tokenize=True, add_generation_prompt=True)
+    ref_chat = ref_chat["input_ids"] if not isinstance(ref_chat, list) else ref_chat
+    assert ours.apply_chat_template(CHATS[0], tokenize=True) == ref_chat
+    ours.save(str(tmp_path / "saved"))
+    again = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    assert again("Hello")["input_ids"] == ours.encode("Hello") == \
+        load_tokenizer(str(tmp_path / "saved")).encode("Hello")
+
+
+def test_tokenizer_json_post_processor_decides_bos_eos(llama_proto, tmp_path):
+    """Llama 2's layout (tokenizer.json beside tokenizer.model): transformers 5 takes BOS / EOS
+    from tokenizer.json's post_processor and ignores the config's flags."""
+    pytest.importorskip("google.protobuf")
+    transformers = pytest.importorskip("transformers")
+    d = _llama_dir(llama_proto, tmp_path / "d", {"bos_token": "<s>", "eos_token": "</s>"})
+    transformers.AutoTokenizer.from_pretrained(d).save_pretrained(d)  # writes tokenizer.json
+    tj = json.loads((tmp_path / "d" / "tokenizer.json").read_text())
+    tok = lambda t, i: {"SpecialToken": {"id": t, "type_id": 0}}  # noqa: E731
+    single = [tok("<s>", 1), {"Sequence": {"id": "A", "type_id": 0}}, tok("</s>", 2)]
+    tj["post_processor"] = {"type": "TemplateProcessing", "single": single, "pair": single,
+                            "special_tokens": {t: {"id": t, "ids": [i], "tokens": [t]}
+                                               for t, i in (("<s>", 1), ("</s>", 2))}}
+    (tmp_path / "d" / "tokenizer.json").write_text(json.dumps(tj))
+    cfg = json.loads((tmp_path / "d" / "tokenizer_config.json").read_text())
+    cfg["add_bos_token"] = False
+    (tmp_path / "d" / "tokenizer_config.json").write_text(json.dumps(cfg))
+    ours, ref = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(d)
+    assert isinstance(ours, SentencePieceTokenizer)
+    assert ours.encode("Hello world") == ref("Hello world")["input_ids"]
+    assert ours.encode("Hello world")[::len(ours.encode("Hello world")) - 1] == [1, 2]
+
+
+@pytest.mark.parametrize("cfg,smap", [
+    (None, None),  # no config: both added tokens are plain (not special)
+    ({"eos_token": "<|im_end|>"}, None),  # named by the config: special
+    ({"additional_special_tokens": ["<|im_start|>"]}, None),
+    ({}, {"eos_token": "<|im_end|>"}),  # special_tokens_map.json names the EOS
+])
+def test_legacy_added_tokens_json_matches_transformers(llama_proto, tmp_path, cfg, smap):
+    """added_tokens.json ({"<|im_start|>": 800}) beside tokenizer.model was not read: ChatML
+    markers were encoded as text and the config's eos <|im_end|> was unknown (EOS stayed </s>)."""
+    pytest.importorskip("google.protobuf")
+    transformers = pytest.importorskip("transformers")
+    files = {"added_tokens": {"<|im_start|>": 800, "<|im_end|>": 801}}
+    if smap is not None:
+        files["special_tokens_map"] = smap
+    d = _llama_dir(llama_proto, tmp_path / "d", cfg, **files)
+    ours, ref = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(d)
+    text = "<|im_start|>user\nhi<|im_end|>\n<s>x"
+    assert ours.vocab_size == len(ref) == 802 and ours.eos_id == ref.eos_token_id
+    ids = ours.encode(text, add_bos=False)
+    assert ids == ref(text, add_special_tokens=False)["input_ids"] and ids[0] == 800
+    for i in (800, 801):  # special exactly when transformers says so (skip_special drops it)
+        assert (i in ours.special_tokens.values()) == (i in ref.all_special_ids), i
+        assert (ours.decode([i], skip_special=True) == "") == (i in ref.all_special_ids)
+
+
+def test_legacy_added_tokens_json_errors_and_precedence(llama_proto, tmp_path):
+    d = tmp_path / "d"
+    _llama_dir(llama_proto, d, {}, added_tokens=["<|im_start|>"])
+    with pytest.raises(ValueError, match=r"added_tokens.json: expected an object of token -> id"):
+        load_tokenizer(str(d))
+    _llama_dir(llama_proto, d, {}, added_tokens={"<|im_start|>": "800"})
+    with pytest.raises(ValueError, match=r"the id of '<\|im_start\|>' is not an integer: '800'"):
+        load_tokenizer(str(d))
+    _llama_dir(llama_proto, d, {}, added_tokens={"<|im_start|>": -3})
+    with pytest.raises(ValueError, match="has a negative id -3"):
+        load_tokenizer(str(d))
+    (d / "added_tokens.json").write_text("{oops")
+    with pytest.raises(ValueError, match="cannot read .*added_tokens.json"):
+        load_tokenizer(str(d))
+    # an added_tokens_decoder in the config makes transformers ignore the legacy file
+    _llama_dir(llama_proto, d, {"added_tokens_decoder": {}}, added_tokens={"<|im_start|>": 800})
+    assert load_tokenizer(str(d)).vocab_size == 800
+    _llama_dir(llama_proto, d, {"added_tokens_decoder": {"800": 5}})
+    with pytest.raises(ValueError, match=r"added_tokens_decoder\[800\] is not an object"):
+        load_tokenizer(str(d))
+    (d / "tokenizer_config.json").write_text("[]")
+    with pytest.raises(ValueError, match="tokenizer_config.json: expected a JSON object"):
+        load_tokenizer(str(d))

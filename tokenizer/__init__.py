@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 
-from tokenizer.base import StreamDecoder, Tokenizer, read_json
+from tokenizer.base import StreamDecoder, Tokenizer, read_json_object
 from tokenizer.bpe import ByteLevelBPETokenizer
 from tokenizer.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplateError, end_of_turn_ids, render_chat
 from tokenizer.spm import SentencePieceTokenizer
@@ -21,7 +21,7 @@ __all__ = ["Tokenizer", "StreamDecoder", "ByteLevelBPETokenizer", "SentencePiece
 
 def _is_byte_level_json(path: str) -> bool:
     """True if tokenizer.json is a byte-level BPE (a Llama 2 style one is sentencepiece-like)."""
-    tj = read_json(path)
+    tj = read_json_object(path)
     return "ByteLevel" in json.dumps(tj.get("pre_tokenizer")) and (tj.get("model") or {}).get("type") == "BPE"
 
 

@@ -66,6 +66,14 @@ def read_json(path: str):
         raise ValueError(f"cannot read {path}: {e}") from None
 
 
+def read_json_object(path: str) -> dict:
+    """read_json for files that must hold an object (tokenizer.json, configs)."""
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return value
+
+
 def unpadded_length(types: list[int]) -> int:
     """How many GGUF tokens to keep: without the trailing run of UNUSED (type 5) entries, the
     "[PAD{i}]" names llama.cpp's converter gives embedding rows past the tokenizer's vocab
@@ -77,23 +85,65 @@ def unpadded_length(types: list[int]) -> int:
     return n
 
 
+# transformers' SPECIAL_TOKENS_ATTRIBUTES: the named special tokens of a tokenizer config.
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                      "mask_token")
+
+
+def template_specials(post: dict | None) -> tuple[str | None, str | None] | None:
+    """(token before $A, token after $A) of a tokenizer.json `post_processor` (a TemplateProcessing,
+    possibly inside a Sequence), e.g. ("<s>", "</s>") for "<s> $A </s>"; None when there is no
+    post_processor at all. transformers 5 takes BOS / EOS from here whenever tokenizer.json
+    exists, whatever add_bos_token / add_eos_token say."""
+    if not post:
+        return None
+    if not isinstance(post, dict):
+        raise ValueError(f"post_processor is not an object: {post!r:.80}")
+    if post.get("type") == "Sequence":  # e.g. [ByteLevel, TemplateProcessing]
+        post = next((p for p in post.get("processors") or [] if isinstance(p, dict)
+                     and p.get("type") == "TemplateProcessing"), {})
+    if post.get("type") != "TemplateProcessing":  # ByteLevel (offsets only): adds no tokens
+        return None, None
+    single = post.get("single") or []
+    if not isinstance(single, list):
+        raise ValueError("post_processor: single is not a list")
+
+    def special(item):
+        if isinstance(item, dict) and isinstance(item.get("SpecialToken"), dict):
+            return item["SpecialToken"].get("id")
+        return None
+    return (special(single[0]) if single else None), (special(single[-1]) if len(single) > 1 else None)
+
+
 def read_tokenizer_config(directory: str) -> dict:
     """HF tokenizer_config.json in `directory` ({} if absent), normalized: "chat_template" is a
-    str or None (a list of named templates gives "default"; newer transformers keep it in
-    chat_template.jinja), and "bos_token"/"eos_token"/"pad_token" are strings or None."""
+    str or None (a list of named templates gives "default"; chat_template.jinja, where newer
+    transformers keep it, takes precedence), and the special tokens ("bos_token", "eos_token",
+    ...) are strings or None, special_tokens_map.json's (a legacy file) taking precedence as in
+    transformers."""
     cfg: dict = {}
     path = os.path.join(directory, "tokenizer_config.json")
     if os.path.isfile(path):
-        cfg = read_json(path)
+        cfg = read_json_object(path)
     tpl = cfg.get("chat_template")
     if isinstance(tpl, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        tpl = next((t["template"] for t in tpl if t.get("name") == "default"), None)
+        tpl = next((t.get("template") for t in tpl
+                    if isinstance(t, dict) and t.get("name") == "default"), None)
     jinja_file = os.path.join(directory, "chat_template.jinja")
-    if tpl is None and os.path.isfile(jinja_file):
-        with open(jinja_file, encoding="utf-8") as f:
-            tpl = f.read()
+    if os.path.isfile(jinja_file):  # as in transformers, the file wins over the config's entry
+        try:
+            with open(jinja_file, encoding="utf-8") as f:
+                tpl = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read {jinja_file}: {e}") from None
     cfg["chat_template"] = tpl
-    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+    # Legacy directories (no added_tokens_decoder) may name their special tokens in
+    # special_tokens_map.json; transformers lets those override tokenizer_config.json's.
+    smap = os.path.join(directory, "special_tokens_map.json")
+    if "added_tokens_decoder" not in cfg and os.path.isfile(smap):
+        m = read_json_object(smap)
+        cfg.update((k, v) for k, v in m.items() if k in SPECIAL_TOKEN_KEYS and v)
+    for key in SPECIAL_TOKEN_KEYS:
         if isinstance(cfg.get(key), dict):  # old AddedToken form {"content": "<s>", ...}
             cfg[key] = cfg[key].get("content")
     return cfg
@@ -107,6 +157,8 @@ class Tokenizer(ABC):
       bos_id, eos_id: int | None
       pad_id: int | None
       add_bos: bool              whether encode() prepends BOS by default
+      add_eos: bool              whether encode() appends EOS by default (add_eos_token, or a
+                                 post_processor template "<s> $A </s>")
       chat_template: str | None  Jinja source of the model's chat template, if it has one
       extra_stop_ids: frozenset  more ids that end generation, from the model directory's
                                  generation_config.json (set by engine.hub.load_model)
@@ -117,13 +169,17 @@ class Tokenizer(ABC):
     eos_id: int | None = None
     pad_id: int | None = None
     add_bos: bool = False
+    add_eos: bool = False
     chat_template: str | None = None
     extra_stop_ids: frozenset[int] = frozenset()
 
     @abstractmethod
-    def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False,
+    def encode(self, text: str, add_bos: bool | None = None, add_eos: bool | None = None,
                parse_special: bool = True) -> list[int]:
-        """Ids for `text`. add_bos=None uses the tokenizer's default (self.add_bos).
+        """Ids for `text`. add_bos / add_eos = None use the tokenizer's defaults (self.add_bos,
+        self.add_eos: HF's add_special_tokens=True), except that add_bos=False alone turns the
+        default EOS off too (HF's add_special_tokens=False): callers that encode a rendered
+        chat or pieces of a text pass add_bos=False and must not get an EOS in the middle.
 
         parse_special: special-token strings in the text (e.g. "<|im_end|>") become their ids,
         as Hugging Face and llama.cpp (`parse_special`) do; False encodes them as plain text
@@ -136,6 +192,18 @@ class Tokenizer(ABC):
     @abstractmethod
     def save(self, directory: str) -> None:
         """Write this tokenizer's files into `directory` (atomic writes)."""
+
+    def _bos_eos(self, add_bos: bool | None, add_eos: bool | None) -> tuple[bool, bool]:
+        """encode()'s add_bos / add_eos resolved (see encode), checked against the vocab."""
+        if add_eos is None:
+            add_eos = self.add_eos and add_bos is not False
+        if add_bos is None:
+            add_bos = self.add_bos
+        if add_bos and self.bos_id is None:
+            raise ValueError("add_bos requested but this tokenizer has no BOS token")
+        if add_eos and self.eos_id is None:
+            raise ValueError("add_eos requested but this tokenizer has no EOS token")
+        return bool(add_bos), bool(add_eos)
 
     # Not abstract, so that small test tokenizers elsewhere need not define them.
     def id_to_token(self, i: int) -> str:
@@ -171,7 +239,8 @@ class Tokenizer(ABC):
                             tokenize: bool = False):
         from tokenizer.chat import render_chat
         text = render_chat(self, messages, add_generation_prompt=add_generation_prompt)
-        return self.encode(text, add_bos=False) if tokenize else text
+        # as transformers: the rendered text with add_special_tokens=False (no BOS, no EOS)
+        return self.encode(text, add_bos=False, add_eos=False) if tokenize else text
 
 
 class StreamDecoder:

@@ -25,7 +25,7 @@ from functools import lru_cache
 import regex
 
 from tokenizer.base import Tokenizer, added_token_regex, atomic_write_text, check_text, \
-    read_json, read_tokenizer_config, unpadded_length
+    read_json_object, read_tokenizer_config, template_specials, unpadded_length
 
 # GPT-2's pattern as Hugging Face's ByteLevel pre-tokenizer spells it (trailing `|\s+` included).
 BYTELEVEL_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -234,7 +234,8 @@ class ByteLevelBPETokenizer(Tokenizer):
     def __init__(self, vocab: dict[str, int] | list[str], merges: list, *,
                  pre_tokenizer: dict | str = "gpt-2", added_tokens: list[dict] | None = None,
                  bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None,
-                 unk_id: int | None = None, add_bos: bool = False, chat_template: str | None = None,
+                 unk_id: int | None = None, add_bos: bool = False, add_eos: bool = False,
+                 chat_template: str | None = None,
                  ignore_merges: bool = False, normalizer: dict | None = None):
         """vocab: token -> id, or the list of tokens by id (GGUF order; duplicates keep their ids,
         encoding uses the first). merges: "a b" strings or (a, b) pairs, by rank. normalizer: a
@@ -269,7 +270,7 @@ class ByteLevelBPETokenizer(Tokenizer):
             v = getattr(self, name)
             if v is not None and v not in self.id_to_tok:
                 raise ValueError(f"{name}={v} is not a token id (vocab has {self.vocab_size} ids)")
-        self.add_bos = add_bos
+        self.add_bos, self.add_eos = add_bos, add_eos
         self.chat_template = chat_template
         self._added_by_content = {t["content"]: t["id"] for t in self.added_tokens}
         self._special_ids = {t["id"] for t in self.added_tokens if t["special"]}
@@ -287,7 +288,7 @@ class ByteLevelBPETokenizer(Tokenizer):
         """Load a HF `tokenizer.json` (a file, or a directory with tokenizer_config.json beside it)."""
         directory = path if os.path.isdir(path) else os.path.dirname(path)
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-        tj = read_json(file)
+        tj = read_json_object(file)
         model = tj.get("model") or {}
         if model.get("type") != "BPE" or "merges" not in model:
             raise ValueError(f"{file}: model type {model.get('type')!r} is not BPE with merges")
@@ -312,20 +313,22 @@ class ByteLevelBPETokenizer(Tokenizer):
 
         bos_id, eos_id, pad_id = (vocab.get(cfg.get(k))
                                   for k in ("bos_token", "eos_token", "pad_token"))
-        add_bos = cfg.get("add_bos_token")
-        post = tj.get("post_processor") or {}
-        if post.get("type") == "Sequence":  # e.g. [ByteLevel, TemplateProcessing]
-            post = next((p for p in post.get("processors", []) if p.get("type") == "TemplateProcessing"),
-                        {})
-        if post.get("type") == "TemplateProcessing":
-            first = (post.get("single") or [{}])[0]
-            if "SpecialToken" in first:  # "<|begin_of_text|> $A": a BOS is added by default
-                bos_id = vocab.get(first["SpecialToken"]["id"], bos_id)
-                add_bos = True if add_bos is None else add_bos
+        try:
+            bos_eos = template_specials(tj.get("post_processor"))
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}") from None
+        if bos_eos is None:  # no post_processor: the config's flags (transformers 4's rule)
+            add_bos, add_eos = cfg.get("add_bos_token"), cfg.get("add_eos_token")
+        else:  # "<|begin_of_text|> $A", "<s> $A </s>": the template decides, as in transformers 5
+            add_bos, add_eos = (t is not None for t in bos_eos)
+            bos_id = vocab.get(bos_eos[0], bos_id) if add_bos else bos_id
+            eos_id = vocab.get(bos_eos[1], eos_id) if add_eos else eos_id
         return cls(vocab, model["merges"], pre_tokenizer=tj["pre_tokenizer"], added_tokens=added,
                    bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
                    unk_id=vocab.get(model["unk_token"]) if model.get("unk_token") else None,
-                   add_bos=bool(add_bos), chat_template=cfg.get("chat_template"),
+                   add_bos=bool(add_bos) and bos_id is not None,
+                   add_eos=bool(add_eos) and eos_id is not None,
+                   chat_template=cfg.get("chat_template"),
                    ignore_merges=bool(model.get("ignore_merges", False)),
                    normalizer=tj.get("normalizer"))
 
@@ -356,6 +359,7 @@ class ByteLevelBPETokenizer(Tokenizer):
                    added_tokens=added, bos_id=get_id("bos"), eos_id=get_id("eos"),
                    pad_id=get_id("padding"),
                    add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+                   add_eos=bool(fields.get("tokenizer.ggml.add_eos_token", False)),
                    chat_template=fields.get("tokenizer.chat_template"))
 
     # -- encode -------------------------------------------------------------------------------
@@ -415,14 +419,11 @@ class ByteLevelBPETokenizer(Tokenizer):
         ids = (vocab.get(s, unk) for s in syms if s is not None)
         return [i for i in ids if i is not None]  # (a merge result missing from the vocab)
 
-    def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False,
+    def encode(self, text: str, add_bos: bool | None = None, add_eos: bool | None = None,
                parse_special: bool = True) -> list[int]:
         check_text(text)
-        ids: list[int] = []
-        if (self.add_bos if add_bos is None else add_bos):
-            if self.bos_id is None:
-                raise ValueError("add_bos requested but this tokenizer has no BOS token")
-            ids.append(self.bos_id)
+        add_bos, add_eos = self._bos_eos(add_bos, add_eos)
+        ids: list[int] = [self.bos_id] if add_bos else []
         cache = self._cache
         for seg, tid in self._segments(text, parse_special):
             if tid is not None:
@@ -438,8 +439,6 @@ class ByteLevelBPETokenizer(Tokenizer):
                     out = cache[piece] = self._bpe(piece)
                 ids.extend(out)
         if add_eos:
-            if self.eos_id is None:
-                raise ValueError("add_eos requested but this tokenizer has no EOS token")
             ids.append(self.eos_id)
         return ids
 
@@ -484,17 +483,19 @@ class ByteLevelBPETokenizer(Tokenizer):
     def to_tokenizer_json(self) -> dict:
         """This tokenizer as a HF tokenizer.json dict (loadable by the `tokenizers` library)."""
         added = sorted(self.added_tokens, key=lambda t: t["id"])
+        # BOS / EOS as transformers' update_post_processor writes them: "<s> $A </s>"
+        ends = [(self.id_to_tok[i], i, first) for i, first in ((self.bos_id, True), (self.eos_id, False))
+                if i is not None and (self.add_bos if first else self.add_eos)]
         post = None
-        if self.add_bos and self.bos_id is not None:
-            bos = self.id_to_tok[self.bos_id]
-            post = {"type": "TemplateProcessing",
-                    "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
-                               {"Sequence": {"id": "A", "type_id": 0}}],
-                    "pair": [{"SpecialToken": {"id": bos, "type_id": 0}},
-                             {"Sequence": {"id": "A", "type_id": 0}},
-                             {"SpecialToken": {"id": bos, "type_id": 1}},
-                             {"Sequence": {"id": "B", "type_id": 1}}],
-                    "special_tokens": {bos: {"id": bos, "ids": [self.bos_id], "tokens": [bos]}}}
+        if ends:
+            def seq(name, type_id):
+                s = [{"Sequence": {"id": name, "type_id": type_id}}]
+                for t, _, first in ends:
+                    s.insert(0 if first else len(s), {"SpecialToken": {"id": t, "type_id": type_id}})
+                return s
+            post = {"type": "TemplateProcessing", "single": seq("A", 0),
+                    "pair": seq("A", 0) + seq("B", 1),
+                    "special_tokens": {t: {"id": t, "ids": [i], "tokens": [t]} for t, i, _ in ends}}
         return {
             "version": "1.0", "truncation": None, "padding": None,
             "added_tokens": [{"id": t["id"], "content": t["content"],
@@ -521,7 +522,8 @@ class ByteLevelBPETokenizer(Tokenizer):
                           json.dumps(self.to_tokenizer_json(), ensure_ascii=False, indent=1))
         name = lambda i: self.id_to_tok[i] if i is not None else None  # noqa: E731
         cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.add_bos,
-               "add_eos_token": False, "bos_token": name(self.bos_id), "eos_token": name(self.eos_id),
+               "add_eos_token": self.add_eos, "bos_token": name(self.bos_id),
+               "eos_token": name(self.eos_id),
                "pad_token": name(self.pad_id), "unk_token": name(self.unk_id),
                "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30}
         if self.chat_template:

@@ -13,7 +13,7 @@ the text first (only with parse_special), and so are user-defined pieces and non
 tokens (always); then each plain segment is encoded by sentencepiece, so a model with
 add_dummy_prefix (Llama 2) gets its "▁" at the start of each segment, as llama.cpp and HF's
 legacy Llama tokenizer do. HF's added tokens (tokenizer.json `added_tokens`, tokenizer_config.json
-`added_tokens_decoder`) may lie past the model's pieces: ChatML's <|im_start|> = 32000 in a Llama 2
+`added_tokens_decoder`, a legacy added_tokens.json) may lie past the model's pieces: ChatML's <|im_start|> = 32000 in a Llama 2
 fine-tune extends the vocab. Decode is the exact inverse segment by segment (HF's differs: it
 keeps the "▁" after a special token as a space).
 """
@@ -28,9 +28,9 @@ from typing import Iterable, Iterator
 import regex
 import sentencepiece as spm
 
-from tokenizer.base import Tokenizer, atomic_write_bytes, atomic_write_text, check_text, \
-    added_token_regex, read_json, read_tokenizer_config, \
-    unpadded_length
+from tokenizer.base import SPECIAL_TOKEN_KEYS, Tokenizer, atomic_write_bytes, \
+    atomic_write_text, check_text, added_token_regex, read_json, read_json_object, \
+    read_tokenizer_config, template_specials, unpadded_length
 
 # ModelProto.SentencePiece.Type (also GGUF tokenizer.ggml.token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -39,7 +39,7 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece model behind the Tokenizer interface."""
 
-    def __init__(self, model_proto: bytes, *, add_bos: bool | None = None,
+    def __init__(self, model_proto: bytes, *, add_bos: bool | None = None, add_eos: bool = False,
                  chat_template: str | None = None, bos_id: int | None = None,
                  eos_id: int | None = None, pad_id: int | None = None,
                  added_tokens: list[dict] | None = None):
@@ -81,6 +81,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.unk_id = ids(sp.unk_id())
         # Llama convention: a BOS starts every sequence unless the config says otherwise.
         self.add_bos = (self.bos_id is not None) if add_bos is None else bool(add_bos)
+        self.add_eos = bool(add_eos)
         self.chat_template = chat_template
         self._index()
         # sentencepiece reads a literal "▁" (U+2581) in the text as a space. Without a dummy
@@ -130,12 +131,32 @@ class SentencePieceTokenizer(Tokenizer):
             raise ValueError(f"cannot read sentencepiece model {file}: {e.strerror}") from None
         directory = os.path.dirname(file)
         cfg = read_tokenizer_config(directory)
-        tok = cls(proto, add_bos=cfg.get("add_bos_token"), chat_template=cfg["chat_template"],
+        tok = cls(proto, chat_template=cfg["chat_template"],
                   added_tokens=_read_added_tokens(directory, cfg))
         for key, attr in (("bos_token", "bos_id"), ("eos_token", "eos_id"), ("pad_token", "pad_id")):
             i = tok.token_to_id(cfg[key]) if cfg.get(key) is not None else None
             if i is not None:
                 setattr(tok, attr, i)
+        # BOS / EOS as transformers 5 adds them: a tokenizer.json beside the model (Llama 2's
+        # layout) decides through its post_processor, whatever the config's flags say; without
+        # one, add_bos_token / add_eos_token do (BOS by default, the Llama convention; EOS not).
+        tj, bos_eos = os.path.join(directory, "tokenizer.json"), None
+        if os.path.isfile(tj):
+            post = read_json_object(tj).get("post_processor")
+            try:
+                bos_eos = template_specials(post)
+            except ValueError as e:
+                raise ValueError(f"{tj}: {e}") from None
+        if bos_eos is None:
+            add_bos, add_eos = cfg.get("add_bos_token"), cfg.get("add_eos_token")
+        else:
+            add_bos, add_eos = (t is not None for t in bos_eos)
+            for t, attr in zip(bos_eos, ("bos_id", "eos_id")):
+                if t is not None and tok.token_to_id(t) is not None:
+                    setattr(tok, attr, tok.token_to_id(t))
+        if add_bos is not None:
+            tok.add_bos = bool(add_bos) and tok.bos_id is not None
+        tok.add_eos = bool(add_eos) and tok.eos_id is not None
         tok._index()
         return tok
 
@@ -220,19 +241,17 @@ class SentencePieceTokenizer(Tokenizer):
             pad_id=get_id("padding"),
             add_dummy_prefix=bool(fields.get("tokenizer.ggml.add_space_prefix", True)))
         return cls(proto, add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", True)),
+                   add_eos=bool(fields.get("tokenizer.ggml.add_eos_token", False)),
                    chat_template=fields.get("tokenizer.chat_template"), bos_id=get_id("bos"),
                    eos_id=get_id("eos"), pad_id=get_id("padding"))
 
     # -- encode / decode ----------------------------------------------------------------------
 
-    def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False,
+    def encode(self, text: str, add_bos: bool | None = None, add_eos: bool | None = None,
                parse_special: bool = True) -> list[int]:
         check_text(text)
-        ids: list[int] = []
-        if (self.add_bos if add_bos is None else add_bos):
-            if self.bos_id is None:
-                raise ValueError("add_bos requested but this tokenizer has no BOS token")
-            ids.append(self.bos_id)
+        add_bos, add_eos = self._bos_eos(add_bos, add_eos)
+        ids: list[int] = [self.bos_id] if add_bos else []
         pos = 0
         rx = self._split_rx if parse_special else self._plain_rx
         for m in (rx.finditer(text) if rx is not None else ()):
@@ -244,8 +263,6 @@ class SentencePieceTokenizer(Tokenizer):
         if pos < len(text):
             self._encode_plain(text[pos:], ids)
         if add_eos:
-            if self.eos_id is None:
-                raise ValueError("add_eos requested but this tokenizer has no EOS token")
             ids.append(self.eos_id)
         return ids
 
@@ -312,7 +329,7 @@ class SentencePieceTokenizer(Tokenizer):
                                "single_word": bool(t.get("single_word")),
                                "special": i in self._special_ids}
         cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": self.add_bos,
-               "add_eos_token": False, "bos_token": name(self.bos_id),
+               "add_eos_token": self.add_eos, "bos_token": name(self.bos_id),
                "eos_token": name(self.eos_id), "unk_token": name(self.unk_id),
                "pad_token": name(self.pad_id), "legacy": True,
                "add_prefix_space": self.add_dummy_prefix, "clean_up_tokenization_spaces": False,
@@ -325,26 +342,44 @@ class SentencePieceTokenizer(Tokenizer):
 
 def _read_added_tokens(directory: str, cfg: dict) -> list[dict]:
     """HF's added tokens of a model directory: tokenizer.json `added_tokens`, then
-    tokenizer_config.json `added_tokens_decoder` ({"32000": {"content": ...}}) for other ids."""
+    tokenizer_config.json `added_tokens_decoder` ({"32000": {"content": ...}}) or, in a legacy
+    directory without one, added_tokens.json ({"<|im_start|>": 32000}) for other ids. As in
+    transformers, an added_tokens.json entry is special only if the config names it (bos_token,
+    ..., additional_special_tokens); the others are still split out of the text."""
     added: dict[int, dict] = {}
     path = os.path.join(directory, "tokenizer.json")
     if os.path.isfile(path):
-        tj = read_json(path)
-        for t in tj.get("added_tokens") or []:
+        for t in read_json_object(path).get("added_tokens") or []:
             if isinstance(t, dict) and "id" in t:
                 added[t["id"]] = t
-    decoder = cfg.get("added_tokens_decoder") or {}
-    if not isinstance(decoder, dict):
-        raise ValueError("tokenizer_config.json: added_tokens_decoder is not an object")
-    for i, t in decoder.items():
-        try:
-            i = int(i)
-        except ValueError:
-            raise ValueError(f"tokenizer_config.json: added_tokens_decoder key {i!r} is not "
-                             "a token id") from None
-        if isinstance(t, str):
-            t = {"content": t}
-        added.setdefault(i, {**t, "id": i})
+    if "added_tokens_decoder" in cfg:
+        decoder = cfg["added_tokens_decoder"] or {}
+        if not isinstance(decoder, dict):
+            raise ValueError("tokenizer_config.json: added_tokens_decoder is not an object")
+        for i, t in decoder.items():
+            try:
+                i = int(i)
+            except ValueError:
+                raise ValueError(f"tokenizer_config.json: added_tokens_decoder key {i!r} is not "
+                                 "a token id") from None
+            if isinstance(t, str):
+                t = {"content": t}
+            if not isinstance(t, dict):
+                raise ValueError(f"tokenizer_config.json: added_tokens_decoder[{i}] is not an "
+                                 f"object: {t!r:.80}")
+            added.setdefault(i, {**t, "id": i})
+    elif os.path.isfile(legacy := os.path.join(directory, "added_tokens.json")):
+        tokens = read_json(legacy)
+        if not isinstance(tokens, dict):
+            raise ValueError(f"{legacy}: expected an object of token -> id")
+        extra = cfg.get("extra_special_tokens") or cfg.get("additional_special_tokens") or []
+        named = {cfg.get(k) for k in SPECIAL_TOKEN_KEYS} | \
+            {t.get("content") if isinstance(t, dict) else t for t in extra
+             if isinstance(extra, list)}
+        for content, i in tokens.items():
+            if not isinstance(i, int) or isinstance(i, bool):
+                raise ValueError(f"{legacy}: the id of {content!r} is not an integer: {i!r:.40}")
+            added.setdefault(i, {"id": i, "content": content, "special": content in named})
     keys = ("id", "content", "special", "lstrip", "rstrip", "single_word")
     return [{k: t[k] for k in keys if k in t} for t in added.values()]
 
