@@ -31,8 +31,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from engine.sft import (IGNORE, collate_pairs, encode_or_skip, load_preferences, pad_id_of,
-                        split_indices, tokenize_pair)
+from engine.sft import (IGNORE, collate_pairs, data_key, encode_or_skip, load_preferences,
+                        pad_id_of, split_indices, tokenize_pair)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,6 +101,13 @@ class PreferenceSet:
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    @property
+    def key(self) -> str:
+        """engine.sft.data_key of the tokenized pairs (computed once)."""
+        if getattr(self, "_key", None) is None:
+            self._key = data_key(p[:4] for p in self.pairs)
+        return self._key
 
     def collate(self, idx: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = collate_pairs([self.pairs[i] for i in idx], self.pad_id)   # (2B, T) each
@@ -212,10 +219,13 @@ class DPO:
         return losses.mean()
 
     def state_dict(self) -> dict:
-        return {}  # batches come from the generator alone: resume restores it
+        # batches come from the generator alone (resume restores it); the keys tell a resume
+        # whether the pairs are still the run's
+        return {"train_key": self.train.key, "val_key": self.val.key}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        from engine.tasks import check_data_keys
+        check_data_keys(state, self.train.key, self.val.key, "data")
 
     def pop_tokens(self) -> int:
         """Tokens processed since the last call (for a tokens/s meter)."""

@@ -5,6 +5,11 @@ Formats, one JSON object per line (blank lines ignored), as TRL and the Alpaca/O
   instruction  {"instruction": str, "input": str (optional), "output": str}       (Alpaca)
   completion   {"prompt": str, "completion": str}                                 (TRL prompt-completion)
   chat         {"messages": [{"role": str, "content": str}, ...]}                  (conversational)
+               with tool use as OpenAI writes it: an assistant message with "tool_calls"
+               ([{"type": "function", "function": {"name", "arguments": {...} or str}}], its
+               content then optional), "tool" messages with the results, and an optional
+               top-level "tools" (function schemas, passed to the template as transformers'
+               apply_chat_template(messages, tools=...) does)
   preference   {"prompt", "chosen", "rejected"}: strings, or message lists (TRL's DPO forms)
 
 Label convention, the one `Transformer.forward(input_ids, labels=...)` and train.py's get_batch
@@ -15,7 +20,8 @@ cross-entropy over response tokens only. A sample of seq_len+1 tokens fills seq_
 longer ones keep their start and are counted as truncated.
 
 Trained tokens: chat -> each assistant message as the template renders it after the generation
-prompt (its content plus the end-of-turn token, e.g. "Paris<|im_end|>", not the "\\n" after it);
+prompt (its content and tool calls plus the end-of-turn token, e.g. "Paris<|im_end|>", not the
+"\\n" after it; tool results are context like user turns);
 instruction / completion -> rendered as a user/assistant chat when the tokenizer has a chat
 template, else plain "prompt + completion" + EOS (Alpaca's prompt text for the instruction form)
 with the completion and EOS trained. Assistant spans are found by rendering prefixes of the
@@ -25,9 +31,11 @@ is mapped to a token boundary by encoding the text before it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+from array import array
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
@@ -112,8 +120,22 @@ def detect_format(path: str) -> str:
     raise ValueError(f"{path}: no valid JSON object lines")
 
 
-def _check_messages(msgs, what: str = "'messages'") -> str | None:
-    """Why a message list is malformed, or None."""
+def _check_tool_calls(calls, what: str) -> str | None:
+    """Why an assistant message's OpenAI-style tool_calls are malformed, or None."""
+    if not isinstance(calls, list):
+        return f"{what} must be a list of tool calls"
+    for k, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            return f"{what}[{k}] has no 'function' with a string 'name'"
+        if not isinstance(fn.get("arguments"), (dict, str)):
+            return f"{what}[{k}]'s 'arguments' must be an object or a string"
+    return None
+
+
+def _check_messages(msgs, what: str = "'messages'", tool_use: bool = False) -> str | None:
+    """Why a message list is malformed, or None. tool_use: an assistant message may call tools
+    (OpenAI's tool_calls, content then optional) and "tool" messages carry their results."""
     if not isinstance(msgs, list):
         return f"{what} must be a list of {{'role', 'content'}} objects"
     if not msgs:
@@ -121,6 +143,13 @@ def _check_messages(msgs, what: str = "'messages'") -> str | None:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             return f"{what}[{i}] is not an object"
+        if tool_use and m.get("role") == "assistant" and m.get("tool_calls") not in (None, []):
+            bad = _check_tool_calls(m["tool_calls"], f"{what}[{i}]['tool_calls']")
+            if bad:
+                return bad
+            if m.get("content") is not None and not isinstance(m["content"], str):
+                return f"{what}[{i}]'s 'content' must be a string"
+            continue
         for key in ("role", "content"):
             if not isinstance(m.get(key), str):
                 return f"{what}[{i}] has no string '{key}'"
@@ -134,9 +163,13 @@ def _check_example(obj, form: str) -> str | None:
     if form == "chat":
         if "messages" not in obj:
             return f"no 'messages' field (chat data; keys: {sorted(obj)})"
-        bad = _check_messages(obj["messages"])
+        bad = _check_messages(obj["messages"], tool_use=True)
         if bad:
             return bad
+        tools = obj.get("tools")
+        if tools is not None and not (isinstance(tools, list)
+                                      and all(isinstance(t, dict) for t in tools)):
+            return "'tools' must be a list of function schemas (objects)"
         if not any(m["role"] == "assistant" for m in obj["messages"]):
             return "chat sample has no assistant turn (nothing to train on)"
         return None
@@ -225,46 +258,63 @@ def _turn_end(turn: str, content: str, eots: list[str]) -> int:
     return pos + len(s)
 
 
-def chat_spans(tok, messages: list[dict], first: int = 0) -> tuple[str, list[tuple[int, int]]]:
+def chat_spans(tok, messages: list[dict], first: int = 0, tools: list[dict] | None = None
+               ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of the assistant turns to train
     (those at index >= `first`), each from the end of the generation prompt to the end-of-turn
-    token inclusive."""
+    token inclusive. `tools` (function schemas) reaches the template as in transformers'
+    apply_chat_template(messages, tools=...); an assistant turn that calls tools is trained with
+    its calls, and "tool" results are context like user turns. A template that leaves out the
+    tools, a tool call or a tool result raises ValueError (training would silently lose them)."""
     from tokenizer.chat import render_chat
-    full = render_chat(tok, messages, add_generation_prompt=False)
+    render = lambda msgs, gen: render_chat(tok, msgs, add_generation_prompt=gen, tools=tools)  # noqa: E731
+    full = render(messages, False)
     eots = _end_of_turn_strings(tok)
     spans, cursor = [], 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or i < first:
             continue
+        content = m.get("content") or ""  # None / absent: a turn that only calls tools
         span = None
         try:
-            before = render_chat(tok, messages[:i], add_generation_prompt=True)
-            upto = render_chat(tok, messages[:i + 1], add_generation_prompt=False)
+            before = render(messages[:i], True)
+            upto = render(messages[:i + 1], False)
         except ValueError:  # e.g. a template that cannot render an empty conversation
             before = upto = None
         if (before is not None and upto.startswith(before) and full.startswith(before)
-                and m["content"].strip() in upto[len(before):]):
+                and content.strip() in upto[len(before):]):
             turn = upto[len(before):]
-            end = len(before) + _turn_end(turn, m["content"], eots)
+            end = len(before) + _turn_end(turn, content, eots)
             if full[len(before):end] == turn[:end - len(before)] and len(before) >= cursor:
                 span = (len(before), end)
-        if span is None and m["content"]:
+        if span is None and content:
             # The template renders earlier turns differently once later ones follow (some
             # drop reasoning, some add a system prompt only at the start): find the content,
             # after the message before it if that is found (an answer such as "ok" can occur
             # in the question "say ok").
-            prev = messages[i - 1]["content"].strip() if i else ""
+            prev = (messages[i - 1].get("content") or "").strip() if i else ""
             at_prev = full.find(prev, cursor) if prev else -1
             after = at_prev + len(prev) if at_prev >= 0 else cursor
-            at = full.find(m["content"], after)
+            at = full.find(content, after)
             if at < 0:
-                at = full.find(m["content"], cursor)
+                at = full.find(content, cursor)
             if at >= 0:
-                span = (at, at + _turn_end(full[at:], m["content"], eots))
+                span = (at, at + _turn_end(full[at:], content, eots))
         if span is None:
             raise ValueError(f"cannot locate assistant message {i} in the chat template's output")
+        trained = full[span[0]:span[1]].replace(content, "", 1)
+        for call in m.get("tool_calls") or ():
+            if call["function"]["name"] not in trained:
+                raise ValueError(f"the chat template does not render the tool calls of assistant "
+                                 f"message {i}")
         spans.append(span)
         cursor = span[1]
+    # (compared by rendering without them: templates may escape a result, e.g. with tojson)
+    if any(m["role"] == "tool" and m["content"].strip() for m in messages) and render(
+            [{**m, "content": ""} if m["role"] == "tool" else m for m in messages], False) == full:
+        raise ValueError("the chat template does not render the 'tool' messages (tool results)")
+    if tools and render_chat(tok, messages, add_generation_prompt=False) == full:
+        raise ValueError("the chat template ignores the sample's 'tools'")
     return full, spans
 
 
@@ -325,11 +375,12 @@ def _plain(tok, prompt: str, completion: str) -> tuple[list[int], list[bool]]:
     return _with_bos(tok, ids + [tok.eos_id], mask + [True])
 
 
-def _chat(tok, messages: list[dict], first: int = 0) -> tuple[list[int], list[bool]]:
+def _chat(tok, messages: list[dict], first: int = 0, tools: list[dict] | None = None
+          ) -> tuple[list[int], list[bool]]:
     """The rendered conversation with no BOS beyond what the template writes: the ids
     apply_chat_template(tokenize=True) gives at inference (generate.py --chat, the server), as
     in transformers and TRL. (Llama 2 / 3 and Mistral templates render bos_token themselves.)"""
-    text, spans = chat_spans(tok, messages, first)
+    text, spans = chat_spans(tok, messages, first, tools)
     return encode_spans(tok, text, spans)
 
 
@@ -350,7 +401,15 @@ def encode_example(example: Example | dict, tok) -> tuple[list[int], list[bool]]
         example = Example(form, example)
     d = example.data
     if example.form == "chat":
-        return _chat(tok, d["messages"])
+        tool_use = d.get("tools") is not None or any(
+            m["role"] == "tool" or m.get("tool_calls") for m in d["messages"])
+        try:
+            return _chat(tok, d["messages"], tools=d.get("tools"))
+        except ValueError as e:
+            if tool_use and "tool" not in str(e):  # e.g. "no attribute 'content'"
+                raise ValueError(f"{e} (a tool-use sample: this chat template may not support "
+                                 "tool calls)") from None
+            raise
     if example.form == "instruction":
         prompt, response = instruction_prompt(d), d["output"]
     else:
@@ -400,6 +459,18 @@ class Batch(NamedTuple):
         return {"labels": self.labels, "doc_ids": self.doc_ids, "position_ids": self.position_ids}
 
 
+def data_key(rows) -> str:
+    """Content hash of tokenized samples, each a tuple of token-id lists (ids, labels, ...), in
+    order: what --resume compares to tell that a run's data changed (text, tokenizer, template
+    or truncation alike)."""
+    h = hashlib.sha256()
+    for row in rows:
+        for seq in row:
+            h.update(len(seq).to_bytes(8, "little"))
+            h.update(array("q", seq).tobytes())
+    return h.hexdigest()[:24]
+
+
 def pad_id_of(tok) -> int:
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
     return pad if pad is not None else 0
@@ -447,6 +518,13 @@ class SFTDataset:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def key(self) -> str:
+        """data_key of the samples as trained (computed once)."""
+        if getattr(self, "_key", None) is None:
+            self._key = data_key(self.samples)
+        return self._key
 
     def rows(self, order: list[int], pack: bool) -> list[list[int]]:
         """Sample indices per batch row. pack: consecutive samples (in `order`) share a row while

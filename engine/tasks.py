@@ -71,16 +71,20 @@ class LMTask:
         return {"train_key": self.train.key, "val_key": self.val.key}
 
     def load_state_dict(self, state: dict) -> None:
-        """On resume: the same text (and tokenizer) as the run's, else the run would silently
-        continue on other data, its best checkpoint judged on another validation split.
-        (Runs saved before these keys existed are not checked.)"""
-        for split, name, key in (("training", "train_key", self.train.key),
-                                 ("validation", "val_key", self.val.key)):
-            saved = state.get(name)
-            if saved and key and saved != key:
-                raise ValueError(f"--resume: the {split} text differs from the one the run was "
-                                 "trained on (the data changed since it started), so the run "
-                                 "cannot continue as it was; restore that data, or start a new run")
+        check_data_keys(state, self.train.key, self.val.key, "text")
+
+
+def check_data_keys(state: dict, train_key: str, val_key: str, what: str) -> None:
+    """On resume: the same data (and tokenizer) as the run's, else the run would silently
+    continue on other data, its best checkpoint judged on another validation split.
+    (Runs saved before these keys existed are not checked.)"""
+    for split, name, key in (("training", "train_key", train_key),
+                             ("validation", "val_key", val_key)):
+        saved = state.get(name)
+        if saved and key and saved != key:
+            raise ValueError(f"--resume: the {split} {what} differs from the one the run was "
+                             "trained on (the data changed since it started), so the run "
+                             "cannot continue as it was; restore that data, or start a new run")
 
 
 class SFTTask(LMTask):
@@ -130,9 +134,10 @@ class SFTTask(LMTask):
         return f"val response loss {res['val_loss']:.4f}, ppl {res['val_ppl']:.2f}"
 
     def state_dict(self) -> dict:
-        return self.stream.state_dict()
+        return {**self.stream.state_dict(), "train_key": self.train.key, "val_key": self.val.key}
 
     def load_state_dict(self, state: dict) -> None:
+        check_data_keys(state, self.train.key, self.val.key, "data")  # before the order check
         if state:
             self.stream.load_state_dict(state)
 
@@ -157,6 +162,8 @@ def build_task(args, tok, data_path: str, gen, texts: tuple[str, str] | None = N
     batch_size = args.batch_size * world_size()
     if args.objective == "dpo":
         from engine import dpo as dpo_lib
+        if args.pack:  # it would be ignored: each pair's two sides are rows of their own
+            raise ValueError("--pack applies only to SFT data, not to --objective dpo")
         train_p, val_p, rep = dpo_lib.load_preference_data(data_path, tok, args.seq_len,
                                                            args.val_fraction, args.val_data,
                                                            on_error=args.bad_lines)

@@ -257,6 +257,41 @@ def test_resume_identical(base):
                 assert x[k] == pytest.approx(y[k], abs=1e-5), (x["step"], k)
 
 
+def test_resume_refuses_preference_data_that_changed(base, tmp_path):
+    """Resuming a DPO run on edited pairs would silently optimize other preferences (and judge
+    the best checkpoint on other held-out pairs): refused, nothing touched; with the data
+    restored it continues. A run saved before the key existed still resumes."""
+    run_base, prefs, _ = base
+    rows = [json.loads(l) for l in open(prefs)]
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    run = str(tmp_path / "run")
+    assert train.main(["--objective", "dpo", "--base", run_base, "--finetune", "lora", "--data", data,
+                       "--out", run, "--max-steps", "3", "--eval-every", "3", "--lora-r", "4",
+                       "--pause-at-step", "1", *FLAGS]) == 0
+    before = open(os.path.join(run, "metrics.jsonl")).read()
+    from engine.sft import split_indices
+
+    def resume(*more):
+        return train.main(["--resume", run, "--no-progress", "--threads", "1", *more])
+
+    tr, va = split_indices(len(rows), 0.1)
+    for k, split in ((tr[0], "training"), (va[0], "validation")):
+        changed = [dict(r) for r in rows]
+        changed[k]["rejected"] = " maybe"
+        write_jsonl(tmp_path / "prefs.jsonl", changed)
+        with pytest.raises(ValueError, match=f"the {split} data differs from the one the run"):
+            resume()
+        assert open(os.path.join(run, "metrics.jsonl")).read() == before
+    write_jsonl(tmp_path / "prefs.jsonl", rows)
+    assert resume("--pause-at-step", "2") == 0
+    write_jsonl(tmp_path / "prefs.jsonl", changed)
+    path = os.path.join(run, "last", "training_state.pt")  # as saved before the key existed
+    state = torch.load(path, weights_only=True)
+    state["extra"] = json.dumps({**json.loads(state["extra"]), "data": {}})
+    torch.save(state, path)
+    assert resume() == 0
+
+
 @pytest.mark.parametrize("row, why", [
     ({"prompt": "Q", "chosen": "same", "rejected": "same"}, "'chosen' and 'rejected' are identical"),
     ({"prompt": "Q", "chosen": "", "rejected": "b"}, "empty 'chosen'"),
@@ -327,3 +362,12 @@ def test_pair_the_template_rejects_names_its_line_and_can_be_skipped(tmp_path):
                                                        warn=warnings.append)
     assert len(train_set) + len(val_set) == 4 and rep["skipped_lines"] == [3]
     assert len(warnings) == 1 and "p.jsonl:3: chat template failed to render" in warnings[0]
+
+
+def test_pack_is_refused_not_ignored(base, tmp_path):
+    """--pack packs SFT samples; DPO pairs are never packed, so the flag would be ignored."""
+    run_base, prefs, _ = base
+    with pytest.raises(ValueError, match="--pack applies only to SFT data"):
+        train.main(["--objective", "dpo", "--base", run_base, "--data", prefs, "--pack",
+                    "--out", str(tmp_path / "o"), "--max-steps", "1", *FLAGS])
+    assert not os.path.exists(tmp_path / "o")

@@ -225,6 +225,180 @@ def test_mask_matches_transformers_assistant_mask():
         assert sum(mask) > 3
 
 
+# Qwen2.5-Instruct's chat template (tokenizer_config.json), which renders OpenAI-style tool use.
+QWEN25 = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+# The same text, with transformers' {% generation %} tags around what the model must produce
+# (the assistant branches rewritten so that the tags can enclose it).
+QWEN25_GEN = (QWEN25[:QWEN25.index("{%- for message in messages %}")] + r"""{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>assistant\n' }}{% generation %}
+        {%- if message.content %}{{- message.content }}{%- endif %}
+        {%- for tool_call in message.tool_calls or [] %}
+            {%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}
+            {%- if message.content or not loop.first %}{{- '\n' }}{%- endif %}
+            {{- '<tool_call>\n{"name": "' + tool_call.name + '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}{{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>' }}{% endgeneration %}{{- '\n' }}
+""" + QWEN25[QWEN25.index('''    {%- elif message.role == "tool" %}'''):])
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string"}}}}}
+TOOL_CONVS = [  # (messages, tools): a call without content, with content, two calls, string args
+    ([{"role": "user", "content": "weather in Paris?"},
+      {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+          "name": "get_weather", "arguments": {"city": "Paris"}}}]},
+      {"role": "tool", "content": "sunny, 21C"},
+      {"role": "assistant", "content": "It is sunny in Paris."}], [WEATHER]),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Rome and Oslo?"},
+      {"role": "assistant", "content": "Checking.", "tool_calls": [
+          {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}},
+          {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+      {"role": "tool", "content": "hot"}, {"role": "tool", "content": "cold"},
+      {"role": "assistant", "content": "Rome is hot, Oslo cold."}], [WEATHER]),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "ping", "arguments": {}}}]},
+      {"role": "tool", "content": "pong"}, {"role": "assistant", "content": "pong!"}], None),
+]
+
+
+def test_tool_use_mask_matches_transformers_assistant_mask():
+    """Chat samples with tool calls and results (OpenAI format, plus `tools`): the ids are
+    apply_chat_template(messages, tools=...)'s under Qwen2.5's template, and the trained tokens
+    are transformers' assistant mask (the tool-call turns included, the tool results not)."""
+    transformers = pytest.importorskip("transformers")
+    hf_tokenizers = pytest.importorskip("tokenizers")
+    tok = _byte_bpe(QWEN25)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=hf_tokenizers.Tokenizer.from_str(json.dumps(tok.to_tokenizer_json())),
+        eos_token="<|endoftext|>")
+    for msgs, tools in TOOL_CONVS:
+        row = {"messages": msgs, **({"tools": tools} if tools else {})}
+        ids, mask = encode_example(row, tok)
+        text = fast.apply_chat_template(msgs, tools=tools, tokenize=False, chat_template=QWEN25)
+        assert fast.apply_chat_template(msgs, tools=tools, tokenize=False,
+                                        chat_template=QWEN25_GEN) == text
+        ref = fast.apply_chat_template(msgs, tools=tools, tokenize=True, return_dict=True,
+                                       return_assistant_tokens_mask=True, chat_template=QWEN25_GEN)
+        assert ids == list(ref["input_ids"]) == tok.encode(text, add_bos=False)
+        assert [int(m) for m in mask] == list(ref["assistant_masks"])
+        trained = tok.decode([i for i, m in zip(ids, mask) if m])
+        assert trained.count("<tool_call>") == sum(len(m.get("tool_calls") or ()) for m in msgs)
+        assert "<tool_response>" not in trained and "user" not in trained
+    text = tok.decode(encode_example({"messages": TOOL_CONVS[1][0]}, tok)[0])
+    assert ('Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n'
+            '</tool_call>\n<tool_call>') in text
+
+
+def test_tool_use_the_template_cannot_render_is_a_line_error(tmp_path):
+    """Under ChatML (no tool support) a content-less tool call fails to render, an empty-content
+    one would train as an empty answer, `tools` would be dropped: each is a FILE:LINE error, or
+    skipped with on_error="skip". Malformed tool calls are refused when the file is read."""
+    msgs, tools = TOOL_CONVS[0]
+    ok = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    empty = [msgs[0], {**msgs[1], "content": ""}, *msgs[2:]]
+    cases = [({"messages": msgs}, "no attribute 'content'.*may not support tool calls"),
+             ({"messages": empty}, "does not render the tool calls of assistant message 1"),
+             ({**ok, "tools": tools}, "ignores the sample's 'tools'")]
+    tok = CharTok(DEFAULT_CHAT_TEMPLATE)
+    for k, (row, why) in enumerate(cases):
+        path = _write(tmp_path, f"t{k}.jsonl", [ok, ok, row, ok])
+        with pytest.raises(ValueError, match=rf"t{k}\.jsonl:3: .*{why}"):
+            load_sft(path, tok, 64)
+        warnings = []
+        train, val, rep = load_sft(path, tok, 64, on_error="skip", warn=warnings.append)
+        assert rep["skipped_lines"] == [3] and len(train) + len(val) == 3 and len(warnings) == 1
+    # A template that renders tool calls but drops the results; one that escapes them (as
+    # Llama 3.1's tojson does) renders them.
+    tool_tpl = ("{%- for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+                "{%- if m['role'] == 'tool' %}{{ RESULT }}{% else %}{{ m['content'] or '' }}{% endif %}"
+                "{%- for c in m['tool_calls'] or [] %}{{ '<call>' + c['function']['name'] + '</call>' }}"
+                "{%- endfor %}{{ '<|im_end|>\n' }}{% endfor %}"
+                "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    quoted = [*msgs[:2], {"role": "tool", "content": 'said "hi"\nbye'}, msgs[3]]
+    with pytest.raises(ValueError, match=r"t\.jsonl:1: the chat template does not render the 'tool'"):
+        load_sft(_write(tmp_path, "t.jsonl", [{"messages": quoted}, ok]),
+                 CharTok(tool_tpl.replace("RESULT", "''")), 64)
+    tok = CharTok(tool_tpl.replace("RESULT", "m['content'] | tojson"))
+    x, y = tokenize_example({"messages": quoted}, tok, 128)
+    assert '"said \\"hi\\"\\nbye"' in tok.decode(x)
+    assert trained_runs(tok, x, y) == ["<call>get_weather</call><|im_end|>",
+                                       "It is sunny in Paris.<|im_end|>"]
+    call = msgs[1]["tool_calls"][0]
+    bad = [({**ok, "tools": {"name": "f"}}, "'tools' must be a list"),
+           ({"messages": [msgs[0], {"role": "assistant", "tool_calls": {"name": "f"}}]},
+            r"\['tool_calls'\] must be a list of tool calls"),
+           ({"messages": [msgs[0], {"role": "assistant", "tool_calls": []}]},  # no call: content
+            r"\[1\] has no string 'content'"),
+           ({"messages": [msgs[0], {"role": "assistant", "tool_calls": [{"function": {}}]}]},
+            r"\[0\] has no 'function' with a string 'name'"),
+           ({"messages": [msgs[0], {"role": "assistant", "tool_calls": [
+               {"function": {"name": "f", "arguments": 3}}]}]}, "'arguments' must be"),
+           ({"messages": [msgs[0], {"role": "assistant", "content": 1, "tool_calls": [call]}]},
+            r"\[1\]'s 'content' must be a string"),
+           ({"messages": [msgs[0], msgs[1], {"role": "tool"}, msgs[3]]},
+            r"\[2\] has no string 'content'")]
+    for k, (row, why) in enumerate(bad):
+        with pytest.raises(ValueError, match=rf"b{k}\.jsonl:2: .*{why}"):
+            load_examples(_write(tmp_path, f"b{k}.jsonl", [ok, row]))
+
+
 def test_boundary_inside_a_token():
     """A token straddling the prompt/response boundary is trained (it holds response text)."""
     tok = _byte_bpe(None)
@@ -637,3 +811,56 @@ def test_chunked_corpus_encoding_equals_encoding_the_whole_text():
     assert whole.count(300) == 40 and whole.count(301) == 40
     for chunk in (1, 7, 16, 50):
         assert _encode_chunked(text, tok, chunk_chars=chunk) == whole, chunk
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py: resuming an SFT run checks its data
+# ---------------------------------------------------------------------------------------------
+def _strip_data_keys(run):
+    """Make run/last look like a checkpoint saved before the data keys existed."""
+    import os
+    path = os.path.join(run, "last", "training_state.pt")
+    state = torch.load(path, weights_only=True)
+    extra = json.loads(state["extra"])
+    del extra["data"]["train_key"], extra["data"]["val_key"]
+    state["extra"] = json.dumps(extra)
+    torch.save(state, path)
+
+
+def test_resume_refuses_sft_data_that_changed(tmp_path, monkeypatch):
+    """A resumed SFT run on edited data (same number of samples, so the saved order still fits)
+    would silently train on other samples: refused, nothing touched; with the data restored it
+    continues. A run saved before the key existed still resumes."""
+    import os
+    import train
+    from engine.checkpoint import save_model
+    monkeypatch.setenv("WHETSTONE_CACHE", str(tmp_path / "cache"))
+    tok = _byte_bpe(DEFAULT_CHAT_TEMPLATE)
+    torch.manual_seed(0)
+    base = str(tmp_path / "base")
+    save_model(Transformer(preset("tiny", vocab_size=tok.vocab_size)), base, tok)
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(12)]
+    data = _write(tmp_path, "d.jsonl", rows)
+    original = open(data).read()
+    run = str(tmp_path / "run")
+    flags = ["--base", base, "--finetune", "lora", "--data", data, "--max-steps", "3",
+             "--eval-every", "3", "--batch-size", "2", "--seq-len", "48", "--no-progress",
+             "--threads", "1", "--warmup-steps", "1"]
+    resume = lambda: train.main(["--resume", run, "--no-progress", "--threads", "1",  # noqa: E731
+                                 "--pause-at-step", "2"])
+    assert train.main([*flags, "--out", run, "--pause-at-step", "1"]) == 0
+    before = open(os.path.join(run, "metrics.jsonl")).read()
+    tr, va = split_indices(len(rows), 0.1)
+    for k, split in ((tr[0], "training"), (va[0], "validation")):
+        changed = [dict(r) for r in rows]
+        changed[k] = {"messages": [rows[k]["messages"][0], {"role": "assistant", "content": "b"}]}
+        _write(tmp_path, "d.jsonl", changed)
+        with pytest.raises(ValueError, match=f"the {split} data differs from the one the run"):
+            resume()
+        assert open(os.path.join(run, "metrics.jsonl")).read() == before
+    open(data, "w").write(original)
+    assert resume() == 0
+    _write(tmp_path, "d.jsonl", changed)
+    _strip_data_keys(run)
+    assert train.main(["--resume", run, "--no-progress", "--threads", "1"]) == 0  # not checked
