@@ -10,14 +10,22 @@ byte; with --stride = --seq-len the same windows and numbers as train.py's valid
 response-loss (instruction / chat JSONL, loss on response tokens only), choice (JSONL
 {"context", "choices", "label"}: accuracy and length-normalized accuracy as
 lm-evaluation-harness defines them). --compare puts the base (adapters disabled) and the tuned
-model side by side. A JSON report is written next to the printed table.
+model side by side.
+
+A JSON report is written next to the printed table, never over an earlier one: by default
+eval-MODEL-TASK-DATA.json (MODEL: the adapter's or the model's name, DATA: the data file's) in
+the adapter directory, else in the current directory; when that name is taken, the next free
+one of eval-MODEL-TASK-DATA-2.json, -3, ... . An existing --json OUT is refused before the run
+unless --force is given. Reports are written whole (temp file, then link or rename).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
+import tempfile
 import time
 
 import torch
@@ -44,8 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="perplexity: only the last FRACTION of the text, cut as train.py cuts its validation split")
     a("--delimiter", default=" ", help="choice: text between context and each choice (default ' ')")
     a("--batch-size", type=int, default=8)
-    a("--json", metavar="OUT", help="report path (default: eval_report.json in the adapter "
-                                    "directory, else in the current directory)")
+    a("--json", metavar="OUT", help="report path; refused if it exists, unless --force (default: "
+                                    "eval-MODEL-TASK-DATA.json in the adapter directory, else in "
+                                    "the current directory, numbered -2, -3, ... when taken)")
+    a("--force", action="store_true", help="replace an existing report of the same name")
     a("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     a("--dtype", default="float32", help="float32, bfloat16 or float16")
     a("--threads", type=int, default=None, help="CPU threads for torch")
@@ -66,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if args.json is not None and os.path.isdir(args.json):  # found now, not after the run
         p.error(f"--json {args.json} is a directory; give the report's file path")
+    if args.json is not None and os.path.exists(args.json) and not args.force:  # before the run
+        p.error(f"--json {args.json} already exists; pass --force to replace it, or another path")
     try:
         parse_dtype(args.dtype)
     except ValueError as e:
@@ -84,6 +96,59 @@ def resolve_model(model: str, adapter: str | None) -> tuple[str, str | None]:
                              "--model BASE --adapter DIR")
         return base, model
     return model, adapter
+
+
+def _label(path: str) -> str:
+    """A file-name-safe short name: the last path component without its extension."""
+    name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "x"
+
+
+def default_report_path(model: str, adapter: str | None, task: str, data: str) -> str:
+    """eval-MODEL-TASK-DATA.json in the adapter directory, else in the current directory."""
+    name = f"eval-{_label(adapter or model)}-{task}-{_label(data)}.json"
+    return os.path.join(adapter or ".", name)
+
+
+def _claim(tmp: str, target: str) -> None:
+    """Give the written temp file the name `target`; FileExistsError if that name is taken."""
+    try:
+        os.link(tmp, target)  # atomic, and never replaces a file
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: claim the name, then rename over it
+        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.replace(tmp, target)
+
+
+def write_report(path: str, text: str, force: bool = False, numbered: bool = False) -> str:
+    """Write `text` whole at `path` (or, with `numbered`, the first free one of path,
+    NAME-2.json, NAME-3.json, ...) without ever replacing an existing file, unless `force`.
+    The text goes to a temp file first, which then takes the name. Returns the path written."""
+    if force:
+        atomic_write_text(path, text)
+        return path
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".eval-report-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        stem, ext = os.path.splitext(path)
+        for n in range(1, 10_000):
+            target = path if n == 1 else f"{stem}-{n}{ext}"
+            try:
+                _claim(tmp, target)
+                return target
+            except FileExistsError:
+                if not numbered:
+                    raise FileExistsError(f"{path} already exists; pass --force to replace it") from None
+        raise FileExistsError(f"no free report name after {path} ... {stem}-9999{ext}")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def run_task(args, model, tok, device) -> tuple[dict, dict]:
@@ -111,7 +176,7 @@ def run_task(args, model, tok, device) -> tuple[dict, dict]:
                                                  "n_loss_tokens")}
     items = tasks.load_choice_items(args.data)  # inputs keep their last --seq-len tokens
     res = tasks.choice_task(model, tok, items, seq_len,
-                            args.batch_size, device, args.delimiter, progress)
+                            args.batch_size, device, args.delimiter, progress, source=args.data)
     return res, {"n_items": len(items), "n_choices": sum(len(i.choices) for i in items)}
 
 
@@ -155,13 +220,14 @@ def main(argv=None) -> int:
     print(f"{args.task} on {args.data}: {what}\nmodel {model_src}"
           + (f" + adapter {adapter}" if adapter else "") + f" ({elapsed:.1f}s)\n{table}")
 
-    out = args.json or os.path.join(adapter or ".", "eval_report.json")
     report = {"task": args.task, "data": args.data, "model": model_src, "adapter": adapter,
               "settings": {k: getattr(args, k) for k in ("seq_len", "stride", "val_fraction",
                                                          "delimiter", "batch_size", "dtype")},
               "data_stats": data, "results": results, "elapsed_s": round(elapsed, 2),
               "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    out = write_report(args.json or default_report_path(model_src, adapter, args.task, args.data),
+                       json.dumps(report, indent=2) + "\n", force=args.force,
+                       numbered=args.json is None)
     print(f"report: {out}")
     return 0
 

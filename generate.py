@@ -182,9 +182,10 @@ def run_once(model, tok, prompt_ids, stop_ids, args, gen, echo: str = "") -> lis
 
 
 def encode_prompt(tok, text: str) -> list[int]:
-    """Ids of the prompt with the tokenizer's own BOS rule; an empty prompt starts a document
-    (BOS, or EOS as the separator GPT-2-style vocabularies use, or a newline)."""
-    ids = tok.encode(text)
+    """Ids of the prompt with the tokenizer's own BOS rule but never its EOS (add_eos_token
+    tokenizers would end the text before the model continues it); an empty prompt starts a
+    document (BOS, or EOS as the separator GPT-2-style vocabularies use, or a newline)."""
+    ids = tok.encode(text, add_eos=False)
     if not ids:
         start = tok.bos_id if tok.bos_id is not None else tok.eos_id
         ids = [start] if start is not None else tok.encode("\n")

@@ -206,12 +206,20 @@ def choice_metrics(items: list[ChoiceItem], lls: list[list[float]]) -> dict:
 
 
 def choice_task(model, tok, items: list[ChoiceItem], max_len: int, batch_size: int = 8,
-                device="cpu", delimiter: str = " ", progress: bool = False) -> dict:
-    """Accuracy metrics of a model on multiple-choice items (continuation = delimiter + choice)."""
+                device="cpu", delimiter: str = " ", progress: bool = False, source: str = "") -> dict:
+    """Accuracy metrics of a model on multiple-choice items (continuation = delimiter + choice).
+    A choice that tokenizes to nothing after its context raises ValueError("SOURCE:LINE: ...")."""
     requests, spans = [], []
     for item in items:
         spans.append((len(requests), len(item.choices)))
-        requests += [encode_pair(tok, item.context, delimiter + c) for c in item.choices]
+        for k, c in enumerate(item.choices):
+            ctx, cont = encode_pair(tok, item.context, delimiter + c)
+            if not cont:  # log p(nothing) = 0 would beat every real choice (the harness asserts)
+                where = f"{source}:{item.line}" if source else f"line {item.line}"
+                raise ValueError(f"{where}: choice {k} ({c!r}) adds no token after the "
+                                 f"context: it merges into the context's last token; put a "
+                                 f"--delimiter such as ' ' between them")
+            requests.append((ctx, cont))
     res = loglikelihoods(model, requests, max_len, batch_size, device, progress)
     lls = [[res[s + k][0] for k in range(n)] for s, n in spans]
     return choice_metrics(items, lls)

@@ -50,12 +50,13 @@ def apply_repetition_penalty(logits: torch.Tensor, prev_ids: torch.Tensor,
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep exactly the k largest logits per row (ties broken by torch.topk), -inf elsewhere."""
+    """Keep the logits at least as large as the k-th largest per row, -inf elsewhere (HF's
+    TopKLogitsWarper, vLLM too): tokens tied with the k-th all stay, so which of two equally
+    likely tokens survives never depends on its id (bf16 logits tie often)."""
     if k >= logits.shape[-1]:
         return logits
-    idx = logits.topk(k, dim=-1).indices  # (B, k)
-    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, True)
-    return logits.masked_fill(~keep, float("-inf"))
+    kth = logits.topk(k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
 
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:

@@ -126,6 +126,8 @@ class Attention(nn.Module):
         q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
+            if k.dtype != q.dtype:  # a cache made under another autocast setting than this step
+                k, v = k.to(q.dtype), v.to(q.dtype)
         y = ops.attention(q, k, v, causal=True, window=self.window, mask=mask)  # (B, Hq, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
@@ -241,8 +243,13 @@ class Transformer(nn.Module):
         return ops.cross_entropy(self.lm_head(x), labels, ignore_index)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A cache in the dtype k/v come out in: under autocast (on the weights' device) the
+        autocast dtype, as q is (an fp32 cache there would double its memory, and on CUDA be
+        cast back every step and keep the attention kernel away); else the weights' dtype."""
         p = self.lm_head.weight
         dtype = p.dtype if p.dtype.is_floating_point else torch.float32
+        if torch.is_autocast_enabled(p.device.type):
+            dtype = torch.get_autocast_dtype(p.device.type)
         return KVCache(self.config, batch_size, max_len, dtype, p.device)
 
     def num_parameters(self, trainable_only: bool = False) -> int:

@@ -174,11 +174,11 @@ def test_compare_base_and_adapter(runs):
                           "32", "--batch-size", "4", "--json", plain, "--no-progress"]) == 0
     assert base_res["loss"] == pytest.approx(json.load(open(plain))["results"]["model"]["loss"], rel=1e-6)
     assert tuned["loss"] < base_res["loss"]  # the adapter learned the domain
-    # Default report location: inside the adapter directory.
+    # Default report location: inside the adapter directory, named after what was evaluated.
     assert eval_cli.main(["--model", base, "--adapter", lora, "--data", dom_val, "--task",
                           "perplexity", "--seq-len", "32", "--no-progress"]) == 0
-    assert json.load(open(os.path.join(lora, "eval_report.json")))["results"]["tuned"]["loss"] == \
-        pytest.approx(tuned["loss"], rel=1e-5)
+    rep = os.path.join(lora, "eval-lora-perplexity-domain_val.json")
+    assert json.load(open(rep))["results"]["tuned"]["loss"] == pytest.approx(tuned["loss"], rel=1e-5)
 
 
 def test_response_loss_counts_only_response_tokens(runs):
@@ -264,6 +264,26 @@ def test_choice_metrics_by_hand():
     assert m == {"acc": 0.0, "acc_norm": 1.0, "acc_bytes": 0.5, "n": 2}
 
 
+def test_choice_that_adds_no_token_is_an_error(tmp_path):
+    """With --delimiter '' a choice can merge into the context's last token ("hel" + "lo" ->
+    one token "hello"): its continuation was empty, scored log p = 0 and beat every real
+    choice. lm-evaluation-harness asserts on it; here it is one FILE:LINE error."""
+    from tokenizer.bpe import ByteLevelBPETokenizer, bytes_to_unicode
+    b2u = bytes_to_unicode()
+    vocab = {b2u[b]: b for b in range(256)}
+    vocab.update({"he": 256, "hel": 257, "hell": 258, "hello": 259})
+    tok = ByteLevelBPETokenizer(vocab, [("h", "e"), ("he", "l"), ("hel", "l"), ("hell", "o")],
+                                pre_tokenizer="gpt-2", eos_id=0)
+    assert tasks.encode_pair(tok, "hel", "lo") == ([257], [])
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=260)).eval()
+    path = write_jsonl(tmp_path / "mc.jsonl", [{"context": "hel", "choices": ["p", "lo"], "label": 0}])
+    items = tasks.load_choice_items(path)
+    with pytest.raises(ValueError, match=r"mc\.jsonl:1: choice 1 \('lo'\) adds no token"):
+        tasks.choice_task(model, tok, items, 64, delimiter="", source=path)
+    assert tasks.choice_task(model, tok, items, 64)["n"] == 1  # with the default ' ' it scores
+
+
 @pytest.mark.parametrize("row, why", [
     ({"context": "c", "choices": ["a", "b"]}, "missing 'label'"),
     ({"context": "c", "choices": ["a", "b"], "label": 2}, "label 2 out of range for 2 choices"),
@@ -332,3 +352,44 @@ def test_cli_device_and_bad_values_one_line(tmp_path, capsys, monkeypatch):
         assert e.value.code == 2 and len(err) == 1 and msg in err[0], err
     assert eval_cli.cli(base + ["--seq-len", "64", "--device", "cpu"]) == 0  # the context itself
     assert json.load(open(tmp_path / "r.json"))["results"]["model"]["seq_len"] == 64
+
+
+def test_reports_never_overwrite_earlier_ones(tmp_path, capsys, monkeypatch):
+    """eval.py wrote eval_report.json by default and replaced the report of any earlier
+    evaluation. Default names now say what was evaluated and take the next free number; an
+    existing --json is refused before the run unless --force."""
+    from engine.checkpoint import save_model
+    from tokenizer.bpe import ByteLevelBPETokenizer, bytes_to_unicode
+    b2u = bytes_to_unicode()
+    tok = ByteLevelBPETokenizer({b2u[b]: b for b in range(256)}, [], pre_tokenizer="gpt-2",
+                                added_tokens=[{"id": 256, "content": "<|endoftext|>"}], eos_id=256)
+    save_model(Transformer(preset("tiny", vocab_size=257, max_position_embeddings=32)),
+               str(tmp_path / "m"), tok)
+    (tmp_path / "a.txt").write_text("to be or not to be " * 6)
+    (tmp_path / "b.txt").write_text("the quick brown fox " * 6)
+    monkeypatch.chdir(tmp_path)
+    run = lambda *a: eval_cli.cli(["--model", "m", "--task", "perplexity", "--no-progress", *a])  # noqa: E731
+    for data in ("a.txt", "b.txt", "a.txt"):
+        assert run("--data", data) == 0
+    data_of = lambda f: json.load(open(tmp_path / f))["data"]  # noqa: E731
+    assert data_of("eval-m-perplexity-a.json") == data_of("eval-m-perplexity-a-2.json") == "a.txt"
+    assert data_of("eval-m-perplexity-b.json") == "b.txt"
+    assert "report: ./eval-m-perplexity-a-2.json" in capsys.readouterr().out
+    # an explicit path that exists: one line before the run; --force replaces it
+    with pytest.raises(SystemExit) as e:
+        run("--data", "b.txt", "--json", "eval-m-perplexity-a.json")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "already exists; pass --force" in err[0]
+    assert data_of("eval-m-perplexity-a.json") == "a.txt"
+    assert run("--data", "b.txt", "--json", "eval-m-perplexity-a.json", "--force") == 0
+    assert data_of("eval-m-perplexity-a.json") == "b.txt"
+    # the name is claimed atomically: a file that appears during the run is not replaced either
+    (tmp_path / "late.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="late.json already exists"):
+        eval_cli.write_report(str(tmp_path / "late.json"), "x")
+    assert (tmp_path / "late.json").read_text() == "{}"
+    # file systems without hard links: the same rules
+    monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(PermissionError("no links")))
+    assert eval_cli.write_report(str(tmp_path / "late.json"), "y", numbered=True).endswith("late-2.json")
+    assert (tmp_path / "late-2.json").read_text() == "y"
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith(".")) == []  # no temp files left

@@ -190,6 +190,21 @@ def test_same_seed_same_samples_and_batched_rows():
     assert greedy[0] == greedy[1] == greedy[2] == naive_greedy(model, prompt, 20)
 
 
+def test_generation_under_autocast_matches_uncached_greedy():
+    """Under a user's bf16 autocast an fp32 model decodes from a bf16 KV cache (what q/k/v are):
+    greedy, batched rows, beams=1 and generate_many all give the uncached argmax loop run under
+    the same autocast."""
+    model = tiny_model()
+    prompt = [4, 40, 140]  # no two bf16 logits tie for the top along the way (top-2 gap >= 0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = naive_greedy(model, prompt, 16)
+        assert generate(model, prompt, 16, temperature=0).tokens[0] == ref
+        assert generate(model, prompt, 16, temperature=0, num_samples=2).tokens == [ref, ref]
+        assert beam_search(model, prompt, 1, 16).tokens[0] == ref
+        assert generate_many(model, [prompt, prompt], 16, temperature=0) == [(ref, False)] * 2
+        assert len(beam_search(model, prompt, 3, 16).tokens) == 3
+
+
 def test_top_k_1_sampling_is_greedy():
     model = tiny_model()
     g = torch.Generator().manual_seed(0)
@@ -262,6 +277,23 @@ def test_processors_match_transformers():
     for p in (0.0, 0.01, 0.1, 0.5, 1.0):
         ref = tf.MinPLogitsWarper(p)(ids, scores.clone())
         assert torch.equal(torch.isfinite(min_p_filter(scores, p)), torch.isfinite(ref))
+
+
+def test_top_k_keeps_tokens_tied_with_the_kth_like_transformers():
+    """Ties at the k-th logit (frequent with bf16 logits) all stay, as in HF's TopKLogitsWarper:
+    exactly k by torch.topk's tie order kept id 1 and dropped ids 2, 3 of the same logit."""
+    logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0, float("-inf")]])
+    assert torch.isfinite(top_k_filter(logits, 2))[0].tolist() == [1, 1, 1, 1, 0, 0]
+    assert torch.isfinite(top_k_filter(logits, 5))[0].tolist() == [1, 1, 1, 1, 1, 0]
+    g = torch.Generator().manual_seed(0)
+    assert set(sample(logits.expand(4000, -1), 1.0, top_k=2, generator=g).tolist()) == {0, 1, 2, 3}
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    scores = (torch.randn(8, 64) * 2).bfloat16().float()  # bf16-rounded: many ties
+    ids = torch.zeros(8, 1, dtype=torch.long)
+    for k in (1, 5, 20):
+        ref = tf.TopKLogitsWarper(k)(ids, scores.clone())
+        assert torch.equal(torch.isfinite(top_k_filter(scores, k)), torch.isfinite(ref)), k
 
 
 def test_min_p_keeps_tokens_relative_to_the_top_one():
@@ -1001,3 +1033,56 @@ def test_smollm2_chat_answers_paris_and_stops(capsys, monkeypatch):
     assert "Paris" in out
     decoded = int(err.split("decode: ")[1].split()[0])
     assert decoded < 64  # ended at <|im_end|>, not at the token limit
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_merged_model_equals_base_with_adapter_and_keeps_stop_ids(tmp_path, capsys, dora):
+    """python -m engine.merge: the merged directory gives the logits of base + adapter, and
+    stops where they stop: the base's generation_config.json eos ids (Llama 3's <|eot_id|>)
+    were dropped, so the merged model ran on past them."""
+    import json
+    from engine.hub import load_model
+    from engine.lora import apply_lora, save_adapter
+    from engine.merge import main as merge_main
+    random_checkpoint(tmp_path / "base", 0)
+    (tmp_path / "base" / "generation_config.json").write_text(json.dumps({"eos_token_id": [256, 114]}))
+    model, tok = load_model(str(tmp_path / "base"))
+    apply_lora(model, ["q_proj", "v_proj", "down_proj", "lm_head"], r=4, alpha=8, dora=dora)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)
+    save_adapter(model, str(tmp_path / "ad"))
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        want = model(ids)
+    assert merge_main(["--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "ad"),
+                       "--out", str(tmp_path / "merged")]) == 0
+    merged, mtok = load_model(str(tmp_path / "merged"))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), want, atol=1e-5, rtol=1e-5)
+    assert 114 in tok.stop_ids and mtok.stop_ids == tok.stop_ids
+    with pytest.raises(SystemExit):  # a bad --dtype is refused before the load and the merge
+        merge_main(["--base", str(tmp_path / "nowhere"), "--adapter", "x", "--out",
+                    str(tmp_path / "o2"), "--dtype", "int8"])
+    assert "--dtype" in capsys.readouterr().err
+
+
+def test_prompts_never_end_in_the_tokenizers_eos():
+    """A tokenizer that appends EOS by default (add_eos_token, "<s> $A </s>") must not end a
+    prompt to continue with it: generate.py and the server encode prompts with add_eos=False."""
+    from types import SimpleNamespace
+
+    from engine.serve_api import API
+    from generate import encode_prompt
+    from tokenizer.bpe import ByteLevelBPETokenizer, bytes_to_unicode
+    b2u = bytes_to_unicode()
+    tok = ByteLevelBPETokenizer({b2u[b]: b for b in range(256)}, [], pre_tokenizer="gpt-2",
+                                added_tokens=[{"id": 256, "content": "<s>"},
+                                              {"id": 257, "content": "</s>"}],
+                                bos_id=256, eos_id=257, add_bos=True, add_eos=True)
+    assert tok.encode("hi") == [256, 104, 105, 257]  # the tokenizer's own default
+    api = API(SimpleNamespace(tok=tok))
+    for ids in (encode_prompt(tok, "hi"), api._encode("hi")):
+        assert ids == [256, 104, 105]

@@ -204,3 +204,37 @@ def test_per_token_nll_equals_cross_entropy_of_logits_with_grads():
         torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="reduction"):
         m(ids, labels=labels, reduction="sum")
+
+
+@pytest.mark.parametrize("model_dtype, autocast_dtype", [(torch.float32, torch.bfloat16),
+                                                         (torch.bfloat16, torch.float16)])
+def test_kv_cache_under_autocast_matches_uncached_forward(model_dtype, autocast_dtype):
+    """Under a user's autocast, k/v come out in the autocast dtype: the cache holds them in that
+    dtype (not the weights', which doubled its memory for an fp32 model and rounded fp16 keys
+    to bf16 for a bf16 one), and cached decoding matches the uncached forward."""
+    m = tiny().to(model_dtype)
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad(), torch.autocast("cpu", dtype=autocast_dtype):
+        full = m(ids)
+        cache = m.new_cache(2, 24)
+        assert cache.k[0].dtype == cache.v[0].dtype == autocast_dtype
+        out = [m(ids[:, :8], cache=cache)] + [m(ids[:, t:t + 1], cache=cache) for t in range(8, 24)]
+    got = torch.cat(out, 1)
+    assert got.dtype == full.dtype == autocast_dtype
+    torch.testing.assert_close(got.float(), full.float(), atol=2e-2, rtol=2e-2)
+    assert (got.float() - full.float()).abs().max() <= 4 * torch.finfo(autocast_dtype).eps
+
+
+def test_kv_cache_of_another_dtype_never_crashes():
+    """A cache made under autocast (bf16) and then used without it (fp32 q), or one of any other
+    dtype, still decodes: keys and values are read back in the queries' dtype."""
+    m = tiny()
+    ids = torch.randint(0, 256, (1, 12))
+    full = m(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = m.new_cache(1, 12)
+    assert cache.k[0].dtype == torch.bfloat16
+    out = [m(ids[:, :6], cache=cache)] + [m(ids[:, t:t + 1], cache=cache) for t in range(6, 12)]
+    got = torch.cat(out, 1)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, full, atol=2e-2, rtol=2e-2)  # keys rounded to bf16
