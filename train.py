@@ -156,9 +156,6 @@ def _run(args, given: set[str], stage: dict) -> int:
                                   dropout=args.lora_dropout, rslora=args.rslora,
                                   targets=_targets(args.lora_targets),
                                   trainable_layers=args.trainable_layers)
-        print("fine-tuning: " + ", ".join(f"{k} {v}" for k, v in report.items()
-                                          if k in ("mode", "trainable_params", "total_params",
-                                                   "trainable_percent", "trainable_layers", "nf4")))
         if resume_dir:
             finetune.restore_trained(model, resume_dir, mode)
     elif resume_dir:
@@ -196,10 +193,20 @@ def _run(args, given: set[str], stage: dict) -> int:
                  else "it has finished: there is no step left to pause at")
         raise ValueError(f"--pause-at-step {args.pause_at_step}: the run is at step {step} and ends "
                          f"at --max-steps {args.max_steps}; {where}")
+    first_step = step  # where this session started
     hft_round = None
     if hft is not None:  # the round of this step (a resumed run may be in the middle of one)
         hft_round = step // args.half_round_steps
         hft.select(hft_round)
+        candidates, now = hft.counts()  # what trains is this round's half, not prepare()'s count
+        report.update(trainable_params=now, half_finetune=(
+            f"round {hft_round} trains {now:,} of the {candidates:,} candidate params (the blocks' "
+            f"matrices and norms; the halves alternate every {args.half_round_steps} steps)"))
+    if args.base:
+        print("fine-tuning: " + ", ".join(f"{k} {v}" for k, v in report.items()
+                                          if k in ("mode", "trainable_params", "total_params",
+                                                   "trainable_percent", "trainable_layers", "nf4",
+                                                   "half_finetune")))
     if args.world_size > 1:  # LoRA dropout masks: independent per rank (nothing else draws here)
         torch.manual_seed(args.seed + 7919 * distributed.rank() + step)
     metrics = (MetricsLog(os.path.join(run_dir, "metrics.jsonl"),
@@ -228,6 +235,9 @@ def _run(args, given: set[str], stage: dict) -> int:
     resume_hint = lambda: (f"python train.py --resume {run_dir} continues from the checkpoint of "  # noqa: E731
                            f"step {saved_at[0]}" if saved_at[0] is not None
                            else "no resumable checkpoint was saved yet")
+
+    def patience_spent() -> bool:
+        return bool(args.patience) and extra["bad_evals"] >= args.patience
 
     def eta_s() -> float:
         p = budget_used()
@@ -267,6 +277,9 @@ def _run(args, given: set[str], stage: dict) -> int:
         in_loop = True
         with ctrl_c:
             while step < args.max_steps and not ctrl_c.requested:
+                if patience_spent():  # an early-stopped run, resumed (to redo its final report)
+                    stop_reason = f"early stop (no improvement in {args.patience} evaluations)"
+                    break
                 now = distributed.main_value(elapsed()) if budget_s else None  # one clock for all ranks
                 if budget_s and now >= budget_s:
                     stop_reason = "time budget"
@@ -321,7 +334,7 @@ def _run(args, given: set[str], stage: dict) -> int:
                             if pref else ""), flush=True)
                 if step % args.eval_every == 0:
                     do_eval()
-                    if args.patience and extra["bad_evals"] >= args.patience:
+                    if patience_spent():
                         stop_reason = f"early stop (no improvement in {args.patience} evaluations)"
                         break
                 if step == args.pause_at_step:
@@ -361,9 +374,13 @@ def _run(args, given: set[str], stage: dict) -> int:
     final = task.evaluate(model, device, autocast, full=args.final_eval_windows)
     if not distributed.is_main():
         return 0
-    metrics.log(step=step, elapsed_s=round(elapsed(), 2), final=True, **final)
+    # One set of figures for the metrics, the card and the done line, all over the whole run
+    # (every session of a resumed one): wall = the loop with its evaluations and checkpoints plus
+    # the final evaluation; tokens/s = over the training steps only.
+    wall = elapsed()
+    metrics.log(step=step, elapsed_s=round(wall, 2), final=True, **final)
     plot_losses(metrics.read(), os.path.join(run_dir, "loss.png"))
-    tps = extra["tokens"] / max(extra["train_s"], 1e-9)  # training steps only, not evaluation
+    tps = extra["tokens"] / max(extra["train_s"], 1e-9)
     peak = peak_memory_mb()
     last_train = next((e["train_loss"] for e in reversed(metrics.read()) if "train_loss" in e), None)
     write_model_card(run_dir, base_model=args.base,  # None: the card says "trained from scratch"
@@ -375,10 +392,13 @@ def _run(args, given: set[str], stage: dict) -> int:
                      hyperparameters=card_hyperparameters(args),
                      metrics={"steps": step, "train_loss (last logged)": last_train,
                               "tokens_per_s": round(tps, 1), **peak, **{k: round(v, 5) for k, v in final.items()}},
-                     wall_time_s=elapsed())
+                     wall_time_s=wall)
     mem = ", ".join(f"{k.removesuffix('_mb').replace('_', ' ')} {v:,.0f} MB" for k, v in peak.items())
-    print(f"done ({stop_reason}): {step} steps in {elapsed():.0f}s, {tps:,.0f} tokens/s, {mem}; best "
-          f"checkpoint: {task.format_eval(final)} -> {run_dir}")
+    whole, mem_of = ((f", counted over the whole run (resumed at step {first_step})", " in this session")
+                     if resume_dir else ("", ""))
+    print(f"done ({stop_reason}): {step} steps in {wall:.1f}s with evaluation ({extra['train_s']:.1f}s "
+          f"in training steps: {tps:,.0f} tokens/s){whole}, {mem}{mem_of}; best checkpoint: "
+          f"{task.format_eval(final)} -> {run_dir}")
     return 0
 
 

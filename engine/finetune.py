@@ -41,13 +41,19 @@ def parse_layers(spec: str | None, n_layers: int, default_last: int | None) -> l
             if not 1 <= n <= n_layers:
                 raise ValueError
             return list(range(n_layers - n, n_layers))
-        out = set()
+        out, backwards = set(), None
         for part in spec.split(","):
             lo, _, hi = part.partition("-")
-            out.update(range(int(lo), int(hi or lo) + 1))
+            lo, hi = int(lo), int(hi or lo)
+            if hi < lo:  # range() would be empty: no block would train
+                backwards = part
+            out.update(range(lo, hi + 1))
     except ValueError:
         raise ValueError(f"--trainable-layers {spec!r}: expected N (the last N of {n_layers} blocks) "
                          f"or indices like 0,2,5-7") from None
+    if backwards:
+        raise ValueError(f"--trainable-layers {spec!r}: the range {backwards!r} runs backwards "
+                         "(write it low-high)")
     bad = [i for i in out if not 0 <= i < n_layers]
     if bad:
         raise ValueError(f"--trainable-layers: block {bad[0]} does not exist (model has {n_layers})")
@@ -115,6 +121,13 @@ class HalfFineTuning:
                     leaf = next(m for n, m in mods.items() if n.split(".")[-1] == name)
                     for p in leaf.parameters():
                         p.requires_grad_(name in chosen)
+
+    def counts(self) -> tuple[int, int]:
+        """(parameters that take turns, those that train in the selected round)."""
+        names = {name for cat in self.CATEGORIES for name in cat}
+        params = {id(p): p for block in self.blocks for n, m in block.named_modules()
+                  if n.split(".")[-1] in names for p in m.parameters()}.values()
+        return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
 def save_trained(model: nn.Module, tokenizer, directory: str, mode: str, base: str | None) -> None:

@@ -29,8 +29,9 @@ def _parser(description: str | None = None) -> OneLineParser:
     d = TrainConfig()
     p = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--data", help="text file, directory of text files, or JSONL with a 'text' field "
-                     "(default: Shakespeare, fetched on first use)")
+    a("--data", help="text file, directory of text files (binary files in it, with a NUL byte in "
+                     "their first 8000 bytes, are skipped with a warning), or JSONL with a 'text' "
+                     "field (default: Shakespeare, fetched on first use)")
     a("--val-data", help="held-out corpus (default: the last --val-fraction of --data)")
     a("--val-fraction", type=float, default=0.1)
     a("--out", help="output directory (default: out/<preset>-<timestamp>)")
@@ -186,6 +187,9 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
                 "half of every block per round)")
     if args.base and not args.finetune:
         args.finetune = "lora"
+    if not args.lora_targets.replace(",", "").strip():  # else nothing would train
+        p.error(f"--lora-targets {args.lora_targets!r} names no module (give e.g. q_proj,v_proj "
+                "or all-linear)")
     if args.half_finetune and args.finetune not in ("full", "freeze"):
         p.error("--half-finetune works with --finetune full or freeze")
     if not args.resume:

@@ -124,6 +124,9 @@ def test_prepare_reports_and_gradients_only_on_trainable():
         assert (p.grad is not None) == n.startswith("model.layers.0."), n
     with pytest.raises(ValueError, match="block 9 does not exist"):
         finetune.parse_layers("0,9", 2, None)
+    for spec in ("1-0", "0,3-2"):  # an empty range: nothing trained, then torch's "element 0 of
+        with pytest.raises(ValueError, match="runs backwards"):  # tensors does not require grad"
+            finetune.parse_layers(spec, 4, None)
     with pytest.raises(ValueError, match="unknown --finetune mode"):
         finetune.prepare(m, "adapterz")
 
@@ -141,6 +144,25 @@ def test_half_finetuning_alternates_halves():
         for n in total:
             seen[n] = seen.get(n, 0) + (n in trainable)
     assert all(c > 0 for c in seen.values())  # over rounds every matrix gets trained
+
+
+def test_half_finetune_startup_line_counts_what_trains_this_round(base, capsys):
+    """The 'fine-tuning:' line gave prepare()'s count (full mode: every parameter, embeddings and
+    lm_head included), while a Half Fine-Tuning round trains half of the blocks' matrices and norms."""
+    import re
+    run_base, domain, tmp = base
+    assert train.main(["--base", run_base, "--finetune", "full", "--half-finetune", "--data", domain,
+                       "--out", str(tmp / "hft-line"), "--max-steps", "1", "--eval-every", "1",
+                       *FLAGS]) == 0
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("fine-tuning:")][0]
+    m = Transformer(preset("tiny"))
+    hft = finetune.HalfFineTuning(m, [0, 1], seed=1337)
+    hft.select(0)
+    now = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    blocks = sum(p.numel() for p in m.model.layers.parameters())
+    assert hft.counts() == (blocks, now) and 0.3 < now / blocks < 0.7
+    assert re.search(rf"trainable_params {now}, .*half_finetune round 0 trains {now:,} of the "
+                     rf"{blocks:,} candidate params", line), line
 
 
 def test_finetune_flag_errors(tmp_path):

@@ -82,6 +82,10 @@ def run_cli(*args, env=None):
     (None, ["--data", "/nonexistent/x.txt"], "corpus not found"),
     ("", [], "is empty"),
     ("hello there\n" * 3, ["--val-fraction", "0.5"], "fewer than one training window"),
+    pytest.param("\0" * 5000, [], "c.txt is not a text file (only NUL bytes)",  # was sentencepiece's
+                 id="nul-only"),                                            # "INTERNAL: ... all_chars_count"
+    pytest.param(" \n\t\n" * 100, [], "corpus {tmp}/c.txt has no text: only whitespace",
+                 id="whitespace-only"),
     (None, ["--top-k", "3"], "unrecognized arguments"),
     (None, ["--batch-size", "0"], "--batch-size must be >= 1"),
     (None, ["--preset", "huge"], "unknown preset 'huge'"),
@@ -96,7 +100,7 @@ def test_bad_input_one_clear_line(tmp_path, make, flags, message):
         args = ["--data", str(p), *args]
     r = run_cli("--out", str(tmp_path / "o"), *TINY, *args, env={"WHETSTONE_CACHE": str(tmp_path)})
     assert r.returncode == 2, r.stderr
-    assert message in r.stderr
+    assert message.replace("{tmp}", str(tmp_path)) in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o").exists()  # nothing was written: no empty run directory left
 
@@ -132,6 +136,44 @@ def test_directory_files_do_not_run_into_each_other(tmp_path):
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": "one doc"}) + "\n")
     (tmp_path / "sub" / "d.txt").write_text("Chapter 2\n")
     assert read_corpus(str(tmp_path)) == "The End\none doc\nChapter 2\n"
+
+
+def test_binary_files_are_skipped_in_a_directory_and_refused_as_the_corpus(tmp_path, capsys):
+    """An image or an archive beside the .txt files was decoded (a warning counted its invalid
+    UTF-8) and trained on as text; now each is skipped, one warning line names them. Given as
+    the corpus itself, a binary file is an error naming it."""
+    import zipfile
+    import zlib
+    from engine.data import read_corpus
+    d = tmp_path / "corpus"
+    (d / "img").mkdir(parents=True)
+    (d / "a.txt").write_text("the king\nmy lord\n")
+    png = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10\x00\x00\x00\x10\x08\x02"
+           + zlib.compress(bytes(range(256)) * 4))
+    (d / "img" / "pic.png").write_bytes(png)
+    with zipfile.ZipFile(d / "b.zip", "w") as z:
+        z.writestr("x.txt", "hello " * 100)
+    (d / "c.txt").write_bytes("sweet prince\n".encode("utf-16"))  # NULs, but a BOM: text
+    assert read_corpus(str(d)) == "the king\nmy lord\nsweet prince\n"
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [f"warning: {d}: skipped 2 binary file(s) (NUL bytes, not text): "
+                   f"b.zip, {os.path.join('img', 'pic.png')}"], out
+    with pytest.raises(ValueError, match=r"pic\.png is not a text file \(NUL bytes in its first "
+                                         r"8000 bytes: binary data, or UTF-16 text without"):
+        read_corpus(str(d / "img" / "pic.png"))
+    with pytest.raises(ValueError, match=r"corpus directory .*img holds no text, only 1 binary "
+                                         r"file\(s\) \(NUL bytes\): pic\.png"):
+        read_corpus(str(d / "img"))
+
+
+def test_a_training_split_without_text_is_one_clear_error(tmp_path, monkeypatch):
+    """Only newlines (or only NULs) in the text a tokenizer trains on: sentencepiece said
+    'INTERNAL: src/trainer_interface.cc(467) [!sentences_.empty()]'."""
+    from engine.data import load_or_train_tokenizer
+    monkeypatch.setenv("WHETSTONE_CACHE", str(tmp_path))
+    for text in ("\n" * 100, "\0" * 100):
+        with pytest.raises(ValueError, match="the training split has no text to train a tokenizer"):
+            load_or_train_tokenizer(text, 300, None)
 
 
 def test_existing_checkpoint_is_not_overwritten(corpus, tmp_path):
@@ -204,6 +246,34 @@ def test_token_cache_reused(tmp_path, monkeypatch):
     b = tokenize_cached("abc\ndef\n", Counting())
     assert Counting.calls == 1 and list(a.tokens) == list(b.tokens) == list(b"abc\ndef\n")
     assert a.n_bytes == 8
+
+
+def test_token_caches_of_an_older_encoder_are_not_reused(tmp_path, monkeypatch):
+    """The chunked encoder's ids changed (chunks now cut only where the tokenizer splits anyway);
+    a cache it wrote before, under the same text + tokenizer key, was read back as is."""
+    import hashlib
+    import numpy as np
+    from engine.data import tokenize_cached
+
+    class Bytes:
+        vocab_size = 300
+
+        def encode(self, text, add_bos=False):
+            return list(text.encode())
+
+        def save(self, d):
+            open(os.path.join(d, "t"), "w").write("x")
+
+    monkeypatch.setenv("WHETSTONE_CACHE", str(tmp_path))
+    text = "abc\ndef\n"
+    old = hashlib.sha256(text.encode()).hexdigest()[:24] + "-" + "0123456789abcdef"
+    (tmp_path / "tokens").mkdir()
+    (tmp_path / "tokens" / f"{old}.bin").write_bytes(np.arange(5, dtype=np.uint16).tobytes())
+    (tmp_path / "tokens" / f"{old}.json").write_text(json.dumps(
+        {"dtype": "uint16", "n_tokens": 5, "n_bytes": 8}))
+    split = tokenize_cached(text, Bytes(), "0123456789abcdef")
+    assert list(split.tokens) == list(text.encode())
+    assert split.key == old  # what --resume compares: the text's and the tokenizer's identity
 
 
 def test_metrics_port_serves_prometheus_during_training(corpus, tmp_path):
@@ -390,6 +460,47 @@ def test_resume_recovers_an_interrupted_checkpoint_swap_and_a_torn_log(ref):
     assert sum(1 for e in metrics(full) if e.get("final")) == 1
 
 
+def test_done_line_of_a_resumed_run_says_what_its_figures_cover(ref, capsys):
+    """The closing line's seconds were read after the plot and the model card were written (the
+    final metrics event and the card had others) and did not say that a resumed run's figures
+    cover all its sessions while peak memory is this session's."""
+    import re
+    run = paused(ref, "done-line", 5)
+    capsys.readouterr()
+    assert resume(run) == 0
+    done = [l for l in capsys.readouterr().out.splitlines() if l.startswith("done")][0]
+    m = re.match(r"done \(max steps\): 16 steps in ([\d.]+)s with evaluation \(([\d.]+)s in "
+                 r"training steps: ([\d,]+) tokens/s\), counted over the whole run \(resumed at "
+                 r"step 5\), peak rss [\d,]+ MB in this session; best checkpoint: ", done)
+    assert m, done
+    wall, train_s, tps = float(m[1]), float(m[2]), int(m[3].replace(",", ""))
+    final = [e for e in metrics(run) if e.get("final")][0]
+    assert wall == pytest.approx(final["elapsed_s"], abs=0.051)
+    assert f"- wall time: {wall:.1f} s" in open(os.path.join(run, "README.md")).read()
+    extra = json.loads(torch_load_state(run)["extra"])  # saved at step 16: every session's sums
+    assert extra["tokens"] == 16 * 8 * 32 and train_s == pytest.approx(extra["train_s"], abs=0.051)
+    assert tps == round(extra["tokens"] / extra["train_s"]) and train_s <= wall
+
+
+def test_an_early_stopped_run_resumed_does_not_train_on(ref, monkeypatch, capsys):
+    """Resuming a run that stopped early (to redo its final report, as the message of an
+    interrupted final evaluation suggests) trained on until the next evaluation."""
+    from engine import tasks
+    data, _, tmp = ref
+    losses = iter([3.0, 2.0, 2.5] + [9.0] * 10)  # steps 5, 10 improve; step 15 does not
+    monkeypatch.setattr(tasks.LMTask, "evaluate", lambda *a, **k: dict(
+        val_loss=next(losses), val_ppl=1.0, val_bpb=1.0))
+    run = str(tmp / "early")
+    assert train.main(["--data", data, "--out", run, *REF, "--max-steps", "40",
+                       "--patience", "1"]) == 0
+    assert "done (early stop" in capsys.readouterr().out
+    assert torch_load_state(run)["step"] == 15
+    assert resume(run) == 0
+    assert "done (early stop" in capsys.readouterr().out
+    assert torch_load_state(run)["step"] == 15
+    assert max(e["step"] for e in metrics(run)) == 15
+
+
 def test_new_run_never_overwrites_a_paused_run(ref):
     data, _, _ = ref
     run = paused(ref, "keep", 3)  # before the first evaluation: no config.json yet, only last/
@@ -538,6 +649,7 @@ def test_json_corpus_is_read_as_jsonl_like_detect_format(tmp_path):
     (["--base", "m", "--finetune", "full", "--lora-r", "4"], "--lora-r applies only to --finetune lora"),
     (["--beta", "0.2"], "--beta applies only to --objective dpo"),
     (["--half-round-steps", "5"], "--half-round-steps applies only to --half-finetune"),
+    (["--base", "m", "--lora-targets", ","], "--lora-targets ',' names no module"),  # trained nothing
 ])
 def test_nonsensical_flags_one_usage_line(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
