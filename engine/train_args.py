@@ -124,7 +124,21 @@ _ONLY_WITH = (
     (("trainable_layers",), lambda a: a.finetune in ("full", "freeze"), "--finetune full or freeze"),
     (("half_round_steps",), lambda a: a.half_finetune, "--half-finetune"),
     (("beta", "label_smoothing", "rpo_alpha"), lambda a: a.objective == "dpo", "--objective dpo"),
+    (("eval_batches", "final_eval_windows"), lambda a: _plain_text(a),
+     "plain-text data (SFT and DPO evaluate their whole validation set)"),
 )
+
+
+def _plain_text(args) -> bool:
+    """Whether the run trains on plain text (LM windows), as build_task will decide; True when
+    that cannot be told yet (a missing --data is reported later, with its own message)."""
+    if args.objective == "dpo":
+        return False
+    from engine.sft import detect_format
+    try:
+        return args.data is None or detect_format(args.data) == "text"
+    except (OSError, ValueError):
+        return True
 
 
 def card_hyperparameters(args: argparse.Namespace) -> dict:

@@ -31,8 +31,9 @@ TOL = 1e-5  # fp32: the ranks' gradient average vs one process's mean over the w
 # Logged losses are rounded to 5 decimals: two within TOL can land one rounding step apart
 # (seen: 4.748085 vs 4.748084 logged as 4.74809 and 4.74808).
 LOG_TOL = TOL + 1e-5
-FLAGS = ["--seq-len", "16", "--no-progress", "--threads", "1", "--warmup-steps", "2",
-         "--log-every", "1", "--eval-every", "3", "--eval-batches", "2", "--seed", "3"]
+ANY_DATA = ["--seq-len", "16", "--no-progress", "--threads", "1", "--warmup-steps", "2",
+            "--log-every", "1", "--eval-every", "3", "--seed", "3"]
+FLAGS = [*ANY_DATA, "--eval-batches", "2"]  # (--eval-batches: plain-text data only)
 SCRATCH = ["--preset", "tiny", "--vocab-size", "300", "--lr", "3e-3", *FLAGS]
 
 
@@ -160,7 +161,7 @@ def test_ddp_lora_on_sft_equals_one_process_with_accumulation(setup):
     data.write_text("".join(json.dumps({"prompt": say(6) + " ", "completion": say(9)}) + "\n"
                             for _ in range(10)))
     common = ["--base", ref, "--finetune", "lora", "--lora-r", "4", "--data", str(data),
-              "--max-steps", "3", "--grad-accum", "2", *FLAGS, "--seq-len", "48", "--lr", "1e-2"]
+              "--max-steps", "3", "--grad-accum", "2", *ANY_DATA, "--seq-len", "48", "--lr", "1e-2"]
     one, two = str(tmp / "lora1"), str(tmp / "lora2")
     assert train.main([*common, "--out", one, "--batch-size", "4"]) == 0
     torchrun(cache, *common, "--out", two, "--batch-size", "2")

@@ -16,8 +16,9 @@ from engine import finetune  # noqa: E402
 from engine.config import preset  # noqa: E402
 from engine.model import Transformer  # noqa: E402
 
-FLAGS = ["--batch-size", "4", "--seq-len", "32", "--no-progress", "--threads", "1",
-         "--warmup-steps", "2", "--log-every", "2", "--eval-batches", "2"]
+ANY_DATA = ["--batch-size", "4", "--seq-len", "32", "--no-progress", "--threads", "1",
+            "--warmup-steps", "2", "--log-every", "2"]
+FLAGS = [*ANY_DATA, "--eval-batches", "2"]  # (--eval-batches: plain-text data only)
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +184,7 @@ def test_sft_chat_jsonl_trains_on_responses_and_resumes(base):
                                              {"role": "assistant", "content": f"{w} {w} {w}"}]}) + "\n")
         f.write("{not json\n")
     common = ["--base", run_base, "--finetune", "lora", "--data", str(data), "--max-steps", "16",
-              "--eval-every", "8", "--lr", "1e-2", "--bad-lines", "skip", *FLAGS, "--seq-len", "128"]
+              "--eval-every", "8", "--lr", "1e-2", "--bad-lines", "skip", *ANY_DATA, "--seq-len", "128"]
     full, part = str(tmp / "sft-full"), str(tmp / "sft-part")
     assert train.main([*common, "--out", full]) == 0
     vals = [e["val_loss"] for e in metrics(full) if "val_loss" in e]

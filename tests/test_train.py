@@ -650,12 +650,27 @@ def test_json_corpus_is_read_as_jsonl_like_detect_format(tmp_path):
     (["--beta", "0.2"], "--beta applies only to --objective dpo"),
     (["--half-round-steps", "5"], "--half-round-steps applies only to --half-finetune"),
     (["--base", "m", "--lora-targets", ","], "--lora-targets ',' names no module"),  # trained nothing
+    (["--base", "m", "--objective", "dpo", "--data", "p.jsonl", "--eval-batches", "4"],
+     "--eval-batches applies only to plain-text data"),
 ])
 def test_nonsensical_flags_one_usage_line(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(flags)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_eval_window_flags_are_refused_for_sft_data(tmp_path, capsys):
+    """SFT and DPO evaluate their whole validation set: the LM window counts would be ignored."""
+    sft = tmp_path / "chat.jsonl"
+    sft.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    for flag in ("--eval-batches", "--final-eval-windows"):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--base", "m", "--data", str(sft), flag, "3"])
+        assert f"{flag} applies only to plain-text data" in capsys.readouterr().err
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("plain text\n")
+    assert train.parse_args(["--data", str(corpus), "--eval-batches", "3"]).eval_batches == 3
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a CPU-only machine")
