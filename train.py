@@ -154,7 +154,7 @@ def _run(args, given: set[str], stage: dict) -> int:
     if args.base:
         report = finetune.prepare(model, mode, r=args.lora_r, alpha=args.lora_alpha,
                                   dropout=args.lora_dropout, rslora=args.rslora,
-                                  targets=_targets(args.lora_targets),
+                                  targets=args.lora_targets,
                                   trainable_layers=args.trainable_layers)
         if resume_dir:
             finetune.restore_trained(model, resume_dir, mode)
@@ -203,10 +203,7 @@ def _run(args, given: set[str], stage: dict) -> int:
             f"round {hft_round} trains {now:,} of the {candidates:,} candidate params (the blocks' "
             f"matrices and norms; the halves alternate every {args.half_round_steps} steps)"))
     if args.base:
-        print("fine-tuning: " + ", ".join(f"{k} {v}" for k, v in report.items()
-                                          if k in ("mode", "trainable_params", "total_params",
-                                                   "trainable_percent", "trainable_layers", "nf4",
-                                                   "half_finetune")))
+        print(finetune.report_line(report))
     if args.world_size > 1:  # LoRA dropout masks: independent per rank (nothing else draws here)
         torch.manual_seed(args.seed + 7919 * distributed.rank() + step)
     metrics = (MetricsLog(os.path.join(run_dir, "metrics.jsonl"),
@@ -400,10 +397,6 @@ def _run(args, given: set[str], stage: dict) -> int:
           f"in training steps: {tps:,.0f} tokens/s){whole}, {mem}{mem_of}; best checkpoint: "
           f"{task.format_eval(final)} -> {run_dir}")
     return 0
-
-
-def _targets(spec: str):
-    return spec if spec == "all-linear" else [t.strip() for t in spec.split(",") if t.strip()]
 
 
 if __name__ == "__main__":

@@ -62,7 +62,10 @@ def parse_layers(spec: str | None, n_layers: int, default_last: int | None) -> l
 
 def prepare(model: nn.Module, mode: str, *, r: int = 8, alpha: float = 16, dropout: float = 0.0,
             targets="all-linear", rslora: bool = False, trainable_layers: str | None = None) -> dict:
-    """Set requires_grad / swap in LoRA (and NF4 for qlora) in place. Returns a report."""
+    """Set requires_grad / swap in LoRA (and NF4 for qlora) in place. Returns a report.
+    targets: "all-linear", module names, or them as --lora-targets spells them ("q_proj,v_proj")."""
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
     if mode not in MODES:
         raise ValueError(f"unknown --finetune mode {mode!r}; valid: {', '.join(MODES)}")
     report: dict = {"mode": mode}
@@ -87,6 +90,13 @@ def prepare(model: nn.Module, mode: str, *, r: int = 8, alpha: float = 16, dropo
     report["trainable_params"] = sum(p.numel() for p in unique_params(model) if p.requires_grad)
     report["total_params"] = sum(p.numel() for p in unique_params(model))
     return report
+
+
+def report_line(report: dict) -> str:
+    """train.py's startup line about what trains."""
+    return "fine-tuning: " + ", ".join(f"{k} {v}" for k, v in report.items() if k in (
+        "mode", "trainable_params", "total_params", "trainable_percent", "trainable_layers", "nf4",
+        "half_finetune"))
 
 
 def unique_params(model: nn.Module):
