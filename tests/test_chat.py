@@ -166,6 +166,27 @@ def test_tool_call_turn_without_content_renders_like_transformers():
     assert '<tool_call>{"name": "weather", "arguments": {"city": "Paris"}}</tool_call>' in ref[0]
 
 
+def test_apply_chat_template_passes_tools_like_transformers(tmp_path):
+    """tools=[...] reaches the template through apply_chat_template, as in transformers."""
+    from tokenizer import load_tokenizer
+    from tokenizer.bpe import bytes_to_unicode
+    template = ("{% if tools %}TOOLS {{ tools | tojson }}\n{% endif %}"
+                "{% for m in messages %}{{ m.content }}<|im_end|>{% endfor %}")
+    chars = list(bytes_to_unicode().values())
+    ByteLevelBPETokenizer(chars + ["<|im_end|>"], [], added_tokens=[
+        {"id": 256, "content": "<|im_end|>"}], eos_id=256, chat_template=template).save(str(tmp_path))
+    ours, ref = load_tokenizer(str(tmp_path)), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    msgs = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+    for tokenize in (False, True):
+        got = ours.apply_chat_template(msgs, tokenize=tokenize, tools=tools)
+        want = ref.apply_chat_template(msgs, tokenize=tokenize, tools=tools)
+        if hasattr(want, "keys"):  # transformers 5: a BatchEncoding
+            want = want["input_ids"]
+        assert got == want
+    assert ours.apply_chat_template(msgs, tools=tools).startswith('TOOLS [{"type": "function"')
+
+
 def test_chat_template_jinja_file_wins_like_transformers(tmp_path):
     """chat_template.jinja beside a tokenizer_config.json that has a chat_template too:
     transformers uses the file; we used the config's entry."""

@@ -236,9 +236,10 @@ class Tokenizer(ABC):
         return ids | end_of_turn_ids(self) | set(self.extra_stop_ids)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tokenize: bool = False):
+                            tokenize: bool = False, **kwargs):
+        """transformers' method: kwargs (tools=[...], documents=...) reach the template."""
         from tokenizer.chat import render_chat
-        text = render_chat(self, messages, add_generation_prompt=add_generation_prompt)
+        text = render_chat(self, messages, add_generation_prompt=add_generation_prompt, **kwargs)
         # as transformers: the rendered text with add_special_tokens=False (no BOS, no EOS)
         return self.encode(text, add_bos=False, add_eos=False) if tokenize else text
 
