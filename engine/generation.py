@@ -441,19 +441,23 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
     stop_set = set(stop_ids)
     device = _device(model)
     stop = torch.tensor(sorted(stop_set), dtype=torch.long, device=device)
-    groups: dict[int, list[int]] = {}
-    for i, ids in enumerate(prompts):
-        groups.setdefault(len(ids), []).append(i)
-    work = [g[k:k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
+    # each prompt fitted into the context as `generate` fits it (empty ones refused)
+    fitted = [fit_context(ids, max_new_tokens, model.config.max_position_embeddings)
+              for ids in prompts]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (ids, n_new) in enumerate(fitted):
+        groups.setdefault((len(ids), n_new), []).append(i)
+    work = [(g[k:k + batch_size], n_new) for (_, n_new), g in groups.items()
+            for k in range(0, len(g), batch_size)]
     out: list[tuple[list[int], bool]] = [([], False)] * len(prompts)
     n_done = 0
-    for rows in work:
-        x = torch.tensor([list(prompts[i]) for i in rows], device=device)  # (B, T)
-        cache = model.new_cache(len(rows), x.shape[1] + max_new_tokens)
+    for rows, n_new in work:
+        x = torch.tensor([fitted[i][0] for i in rows], device=device)      # (B, T)
+        cache = model.new_cache(len(rows), x.shape[1] + n_new)
         logits = mask_past_vocab(prefill(model, x, cache), n_vocab)         # (B, V)
         new = []                                                            # [(B,)] per step
         done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
+        for _ in range(n_new):
             nxt = sample(logits, temperature, top_k, top_p, generator, min_p=min_p)  # (B,)
             new.append(nxt)
             done |= torch.isin(nxt, stop)

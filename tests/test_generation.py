@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -171,6 +172,22 @@ def test_generate_many_equals_one_prompt_at_a_time():
         ref = generate(model, prompt, 24, temperature=0, stop_ids=[stop])
         assert ids == ref.tokens[0] and finished == (ref.finish_reasons == ["stop"])
     assert got[0][1] and len(got[0][0]) == 5
+
+
+def test_generate_many_fits_the_context_as_generate_does():
+    """A prompt longer than the context is cut and long generations capped (it overran the
+    cache), each as `generate` does it; an empty prompt is the same one-line error."""
+    model = tiny_model(max_position_embeddings=16)
+    prompts = [list(range(1, 21)), [5, 6, 7], [9] * 10]
+    with pytest.warns(UserWarning):
+        got = generate_many(model, prompts, 12, temperature=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for prompt, (ids, _) in zip(prompts, got):
+            assert ids == generate(model, prompt, 12, temperature=0).tokens[0]
+    assert [len(ids) for ids, _ in got] == [8, 12, 6]
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        generate_many(model, [[1, 2], []], 4)
 
 
 def test_same_seed_same_samples_and_batched_rows():
