@@ -4,7 +4,8 @@ Follows transformers' save_pretrained / from_pretrained layout (shared/FORMATS.m
 LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM configs, single-file or sharded
 safetensors (`model.safetensors.index.json` weight_map), HF Llama tensor names, tied lm_head not
 stored. Loading builds the model on the meta device and assigns each tensor as it is read (one
-tensor in flight, no second copy of the model); writes are atomic; nothing is pickled.
+tensor in flight, no second copy of the model); a save is staged whole, then renamed into
+place; nothing is pickled (a pytorch_model.bin-only directory is refused).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import dataclasses
 import json
 import os
 import re
+import shutil
+import tempfile
 
 import torch
 import torch.nn as nn
@@ -27,6 +30,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 # Keys some HF checkpoints carry that are recomputed here rather than stored.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_ST_FLOATS = {"F64", *_ST_DTYPES}
 _INDEX = "model.safetensors.index.json"
 _SHARD_RE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 
@@ -63,14 +67,17 @@ def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 def hf_config(config: ModelConfig) -> ModelConfig:
     """The config under the HF architecture whose math matches ours (bias -> Qwen2, window ->
-    Mistral), since HF Llama has neither."""
+    Mistral), since HF Llama has neither; Qwen2 without bias -> Llama, since HF Qwen2 always
+    has q/k/v biases."""
     arch = config.architectures[0]
     if config.attention_bias and config.sliding_window:
         raise ValueError("no HF architecture has both q/k/v bias and a sliding window")
-    if config.attention_bias and arch != "Qwen2ForCausalLM":
+    if config.attention_bias:
         arch = "Qwen2ForCausalLM"
-    elif config.sliding_window and arch != "MistralForCausalLM":
+    elif config.sliding_window:
         arch = "MistralForCausalLM"
+    elif arch == "Qwen2ForCausalLM":
+        arch = "LlamaForCausalLM"
     return dataclasses.replace(config, architectures=[arch])
 
 
@@ -93,20 +100,33 @@ def save_model(model: Transformer, directory: str, tokenizer=None,
     shards = _split_shards(sd, max_shard_size)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for name, shard in zip(names, shards):
-        atomic_write_bytes(os.path.join(directory, name), st_save(shard, metadata={"format": "pt"}))
-    if len(shards) > 1:
-        names.append(_INDEX)
-        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-        total = sum(t.numel() * t.element_size() for t in sd.values())
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        atomic_write_text(os.path.join(directory, _INDEX), json.dumps(index, indent=2) + "\n")
-    for n in os.listdir(directory):  # files of an earlier save of another layout must not linger
-        if n not in names and (n == _INDEX or _SHARD_RE.fullmatch(n)):
-            os.remove(os.path.join(directory, n))
-    cfg.save(os.path.join(directory, "config.json"))
-    if tokenizer is not None:
-        tokenizer.save(directory)
+    # Every file is written into a hidden staging folder first and renamed into place only once
+    # all are written: a save that fails (disk full, Ctrl-C, a tokenizer error) leaves the
+    # previous model as it was, never new shards beside old ones or new weights with an old
+    # config.json.
+    stage = tempfile.mkdtemp(prefix=".save-", dir=directory)
+    try:
+        for name, shard in zip(names, shards):
+            atomic_write_bytes(os.path.join(stage, name), st_save(shard, metadata={"format": "pt"}))
+        if len(shards) > 1:
+            weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+            total = sum(t.numel() * t.element_size() for t in sd.values())
+            index = {"metadata": {"total_size": total},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            atomic_write_text(os.path.join(stage, _INDEX), json.dumps(index, indent=2) + "\n")
+            names.append(_INDEX)  # after the shards: a reader that sees it finds them all
+        cfg.save(os.path.join(stage, "config.json"))
+        if tokenizer is not None:
+            tokenizer.save(stage)
+        for n in names:
+            os.replace(os.path.join(stage, n), os.path.join(directory, n))
+        for n in sorted(os.listdir(directory), key=lambda n: n != _INDEX):  # stale index first
+            if n not in names and (n == _INDEX or _SHARD_RE.fullmatch(n)):  # an earlier layout
+                os.remove(os.path.join(directory, n))
+        for n in os.listdir(stage):  # config.json and the tokenizer's files
+            os.replace(os.path.join(stage, n), os.path.join(directory, n))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _split_shards(sd: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict]:
@@ -174,6 +194,9 @@ def load_model_dir(directory: str, dtype: torch.dtype | str = torch.float32,
                     continue
                 sl = f.get_slice(name)
                 _check_shape(name, tuple(sl.get_shape()), shapes, config, path)
+                if sl.get_dtype() not in _ST_FLOATS:  # fp8 / int8 codes are not weights as such
+                    raise ValueError(f"{path}: tensor {name!r} is {sl.get_dtype()}, not a float "
+                                     "type (a quantized checkpoint?); not supported")
                 if _ST_DTYPES.get(sl.get_dtype()) == dtype and torch.device(device).type == "cpu":
                     t = _get(f, name, path)  # zero-copy: backed by the private (COW) mapping
                 else:  # convert from a mapping of its own, so no used pages stay resident
@@ -189,7 +212,11 @@ def load_model_dir(directory: str, dtype: torch.dtype | str = torch.float32,
 
 
 def safetensors_files(directory: str) -> list[str]:
-    """Paths of the weight files: the index's shards, or the single model.safetensors."""
+    """Paths of the weight files: the single model.safetensors, else the index's shards (the
+    order transformers' from_pretrained looks them up in, should a directory hold both)."""
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
     index = os.path.join(directory, _INDEX)
     if os.path.isfile(index):
         try:
@@ -204,9 +231,12 @@ def safetensors_files(directory: str) -> list[str]:
                 raise FileNotFoundError(f"shard {os.path.basename(p)!r} listed in {index} "
                                         "is missing")
         return files
-    single = os.path.join(directory, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
+    pickled = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")
+               if os.path.isfile(os.path.join(directory, n))]
+    if pickled:  # never unpickled: torch.load of a downloaded file can run arbitrary code
+        raise ValueError(f"{directory!r} holds only {pickled[0]} (pickle), which is not loaded: "
+                         "convert it to safetensors first (transformers: from_pretrained, then "
+                         "save_pretrained)")
     raise FileNotFoundError(f"no model.safetensors (or {_INDEX}) in {directory!r}")
 
 

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-# HF `architectures` value -> (model_type, attention_bias default).
+# HF `architectures` value -> model_type.
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -55,7 +55,15 @@ class ModelConfig:
                 continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("rms_norm_eps", "rope_theta"):  # a null / string here was a TypeError later
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
+        v = self.max_position_embeddings
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"max_position_embeddings must be a positive integer, got {v!r}")
         _check_rope_scaling(self.rope_scaling)
+        self.rope_scaling = _complete_llama3(self.rope_scaling, self.max_position_embeddings)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -104,7 +112,14 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         """Build from an HF config.json dict (transformers 4 or 5 RoPE layout); unknown keys ignored."""
         d = dict(d)
+        q = d.get("quantization_config")
+        if q:  # GPTQ / AWQ / bitsandbytes / FP8 weights need their own kernels and scales
+            method = q.get("quant_method", "?") if isinstance(q, dict) else q
+            raise ValueError(f"quantized checkpoints are not supported (quantization_config "
+                             f"quant_method {method!r}); use the unquantized model or a GGUF")
         arch = d.get("architectures")
+        if isinstance(arch, str):  # a bare string, not a list: arch[0] would be its first letter
+            arch = [arch]
         if not arch:  # older configs name only the model_type
             mt = d.get("model_type", "llama")
             if mt not in _ARCH_BY_TYPE:
@@ -117,6 +132,9 @@ class ModelConfig:
         d["architectures"] = [arch[0]]
         # transformers 5: rope_parameters = {rope_theta, rope_type, factor, ...}
         rp = d.pop("rope_parameters", None)
+        for key, v in (("rope_parameters", rp), ("rope_scaling", d.get("rope_scaling"))):
+            if v is not None and not isinstance(v, dict):
+                raise ValueError(f"{key} must be an object or null, got {v!r}")
         if rp:
             rp = dict(rp)
             d.setdefault("rope_theta", rp.pop("rope_theta", 10000.0))
@@ -125,20 +143,22 @@ class ModelConfig:
         if d.get("rope_scaling") and d["rope_scaling"].get("rope_type",
                                                           d["rope_scaling"].get("type")) == "default":
             d["rope_scaling"] = None
-        if ARCHITECTURES[arch[0]] == "qwen2":
-            d.setdefault("attention_bias", True)  # Qwen2 always has q/k/v bias
+        family = ARCHITECTURES[arch[0]]
+        for k, v in _HF_DEFAULTS[family].items():  # keys a partial config leaves out
+            d.setdefault(k, v)
+        if family == "qwen2":
+            d["attention_bias"] = True  # HF Qwen2 always has q/k/v bias, whatever the key says
             # Qwen2's window applies only to layers >= max_window_layers: not modelled here.
             if d.get("use_sliding_window", False):
                 raise ValueError("Qwen2 use_sliding_window=true is not supported (per-layer windows)")
             d["sliding_window"] = None
-        elif ARCHITECTURES[arch[0]] == "llama":
+        elif family == "llama":
             d["sliding_window"] = None  # Llama has no window even if a config carries the key
             # HF Llama's attention_bias also puts a bias on o_proj, and mlp_bias on the MLP.
             if d.get("attention_bias") or d.get("mlp_bias"):
                 raise ValueError("LlamaForCausalLM with attention_bias/mlp_bias is not supported")
-        else:  # mistral: transformers' MistralConfig.sliding_window defaults to 4096 (an
-            # explicit null still means no window)
-            d.setdefault("sliding_window", 4096)
+        # mistral: transformers' MistralConfig.sliding_window defaults to 4096 (in
+        # _HF_DEFAULTS; an explicit null still means no window)
         if "torch_dtype" not in d and "dtype" in d:
             d["torch_dtype"] = d["dtype"]
         required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -168,6 +188,15 @@ class ModelConfig:
 
 
 _ARCH_BY_TYPE = {v: k for k, v in ARCHITECTURES.items()}
+# transformers' LlamaConfig / MistralConfig / Qwen2Config defaults that differ from ours, for
+# keys a config.json leaves out (an explicit null num_key_value_heads still means "= heads").
+_HF_DEFAULTS = {
+    "llama": dict(rms_norm_eps=1e-6),
+    "mistral": dict(rms_norm_eps=1e-6, num_key_value_heads=8, max_position_embeddings=131072,
+                    sliding_window=4096),
+    "qwen2": dict(rms_norm_eps=1e-6, num_key_value_heads=32, max_position_embeddings=32768,
+                  bos_token_id=None, eos_token_id=None),
+}
 _ROPE_TYPES = ("linear", "llama3")  # what engine.model.rope_inv_freq implements
 
 
@@ -185,6 +214,16 @@ def _check_rope_scaling(rs) -> None:
     factor = rs.get("factor")
     if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
         raise ValueError(f"rope_scaling {kind!r} needs a positive 'factor', got {factor!r}")
+
+
+def _complete_llama3(rs, max_position_embeddings: int):
+    """llama3 rope_scaling with every key transformers reads: original_max_position_embeddings
+    falls back to max_position_embeddings as in transformers' standardize_rope_params, and the
+    low/high frequency factors (which transformers requires) get Meta's 1 and 4."""
+    if not rs or rs.get("rope_type", rs.get("type")) != "llama3":
+        return rs
+    return {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": max_position_embeddings, **rs}
 
 
 # Presets: looked up by exact name ---------------------------------------------------------

@@ -119,6 +119,14 @@ def test_truncated_and_corrupt_safetensors(saved):
     (dict(rope_scaling={"rope_type": "linear"}), "rope_scaling 'linear' needs a positive 'factor'"),
     (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "config.json: unsupported "
                                                             "rope_scaling type 'dynamic'"),
+    # these built a model that failed later with a TypeError / AttributeError
+    (dict(rms_norm_eps="1e-5"), "config.json: rms_norm_eps must be a positive number, got '1e-5'"),
+    (dict(rope_theta="x"), "config.json: rope_theta must be a positive number"),
+    (dict(max_position_embeddings="4k"), "max_position_embeddings must be a positive integer"),
+    (dict(rope_scaling="linear"), "config.json: rope_scaling must be an object or null"),
+    # loaded silently before (fp8 codes read as weights, no scales)
+    (dict(quantization_config={"quant_method": "fp8"}), "config.json: quantized checkpoints are "
+                                                         "not supported .*quant_method 'fp8'"),
 ])
 def test_bad_config(saved, changes, message):
     _, path = saved
@@ -139,6 +147,7 @@ def test_bad_directory(saved, tmp_path):
         load_model_dir(str(path))
     os.remove(path / "model.safetensors")
     save_model(Transformer(ModelConfig(**TINY)), str(path))
+    os.remove(path / "model.safetensors")
     (path / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
     with pytest.raises(FileNotFoundError, match="shard 'model-00002-of-00002.safetensors' "
@@ -223,3 +232,80 @@ def test_failed_save_keeps_the_old_file_and_leaves_no_temp_file(saved, monkeypat
     monkeypatch.undo()
     assert (path / "model.safetensors").read_bytes() == before
     assert sorted(os.listdir(path)) == ["config.json", "model.safetensors"]
+
+
+def test_architectures_as_a_bare_string(saved):
+    _, path = saved  # was "unsupported architecture 'L'" (its first letter)
+    _edit_config(path, architectures="LlamaForCausalLM")
+    assert load_model_dir(str(path)).config.architectures == ["LlamaForCausalLM"]
+
+
+def test_pickle_only_directory_is_refused_unread(saved, monkeypatch):
+    """pytorch_model.bin alone: one line that names it; torch.load is never called (was 'no
+    model.safetensors', as if the directory held no weights)."""
+    model, path = saved
+    torch.save(model.state_dict(), path / "pytorch_model.bin")
+    os.remove(path / "model.safetensors")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("unpickled"))
+    with pytest.raises(ValueError, match=r"holds only pytorch_model.bin \(pickle\), which is not "
+                                         "loaded: convert it to safetensors"):
+        load_model_dir(str(path))
+
+
+def _fsync_failing_at(monkeypatch, n):
+    real, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == n:
+            raise OSError(28, "No space left on device")
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.parametrize("fail_at, max_shard_size", [(2, 30_000), (2, None), (5, 30_000)])
+def test_failed_save_leaves_the_old_model_whole(tmp_path, monkeypatch, fail_at, max_shard_size):
+    """The disk fills while a new model is saved over an old one: the directory still loads as
+    the old model. Was: new first shard beside old others (a silent mix of two models), or new
+    weights with the old config.json (vocab 128 vs 256 rows)."""
+    torch.manual_seed(0)
+    old = Transformer(ModelConfig(**TINY)).eval()
+    save_model(old, str(tmp_path), max_shard_size=max_shard_size)
+    before = sorted(os.listdir(tmp_path))
+    new = Transformer(ModelConfig(**{**TINY, "vocab_size": 256})).eval()
+    _fsync_failing_at(monkeypatch, fail_at)
+    with pytest.raises(OSError, match="No space left"):
+        save_model(new, str(tmp_path), max_shard_size=max_shard_size)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == before  # and no staging folder left behind
+    again = load_model_dir(str(tmp_path))
+    for (k, a), b in zip(old.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    save_model(new, str(tmp_path), max_shard_size=max_shard_size)  # a later save still works
+    assert load_model_dir(str(tmp_path)).config.vocab_size == 256
+
+
+def test_failed_tokenizer_save_keeps_the_old_model(saved):
+    model, path = saved
+
+    class BrokenTokenizer:
+        def save(self, directory):
+            (open(os.path.join(directory, "tokenizer.json"), "w")).write("{")
+            raise OSError("tokenizer cannot be written")
+    with pytest.raises(OSError, match="tokenizer cannot be written"):
+        save_model(Transformer(ModelConfig(**{**TINY, "vocab_size": 256})), str(path),
+                   BrokenTokenizer())
+    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors"]
+    assert load_model_dir(str(path)).config.vocab_size == 128
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.float8_e4m3fn, "F8_E4M3"), (torch.int8, "I8")])
+def test_non_float_weights_are_refused(saved, dtype, name):
+    """Quantized codes without a quantization_config: one line (were cast to float, silently)."""
+    _, path = saved
+    sd = read_safetensors_dir(str(path))
+    sd["model.layers.0.mlp.up_proj.weight"] = sd["model.layers.0.mlp.up_proj.weight"].to(dtype)
+    save_file(sd, str(path / "model.safetensors"))
+    with pytest.raises(ValueError, match=f"tensor 'model.layers.0.mlp.up_proj.weight' is {name}, "
+                                         "not a float type"):
+        load_model_dir(str(path))

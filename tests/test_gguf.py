@@ -15,8 +15,9 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from engine.config import ModelConfig  # noqa: E402
-from engine.gguf import (hf_name, load_gguf, permute_qk, read_gguf,  # noqa: E402
-                         tokenizer_from_gguf, unpermute_qk)
+import engine.gguf as engine_gguf  # noqa: E402
+from engine.gguf import (SUPPORTED_TYPES, hf_name, load_gguf, permute_qk,  # noqa: E402
+                         read_gguf, tokenizer_from_gguf, unpermute_qk)
 from engine.model import Transformer  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -276,6 +277,45 @@ def test_k_quants_load_into_the_right_places(qtype, tmp_path):
         got = ours.state_dict()[hf_name(gname)]
         assert got.dtype == torch.bfloat16
         assert torch.equal(got, want.to(torch.bfloat16)), gname
+
+
+# byte offsets of each block type's fp16 scale fields (ggml-common.h), kept finite and small
+_F16_FIELDS = {Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q8_0: [0],
+               Q.Q2_K: [80, 82], Q.Q3_K: [108], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}
+
+
+def _random_blocks(qtype, rows, cols, seed):
+    rng = np.random.default_rng(seed)
+    if qtype in (Q.F32, Q.F16):
+        dt = np.float32 if qtype == Q.F32 else np.float16
+        return rng.standard_normal((rows, cols)).astype(dt).view(np.uint8)
+    if qtype == Q.BF16:  # the high halves of float32s
+        return (rng.standard_normal((rows, cols)).astype(np.float32).view(np.uint32) >> 16
+                ).astype(np.uint16).view(np.uint8)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    for o in _F16_FIELDS[qtype]:
+        raw[..., o:o + 2] = rng.uniform(-0.05, 0.05, raw.shape[:2] + (1,)).astype(np.float16
+                                                                                   ).view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", SUPPORTED_TYPES, ids=lambda q: q.name)
+def test_every_supported_type_matches_gguf_dequantize(qtype, tmp_path, monkeypatch):
+    """Random blocks of each claimed type, read in chunks that split rows unevenly, equal
+    gguf.quants.dequantize of the same bytes (q/k unpermuted), bit for bit."""
+    monkeypatch.setattr(engine_gguf, "_CHUNK_ELEMS", 700)
+    src = random_model(**K_TINY)
+    raw = {}
+    for name, t in model_state(src).items():
+        if t.dim() == 2:
+            raw[gguf_name(name)] = (_random_blocks(qtype, *t.shape, seed=len(raw)), qtype)
+    ours, _ = load_gguf(write_gguf(tmp_path / "r.gguf", src, raw=raw))
+    for gname, (data, qt) in raw.items():
+        want = torch.from_numpy(gguf.quants.dequantize(data, qt).astype(np.float32))
+        if ".attn_q." in gname or ".attn_k." in gname:
+            want = unpermute_qk(want, 4 if ".attn_q." in gname else 2)
+        assert torch.equal(ours.state_dict()[hf_name(gname)], want), gname
 
 
 def test_q4_k_block_layout_pinned():

@@ -98,6 +98,20 @@ def test_sharded_checkpoint(tmp_path):
     _compare(load_model_dir(str(tmp_path)), hf)
 
 
+def test_single_file_wins_over_an_index_as_in_transformers(tmp_path):
+    """A directory with both model.safetensors and a sharded index (of another model): the
+    engine loads the file transformers loads (was: the shards, max |diff| 0.8)."""
+    sharded, single = _hf_model("LlamaForCausalLM"), _hf_model("LlamaForCausalLM")
+    with torch.no_grad():
+        single.model.norm.weight.mul_(-1)
+    sharded.save_pretrained(tmp_path, max_shard_size="40KB")
+    single.save_pretrained(tmp_path / "one")
+    os.replace(tmp_path / "one" / "model.safetensors", tmp_path / "model.safetensors")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert torch.equal(hf.model.norm.weight, single.model.norm.weight)
+    _compare(load_model_dir(str(tmp_path)), hf)
+
+
 def test_transformers4_rope_keys(tmp_path):
     """The same llama3-scaled checkpoint with transformers-4 keys (rope_theta + rope_scaling)."""
     hf = _hf_model("LlamaForCausalLM", rope_parameters=LLAMA3)
@@ -176,3 +190,57 @@ def test_mistral_config_without_sliding_window_gets_transformers_default():
     assert ModelConfig.from_dict({**d, "sliding_window": 16}).sliding_window == 16
     llama = {**BASE, "architectures": ["LlamaForCausalLM"]}
     assert ModelConfig.from_dict(llama).sliding_window is None
+
+
+# --- partial configs: keys left out get transformers' defaults -------------------------------
+PARTIAL_CASES = {  # (class, config kwargs, keys removed from config.json)
+    "llama_no_eps": ("LlamaForCausalLM", dict(rms_norm_eps=1e-6), ["rms_norm_eps"]),
+    "mistral_no_eps_kv": ("MistralForCausalLM", dict(rms_norm_eps=1e-6, num_attention_heads=16,
+                                                     num_key_value_heads=8, head_dim=16),
+                          ["rms_norm_eps", "num_key_value_heads"]),
+    "qwen2_no_eps_ids": ("Qwen2ForCausalLM", dict(rms_norm_eps=1e-6),
+                         ["rms_norm_eps", "bos_token_id", "eos_token_id"]),
+    "llama3_no_original_ctx": ("LlamaForCausalLM",
+                               dict(rope_parameters={**LLAMA3,
+                                                     "original_max_position_embeddings": 256}),
+                               ["rope_parameters.original_max_position_embeddings"]),
+}
+
+
+@pytest.mark.parametrize("case", list(PARTIAL_CASES))
+def test_partial_config_gets_transformers_defaults(case, tmp_path):
+    """Was: rms_norm_eps 1e-5 (transformers: 1e-6), Qwen2's bos/eos 1/2 (None), Mistral's
+    num_key_value_heads = heads (8), llama3's original context 8192 (max_position_embeddings):
+    logits off by up to 1.0."""
+    cls_name, kw, drop = PARTIAL_CASES[case]
+    hf = _hf_model(cls_name, **kw)
+    hf.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for key in drop:
+        outer, _, inner = key.partition(".")
+        (cfg[outer] if inner else cfg).pop(inner or outer)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    ours = load_model_dir(str(tmp_path))
+    for key in ("rms_norm_eps", "num_key_value_heads", "bos_token_id", "eos_token_id"):
+        assert getattr(ours.config, key) == getattr(hf.config, key), key
+    _compare(ours, hf)
+    save_model(ours, str(tmp_path / "again"))  # what we write says the same to transformers
+    _compare(ours, transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "again")))
+
+
+def test_qwen2_always_has_biases(tmp_path):
+    """HF Qwen2 has q/k/v biases whatever `attention_bias` says (was: 'unexpected tensor
+    ...k_proj.bias'); a Qwen2-architecture model without biases is saved as Llama (was a Qwen2
+    config.json the engine could not load back: 'missing tensor ...q_proj.bias')."""
+    hf = _hf_model("Qwen2ForCausalLM", attention_bias=False)
+    hf.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["attention_bias"] is False
+    _compare(load_model_dir(str(tmp_path)), hf)
+    plain = Transformer(ModelConfig(**BASE, architectures=["Qwen2ForCausalLM"])).eval()
+    _randomize(plain)
+    save_model(plain, str(tmp_path / "plain"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "plain")).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    _compare(plain, hf)
+    _compare(load_model_dir(str(tmp_path / "plain")), hf)
