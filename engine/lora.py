@@ -45,12 +45,9 @@ class LoRALinear(nn.Module):
                  rslora: bool = False, dora: bool = False, dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
+        # r > min(in, out) is wasteful but valid, as in PEFT (e.g. r=256 on a 576->192 k_proj)
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
-        if r > min(self.in_features, self.out_features):
-            raise ValueError(f"LoRA rank {r} exceeds min(in, out) = "
-                             f"{min(self.in_features, self.out_features)} of a "
-                             f"{self.in_features}->{self.out_features} linear")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"lora dropout must be in [0, 1), got {dropout}")
         self.quantized = isinstance(base, NF4Linear)
@@ -127,7 +124,8 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W <- W + s B A (DoRA: W <- (m / ||W + s B A||)[:, None] (W + s B A)), in place."""
+        """W <- W + s B A (DoRA: W <- (m / ||W + s B A||)[:, None] (W + s B A)), as a new
+        weight tensor (a tied embedding keeps the old one)."""
         if self.quantized:
             raise ValueError("cannot merge into a 4-bit base in place; merge_lora(model) "
                              "builds dequantized nn.Linear layers instead")
@@ -138,8 +136,13 @@ class LoRALinear(nn.Module):
         if self.use_dora:
             self._dora_factor = self.lora_magnitude_vector.float() / torch.linalg.norm(new, dim=1)
             new = self._dora_factor[:, None] * new
-        self.weight.copy_(new.to(self.weight.dtype))
+        self._set_weight(new)
         self.merged = True
+
+    def _set_weight(self, w: torch.Tensor) -> None:
+        """A new tensor, never in place: a tied lm_head shares its weight with embed_tokens,
+        which must keep the base values."""
+        self.weight = nn.Parameter(w.to(self.weight.dtype), requires_grad=False)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -148,7 +151,7 @@ class LoRALinear(nn.Module):
         w = self.weight.float()
         if self.use_dora:
             w = w / self._dora_factor[:, None]
-        self.weight.copy_((w - self.delta_weight().float()).to(self.weight.dtype))
+        self._set_weight(w - self.delta_weight().float())
         self.merged = False
 
     def merged_linear(self) -> nn.Linear:
@@ -291,6 +294,17 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             if any(part in k.split(".") for part in LORA_PARTS)}
 
 
+def whole_module_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The modules_to_save copies load_adapter put in (e.g. `lm_head.weight`), our key names."""
+    out = {}
+    for mname, mod in model.named_modules():
+        for b in mod._buffers:
+            if b.startswith(_ORIGINAL):
+                pname = b.removeprefix(_ORIGINAL)
+                out[f"{mname}.{pname}" if mname else pname] = getattr(mod, pname).detach()
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # PEFT adapter files
 # ---------------------------------------------------------------------------------------------
@@ -307,9 +321,18 @@ class Adapter:
         return sorted({k.rsplit(".lora_A.weight", 1)[0] for k in self.tensors
                        if k.endswith(".lora_A.weight")})
 
+    def rank_alpha(self) -> tuple[int, float]:
+        """(r, lora_alpha) of the config, with PEFT's defaults (8, 8) when absent."""
+        r, alpha = self.config.get("r", 8), self.config.get("lora_alpha", 8)
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or r != int(r) or r < 1:
+            raise ValueError(f"adapter_config: r={r!r} is not a positive integer")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise ValueError(f"adapter_config: lora_alpha={alpha!r} is not a number")
+        return int(r), alpha
+
     def scaling(self) -> float:
-        c = self.config
-        return c["lora_alpha"] / (math.sqrt(c["r"]) if c.get("use_rslora") else c["r"])
+        r, alpha = self.rank_alpha()
+        return alpha / (math.sqrt(r) if self.config.get("use_rslora") else r)
 
     def save(self, directory: str) -> None:
         from safetensors.torch import save
@@ -328,6 +351,10 @@ class Adapter:
         cfg_path = os.path.join(directory, "adapter_config.json")
         st_path = os.path.join(directory, "adapter_model.safetensors")
         for p in (cfg_path, st_path):
+            if p == st_path and os.path.isfile(os.path.join(directory, "adapter_model.bin")):
+                raise ValueError(f"{directory} holds adapter_model.bin (a pickle, older PEFT), "
+                                 "which is not read: convert it to adapter_model.safetensors "
+                                 "(PEFT: PeftModel.from_pretrained(...).save_pretrained(DIR))")
             if not os.path.isfile(p):
                 raise ValueError(f"not an adapter directory: {p} is missing")
         with open(cfg_path, encoding="utf-8") as f:
@@ -368,7 +395,9 @@ def _our_key(key: str) -> str:
 # peft 0.21 LoraConfig fields that change the forward and that we do not implement, with the
 # value that means "off" (None / False / {} / [] also do). The other fields only steer target
 # selection, training or the initialization, whose result the saved tensors already hold.
-_UNSUPPORTED = {"fan_in_fan_out": False, "bias": "none", "lora_bias": False, "rank_pattern": {},
+# `bias` ("all" / "lora_only") is checked on the tensors instead (_check_tensors): on a model
+# without biases (Llama) PEFT saves no bias tensor and the adapter is a plain LoRA one.
+_UNSUPPORTED = {"fan_in_fan_out": False, "lora_bias": False, "rank_pattern": {},
                 "alpha_pattern": {}, "layer_replication": None, "use_qalora": False,
                 "target_parameters": None, "trainable_token_indices": None,
                 "alora_invocation_tokens": None, "arrow_config": None, "use_bdlora": None,
@@ -391,6 +420,12 @@ def _check_config(config: dict) -> None:
 
 
 def _check_tensors(adapter: Adapter) -> None:
+    bias = adapter.config.get("bias", "none")
+    biases = sorted(k for k in adapter.tensors if k.endswith(".bias"))
+    if bias not in ("none", None) and biases:  # PEFT trained the model's biases in place (Qwen2)
+        raise ValueError(f"adapter_config: bias={bias!r} is not supported: "
+                         f"the adapter holds {len(biases)} trained bias vector(s), e.g. "
+                         f"{biases[0]}")
     emb = sorted({k.split(".lora_embedding_")[0] for k in adapter.tensors
                   if ".lora_embedding_" in k})
     if emb:
@@ -410,21 +445,25 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str 
     if len(hp) > 1:
         raise ValueError(f"LoRA layers differ in (r, alpha, rslora, dora, dropout): {sorted(hp)}")
     r, alpha, rslora, dora, dropout = hp.pop()
+    # modules_to_save copies of a loaded PEFT adapter are part of it: keep them (full module
+    # paths, which PEFT matches as suffixes)
+    whole = whole_module_state_dict(model)
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
            "lora_dropout": dropout, "target_modules": sorted({n.split(".")[-1] for n in layers}),
            "bias": "none", "base_model_name_or_path": base_model_name_or_path,
            "fan_in_fan_out": False, "use_rslora": rslora, "use_dora": dora,
-           "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
-           **(config or {})}
-    adapter = Adapter(cfg, lora_state_dict(model))
+           "modules_to_save": sorted({k.rsplit(".", 1)[0] for k in whole}) or None,
+           "init_lora_weights": True, "inference_mode": True, **(config or {})}
+    adapter = Adapter(cfg, {**lora_state_dict(model), **whole})
     adapter.save(directory)
     return adapter
 
 
 def load_adapter(model: nn.Module, adapter: str | Adapter) -> list[str]:
     """Apply LoRA to exactly the modules the adapter covers (per its config: r, alpha, rslora,
-    dora, dropout) and load its tensors; a model that already has that LoRA layout (resume) just
-    gets the tensors. Ours or PEFT's; raises on any shape mismatch. Returns the module names."""
+    dora, dropout) and load its tensors, kept in fp32 on a bf16 / fp16 base as PEFT does; a
+    model that already has that LoRA layout (resume) just gets the tensors. Ours or PEFT's;
+    raises on any shape mismatch. Returns the module names."""
     if isinstance(adapter, str):
         adapter = Adapter.load(adapter)
     c = adapter.config
@@ -433,11 +472,12 @@ def load_adapter(model: nn.Module, adapter: str | Adapter) -> list[str]:
     modules = adapter.modules()
     if not modules:
         raise ValueError("adapter has no lora_A tensors")
-    hp = dict(r=int(c["r"]), alpha=c["lora_alpha"], dropout=c.get("lora_dropout", 0.0),
+    r, alpha = adapter.rank_alpha()
+    hp = dict(r=r, alpha=alpha, dropout=c.get("lora_dropout", 0.0),
               rslora=bool(c.get("use_rslora")), dora=bool(c.get("use_dora")))
     existing = lora_layers(model)
-    if not existing:
-        names = apply_lora(model, modules, **hp)
+    if not existing:  # fp32 adapter weights on a bf16 / fp16 base too, as PEFT loads them
+        names = apply_lora(model, modules, **hp, dtype=torch.float32)  # (autocast_adapter_dtype)
     else:  # e.g. resuming: the same LoRA layout must already be in place
         names = sorted(existing)
         if names != modules:
@@ -455,7 +495,11 @@ def load_adapter(model: nn.Module, adapter: str | Adapter) -> list[str]:
                          "the embedding) is not supported")
     for name, value in adapter.base_tensors.items():
         base = getattr(_submodule(model, name + BASE_LAYER), "weight", None)
-        if not isinstance(base, torch.Tensor) or not torch.equal(value.to(base), base):
+        # compared in the less precise dtype: PEFT saves it in the training dtype (bf16 from
+        # an fp32 checkpoint, say), the model here may be loaded in another one
+        if not isinstance(base, torch.Tensor) or not (
+                torch.equal(value.to(base), base)
+                or torch.equal(value, base.to(device=value.device, dtype=value.dtype))):
             raise ValueError(f"adapter tensor {name}{BASE_LAYER} differs from the model's "
                              f"{name}.weight (adapter for a different or resized base?)")
     params = dict(model.named_parameters())
@@ -509,7 +553,8 @@ def combine_adapters(adapters: list, weights: list[float], method: str = "cat",
     no rsLoRA, so its scaling is 1. cat: A' = rows(w_i s_i A_i), B' = cols(B_i), exactly
     sum w_i dW_i. linear (equal ranks): A' = sum sign(w_i s_i) sqrt|w_i s_i| A_i,
     B' = sum sqrt|w_i s_i| B_i (has cross terms: NOT sum w_i dW_i). svd: best rank-k
-    approximation of sum w_i dW_i (k = rank or the largest r_i)."""
+    approximation of sum w_i dW_i (k = rank or the largest r_i). Adapters may cover different
+    modules: each module sums the adapters that have it."""
     ads = [Adapter.load(a) if isinstance(a, str) else a for a in adapters]
     if not ads or len(ads) != len(weights):
         raise ValueError(f"need one weight per adapter, got {len(ads)} adapters and "
@@ -530,21 +575,25 @@ def combine_adapters(adapters: list, weights: list[float], method: str = "cat",
                              "be combined; merge it on its own")
     if any(a.config.get("use_dora") for a in ads):
         raise ValueError("DoRA adapters cannot be combined")
-    modules = ads[0].modules()
-    if any(a.modules() != modules for a in ads):
-        raise ValueError("adapters cover different modules; they must target the same layers")
-    ranks = [int(a.config["r"]) for a in ads]
+    # a module some adapters do not cover takes the others' terms only (as PEFT does)
+    modules = sorted({m for a in ads for m in a.modules()})
+    same_modules = all(a.modules() == modules for a in ads)
+    ranks = [a.rank_alpha()[0] for a in ads]
     if method == "linear" and len(set(ranks)) > 1:
         raise ValueError(f"linear combination needs equal ranks, got {ranks}")
     new_r = {"cat": sum(ranks), "linear": ranks[0], "svd": rank or max(ranks)}[method]
-    ws = [w * a.scaling() for w, a in zip(weights, ads)]
+    scaled = [w * a.scaling() for w, a in zip(weights, ads)]
     tensors = {}
     for m in modules:
-        As = [a.tensors[m + ".lora_A.weight"].float() for a in ads]         # (r_i, in)
-        Bs = [a.tensors[m + ".lora_B.weight"].float() for a in ads]         # (out, r_i)
-        if method == "cat":
+        have = [(w, a) for w, a in zip(scaled, ads) if m + ".lora_A.weight" in a.tensors]
+        ws = [w for w, _ in have]
+        As = [a.tensors[m + ".lora_A.weight"].float() for _, a in have]     # (r_i, in)
+        Bs = [a.tensors[m + ".lora_B.weight"].float() for _, a in have]     # (out, r_i)
+        if method == "cat":  # zero rows / columns for the ranks of adapters without m
             A = torch.cat([w * a for w, a in zip(ws, As)], dim=0)
+            A = F.pad(A, (0, 0, 0, new_r - A.shape[0]))
             B = torch.cat(Bs, dim=1)
+            B = F.pad(B, (0, new_r - B.shape[1]))
         elif method == "linear":
             A = sum(math.copysign(math.sqrt(abs(w)), w) * a for w, a in zip(ws, As))
             B = sum(math.sqrt(abs(w)) * b for w, b in zip(ws, Bs))
@@ -554,13 +603,26 @@ def combine_adapters(adapters: list, weights: list[float], method: str = "cat",
                 raise ValueError(f"svd rank {new_r} exceeds min(out, in) = {min(dW.shape)} of {m}")
             U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
             B, A = U[:, :new_r] * S[:new_r], Vh[:new_r]
-        dtype = ads[0].tensors[m + ".lora_A.weight"].dtype
+        dtype = have[0][1].tensors[m + ".lora_A.weight"].dtype
         tensors[m + ".lora_A.weight"], tensors[m + ".lora_B.weight"] = A.to(dtype), B.to(dtype)
-    targets = sorted({t for a in ads for t in _as_list(a.config.get("target_modules"))})
     config = {**ads[0].config, "r": new_r, "lora_alpha": new_r, "use_rslora": False,
-              "target_modules": targets, "modules_to_save": None}
-    return Adapter(config, tensors, dict(ads[0].base_tensors))
+              "modules_to_save": None}
+    if same_modules:
+        config["target_modules"] = _combined_targets([a.config.get("target_modules")
+                                                      for a in ads], modules)
+    else:  # the first adapter's layer filters would drop the others' modules
+        config.update(target_modules=modules, layers_to_transform=None, layers_pattern=None,
+                      exclude_modules=None)
+    base = {k: v for a in reversed(ads) for k, v in a.base_tensors.items()}
+    return Adapter(config, tensors, base)
 
 
-def _as_list(t) -> list:
-    return [] if t is None else [t] if isinstance(t, str) else list(t)
+def _combined_targets(targets: list, modules: list[str]):
+    """target_modules of a combined adapter, as PEFT builds it: regex strings are OR-ed (a regex
+    in a list would be read as a module name), lists are united. A mix, which PEFT refuses,
+    becomes the exact module names."""
+    if all(isinstance(t, str) for t in targets):
+        return targets[0] if len(set(targets)) == 1 else "|".join(f"({t})" for t in targets)
+    if any(isinstance(t, str) for t in targets):
+        return list(modules)
+    return sorted({t for ts in targets if ts is not None for t in ts})

@@ -210,26 +210,52 @@ def to_bnb_state_dict(q: NF4Weight, prefix: str = "") -> dict[str, torch.Tensor]
 
 
 def from_bnb_state_dict(sd: dict[str, torch.Tensor], prefix: str = "") -> NF4Weight:
-    """Inverse of to_bnb_state_dict; reads any bitsandbytes NF4 Linear4bit state dict."""
+    """Inverse of to_bnb_state_dict; reads any bitsandbytes NF4 Linear4bit state dict. A missing
+    key or sizes that disagree with the recorded shape raise one ValueError naming the tensor."""
     p = prefix + "weight"
     key = p + ".quant_state.bitsandbytes__nf4"
     if key not in sd:
         raise ValueError(f"{key} missing: not a bitsandbytes NF4 state dict (fp4 is unsupported)")
-    meta = json.loads(bytes(sd[key].cpu().numpy().tobytes()).decode("utf-8"))
+    nested = p + ".nested_absmax" in sd
+    try:
+        meta = json.loads(bytes(sd[key].cpu().numpy().tobytes()).decode("utf-8"))
+        shape, blocksize = tuple(int(d) for d in meta["shape"]), int(meta["blocksize"])
+        dtype = getattr(torch, str(meta["dtype"]), None)
+        offset = float(meta["nested_offset"]) if nested else 0.0
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:  # JSONDecodeError too
+        raise ValueError(f"{key}: unreadable quantization state ({type(e).__name__}: {e})") \
+            from None
+    if meta.get("quant_type", "nf4") != "nf4":
+        raise ValueError(f"{key}: quant_type {meta.get('quant_type')!r} is not 'nf4'")
+    _check_blocksize(blocksize)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{key}: dtype {meta['dtype']!r} is not float32/float16/bfloat16")
+    needed = [p, p + ".absmax", p + ".quant_map"] + [p + ".nested_quant_map"] * nested
+    missing = [k for k in needed if k not in sd]
+    if missing:
+        raise ValueError(f"bitsandbytes NF4 state dict lacks {', '.join(missing)}")
     if not torch.equal(sd[p + ".quant_map"].float().cpu(), NF4_CODE):
         raise ValueError(f"{p}.quant_map is not the NF4 code")
-    nested = p + ".nested_absmax" in sd
     if nested and meta.get("nested_blocksize") != NESTED_BLOCKSIZE:
         raise ValueError(f"nested_blocksize must be {NESTED_BLOCKSIZE}, "
                          f"got {meta.get('nested_blocksize')}")
     absmax = sd[p + ".absmax"]
-    return NF4Weight(
-        packed=sd[p].reshape(-1).view(torch.uint8), shape=tuple(meta["shape"]),
+    q = NF4Weight(
+        packed=sd[p].reshape(-1).view(torch.uint8), shape=shape,
         absmax_q=absmax if nested else None, absmax=None if nested else absmax.float(),
         nested_absmax=sd[p + ".nested_absmax"].float() if nested else None,
         nested_code=sd[p + ".nested_quant_map"].float() if nested else None,
-        offset=float(meta["nested_offset"]) if nested else 0.0,
-        blocksize=int(meta["blocksize"]), dtype=getattr(torch, meta["dtype"]))
+        offset=offset, blocksize=blocksize, dtype=dtype)
+    sizes = {p: (q.packed.numel(), (q.numel + 1) // 2),
+             p + ".absmax": (absmax.numel(), q.n_blocks)}
+    if nested:
+        sizes[p + ".nested_absmax"] = (q.nested_absmax.numel(), -(-q.n_blocks // NESTED_BLOCKSIZE))
+        sizes[p + ".nested_quant_map"] = (q.nested_code.numel(), 256)
+    for k, (have, want) in sizes.items():
+        if have != want:
+            raise ValueError(f"{k} has {have} elements but a {list(shape)} weight in blocks of "
+                             f"{blocksize} needs {want}")
+    return q
 
 
 # ---------------------------------------------------------------------------------------------

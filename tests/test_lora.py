@@ -222,8 +222,8 @@ def test_save_load_round_trip(tmp_path, kw):
 def test_bad_input_errors(tmp_path):
     with pytest.raises(ValueError, match=r"unknown LoRA target\(s\) \['qproj'\].*'q_proj'"):
         apply_lora(_model(), ["qproj"])
-    with pytest.raises(ValueError, match="rank 65 exceeds min"):
-        apply_lora(_model(), ["q_proj"], r=65)
+    with pytest.raises(ValueError, match="rank r must be a positive integer"):
+        apply_lora(_model(), ["q_proj"], r=0)
     m = _model()
     apply_lora(m, ["q_proj"], r=4)
     with pytest.raises(ValueError, match="already has LoRA"):
@@ -242,6 +242,10 @@ def test_bad_input_errors(tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "LO')
     with pytest.raises(ValueError, match=r"adapter_config\.json is not valid JSON"):
         load_adapter(_model(), str(tmp_path))
+    # an older PEFT adapter (pickle weights): say so, not "adapter_model.safetensors is missing"
+    st.rename(tmp_path / "adapter_model.bin")
+    with pytest.raises(ValueError, match=r"holds adapter_model\.bin \(a pickle, older PEFT\)"):
+        Adapter.load(str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,7 +559,8 @@ _IGNORED_FIELDS = {"task_type", "peft_type", "auto_mapping", "peft_version",
                    "exclude_modules", "lora_alpha", "lora_dropout", "use_rslora", "modules_to_save",
                    "init_lora_weights", "layers_to_transform", "layers_pattern", "megatron_core",
                    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "use_dora",
-                   "qalora_group_size", "runtime_config", "ensure_weight_tying"}
+                   "qalora_group_size", "runtime_config", "ensure_weight_tying",
+                   "bias"}  # checked on the tensors: refused only when bias vectors were saved
 
 
 def test_every_peft_lora_config_field_is_handled_or_refused():
@@ -624,3 +629,240 @@ def test_new_lora_layers_follow_the_model_mode(tmp_path):
     train = _model().train()
     apply_lora(train, ["q_proj"], r=4, alpha=8, dropout=0.5)
     assert all(lay.training for lay in lora_layers(train).values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Review 8: PEFT adapters we refused or changed
+# ---------------------------------------------------------------------------------------------
+def _peft_adapter(hf, tmp_path, **cfg):
+    """A PEFT adapter for a copy of `hf` with random A/B (and perturbed extra tensors), saved
+    to tmp_path; returns PEFT's logits on _ids()."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(5)
+    pm = get_peft_model(copy.deepcopy(hf), LoraConfig(init_lora_weights=False,
+                                                      task_type="CAUSAL_LM", **cfg)).eval()
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "modules_to_save" in n or (n.endswith("bias") and p.requires_grad):
+                p.add_(0.5 * torch.randn(p.shape))
+    pm.save_pretrained(str(tmp_path))
+    with torch.no_grad():
+        return pm(_ids()).logits
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_peft_adapter_with_rank_above_the_layer_width_loads(hf_base, tmp_path, dora):
+    """PEFT allows r > min(in, out) (k_proj here is 64 -> 32; SmolLM2's is 576 -> 192, so an
+    r=256 adapter for it is real); we refused it with 'rank 40 exceeds min(in, out)'."""
+    ref = _peft_adapter(hf_base, tmp_path, r=40, lora_alpha=8, target_modules=["k_proj"],
+                        use_dora=dora)
+    ours = _ours_from(hf_base)
+    load_adapter(ours, str(tmp_path))
+    with torch.no_grad():
+        assert _max_diff(ours(_ids()), ref) < 1e-4
+
+
+def test_peft_bias_setting_loads_unless_bias_vectors_were_trained(tmp_path):
+    """bias="all" on Llama (no biases) saves plain LoRA tensors: load it (we refused it). On
+    Qwen2 it saves trained q/k/v biases: refuse that in one line naming them."""
+    transformers = pytest.importorskip("transformers")
+    llama = _hf_tiny(tied=False)
+    ref = _peft_adapter(llama, tmp_path / "llama", r=4, lora_alpha=8, target_modules=ALL,
+                        bias="all")
+    ours = _ours_from(llama)
+    load_adapter(ours, str(tmp_path / "llama"))
+    with torch.no_grad():
+        assert _max_diff(ours(_ids()), ref) < 1e-4
+    torch.manual_seed(0)
+    qwen = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY)).eval()
+    for bias in ("all", "lora_only"):
+        _peft_adapter(qwen, tmp_path / bias, r=4, lora_alpha=8, target_modules=ALL, bias=bias)
+        with pytest.raises(ValueError, match=rf"bias='{bias}' is not supported: the adapter "
+                                             r"holds 6 trained bias vector\(s\), e\.g\. model\."):
+            load_adapter(_ours_from(qwen), str(tmp_path / bias))
+
+
+@pytest.mark.parametrize("tied, module", [(False, "lm_head"), (True, "embed_tokens")])
+def test_modules_to_save_survive_save_adapter(tmp_path, tied, module):
+    """load_adapter + save_adapter of a PEFT adapter with modules_to_save dropped the trained
+    copy (PEFT then differed by 0.36 in the logits)."""
+    from peft import PeftModel
+    hf = _hf_tiny(tied)
+    ref = _peft_adapter(hf, tmp_path / "peft", r=4, lora_alpha=8, target_modules=["q_proj"],
+                        modules_to_save=[module])
+    ours = _ours_from(hf)
+    load_adapter(ours, str(tmp_path / "peft"))
+    save_adapter(ours, str(tmp_path / "ours"))
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == [{"lm_head": "lm_head"}.get(module, "model." + module)]
+    fresh = _ours_from(hf)
+    load_adapter(fresh, str(tmp_path / "ours"))
+    pm = PeftModel.from_pretrained(hf, str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        assert _max_diff(fresh(_ids()), ref) < 1e-4
+        assert _max_diff(pm(_ids()).logits, ref) < 1e-4
+
+
+def test_combined_regex_targets_stay_a_regex_for_peft(hf_base, tmp_path):
+    """PEFT reads a regex only as a string: a combined adapter of regex-targeted ones wrote
+    ['.*\\.(q_proj|down_proj)'], a list, which PEFT refused ('Target modules ... not found')."""
+    from peft import PeftModel
+    regex = r".*\.(q_proj|down_proj)"
+    for i in (1, 2):
+        _peft_adapter(hf_base, tmp_path / f"a{i}", r=4, lora_alpha=8, target_modules=regex)
+    ads = [Adapter.load(str(tmp_path / f"a{i}")) for i in (1, 2)]
+    combined = combine_adapters(ads, [0.5, 0.5], "cat")
+    assert combined.config["target_modules"] == regex
+    combined.save(str(tmp_path / "c"))
+    ours = _ours_from(hf_base)
+    load_adapter(ours, combined)
+    pm = PeftModel.from_pretrained(hf_base, str(tmp_path / "c")).eval()
+    try:
+        with torch.no_grad():
+            assert _max_diff(pm(_ids()).logits, ours(_ids())) < 1e-4
+    finally:
+        pm.unload()
+    ads[1].config["target_modules"] = ["q_proj", "down_proj"]   # a mix: the exact modules
+    assert combine_adapters(ads, [1, 1]).config["target_modules"] == ads[0].modules()
+
+
+def test_minimal_peft_config_uses_peft_defaults(hf_base, tmp_path):
+    """FORMATS: only peft_type is required; PEFT then takes r = lora_alpha = 8. We raised
+    KeyError: 'r'."""
+    from peft import PeftModel
+    ours = _ours_from(hf_base)
+    apply_lora(ours, ["q_proj"], r=8, alpha=8)
+    _randomize_adapter(ours)
+    save_adapter(ours, str(tmp_path))
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    fresh = _ours_from(hf_base)
+    load_adapter(fresh, str(tmp_path))
+    pm = PeftModel.from_pretrained(hf_base, str(tmp_path)).eval()
+    try:
+        with torch.no_grad():
+            ref = pm(_ids()).logits
+        assert _max_diff(fresh(_ids()), ref) < 1e-4 and _max_diff(ours(_ids()), ref) < 1e-4
+    finally:
+        pm.unload()
+    for bad, msg in (('"r": "8"', r"r='8' is not a positive integer"),
+                     ('"lora_alpha": null', "lora_alpha=None is not a number")):
+        (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", %s}' % bad)
+        with pytest.raises(ValueError, match=msg):
+            load_adapter(_ours_from(hf_base), str(tmp_path))
+
+
+def test_peft_lm_head_adapter_trained_in_bf16_loads_on_an_fp32_base(tmp_path):
+    """PEFT saves lm_head.base_layer.weight in the training dtype; checked against the fp32
+    model it 'differed from the model's lm_head.weight', so the adapter was refused."""
+    import copy
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+    hf = _hf_tiny(tied=False)
+    torch.manual_seed(5)
+    pm = get_peft_model(copy.deepcopy(hf).to(torch.bfloat16), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
+    pm.save_pretrained(str(tmp_path))
+    ours = _ours_from(hf)
+    load_adapter(ours, str(tmp_path))
+    ref = PeftModel.from_pretrained(hf, str(tmp_path)).eval()  # PEFT copies the rounded head in
+    with torch.no_grad():
+        out = ours(_ids())
+        with disable_adapters(ours):
+            assert _max_diff(ours(_ids()), out) > 1e-2
+        assert _max_diff(out, ref(_ids()).logits) < 5e-3        # bf16 rounding of the head only
+    other = _hf_tiny(tied=False, seed=1)                          # a different base: still refused
+    with pytest.raises(ValueError, match="differs from the model's lm_head.weight"):
+        load_adapter(_ours_from(other), str(tmp_path))
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_layer_merge_keeps_a_tied_embedding(dora):
+    """LoRALinear.merge() wrote W + sBA into the weight lm_head shares with embed_tokens: the
+    merged tied model's logits moved by 2.6."""
+    m = _model(tie_word_embeddings=True)
+    apply_lora(m, ["q_proj", "lm_head"], r=4, alpha=8, dora=dora)
+    _randomize_adapter(m)
+    emb = m.model.embed_tokens.weight.clone()
+    ids = _ids()
+    with torch.no_grad():
+        ref = m(ids)
+        for lay in lora_layers(m).values():
+            lay.merge()
+        assert torch.equal(m.model.embed_tokens.weight, emb)
+        assert _max_diff(m(ids), ref) < 1e-5
+        for lay in lora_layers(m).values():
+            lay.unmerge()
+        assert _max_diff(m(ids), ref) < 1e-5
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_adapter_on_a_bf16_base_keeps_fp32_weights_as_peft(tmp_path, dora):
+    """PEFT loads adapter weights in fp32 on a bf16 base (autocast_adapter_dtype); we rounded
+    them to bf16, which doubled the logit error against the fp32 model in a PEFT comparison
+    (DoRA: 0.033 vs PEFT's 0.017; here the model is smaller and the gap too)."""
+    m = _model()
+    apply_lora(m, ALL, r=8, alpha=16, dora=dora)
+    _randomize_adapter(m)
+    save_adapter(m, str(tmp_path))
+    ids = _ids()
+    with torch.no_grad():
+        ref = m(ids)
+        errs = []
+        for adapter_dtype in (torch.bfloat16, None):
+            half = _model().to(torch.bfloat16)
+            if adapter_dtype is not None:    # what load_adapter built before
+                apply_lora(half, ALL, r=8, alpha=16, dora=dora, dtype=adapter_dtype)
+            load_adapter(half, str(tmp_path))
+            errs.append(_max_diff(half(ids).float(), ref))
+    assert all(p.dtype == torch.float32 for p in lora_state_dict(half).values())
+    assert half(ids).dtype == torch.bfloat16
+    assert errs[1] < errs[0], errs
+
+
+def test_combining_adapters_on_different_modules_matches_peft(hf_base, tmp_path):
+    """PEFT's add_weighted_adapter takes adapters on different modules (each module sums the
+    adapters that have it; cat pads with zeros); we refused 'adapters cover different modules'."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    torch.manual_seed(9)
+    pm = get_peft_model(hf_base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                            init_lora_weights=False), adapter_name="x1")
+    try:
+        pm.add_adapter("x2", LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj", "down_proj"],
+                                        init_lora_weights=False))
+        pm.save_pretrained(str(tmp_path))
+        ours_in = [Adapter.load(str(tmp_path / n)) for n in ("x1", "x2")]
+        w = [0.7, -0.4]
+        for method in ("cat", "linear", "svd"):
+            pm.add_weighted_adapter(["x1", "x2"], w, "m_" + method, combination_type=method)
+            ours = combine_adapters(ours_in, w, method)
+            assert ours.modules() == ours_in[1].modules()
+            checked = 0
+            for name, mod in pm.base_model.model.named_modules():
+                if hasattr(mod, "lora_A") and "m_" + method in mod.lora_A:
+                    t = ours.tensors
+                    assert t[name + ".lora_A.weight"].shape == mod.lora_A["m_" + method].weight.shape
+                    d_peft = mod.lora_B["m_" + method].weight @ mod.lora_A["m_" + method].weight
+                    d_ours = t[name + ".lora_B.weight"] @ t[name + ".lora_A.weight"]
+                    assert _max_diff(d_peft, d_ours) < 1e-5, (method, name)
+                    checked += 1
+            assert checked == 4
+        ours.save(str(tmp_path / "svd"))          # the saved combination loads in PEFT too
+        pm.set_adapter("m_svd")
+        with torch.no_grad():
+            ref = pm(_ids()).logits
+    finally:
+        pm.unload()
+    reloaded = PeftModel.from_pretrained(hf_base, str(tmp_path / "svd")).eval()
+    try:
+        with torch.no_grad():
+            assert _max_diff(reloaded(_ids()).logits, ref) < 1e-4
+    finally:
+        reloaded.unload()
+    # the first adapter's layer filter must not drop the second's modules in the saved config
+    a1, a2 = _adapter(4, 8), _adapter(4, 8, seed=1)
+    a1.config["layers_to_transform"] = [0]
+    del a1.tensors[MODS[1] + ".lora_A.weight"], a1.tensors[MODS[1] + ".lora_B.weight"]
+    c = combine_adapters([a1, a2], [1, 1]).config
+    assert c["target_modules"] == list(MODS[::-1]) and c["layers_to_transform"] is None

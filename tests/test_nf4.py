@@ -154,6 +154,34 @@ def test_bad_input_errors():
         from_bnb_state_dict({"weight": torch.zeros(2, 1, dtype=torch.uint8)})
 
 
+def _with_meta(sd, **kw):
+    import json
+    key = "weight.quant_state.bitsandbytes__nf4"
+    meta = {**json.loads(bytes(sd[key].numpy().tobytes()).decode()), **kw}
+    return {**sd, key: torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)}
+
+
+def test_damaged_bnb_state_dict_is_one_value_error():
+    """Each of these raised KeyError / RuntimeError / AttributeError from deep inside."""
+    sd = to_bnb_state_dict(quantize_nf4(torch.randn(8, 64)))
+    cases = [
+        ({k: v for k, v in sd.items() if k != "weight.absmax"}, "lacks weight.absmax"),
+        ({k: v for k, v in sd.items() if k != "weight.nested_quant_map"},
+         "lacks weight.nested_quant_map"),
+        (_with_meta(sd, shape=[16, 64]), r"weight has 256 elements but a \[16, 64\] weight"),
+        ({**sd, "weight.absmax": sd["weight.absmax"][:3]}, "weight.absmax has 3 elements"),
+        (_with_meta(sd, blocksize=48), "blocksize must be one of"),
+        (_with_meta(sd, dtype="float64x"), "dtype 'float64x' is not"),
+        (_with_meta(sd, quant_type="fp4"), "quant_type 'fp4' is not 'nf4'"),
+        (_with_meta(sd, nested_offset=None), "unreadable quantization state"),
+        ({**sd, "weight.quant_state.bitsandbytes__nf4": torch.tensor([1, 2], dtype=torch.uint8)},
+         "unreadable quantization state"),
+    ]
+    for bad, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            from_bnb_state_dict(bad)
+
+
 # ---------------------------------------------------------------------------------------------
 # NF4Linear
 # ---------------------------------------------------------------------------------------------
