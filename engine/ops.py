@@ -1,8 +1,9 @@
 """The one dispatch point between the engine and the Triton kernels.
 
-Each op has a PyTorch path (the reference, used on CPU and whenever Triton is unusable) and,
-when the tensors are on CUDA and Triton imports, the kernel from `kernels/`. The environment
-variable WHETSTONE_KERNELS=triton|torch|auto (default auto: kernels on GPUs of compute
+Each op has a PyTorch path (the reference, used on CPU, whenever Triton is unusable, and for
+inputs a kernel does not take, such as fp64) and, when the tensors are on CUDA and Triton
+imports, the kernel from `kernels/`. The environment
+variable WHETSTONE_KERNELS=triton|torch|auto (unset or empty: auto, kernels on GPUs of compute
 capability 8.0 or newer) forces a choice (triton where the kernels cannot run warns once, then
 uses the reference); `use_kernels(...)` does the same from
 Python. The kernels package is imported lazily, only on the Triton path.
@@ -22,7 +23,8 @@ _forced: str | None = None  # set by use_kernels(); overrides the environment va
 
 
 def kernel_mode() -> str:
-    mode = _forced or os.environ.get("WHETSTONE_KERNELS", "auto").lower()
+    # unset or empty (WHETSTONE_KERNELS= to clear it) means auto
+    mode = (_forced or os.environ.get("WHETSTONE_KERNELS") or "auto").strip().lower()
     if mode not in ("auto", "triton", "torch"):
         raise ValueError(f"WHETSTONE_KERNELS must be auto, triton or torch, got {mode!r}")
     return mode
@@ -65,6 +67,15 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and triton_available() and kernels_supported(t.device)
 
 
+# The dtypes every kernel computes in (fp32 math inside): an fp64 tensor (a double-precision
+# gradient check, say) would silently come back at fp32 precision, so it takes the PyTorch path.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _kernel_dtypes(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype in KERNEL_DTYPES for t in tensors)
+
+
 def kernels_supported(device: torch.device) -> bool:
     """Auto mode's GPU rule: the kernels are built and checked for compute capability 8.0 and
     newer (kernels.compile_check: sm_80 to sm_120). Older GPUs (T4, V100) have no bf16
@@ -89,7 +100,7 @@ def _forced_but_unusable(why: str) -> None:
 # RMSNorm: fp32 math, cast back, then scale (HF LlamaRMSNorm)
 # ---------------------------------------------------------------------------------------------
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if _use_triton(x):
+    if _kernel_dtypes(x, weight) and _use_triton(x):
         from kernels.rmsnorm import rms_norm as k
         return k(x, weight, eps)
     xf = x.float()
@@ -103,7 +114,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, H, T, D); cos, sin: (T, D), or (B, 1, T, D) for per-row positions (both halves
     repeated). Returns a new tensor."""
-    if cos.dim() == 2 and _use_triton(x):
+    if cos.dim() == 2 and _kernel_dtypes(x, cos, sin) and _use_triton(x):
         from kernels.rope import apply_rope as k
         return k(x, cos, sin)
     d = x.shape[-1] // 2
@@ -116,7 +127,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ---------------------------------------------------------------------------------------------
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     # the kernel is elementwise over same-shape, same-dtype tensors; PyTorch broadcasts/promotes
-    if gate.shape == up.shape and gate.dtype == up.dtype and _use_triton(gate):
+    if gate.shape == up.shape and gate.dtype == up.dtype and _kernel_dtypes(gate) and \
+            _use_triton(gate):
         from kernels.swiglu import swiglu as k
         return k(gate, up)
     return F.silu(gate) * up
@@ -135,11 +147,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     combined with the causal rule (used for packed sequences). Returns (B, Hq, T, D).
     """
     T, S = q.shape[-2], k.shape[-2]
+    if window is not None and S <= window:  # every key is inside the window (Mistral's 4096 at
+        window = None                       # shorter lengths): plain causal, kernel included
     # The kernel covers power-of-two head dims, fp16/bf16/fp32 shared by q, k, v, and S >= T
     # when causal; others (an fp64 model, say) use PyTorch.
     kernel_ok = (q.shape[-1] in (16, 32, 64, 128, 256) and (S >= T or not causal)
-                 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-                 and q.dtype == k.dtype == v.dtype)
+                 and _kernel_dtypes(q) and q.dtype == k.dtype == v.dtype)
     if mask is None and window is None and kernel_ok and _use_triton(q):
         from kernels.attention import attention as kern
         return kern(q, k, v, causal=causal)

@@ -492,13 +492,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                   scale: float | None = None) -> torch.Tensor:
-    """PyTorch reference, math in fp32: explicit scores, bottom-right causal mask, GQA by
-    repeating k/v. Returns q's dtype."""
+    """PyTorch reference, math in fp32 (fp64 for fp64 inputs, so it can be gradchecked):
+    explicit scores, bottom-right causal mask, GQA by repeating k/v. Returns q's dtype."""
     (_, H, T, D), HKV, S = q.shape, k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else scale
-    kf = k.float().repeat_interleave(H // HKV, dim=1)
-    vf = v.float().repeat_interleave(H // HKV, dim=1)
-    scores = (q.float() @ kf.transpose(-1, -2)) * scale  # (B, H, T, S)
+    ct = torch.promote_types(q.dtype, torch.float32)
+    kf = k.to(ct).repeat_interleave(H // HKV, dim=1)
+    vf = v.to(ct).repeat_interleave(H // HKV, dim=1)
+    scores = (q.to(ct) @ kf.transpose(-1, -2)) * scale  # (B, H, T, S)
     if causal:
         allowed = torch.arange(S, device=q.device)[None, :] <= \
             torch.arange(S - T, S, device=q.device)[:, None]

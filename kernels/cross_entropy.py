@@ -195,6 +195,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -100, chunk_size: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of hidden (N, H) @ weight (V, H).T against targets (N,), chunked."""
+    if not torch.is_grad_enabled():
+        # Function.apply reports needs_input_grad for inputs that require grad even under
+        # no_grad (an eval loop over trainable weights), and the forward computes the
+        # gradients eagerly: 3x the matmuls and a (V, H) grad_weight that no one reads
+        hidden, weight = hidden.detach(), weight.detach()
     return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, chunk_size)
 
 

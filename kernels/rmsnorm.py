@@ -74,6 +74,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
     """Launcher. x: (..., N) -> (y (..., N), x2d (M, N), rstd (M,) fp32)."""
     _check(x, weight)
     check_device(x, weight)
+    weight = weight.contiguous()  # the kernels read W + cols: a strided view would be misread
     N = x.shape[-1]
     x2 = x.reshape(-1, N)
     if x2.stride(-1) != 1:
@@ -93,6 +94,7 @@ def rms_norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor,
                       rstd: torch.Tensor):
     """Launcher. dy: (..., N) -> (dx (M, N) in x's dtype, dweight (N,) in weight's dtype)."""
     M, N = x2.shape
+    weight = weight.contiguous()
     dy2 = dy.reshape(-1, N)
     if dy2.stride(-1) != 1:
         dy2 = dy2.contiguous()

@@ -93,3 +93,21 @@ def test_attention_empty_batch(device, grad):
     q = torch.randn(0, 4, 1, 16, device=device, requires_grad=grad)
     k, v = torch.randn(2, 0, 2, 5, 16, device=device)
     assert attention(q, k, v).shape == (0, 4, 1, 16)
+
+
+def test_attention_ref_against_sdpa_and_gradcheck():
+    """The reference itself, independently: F.scaled_dot_product_attention with an explicit
+    bottom-right causal mask (a KV cache holds the first S - T keys) and GQA, and a float64
+    gradcheck of every input (the reference computed fp64 inputs in fp32 before: 2e-7 off,
+    gradcheck failed)."""
+    import torch.nn.functional as F
+    d = dict(dtype=torch.float64)
+    for T, S, causal in ((5, 9, True), (7, 7, True), (3, 11, False)):
+        q, k, v = torch.randn(2, 4, T, 16, **d), torch.randn(2, 2, S, 16, **d), \
+            torch.randn(2, 2, S, 16, **d)
+        mask = torch.ones(T, S, dtype=torch.bool).tril(S - T) if causal else None
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        assert (attention_ref(q, k, v, causal) - want).abs().max() < 1e-12
+    q = torch.randn(1, 2, 3, 16, **d, requires_grad=True)
+    k, v = (torch.randn(1, 1, 5, 16, **d, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda q, k, v: attention_ref(q, k, v, True), (q, k, v))

@@ -122,3 +122,22 @@ def test_linear_cross_entropy_autocast_scales_fp32_weight_grad_exactly(device):
         assert ww.grad.dtype == torch.float32
         grads.append(ww.grad)
     assert_close(grads[1], grads[0] / 3, TOL[torch.float32], "dweight (scaled by 1/3)")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_cross_entropy_under_no_grad_computes_no_gradients(device, monkeypatch):
+    """Evaluation under torch.no_grad of weights that require grad: the loss only, no
+    gradient kernels (before: grad_hidden and a (V, H) grad_weight were computed and held)."""
+    import kernels.cross_entropy as kce
+    h = torch.randn(6, 16, device=device, requires_grad=True)
+    w = torch.randn(40, 16, device=device, requires_grad=True)
+    t = make_targets(6, 40, device)
+
+    def no_grad_kernel(*args, **kw):
+        raise AssertionError("gradient computed under no_grad")
+    monkeypatch.setattr(kce, "ce_grad", no_grad_kernel)
+    with torch.no_grad():
+        loss = linear_cross_entropy(h, w, t)
+    assert not loss.requires_grad
+    assert_close(loss, linear_cross_entropy_ref(h.detach(), w.detach(), t), TOL[torch.float32],
+                 "loss")

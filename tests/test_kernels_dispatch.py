@@ -52,11 +52,18 @@ def test_every_op_dispatches_to_its_kernel(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_inputs_the_kernels_do_not_take_fall_back_to_pytorch(device):
     """With kernels on, inputs a kernel rejects (fp64 attention, e.g. a gradient check in
-    double precision; swiglu of mixed dtypes) run the PyTorch path instead of raising."""
-    q = torch.randn(1, 4, 5, 16, device=device, dtype=torch.float64)
-    k, v = torch.randn(2, 1, 2, 9, 16, device=device, dtype=torch.float64)
+    double precision; swiglu of mixed dtypes) run the PyTorch path instead of raising; fp64
+    inputs of the kernels that would take them (rms_norm, rope, swiglu compute in fp32) too,
+    rather than coming back at fp32 precision (3e-7 off before)."""
+    d = dict(device=device, dtype=torch.float64)
+    q = torch.randn(1, 4, 5, 16, **d)
+    k, v = torch.randn(2, 1, 2, 9, 16, **d)
     gate, up = torch.randn(4, 24, device=device), torch.randn(4, 24, device=device).bfloat16()
-    for fn, args in ((ops.attention, (q, k, v)), (ops.swiglu, (gate, up))):
+    cos, sin = torch.randn(5, 16, **d), torch.randn(5, 16, **d)
+    for fn, args in ((ops.attention, (q, k, v)), (ops.swiglu, (gate, up)),
+                     (ops.swiglu, (2 * gate.double(), up.double())),
+                     (ops.rms_norm, (q, torch.randn(16, **d), 1e-6)),
+                     (ops.apply_rope, (q, cos, sin))):
         with ops.use_kernels("torch"):
             ref = fn(*args)
         with ops.use_kernels("triton"):
@@ -182,3 +189,32 @@ def test_auto_mode_uses_kernels_only_from_compute_capability_8(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i, c=cap: c)
         assert ops.kernels_supported(torch.device("cuda", 0)) is want, cap
     ops._capability.cache_clear()
+
+
+def test_kernel_mode_values(monkeypatch):
+    """WHETSTONE_KERNELS: case and spaces do not matter, empty means auto (as unset), anything
+    else is one clear ValueError naming the choices (empty raised one before)."""
+    for value, want in (("", "auto"), (" Triton ", "triton"), ("TORCH", "torch"),
+                        ("auto", "auto")):
+        monkeypatch.setenv("WHETSTONE_KERNELS", value)
+        assert ops.kernel_mode() == want, value
+    monkeypatch.delenv("WHETSTONE_KERNELS")
+    assert ops.kernel_mode() == "auto"
+    monkeypatch.setenv("WHETSTONE_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="must be auto, triton or torch, got 'cuda'"):
+        ops.kernel_mode()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_window_wider_than_the_keys_uses_the_kernel(device):
+    """A sliding window that hides nothing (Mistral's 4096 at shorter lengths) is plain
+    causal attention: the kernel runs (before: always the masked PyTorch path) with the same
+    result; a window that bites still takes the masked path."""
+    r = lambda *s: torch.randn(*s, device=device).requires_grad_()  # noqa: E731
+    for window, kernel in ((9, True), (40, True), (4, False)):
+        (y0, g0, _), (y1, g1, name) = both(ops.attention, r(1, 4, 5, 16), r(1, 2, 9, 16),
+                                           r(1, 2, 9, 16), window=window)
+        assert ("AttentionFunction" in name) == kernel, (window, name)
+        assert_close(y1, y0, TOL, f"window {window} output")
+        for i, (a, b) in enumerate(zip(g1, g0)):
+            assert_close(a, b, TOL, f"window {window} grad {i}")

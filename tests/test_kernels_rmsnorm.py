@@ -45,3 +45,36 @@ def test_rms_norm_fp32_weight_bf16_input(device):
 def test_rms_norm_bad_weight():
     with pytest.raises(ValueError, match="weight must be"):
         rms_norm(torch.randn(2, 8), torch.ones(4), 1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rms_norm_strided_weight_and_input(device):
+    """A weight that is a strided view (every other element of a buffer) and a transposed x:
+    the kernel read the weight as if contiguous (max error 4.7 before the fix)."""
+    w = (1 + 0.1 * torch.randn(64, device=device))[::2].requires_grad_()
+    x = torch.randn(32, 3, device=device).t().requires_grad_()
+    dy = torch.randn(3, 32, device=device)
+    rms_norm(x, w, 1e-6).backward(dy)
+    xf, wf = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y = rms_norm_ref(xf, wf, 1e-6)
+    y.backward(dy)
+    assert_close(rms_norm(x, w, 1e-6), y, TOL[torch.float32], "y")
+    assert_close(x.grad, xf.grad, TOL[torch.float32], "dx")
+    assert_close(w.grad, wf.grad, TOL[torch.float32], "dweight")
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32),
+                                             (torch.bfloat16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32),
+                                             (torch.float16, torch.float32)])
+def test_rms_norm_ref_matches_transformers(x_dtype, w_dtype):
+    """The reference itself is transformers' LlamaRMSNorm bit for bit, dtype casts included
+    (fp32 statistics, round to x's dtype, then the weight multiply with promotion)."""
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    norm = llama.LlamaRMSNorm(48, eps=1e-6)
+    norm.weight.data = (1 + 0.1 * torch.randn(48)).to(w_dtype)
+    x = torch.randn(3, 48).to(x_dtype)
+    with torch.no_grad():
+        want = norm(x)
+    got = rms_norm_ref(x, norm.weight.detach(), 1e-6)
+    assert got.dtype == want.dtype and torch.equal(got, want)

@@ -47,3 +47,18 @@ def test_rope_rejects_bad_tables():
     cos, sin = tables(5, 8, "cpu")
     with pytest.raises(ValueError, match="cos must be"):
         apply_rope(x, cos, sin)
+
+
+def test_rope_ref_matches_transformers_and_gradchecks():
+    """The reference itself: transformers' apply_rotary_pos_emb (rotate_half layout) on fp32,
+    with (T, D) and per-row (B, 1, T, D) tables, and a float64 gradcheck."""
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    x = torch.randn(2, 3, 5, 16)
+    cos, sin = tables(5, 16, "cpu")
+    want, _ = llama.apply_rotary_pos_emb(x, x, cos[None], sin[None])
+    assert torch.equal(apply_rope_ref(x, cos, sin), want)
+    cos_b, sin_b = tables(5, 16, "cpu", batch=2)
+    want, _ = llama.apply_rotary_pos_emb(x, x, cos_b[:, 0], sin_b[:, 0])
+    assert torch.equal(apply_rope_ref(x, cos_b, sin_b), want)
+    xd = torch.randn(1, 2, 5, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: apply_rope_ref(t, cos.double(), sin.double()), (xd,))
