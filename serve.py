@@ -9,6 +9,14 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions (both with "stream": 
 GET /v1/models, GET /health, GET /metrics (Prometheus). Binds 127.0.0.1 unless --host says
 otherwise. SIGINT / SIGTERM: stop accepting, finish in-flight requests (a second signal cancels
 them). Bad flags get one line on stderr and exit code 2.
+
+Tool calling: chat requests may send OpenAI `tools` (rendered by the model's chat template; a
+template without tool support gets a 400), assistant `tool_calls` and `tool` results. With
+tool_choice "auto" (the default when tools are given) Hermes-style <tool_call>{"name": ...,
+"arguments": {...}}</tool_call> blocks in the answer (Qwen2.5, Hermes 2 Pro / 3, models tuned
+on that format) come back as message.tool_calls with finish_reason "tool_calls", streamed or
+not, as vLLM's `--enable-auto-tool-choice --tool-call-parser hermes` does; "none" leaves them
+as text; "required" and named functions are refused (no guided decoding).
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ from engine.hub import pick_device_dtype  # generate.py's --device / --dtype rul
 
 def build_parser() -> argparse.ArgumentParser:
     p = RaisingParser(description=__doc__.split("\n\n")[0],
+                      epilog=" ".join(__doc__.split("\n\n")[-1].split()),
                       formatter_class=DefaultsHelpFormatter)
     a = p.add_argument
     a("--model", required=True, metavar="NAME|HF_DIR|FILE.gguf",

@@ -9,8 +9,10 @@ Three threads, one owner each:
   over a slot KV cache, per-request LoRA adapters, sampling;
 - one tokenizer thread renders chat templates and encodes prompts off the event loop.
 
-engine/serve_api.py turns request bodies into jobs and engine events into OpenAI responses; this
-module is the HTTP transport and the entry points (Server, ServerThread, run).
+engine/serve_api.py turns request bodies into jobs and engine events into OpenAI responses (with
+tool calls: `tools` in, Hermes-style <tool_call> blocks parsed by engine/tool_calls.py into
+`tool_calls` out); this module is the HTTP transport and the entry points (Server, ServerThread,
+run).
 """
 from __future__ import annotations
 

@@ -8,6 +8,17 @@ Follows the OpenAI API shapes as llama.cpp's tools/server and vLLM's entrypoints
 
 Usage counts: prompt_tokens once per prompt (not per choice); completion_tokens are the output
 tokens, without the stop id that ended a choice (as engine.generation counts them).
+
+Tool calling (chat), as vLLM's `--enable-auto-tool-choice --tool-call-parser hermes` and
+llama.cpp's server do it for Hermes-style models (Qwen2.5, Hermes 2 Pro / 3, models tuned on it):
+`tools` reach the model's chat template (a template that ignores them is a 400, not a silent
+drop); assistant messages may carry `tool_calls` (their JSON-string arguments are parsed into
+objects before rendering, as vLLM does: templates expect dicts) and `tool` messages their
+results. With tool_choice "auto" (the default when tools are given) the answer's
+<tool_call>{"name", "arguments"}</tool_call> blocks become message.tool_calls (engine/tool_calls.py
+parses them, streamed or not) and finish_reason "tool_calls"; "none" renders the tools but
+parses nothing (vLLM's default); "required" and a named function need guided decoding and get a
+400. parallel_tool_calls=false keeps the first call (vLLM's rule).
 """
 from __future__ import annotations
 
@@ -19,6 +30,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from engine.serve_engine import Engine, GenRequest, SamplingParams
+from engine.tool_calls import ToolCallParser
 
 # =============================================================================================
 # Errors
@@ -61,6 +73,8 @@ class Job:
     n: int
     stream: bool
     include_usage: bool
+    parse_tools: bool = False  # tool_choice "auto": <tool_call> blocks become tool_calls
+    max_tool_calls: int | None = None  # 1 when parallel_tool_calls is false
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -95,8 +109,14 @@ def _typed(body: dict, name: str, kind: str, default=None):
 _UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
                 "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
                 "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
-                "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+                "functions": (None, []),
                 "response_format": (None, {"type": "text"})}
+# Chat-only fields that the completions endpoint refuses unless at their "off" value.
+_CHAT_ONLY = {"tools": (None, []), "tool_choice": (None, "none")}
+
+
+def _is_off(v, off: tuple) -> bool:
+    return any(v == o and type(v) is type(o) for o in off)  # `false` is not 0 (nor 0 `false`)
 
 
 class API:
@@ -109,15 +129,20 @@ class API:
         if not isinstance(body, dict):
             raise _bad("the request body must be a JSON object")
         for name, off in _UNSUPPORTED.items():
-            v = body.get(name)  # `false` is not the number 0 here (nor `0` the boolean)
-            if not any(v == o and type(v) is type(o) for o in off):
+            if not _is_off(body.get(name), off):
                 raise _bad(f"'{name}' is not supported by this server", name)
+        if kind != "chat":
+            for name, off in _CHAT_ONLY.items():
+                if not _is_off(body.get(name), off):
+                    raise _bad(f"'{name}' is only supported by /v1/chat/completions", name)
         model = _typed(body, "model", "str", self.engine.name)
         if model not in self.engine.model_names:
             raise APIError(404, f"the model '{model}' does not exist; available: "
                            f"{', '.join(self.engine.model_names)}", "model", "model_not_found")
+        parse_tools, max_calls = False, None
         if kind == "chat":
-            prompts = [self._chat_ids(body.get("messages"))]
+            tools, parse_tools, max_calls = _tool_options(body)
+            prompts = [self._chat_ids(body.get("messages"), tools)]
         else:
             prompts = self._prompt_ids(body.get("prompt"))
         n = _typed(body, "n", "int", 1)
@@ -137,7 +162,7 @@ class API:
             raise _bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
         adapter = model if model != self.engine.name else None
         return Job(kind, model, adapter, prompts, params, n, stream,
-                   bool(opts and opts.get("include_usage")))
+                   bool(opts and opts.get("include_usage")), parse_tools, max_calls)
 
     def _params(self, body: dict, kind: str, prompt_len: int) -> SamplingParams:
         ctx = self.engine.max_len
@@ -224,7 +249,7 @@ class API:
             raise _bad(f"token ids in 'prompt' must be integers in [0, {V})", "prompt")
         return list(ids)
 
-    def _chat_ids(self, messages) -> list[int]:
+    def _chat_ids(self, messages, tools: list[dict] | None = None) -> list[int]:
         if not isinstance(messages, list) or not messages:
             raise _bad("'messages' must be a non-empty list of {role, content} objects",
                        "messages")
@@ -239,17 +264,122 @@ class API:
                     raise _bad(f"messages[{i}].content: only text parts are supported",
                                "messages")
                 content = "".join(p["text"] for p in content)
-            if content is None:
+            if content is None:  # an assistant turn that only calls tools
                 content = ""
             if not isinstance(content, str):
                 raise _bad(f"messages[{i}].content must be a string or a list of text parts",
                            "messages")
             role = "system" if m["role"] == "developer" else m["role"]
-            clean.append({"role": role, "content": content})
+            msg = {"role": role, "content": content}
+            calls = _message_tool_calls(i, m)
+            if calls:
+                msg["tool_calls"] = calls
+            if role == "tool":  # templates may show which call a result answers
+                for key in ("tool_call_id", "name"):
+                    if m.get(key) is not None:
+                        if not isinstance(m[key], str):
+                            raise _bad(f"messages[{i}].{key} must be a string", "messages")
+                        msg[key] = m[key]
+            clean.append(msg)
         try:
-            return self.tok.apply_chat_template(clean, add_generation_prompt=True, tokenize=True)
-        except ValueError as e:  # ChatTemplateError included
+            text = self._render(clean, tools)
+            # A template that leaves tools or calls out would answer without them: refuse.
+            if tools and self._render(clean, None) == text:
+                raise _bad("the model's chat template does not support tools (it renders none "
+                           "of 'tools'); serve a model whose template does, or leave 'tools' "
+                           "out", "tools")
+            if any("tool_calls" in m for m in clean) and self._render(
+                    [{k: v for k, v in m.items() if k != "tool_calls"} for m in clean],
+                    tools) == text:
+                raise _bad("the model's chat template does not render the assistant messages' "
+                           "'tool_calls'", "messages")
+            # as apply_chat_template(tokenize=True): the rendered text, no BOS / EOS added
+            return self.tok.encode(text, add_bos=False, add_eos=False)
+        except ValueError as e:  # ChatTemplateError, a lone surrogate, ...
             raise _bad(f"cannot apply the chat template: {e}", "messages") from None
+
+    def _render(self, messages: list[dict], tools: list[dict] | None) -> str:
+        return self.tok.apply_chat_template(messages, add_generation_prompt=True,
+                                            tokenize=False, tools=tools)
+
+
+def _tool_options(body: dict) -> tuple[list[dict] | None, bool, int | None]:
+    """(tools for the template, whether to parse tool calls, the most calls to return) of a
+    chat request; a 400 naming the field for a malformed one."""
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise _bad("'tools' must be a list of {\"type\": \"function\", \"function\": "
+                       "{\"name\", \"description\", \"parameters\"}} objects", "tools")
+        for k, t in enumerate(tools):
+            fn = t.get("function") if isinstance(t, dict) else None
+            if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict):
+                raise _bad(f"tools[{k}] must be an object {{\"type\": \"function\", "
+                           "\"function\": {...}}", "tools")
+            if not isinstance(fn.get("name"), str) or not fn["name"]:
+                raise _bad(f"tools[{k}].function.name must be a non-empty string", "tools")
+            for key, kind, what in (("description", str, "a string"),
+                                    ("parameters", dict, "a JSON Schema object"),
+                                    ("strict", bool, "a boolean")):
+                if fn.get(key) is not None and not isinstance(fn[key], kind):
+                    raise _bad(f"tools[{k}].function.{key} must be {what}", "tools")
+        tools = tools or None  # [] = no tools
+    choice = body.get("tool_choice")
+    if choice is None:
+        choice = "auto" if tools else "none"
+    named = isinstance(choice, dict) and choice.get("type") == "function" and isinstance(
+        choice.get("function"), dict) and isinstance(choice["function"].get("name"), str)
+    if choice not in ("none", "auto", "required") and not named:
+        raise _bad("'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": "
+                   "\"function\", \"function\": {\"name\": ...}}", "tool_choice")
+    if choice != "none" and not tools:
+        raise _bad("'tool_choice' is only allowed when 'tools' are given", "tool_choice")
+    if choice != "none" and choice != "auto":
+        raise _bad("'tool_choice' \"required\" or a named function is not supported by this "
+                   "server (it needs guided decoding); use \"auto\" or \"none\"", "tool_choice")
+    parallel = _typed(body, "parallel_tool_calls", "bool", True)
+    return tools, choice == "auto", None if parallel else 1
+
+
+def _message_tool_calls(i: int, m: dict) -> list[dict] | None:
+    """An assistant message's OpenAI tool_calls for the template, arguments parsed from their
+    JSON string into an object (vLLM's rule: templates expect dicts, e.g. Qwen2.5's tojson)."""
+    calls = m.get("tool_calls")
+    if calls is None or calls == []:
+        return None
+    if m["role"] != "assistant":
+        raise _bad(f"messages[{i}].tool_calls: only assistant messages call tools", "messages")
+    if not isinstance(calls, list):
+        raise _bad(f"messages[{i}].tool_calls must be a list", "messages")
+    out = []
+    for k, c in enumerate(calls):
+        where = f"messages[{i}].tool_calls[{k}]"
+        fn = c.get("function") if isinstance(c, dict) else None
+        if (not isinstance(fn, dict) or c.get("type", "function") != "function"
+                or not isinstance(fn.get("name"), str) or not fn["name"]):
+            raise _bad(f"{where} must be an object {{\"type\": \"function\", \"function\": "
+                       "{\"name\", \"arguments\"}}", "messages")
+        args = fn.get("arguments")
+        if args is None or args == "":  # vLLM: no arguments are {}
+            args = {}
+        elif isinstance(args, str):
+            try:
+                args = json.loads(args, parse_constant=_no_constant)
+            except (ValueError, RecursionError):
+                raise _bad(f"{where}.function.arguments is not valid JSON", "messages") from None
+        if not isinstance(args, dict):
+            raise _bad(f"{where}.function.arguments must be a JSON object", "messages")
+        call = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if c.get("id") is not None:
+            if not isinstance(c["id"], str):
+                raise _bad(f"{where}.id must be a string", "messages")
+            call = {"id": c["id"], **call}
+        out.append(call)
+    return out
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
 
 
 # =============================================================================================
@@ -269,6 +399,9 @@ class _Answer:
         self.created = int(time.time())
         k = gen.num_seqs
         self.texts, self.reasons, self.tokens = [""] * k, [None] * k, [0] * k
+        # tool_choice "auto": each choice's text goes through a tool-call parser
+        self.parsers = ([ToolCallParser(job.max_tool_calls) for _ in range(k)]
+                        if job.parse_tools else None)
         self.finished = False
         self.first_token = False
 
@@ -303,15 +436,45 @@ class _Answer:
                 self.first_token = True
                 self.on_first_token(time.monotonic() - self.t0)
             self.texts[i] += text
+            if self.parsers is not None:
+                return self._tool_chunks(i, self.parsers[i].feed(text)) if text else []
             return [self._chunk([self._choice(i, text, None)])] if text else []
         if ev[0] == "finish":
             _, i, reason, n = ev
+            chunks = []
+            if self.parsers is not None:
+                chunks = self._tool_chunks(i, self.parsers[i].finish())
+                if self.parsers[i].calls and reason == "stop":  # llama.cpp: "length" stays
+                    reason = "tool_calls"
             self.reasons[i], self.tokens[i] = reason, n
-            return [self._chunk([self._choice(i, None if self.job.kind == "chat" else "",
-                                              reason)])]
+            return chunks + [self._chunk([self._choice(i, None if self.job.kind == "chat"
+                                                       else "", reason)])]
         if ev[0] == "done":
             self.finished = True
         return []
+
+    def _tool_chunks(self, i: int, events: list[tuple]) -> list[dict]:
+        """Stream chunks of a tool-call parser's events: content deltas, and for each call one
+        delta with its index, id, type and name, then one with its arguments (as vLLM)."""
+        out = []
+        for ev in events:
+            if ev[0] == "content":
+                out.append(self._chunk([self._choice(i, ev[1], None)]))
+                continue
+            call, k = ev[1], self.parsers[i].calls.index(ev[1])
+            for delta in ({"index": k, "id": call.id, "type": "function",
+                           "function": {"name": call.name, "arguments": ""}},
+                          {"index": k, "function": {"arguments": call.arguments}}):
+                out.append(self._chunk([{"index": i, "delta": {"tool_calls": [delta]},
+                                         "logprobs": None, "finish_reason": None}]))
+        return out
+
+    def _message(self, i: int) -> dict:
+        p = self.parsers[i] if self.parsers is not None else None
+        if p is None or not p.found:  # no call: the text as generated
+            return {"role": "assistant", "content": self.texts[i]}
+        return {"role": "assistant", "content": p.content or None,
+                "tool_calls": [c.to_openai() for c in p.calls]}
 
     def usage(self) -> dict:
         prompt = sum(len(p) for p in self.job.prompts)
@@ -324,9 +487,8 @@ class _Answer:
 
     def response(self) -> dict:
         if self.job.kind == "chat":
-            choices = [{"index": i, "message": {"role": "assistant", "content": t},
-                        "logprobs": None, "finish_reason": r}
-                       for i, (t, r) in enumerate(zip(self.texts, self.reasons))]
+            choices = [{"index": i, "message": self._message(i), "logprobs": None,
+                        "finish_reason": r} for i, r in enumerate(self.reasons)]
         else:
             choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
                        for i, (t, r) in enumerate(zip(self.texts, self.reasons))]

@@ -444,6 +444,16 @@ BAD = [  # (method, path, body or raw bytes, extra kwargs, status, param)
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800"}]}, {},
      400, "messages"),
     ("POST", "/v1/completions", {"prompt": "a", "model": "\ud800"}, {}, 404, "model"),
+    # tool calling (tests/test_tool_calls.py has the rest): chat only, and only with a chat
+    # template that renders the tools (this checkpoint has none: ChatML)
+    ("POST", "/v1/completions", {"prompt": "a", "tools": [
+        {"type": "function", "function": {"name": "f"}}]}, {}, 400, "tools"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "tools": [
+        {"type": "function", "function": {"name": "f"}}]}, {}, 400, "tools"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                                      "tools": "f"}, {}, 400, "tools"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                                      "tool_choice": "required"}, {}, 400, "tool_choice"),
 ]
 
 
