@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.checkpoint import load_model_dir, parse_dtype
+from engine.ops import kernel_mode
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,9 @@ def resolve(source: str) -> tuple[str, str]:
 def pick_device(device: str | None) -> torch.device:
     """The torch.device a command line asked for (None: cuda when available, else cpu); a
     malformed name or a device this machine lacks is a ValueError with one line (what train.py,
-    generate.py, serve.py and eval.py print before exit code 2)."""
+    generate.py, serve.py and eval.py print before exit code 2). A bad WHETSTONE_KERNELS is
+    reported here too, at startup, rather than at the first op after the model has loaded."""
+    kernel_mode()
     name = device or ("cuda" if torch.cuda.is_available() else "cpu")
     expected = "expected cpu, cuda, cuda:N or mps"
     try:

@@ -218,3 +218,14 @@ def test_attention_window_wider_than_the_keys_uses_the_kernel(device):
         assert_close(y1, y0, TOL, f"window {window} output")
         for i, (a, b) in enumerate(zip(g1, g0)):
             assert_close(a, b, TOL, f"window {window} grad {i}")
+
+
+def test_bad_kernel_env_is_refused_at_startup(monkeypatch):
+    """Every command line picks its device through engine.hub.pick_device: a typo in
+    WHETSTONE_KERNELS is one line there, before a model is loaded, not at the first op."""
+    from engine.hub import pick_device
+    monkeypatch.setenv("WHETSTONE_KERNELS", "trition")
+    with pytest.raises(ValueError, match="WHETSTONE_KERNELS must be auto, triton or torch"):
+        pick_device("cpu")
+    monkeypatch.setenv("WHETSTONE_KERNELS", "torch")
+    assert pick_device("cpu").type == "cpu"
