@@ -23,6 +23,7 @@ import torch
 from engine.config import DefaultsHelpFormatter, RaisingParser, UsageError
 from engine.generation import beam_search, check_sampling_args, generate
 from engine.hub import pick_device_dtype
+from tokenizer import read_chat_template, set_chat_template
 
 CHECKPOINT_ROOT = "out"  # where train.py writes its run directories
 
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--chat", metavar="MESSAGE", help="one chat turn through the model's chat template")
     a("--interactive", action="store_true", help="multi-turn chat in the terminal")
     a("--system", help="system message for --chat / --interactive")
+    a("--chat-template", metavar="FILE|JINJA|chatml",
+      help="use this chat template instead of the model's (a .jinja file, a tokenizer_config.json, "
+           "the template itself, or chatml)")
     a("--max-new-tokens", type=int, default=200)
     a("--temperature", type=float, default=1.0, help="0 = greedy")
     a("--top-k", type=int, default=None)
@@ -105,6 +109,10 @@ def validate(args) -> None:
     if args.system is not None and args.chat is None and not args.interactive:
         raise UsageError("--system needs --chat or --interactive (a plain --prompt has no "
                          "chat template to put it in)")
+    if args.chat_template is not None:
+        if args.chat is None and not args.interactive:
+            raise UsageError("--chat-template needs --chat or --interactive")
+        args.chat_template = read_chat_template(args.chat_template)  # before the model loads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint and not os.path.isdir(args.checkpoint):
         raise FileNotFoundError(f"checkpoint directory {args.checkpoint!r} does not exist")
     model, tok = load(source, dtype, device, args.adapter)
+    if args.chat_template is not None:
+        set_chat_template(tok, args.chat_template)
     if not args.quiet:
         print(f"model: {source} ({model.num_parameters() / 1e6:.1f}M parameters, {dtype}, "
               f"{device})", file=sys.stderr, flush=True)

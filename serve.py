@@ -27,6 +27,7 @@ import warnings
 
 from engine.config import DefaultsHelpFormatter, RaisingParser, UsageError
 from engine.hub import pick_device_dtype  # generate.py's --device / --dtype rules
+from tokenizer import read_chat_template, set_chat_template
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="a named model (e.g. smollm2-135m-instruct), a model directory or a GGUF file")
     a("--served-model-name", metavar="NAME",
       help="the base model's id in the API (default: the --model name or directory name)")
+    a("--chat-template", metavar="FILE|JINJA|chatml",
+      help="chat template for /v1/chat/completions instead of the model's (a .jinja file, a "
+           "tokenizer_config.json, the template itself, or chatml), as vLLM's flag")
     a("--adapter", action="append", default=[], metavar="NAME=DIR",
       help="LoRA adapter (PEFT format) selectable with \"model\": NAME (repeatable)")
     a("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
@@ -78,12 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     for name, d in adapters.items():
         if not os.path.isdir(d):
             raise UsageError(f"--adapter {name}={d}: no such directory")
+    template = read_chat_template(args.chat_template) if args.chat_template else None
     device, dtype = pick_device_dtype(args.device, args.dtype)
     try:
         model, tok = load_model(args.model, dtype=dtype, device=device)
     except RuntimeError as e:  # e.g. a device this torch build lacks
         raise UsageError(f"cannot load {args.model} on {device}: "
                          f"{str(e).strip().splitlines()[0]}") from None
+    if template is not None:
+        set_chat_template(tok, template)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     engine = Engine(model, tok, name, adapters, max_batch=args.max_batch,
                     max_queue=args.max_queue, max_model_len=args.max_model_len)

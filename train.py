@@ -37,6 +37,8 @@ from engine.train_args import (MIN_TRAINED_VOCAB, RESUME_FLAGS, card_hyperparame
 from engine.trainer import (LAST, MetricsLog, StepBoundaryInterrupt, Throughput,
                             configure_optimizer, decay_progress, get_lr, has_run,
                             load_training_state, plot_losses, recover_last, save_last)
+from tokenizer import read_chat_template, set_chat_template
+
 
 class NonFinite(Exception):
     """The loss or the weights stopped being finite: stop without saving over the last good
@@ -146,6 +148,8 @@ def _run(args, given: set[str], stage: dict) -> int:
                 run_dir if not distributed.is_main() else None))
             if args.world_size > 1 and distributed.is_main() and not resume_dir:
                 tok.save(run_dir)  # every rank, on every machine, then loads rank 0's tokenizer
+        if args.chat_template:  # the run's template: SFT/DPO chat data, the saved tokenizer
+            set_chat_template(tok, read_chat_template(args.chat_template))
         task = build_task(args, tok, data_path, gen, texts)
     print(task.describe(data_path), flush=True)
 

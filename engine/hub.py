@@ -20,6 +20,7 @@ import torch
 
 from engine.checkpoint import load_model_dir, parse_dtype
 from engine.ops import kernel_mode
+from tokenizer.base import read_tokenizer_config
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,8 @@ def load_model(source: str, dtype: torch.dtype | str = torch.float32,
     model(input_ids (B, T)) -> logits (B, T, vocab), in eval mode. tokenizer is None for a
     directory without tokenizer files; the eos_token_id ids of a directory's config.json and
     generation_config.json (or a GGUF's eot/eom token ids) join tokenizer.stop_ids.
-    adapter=DIR applies a LoRA adapter (ours or PEFT's) with engine.lora.load_adapter.
+    adapter=DIR applies a LoRA adapter (ours or PEFT's) with engine.lora.load_adapter; a chat
+    template saved in DIR (tokenizer_config.json / chat_template.jinja) replaces the base's.
     quantize="nf4" turns every linear but lm_head into an NF4Linear as its weight is read
     (QLoRA), so the full-precision model never exists at once; the quantization report is then
     `model.nf4_report`.
@@ -230,4 +232,9 @@ def load_model(source: str, dtype: torch.dtype | str = torch.float32,
         from engine.lora import load_adapter  # written separately; imported only when asked
         load_adapter(model, adapter)
         model.eval()
+        # an adapter trained with a chat template of its own (train.py --chat-template) saved
+        # it beside its weights: prompts take the format it learned
+        tpl = read_tokenizer_config(adapter).get("chat_template") if tokenizer else None
+        if tpl:
+            tokenizer.chat_template = tpl
     return model, tokenizer

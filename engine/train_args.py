@@ -15,6 +15,7 @@ import torch
 from engine import finetune
 from engine.config import PRESETS, OneLineParser, TrainConfig
 from engine.hub import pick_device
+from tokenizer import read_chat_template
 
 # What --resume may change: how and where this invocation runs, not what the run trains (the rest
 # comes from the run's run_args.json; a different value on the command line is an error).
@@ -78,6 +79,10 @@ def _parser(description: str | None = None) -> OneLineParser:
     a("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     a("--pack", action="store_true", help="SFT data: pack several samples per row (attention "
                                           "never crosses samples) instead of padding")
+    a("--chat-template", metavar="FILE|JINJA|chatml",
+      help="the run's chat template instead of the base tokenizer's (a .jinja file, a "
+           "tokenizer_config.json, the template itself, or chatml): SFT/DPO chat data is rendered "
+           "with it and the saved tokenizer carries it")
     a("--bad-lines", choices=("stop", "skip"), default="stop",
       help="SFT data: stop at a malformed JSONL line, or skip it with a warning")
     a("--objective", choices=("lm", "dpo"), default="lm",
@@ -192,6 +197,11 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
         pick_device(args.device)
     except ValueError as e:
         p.error(str(e))
+    if args.chat_template is not None:
+        try:  # read again where the tokenizer is known (train.py); here to fail before loading
+            read_chat_template(args.chat_template)
+        except ValueError as e:
+            p.error(str(e))
     if args.preset not in PRESETS:
         p.error(f"unknown preset {args.preset!r}; valid presets: {', '.join(PRESETS)}")
     if args.finetune and not args.base:

@@ -203,3 +203,35 @@ def test_chat_template_jinja_file_wins_like_transformers(tmp_path):
     msgs = [{"role": "user", "content": "hi"}]
     assert ours.apply_chat_template(msgs) == ref.apply_chat_template(msgs, tokenize=False) == \
         "FILE hi<|im_end|>"
+
+
+def test_chat_template_flag_values(tmp_path):
+    """--chat-template (generate.py, serve.py, train.py): a file, a tokenizer_config.json, the
+    template itself or chatml; stop ids follow the new template; problems are one line."""
+    from tokenizer import read_chat_template, set_chat_template
+    (tmp_path / "t.jinja").write_text(LLAMA3_TEMPLATE)
+    (tmp_path / "tokenizer_config.json").write_text(
+        __import__("json").dumps({"chat_template": LLAMA2_TEMPLATE}))
+    assert read_chat_template(str(tmp_path / "t.jinja")) == LLAMA3_TEMPLATE
+    assert read_chat_template(str(tmp_path / "tokenizer_config.json")) == LLAMA2_TEMPLATE
+    assert read_chat_template(LLAMA2_TEMPLATE) == LLAMA2_TEMPLATE
+    assert read_chat_template("chatml") == DEFAULT_CHAT_TEMPLATE
+    tok = _FakeTok(None, {"<|begin_of_text|>": 0, "<|eot_id|>": 2, "<|start_header_id|>": 3,
+                          "<|end_header_id|>": 4, "<|im_end|>": 6}, "<|begin_of_text|>")
+    assert end_of_turn_ids(tok) == {6}  # ChatML while it has no template
+    set_chat_template(tok, read_chat_template(str(tmp_path / "t.jinja")))
+    assert tok.chat_template == LLAMA3_TEMPLATE and end_of_turn_ids(tok) == {2}
+    (tmp_path / "empty.jinja").write_text(" \n")
+    (tmp_path / "bad.json").write_text("{}")
+    for value, msg in [("missing.jinja", "no such file, and not a Jinja template"),
+                       ("{% for %}", "does not compile"),
+                       (str(tmp_path / "empty.jinja"), "the template is empty"),
+                       (str(tmp_path / "bad.json"), 'must be an object with a "chat_template"')]:
+        with pytest.raises(ValueError, match=msg) as e:
+            read_chat_template(value)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="does not render the messages' content"):
+        set_chat_template(tok, "{{ 'fixed prompt' }}")
+    with pytest.raises(ValueError, match="--chat-template: chat template failed to render"):
+        set_chat_template(tok, "{{ raise_exception('no') }}")
+    assert tok.chat_template == LLAMA3_TEMPLATE  # unchanged by the refused ones

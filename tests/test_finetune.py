@@ -255,3 +255,31 @@ def test_half_finetune_resumes_in_the_middle_of_a_round(base):
     for x, y in zip(a, b):
         for u, v in zip(x[1:], y[1:]):
             assert (u is None and v is None) or u == pytest.approx(v, abs=1e-5), x[0]
+
+
+def test_chat_template_flag_is_the_runs_template(base, capsys):
+    """--chat-template renders the SFT data and travels with the run's tokenizer, so generate.py
+    and the server use the template the model was trained on; a bad one is one line up front."""
+    from engine import load_model
+    from engine.sft import encode_example
+    run_base, _, tmp = base
+    template = ("{% for m in messages %}{{ '### ' + m['role'] + ': ' + m['content'] + '\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '### assistant: ' }}{% endif %}")
+    (tmp / "t.jinja").write_text(template)
+    data = tmp / "chat-t.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {w}"},
+                                                     {"role": "assistant", "content": w}]}) + "\n"
+                            for w in ["crown", "lady", "sir", "liege"] * 10))
+    run = str(tmp / "sft-template")
+    common = ["--base", run_base, "--data", str(data), "--max-steps", "2", *ANY_DATA]
+    assert train.main([*common, "--out", run, "--chat-template", str(tmp / "t.jinja")]) == 0
+    _, tok = load_model(run_base, adapter=run)  # the adapter's template replaces the base's
+    assert tok.chat_template == template
+    ids, mask = encode_example({"messages": [{"role": "user", "content": "say sir"},
+                                             {"role": "assistant", "content": "sir"}]}, tok)
+    assert tok.decode(ids).startswith("### user: say sir\n### assistant: ")
+    with pytest.raises(SystemExit) as e:  # the parser's error: one line, exit code 2
+        train.main([*common, "--out", str(tmp / "bad"), "--chat-template", "{{ x"])
+    assert e.value.code == 2
+    assert "--chat-template '{{ x': chat template does not compile" in capsys.readouterr().err
+    assert not os.path.exists(tmp / "bad")

@@ -10,6 +10,7 @@ assistant turn (e.g. <|im_end|> for ChatML, <|eot_id|> for Llama 3) so generatio
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from functools import lru_cache
 
@@ -110,6 +111,51 @@ def render_chat(tok, messages: list[dict], add_generation_prompt: bool = True,
         raise
     except Exception as e:  # TemplateError from raise_exception, TypeError, SecurityError, ...
         raise ChatTemplateError(f"chat template failed to render: {_one_line(e)}") from None
+
+
+def read_chat_template(value: str) -> str:
+    """The Jinja source a --chat-template flag names, as vLLM's flag takes it: a file (.jinja,
+    or a tokenizer_config.json-style .json with "chat_template"), the template itself, or
+    "chatml". Read and compiled at startup, before a model loads; a problem is one ValueError."""
+    flag = f"--chat-template {value[:60]!r}"
+    if value == "chatml":
+        return DEFAULT_CHAT_TEMPLATE
+    if os.path.isfile(value):
+        try:
+            with open(value, encoding="utf-8") as f:
+                template = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{flag}: cannot read it: {_one_line(e)}") from None
+        if value.endswith(".json"):  # another model's tokenizer_config.json
+            try:
+                template = json.loads(template)["chat_template"]
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{flag}: a .json file must be an object with a "
+                                 "\"chat_template\" string") from None
+    elif "{{" in value or "{%" in value:  # the template itself, on the command line
+        template = value
+    else:
+        raise ValueError(f"{flag}: no such file, and not a Jinja template or 'chatml'")
+    if not isinstance(template, str) or not template.strip():
+        raise ValueError(f"{flag}: the template is empty")
+    try:
+        _compile(template)
+    except ChatTemplateError as e:
+        raise ValueError(f"{flag}: {e}") from None
+    return template
+
+
+def set_chat_template(tok, template: str) -> None:
+    """Make `template` the tokenizer's chat template (saved with it; tok.stop_ids follow),
+    after checking that it renders a one-message conversation with this tokenizer."""
+    try:
+        text = render_chat(tok, [{"role": "user", "content": "Qz7xProbe"}],
+                           add_generation_prompt=True, template=template)
+    except ChatTemplateError as e:
+        raise ValueError(f"--chat-template: {e}") from None
+    if "Qz7xProbe" not in text:
+        raise ValueError("--chat-template: the template does not render the messages' content")
+    tok.chat_template = template
 
 
 def end_of_turn_ids(tok) -> set[int]:
