@@ -33,6 +33,7 @@ import torch
 from engine import eval as tasks
 from engine.checkpoint import parse_dtype
 from engine.config import OneLineParser, atomic_write_text, run_cli
+from tokenizer import read_chat_template, set_chat_template
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--val-fraction", type=float, default=None,
       help="perplexity: only the last FRACTION of the text, cut as train.py cuts its validation split")
     a("--delimiter", default=" ", help="choice: text between context and each choice (default ' ')")
+    a("--chat-template", metavar="FILE|JINJA|chatml",
+      help="response-loss: render the samples with this template instead of the model's")
     a("--batch-size", type=int, default=8)
     a("--json", metavar="OUT", help="report path; refused if it exists, unless --force (default: "
                                     "eval-MODEL-TASK-DATA.json in the adapter directory, else in "
@@ -70,6 +73,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.compare and not args.adapter and not os.path.isfile(os.path.join(args.model,
                                                                              "adapter_config.json")):
         p.error("--compare needs --adapter DIR (base = the model with that adapter disabled)")
+    if args.chat_template is not None:
+        if args.task != "response-loss":
+            p.error("--chat-template applies to --task response-loss")
+        try:
+            args.chat_template = read_chat_template(args.chat_template)  # before loading
+        except ValueError as e:
+            p.error(str(e))
     if args.val_fraction is not None and args.task != "perplexity":
         p.error("--val-fraction applies to --task perplexity")
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
@@ -191,6 +201,8 @@ def main(argv=None) -> int:
     model, tok = load_model(model_src, dtype=args.dtype, device=device, adapter=adapter)
     if tok is None:
         raise ValueError(f"{model_src} has no tokenizer files")
+    if args.chat_template is not None:
+        set_chat_template(tok, args.chat_template)
     ctx = model.config.max_position_embeddings
     if args.seq_len is not None and args.seq_len > ctx:  # positions the model never saw
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model context of {ctx}")

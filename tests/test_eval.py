@@ -393,3 +393,31 @@ def test_reports_never_overwrite_earlier_ones(tmp_path, capsys, monkeypatch):
     assert eval_cli.write_report(str(tmp_path / "late.json"), "y", numbered=True).endswith("late-2.json")
     assert (tmp_path / "late-2.json").read_text() == "y"
     assert sorted(f for f in os.listdir(tmp_path) if f.startswith(".")) == []  # no temp files left
+
+
+def test_response_loss_with_chat_template_flag(runs):
+    """--chat-template renders the samples instead of the model's template (here ChatML, the
+    fallback): the report counts exactly the assistant tokens the given template yields."""
+    from engine.hub import load_model
+    from engine.sft import encode_example
+    tmp, _, base, _, _ = runs
+    template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    rows = [{"messages": [{"role": "user", "content": "thou art"},
+                          {"role": "assistant", "content": "my liege, the crown"}]}]
+    data = write_jsonl(tmp / "chat-t.jsonl", rows)
+    n = {}
+    for name, flags in (("chatml", []), ("plain", ["--chat-template", template])):
+        out = str(tmp / f"r-template-{name}.json")
+        assert eval_cli.main(["--model", base, "--data", data, "--task", "response-loss",
+                              "--json", out, "--no-progress", *flags]) == 0
+        n[name] = json.load(open(out))["results"]["model"]["n_tokens"]
+    _, tok = load_model(base)
+    expected = {}
+    for name, tpl in (("chatml", None), ("plain", template)):
+        tok.chat_template = tpl
+        expected[name] = sum(encode_example(rows[0], tok)[1])
+    assert n == expected and n["chatml"] != n["plain"]
+    with pytest.raises(SystemExit):  # one line from the parser
+        eval_cli.main(["--model", base, "--data", data, "--task", "perplexity",
+                       "--chat-template", "chatml"])
