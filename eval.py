@@ -97,15 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve_model(model: str, adapter: str | None) -> tuple[str, str | None]:
     """An adapter directory given as --model stands for (its base, itself)."""
-    cfg = os.path.join(model, "adapter_config.json")
-    if adapter is None and os.path.isfile(cfg) and not os.path.isfile(os.path.join(model, "config.json")):
-        with open(cfg) as f:
-            base = json.load(f).get("base_model_name_or_path")
-        if not base:
-            raise ValueError(f"{model} is an adapter without base_model_name_or_path; pass "
-                             "--model BASE --adapter DIR")
-        return base, model
-    return model, adapter
+    from engine.hub import adapter_base
+    base = adapter_base(model) if adapter is None and os.path.isdir(model) else None
+    return (base, model) if base is not None else (model, adapter)
 
 
 def _label(path: str) -> str:

@@ -119,24 +119,31 @@ def validate(args) -> None:
 # Loading
 # ---------------------------------------------------------------------------------------------
 def latest_checkpoint(root: str = CHECKPOINT_ROOT) -> str:
-    """Newest directory under `root` (or `root` itself) holding config.json + model.safetensors."""
-    def is_ckpt(d):
-        return all(os.path.isfile(os.path.join(d, f)) for f in ("config.json", "model.safetensors"))
+    """Newest run under `root` (or `root` itself): a model directory (config.json + weights) or
+    an adapter run (LoRA / DoRA / QLoRA: adapter_config.json + adapter_model.safetensors)."""
+    def weights(d):  # the run's weights file, or None if `d` is neither kind
+        for cfg, w in (("config.json", "model.safetensors"),
+                       ("config.json", "model.safetensors.index.json"),
+                       ("adapter_config.json", "adapter_model.safetensors")):
+            if all(os.path.isfile(os.path.join(d, f)) for f in (cfg, w)):
+                return os.path.join(d, w)
+        return None
 
     if not os.path.isdir(root):
         raise FileNotFoundError(f"no checkpoint: ./{root} does not exist (train one with "
                                 "`python train.py`, or pass --checkpoint DIR / --model NAME)")
     dirs = [os.path.join(root, d) for d in os.listdir(root)] + [root]
-    dirs = [d for d in dirs if os.path.isdir(d) and is_ckpt(d)]
-    if not dirs:
-        raise FileNotFoundError(f"no checkpoint under ./{root} (a directory with config.json and "
-                                "model.safetensors); pass --checkpoint DIR or --model NAME")
-    return max(dirs, key=lambda d: os.path.getmtime(os.path.join(d, "model.safetensors")))
+    found = {d: w for d in dirs if os.path.isdir(d) and (w := weights(d))}
+    if not found:
+        raise FileNotFoundError(f"no checkpoint under ./{root} (a model or adapter directory); "
+                                "pass --checkpoint DIR or --model NAME")
+    return max(found, key=lambda d: os.path.getmtime(found[d]))
 
 
 def load(source: str, dtype: torch.dtype, device: str, adapter: str | None):
     """(model, tokenizer) through engine.load_model: a demo-model name, an HF / checkpoint
-    directory or a GGUF file, with an optional LoRA adapter."""
+    directory, an adapter run (its base with it applied) or a GGUF file, with an optional LoRA
+    adapter."""
     from engine import load_model
     model, tok = load_model(source, dtype=dtype, device=device, adapter=adapter)
     if tok is None:

@@ -20,7 +20,7 @@ import torch
 
 from engine.checkpoint import load_model_dir, parse_dtype
 from engine.ops import kernel_mode
-from tokenizer.base import read_tokenizer_config
+from tokenizer.base import read_json_object, read_tokenizer_config
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,20 @@ def resolve(source: str) -> tuple[str, str]:
                             "a directory or a .gguf file")
 
 
+def adapter_base(path: str) -> str | None:
+    """The base model of an adapter directory (adapter_config.json, no config.json: what a LoRA /
+    DoRA / QLoRA run of train.py or PEFT's save_pretrained writes), None for anything else. A
+    relative base path is taken from the current directory, as it was given to train.py."""
+    cfg = os.path.join(os.fspath(path), "adapter_config.json")
+    if not os.path.isfile(cfg) or os.path.isfile(os.path.join(os.fspath(path), "config.json")):
+        return None
+    base = read_json_object(cfg).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"{path} is an adapter without base_model_name_or_path in its "
+                         "adapter_config.json; give the base model and the adapter separately")
+    return base
+
+
 def pick_device(device: str | None) -> torch.device:
     """The torch.device a command line asked for (None: cuda when available, else cpu); a
     malformed name or a device this machine lacks is a ValueError with one line (what train.py,
@@ -192,7 +206,8 @@ def load_model(source: str, dtype: torch.dtype | str = torch.float32,
                device: str | torch.device = "cpu", adapter: str | None = None,
                quantize: str | None = None):
     """(model, tokenizer) from "smollm2-135m-instruct" (or another registered name), an HF
-    model directory (config.json + safetensors, also what train.py writes) or a .gguf file.
+    model directory (config.json + safetensors, also what train.py writes), a .gguf file, or an
+    adapter directory (its base, from adapter_config.json, with the adapter applied).
 
     model(input_ids (B, T)) -> logits (B, T, vocab), in eval mode. tokenizer is None for a
     directory without tokenizer files; the eos_token_id ids of a directory's config.json and
@@ -203,6 +218,9 @@ def load_model(source: str, dtype: torch.dtype | str = torch.float32,
     (QLoRA), so the full-precision model never exists at once; the quantization report is then
     `model.nf4_report`.
     """
+    base = adapter_base(source) if adapter is None and os.path.isdir(os.fspath(source)) else None
+    if base is not None:  # an adapter directory stands for its base with it applied
+        return load_model(base, dtype, device, adapter=os.fspath(source), quantize=quantize)
     dtype = parse_dtype(dtype)
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")

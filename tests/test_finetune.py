@@ -283,3 +283,34 @@ def test_chat_template_flag_is_the_runs_template(base, capsys):
     assert e.value.code == 2
     assert "--chat-template '{{ x': chat template does not compile" in capsys.readouterr().err
     assert not os.path.exists(tmp / "bad")
+
+
+def test_adapter_run_directory_loads_as_its_base_with_the_adapter(base, tmp_path, monkeypatch):
+    """A LoRA run directory stands for base + adapter wherever a model is named (generate.py,
+    serve.py, eval.py, gguf_export), and generate.py's default picks it when it is newest."""
+    from engine import load_model
+    from generate import latest_checkpoint
+    run_base, domain, _ = base
+    root = tmp_path / "out"
+    run = str(root / "lora-run")
+    assert train.main(["--base", run_base, "--data", domain, "--out", run, "--max-steps", "2",
+                       "--lr", "1e-2", *FLAGS]) == 0
+    ids = torch.tensor([[1, 5, 9, 13]])
+    m1, t1 = load_model(run)
+    m2, t2 = load_model(run_base, adapter=run)
+    with torch.no_grad():
+        assert torch.equal(m1(ids), m2(ids))
+        assert not torch.equal(m1(ids), load_model(run_base)[0](ids))  # the adapter is applied
+    assert t1.vocab_size == t2.vocab_size
+    os.utime(os.path.join(run_base, "model.safetensors"), (1, 1))  # older than the adapter
+    monkeypatch.chdir(tmp_path)
+    os.symlink(run_base, root / "base-run")
+    assert latest_checkpoint(str(root)) == run
+    cfg = os.path.join(run, "adapter_config.json")
+    with open(cfg) as f:
+        c = json.load(f)
+    c["base_model_name_or_path"] = None
+    with open(cfg, "w") as f:
+        json.dump(c, f)
+    with pytest.raises(ValueError, match="adapter without base_model_name_or_path"):
+        load_model(run)
