@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", metavar="DIR",
                      help=f"model directory (default: the newest run under ./{CHECKPOINT_ROOT})")
     src.add_argument("--model", metavar="NAME|HF_DIR|FILE.gguf",
-                     help="a named model (smollm2-135m-instruct), an HF directory or a GGUF file")
+                     help="a named model (smollm2-135m-instruct), an HF directory, a GGUF file, "
+                          "or an adapter run (its base with the adapter applied)")
     a("--adapter", metavar="DIR", help="LoRA adapter directory to apply (PEFT format)")
     a("--prompt", default="", help="text to continue (empty: start from BOS)")
     a("--chat", metavar="MESSAGE", help="one chat turn through the model's chat template")

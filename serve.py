@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                       formatter_class=DefaultsHelpFormatter)
     a = p.add_argument
     a("--model", required=True, metavar="NAME|HF_DIR|FILE.gguf",
-      help="a named model (e.g. smollm2-135m-instruct), a model directory or a GGUF file")
+      help="a named model (e.g. smollm2-135m-instruct), a model directory, a GGUF file "
+           "or an adapter run (its base with the adapter applied)")
     a("--served-model-name", metavar="NAME",
       help="the base model's id in the API (default: the --model name or directory name)")
     a("--chat-template", metavar="FILE|JINJA|chatml",
