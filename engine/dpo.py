@@ -80,23 +80,27 @@ class PreferenceSet:
     def tokenize(cls, raw_pairs: list, tok, seq_len: int, on_error: str = "stop", warn=None,
                  source: str | None = None) -> tuple["PreferenceSet", dict]:
         """Tokenize; a pair whose chosen or rejected side keeps no completion token within
-        seq_len (the prompt fills it) is dropped, as is one whose two sides became identical.
+        seq_len (the prompt fills it) is dropped (dropped_lines), as is one whose two sides
+        became identical (identical_lines: they differ only past seq_len, or render alike).
         A pair the chat template rejects raises ValueError("SOURCE:LINE: why"), or with
         on_error="skip" is left out (warned, listed in the report's skipped_lines)."""
-        pairs, lines, truncated, dropped, skipped = [], [], 0, [], []
+        pairs, lines, truncated, dropped, identical, skipped = [], [], 0, [], [], []
         for p in raw_pairs:
             tp = encode_or_skip(lambda: tokenize_pair(p, tok, seq_len), source, p.line, on_error, warn)
             if tp is None:
                 skipped.append(p.line)
                 continue
             truncated += tp.truncated
-            empty = all(t == IGNORE for t in tp.chosen_labels) or all(t == IGNORE for t in tp.rejected_labels)
-            if empty or (tp.chosen_ids, tp.chosen_labels) == (tp.rejected_ids, tp.rejected_labels):
+            if all(t == IGNORE for t in tp.chosen_labels) or all(t == IGNORE for t in tp.rejected_labels):
                 dropped.append(p.line)
+                continue
+            if (tp.chosen_ids, tp.chosen_labels) == (tp.rejected_ids, tp.rejected_labels):
+                identical.append(p.line)  # e.g. they differ only past --seq-len: no preference left
                 continue
             pairs.append(tp)
             lines.append(p.line)
         return cls(pairs, lines, pad_id_of(tok)), {"n_truncated": truncated, "dropped_lines": dropped,
+                                                    "identical_lines": identical,
                                                     "skipped_lines": skipped}
 
     def __len__(self) -> int:
@@ -138,11 +142,12 @@ def load_preference_data(path: str, tok, seq_len: int, val_fraction: float = 0.1
     skipped = sorted(skipped + rt["skipped_lines"] + rv["skipped_lines"])
     for name, ds, src in (("training", train, path), ("held-out", val, val_path or path)):
         if len(ds) == 0:
-            raise ValueError(f"{src}: no {name} pair keeps a completion token within --seq-len "
-                             f"{seq_len}")
+            raise ValueError(f"{src}: no {name} pair keeps a completion token (and a difference "
+                             f"between chosen and rejected) within --seq-len {seq_len}")
     report = {"n_train": len(train), "n_val": len(val),
               "n_truncated": rt["n_truncated"] + rv["n_truncated"],
               "dropped_lines": sorted(rt["dropped_lines"] + rv["dropped_lines"]),
+              "identical_lines": sorted(rt["identical_lines"] + rv["identical_lines"]),
               "skipped_lines": skipped, "conversational": raw[0].conversational}
     return train, val, report
 
@@ -270,9 +275,12 @@ def format_report(report: dict, path: str) -> str:
          f"pairs ({'conversational' if report['conversational'] else 'standard'} form)")
     if report["n_truncated"]:
         s += f"; {report['n_truncated']:,} truncated to --seq-len"
-    if report["dropped_lines"]:
-        s += (f"; {len(report['dropped_lines']):,} dropped (no completion token within --seq-len;"
-              f" lines {', '.join(map(str, report['dropped_lines'][:10]))})")
+    for key, why in (("dropped_lines", "no completion token within --seq-len"),
+                     ("identical_lines", "chosen and rejected identical within --seq-len")):
+        lines = report.get(key) or []
+        if lines:
+            s += (f"; {len(lines):,} dropped ({why}; lines {', '.join(map(str, lines[:10]))}"
+                  + (", ..." if len(lines) > 10 else "") + ")")
     if report.get("skipped_lines"):
         lines = report["skipped_lines"]
         s += (f"; {len(lines):,} malformed line(s) skipped ({', '.join(map(str, lines[:10]))}"

@@ -207,6 +207,9 @@ def save_last(model, tok, run_dir: str, optimizer, step: int, gen, extra: dict, 
     optimizer = distributed.optimizer_for_saving(model, optimizer, args.fsdp)
     if distributed.is_main():
         save_training_state(new, optimizer, step, gen, extra)
+        # a last.old left by a kill after the swap (or recovered past) would make the rename
+        # below fail (a directory is only renamed over an empty one); last/ is newer than it
+        shutil.rmtree(old, ignore_errors=True)
         if os.path.isdir(last):
             os.replace(last, old)
         os.replace(new, last)

@@ -371,3 +371,19 @@ def test_pack_is_refused_not_ignored(base, tmp_path):
         train.main(["--objective", "dpo", "--base", run_base, "--data", prefs, "--pack",
                     "--out", str(tmp_path / "o"), "--max-steps", "1", *FLAGS])
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_pairs_identical_within_seq_len_are_reported_as_such(tmp_path):
+    """A pair whose chosen and rejected differ only past --seq-len has no preference left and is
+    dropped; the report said 'no completion token within --seq-len', which sent the user looking
+    for an overlong prompt."""
+    long = " yes it is, " + "x" * 40
+    rows = [{"prompt": "Q: is it?", "chosen": long + " truly", "rejected": long + " not"},
+            {"prompt": "Q" * 40, "chosen": " yes", "rejected": " no"},  # the prompt fills seq_len
+            *({"prompt": f"Q{i}", "chosen": " yes", "rejected": " no"} for i in range(8))]
+    path, val = write_jsonl(tmp_path / "p.jsonl", rows), write_jsonl(tmp_path / "v.jsonl", PAIRS)
+    tr, va, rep = dpo.load_preference_data(path, CharTok(), 32, val_path=val)
+    assert rep["identical_lines"] == [1] and rep["dropped_lines"] == [2] and len(tr) == 8
+    line = dpo.format_report(rep, path)
+    assert "1 dropped (chosen and rejected identical within --seq-len; lines 1)" in line
+    assert "1 dropped (no completion token within --seq-len; lines 2)" in line

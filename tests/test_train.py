@@ -720,3 +720,23 @@ def test_default_vocab_covers_a_corpus_with_many_characters(tmp_path, monkeypatc
     with pytest.raises(ValueError, match="vocab_size 300 is too small for this corpus's "
                        "characters: it needs at least"):
         train.main([*flags, "--out", str(tmp_path / "run2"), "--vocab-size", "300"])
+
+
+def test_checkpoint_save_after_a_recovered_swap_replaces_the_stale_last_old(tmp_path):
+    """A kill between save_last's renames leaves the previous checkpoint in last.old; once
+    last/ exists again (recover_last, or a kill before the old one was removed), the next
+    save renamed last/ onto that non-empty directory: OSError 'Directory not empty'."""
+    import types
+    import torch
+    from engine.config import preset
+    from engine.model import Transformer
+    from engine.trainer import configure_optimizer, load_training_state, save_last
+    model = Transformer(preset("tiny", vocab_size=64))
+    opt = configure_optimizer(model, 1e-3, 0.1, (0.9, 0.95))
+    gen, args = torch.Generator(), types.SimpleNamespace(finetune=None, base=None, fsdp=False)
+    save_last(model, None, str(tmp_path), opt, 1, gen, {}, args)
+    os.makedirs(tmp_path / "last.old")
+    (tmp_path / "last.old" / "model.safetensors").write_bytes(b"an older checkpoint")
+    save_last(model, None, str(tmp_path), opt, 2, gen, {}, args)
+    assert sorted(os.listdir(tmp_path)) == ["last"]
+    assert load_training_state(str(tmp_path / "last"), opt, gen)[0] == 2
