@@ -305,8 +305,11 @@ def _run(args, given: set[str], stage: dict) -> int:
                 loss_sum = distributed.mean(loss_sum)  # the global batch's loss
                 if not math.isfinite(loss_sum):
                     raise NonFinite(f"training loss became {loss_sum}")
-                if args.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                # the global norm before clipping (logged as HF Trainer does); max_norm inf: no clip
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf).item()
+                if not math.isfinite(grad_norm):  # stop before the step writes it into the weights
+                    raise NonFinite(f"gradient norm became {grad_norm}")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -322,7 +325,7 @@ def _run(args, given: set[str], stage: dict) -> int:
                     tps = meter.rate()
                     pref = distributed.mean_dict(task.log(args.grad_accum))  # DPO: rewards, accuracy, margin
                     metrics.log(step=step, elapsed_s=round(elapsed(), 2), train_loss=round(loss_sum, 5),
-                                lr=lr, tokens_per_s=round(tps, 1), **{k: v for k, v in pref.items()
+                                grad_norm=round(grad_norm, 5), lr=lr, tokens_per_s=round(tps, 1), **{k: v for k, v in pref.items()
                                                                       if k != "train_loss"})
                     if monitor:
                         monitor.update(step=step, loss=loss_sum, lr=lr, tokens_per_s=tps, eta_s=eta_s())
@@ -330,7 +333,8 @@ def _run(args, given: set[str], stage: dict) -> int:
                                     **({"acc": f"{pref['reward_acc']:.2f}",
                                         "margin": f"{pref['margin']:.2f}"} if pref else {}))
                     if args.no_progress:
-                        print(f"step {step}: loss {loss_sum:.4f}, lr {lr:.2e}, {tps:,.0f} tok/s" + (
+                        print(f"step {step}: loss {loss_sum:.4f}, grad norm {grad_norm:.3f}, lr {lr:.2e}, "
+                              f"{tps:,.0f} tok/s" + (
                             f", reward acc {pref['reward_acc']:.2f}, margin {pref['margin']:.3f}"
                             if pref else ""), flush=True)
                 if step % args.eval_every == 0:
