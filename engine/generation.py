@@ -294,6 +294,23 @@ def fit_context(prompt_ids: Sequence[int], max_new_tokens: int, context: int
     return ids, max_new_tokens
 
 
+def _prompt_list(prompt_ids: Sequence[int] | torch.Tensor, model: Transformer) -> list[int]:
+    """The prompt as a list of ids, checked: a 1-D (or 1 x T) tensor or a sequence of ints, each
+    an embedding row of the model (a 2-row tensor is not silently concatenated into one prompt,
+    and a bad id is a one-line error rather than an IndexError deep in the embedding)."""
+    if isinstance(prompt_ids, torch.Tensor):
+        if prompt_ids.dim() > 2 or (prompt_ids.dim() == 2 and prompt_ids.shape[0] != 1):
+            raise ValueError(f"prompt_ids must be one prompt (a 1-D or 1 x T tensor), got shape "
+                             f"{tuple(prompt_ids.shape)}")
+        prompt_ids = prompt_ids.flatten().tolist()
+    ids = list(prompt_ids)
+    vocab = model.config.vocab_size
+    bad = next((i for i in ids if not 0 <= i < vocab), None)
+    if bad is not None:
+        raise ValueError(f"prompt token id {bad} is outside the model's vocabulary [0, {vocab})")
+    return ids
+
+
 def _device(model: torch.nn.Module) -> torch.device:
     return model.lm_head.weight.device
 
@@ -334,9 +351,7 @@ def iter_generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor,
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if stop_strings and tokenizer is None:
         raise ValueError("stop strings need a tokenizer to decode the text")
-    if isinstance(prompt_ids, torch.Tensor):
-        prompt_ids = prompt_ids.flatten().tolist()
-    ids, max_new_tokens = fit_context(prompt_ids, max_new_tokens,
+    ids, max_new_tokens = fit_context(_prompt_list(prompt_ids, model), max_new_tokens,
                                       model.config.max_position_embeddings)
     device, B, T = _device(model), num_samples, len(ids)
     stop_set = set(int(i) for i in stop_ids)
@@ -404,11 +419,12 @@ def generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, max_n
              vocab_size: int | None = None, *, min_p: float | None = None) -> GenerationResult:
     """Sample `num_samples` continuations of one prompt (a batch sharing one prefill).
 
-    prompt_ids: list of ids or a 1-D tensor. temperature 0 = greedy. top_k >= 1, top_p in
-    (0, 1], min_p in [0, 1], repetition_penalty > 0 (1 = off). Generation of a row ends at a stop id, a stop
-    string (needs `tokenizer`) or after max_new_tokens. `generator` (torch.Generator on the
-    model's device) makes sampling reproducible: same seed, same tokens. `stream(row, text)` is
-    called with each piece of finished text (complete UTF-8 characters, stop strings held back).
+    prompt_ids: list of ids or a 1-D (or 1 x T) tensor. temperature 0 = greedy. top_k >= 1,
+    top_p in (0, 1], min_p in [0, 1], repetition_penalty > 0 (1 = off). Generation of a row ends
+    at a stop id, a stop string (needs `tokenizer`) or after max_new_tokens. `generator`
+    (torch.Generator on the model's device) makes sampling reproducible: same seed, same tokens.
+    `stream(row, text)` is called with each piece of finished text (complete UTF-8 characters,
+    stop strings held back).
     Only ids below `vocab_size` (default: the tokenizer's vocab_size) are ever generated: a
     model may have more embedding rows than its tokenizer has tokens.
     """
@@ -442,8 +458,8 @@ def generate_many(model: Transformer, prompts: Sequence[Sequence[int]], max_new_
     device = _device(model)
     stop = torch.tensor(sorted(stop_set), dtype=torch.long, device=device)
     # each prompt fitted into the context as `generate` fits it (empty ones refused)
-    fitted = [fit_context(ids, max_new_tokens, model.config.max_position_embeddings)
-              for ids in prompts]
+    fitted = [fit_context(_prompt_list(ids, model), max_new_tokens,
+                          model.config.max_position_embeddings) for ids in prompts]
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (ids, n_new) in enumerate(fitted):
         groups.setdefault((len(ids), n_new), []).append(i)
@@ -506,9 +522,7 @@ def beam_search(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, nu
     if stop_strings and tokenizer is None:
         raise ValueError("stop strings need a tokenizer to decode the text")
     n_vocab = _vocab_limit(vocab_size, tokenizer)
-    if isinstance(prompt_ids, torch.Tensor):
-        prompt_ids = prompt_ids.flatten().tolist()
-    ids, max_new_tokens = fit_context(prompt_ids, max_new_tokens,
+    ids, max_new_tokens = fit_context(_prompt_list(prompt_ids, model), max_new_tokens,
                                       model.config.max_position_embeddings)
     device, K, T = _device(model), num_beams, len(ids)
     stop_set = set(int(i) for i in stop_ids)

@@ -16,8 +16,8 @@ adapter's LoRALinear (the base linear for base rows). So one decode forward serv
 mixes adapters, the math is exactly engine.lora's (LoRA, rsLoRA, DoRA, NF4 bases), and an adapter
 costs only its LoRA tensors. Adapters that replace whole modules (PEFT modules_to_save) are refused.
 
-Sampling is engine.generation's (repetition penalty, temperature, top-k, top-p; the same stop
-handling via StopStringStream), per sequence with its own torch.Generator, so a greedy request
+Sampling is engine.generation's (repetition penalty, temperature, top-k, top-p, min-p; the same
+stop handling via StopStringStream), per sequence with its own torch.Generator, so a greedy request
 returns what engine.generation.generate / generate.py return for the same prompt, and a seeded one
 does not depend on what else is in the batch. Choice i of a request with `seed` s uses seed s + i.
 (A request decoded alone runs exactly generate()'s forward; batched with others its row math is
@@ -341,7 +341,9 @@ class Engine:
     def _queued_locked(self) -> tuple[int, int]:
         """(waiting requests the next iteration cannot admit, rows taken once it admits the
         others): the queue limit counts only requests that must wait for a row."""
-        rows = sum(r.remaining for r in self._running if not r.cancelled)
+        # a snapshot: the scheduler thread discards finished requests from _running without the
+        # lock, and iterating the live set could raise "Set changed size during iteration"
+        rows = sum(r.remaining for r in tuple(self._running) if not r.cancelled)
         for i, r in enumerate(self._waiting):
             if rows + r.num_seqs > self.max_batch:  # admission is FIFO: the rest wait too
                 return len(self._waiting) - i, rows

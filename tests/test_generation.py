@@ -451,6 +451,51 @@ def test_beam_search_matches_transformers(tmp_path):
             assert torch.allclose(torch.tensor(ours.scores), ref.sequences_scores, rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["Llama", "Mistral", "Qwen2"])
+def test_greedy_and_seeded_sampling_equal_transformers_generate(arch, tmp_path):
+    """Token for token equal to transformers' generate() on a random tiny GQA checkpoint saved
+    by transformers and read by load_model: greedy with two eos ids, and sampling with every
+    processor (same global seed: both draw torch.multinomial once per step). Mistral's window
+    (6) is shorter than the prompts and the generation, so the cache must mask keys that left
+    it. generate_many over prompts of mixed lengths equals one at a time."""
+    tf = pytest.importorskip("transformers")
+    from engine.hub import load_model
+    cfg = getattr(tf, f"{arch}Config")(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False, **({"sliding_window": 6} if arch == "Mistral" else {}))
+    torch.manual_seed(0)
+    hf = getattr(tf, f"{arch}ForCausalLM")(cfg).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(20)
+    hf.save_pretrained(str(tmp_path))
+    model, _ = load_model(str(tmp_path))
+    assert model.config.sliding_window == (6 if arch == "Mistral" else None)
+    prompts = [[(7 * i + 3 * n) % 94 + 3 for i in range(n)] for n in (3, 9, 9, 14)]
+    eos = [int(t) for t in generate(model, prompts[1], 16, temperature=0).tokens[0][5:7]]
+
+    def hf_gen(p, **kw):
+        out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                          max_new_tokens=16, pad_token_id=0, **kw)
+        return out[0, len(p):].tolist()
+
+    singles = []
+    for p in prompts:
+        ref = hf_gen(p, do_sample=False, eos_token_id=eos)  # ends with the eos id if one came
+        res = generate(model, p, 16, temperature=0, stop_ids=eos)
+        stopped = res.finish_reasons[0] == "stop"
+        assert (res.tokens[0], stopped) == ((ref[:-1], True) if ref[-1] in eos else (ref, False))
+        singles.append((res.tokens[0], stopped))
+    assert any(s for _, s in singles)  # the eos ids were met
+    assert generate_many(model, prompts, 16, temperature=0, stop_ids=eos, batch_size=2) == singles
+    kw = dict(temperature=1.3, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.3)
+    for p in prompts[::2]:
+        torch.manual_seed(5)
+        ref = hf_gen(p, do_sample=True, eos_token_id=None, **kw)
+        torch.manual_seed(5)
+        assert generate(model, p, 16, **kw).tokens[0] == ref, p
+
+
 def test_beam_search_repetition_penalty_matches_transformers(tmp_path):
     """HF's beam search applies the repetition penalty to each beam's log-probs (prompt + its
     tokens) and sums the penalized values: same hypotheses and scores, penalty > 1 and < 1."""
@@ -694,6 +739,24 @@ def test_bad_arguments_raise_clear_errors():
             generate(model, [1, 2], 4, **kw)
     with pytest.raises(ValueError, match="empty"):
         generate(model, [], 4)
+
+
+def test_bad_prompts_one_line_error_not_concatenated_or_index_error():
+    """A 2-row tensor was flattened into one 6-token prompt (a silently wrong answer), and an id
+    past the vocabulary (or negative) was an IndexError from the embedding (a CUDA assert on a
+    GPU). A 1 x T tensor stays accepted."""
+    model = tiny_model()
+    V = model.config.vocab_size
+    with pytest.raises(ValueError, match=r"one prompt .*\(2, 3\)"):
+        generate(model, torch.tensor([[1, 2, 3], [4, 5, 6]]), 3, temperature=0)
+    for call in (lambda ids: generate(model, ids, 3, temperature=0),
+                 lambda ids: beam_search(model, ids, 2, 3),
+                 lambda ids: generate_many(model, [[1, 2], ids], 3, temperature=0)):
+        for bad in (V, -1):
+            with pytest.raises(ValueError, match=rf"token id {bad} is outside .*\[0, {V}\)"):
+                call([5, bad])
+    ref = generate(model, [1, 2, 3], 4, temperature=0).tokens
+    assert generate(model, torch.tensor([[1, 2, 3]]), 4, temperature=0).tokens == ref
 
 
 def test_iterator_api_and_stats():
