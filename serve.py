@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         set_chat_template(tok, template)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     engine = Engine(model, tok, name, adapters, max_batch=args.max_batch,
-                    max_queue=args.max_queue, max_model_len=args.max_model_len)
+                    max_queue=args.max_queue, max_model_len=args.max_model_len,
+                    chat_template=template)
     limits = Limits(max_body=args.max_body_bytes, body_timeout=args.timeout,
                     write_timeout=args.timeout)
     api_key = args.api_key or os.environ.get("WHETSTONE_API_KEY") or None

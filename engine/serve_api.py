@@ -31,6 +31,7 @@ from typing import Callable
 
 from engine.serve_engine import Engine, GenRequest, SamplingParams
 from engine.tool_calls import ToolCallParser
+from tokenizer.chat import render_chat
 
 # =============================================================================================
 # Errors
@@ -139,10 +140,12 @@ class API:
         if model not in self.engine.model_names:
             raise APIError(404, f"the model '{model}' does not exist; available: "
                            f"{', '.join(self.engine.model_names)}", "model", "model_not_found")
+        adapter = model if model != self.engine.name else None
         parse_tools, max_calls = False, None
         if kind == "chat":
             tools, parse_tools, max_calls = _tool_options(body)
-            prompts = [self._chat_ids(body.get("messages"), tools)]
+            prompts = [self._chat_ids(body.get("messages"), tools,
+                                      self.engine.chat_templates[adapter])]
         else:
             prompts = self._prompt_ids(body.get("prompt"))
         n = _typed(body, "n", "int", 1)
@@ -160,7 +163,6 @@ class API:
                        "stream_options")
         if opts is not None and not stream:
             raise _bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
-        adapter = model if model != self.engine.name else None
         return Job(kind, model, adapter, prompts, params, n, stream,
                    bool(opts and opts.get("include_usage")), parse_tools, max_calls)
 
@@ -249,7 +251,9 @@ class API:
             raise _bad(f"token ids in 'prompt' must be integers in [0, {V})", "prompt")
         return list(ids)
 
-    def _chat_ids(self, messages, tools: list[dict] | None = None) -> list[int]:
+    def _chat_ids(self, messages, tools: list[dict] | None = None,
+                  template: str | None = None) -> list[int]:
+        """The prompt ids of a chat request, rendered with `template` (the requested model's)."""
         if not isinstance(messages, list) or not messages:
             raise _bad("'messages' must be a non-empty list of {role, content} objects",
                        "messages")
@@ -282,15 +286,15 @@ class API:
                         msg[key] = m[key]
             clean.append(msg)
         try:
-            text = self._render(clean, tools)
+            text = self._render(clean, tools, template)
             # A template that leaves tools or calls out would answer without them: refuse.
-            if tools and self._render(clean, None) == text:
+            if tools and self._render(clean, None, template) == text:
                 raise _bad("the model's chat template does not support tools (it renders none "
                            "of 'tools'); serve a model whose template does, or leave 'tools' "
                            "out", "tools")
             if any("tool_calls" in m for m in clean) and self._render(
                     [{k: v for k, v in m.items() if k != "tool_calls"} for m in clean],
-                    tools) == text:
+                    tools, template) == text:
                 raise _bad("the model's chat template does not render the assistant messages' "
                            "'tool_calls'", "messages")
             # as apply_chat_template(tokenize=True): the rendered text, no BOS / EOS added
@@ -298,9 +302,10 @@ class API:
         except ValueError as e:  # ChatTemplateError, a lone surrogate, ...
             raise _bad(f"cannot apply the chat template: {e}", "messages") from None
 
-    def _render(self, messages: list[dict], tools: list[dict] | None) -> str:
-        return self.tok.apply_chat_template(messages, add_generation_prompt=True,
-                                            tokenize=False, tools=tools)
+    def _render(self, messages: list[dict], tools: list[dict] | None,
+                template: str | None) -> str:
+        return render_chat(self.tok, messages, add_generation_prompt=True, template=template,
+                           tools=tools)
 
 
 def _tool_options(body: dict) -> tuple[list[dict] | None, bool, int | None]:

@@ -28,6 +28,7 @@ with generate() on random and real models.)
 from __future__ import annotations
 
 import collections
+import copy
 import itertools
 import secrets
 import sys
@@ -42,6 +43,7 @@ import torch.nn as nn
 from engine.generation import (StopStringStream, apply_repetition_penalty, mask_past_vocab,
                                sample)
 from engine.metrics import Registry
+from tokenizer.base import read_tokenizer_config
 
 # =============================================================================================
 # Errors
@@ -267,6 +269,13 @@ class Sequence:
 
 # =============================================================================================
 # The scheduler: one thread owns the model
+def _stop_ids_with(tokenizer, template: str | None) -> set[int]:
+    """The tokenizer's stop ids were its chat template `template` (its end-of-turn token)."""
+    tok = copy.copy(tokenizer)
+    tok.chat_template = template
+    return set(tok.stop_ids)
+
+
 # =============================================================================================
 class Engine:
     """Continuous batching over a SlotPool. `submit` (any thread) enqueues a GenRequest or raises
@@ -275,7 +284,8 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer, name: str = "model",
                  adapters: dict[str, str] | None = None, max_batch: int = 8,
                  max_queue: int = 64, max_model_len: int | None = None,
-                 registry: Registry | None = None, step_hook: Callable[[], None] | None = None):
+                 registry: Registry | None = None, step_hook: Callable[[], None] | None = None,
+                 chat_template: str | None = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, "
                              f"{max_queue}")
@@ -295,6 +305,16 @@ class Engine:
                 raise ValueError(f"adapter name {a!r} must be non-empty and differ from the "
                                  f"base model's name {name!r}")
         self.selector = install_adapters(model, self.adapters) if self.adapters else None
+        # Each model's chat template and stop ids: an adapter trained with a template of its own
+        # (train.py --chat-template) saved it beside its weights; chat_template (serve.py
+        # --chat-template) replaces them all.
+        self.chat_templates = {None: chat_template or tokenizer.chat_template}
+        for a, directory in self.adapters.items():
+            own = read_tokenizer_config(directory).get("chat_template")
+            self.chat_templates[a] = chat_template or own or tokenizer.chat_template
+        self.stop_ids_of = {a: self.stop_ids if t == tokenizer.chat_template
+                            else _stop_ids_with(tokenizer, t)
+                            for a, t in self.chat_templates.items()}
         self.pool = SlotPool(model, max_batch, self.max_len)
         self.active: list[Sequence] = []  # active[i].slot == i
         self._waiting: collections.deque[GenRequest] = collections.deque()
@@ -323,6 +343,9 @@ class Engine:
 
     # -- requests -----------------------------------------------------------------------------
     def submit(self, req: GenRequest) -> None:
+        if req.adapter is not None and req.adapter not in self.adapters:  # not the base's answer
+            raise ValueError(f"no adapter {req.adapter!r}; this engine has "
+                             f"{sorted(self.adapters) or 'none'}")
         if not 1 <= req.num_seqs <= self.max_batch:  # it could never be admitted
             raise ValueError(f"a request of {req.num_seqs} sequences does not fit this engine's "
                              f"batch of {self.max_batch}")
@@ -502,7 +525,7 @@ class Engine:
         seq.n_ids += 1
         seq.sampled += 1
         reason = None
-        if tid in self.stop_ids:
+        if tid in self.stop_ids_of[req.adapter]:
             reason, text = "stop", seq.stream.finish()
         else:
             seq.completion_tokens += 1

@@ -963,3 +963,32 @@ def test_training_metrics_server_standalone():
             TrainingMetricsServer(srv.port)  # port taken: one clear line
     with pytest.raises(OSError):  # closed
         urllib.request.urlopen(srv.url, timeout=2)
+
+
+def test_adapter_with_its_own_chat_template_gets_its_prompt_and_stop_ids(ckpt, tmp_path):
+    """An adapter trained with train.py --chat-template saved that template: chat requests to
+    it are rendered with it and stop at its end of turn; the base keeps ChatML. serve.py's
+    --chat-template (chat_template=) replaces every model's. An unknown adapter is refused."""
+    import shutil
+    from engine.serve import API
+    from tokenizer.chat import DEFAULT_CHAT_TEMPLATE, render_chat
+    own = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '<|endoftext|>' }}"
+           "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    tuned = tmp_path / "tuned"
+    shutil.copytree(ckpt["adapter"], tuned)
+    (tuned / "tokenizer_config.json").write_text(json.dumps({"chat_template": own}))
+    msgs = [{"role": "user", "content": "Hi"}]
+    for override in (None, own):
+        model, tok = load_model(ckpt["base"])
+        engine = Engine(model, tok, "base", {"ad": ckpt["adapter"], "t": str(tuned)},
+                        registry=Registry(), chat_template=override)
+        api = API(engine)
+        for name in ("base", "ad", "t"):
+            expected = own if override or name == "t" else DEFAULT_CHAT_TEMPLATE
+            ids = api.prepare("chat", {"model": name, "messages": msgs}).prompts[0]
+            assert ids == tok.encode(render_chat(tok, msgs, template=expected), add_bos=False)
+            adapter = None if name == "base" else name
+            assert (258 in engine.stop_ids_of[adapter]) == (expected == DEFAULT_CHAT_TEMPLATE)
+            assert 256 in engine.stop_ids_of[adapter]  # EOS always
+    with pytest.raises(ValueError, match="no adapter 'nope'"):
+        engine.submit(GenRequest([[1, 2]], SamplingParams(max_tokens=1), adapter="nope"))
