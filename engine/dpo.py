@@ -135,7 +135,7 @@ def load_preference_data(path: str, tok, seq_len: int, val_fraction: float = 0.1
         val_raw, val_skipped = load_preferences(val_path, on_error, warn)
         train_raw, skipped = raw, skipped + val_skipped
     else:
-        tr, va = split_indices(len(raw), val_fraction, seed)
+        tr, va = split_indices(len(raw), val_fraction, seed, source=path)
         train_raw, val_raw = [raw[i] for i in tr], [raw[i] for i in va]
     train, rt = PreferenceSet.tokenize(train_raw, tok, seq_len, on_error, warn, path)
     val, rv = PreferenceSet.tokenize(val_raw, tok, seq_len, on_error, warn, val_path or path)

@@ -646,14 +646,15 @@ def response_loss(model, dataset: SFTDataset, batch_size: int, device="cpu", aut
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "n_tokens": count}
 
 
-def split_indices(n: int, val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+def split_indices(n: int, val_fraction: float, seed: int = 0,
+                  source: str | None = None) -> tuple[list[int], list[int]]:
     """Deterministic example-level split: a seeded permutation, the first ceil(n * fraction)
     (at least 1) held out. Same file, same fraction, same seed -> same split."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if n < 2:
-        raise ValueError(f"{n} example(s): too few to hold out a validation split; give a "
-                         "separate validation file")
+        raise ValueError(f"{source + ': ' if source else ''}{n} example(s): too few to hold out "
+                         "a validation split; give a separate validation file (--val-data)")
     n_val = min(n - 1, max(1, math.ceil(n * val_fraction)))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(perm[n_val:]), sorted(perm[:n_val])
@@ -672,7 +673,7 @@ def load_sft(path: str, tok, seq_len: int, val_fraction: float = 0.1, val_path: 
         val_ex, val_skipped = load_examples(val_path, on_error, warn)
         train_ex = examples
     else:
-        tr, va = split_indices(len(examples), val_fraction, split_seed)
+        tr, va = split_indices(len(examples), val_fraction, split_seed, source=path)
         train_ex, val_ex, val_skipped = [examples[i] for i in tr], [examples[i] for i in va], []
     train = SFTDataset.from_examples(train_ex, tok, seq_len, on_error, warn, path)
     val = SFTDataset.from_examples(val_ex, tok, seq_len, on_error, warn, val_path or path)

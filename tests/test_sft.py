@@ -809,3 +809,10 @@ def test_resume_refuses_sft_data_that_changed(tmp_path, monkeypatch):
     _write(tmp_path, "d.jsonl", changed)
     _strip_data_keys(run)
     assert train.main(["--resume", run, "--no-progress", "--threads", "1"]) == 0  # not checked
+
+
+def test_one_example_file_names_itself_in_the_split_error(tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    with pytest.raises(ValueError, match=rf"^{path}: 1 example\(s\): too few .* \(--val-data\)$"):
+        load_sft(str(path), _byte_bpe(None), seq_len=16)
