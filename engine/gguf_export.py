@@ -9,8 +9,11 @@ Follows llama.cpp's convert_hf_to_gguf.py (shared/FORMATS.md section 4): the `ll
 architecture for Llama and Mistral, whose q and k rows are permuted to GGUF's interleaved RoPE
 pairs; `qwen2` for models with q/k/v bias, unpermuted. Norms and biases stay F32; in a q8_0
 file a weight whose rows don't split into 32-value blocks stays F16, as llama.cpp does; Llama 3
-RoPE scaling is written as the `rope_freqs` per-frequency divisors. Tokenizer metadata is copied
-key by key from a GGUF source; otherwise it is built from the tokenizer: byte-level BPE ->
+RoPE scaling is written as the `rope_freqs` per-frequency divisors. llama.cpp has no sliding
+window (a Mistral window shorter than the context gets a warning: the file attends to every
+earlier token, as convert_hf_to_gguf.py's Mistral files do) and its qwen2 ignores `rope_freqs`
+(llama3 scaling with q/k/v bias is refused: the file would give other logits). Tokenizer metadata is copied key by key from a GGUF source (the chat template replaced
+by an adapter's own); otherwise it is built from the tokenizer: byte-level BPE ->
 "gpt2" with llama.cpp's pre-tokenizer name (found by splitting a probe text both ways),
 SentencePiece -> "llama" with each piece's score and type; llama.cpp wants a token per
 embedding row, so rows past the tokenizer's vocab get "[PAD{i}]" tokens of type UNUSED. The file is written beside --out
@@ -149,6 +152,9 @@ def write_model_metadata(w, config, kind: str, name: str) -> None:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rs["factor"]))
     elif rope_type == "llama3":
+        if gguf_arch(c) == "qwen2":  # llama.cpp's qwen2 graph never reads rope_freqs
+            raise ValueError("llama3 rope scaling with q/k/v bias (GGUF architecture qwen2) has "
+                             "no GGUF form: llama.cpp's qwen2 ignores the rope_freqs tensor")
         if (rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)) != (1.0, 4.0):
             raise ValueError("llama3 rope scaling with low/high frequency factors other than "
                              "1 and 4 has no GGUF form that loads back the same")
@@ -160,15 +166,21 @@ def write_model_metadata(w, config, kind: str, name: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Tokenizer metadata
 # ---------------------------------------------------------------------------------------------
-def copy_tokenizer_fields(w, path: str) -> None:
-    """Every tokenizer.* key of a GGUF file, with its exact value type."""
+def copy_tokenizer_fields(w, path: str, chat_template: str | None = None) -> None:
+    """Every tokenizer.* key of a GGUF file, with its exact value type; `chat_template` (an
+    adapter's own, which load_model put on the tokenizer) replaces the file's."""
     gguf = _gguf()
-    for key, field in gguf.GGUFReader(path).fields.items():
+    fields = gguf.GGUFReader(path).fields
+    key_tpl = gguf.Keys.Tokenizer.CHAT_TEMPLATE
+    for key, field in fields.items():
         if not key.startswith("tokenizer."):
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(key, field.contents(), vtype, sub_type=sub)
+        value = chat_template if key == key_tpl and chat_template else field.contents()
+        w.add_key_value(key, value, vtype, sub_type=sub)
+    if chat_template and key_tpl not in fields:
+        w.add_chat_template(chat_template)
 
 
 def pre_tokenizer_name(tok) -> str:
@@ -245,6 +257,14 @@ def export_gguf(model, tok, out: str, kind: str = "f16", name: str = "model",
     cfg = model.config
     if tok is not None and tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens, the model {cfg.vocab_size} rows")
+    gguf_arch(cfg)  # refusals before a file is created
+    w = cfg.sliding_window
+    if w is not None and w < cfg.max_position_embeddings:
+        # llama.cpp's llama architecture (which convert_hf_to_gguf.py gives Mistral too) has no
+        # window: the same model up to w tokens, every earlier token attended to past them
+        print(f"warning: llama.cpp has no sliding window: the GGUF file attends to every earlier "
+              f"token, so it gives this model's logits up to {w} tokens and others past them "
+              f"(as convert_hf_to_gguf.py's Mistral files do)", file=sys.stderr)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), suffix=".gguf.tmp")
     os.close(fd)
     umask = os.umask(0)
@@ -255,7 +275,7 @@ def export_gguf(model, tok, out: str, kind: str = "f16", name: str = "model",
         w = gguf.GGUFWriter(tmp, gguf_arch(cfg))
         write_model_metadata(w, cfg, kind, name)
         if tokenizer_from is not None:
-            copy_tokenizer_fields(w, tokenizer_from)
+            copy_tokenizer_fields(w, tokenizer_from, tok.chat_template if tok is not None else None)
         elif tok is not None:
             write_tokenizer_metadata(w, tok, cfg.vocab_size)
         plan = export_tensors(model, kind)

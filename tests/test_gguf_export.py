@@ -302,3 +302,75 @@ def test_llama_cpp_reads_the_export_to_the_same_logits(tmp_path):
             llm.eval(ids)
             theirs = torch.from_numpy(np.array(llm.scores[:len(ids)]))
             assert (theirs - logits(model, ids)).abs().max() < 5e-3, (family, text)  # f16 KV cache
+
+
+def test_window_warned_and_qwen2_llama3_without_gguf_form_refused(tmp_path, capsys):
+    """llama.cpp's llama architecture (what convert_hf_to_gguf.py writes for Mistral too) has no
+    sliding window: the export says so (same logits within the window, others past it: a window
+    of 5 gave max |diff| 4.35 at 27 tokens). Its qwen2 never reads rope_freqs: refused. A window
+    that covers the whole context hides nothing and exports as plain llama, without a word."""
+    from engine.checkpoint import save_model
+    mistral = random_model(sliding_window=5, architectures=["MistralForCausalLM"])
+    save_model(mistral, str(tmp_path / "mistral"))
+    out = tmp_path / "w.gguf"
+    assert cli(["--model", str(tmp_path / "mistral"), "--out", str(out), "--type", "f32"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: llama.cpp has no sliding window" in err and "up to 5 tokens" in err, err
+    back, _ = load_gguf(str(out))
+    assert (logits(back, [3, 4, 5, 6, 7]) - logits(mistral, [3, 4, 5, 6, 7])).abs().max() < 1e-5
+    out.unlink()
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    qwen2 = random_model(attention_bias=True, rope_scaling=llama3, architectures=["Qwen2ForCausalLM"])
+    with pytest.raises(ValueError, match="qwen2 ignores the rope_freqs"):
+        export_gguf(qwen2, None, str(out), "f32")
+    assert not out.exists()
+    wide = random_model(sliding_window=128, architectures=["MistralForCausalLM"])  # = context
+    export_gguf(wide, None, str(out), "f32")
+    assert "warning" not in capsys.readouterr().err
+    back, fields = load_gguf(str(out))
+    assert fields["general.architecture"] == "llama"
+    ids = list(range(3, 131))  # the whole context
+    assert (logits(back, ids) - logits(wide, ids)).abs().max() < 1e-5
+
+
+def test_gguf_source_with_adapter_keeps_the_adapters_chat_template(tmp_path):
+    """--model FILE.gguf --adapter DIR (the README's demo-model export): the tokenizer keys are
+    copied from the source file, and its chat template replaced the one the adapter was trained
+    with (which load_model(model, adapter=...) and generate.py use)."""
+    from engine.hub import load_model
+    export_gguf(random_model(), bpe_tokenizer(tmp_path), str(tmp_path / "base.gguf"), "f32")
+    model, tok = load_model(str(tmp_path / "base.gguf"))
+    apply_lora(model, targets=("q_proj",), r=2, alpha=4)
+    save_adapter(model, str(tmp_path / "ad"))
+    own = "{% for m in messages %}### {{ m.content }}\n{% endfor %}"
+    tok.chat_template = own
+    tok.save(str(tmp_path / "ad"))
+    out = str(tmp_path / "x.gguf")
+    assert cli(["--model", str(tmp_path / "base.gguf"), "--adapter", str(tmp_path / "ad"),
+                "--out", out, "--type", "f32"]) == 0
+    a, b = gguf.GGUFReader(str(tmp_path / "base.gguf")).fields, gguf.GGUFReader(out).fields
+    assert b["tokenizer.chat_template"].contents() == own
+    assert all(b[k].contents() == a[k].contents() for k in a
+               if k.startswith("tokenizer.") and k != "tokenizer.chat_template")
+
+
+def test_q8_0_blocks_are_gguf_quants_bytes(tmp_path):
+    """Every Q8_0 tensor of an export is, byte for byte, gguf.quants.quantize of the weight as
+    llama.cpp lays it out (q and k rows permuted per head first)."""
+    from engine.gguf import permute_qk
+    from engine.gguf_export import gguf_tensor_names
+    model = random_model()
+    path = str(tmp_path / "q.gguf")
+    export_gguf(model, None, path, "q8_0")
+    by_gguf = {g: hf for hf, g in gguf_tensor_names(model.config).items()}
+    by_gguf["output.weight"] = "lm_head.weight"
+    sd, q8 = model.state_dict(), gguf.GGMLQuantizationType.Q8_0
+    tensors = [t for t in gguf.GGUFReader(path).tensors if t.tensor_type == q8]
+    assert len(tensors) == 2 + 7 * 2  # every matrix: rows of 64 and 96 are whole blocks
+    for t in tensors:
+        w = sd[by_gguf[t.name]].float()
+        if ".attn_q." in t.name or ".attn_k." in t.name:
+            w = permute_qk(w, 4 if ".attn_q." in t.name else 2)
+        want = gguf.quants.quantize(w.numpy(), q8)
+        assert bytes(memoryview(t.data).cast("B")) == want.tobytes(), t.name

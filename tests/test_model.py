@@ -238,3 +238,56 @@ def test_kv_cache_of_another_dtype_never_crashes():
     got = torch.cat(out, 1)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, full, atol=2e-2, rtol=2e-2)  # keys rounded to bf16
+
+
+def _hf_twin(cls_name, **kw):
+    """A random transformers model and the engine model with the same weights."""
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               rms_norm_eps=1e-5, **kw)
+    hf = getattr(transformers, cls_name)(
+        getattr(transformers, cls_name.replace("ForCausalLM", "Config"))(**cfg)).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g) if name.endswith("norm.weight")
+                    else 0.1 * torch.randn(p.shape, generator=g))
+    ours = Transformer(ModelConfig(**cfg, architectures=[cls_name],
+                                   attention_bias=cls_name.startswith("Qwen2"))).eval()
+    ours.load_state_dict(hf.state_dict())
+    ours.tie_weights()
+    return hf, ours
+
+
+@pytest.mark.parametrize("cls_name, kw", [("MistralForCausalLM", dict(sliding_window=5)),
+                                          ("Qwen2ForCausalLM", dict(tie_word_embeddings=True))])
+def test_cached_decoding_left_padding_and_gradients_match_transformers(cls_name, kw):
+    """Beyond the window (Mistral) with the KV cache (prefill, then one token at a time, then a
+    chunk); a left-padded row (doc_ids + position_ids) as the same row alone and as transformers
+    with an attention mask; the loss gradients of every weight as transformers' loss.backward."""
+    hf, ours = _hf_twin(cls_name, **kw)
+    ids = torch.randint(0, 128, (2, 30))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        cache = ours.new_cache(2, 30)
+        got = [ours(ids[:, :7], cache=cache)]  # prefill, one token at a time, then a chunk
+        got += [ours(ids[:, t:t + 1], cache=cache) for t in range(7, 20)]
+        got += [ours(ids[:, 20:], cache=cache)]
+        assert (torch.cat(got, 1) - ref).abs().max() < 1e-5
+        pad = 9
+        mask = torch.ones_like(ids)
+        mask[0, :pad] = 0
+        padded = ids.masked_fill(mask == 0, 0)
+        batched = ours(padded, doc_ids=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        alone = ours(ids[:1, pad:])[0]
+        assert (batched[0, pad:] - alone).abs().max() < 1e-5
+        assert (hf(padded, attention_mask=mask).logits[0, pad:] - alone).abs().max() < 1e-5
+        assert (batched[1] - ref[1]).abs().max() < 1e-5
+    labels = ids.clone()
+    labels[0, :4] = -100
+    hf.train()(ids, labels=labels).loss.backward()  # transformers shifts the labels itself
+    ours.train()(ids[:, :-1], labels=labels[:, 1:]).backward()
+    theirs = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        assert (p.grad - theirs[name].grad).abs().max() < 1e-6, name
