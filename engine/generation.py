@@ -123,7 +123,7 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
 # ---------------------------------------------------------------------------------------------
 def prefill(model: Transformer, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Run the prompt (B, T) through the model, filling the cache; last position's logits (B, V)."""
-    return model(input_ids, cache=cache)[:, -1]
+    return model(input_ids, cache=cache, logits_to_keep=1)[:, -1]
 
 
 def decode_one_token(model: Transformer, token: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -203,12 +203,14 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 cache: KVCache | None = None, position_ids: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, ignore_index: int = -100,
-                reduction: str = "mean"):
+                reduction: str = "mean", logits_to_keep: int = 0):
         """input_ids: (B, T). labels: (B, T) targets already aligned with the inputs (the token
         that follows each position; ignore_index where no loss). doc_ids: (B, T) document index
         per position for packed sequences: attention never crosses documents. Returns logits
         (B, T, V) without labels; with labels the mean loss, or with reduction="none" the (B, T)
-        fp32 NLL per position (0 where ignored), both without the full fp32 logits."""
+        fp32 NLL per position (0 where ignored), both without the full fp32 logits.
+        logits_to_keep=N (transformers' argument): logits of the last N positions only, (B, N, V)
+        (a prefill needs one row, not T x V)."""
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
         if position_ids is None:
@@ -227,7 +229,7 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.pos += T
         if labels is None:
-            return self.lm_head(x)  # (B, T, V)
+            return self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)  # (B, T|N, V)
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         x, labels = x.reshape(B * T, -1), labels.reshape(B * T)

@@ -198,7 +198,7 @@ def forward_rows(model: nn.Module, ids: torch.Tensor, cache: RowsCache) -> torch
     gets per-row positions and a key mask hides each row's positions beyond its own length."""
     B, T = ids.shape
     if cache.uniform:
-        return model(ids, cache=cache)[:, -1]  # exactly engine.generation's prefill / decode
+        return model(ids, cache=cache, logits_to_keep=1)[:, -1]  # engine.generation's prefill
     positions = cache.start[:, None]  # (B, 1)
     cos, sin = model.rotary(positions)  # (B, 1, 1, D)
     kpos = torch.arange(cache.span, device=ids.device)

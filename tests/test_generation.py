@@ -82,7 +82,7 @@ class ScriptedModel(nn.Module):
         m.prompt_len = None
         return Cache()
 
-    def forward(self, input_ids, cache=None):
+    def forward(self, input_ids, cache=None, logits_to_keep=0):
         B, T = input_ids.shape
         if self.prompt_len is None:
             self.prompt_len = T
@@ -346,7 +346,7 @@ class Bf16Logits(nn.Module):
     def new_cache(self, batch_size, max_len):
         return NullCache()
 
-    def forward(self, input_ids, cache=None):
+    def forward(self, input_ids, cache=None, logits_to_keep=0):
         logits = torch.full((*input_ids.shape, 10), -5.0, dtype=torch.bfloat16)
         logits[..., 5], logits[..., 7] = 10.3125, 7.9375
         return logits
@@ -533,7 +533,7 @@ class BigramModel(nn.Module):
     def new_cache(self, batch_size, max_len):
         return NullCache()
 
-    def forward(self, input_ids, cache=None):
+    def forward(self, input_ids, cache=None, logits_to_keep=0):
         return self.logp[input_ids]  # (B, T, V)
 
 
@@ -653,7 +653,7 @@ class PaddedModel(ScriptedModel):
     def __init__(self, script):
         super().__init__(script, vocab=300)
 
-    def forward(self, input_ids, cache=None):
+    def forward(self, input_ids, cache=None, logits_to_keep=0):
         logits = super().forward(input_ids, cache)
         logits[..., 257:] = 100.0
         return logits
