@@ -233,6 +233,20 @@ def test_stream_decoder_holds_partial_utf8(smol):
     assert "\ufffd" not in "".join(out)
 
 
+def test_stream_decoder_completes_a_character_the_prompt_ids_split(smol):
+    """A prompt given as ids can end inside a character (an emoji's first byte tokens); the
+    completion's ids finish it, and the stream prints the character whole, not dropped."""
+    ids = smol.encode("hi 🤗 there")
+    for cut in range(1, len(ids)):
+        if smol.decode(ids[:cut]).endswith("\ufffd"):
+            break
+    else:
+        pytest.skip("the emoji is one token in this vocabulary")
+    dec = StreamDecoder(smol, ids[:cut])
+    out = "".join(dec.push(i) for i in ids[cut:]) + dec.flush()
+    assert out == "🤗 there"
+
+
 def test_stream_decoder_equals_whole_decode_and_stays_local(smol):
     """Streamed pieces (after a prompt or not) add up to the whole decode, and each push decodes
     a few tokens, not the whole sequence (that made a long stream quadratic)."""

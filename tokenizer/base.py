@@ -272,6 +272,10 @@ class StreamDecoder:
         text = self.tok.decode(window)
         if text.endswith("\ufffd") and not final:
             return ""
-        new = text[len(self.tok.decode(window[:self.read - self.start])):]
+        head = self.tok.decode(window[:self.read - self.start])  # emitted already (or the prompt)
+        cut = len(head)
+        if not text.startswith(head):  # a prompt of ids ended inside a character the new ids
+            cut = len(head.rstrip("\ufffd"))  # complete: emit that character whole
+        new = text[cut:]
         self.start, self.read = self.read, len(self.ids)
         return new
