@@ -312,6 +312,8 @@ def main(argv=None) -> int:
     p.add_argument("--name", default=None, help="general.name (default: the output file's name)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
+    if os.path.isdir(args.out):  # checked before the (slow) model load
+        raise ValueError(f"--out {args.out} is a directory; give a FILE.gguf path")
     if os.path.exists(args.out) and not args.force:
         raise ValueError(f"{args.out} exists; pass --force to replace it")
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):

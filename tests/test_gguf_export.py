@@ -251,6 +251,7 @@ def test_cli_merges_an_adapter_and_refuses_bad_input(tmp_path, capsys):
     for args, msg in ((["--model", base, "--out", str(out)], "exists; pass --force"),
                       (["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "y.gguf")], "nope"),
                       (["--model", base, "--out", str(tmp_path / "no/y.gguf")], "no such directory"),
+                      (["--model", base, "--out", base, "--force"], "is a directory"),
                       (["--model", base, "--adapter", base, "--out", str(tmp_path / "y.gguf")],
                        "adapter")):
         assert cli(args) == 2
