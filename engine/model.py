@@ -128,7 +128,10 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
             if k.dtype != q.dtype:  # a cache made under another autocast setting than this step
                 k, v = k.to(q.dtype), v.to(q.dtype)
-        y = ops.attention(q, k, v, causal=True, window=self.window, mask=mask)  # (B, Hq, T, D)
+        # a cache whose rows sit at different positions (the server's) puts each row's window
+        # in `mask`: ops.attention's own window is placed by the last key, right for one row only
+        window = None if getattr(cache, "window_in_mask", False) else self.window
+        y = ops.attention(q, k, v, causal=True, window=window, mask=mask)  # (B, Hq, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 

@@ -177,6 +177,7 @@ class RowsCache:
         self.pool, self.rows, self.start, self.span = pool, rows, start, span
         self.uniform = bool((start == start[0]).all())
         self.pos = int(start[0])  # read by Transformer.forward when positions are uniform
+        self.window_in_mask = not self.uniform  # forward_rows's mask holds each row's window
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """k, v: (B, Hkv, T, D) -> all keys and values of these rows (B, Hkv, span, D)."""
@@ -202,7 +203,11 @@ def forward_rows(model: nn.Module, ids: torch.Tensor, cache: RowsCache) -> torch
     positions = cache.start[:, None]  # (B, 1)
     cos, sin = model.rotary(positions)  # (B, 1, 1, D)
     kpos = torch.arange(cache.span, device=ids.device)
-    mask = (kpos[None, :] <= cache.start[:, None])[:, None, None, :]  # (B, 1, 1, span)
+    mask = kpos[None, :] <= cache.start[:, None]  # (B, span)
+    window = getattr(model.config, "sliding_window", None)
+    if window:  # Mistral: row b sees its last `window` positions (Attention leaves it to mask)
+        mask = mask & (kpos[None, :] > cache.start[:, None] - window)
+    mask = mask[:, None, None, :]  # (B, 1, 1, span)
     x = model.model.embed_tokens(ids)  # (B, 1, H)
     for layer in model.model.layers:
         x = layer(x, cos, sin, cache, mask)
@@ -553,26 +558,16 @@ class Engine:
         start = torch.tensor([s.length for s in self.active], device=self.device)  # (B,)
         span = max(s.length for s in self.active) + 1
         self.pool.ensure(span)  # grows with what is generated, not with what max_tokens allows
-        window = getattr(self.model.config, "sliding_window", None)
-        if window and span > window and B > 1 and not bool((start == start[0]).all()):
-            # ops.attention places the window by the batch's last position: go row by row
-            blocks = [slice(i, i + 1) for i in range(B)]
-        else:
-            blocks = [slice(0, B)]
         self.m_batch.observe(B)
-        for rows in blocks:
-            seqs = self.active[rows]
-            groups = collections.defaultdict(list)
-            for i, s in enumerate(seqs):
-                groups[s.req.adapter].append(i)
-            self._select([(a, torch.tensor(r, device=self.device)) for a, r in groups.items()]
-                         if len(groups) > 1 else [(seqs[0].req.adapter, None)])
-            s_span = span if len(blocks) == 1 else seqs[0].length + 1
-            cache = RowsCache(self.pool, rows, start[rows], s_span)
-            logits = mask_past_vocab(forward_rows(self.model, tokens[rows], cache),
-                                     self.n_vocab)  # (b, V)
-            for i, s in enumerate(seqs):
-                s.logits, s.length = logits[i:i + 1], s.length + 1
+        groups = collections.defaultdict(list)
+        for i, s in enumerate(self.active):
+            groups[s.req.adapter].append(i)
+        self._select([(a, torch.tensor(r, device=self.device)) for a, r in groups.items()]
+                     if len(groups) > 1 else [(self.active[0].req.adapter, None)])
+        cache = RowsCache(self.pool, slice(0, B), start, span)
+        logits = mask_past_vocab(forward_rows(self.model, tokens, cache), self.n_vocab)  # (B, V)
+        for i, s in enumerate(self.active):
+            s.logits, s.length = logits[i:i + 1], s.length + 1
 
     def _select(self, groups) -> None:
         if self.selector is not None:

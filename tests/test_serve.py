@@ -316,8 +316,8 @@ def run_engine(engine, jobs, timeout=60):
 @pytest.mark.parametrize("window", [None, 16])
 def test_engine_rows_of_different_lengths_across_pool_growth(refs, window):
     """Three sequences decode together at different positions (masked keys, per-row RoPE) while
-    the KV pool grows 100 -> 200 under them; a sliding-window model goes row by row. Every text
-    equals generate()'s."""
+    the KV pool grows 100 -> 200 under them; a sliding-window model puts each row's window in the
+    key mask. Every text equals generate()'s."""
     from engine.serve import SamplingParams
     torch.manual_seed(3)
     model = Transformer(preset("tiny", vocab_size=259, sliding_window=window)).eval()
