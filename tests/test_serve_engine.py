@@ -14,12 +14,7 @@ from engine.model import Transformer
 from engine.serve_engine import Engine, GenRequest, SamplingParams
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def byte_tokenizer():

@@ -38,12 +38,7 @@ PARIS = call("get_weather", {"city": "Paris"})
 OSLO = call("get_weather", {"city": "Oslo é"})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def byte_tok(template=QWEN25):
