@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from engine.hub import load_model
+    from engine.hub import adapter_base, load_model
     from engine.serve import Engine, Limits, parse_adapter_specs, run
 
     for flag, v in (("--max-batch", args.max_batch), ("--max-body-bytes", args.max_body_bytes)):
@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, d in adapters.items():
         if not os.path.isdir(d):
             raise UsageError(f"--adapter {name}={d}: no such directory")
+    base = adapter_base(args.model) if adapters and os.path.isdir(args.model) else None
+    if base is not None:  # it would load as base + adapter, with no room for more adapters
+        raise UsageError(f"--model {args.model} is an adapter (of {base}); with --adapter, give "
+                         f"the base as --model and this one as --adapter NAME={args.model}")
     template = read_chat_template(args.chat_template) if args.chat_template else None
     device, dtype = pick_device_dtype(args.device, args.dtype)
     try:

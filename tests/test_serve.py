@@ -825,6 +825,22 @@ def test_cli_bad_flags_one_line_exit_2(ckpt, capsys, args, msg):
     assert rc == 2 and msg in err and err.count("\n") == 1
 
 
+def test_cli_adapter_as_model_with_more_adapters_says_what_to_give(ckpt, tmp_path, capsys):
+    """--model ADAPTER_DIR alone serves base + adapter; with --adapter too the line says to give
+    the base as --model (it used to fail later on 'already has LoRA layers')."""
+    import shutil
+    import serve as serve_cli
+    ad = tmp_path / "run"
+    shutil.copytree(ckpt["adapter"], ad)
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg,
+                                                        "base_model_name_or_path": ckpt["base"]}))
+    rc = serve_cli.cli(["--model", str(ad), "--adapter", f"x={ckpt['adapter']}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is an adapter" in err and f"--adapter NAME={ad}" in err, err
+    assert err.count("\n") == 1
+
+
 def test_cli_process_serves_and_stops_on_sigterm(ckpt):
     env = {**os.environ, "WHETSTONE_API_KEY": "k2", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--model",
