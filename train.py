@@ -36,7 +36,8 @@ from engine.train_args import (MIN_TRAINED_VOCAB, RESUME_FLAGS, card_hyperparame
                                explicit_flags, parse_args, read_run_args)
 from engine.trainer import (LAST, MetricsLog, StepBoundaryInterrupt, Throughput,
                             configure_optimizer, decay_progress, get_lr, has_run,
-                            load_training_state, plot_losses, recover_last, save_last)
+                            load_training_state, plot_losses, recover_last, save_last,
+                            step_seed)
 from tokenizer import read_chat_template, set_chat_template
 
 
@@ -208,8 +209,6 @@ def _run(args, given: set[str], stage: dict) -> int:
             f"matrices and norms; the halves alternate every {args.half_round_steps} steps)"))
     if args.base:
         print(finetune.report_line(report))
-    if args.world_size > 1:  # LoRA dropout masks: independent per rank (nothing else draws here)
-        torch.manual_seed(args.seed + 7919 * distributed.rank() + step)
     metrics = (MetricsLog(os.path.join(run_dir, "metrics.jsonl"),
                           truncate_after_step=step if resume_dir else None)
                if distributed.is_main() else distributed.NoLog())
@@ -294,6 +293,9 @@ def _run(args, given: set[str], stage: dict) -> int:
                             args.lr, args.warmup_steps, args.min_lr_ratio)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                # LoRA dropout masks (the loop's only global-RNG draws): a function of the step and
+                # rank (independent per rank), so a resume redoes them on any device, any world size
+                torch.manual_seed(step_seed(args.seed, distributed.rank(), step))
                 loss_sum = 0.0
                 task.start_step(args.grad_accum)
                 for micro in range(args.grad_accum):  # ranks sync gradients on the last micro-step only

@@ -62,6 +62,16 @@ def decay_progress(step: int, max_steps: int, warmup_steps: int, elapsed_s: floa
     return min(max(p, 0.0), 1.0)
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The global (device) RNG's seed for one optimizer step: its draws (LoRA dropout masks, the
+    only ones in the loop) depend on (seed, rank, step) alone, so a resumed run draws what the
+    uninterrupted one did on CUDA and under torchrun too, whose generators are not saved (one
+    per device and rank). SeedSequence hashes the three: unlike seed + k * rank + step, no rank
+    replays another's masks some steps later."""
+    words = np.random.SeedSequence([seed % 2**64, rank, step]).generate_state(2, np.uint32)
+    return int(words[0]) << 31 | int(words[1]) >> 1  # 63 bits: within torch.manual_seed's range
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
@@ -157,9 +167,20 @@ def save_training_state(directory: str, optimizer, step: int, data_gen: torch.Ge
     state = {"optimizer": optimizer.state_dict(), "step": step,
              "data_rng": data_gen.get_state(), "torch_rng": torch.get_rng_state(),
              "extra": json.dumps(extra)}
+    # atomic_write_bytes' steps, streamed (the optimizer state is twice the trainable weights):
+    # fsynced before the rename, as the weights beside it are, since recover_last takes a
+    # directory holding this file for a complete checkpoint; no temp file left by a failure
     tmp = os.path.join(directory, f".{STATE_FILE}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, os.path.join(directory, STATE_FILE))
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(directory, STATE_FILE))
+    except BaseException:  # disk full, Ctrl-C
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_training_state(directory: str, optimizer, data_gen: torch.Generator) -> tuple[int, dict]:

@@ -329,17 +329,19 @@ def ref(tmp_path_factory):
 
 
 def trajectory(run):
-    return [(e["step"], e.get("train_loss"), e.get("val_loss")) for e in metrics(run)
+    return [(e["step"], e.get("train_loss"), e.get("val_loss"), e.get("lr")) for e in metrics(run)
             if not e.get("final")]
 
 
 def assert_same_trajectory(a, b):
+    """Same steps, losses and learning rates (a resume restores the schedule's position)."""
     ta, tb = trajectory(a), trajectory(b)
     assert [s for s, *_ in ta] == [s for s, *_ in tb]
-    for (s, tl1, vl1), (_, tl2, vl2) in zip(ta, tb):
+    for (s, tl1, vl1, lr1), (_, tl2, vl2, lr2) in zip(ta, tb):
         assert (tl1 is None) == (tl2 is None) and (vl1 is None) == (vl2 is None), s
         assert tl1 is None or tl1 == pytest.approx(tl2, abs=1e-5), (s, tl1, tl2)
         assert vl1 is None or vl1 == pytest.approx(vl2, abs=1e-5), (s, vl1, vl2)
+        assert lr1 == pytest.approx(lr2, rel=1e-12), (s, lr1, lr2)
 
 
 def paused(ref, name, at):
@@ -755,3 +757,184 @@ def test_grad_norm_is_logged_before_clipping(corpus, tmp_path):
         assert len(norms) == 3 and all(0 < n < math.inf for n in norms)
         first[clip] = norms[0]
     assert first["0"] == first["1e9"] == first["1e-3"] > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizer step's math against a reference written from the published formulas
+# ---------------------------------------------------------------------------------------------
+def _reference_groups(model, weight_decay):
+    """What the docs promise, decided by name: matrices (embeddings and lm_head included) decay,
+    norm weights and biases don't."""
+    vector = lambda n: n.endswith(("norm.weight", ".bias"))  # noqa: E731
+    named = dict(model.named_parameters())
+    return [{"params": [p for n, p in named.items() if not vector(n)], "weight_decay": weight_decay},
+            {"params": [p for n, p in named.items() if vector(n)], "weight_decay": 0.0}]
+
+
+def test_an_accumulated_step_equals_one_big_batch_step_of_the_reference(corpus, tmp_path):
+    """train.py with 2 rows x 3 accumulation steps against nanoGPT's step written out on the whole
+    6-row batch: mean loss, global-norm clipping of the accumulated gradient (active: the norms
+    are ~2 > 0.5), AdamW(0.9, 0.95, eps 1e-8) without decay on norm weights, the LR of HF's
+    get_cosine_with_min_lr_schedule_with_warmup one step on (train.py's step s trains at HF's
+    s + 1: no step at LR 0, the last one at the minimum). Each mistake this catches moves the
+    weights by 5e-4 to 1e-2 (clipping per micro-batch or not at all, decay on the norms or not
+    on the embeddings, the unshifted schedule, beta2 0.999); the exact step agrees to ~2e-6.
+    The same flags again give bit-identical weights and losses."""
+    import torch
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+    from engine.checkpoint import read_safetensors_dir
+    from engine.config import preset
+    from engine.data import get_batch, read_corpus, split_text, tokenize_cached, tokenizer_hash
+    from engine.model import Transformer
+    from tokenizer import load_tokenizer
+    steps, warm, lr, clip, wd, seed, seq = 4, 2, 3e-3, 0.5, 1.0, 3, 32
+    flags = ["--data", str(corpus), *TINY, "--warmup-steps", str(warm), "--log-every", "1",
+             "--max-steps", str(steps), "--eval-every", "100", "--final-eval-windows", "2",
+             "--batch-size", "2", "--grad-accum", "3", "--lr", str(lr), "--grad-clip", str(clip),
+             "--weight-decay", str(wd), "--seed", str(seed), "--min-lr-ratio", "0.1"]
+    run, again = str(tmp_path / "run"), str(tmp_path / "again")
+    assert train.main([*flags, "--out", run]) == 0
+
+    tok = load_tokenizer(run)
+    torch.manual_seed(seed)  # train.py's initialization
+    cfg = preset("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    model = Transformer(cfg).train()
+    split = tokenize_cached(split_text(read_corpus(str(corpus)), 0.1)[0], tok, tokenizer_hash(tok))
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(_reference_groups(model, wd), lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, warm, steps, min_lr_rate=0.1)
+    opt.step()  # (no gradients yet: changes nothing) moves the schedule one step on
+    sched.step()
+    logged = [e for e in metrics(run) if "train_loss" in e]
+    assert len(logged) == steps
+    for s in range(steps):
+        x, y = get_batch(split, 6, seq, gen)  # (6, T): the draws of three 2-row micro-batches
+        loss = model(x, labels=y)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+        assert logged[s]["lr"] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12), s
+        assert logged[s]["train_loss"] == pytest.approx(loss.item(), abs=2e-5), s
+        assert logged[s]["grad_norm"] == pytest.approx(norm, abs=2e-5) and norm > clip, s
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    got, want = read_safetensors_dir(os.path.join(run, "last")), model.state_dict()
+    for name, t in got.items():
+        torch.testing.assert_close(t, want[name], atol=1e-5, rtol=0, msg=name)
+
+    assert train.main([*flags, "--out", again]) == 0  # seeds: the same run, bit for bit
+    twice = read_safetensors_dir(os.path.join(again, "last"))
+    assert all(torch.equal(got[k], twice[k]) for k in got)
+    assert trajectory(run) == trajectory(again)
+
+
+def test_sft_accumulation_weights_micro_batches_by_trained_tokens_end_to_end(ref):
+    """Full fine-tuning on completions of different lengths: 4 rows x 1 and 1 row x 4 take the
+    same steps (the loss is the mean over the step's trained tokens, as transformers >= 4.46);
+    a plain mean over micro-batches moved them by 3e-3 on a tiny base like this one."""
+    import torch
+    from safetensors.torch import load_file
+    _, base, tmp = ref
+    rng = random.Random(1)
+    words = ["king", "lord", "night", "prince", "be", "not", "alas", "sweet"]
+    say = lambda n: " ".join(rng.choices(words, k=rng.randint(1, n)))  # noqa: E731
+    data = tmp / "sft-accum.jsonl"
+    data.write_text("".join(json.dumps({"prompt": say(6) + " ", "completion": say(12)}) + "\n"
+                            for _ in range(16)))  # 12 train samples: no short batch in 3 steps
+    flags = ["--base", base, "--finetune", "full", "--data", str(data), "--seq-len", "48",
+             "--no-progress", "--threads", "1", "--warmup-steps", "1", "--log-every", "1",
+             "--max-steps", "3", "--eval-every", "100", "--lr", "1e-3", "--val-fraction", "0.25"]
+    runs = []
+    for batch, accum in ((4, 1), (1, 4)):
+        run = str(tmp / f"sft-{batch}x{accum}")
+        assert train.main([*flags, "--batch-size", str(batch), "--grad-accum", str(accum),
+                           "--out", run]) == 0
+        runs.append((run, load_file(os.path.join(run, "last", "model.safetensors"))))
+    (a, wa), (b, wb) = runs
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-4, rtol=0, msg=name)
+    la, lb = ([e["train_loss"] for e in metrics(r) if "train_loss" in e] for r in (a, b))
+    assert la == pytest.approx(lb, abs=2e-5)
+
+
+def test_adamw_groups_decay_matrices_only():
+    """Matrices decay (embeddings and an untied lm_head too: nanoGPT's rule, README's 'matrices
+    decay, vectors don't'); norm weights, biases and DoRA magnitudes don't; a tied weight is in
+    once; frozen parameters are left out; betas as given, eps 1e-8."""
+    import torch
+    from engine import finetune
+    from engine.config import preset
+    from engine.model import Transformer
+    from engine.trainer import configure_optimizer
+
+    def groups(model):
+        opt = configure_optimizer(model, 1e-3, 0.1, (0.9, 0.95))
+        names = {id(p): n for n, p in model.named_parameters()}
+        assert all(g["betas"] == (0.9, 0.95) and g["eps"] == 1e-8 for g in opt.param_groups)
+        got = {g["weight_decay"]: sorted(names[id(p)] for p in g["params"]) for g in opt.param_groups}
+        assert sum(map(len, got.values())) == len({id(p) for g in opt.param_groups for p in g["params"]})
+        return got, names
+
+    for tied, bias in ((False, False), (True, True)):
+        model = Transformer(preset("tiny", vocab_size=64, tie_word_embeddings=tied,
+                                   attention_bias=bias))
+        got, names = groups(model)
+        want = _reference_groups(model, 0.1)
+        assert got == {g["weight_decay"]: sorted(names[id(p)] for p in g["params"]) for g in want}
+        assert "model.embed_tokens.weight" in got[0.1]
+        assert ("lm_head.weight" in got[0.1]) != tied  # tied: the embedding, counted once
+        assert any(n.endswith(".bias") for n in got[0.0]) == bias
+    model = Transformer(preset("tiny", vocab_size=64))
+    finetune.prepare(model, "dora", r=2, alpha=4, dropout=0.0, rslora=False, targets="q_proj",
+                     trainable_layers=None)
+    got, _ = groups(model)
+    assert {n.rsplit(".", 2)[-2] for n in got[0.1]} == {"lora_A", "lora_B"}
+    assert {n.rsplit(".", 1)[-1] for n in got[0.0]} == {"lora_magnitude_vector"}
+
+
+def test_lora_dropout_resume_does_not_depend_on_the_saved_global_rng(ref, monkeypatch):
+    """LoRA dropout draws its masks from the global generator of the device: on CUDA, and on every
+    rank under torchrun, that generator is not in training_state.pt (it holds the CPU one of rank
+    0), so a resumed run drew other masks and its losses left the uninterrupted run's (seen under
+    torchrun: 4.8668 vs 4.8446 at step 4). Here the CPU generator's restore is switched off to
+    stand for them: the masks must come from (seed, rank, step), not from what was restored."""
+    import torch
+    data, base, tmp = ref
+    flags = ["--base", base, "--finetune", "lora", "--lora-r", "4", "--lora-dropout", "0.3",
+             "--data", data, "--seq-len", "16", "--batch-size", "4", "--no-progress",
+             "--threads", "1", "--warmup-steps", "1", "--log-every", "1", "--eval-every", "100",
+             "--eval-batches", "1", "--final-eval-windows", "2", "--max-steps", "5", "--lr", "1e-2"]
+    full, part = str(tmp / "dropout-full"), str(tmp / "dropout-part")
+    assert train.main([*flags, "--out", full]) == 0
+    assert train.main([*flags, "--out", part, "--pause-at-step", "2"]) == 0
+    monkeypatch.setattr(torch, "set_rng_state", lambda state: None)
+    torch.manual_seed(12345)  # wherever the process's generator happens to be
+    assert resume(part) == 0
+    assert_same_trajectory(full, part)
+
+
+def test_training_state_is_fsynced_before_it_replaces_the_last_one(tmp_path, monkeypatch):
+    """recover_last takes a directory holding training_state.pt for a complete checkpoint: the
+    file is written like the weights (temp file, fsync, rename), so a full disk keeps the previous
+    state and leaves no temp file; it loads with weights_only=True."""
+    import errno
+    import torch
+    from engine.config import preset
+    from engine.model import Transformer
+    from engine.trainer import STATE_FILE, configure_optimizer, load_training_state, save_training_state
+    model = Transformer(preset("tiny", vocab_size=64))
+    opt, gen = configure_optimizer(model, 1e-3, 0.1, (0.9, 0.95)), torch.Generator().manual_seed(1)
+    save_training_state(str(tmp_path), opt, 3, gen, {"a": 1})
+    before = (tmp_path / STATE_FILE).read_bytes()
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            save_training_state(str(tmp_path), opt, 4, gen, {"a": 2})
+    assert os.listdir(tmp_path) == [STATE_FILE] and (tmp_path / STATE_FILE).read_bytes() == before
+    state = torch.load(tmp_path / STATE_FILE, weights_only=True)
+    assert state["step"] == 3
+    assert load_training_state(str(tmp_path), opt, torch.Generator()) == (3, {"a": 1})
