@@ -27,7 +27,13 @@ template, else plain "prompt + completion" + EOS (Alpaca's prompt text for the i
 with the completion and EOS trained. Assistant spans are found by rendering prefixes of the
 conversation (messages[:i] with the generation prompt, messages[:i+1] without), so any template
 works; the whole text is then encoded at once (as inference sees it) and each character boundary
-is mapped to a token boundary by encoding the text before it.
+is mapped to a token boundary by encoding the text before it: the tokens wholly before it, as
+transformers' return_assistant_tokens_mask counts them (a token straddling a response's start is
+trained).
+
+Chat roles are OpenAI's (system, developer, user, assistant, tool) and Llama 3.1's ipython; another
+role (a typo such as "Assistant") or an assistant turn with empty content (and no tool calls) is a
+malformed line, as is a missing role or content.
 """
 from __future__ import annotations
 
@@ -42,6 +48,9 @@ from typing import Iterator, NamedTuple
 import torch
 
 IGNORE = -100  # label of positions without loss (PyTorch's cross_entropy ignore_index default)
+# Message roles: OpenAI's chat format ("developer" is its newer "system"), and Llama 3.1's
+# "ipython" for tool results.
+ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
 SFT_FORMATS = ("instruction", "completion", "chat")
 
 # Alpaca's prompts (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT).
@@ -96,6 +105,7 @@ def _json_lines(path: str) -> Iterator[tuple[int, object, str | None]]:
                 continue
             if n == 1 and line.lstrip("\ufeff").lstrip().startswith("[") and path.endswith(".json"):
                 raise ValueError(f"{path}: a JSON array; write one JSON object per line (JSONL)")
+            line = line.rstrip("\r\n")  # else an error at the line's end is "column 1" of the next
             try:
                 yield n, json.loads(line.lstrip("\ufeff") if n == 1 else line), None
             except json.JSONDecodeError as e:
@@ -153,6 +163,11 @@ def _check_messages(msgs, what: str = "'messages'", tool_use: bool = False) -> s
         for key in ("role", "content"):
             if not isinstance(m.get(key), str):
                 return f"{what}[{i}] has no string '{key}'"
+        if m["role"] not in ROLES:  # a typo ("Assistant", "bot") would train as context
+            return f"{what}[{i}] has unknown role {m['role']!r:.40} (expected one of {', '.join(ROLES)})"
+        if m["role"] == "assistant" and not m["content"].strip():
+            # it would teach the model to end its turn at once
+            return f"{what}[{i}] is an empty assistant turn"
     return None
 
 
@@ -326,17 +341,43 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+def _token_boundary(tok, ids: list[int], text: str, c: int) -> int:
+    """Index of the first token of `ids` (the whole text's) that does not lie wholly in text[:c].
+
+    The ids of text[:c] agree with the whole text's up to some p. After p they can differ in two
+    ways: a token straddles c (" t|he" -> "Ġthe"), or the pre-tokenizer's lookahead splits the
+    same characters otherwise ("\\n\\n" at the end of text[:c] is one piece, but "\\n", "\\n"
+    before a letter, GPT-2's \\s+(?!\\S); "  " at the end, but " ", " Yes" in the whole). The
+    whole text's tokens after p whose decoded text is a prefix of the rest of text[:c] lie
+    wholly before c (transformers' char_to_token(c) is the next one)."""
+    pre = tok.encode(text[:c], add_bos=False)
+    p = _common_prefix(ids, pre)
+    if p == len(pre):
+        return p
+    tail = tok.decode(pre[p:])  # text[e:c], e = where ids[p] and pre[p] both start
+    best = p
+    # every token holds at least one byte: no more tokens than the tail's bytes fit in it
+    for q in range(p + 1, min(len(ids), p + len(tail.encode("utf-8"))) + 1):
+        got = tok.decode(ids[p:q])
+        if not tail.startswith(got):
+            break  # ids[q-1] straddles c (or ends inside a character)
+        best = q
+        if len(got) == len(tail):
+            break
+    return best
+
+
 def encode_spans(tok, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
     """Ids of `text` (encoded whole, no BOS) and a per-token flag: True inside a span.
 
-    A character boundary c becomes token index len(encode(text[:c])) when that encoding is a
-    prefix of the whole one; if a token straddles c, the boundary falls before that token (so a
-    straddling token at the start of a response is trained, one at its end is not).
+    A character boundary c falls after the tokens that lie wholly before it (_token_boundary);
+    if a token straddles c, before that token (so a straddling token at the start of a response
+    is trained, as in transformers' assistant mask; one at its end is not).
     """
     ids = tok.encode(text, add_bos=False)
     where = {0: 0, len(text): len(ids)}
     for c in sorted({c for s in spans for c in s} - set(where)):
-        where[c] = _common_prefix(ids, tok.encode(text[:c], add_bos=False))
+        where[c] = _token_boundary(tok, ids, text, c)
     mask = [False] * len(ids)
     for s, e in spans:
         for j in range(where[s], where[e]):

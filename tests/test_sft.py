@@ -180,21 +180,29 @@ def test_instruction_alpaca_and_chat():
     assert encode_example({"prompt": "Add.\n\n2 2", "completion": "4"}, chat) == as_chat
 
 
-def _byte_bpe(template):
-    """A small real byte-level BPE with ChatML special tokens and a few merges."""
+def _byte_bpe(template, specials=("<|im_start|>", "<|im_end|>", "<|endoftext|>"),
+              bos="<|endoftext|>", eos="<|endoftext|>"):
+    """A small real byte-level BPE (GPT-2's pre-tokenizer) with special tokens and a few merges."""
     from tokenizer.bpe import ByteLevelBPETokenizer, bytes_to_unicode
     vocab = {ch: i for i, ch in enumerate(sorted(bytes_to_unicode().values()))}
     merges = []
     for a, b in [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "s"), ("a", "s"), ("as", "s"),
-                 ("ass", "is"), ("Ċ", "Ċ"), ("o", "u"), ("y", "ou")]:
+                 ("ass", "is"), ("Ċ", "Ċ"), ("o", "u"), ("y", "ou"), ("Ġ", "Ġ")]:
         merges.append(f"{a} {b}")
         vocab[a + b] = len(vocab)
     n = len(vocab)
-    added = [{"id": n, "content": "<|im_start|>", "special": True},
-             {"id": n + 1, "content": "<|im_end|>", "special": True},
-             {"id": n + 2, "content": "<|endoftext|>", "special": True}]
-    return ByteLevelBPETokenizer(vocab, merges, added_tokens=added, bos_id=n + 2, eos_id=n + 2,
-                                 chat_template=template)
+    added = [{"id": n + k, "content": s, "special": True} for k, s in enumerate(specials)]
+    return ByteLevelBPETokenizer(vocab, merges, added_tokens=added, bos_id=n + specials.index(bos),
+                                 eos_id=n + specials.index(eos), chat_template=template)
+
+
+def _hf_fast(tok):
+    """The same tokenizer as transformers' PreTrainedTokenizerFast."""
+    transformers = pytest.importorskip("transformers")
+    hf_tokenizers = pytest.importorskip("tokenizers")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=hf_tokenizers.Tokenizer.from_str(json.dumps(tok.to_tokenizer_json())),
+        bos_token=tok.id_to_token(tok.bos_id), eos_token=tok.id_to_token(tok.eos_id))
 
 
 # ChatML with transformers' {% generation %} tags around what the model must produce.
@@ -344,6 +352,119 @@ def test_tool_use_the_template_cannot_render_is_a_line_error(tmp_path):
             load_examples(_write(tmp_path, f"b{k}.jsonl", [ok, row]))
 
 
+# Meta-Llama-3-8B-Instruct's chat template, and the same text with {% generation %} tags.
+LLAMA3_INSTRUCT = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+LLAMA3_GEN = (
+    "{% for message in messages %}{% if loop.index0 == 0 %}{{ bos_token }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% generation %}{{ message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}{% else %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+# Mistral-7B-Instruct-v0.3's form: no generation prompt, so the assistant's output is everything
+# after "[/INST]": ' ' + content + eos (the tags enclose the space the model generates).
+MISTRAL_V03 = """{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif %}
+    {%- if message['role'] == 'user' %}
+        {%- if loop.last and system_message is defined %}
+            {{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}
+        {%- else %}
+            {{- '[INST] ' + message['content'] + '[/INST]' }}
+        {%- endif %}
+    {%- elif message['role'] == 'assistant' %}
+        {{- ' ' + message['content'] + eos_token}}
+    {%- else %}
+        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}
+    {%- endif %}
+{%- endfor %}
+"""
+MISTRAL_GEN = MISTRAL_V03.replace("{{- ' ' + message['content'] + eos_token}}",
+                                  "{% generation %}{{- ' ' + message['content'] + eos_token}}{% endgeneration %}")
+CHATML = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+TEMPLATES_WITH_GEN = {  # name: (template, the same with generation tags, specials, bos, eos, end of turn)
+    "chatml": (DEFAULT_CHAT_TEMPLATE, CHATML_GEN, CHATML, "<|endoftext|>", "<|endoftext|>", "<|im_end|>"),
+    "qwen2.5": (QWEN25, QWEN25_GEN, CHATML, "<|endoftext|>", "<|endoftext|>", "<|im_end|>"),
+    "llama3": (LLAMA3_INSTRUCT, LLAMA3_GEN, ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                                             "<|end_header_id|>", "<|eot_id|>"),
+               "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"),
+    "mistral": (MISTRAL_V03, MISTRAL_GEN, ("<s>", "</s>", "[INST]", "[/INST]"), "<s>", "</s>", "</s>"),
+}
+MULTI_TURN = [
+    CONV,
+    # untrimmed content; an answer that also occurs in its question
+    [{"role": "user", "content": "is the sea blue?"},
+     {"role": "assistant", "content": " Yes, the sea is blue.\n\nYou see? "},
+     {"role": "user", "content": "say you"}, {"role": "assistant", "content": "you"},
+     {"role": "user", "content": "thanks"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
+     {"role": "assistant", "content": "the"}, {"role": "user", "content": "b"},
+     {"role": "assistant", "content": "the"}, {"role": "user", "content": "c"},
+     {"role": "assistant", "content": "is the"}],
+]
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES_WITH_GEN))
+def test_multi_turn_mask_matches_transformers_on_real_templates(name):
+    """Every assistant turn of a multi-turn conversation is trained with its end-of-turn token,
+    never the generation prompt or the other turns: our mask == transformers'
+    return_assistant_tokens_mask under ChatML, Qwen2.5, Llama 3 and Mistral templates
+    (rewritten with {% generation %} tags, rendering the same text) on a byte-level BPE."""
+    template, gen, specials, bos, eos, eot = TEMPLATES_WITH_GEN[name]
+    tok = _byte_bpe(template, specials, bos, eos)
+    fast = _hf_fast(tok)
+    for msgs in MULTI_TURN:
+        if name == "mistral" and msgs[0]["role"] == "system":
+            msgs = msgs[1:]  # its template drops the system message unless the last turn is the user's
+        ids, mask = encode_example({"messages": msgs}, tok)
+        text = fast.apply_chat_template(msgs, tokenize=False, chat_template=template)
+        assert fast.apply_chat_template(msgs, tokenize=False, chat_template=gen) == text
+        ref = fast.apply_chat_template(msgs, tokenize=True, return_dict=True, chat_template=gen,
+                                       return_assistant_tokens_mask=True)
+        assert ids == list(ref["input_ids"]) == tok.encode(text, add_bos=False)
+        assert [int(m) for m in mask] == list(ref["assistant_masks"]), name
+        trained = tok.decode([i for i, m in zip(ids, mask) if m])
+        n_assistant = sum(m["role"] == "assistant" for m in msgs)
+        assert trained.count(eot) == n_assistant and "assistant" not in trained
+        assert trained.replace(eot, "").replace(" ", "") == "".join(
+            m["content"].strip().replace(" ", "") for m in msgs if m["role"] == "assistant")
+
+
+def test_prompt_whitespace_before_the_response_is_not_trained():
+    """GPT-2's pre-tokenizer (SmolLM2's) splits a prompt's trailing "\\n\\n" or "  " otherwise
+    in front of the response ("\\n", "\\n" / " ", " the") than on its own ("\\n\\n" / "  "):
+    those whole tokens are the prompt's and stay untrained; a token holding response text is
+    trained. Checked against transformers' offsets: trained = the tokens ending past the prompt."""
+    tok = _byte_bpe(None)
+    fast = _hf_fast(tok)
+    eos = "<|endoftext|>"
+    for prompt, completion, trained in [("Q?\n\n", "the", "the"), ("A:  ", "the", " the"),
+                                        ("Q?\n", "\nthe", "\nthe"), ("say t", "he", " the")]:
+        ids, mask = encode_example({"prompt": prompt, "completion": completion}, tok)
+        ref = fast(prompt + completion, return_offsets_mapping=True)
+        assert ids == ref["input_ids"] + [tok.eos_id]
+        assert tok.decode([i for i, m in zip(ids, mask) if m]) == trained + eos, prompt
+        assert mask == [e > len(prompt) for _, e in ref["offset_mapping"]] + [True]
+    # the same boundary in a chat: the Llama 3 generation prompt ends in "\n\n"
+    tok = _byte_bpe(LLAMA3_INSTRUCT, *TEMPLATES_WITH_GEN["llama3"][2:5])
+    x, y = tokenize_example({"messages": CONV}, tok, 256)
+    assert trained_runs(tok, x, y) == ["yo<|eot_id|>", "4<|eot_id|>"]
+
+
 def test_boundary_inside_a_token():
     """A token straddling the prompt/response boundary is trained (it holds response text)."""
     tok = _byte_bpe(None)
@@ -446,6 +567,35 @@ def test_packed_loss_equals_separate_rows():
     assert abs(leaky - ref) > 1e-4
 
 
+def test_packed_loss_per_example_equals_unpacked():
+    """Each sample's own mean loss inside a packed row (per-token losses, reduction="none") is
+    its loss alone: attention stays within the sample (doc_ids), positions restart at 0 and no
+    label reaches into the next sample."""
+    ds, tok = _dataset(n=7, seq_len=48)
+    model = _tiny_model()
+    rows = ds.rows(list(range(len(ds))), pack=True)
+    assert max(len(r) for r in rows) >= 2
+    b = ds.collate(rows, pack=True)
+    packed, alone = [], []
+    with torch.no_grad():
+        nll = model(b.input_ids, **b.model_kwargs(), reduction="none")  # (B, T)
+        for r, row in enumerate(rows):
+            t = 0
+            for d, i in enumerate(row):
+                x, y = ds.samples[i]
+                n = len(x)
+                assert b.doc_ids[r, t:t + n].eq(d).all()
+                assert b.position_ids[r, t:t + n].tolist() == list(range(n))
+                assert b.labels[r, t:t + n].tolist() == y
+                keep = b.labels[r, t:t + n] != IGNORE
+                packed.append(nll[r, t:t + n][keep].mean())
+                alone.append(model(torch.tensor([x]), labels=torch.tensor([y])))
+                t += n
+            assert b.labels[r, t:].eq(IGNORE).all()  # padding: no loss
+    assert len(packed) == len(ds)
+    torch.testing.assert_close(torch.stack(packed), torch.stack(alone), rtol=1e-5, atol=1e-5)
+
+
 def test_batch_layout():
     ds, tok = _dataset(n=3, seq_len=48)
     b = ds.collate([[0, 1], [2]], pack=True)
@@ -536,6 +686,13 @@ BAD_CHAT = [
     ({"messages": [{"role": "assistant", "content": 3}]}, r"'messages'\[0\] has no string 'content'"),
     ({"messages": "hi"}, "'messages' must be a list"),
     ({"prompt": "q", "completion": "a"}, "no 'messages' field"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " \n"}]},
+     r"'messages'\[1\] is an empty assistant turn"),
+    ({"messages": [{"role": "human", "content": "q"}, {"role": "assistant", "content": "a"}]},
+     r"'messages'\[0\] has unknown role 'human' \(expected one of system, developer, user, "
+     r"assistant, tool, ipython\)$"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "Assistant", "content": "a"}]},
+     r"'messages'\[1\] has unknown role 'Assistant'"),
     ([1, 2], "expected a JSON object, got list"),
 ]
 
@@ -550,8 +707,12 @@ def test_malformed_chat_lines_stop_and_skip(tmp_path):
         p = _write(tmp_path, f"one{k}.jsonl", [BAD_CHAT[0][0], BAD_CHAT[k][0]])
         with pytest.raises(ValueError, match=rf"one{k}\.jsonl:2: {why}"):
             load_examples(p)
-    with pytest.raises(ValueError, match=r"chat\.jsonl:2: invalid JSON"):
+    with pytest.raises(ValueError, match=r"chat\.jsonl:2: invalid JSON \(Expecting value at column 15\)$"):
         load_examples(path)
+    # an object cut short: the column is the line's end, not "column 1" of a next line
+    p = _write(tmp_path, "cut.jsonl", [BAD_CHAT[0][0], '{"messages": []'])
+    with pytest.raises(ValueError, match=r"cut\.jsonl:2: invalid JSON \(Expecting ',' delimiter at column 16\)$"):
+        load_examples(p)
     warnings = []
     exs, skipped = load_examples(path, on_error="skip", warn=warnings.append)
     assert skipped == list(range(2, len(BAD_CHAT) + 1)) and len(exs) == 2
