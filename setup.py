@@ -28,7 +28,9 @@ setup(
     ],
     extras_require={
         # Reference implementations: tests compare against them; the engine never imports them.
+        # protobuf: transformers reads tokenizer.model with it; trl: tests call DPOTrainer's
+        # private _compute_loss, so the minor release is pinned
         "dev": ["pytest", "transformers", "tokenizers", "peft", "bitsandbytes", "openai",
-                "protobuf"],  # protobuf: transformers reads tokenizer.model with it
+                "protobuf", "trl>=1.16,<1.17"],
     },
 )

@@ -6,15 +6,20 @@ token log-probabilities of the completion tokens only (the prompt is context, la
     delta = (logp_pi(y_w) - logp_ref(y_w)) - (logp_pi(y_l) - logp_ref(y_l))
     loss  = -(1 - ls) * log sigmoid(beta * delta) - ls * log sigmoid(-beta * delta)
 
-with ls = label smoothing (0: the sigmoid DPO loss; > 0: conservative DPO, cDPO). Logged as in
-TRL: rewards = beta * (logp_pi - logp_ref) for chosen and rejected, reward accuracy (chosen
-reward > rejected reward) and margin (chosen - rejected reward); also chosen_nll, the policy's
-mean NLL per chosen completion token.
+with ls = label smoothing (0: the sigmoid DPO loss; > 0: conservative DPO, cDPO, as in Mitchell's
+reference implementation and TRL 0.x's loss_type="sigmoid"; TRL 1.x's sigmoid ignores
+label_smoothing, which there feeds its "robust" and "exo_pair" losses instead). Logged as in TRL
+(rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins): rewards_chosen and
+rewards_rejected = beta * (logp_pi - logp_ref), reward_acc (chosen reward > rejected reward, strict)
+and margin (chosen - rejected reward); also chosen_nll, the policy's mean NLL per chosen
+completion token. tests/test_dpo.py checks loss, rewards and LoRA gradients against TRL 1.16's
+DPOTrainer (trl is a test-only dev extra).
 
---rpo-alpha a > 0 adds a * chosen_nll to each pair's loss (RPO, Pang et al. 2024; TRL's
-rpo_alpha). Pure DPO only asks the chosen answer to gain on the rejected one, and when the two
-share most tokens (minimal-edit pairs) it often gets there by making both unlikely: the
-"likelihood displacement" that leaves answers rambling or unfinished. The NLL term keeps the
+--rpo-alpha a > 0 adds a * chosen_nll to each pair's loss (RPO, Pang et al. 2024; TRL 0.x's
+rpo_alpha, TRL 1.x's loss_type ["sigmoid", "sft"] with loss_weights [1, a]). Pure DPO only
+asks the chosen answer to gain on the rejected one, and when the two share most tokens
+(minimal-edit pairs) it often gets there by making both unlikely: the "likelihood
+displacement" that leaves answers rambling or unfinished. The NLL term keeps the
 chosen answers likely. TRL averages it over the batch's tokens, here over each pair's (the same
 when the chosen answers have equal lengths).
 
@@ -131,8 +136,11 @@ def load_preference_data(path: str, tok, seq_len: int, val_fraction: float = 0.1
     Malformed lines raise ValueError("FILE:LINE: what is wrong") (on_error="stop"), or are left
     out with a warning and counted in the report's skipped_lines (on_error="skip")."""
     raw, skipped = load_preferences(path, on_error, warn)
+    conversational = raw[0].conversational
+    raw = _same_form(raw, conversational, path, on_error, warn, skipped)
     if val_path:
         val_raw, val_skipped = load_preferences(val_path, on_error, warn)
+        val_raw = _same_form(val_raw, conversational, val_path, on_error, warn, val_skipped)
         train_raw, skipped = raw, skipped + val_skipped
     else:
         tr, va = split_indices(len(raw), val_fraction, seed, source=path)
@@ -148,8 +156,31 @@ def load_preference_data(path: str, tok, seq_len: int, val_fraction: float = 0.1
               "n_truncated": rt["n_truncated"] + rv["n_truncated"],
               "dropped_lines": sorted(rt["dropped_lines"] + rv["dropped_lines"]),
               "identical_lines": sorted(rt["identical_lines"] + rv["identical_lines"]),
-              "skipped_lines": skipped, "conversational": raw[0].conversational}
+              "skipped_lines": skipped, "conversational": conversational}
     return train, val, report
+
+
+def _same_form(raw: list, conversational: bool, path: str, on_error: str, warn, skipped: list
+               ) -> list:
+    """raw's pairs of the given form (the training file's first pair's), as load_examples
+    requires of SFT lines and TRL of a dataset: a standard pair in a conversational file would
+    train without the chat template (and vice versa), a second prompt format nobody asked for.
+    Another form raises ValueError("FILE:LINE: ..."), or with on_error="skip" is warned about and
+    its line appended to `skipped`."""
+    name = {True: "conversational (message lists)", False: "standard (strings)"}
+    kept = []
+    for p in raw:
+        if p.conversational == conversational:
+            kept.append(p)
+            continue
+        msg = (f"{path}:{p.line}: a {name[p.conversational]} pair in preference data whose first "
+               f"pair is {name[conversational]}: every pair must have the same form")
+        if on_error == "stop":
+            raise ValueError(msg)
+        skipped.append(p.line)
+        if warn is not None:
+            warn(f"warning: skipping {msg}")
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +205,8 @@ def reference_logps(model, data: PreferenceSet, idx: list[int], x: torch.Tensor,
 
 def summarize(losses, chosen_rewards, rejected_rewards, chosen_nll=None, prefix: str = ""
               ) -> dict[str, float]:
-    """Mean loss, rewards, reward accuracy and margin (TRL's names), chosen NLL, as floats."""
+    """Mean loss, rewards, reward accuracy and margin (TRL's rewards/chosen, rewards/rejected,
+    rewards/accuracies, rewards/margins), chosen NLL, as floats."""
     losses, c, r = losses.detach().float(), chosen_rewards.float(), rejected_rewards.float()
     out = {f"{prefix}loss": losses.mean().item(), f"{prefix}rewards_chosen": c.mean().item(),
            f"{prefix}rewards_rejected": r.mean().item(),

@@ -119,6 +119,9 @@ def test_loss_and_gradients_equal_hand_computed_reference(tmp_path, rpo_alpha):
 
 
 def test_label_smoothing_formula_and_gradient():
+    # conservative DPO: eric-mitchell/direct-preference-optimization trainers.py preference_loss
+    # (label_smoothing) and TRL 0.x DPOTrainer.dpo_loss, loss_type="sigmoid":
+    #   -(1 - ls) * logsigmoid(beta * z) - ls * logsigmoid(-beta * z)
     pc, pr = torch.tensor([-3.0, -1.0, -7.0], requires_grad=True), torch.tensor([-2.0, -4.0, -7.5])
     rc, rr = torch.tensor([-2.5, -1.5, -6.0]), torch.tensor([-2.5, -3.0, -7.0])
     for beta, ls in ((0.1, 0.0), (0.3, 0.25)):
@@ -387,3 +390,181 @@ def test_pairs_identical_within_seq_len_are_reported_as_such(tmp_path):
     line = dpo.format_report(rep, path)
     assert "1 dropped (chosen and rejected identical within --seq-len; lines 1)" in line
     assert "1 dropped (no completion token within --seq-len; lines 2)" in line
+
+
+def test_pairs_of_another_form_than_the_first_are_refused_or_skipped(tmp_path):
+    """A standard (string) pair in a conversational file (or the reverse) was accepted and
+    trained without the chat template, a second prompt format, while the report named one form.
+    Like an SFT file (and a TRL dataset) a preference file has one form: FILE:LINE, or skipped."""
+    tok = CharTok()
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}"
+                         "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": " yes", "rejected": " no"}
+            for i in range(6)]
+    rows[3] = {"prompt": "q3", "chosen": " yes", "rejected": " no"}
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    with pytest.raises(ValueError, match=r"p\.jsonl:4: a standard \(strings\) pair in preference "
+                                         r"data whose first pair is conversational"):
+        dpo.load_preference_data(path, tok, 64)
+    warnings = []
+    tr, va, rep = dpo.load_preference_data(path, tok, 64, on_error="skip", warn=warnings.append)
+    assert len(tr) + len(va) == 5 and rep["skipped_lines"] == [4] and rep["conversational"]
+    assert len(warnings) == 1 and "p.jsonl:4: a standard" in warnings[0]
+    # a held-out file is held to the training file's form
+    val = write_jsonl(tmp_path / "v.jsonl", PAIRS)
+    with pytest.raises(ValueError, match=r"v\.jsonl:1: a standard \(strings\) pair"):
+        dpo.load_preference_data(write_jsonl(tmp_path / "t.jsonl", rows[:3]), tok, 64, val_path=val)
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL's DPOTrainer itself (trl 1.16, a dev extra): loss, logged rewards,
+# LoRA gradients, and keep_start truncation of pairs
+# ---------------------------------------------------------------------------------------------
+def _trl():
+    import trl  # a dev extra, pinned to the minor release whose private entry points these call
+    return trl
+
+
+@pytest.mark.parametrize("rpo_alpha", [0.0, 0.5])
+def test_loss_rewards_and_gradients_equal_trl_dpo_trainer(tmp_path, rpo_alpha):
+    """One batch of three pairs through TRL's DPOTrainer._compute_loss (policy: a PEFT LoRA with
+    random B; reference: the base) and through DPO.loss on the same checkpoint loaded with
+    load_model(base, adapter=...): same loss, rewards/*, and LoRA gradients. RPO is TRL 1.x's
+    loss_type ["sigmoid", "sft"] with weights [1, alpha]: its NLL is the batch's token mean,
+    ours each pair's, equal here because every chosen answer has 3 tokens."""
+    _trl()
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from trl import DPOConfig, DPOTrainer
+    from engine.hub import load_model
+    from engine.sft import IGNORE, TokenizedPair
+
+    torch.manual_seed(0)
+    V, beta = 64, 0.3
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    hf = LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "base")
+    policy = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                           target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # policy != reference
+    policy.save_pretrained(tmp_path / "adapter")
+    ref = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    # TRL needs a tokenizer and a dataset to start; the batch below is given as token ids
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, V)}}
+    hf_tok = HFTokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    hf_tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=hf_tok, eos_token="</s>", pad_token="<pad>")
+    losses = ["sigmoid", "sft"] if rpo_alpha else ["sigmoid"]
+    args = DPOConfig(str(tmp_path / "trl"), beta=beta, loss_type=losses,
+                     loss_weights=[1.0, rpo_alpha] if rpo_alpha else None, report_to=[],
+                     use_cpu=True, bf16=False, per_device_train_batch_size=3)
+    trainer = DPOTrainer(policy, ref_model=ref, args=args, processing_class=hf_tok,
+                         train_dataset=Dataset.from_list([{"prompt": "w3", "chosen": " w4",
+                                                           "rejected": " w5"}] * 2))
+
+    gen = torch.Generator().manual_seed(3)
+
+    def ids(n):
+        return torch.randint(3, V, (n,), generator=gen).tolist()
+
+    pairs = [(ids(3), ids(2) + [2], ids(4) + [2]), (ids(5), ids(2) + [2], ids(1) + [2]),
+             (ids(2), ids(2) + [2], ids(2) + [2])]  # (prompt, chosen, rejected), EOS 2
+    rows = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
+    n_prompt = [len(p) for p, _, _ in pairs] * 2
+    T = max(map(len, rows))
+    x = torch.zeros(len(rows), T, dtype=torch.long)
+    attn, completion = torch.zeros_like(x), torch.zeros_like(x)
+    for i, (row, n) in enumerate(zip(rows, n_prompt)):
+        x[i, :len(row)], attn[i, :len(row)], completion[i, n:len(row)] = torch.tensor(row), 1, 1
+    trainer.model.train()
+    trl_loss = trainer._compute_loss(trainer.model, {"input_ids": x, "attention_mask": attn,
+                                                      "completion_mask": completion}, False)
+    trl_loss.backward()
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("rewards/")}
+    trl_grads = {n.removeprefix("base_model.model.").replace(".default", ""): p.grad
+                 for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    model, _ = load_model(str(tmp_path / "base"), adapter=str(tmp_path / "adapter"))
+    model.train()
+    tokenized = []
+    for p, c, r in pairs:  # inputs = sequence[:-1], labels = sequence[1:] on completion tokens
+        sides = [(p + s)[:-1] for s in (c, r)], [[IGNORE] * (len(p) - 1) + s for s in (c, r)]
+        tokenized.append(TokenizedPair(sides[0][0], sides[1][0], sides[0][1], sides[1][1], False))
+    data = dpo.PreferenceSet(tokenized, [1, 2, 3], pad_id=0)
+    task = dpo.DPO(data, data, batch_size=3, beta=beta, rpo_alpha=rpo_alpha)
+    ours, c, r, _ = task.loss(model, data, [0, 1, 2], "cpu")
+    ours.mean().backward()
+    s = dpo.summarize(ours, c, r)
+    assert s["loss"] == pytest.approx(trl_loss.item(), abs=1e-6)
+    assert 0 < s["reward_acc"] < 1  # both outcomes occur in the batch
+    for theirs, mine in (("chosen", "rewards_chosen"), ("rejected", "rewards_rejected"),
+                         ("accuracies", "reward_acc"), ("margins", "margin")):
+        assert s[mine] == pytest.approx(logged[f"rewards/{theirs}"], abs=1e-6), mine
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads) == set(trl_grads) and len(grads) == 12
+    worst = max(((grads[n] - g).abs().max() / g.abs().max()).item() for n, g in trl_grads.items())
+    assert worst < 1e-4, f"worst relative gradient mismatch {worst:.2e}"
+
+
+def test_truncation_and_prompt_mask_equal_trl_keep_start(tmp_path):
+    """Standard pairs tokenized by TRL 1.x (prompt / completion split, EOS added, the collator's
+    keep_start truncation to max_length, pairs whose prompt fills it dropped) and by
+    PreferenceSet.tokenize with a byte-level BPE both load: same token ids, same completion mask,
+    same pairs dropped. --seq-len N is TRL's max_length N + 1 (N inputs, each with a target)."""
+    _trl()
+    from datasets import Dataset
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from engine.sft import IGNORE
+    from tokenizer import load_tokenizer
+
+    bpe = HFTokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["Q: is the sky blue? A: yes it is, truly",
+                             "the cat is a cat, not a dog", "Say hi hello there no"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
+                                     pad_token="<|endoftext|>")
+    hf_tok.save_pretrained(tmp_path / "tok")
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    rows = [{"prompt": "Q: is the sky blue? A:", "chosen": " yes it is, truly the sky is blue",
+             "rejected": " no"},
+            {"prompt": "Say hi", "chosen": " hello there", "rejected": " no, the cat is a dog"},
+            {"prompt": "the cat is a cat, not a dog the cat is a cat", "chosen": " yes",
+             "rejected": " no"}]
+    raw, _ = load_preferences(write_jsonl(tmp_path / "p.jsonl", rows))
+    cfg = LlamaConfig(vocab_size=len(hf_tok), hidden_size=16, intermediate_size=32,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    kept_by_len = {}
+    for seq_len in (40, 12, 8):
+        args = DPOConfig(str(tmp_path / "trl"), report_to=[], use_cpu=True,
+                         max_length=seq_len + 1, truncation_mode="keep_start")
+        trainer = DPOTrainer(LlamaForCausalLM(cfg), ref_model=LlamaForCausalLM(cfg), args=args,
+                             train_dataset=Dataset.from_list(rows), processing_class=hf_tok)
+        collate = DataCollatorForPreference(pad_token_id=hf_tok.pad_token_id,
+                                            max_length=seq_len + 1, truncation_mode="keep_start")
+        theirs = list(trainer.train_dataset)
+        ours, _ = dpo.PreferenceSet.tokenize(raw, tok, seq_len)
+        assert len(theirs) == len(ours)
+        kept_by_len[seq_len] = ours.lines
+        for row, pair in zip(theirs, ours.pairs):
+            batch = collate([row])
+            for side, (x, y) in enumerate(((pair.chosen_ids, pair.chosen_labels),
+                                           (pair.rejected_ids, pair.rejected_labels))):
+                real = batch["attention_mask"][side].bool()
+                ids = batch["input_ids"][side][real].tolist()
+                mask = batch["completion_mask"][side][real].tolist()
+                assert x + y[-1:] == ids
+                assert y == [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]
+    assert kept_by_len == {40: [1, 2, 3], 12: [1, 2], 8: [2]}  # truncated, then prompts too long
