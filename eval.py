@@ -9,8 +9,8 @@ Tasks (engine/eval.py): perplexity (sliding window over a text; loss, perplexity
 byte; with --stride = --seq-len the same windows and numbers as train.py's validation),
 response-loss (instruction / chat JSONL, loss on response tokens only), choice (JSONL
 {"context", "choices", "label"}: accuracy and length-normalized accuracy as
-lm-evaluation-harness defines them). --compare puts the base (adapters disabled) and the tuned
-model side by side.
+lm-evaluation-harness defines them, with their standard errors in the report). --compare
+puts the base (adapters disabled) and the tuned model side by side.
 
 A JSON report is written next to the printed table, never over an earlier one: by default
 eval-MODEL-TASK-DATA.json (MODEL: the adapter's or the model's name, DATA: the data file's) in
@@ -51,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--stride", type=int, default=None, help="perplexity: tokens between windows (default --seq-len)")
     a("--val-fraction", type=float, default=None,
       help="perplexity: only the last FRACTION of the text, cut as train.py cuts its validation split")
-    a("--delimiter", default=" ", help="choice: text between context and each choice (default ' ')")
+    a("--delimiter", default=None,
+      help="choice: text between context and each choice (default ' ')")
     a("--chat-template", metavar="FILE|JINJA|chatml",
       help="response-loss: render the samples with this template instead of the model's")
     a("--batch-size", type=int, default=8)
@@ -80,8 +81,15 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.chat_template = read_chat_template(args.chat_template)  # before loading
         except ValueError as e:
             p.error(str(e))
-    if args.val_fraction is not None and args.task != "perplexity":
-        p.error("--val-fraction applies to --task perplexity")
+    for flag, value, task in (("--val-fraction", args.val_fraction, "perplexity"),
+                              ("--stride", args.stride, "perplexity"),
+                              ("--delimiter", args.delimiter, "choice")):
+        if value is not None and args.task != task:  # it would be ignored silently
+            p.error(f"{flag} applies to --task {task}")
+    if args.task == "choice" and args.delimiter is None:
+        args.delimiter = " "
+    if not os.path.exists(args.data):  # found now, not after loading the model
+        p.error(f"--data {args.data}: no such file or directory")
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
         p.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if args.json is not None and os.path.isdir(args.json):  # found now, not after the run

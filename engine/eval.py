@@ -16,7 +16,8 @@ choice       lm-evaluation-harness loglikelihood requests: the context's trailin
              continuation) past len(encode(context)) (no BOS; an empty context is BOS, else EOS),
              the input keeps the last max_len tokens. acc = argmax of the summed log-probs;
              acc_norm = argmax of log-prob / len(choice) in characters (the harness' code, its
-             `acc_norm`), acc_bytes = the same per UTF-8 byte (the harness' byte-normalized form).
+             `acc_norm`), acc_bytes = the same per UTF-8 byte (the harness' byte-normalized form);
+             each with its standard error (sample std of the 0/1 scores / sqrt(n), the harness').
 """
 from __future__ import annotations
 
@@ -119,6 +120,8 @@ def _check_choice(obj) -> str | None:
 def load_choice_items(path: str) -> list[ChoiceItem]:
     """{"context", "choices": [...], "label": index or the correct choice's text} per line.
     The first bad line raises ValueError("FILE:LINE: what is wrong")."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory; choice data is one JSONL file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
     items = []
@@ -181,28 +184,38 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], max_len: 
         x = torch.zeros(len(rows), T, dtype=torch.long)
         for r, (seq, _) in enumerate(rows):
             x[r, :len(seq)] = torch.tensor(seq)
-        logp = torch.log_softmax(model(x.to(device)).float(), dim=-1).cpu()    # (B, T, V)
+        # Only the positions that predict a continuation token need logits: the last `keep`
+        # of the padded batch (not B x T x V of them, in fp32, on the host).
+        first = min(len(seq) - len(cont) for seq, cont in rows)
+        keep = T - first
+        logits = model(x.to(device), logits_to_keep=keep)                   # (B, keep, V)
         for r, (i, (seq, cont)) in enumerate(zip(idx, rows)):
-            pos = torch.arange(len(seq) - len(cont), len(seq))                  # predicts cont
-            target = torch.tensor(cont)
-            lp = logp[r, pos]                                                   # (n_cont, V)
+            start = len(seq) - len(cont) - first                            # predicts cont[0]
+            lp = torch.log_softmax(logits[r, start:start + len(cont)].float(), -1)  # (n_cont, V)
+            target = torch.tensor(cont, device=lp.device)
             out[i] = (lp.gather(1, target[:, None]).sum().item(),
                       bool((lp.argmax(dim=-1) == target).all()))
     return out
 
 
 def choice_metrics(items: list[ChoiceItem], lls: list[list[float]]) -> dict:
-    """acc, acc_norm (per character), acc_bytes (per UTF-8 byte), n."""
-    acc = acc_norm = acc_bytes = 0
+    """acc, acc_norm (per character), acc_bytes (per UTF-8 byte), n, and each metric's
+    standard error as lm-evaluation-harness reports it (X_stderr: sample standard deviation of
+    the per-item 0/1 scores / sqrt(n); None for a single item)."""
+    hits = {"acc": [], "acc_norm": [], "acc_bytes": []}
     for item, ll in zip(items, lls):
         ll = np.asarray(ll, dtype=np.float64)
         chars = np.array([len(c) for c in item.choices], dtype=np.float64)
         nbytes = np.array([len(c.encode("utf-8")) for c in item.choices], dtype=np.float64)
-        acc += int(np.argmax(ll) == item.label)
-        acc_norm += int(np.argmax(ll / chars) == item.label)
-        acc_bytes += int(np.argmax(ll / nbytes) == item.label)
+        hits["acc"].append(float(np.argmax(ll) == item.label))
+        hits["acc_norm"].append(float(np.argmax(ll / chars) == item.label))
+        hits["acc_bytes"].append(float(np.argmax(ll / nbytes) == item.label))
     n = len(items)
-    return {"acc": acc / n, "acc_norm": acc_norm / n, "acc_bytes": acc_bytes / n, "n": n}
+    res: dict = {k: sum(v) / n for k, v in hits.items()}
+    res["n"] = n
+    for k, v in hits.items():
+        res[f"{k}_stderr"] = float(np.std(v, ddof=1) / math.sqrt(n)) if n > 1 else None
+    return res
 
 
 def choice_task(model, tok, items: list[ChoiceItem], max_len: int, batch_size: int = 8,

@@ -110,6 +110,66 @@ def test_stride_equal_seq_len_is_train_validation(tiny):
         tasks.sliding_windows(100, 8, 9)
 
 
+def _tiny_hf_llama(tmp_path, vocab_size):
+    """A random tiny transformers LlamaForCausalLM saved to tmp_path, and the engine's load of it."""
+    transformers = pytest.importorskip("transformers")
+    from engine.checkpoint import load_model_dir
+    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=256, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # away from the default init (norms 1), so every tensor matters
+        for name, p in hf.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g) if name.endswith("norm.weight")
+                    else 0.1 * torch.randn(p.shape, generator=g))
+    hf.save_pretrained(str(tmp_path))
+    return hf, load_model_dir(str(tmp_path)).eval()
+
+
+def hf_guide_windows(model, ids, max_length, stride):
+    """transformers' "Perplexity of fixed-length models" loop; per window (sum of NLL, scored
+    tokens) instead of the running sums."""
+    seq_len, prev_end_loc, out = ids.size(1), 0, []
+    for begin_loc in range(0, seq_len, stride):
+        end_loc = min(begin_loc + max_length, seq_len)
+        trg_len = end_loc - prev_end_loc  # may be different from stride on last loop
+        input_ids = ids[:, begin_loc:end_loc]
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            nll = model(input_ids, labels=target_ids).loss.item()
+        # the targets the loss averaged over: labels past the first position (transformers
+        # shifts them). The guide counts valid - batch_size, one short for every window after
+        # the first (its first label is already -100): its weights, not its windows, are off.
+        n = (target_ids[:, 1:] != -100).sum().item()
+        out.append((nll * n, n))
+        prev_end_loc = end_loc
+        if end_loc == seq_len:
+            break
+    return out
+
+
+@pytest.mark.parametrize("seq_len, stride, n", [(16, 16, 97), (16, 5, 117), (31, 7, 95), (8, 1, 40),
+                                                (16, 16, 100), (16, 5, 123)])
+def test_perplexity_matches_transformers_guide(tmp_path, seq_len, stride, n):
+    """A window of seq_len inputs is the guide's max_length = seq_len + 1 tokens: the first
+    scores all but the first token, each later one only the stride targets no earlier one
+    scored. Where whole windows end short of the text, the guide's last (partial) window
+    scores the tail, which ours leaves unscored and reports."""
+    hf, ours = _tiny_hf_llama(tmp_path, 128)
+    tokens = np.random.default_rng(seq_len + stride + n).integers(0, 128, size=n)
+    got = tasks.perplexity(ours, tokens.astype(np.uint16), 1000, seq_len, stride, batch_size=4)
+    per = hf_guide_windows(hf, torch.tensor(tokens)[None], seq_len + 1, stride)
+    whole = per[:got["n_windows"]]
+    n_scored = sum(k for _, k in whole)
+    assert got["n_tokens"] == n_scored
+    assert got["n_tokens"] + got["unscored_tail"] == sum(k for _, k in per) == n - 1
+    assert (got["unscored_tail"] == 0) == (len(per) == got["n_windows"])
+    torch.testing.assert_close(got["loss"], sum(s for s, _ in whole) / n_scored, rtol=1e-5, atol=0)
+
+
 FLAGS = ["--batch-size", "4", "--seq-len", "32", "--no-progress", "--threads", "1",
          "--warmup-steps", "2", "--log-every", "5", "--eval-batches", "2"]
 
@@ -255,13 +315,95 @@ def test_choice_loglikelihoods_equal_direct_computation(tiny, tmp_path):
     assert res["acc"] == acc and res["acc_norm"] == acc_norm and res["n"] == 4
 
 
+def _bpe_tokenizer():
+    """A small byte-level BPE (GPT-2 pre-tokenizer, merges with a leading space) without BOS."""
+    from tokenizer.bpe import ByteLevelBPETokenizer, bytes_to_unicode
+    b2u = bytes_to_unicode()
+    vocab = {b2u[b]: b for b in range(256)}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ġ", "a"), ("i", "s"), ("Ġ", "is"),
+              ("Ġ", "b"), ("l", "u"), ("Ġb", "lu"), ("Ġblu", "e"), ("Ġ", "Ġ"), ("Ċ", "Ċ")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    eos = len(vocab)
+    return ByteLevelBPETokenizer(vocab, merges, pre_tokenizer="gpt-2", eos_id=eos,
+                                 added_tokens=[{"id": eos, "content": "<|endoftext|>"}])
+
+
+def harness_loglikelihood(hf, htok, context, continuation, max_length):
+    """lm-evaluation-harness' HFLM.loglikelihood for one request, on transformers objects:
+    an empty context is prefix_token_id (BOS, else EOS); otherwise _encode_pair (the
+    context's trailing whitespace moves to the continuation, whose ids are those of the whole
+    past the context's, add_special_tokens=False); _loglikelihood_tokens' left truncation to
+    max_length + 1 tokens and logits[inplen - contlen:inplen] slice; (sum, is_greedy)."""
+    if context == "":
+        prefix = htok.bos_token_id if htok.bos_token_id is not None else htok.eos_token_id
+        context_enc, continuation_enc = [prefix], htok.encode(continuation, add_special_tokens=False)
+    else:
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces > 0:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        whole_enc = htok.encode(context + continuation, add_special_tokens=False)
+        context_enc = htok.encode(context, add_special_tokens=False)
+        continuation_enc = whole_enc[len(context_enc):]
+    inp = torch.tensor((context_enc + continuation_enc)[-(max_length + 1):][:-1])
+    inplen, contlen = len(inp), len(continuation_enc)
+    with torch.no_grad():
+        logits = torch.log_softmax(hf(inp[None]).logits.double(), dim=-1)[0]
+    logits = logits[inplen - contlen:inplen]
+    cont_toks = torch.tensor(continuation_enc)
+    greedy = bool((logits.argmax(dim=-1) == cont_toks).all())
+    return logits.gather(1, cont_toks[:, None]).sum().item(), greedy
+
+
+def test_choice_matches_lm_evaluation_harness(tmp_path):
+    """Log-likelihoods, greedy flags and metrics equal the harness' rules computed with
+    transformers (model and tokenizer loaded from what the engine reads); batch size 1 and
+    right-padded batches of mixed lengths give the same numbers."""
+    transformers = pytest.importorskip("transformers")
+    tok = _bpe_tokenizer()
+    tok.save(str(tmp_path / "tok"))
+    htok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    hf, ours = _tiny_hf_llama(tmp_path / "m", 272)
+    rows = [{"context": "the sky is", "choices": ["blue", "the blue", "is"], "label": 0},
+            {"context": "is the ", "choices": ["blue", "a"], "label": 1},     # trailing space
+            {"context": "", "choices": ["the", "blue is"], "label": 0},       # EOS as context
+            {"context": "the\n\n", "choices": ["é", "ab c"], "label": 1},   # newline, 2 bytes
+            {"context": "a " * 30 + "the", "choices": ["blue", "x" * 3], "label": 0}]  # truncated
+    items = tasks.load_choice_items(write_jsonl(tmp_path / "mc.jsonl", rows))
+    max_len = 24
+    ref = [harness_loglikelihood(hf, htok, it.context, " " + c, max_len)
+           for it in items for c in it.choices]
+    reqs = [tasks.encode_pair(tok, it.context, " " + c) for it in items for c in it.choices]
+    assert len(reqs[-1][0]) + len(reqs[-1][1]) > max_len + 1  # the left truncation is exercised
+    for bs in (1, 4, len(reqs)):
+        got = tasks.loglikelihoods(ours, reqs, max_len, batch_size=bs)
+        torch.testing.assert_close([g for g, _ in got], [r for r, _ in ref], rtol=0, atol=1e-4)
+        assert [g for _, g in got] == [r for _, r in ref]
+    res = tasks.choice_task(ours, tok, items, max_len, batch_size=3)
+    k, lls = 0, []
+    for it in items:
+        lls.append([r for r, _ in ref[k:k + len(it.choices)]])
+        k += len(it.choices)
+    assert res == tasks.choice_metrics(items, lls)
+
+
 def test_choice_metrics_by_hand():
     items = [tasks.ChoiceItem("c", ["a", "bbbb"], 1), tasks.ChoiceItem("c", ["é", "ab"], 1)]
     # item 0: raw picks "a" (-2 > -4); per character (and byte) -2 < -1 picks "bbbb".
     # item 1: raw picks "é" (-1.5 > -2.4); per character -1.5 < -1.2 picks "ab"; per byte
     # ("é" is 2 bytes) -0.75 > -1.2 picks "é".
     m = tasks.choice_metrics(items, [[-2.0, -4.0], [-1.5, -2.4]])
-    assert m == {"acc": 0.0, "acc_norm": 1.0, "acc_bytes": 0.5, "n": 2}
+    # stderr as the harness' mean_stderr: sample std (n - 1) of the 0/1 scores / sqrt(n)
+    assert m == {"acc": 0.0, "acc_norm": 1.0, "acc_bytes": 0.5, "n": 2, "acc_stderr": 0.0,
+                 "acc_norm_stderr": 0.0, "acc_bytes_stderr": pytest.approx(0.5)}
+    hits = [1, 0, 0, 1, 1, 1, 0]  # acc_stderr of 7 items, by the formula
+    m = tasks.choice_metrics([tasks.ChoiceItem("c", ["a", "b"], 1 - h) for h in hits],
+                             [[-1.0, -2.0]] * 7)
+    mean = sum(hits) / 7
+    want = math.sqrt(sum((h - mean) ** 2 for h in hits) / 6) / math.sqrt(7)
+    assert m["acc"] == pytest.approx(mean) and m["acc_stderr"] == pytest.approx(want)
+    assert tasks.choice_metrics(items[:1], [[-2.0, -4.0]])["acc_stderr"] is None
 
 
 def test_choice_that_adds_no_token_is_an_error(tmp_path):
@@ -302,11 +444,25 @@ def test_bad_choice_lines(tmp_path, row, why):
         tasks.load_choice_items(path)
 
 
+def test_choice_data_missing_or_a_directory(tmp_path):
+    with pytest.raises(ValueError, match="is a directory; choice data is one JSONL file"):
+        tasks.load_choice_items(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="data file not found"):
+        tasks.load_choice_items(str(tmp_path / "nope.jsonl"))
+
+
 def test_cli_errors_one_line(runs, tmp_path, capsys):
     _, _, base, _, _ = runs
     for args, msg in [(["--task", "perplexity", "--compare"], "--compare needs --adapter"),
                       (["--task", "perplexity", "--seq-len", "8", "--stride", "9"], "--stride must be <="),
-                      (["--task", "choice", "--val-fraction", "0.1"], "--val-fraction applies")]:
+                      (["--task", "choice", "--val-fraction", "0.1"], "--val-fraction applies"),
+                      # flags another task would ignore silently
+                      (["--task", "choice", "--stride", "4"], "--stride applies to --task perplexity"),
+                      (["--task", "response-loss", "--delimiter", ":"],
+                       "--delimiter applies to --task choice"),
+                      # a missing data file: before the model loads (a bad model name here)
+                      (["--task", "perplexity", "--model", "no-such-model"],
+                       "--data x: no such file or directory")]:
         with pytest.raises(SystemExit) as e:
             eval_cli.parse_args(["--model", base, "--data", "x", *args])
         err = capsys.readouterr().err.strip().splitlines()
