@@ -218,7 +218,10 @@ def load_model(source: str, dtype: torch.dtype | str = torch.float32,
     (QLoRA), so the full-precision model never exists at once; the quantization report is then
     `model.nf4_report`.
     """
-    base = adapter_base(source) if adapter is None and os.path.isdir(os.fspath(source)) else None
+    base = adapter_base(source) if os.path.isdir(os.fspath(source)) else None
+    if base is not None and adapter is not None:  # one adapter on another: not a model to load
+        raise ValueError(f"{source} is an adapter (of {base}), not a model to apply {adapter} "
+                         "to: give its base model with the adapter, or the adapter alone")
     if base is not None:  # an adapter directory stands for its base with it applied
         return load_model(base, dtype, device, adapter=os.fspath(source), quantize=quantize)
     dtype = parse_dtype(dtype)

