@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import warnings
 from datetime import timedelta
 
@@ -103,7 +104,9 @@ def barrier() -> None:
     """After rank 0 wrote a checkpoint: the other ranks wait until it is complete, without a
     deadline (a large checkpoint may take long); rank 0 itself does not wait, so a rank that hung
     meanwhile (say in evaluation, which has no collectives) is caught by rank 0's next collective
-    within --dist-timeout. Through the rendezvous store, keyed by a count of calls."""
+    within --dist-timeout. Through the rendezvous store, keyed by a count of calls. When rank 0
+    fails instead (a full disk), fail_together releases this barrier with its error, which the
+    waiting ranks raise (under torchrun the store outlives rank 0, so they would wait on)."""
     global _barriers
     if _world == 1:
         return
@@ -111,9 +114,20 @@ def barrier() -> None:
     key = f"whetstone/written/{_barriers}"
     store = tdist.distributed_c10d._get_default_store()
     if _rank == 0:
-        store.set(key, "1")
+        store.set(key, _WRITTEN)
     else:
         store.wait([key], timedelta(days=1))
+        value = store.get(key).decode(errors="replace")
+        if value != _WRITTEN:
+            raise PeerFailed(f"rank {_rank}: stopped because rank 0 failed while writing a "
+                             f"checkpoint: {value}")
+
+
+_WRITTEN = "written"  # a barrier key's value when rank 0 completed the checkpoint
+
+
+class PeerFailed(RuntimeError):
+    """Another rank failed with an error of its own (its message is this one's)."""
 
 
 @contextlib.contextmanager
@@ -171,16 +185,42 @@ def check_same_flags(flags: dict) -> None:
 
 
 def _lost_contact(e: BaseException) -> bool:
-    return _world > 1 and (isinstance(e, tdist.DistError) or any(
+    return _world > 1 and not isinstance(e, PeerFailed) and (isinstance(e, tdist.DistError) or any(
         s in str(e) for s in ("gloo", "Gloo", "NCCL", "Connection closed", "Timed out")))
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _failed_key(r: int) -> str:
+    return f"whetstone/failed/{r}"
+
+
+def _peer_failure() -> str | None:
+    """'rank R failed: ERROR' for the first other rank that recorded its error in the store
+    (fail_together), or None (none did, or the store went away with the rank hosting it)."""
+    try:
+        store = tdist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=5))  # its host may be gone: don't wait on it
+        for r in range(_world):
+            if r != _rank and store.check([_failed_key(r)]):
+                return f"rank {r} failed: {store.get(_failed_key(r)).decode(errors='replace')}"
+    except Exception:  # noqa: BLE001  (no process group, or the store is unreachable)
+        pass
+    return None
+
+
 def explain(e: BaseException) -> str:
-    """A one-line message for an error; a failed collective says what probably happened."""
+    """A one-line message for an error; a failed collective says what probably happened: the
+    error another rank reported (a rank that failed alone, say on its data), else a lost rank."""
     if _lost_contact(e):
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        peer = _peer_failure()
+        if peer:
+            return f"rank {_rank}: stopped because {peer}"
         return (f"rank {_rank}: lost contact with the other ranks (a process died, or hung "
-                f"longer than --dist-timeout {_timeout:g}s; the launcher's log names it): {first}")
+                f"longer than --dist-timeout {_timeout:g}s; the launcher's log names it): "
+                f"{_first_line(e)}")
     return str(e)
 
 
@@ -188,19 +228,26 @@ def fail_together(e: BaseException, wait_s: float = 10.0) -> None:
     """Call after printing an error, before exiting. Bad input that every rank detects (a bad
     --resume, mismatched flags) makes every rank fail at about the same time; a rank that exits
     while a peer is still finishing the last collective would make that peer report a lost
-    connection instead of the real error. So each rank marks itself failed in the rendezvous
-    store and waits (at most wait_s) until every rank has, then destroys the process group.
-    Not after a lost connection."""
+    connection instead of the real error. So each rank records its error in the rendezvous
+    store (a peer that loses contact reports it, see explain; rank 0 also releases the ranks
+    waiting for its checkpoint) and waits (at most wait_s) until every rank has failed, then
+    destroys the process group. Not after a lost connection."""
     if _world == 1 or not tdist.is_initialized() or _lost_contact(e):
         return
     try:
         store = tdist.distributed_c10d._get_default_store()
-        store.set(f"whetstone/failed/{_rank}", "1")
-        store.wait([f"whetstone/failed/{r}" for r in range(_world)], timedelta(seconds=wait_s))
+        store.set(_failed_key(_rank), _first_line(e))
+        if _rank == 0:  # the next barrier() the others may be (or soon be) waiting at
+            store.set(f"whetstone/written/{_barriers + 1}", _first_line(e))
+        # Polled: a store.wait that times out (a peer that did not fail) logs C++ warnings.
+        deadline = time.monotonic() + wait_s
+        while (not store.check([_failed_key(r) for r in range(_world)])
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
         # Tear the group down before exiting: left to interpreter exit, its threads can die with
         # "terminate called without an active exception" (SIGABRT instead of exit status 2).
         tdist.destroy_process_group()
-    except Exception:  # noqa: BLE001  (the store is gone or a rank did not fail: just exit)
+    except Exception:  # noqa: BLE001  (the store is gone: just exit)
         pass
 
 

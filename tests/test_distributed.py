@@ -56,17 +56,19 @@ def torchrun(cache, *args, n=2):
     return r
 
 
-def ranks(cache, tmp, per_rank_args, timeout=None):
-    """Start one `python train.py` per entry of per_rank_args with torchrun's env:// variables
-    (per-rank flags: what a mistyped command on one machine gives). Returns the Popen objects;
-    stdout / stderr go to tmp/rank{r}.out / .err."""
+def ranks(cache, tmp, per_rank_args, timeout=None, cwds=None, script=None):
+    """Start one `python train.py` (or `script`) per entry of per_rank_args with torchrun's
+    env:// variables (per-rank flags: what a mistyped command on one machine gives; per-rank
+    `cwds`: what different files under one path on each machine give). Returns the Popen
+    objects; stdout / stderr go to tmp/rank{r}.out / .err."""
     port, n, procs = free_port(), len(per_rank_args), []
     for r, args in enumerate(per_rank_args):
         e = {**env(cache), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r),
              "LOCAL_RANK": str(r), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n)}
         out, err = (open(os.path.join(tmp, f"rank{r}.{x}"), "w") for x in ("out", "err"))
-        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args],
-                                      stdout=out, stderr=err, env=e, cwd=ROOT))
+        procs.append(subprocess.Popen([sys.executable, script or os.path.join(ROOT, "train.py"),
+                                       *args], stdout=out, stderr=err, env=e,
+                                      cwd=cwds[r] if cwds else ROOT))
         out.close()
         err.close()
     if timeout is not None:
@@ -214,6 +216,13 @@ def test_mismatched_flags_fail_on_every_rank(setup):
                                      "has 0.003")
 
 
+def only_line(text: str, expected: str) -> None:
+    """stderr is exactly `expected` (besides Python warnings): no traceback, no C++ log lines."""
+    lines = [line for line in text.strip().splitlines()
+             if "Warning" not in line and "warnings.warn" not in line]
+    assert lines == [expected], text
+
+
 def test_world_size_must_divide_the_global_batch(setup):
     tmp, cache, corpus, _ = setup
     run = str(tmp / "odd")
@@ -237,6 +246,124 @@ def test_bad_data_on_rank_0_fails_every_rank_with_the_real_error(tmp_path):
         assert p.returncode == 2, read(tmp_path, r)
         one_clear_line(read(tmp_path, r), f"error: corpus {empty} is empty")
         assert "lost contact" not in read(tmp_path, r)
+
+
+def test_a_rank_that_fails_alone_stops_the_others_with_its_error(setup, tmp_path):
+    """Rank 1's copy of the data is bad (the same path on another machine): rank 0 has moved on
+    into a collective, loses contact when rank 1 exits, and names rank 1's error (from the
+    store) rather than a lost process; rank 1's wait for the others logs nothing."""
+    _, cache, corpus, _ = setup
+    for r in (0, 1):
+        os.makedirs(tmp_path / f"machine{r}")
+    shutil.copy(corpus, tmp_path / "machine0" / "corpus.txt")
+    (tmp_path / "machine1" / "corpus.txt").write_text("")
+    args = ["--data", "corpus.txt", "--out", str(tmp_path / "o"), "--max-steps", "4",
+            "--batch-size", "4", *SCRATCH]
+    procs = ranks(cache, tmp_path, [args, args], timeout=120,
+                  cwds=[tmp_path / "machine0", tmp_path / "machine1"])
+    assert [p.returncode for p in procs] == [2, 2], read(tmp_path, 0) + read(tmp_path, 1)
+    only_line(read(tmp_path, 1), "error: corpus corpus.txt is empty")
+    only_line(read(tmp_path, 0), "error: rank 0: stopped because rank 1 failed: corpus corpus.txt "
+                                 "is empty")
+
+
+FAIL_TO_SAVE = """import os, runpy, sys
+sys.path.insert(0, {root!r})
+from engine import finetune
+real = finetune.save_trained
+def failing(model, tok, directory, *a, **k):  # rank 0's disk fills up at the first last/
+    if os.environ["RANK"] == "0" and directory.rstrip("/").endswith("last.new"):
+        raise OSError(28, "No space left on device")
+    return real(model, tok, directory, *a, **k)
+finetune.save_trained = failing
+sys.argv = [{train!r}, *sys.argv[1:]]
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def test_rank_0_failing_to_write_a_checkpoint_releases_the_waiting_ranks(setup, tmp_path):
+    """The other ranks wait for rank 0's checkpoint through the store, which under torchrun
+    outlives rank 0 (its agent holds it): rank 0's error releases them with its message, at
+    once, instead of a wait for a lost store (or forever)."""
+    _, cache, corpus, _ = setup
+    script = tmp_path / "fail_to_save.py"
+    script.write_text(FAIL_TO_SAVE.format(root=ROOT, train=os.path.join(ROOT, "train.py")))
+    args = ["--data", corpus, "--out", str(tmp_path / "o"), "--max-steps", "6", "--batch-size",
+            "4", *SCRATCH]
+    t = time.time()
+    procs = ranks(cache, tmp_path, [args, args], timeout=120, script=str(script))
+    print(f"both ranks exited {time.time() - t:.1f}s after the start")
+    assert [p.returncode for p in procs] == [2, 2], read(tmp_path, 0) + read(tmp_path, 1)
+    only_line(read(tmp_path, 0), "error: [Errno 28] No space left on device")
+    only_line(read(tmp_path, 1), "error: rank 1: stopped because rank 0 failed while writing a "
+                                 "checkpoint: [Errno 28] No space left on device")
+
+
+ACCUMULATE = """import sys
+import torch
+sys.path.insert(0, {root!r})
+from engine import distributed
+from engine.config import preset
+from engine.model import Transformer
+from engine.trainer import configure_optimizer
+
+mode, out = sys.argv[1:]
+dev = distributed.setup("cpu", 60)
+torch.manual_seed(0)
+model = Transformer(preset("tiny", vocab_size=64))
+if mode == "fsdp":
+    distributed.shard_model(model, dev)
+net = distributed.data_parallel(model, configure_optimizer(model, 1e-2, 0.1, (0.9, 0.95)), dev)
+calls = []  # gradient reductions (DDP: all-reduce per bucket; FSDP2: reduce-scatter per group)
+if mode == "ddp":
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    def hook(state, bucket):
+        calls.append(1)
+        return allreduce_hook(state, bucket)
+    net.register_comm_hook(None, hook)
+else:
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group
+    real = group.foreach_reduce
+    group.foreach_reduce = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+x = torch.randint(64, (3, 8, 9), generator=torch.Generator().manual_seed(1))  # 3 micro x 8 rows
+syncs = []
+for m in range(3):
+    before = len(calls)
+    with distributed.accumulating(net, sync=m == 2):
+        (net(distributed.shard(x[m, :, :-1]), labels=distributed.shard(x[m, :, 1:])) / 3).backward()
+    syncs.append(len(calls) - before)
+grads = {{n: getattr(p.grad, "full_tensor", lambda: p.grad)() for n, p in model.named_parameters()}}
+if distributed.is_main():
+    torch.save({{"syncs": syncs, "grads": grads}}, out)
+distributed.cleanup()
+"""
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_accumulation_reduces_gradients_once_on_the_last_micro_step(tmp_path, mode):
+    """3 micro-steps on 2 ranks: no reduction on the first two (DDP no_sync, FSDP2 without
+    gradient sync), one on the last, and the accumulated gradients equal one process's over
+    the whole batch (an all-reduce per micro-step would give the same numbers: hence the count)."""
+    from engine.config import preset
+    from engine.model import Transformer
+    script, out = tmp_path / "accumulate.py", tmp_path / "grads.pt"
+    script.write_text(ACCUMULATE.format(root=ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), str(script), mode, str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env(tmp_path), timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = torch.load(out)
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=64))
+    x = torch.randint(64, (3, 8, 9), generator=torch.Generator().manual_seed(1))
+    for m in range(3):
+        (model(x[m, :, :-1], labels=x[m, :, 1:]) / 3).backward()
+    assert got["syncs"][:2] == [0, 0] and got["syncs"][2] > 0, got["syncs"]
+    worst = max((got["grads"][n] - p.grad).abs().max().item() for n, p in model.named_parameters())
+    largest = max(p.grad.abs().max().item() for p in model.parameters())
+    print(f"{mode}: reductions per micro-step {got['syncs']}, worst gradient difference "
+          f"{worst:.1e} (largest gradient {largest:.1e})")
+    assert worst < 1e-6 < largest * 1e-3
 
 
 @pytest.mark.parametrize("how", ["dies", "hangs"])
