@@ -244,7 +244,9 @@ def _run(args, given: set[str], stage: dict) -> int:
         return elapsed() * (1 - p) / p if p > 0 else math.nan
 
     def do_eval():
-        res = task.evaluate(model, device, autocast)
+        # rank 0's figures decide for every rank (best checkpoint, patience, non-finite stop):
+        # ranks that differed in the last bit would run save_trained's collectives apart and hang
+        res = distributed.broadcast_object(task.evaluate(model, device, autocast))
         tqdm.write(f"step {step}: {task.format_eval(res)}")
         metrics.log(step=step, elapsed_s=round(elapsed(), 2), **res)
         if monitor:

@@ -285,10 +285,12 @@ class DPO:
         was_training = model.training
         model.eval()
         parts = []
-        for b in range(0, len(self.val), self.batch_size):
+        from engine.distributed import world_size
+        step = self.batch_size // world_size()  # each rank's micro-batch, not the global batch
+        for b in range(0, len(self.val), step):
             with autocast_ctx:
-                parts.append(self.loss(model, self.val, list(range(b, min(b + self.batch_size,
-                                                                         len(self.val)))), device))
+                parts.append(self.loss(model, self.val, list(range(b, min(b + step, len(self.val)))),
+                                       device))
         model.train(was_training)
         losses, c, r, nll = (torch.cat(t) for t in zip(*parts))
         return summarize(losses, c, r, nll, prefix="val_")

@@ -54,8 +54,10 @@ class LMTask:
         """Periodic validation windows, or with `full` up to that many (True: 4096)."""
         starts = (eval_windows(self.val, self.seq_len, 4096 if full is True else full) if full
                   else self.val_starts)
-        return evaluate_windows(model, self.val, starts, self.seq_len, self.batch_size, device,
-                                autocast)
+        # every rank evaluates every window, in batches of its own micro-batch (not the global
+        # batch: world_size times the rows a training forward holds)
+        return evaluate_windows(model, self.val, starts, self.seq_len,
+                                self.batch_size // world_size(), device, autocast)
 
     def format_eval(self, res: dict) -> str:
         return f"val loss {res['val_loss']:.4f}, ppl {res['val_ppl']:.2f}, bpb {res['val_bpb']:.4f}"
@@ -127,7 +129,7 @@ class SFTTask(LMTask):
 
     def evaluate(self, model, device, autocast, full: int | bool = False) -> dict:
         from engine.sft import response_loss
-        r = response_loss(model, self.val, self.batch_size, device, autocast)
+        r = response_loss(model, self.val, self.batch_size // world_size(), device, autocast)
         return {"val_loss": r["loss"], "val_ppl": r["ppl"]}
 
     def format_eval(self, res: dict) -> str:
