@@ -14,8 +14,15 @@ blocks every query row sees entirely (no masking), then the diagonal / tail bloc
 Online softmax in base 2: p = exp2(q.k * scale * log2(e) - m). Saves LSE (log2 units, fp32).
 Backward: delta = rowsum(O * dO); a dK/dV pass (one program per key block and kv head, looping
 over the query heads of its group, so GQA needs no atomics and no repeated k/v) and a dQ pass.
-Padded query rows load q = dO = 0 and LSE = +inf, so they add nothing; padded keys load k = v = 0,
-which zeroes their dQ contribution; only the forward and the causal diagonal need explicit masks.
+Padded query rows load q = dO = 0 and LSE = +inf, so they add nothing to dK/dV. Padded keys load
+k = v = 0 but are still masked in the dQ pass (their p = exp2(-LSE) can overflow, and inf * 0 is
+NaN); the dK/dV rows of padded keys are computed and never stored.
+Offsets: batch and head terms are int64, and so are row indices before they meet a stride: in
+the model's (B, T, H, D) layout a row stride is H * D, and T * H * D passes 2**31 within one
+sequence (Llama-3-70B, H * D = 8192, past 256k tokens). The key / query loops add an int64
+block start to the base pointer and keep the rows within a block int32 (fewer registers than
+int64 rows; BLOCK * stride stays far below 2**31). CUDA caps grid axis 1 (batch * heads
+here) at 65535, so the launchers split larger batches into several launches.
 Decode (no grad, T * Hq/Hkv <= 64): the queries of a whole GQA group form one tile, the keys are
 split across programs (Flash-Decoding), and a small kernel merges the partial softmaxes.
 """
@@ -43,8 +50,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, offs_m, offs_d, start
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n < S)[:, None]
-        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+        n64 = tl.cast(n0, tl.int64)  # see "Offsets" in the module docstring
+        rows = tl.arange(0, BLOCK_N)[:, None]
+        k = tl.load(k_base + n64 * sks + rows * sks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + n64 * svs + rows * svs + offs_d[None, :], mask=kv_mask, other=0.0)
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (BM, BN), log2 units
@@ -73,8 +82,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqt, skb, skh, sks, svb, svh, sv
     hk = h // GROUP
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
+    m64 = offs_m.to(tl.int64)[:, None]
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
+    q = tl.load(Q + b * sqb + h * sqh + m64 * sqt + offs_d[None, :],
                 mask=(offs_m < T)[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -97,7 +107,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqt, skb, skh, sks, svb, svh, sv
     acc = acc / l_i[:, None]
     row_mask = offs_m < T
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.log2(l_i), mask=row_mask)
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
+    tl.store(O + b * sob + h * soh + m64 * sot + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=row_mask[:, None])
 
 
@@ -110,11 +120,12 @@ def _bwd_preprocess_kernel(O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, H, T,
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m64 = offs_m.to(tl.int64)[:, None]
     offs_d = tl.arange(0, HEAD_DIM)
     mask = (offs_m < T)[:, None]
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=mask,
+    o = tl.load(O + b * sob + h * soh + m64 * sot + offs_d[None, :], mask=mask,
                 other=0.0).to(tl.float32)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], mask=mask,
+    do = tl.load(DO + b * sdb + h * sdh + m64 * sdt + offs_d[None, :], mask=mask,
                  other=0.0).to(tl.float32)
     tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
 
@@ -126,8 +137,10 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sd
     for m0 in range(start, end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         rows = offs_m < T
-        q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=rows[:, None], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * sdt + offs_d[None, :], mask=rows[:, None],
+        m64 = tl.cast(m0, tl.int64)  # see "Offsets" in the module docstring
+        r = tl.arange(0, BLOCK_M)[:, None]
+        q = tl.load(q_base + m64 * sqt + r * sqt + offs_d[None, :], mask=rows[:, None], other=0.0)
+        do = tl.load(do_base + m64 * sdt + r * sdt + offs_d[None, :], mask=rows[:, None],
                      other=0.0)
         if UPCAST:
             q, do = q.to(tl.float32), do.to(tl.float32)
@@ -154,12 +167,11 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqt, skb, s
     b, hk = (bhk // HKV).to(tl.int64), (bhk % HKV).to(tl.int64)
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
+    n64 = offs_n.to(tl.int64)[:, None]
     offs_d = tl.arange(0, HEAD_DIM)
     kv_mask = (offs_n < S)[:, None]
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask,
-                other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask,
-                other=0.0)
+    k = tl.load(K + b * skb + hk * skh + n64 * sks + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + n64 * svs + offs_d[None, :], mask=kv_mask, other=0.0)
     if UPCAST:
         k, v = k.to(tl.float32), v.to(tl.float32)
     off = S - T
@@ -184,26 +196,31 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqt, skb, s
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + stat, DELTA + stat, sqt,
                                  sdt, offs_n, offs_d, full, T, T, off, qk_scale, False,
                                  BLOCK_M, UPCAST, PREC)
-    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdks + offs_d[None, :],
+    tl.store(DK + b * sdkb + hk * sdkh + n64 * sdks + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvs + offs_d[None, :],
+    tl.store(DV + b * sdvb + hk * sdvh + n64 * sdvs + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, offs_m, offs_d, start, end,
-                  S, off, qk_scale, MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-                  UPCAST: tl.constexpr, PREC: tl.constexpr):
+                  S, off, qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                  BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n < S)[:, None]
-        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=kv_mask, other=0.0)
+        n64 = tl.cast(n0, tl.int64)  # see "Offsets" in the module docstring
+        rows = tl.arange(0, BLOCK_N)[:, None]
+        k = tl.load(k_base + n64 * sks + rows * sks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + n64 * svs + rows * svs + offs_d[None, :], mask=kv_mask, other=0.0)
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale - lse[:, None])
-        if MASK:
-            p = tl.where(offs_n[None, :] <= offs_m[:, None] + off, p, 0.0)
+        if MASK:  # select, not multiply: p of a hidden key may be inf (its score > the LSE)
+            valid = offs_n[None, :] < S
+            if CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None] + off)
+            p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -224,29 +241,34 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sqb, sqh, sqt, skb, skh, sk
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m < T
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
-                mask=rows[:, None], other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :],
-                 mask=rows[:, None], other=0.0)
+    m64 = offs_m.to(tl.int64)[:, None]
+    q = tl.load(Q + b * sqb + h * sqh + m64 * sqt + offs_d[None, :], mask=rows[:, None],
+                other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + m64 * sdt + offs_d[None, :], mask=rows[:, None],
+                 other=0.0)
     if UPCAST:
         q, do = q.to(tl.float32), do.to(tl.float32)
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=rows, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=rows, other=0.0)
     off = S - T
-    if CAUSAL:
-        hi = tl.minimum(S, off + m0 + BLOCK_M)
-        full_end = tl.minimum(S, off + m0 + 1) // BLOCK_N * BLOCK_N
-    else:
-        hi = S
-        full_end = S  # padded keys are zero, so they add nothing to dq: no mask needed
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, offs_m, offs_d, 0,
-                       full_end, S, off, qk_scale, False, BLOCK_N, UPCAST, PREC)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, offs_m, offs_d,
-                       full_end, hi, S, off, qk_scale, True, BLOCK_N, UPCAST, PREC)
-    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :],
+    if CAUSAL:
+        hi = tl.minimum(S, off + m0 + BLOCK_M)
+        full_end = tl.minimum(S, off + m0 + 1) // BLOCK_N * BLOCK_N
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, offs_m, offs_d, 0,
+                           full_end, S, off, qk_scale, False, CAUSAL, BLOCK_N, UPCAST, PREC)
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, offs_m, offs_d,
+                           full_end, hi, S, off, qk_scale, True, CAUSAL, BLOCK_N, UPCAST, PREC)
+    else:
+        # Full attention masks the padded keys too (k = v = 0): their p = exp2(-lse) overflows
+        # to inf when a row's scores are all very negative (lse < -128 in fp32; ds past 65504
+        # in fp16), and inf * (k = 0) was NaN in the dq sum. One loop with a select per tile:
+        # a second, unmasked loop cost registers (ptxas spills in the fp32 build).
+        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, sks, svs, offs_m, offs_d, 0,
+                           S, S, off, qk_scale, True, CAUSAL, BLOCK_N, UPCAST, PREC)
+    tl.store(DQ + b * sdqb + h * sdqh + m64 * sdqt + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows[:, None])
 
 
@@ -277,11 +299,12 @@ def _attn_decode_kernel(Q, K, V, O_PART, ML_PART, sqb, sqh, sqt, skb, skh, sks, 
     acc = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
+        n64 = offs_n.to(tl.int64)[:, None]  # see "Offsets" in the module docstring
         kv_mask = (offs_n < end)[:, None]
-        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
+        k = tl.load(K + b * skb + hk * skh + n64 * sks + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        v = tl.load(V + b * svb + hk * svh + n64 * svs + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
@@ -369,17 +392,30 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 or upcast_dots(dtype) else "tf32"  # tf32 unused
 
 
+MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1 (axis 0 allows 2**31 - 1)
+
+
+def _batches(B: int, per_batch: int) -> list[tuple[int, int]]:
+    """Batch ranges [b0, b1) small enough that (b1 - b0) * per_batch programs fit grid axis 1,
+    which the kernels use for batch * heads (B * H passes 65535 at B = 2048 with 32 heads)."""
+    step = max(1, MAX_GRID_Y // per_batch)
+    return [(b0, min(b0 + step, B)) for b0 in range(0, B, step)]
+
+
 def attention_forward(q, k, v, causal: bool, scale: float):
     """Launcher. Returns o (B, Hq, T, D) in q's dtype and lse (B, Hq, T) fp32, log2 units."""
     B, H, T, D = q.shape
     S, HKV = k.shape[2], k.shape[1]
     o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    launch_fitting(_attn_fwd_kernel, lambda c: (triton.cdiv(T, c["BLOCK_M"]), B * H),
-                   _configs("fwd", D, q.dtype),
-                   q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                   *o.stride()[:3], H, T, S, H // HKV, scale * LOG2E, CAUSAL=causal,
-                   HEAD_DIM=D, UPCAST=upcast_dots(q.dtype), PREC=_prec(q.dtype))
+    for b0, b1 in _batches(B, H):  # batch slices are views: same strides, offset bases
+        qs, ks, vs, os_, ls = (t[b0:b1] for t in (q, k, v, o, lse))
+        launch_fitting(_attn_fwd_kernel,
+                       lambda c, n=(b1 - b0) * H: (triton.cdiv(T, c["BLOCK_M"]), n),
+                       _configs("fwd", D, q.dtype),
+                       qs, ks, vs, os_, ls, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                       *o.stride()[:3], H, T, S, H // HKV, scale * LOG2E, CAUSAL=causal,
+                       HEAD_DIM=D, UPCAST=upcast_dots(q.dtype), PREC=_prec(q.dtype))
     return o, lse
 
 
@@ -389,21 +425,26 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, scale: float):
     S, HKV = k.shape[2], k.shape[1]
     delta = torch.empty_like(lse)
     BM = 16 if interpreting() else 64
-    _bwd_preprocess_kernel[(triton.cdiv(T, BM), B * H)](o, do, delta, *o.stride()[:3],
-                                                        *do.stride()[:3], H, T, HEAD_DIM=D,
-                                                        BLOCK_M=BM)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = dict(CAUSAL=causal, HEAD_DIM=D, UPCAST=upcast_dots(q.dtype), PREC=_prec(q.dtype))
-    launch_fitting(_attn_bwd_dkdv_kernel, lambda c: (triton.cdiv(S, c["BLOCK_N"]), B * HKV),
-                   _configs("dkdv", D, q.dtype),
-                   q, k, v, do, lse, delta, dk, dv, *q.stride()[:3], *k.stride()[:3],
-                   *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], H,
-                   HKV, T, S, H // HKV, scale * LOG2E, scale, **common)
-    launch_fitting(_attn_bwd_dq_kernel, lambda c: (triton.cdiv(T, c["BLOCK_M"]), B * H),
-                   _configs("dq", D, q.dtype),
-                   q, k, v, do, lse, delta, dq, *q.stride()[:3], *k.stride()[:3],
-                   *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], H, T, S, H // HKV,
-                   scale * LOG2E, scale, **common)
+    for b0, b1 in _batches(B, H):  # HKV <= H: the dK/dV grid fits too
+        qs, ks, vs, os_, dos, ls, ds, dqs, dks, dvs = (
+            t[b0:b1] for t in (q, k, v, o, do, lse, delta, dq, dk, dv))
+        nb = b1 - b0
+        _bwd_preprocess_kernel[(triton.cdiv(T, BM), nb * H)](
+            os_, dos, ds, *o.stride()[:3], *do.stride()[:3], H, T, HEAD_DIM=D, BLOCK_M=BM)
+        launch_fitting(_attn_bwd_dkdv_kernel,
+                       lambda c, n=nb * HKV: (triton.cdiv(S, c["BLOCK_N"]), n),
+                       _configs("dkdv", D, q.dtype),
+                       qs, ks, vs, dos, ls, ds, dks, dvs, *q.stride()[:3], *k.stride()[:3],
+                       *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+                       H, HKV, T, S, H // HKV, scale * LOG2E, scale, **common)
+        launch_fitting(_attn_bwd_dq_kernel,
+                       lambda c, n=nb * H: (triton.cdiv(T, c["BLOCK_M"]), n),
+                       _configs("dq", D, q.dtype),
+                       qs, ks, vs, dos, ls, ds, dqs, *q.stride()[:3], *k.stride()[:3],
+                       *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], H, T, S, H // HKV,
+                       scale * LOG2E, scale, **common)
     return dq, dk, dv
 
 
@@ -427,13 +468,17 @@ def attention_decode(q, k, v, causal: bool, scale: float, num_splits: int | None
     R = group * T
     o_part = torch.empty((B * HKV, num_splits, R, D), dtype=torch.float32, device=q.device)
     ml_part = torch.empty((B * HKV, num_splits, R, 2), dtype=torch.float32, device=q.device)
-    launch_fitting(_attn_decode_kernel, lambda c: (num_splits, B * HKV), configs,
-                   q, k, v, o_part, ml_part, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                   HKV, T, S, group, scale * LOG2E, keys_per_split, num_splits, CAUSAL=causal,
-                   HEAD_DIM=D, BLOCK_R=max(16, next_pow2(R)), UPCAST=upcast_dots(q.dtype),
-                   PREC=_prec(q.dtype))
     o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
-    _attn_decode_reduce_kernel[(R, B * HKV)](o_part, ml_part, o, *o.stride()[:3], HKV, T, group,
+    for b0, b1 in _batches(B, HKV):
+        qs, ks, vs, os_ = (t[b0:b1] for t in (q, k, v, o))
+        ops, mls = o_part[b0 * HKV:b1 * HKV], ml_part[b0 * HKV:b1 * HKV]
+        nbk = (b1 - b0) * HKV
+        launch_fitting(_attn_decode_kernel, lambda c, n=nbk: (num_splits, n), configs,
+                       qs, ks, vs, ops, mls, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                       HKV, T, S, group, scale * LOG2E, keys_per_split, num_splits,
+                       CAUSAL=causal, HEAD_DIM=D, BLOCK_R=max(16, next_pow2(R)),
+                       UPCAST=upcast_dots(q.dtype), PREC=_prec(q.dtype))
+        _attn_decode_reduce_kernel[(R, nbk)](ops, mls, os_, *o.stride()[:3], HKV, T, group,
                                              num_splits, HEAD_DIM=D,
                                              BLOCK_S=max(16, next_pow2(num_splits)), num_warps=4)
     return o

@@ -11,14 +11,14 @@ The kernels read only the 4-bit data and the uint8 scales; the fp32 absmax is re
 registers per block.
 
 `nf4_matmul(x, ...)` = x @ W.T (+ bias). One kernel serves decode and prefill: each step of its
-K loop covers one quantization block (blocksize columns), loads the packed bytes of BLOCK_N rows,
-dequantizes the high nibbles (even columns) and low nibbles (odd columns) in registers, and
-multiplies them with the even / odd columns of x. M <= 16 runs it as a GEMV (BLOCK_M = 16,
-split-K for parallelism); medium M as a tiled GEMM; large M (and fp32 past GEMV sizes, and K
-not a multiple of blocksize) dequantizes with the kernel and calls the library matmul, where
-cuBLAS wins. The codes come from a 256-entry table of (high, low) nibble pairs: one gather per
-byte. The backward gives the input gradient only (grad @ W, W dequantized again), as QLoRA
-needs; the 4-bit weight is frozen.
+K loop covers min(blocksize, 64) columns of one quantization block, loads the packed bytes of
+BLOCK_N rows, dequantizes the high nibbles (even columns) and low nibbles (odd columns) in
+registers, and multiplies them with the even / odd columns of x. M <= 16 runs it as a GEMV
+(BLOCK_M = 16, split-K for parallelism); medium M as a tiled GEMM; large M (and fp32 past GEMV
+sizes, and K not a multiple of blocksize) dequantizes with the kernel and calls the library
+matmul, where cuBLAS wins. The codes come from a 256-entry table of (high, low) nibble pairs:
+one gather per byte. The backward gives the input gradient only (grad @ W, W dequantized
+again), as QLoRA needs; the 4-bit weight is frozen.
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ NF4_CODE = [
 NESTED_BLOCKSIZE = 256
 GEMV_MAX_M = 16     # rows of x up to which the GEMV configuration runs
 FUSED_MAX_M = 256   # above this, dequantize + library matmul (cuBLAS beats a dequant-GEMM)
+MAX_CHUNK = 64      # K columns per step of the fused kernel (its tiles were tuned at 64)
 
 
 @triton.jit
@@ -94,11 +95,15 @@ def _nf4_dequant_kernel(P, AQ, NABS, NCODE, OFFSET, PAIRS, OUT, offset_val, nume
 
 @triton.jit
 def _nf4_matmul_kernel(X, P, AQ, NABS, NCODE, OFFSET, PAIRS, BIAS, OUT, offset_val, M, N, K,
-                       spn, sxm, sxk, BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+                       spn, sxm, sxk, BLOCKSIZE: tl.constexpr, CHUNK: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
                        DOUBLE_QUANT: tl.constexpr, OFFSET_PTR: tl.constexpr,
                        HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    HALF: tl.constexpr = BLOCKSIZE // 2
+    # Each K step covers CHUNK columns (CHUNK divides BLOCKSIZE): the tiles are (BLOCK_N,
+    # CHUNK / 2) whatever the blocksize. One step per quantization block needed up to 1.8 MB
+    # of shared memory at blocksize 4096 (sm_90 has 227 KiB; python -m kernels.compile_check).
+    HALF: tl.constexpr = CHUNK // 2
+    PER_BLOCK: tl.constexpr = BLOCKSIZE // CHUNK
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -107,12 +112,13 @@ def _nf4_matmul_kernel(X, P, AQ, NABS, NCODE, OFFSET, PAIRS, BIAS, OUT, offset_v
     groups = K // BLOCKSIZE  # quantization blocks per weight row
     x_rows = X + offs_m[:, None].to(tl.int64) * sxm
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for g in range(pid_k, groups, SPLIT_K):
-        packed = tl.load(P + offs_n[:, None] * spn + g * HALF + j[None, :],
+    for c in range(pid_k, K // CHUNK, SPLIT_K):
+        packed = tl.load(P + offs_n[:, None] * spn + c * HALF + j[None, :],
                          mask=nmask[:, None], other=0).to(tl.int32)  # (BN, HALF)
-        scale = _block_absmax(AQ, NABS, NCODE, OFFSET, offset_val, offs_n * groups + g, nmask,
-                              DOUBLE_QUANT, OFFSET_PTR)[:, None]
-        cols = g * BLOCKSIZE + 2 * j
+        scale = _block_absmax(AQ, NABS, NCODE, OFFSET, offset_val,
+                              offs_n * groups + c // PER_BLOCK, nmask, DOUBLE_QUANT,
+                              OFFSET_PTR)[:, None]
+        cols = c * CHUNK + 2 * j
         x_even = tl.load(x_rows + cols[None, :] * sxk, mask=mmask[:, None], other=0.0)
         x_odd = tl.load(x_rows + (cols + 1)[None, :] * sxk, mask=mmask[:, None], other=0.0)
         if UPCAST:
@@ -215,6 +221,7 @@ def nf4_matmul_fused(x2, packed, absmax_q, nested_absmax, nested_code, offset, s
         raise ValueError(f"nf4: fused matmul needs K % blocksize == 0, got K={K}")
     M = x2.shape[0]
     interp = interpreting()
+    chunk = min(blocksize, MAX_CHUNK)  # columns per K step of the kernel
     if M <= GEMV_MAX_M:  # decode: weight-bandwidth bound, spread K across programs
         # fp32 dots run on FMA units (IEEE precision), not tensor cores: 4 warps spill 224
         # bytes per thread on sm_90, 8 none (python -m kernels.compile_check --dtypes fp32)
@@ -223,7 +230,7 @@ def nf4_matmul_fused(x2, packed, absmax_q, nested_absmax, nested_code, offset, s
         if split_k is None:
             tiles = triton.cdiv(N, BN)
             programs = 2 * num_programs(x2.device, 1 << 20)  # two waves of SMs
-            split_k = max(1, min(K // blocksize // 4, triton.cdiv(programs, tiles)))
+            split_k = max(1, min(K // chunk // 4, triton.cdiv(programs, tiles)))
     else:
         BM, BN, warps, stages = (16, 16, 4, 1) if interp else (64, 128, 4, 3)
         split_k = split_k or 1
@@ -232,7 +239,7 @@ def nf4_matmul_fused(x2, packed, absmax_q, nested_absmax, nested_code, offset, s
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN), split_k)
     _nf4_matmul_kernel[grid](
         x2, *args, bias if bias is not None else x2, out, off_v, M, N, K, K // 2, x2.stride(0),
-        x2.stride(1), BLOCKSIZE=blocksize, BLOCK_M=BM, BLOCK_N=BN, SPLIT_K=split_k,
+        x2.stride(1), BLOCKSIZE=blocksize, CHUNK=chunk, BLOCK_M=BM, BLOCK_N=BN, SPLIT_K=split_k,
         DOUBLE_QUANT=dq, OFFSET_PTR=off_ptr, HAS_BIAS=bias is not None,
         UPCAST=upcast_dots(x2.dtype), PREC="ieee" if x2.dtype == torch.float32 else "tf32",
         num_warps=warps, num_stages=stages)

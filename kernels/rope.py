@@ -37,8 +37,10 @@ def _rope_kernel(X, COS, SIN, OUT, T, H,
     for h0 in range(0, H, BLOCK_H):
         hh = (h0 + heads)[:, None]
         mask = (hh < H) & dmask[None, :]
-        x_ptr = X + b * sxb + hh * sxh + t * sxt + d[None, :]  # (BLOCK_H, BLOCK_HALF)
-        o_ptr = OUT + b * sob + hh * soh + t * sot + d[None, :]
+        # int64: in a contiguous (B, H, T, D) x, head * (T * D) passes 2**31 for long sequences
+        h64 = hh.to(tl.int64)
+        x_ptr = X + b * sxb + h64 * sxh + t * sxt + d[None, :]  # (BLOCK_H, BLOCK_HALF)
+        o_ptr = OUT + b * sob + h64 * soh + t * sot + d[None, :]
         x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
         if BACKWARD:  # transpose of the rotation: x here is the output gradient

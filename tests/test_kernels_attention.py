@@ -111,3 +111,53 @@ def test_attention_ref_against_sdpa_and_gradcheck():
     q = torch.randn(1, 2, 3, 16, **d, requires_grad=True)
     k, v = (torch.randn(1, 1, 5, 16, **d, requires_grad=True) for _ in range(2))
     assert torch.autograd.gradcheck(lambda q, k, v: attention_ref(q, k, v, True), (q, k, v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attention_grads_finite_when_every_score_is_very_negative(device, dtype):
+    """Full attention, S not a multiple of the key block: padded keys (k = v = 0) must be masked
+    in the dQ pass. Scores near -100 make a row's LSE so negative that a padded key's
+    p = exp2(-LSE) overflows (fp32: inf; fp16 ds: past 65504), and inf * k = 0 was NaN in dq."""
+    B, H, T, S, D = 1, 2, 20, 21, 16
+    q = (5.0 + 0.1 * torch.randn(B, H, T, D, device=device)).to(dtype).requires_grad_()
+    k = (-5.0 + 0.1 * torch.randn(B, H, S, D, device=device)).to(dtype).requires_grad_()
+    v = torch.randn(B, H, S, D, device=device).to(dtype).requires_grad_()
+    do = torch.randn(B, H, T, D, device=device).to(dtype)
+    attention(q, k, v, causal=False).backward(do)
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    attention_ref(qf, kf, vf, causal=False).backward(do.float())
+    for name, got, want in (("dq", q.grad, qf.grad), ("dk", k.grad, kf.grad),
+                            ("dv", v.grad, vf.grad)):
+        assert torch.isfinite(got).all(), f"{name} has non-finite values"
+        assert_close(got, want, TOL[dtype], name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_splits_batches_past_the_grid_limit(device, monkeypatch):
+    """Grid axis 1 holds batch * heads and CUDA caps it at 65535: the launchers run batch
+    slices then. A tiny cap here makes every launcher split (forward, backward, decode)."""
+    import kernels.attention as attn
+    monkeypatch.setattr(attn, "MAX_GRID_Y", 5)
+    assert attn._batches(5, 2) == [(0, 2), (2, 4), (4, 5)]
+    assert attn._batches(3, 8) == [(0, 1), (1, 2), (2, 3)]  # one batch row even if over
+    B, Hq, Hkv, T, S, D = 5, 2, 1, 19, 23, 16
+    q = make((B, Hq, T, D), torch.float32, device, "bthd").requires_grad_()
+    k = make((B, Hkv, S, D), torch.float32, device, "bthd").requires_grad_()
+    v = make((B, Hkv, S, D), torch.float32, device, "bthd").requires_grad_()
+    do = torch.randn(B, Hq, T, D, device=device)
+    o = attention(q, k, v, causal=True)
+    o.backward(do)
+    qf, kf, vf = (t.detach().requires_grad_() for t in (q, k, v))
+    of = attention_ref(qf, kf, vf, causal=True)
+    of.backward(do)
+    tol = TOL[torch.float32]
+    assert_close(o, of, tol, "o")
+    assert_close(q.grad, qf.grad, tol, "dq")
+    assert_close(k.grad, kf.grad, tol, "dk")
+    assert_close(v.grad, vf.grad, tol, "dv")
+    with torch.no_grad():  # decode: grid axis 1 is batch * kv heads
+        qd = q[:, :, -2:].detach()
+        want = attention_ref(qd, k.detach(), v.detach(), causal=True)
+        assert_close(attention_decode(qd, k.detach(), v.detach(), True, D ** -0.5,
+                                      num_splits=2), want, tol, "o (decode)")

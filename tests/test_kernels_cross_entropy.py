@@ -141,3 +141,28 @@ def test_linear_cross_entropy_under_no_grad_computes_no_gradients(device, monkey
     assert not loss.requires_grad
     assert_close(loss, linear_cross_entropy_ref(h.detach(), w.detach(), t), TOL[torch.float32],
                  "loss")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["row_slice", "transposed", "expanded_rows"])
+def test_cross_entropy_strided_logits_and_targets(device, layout):
+    """Launcher strides: logits as a column slice of a wider buffer (row stride > V, read in
+    place), a transposed view (unit-stride columns missing: copied), rows broadcast with stride
+    0; targets as a strided view. The gradient comes back in the logits' shape."""
+    N, V = 6, 300
+    if layout == "row_slice":
+        base = torch.randn(N, V + 37, device=device)[:, 5:V + 5]
+    elif layout == "transposed":
+        base = torch.randn(V, N, device=device).t()
+    else:
+        base = torch.randn(1, V, device=device).expand(N, V)
+    x = base.requires_grad_()  # a view of a tensor without grad: a leaf, strides kept
+    assert not x.is_contiguous()
+    t = make_targets(2 * N, V, device, ignored=(4,))[::2]
+    loss = cross_entropy(x, t)
+    loss.backward()
+    xf = x.detach().clone().requires_grad_()
+    ref = cross_entropy_ref(xf, t)
+    ref.backward()
+    assert_close(loss, ref, TOL[torch.float32], "loss")
+    assert_close(x.grad, xf.grad, TOL[torch.float32], "dlogits")

@@ -107,3 +107,41 @@ def test_bad_fields():
         nf4_dequantize(packed, absmax_q, None, code, offset, (4, 64))
     with pytest.raises(ValueError, match="weight expects 64"):
         nf4_matmul(torch.randn(2, 32), packed, absmax_q, nested, code, offset, (4, 64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("blocksize,M,split_k", [(256, 1, 3), (256, 20, 1), (512, 3, None),
+                                                  (32, 2, 2)])
+def test_fused_matmul_large_blocksizes(device, blocksize, M, split_k):
+    """Blocksizes past the kernel's 64-column K step: several steps share one block's scale
+    (one step per block made tiles of blocksize / 2 bytes per row, which no GPU's shared
+    memory holds at 1024 or more; at 256 the tiled config already missed sm_90's)."""
+    N, K = 24, 1024
+    fields = random_fields(N, K, device, blocksize)
+    x = torch.randn(M, K, device=device) / K ** 0.5
+    with torch.no_grad():
+        y = nf4_matmul_fused(x, *fields, (N, K), blocksize=blocksize, split_k=split_k)
+    want = nf4_matmul_ref(x, *fields, (N, K), blocksize=blocksize)
+    assert_close(y, want, TOL[torch.float32], f"y (blocksize {blocksize})")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("M", [2, 20])
+def test_matmul_strided_input(device, M):
+    """x whose feature axis is not unit-stride (a transposed buffer) and a row slice of a wider
+    buffer: the fused kernel reads x through its strides; dx comes back in x's shape."""
+    N, K = 24, 128
+    fields = random_fields(N, K, device)
+    s = K ** -0.5
+    for x in ((s * torch.randn(K, M, device=device)).t(),
+              (s * torch.randn(M, K + 64, device=device))[:, 64:]):
+        x.requires_grad_()  # a view of a tensor without grad: a leaf, strides kept
+        assert not x.is_contiguous()
+        gy = torch.randn(M, N, device=device)
+        y = nf4_matmul(x, *fields, (N, K))
+        y.backward(gy)
+        xf = x.detach().clone().requires_grad_()
+        yf = nf4_matmul_ref(xf, *fields, (N, K))
+        yf.backward(gy)
+        assert_close(y, yf, TOL[torch.float32], "y")
+        assert_close(x.grad, xf.grad, TOL[torch.float32], "dx")

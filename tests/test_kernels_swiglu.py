@@ -30,3 +30,17 @@ def test_swiglu_matches_reference(device, dtype, shape):
 def test_swiglu_shape_mismatch():
     with pytest.raises(ValueError, match="must match"):
         swiglu(torch.randn(2, 4), torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_swiglu_strided_halves_of_a_fused_projection(device):
+    """gate and up as the two halves of one (.., 2I) projection (non-contiguous views) and a
+    transposed upstream gradient: the launchers copy what the flat kernels cannot index."""
+    B, T, inter = 2, 3, 40
+    gu = torch.randn(B, T, 2 * inter, device=device, requires_grad=True)
+    g, u = gu[..., :inter], gu[..., inter:]
+    dh = torch.randn(B, inter, T, device=device).transpose(1, 2)
+    swiglu(g, u).backward(dh)
+    guf = gu.detach().clone().requires_grad_()
+    swiglu_ref(guf[..., :inter], guf[..., inter:]).backward(dh)
+    assert_close(gu.grad, guf.grad, (1e-5, 1e-5), "d_gate_up")
