@@ -93,10 +93,21 @@ def prepare(model: nn.Module, mode: str, *, r: int = 8, alpha: float = 16, dropo
 
 
 def report_line(report: dict) -> str:
-    """train.py's startup line about what trains."""
-    return "fine-tuning: " + ", ".join(f"{k} {v}" for k, v in report.items() if k in (
-        "mode", "trainable_params", "total_params", "trainable_percent", "trainable_layers", "nf4",
-        "half_finetune"))
+    """train.py's startup line about what trains, e.g. "fine-tuning: mode qlora, trainable
+    2,442,240 of 136,957,248 parameters (1.78%), nf4 210 layers 405.0 -> 57.0 MiB (4.13 bits
+    per parameter)"."""
+    parts = [f"mode {report['mode']}"]
+    if "trainable_params" in report:
+        n, total = report["trainable_params"], report["total_params"]
+        parts.append(f"trainable {n:,} of {total:,} parameters ({100 * n / max(total, 1):.2f}%)")
+    if "trainable_layers" in report:
+        parts.append(f"trainable_layers {report['trainable_layers']}")
+    if "nf4" in report:
+        q = report["nf4"]
+        parts.append(f"nf4 {q['layers']} layers {q['bytes_before'] / 2**20:.1f} -> "
+                     f"{q['bytes_after'] / 2**20:.1f} MiB ({q['bits_per_param']:.2f} bits per "
+                     f"parameter)")
+    return "fine-tuning: " + ", ".join(parts)
 
 
 def unique_params(model: nn.Module):
@@ -145,6 +156,8 @@ def save_trained(model: nn.Module, tokenizer, directory: str, mode: str, base: s
     if mode in ADAPTER_MODES:
         from engine.lora import save_adapter
         os.makedirs(directory, exist_ok=True)
+        if base is not None and os.path.exists(base):  # a local base: found from any directory
+            base = os.path.abspath(base)
         save_adapter(model, directory, base_model_name_or_path=base)
         if tokenizer is not None:
             tokenizer.save(directory)

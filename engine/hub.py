@@ -120,7 +120,8 @@ def resolve(source: str) -> tuple[str, str]:
 def adapter_base(path: str) -> str | None:
     """The base model of an adapter directory (adapter_config.json, no config.json: what a LoRA /
     DoRA / QLoRA run of train.py or PEFT's save_pretrained writes), None for anything else. A
-    relative base path is taken from the current directory, as it was given to train.py."""
+    relative base path (a PEFT adapter's; train.py saves a local base's absolute path) is taken
+    from the current directory."""
     cfg = os.path.join(os.fspath(path), "adapter_config.json")
     if not os.path.isfile(cfg) or os.path.isfile(os.path.join(os.fspath(path), "config.json")):
         return None

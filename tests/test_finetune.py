@@ -55,6 +55,26 @@ def full_and_resumed(common, tmp, name, pause):
              if not e.get("final")] for run in (full, part)]
 
 
+def test_adapter_of_a_relative_base_loads_from_another_directory(base, monkeypatch):
+    """--base given relative to the current directory is saved absolute in adapter_config.json:
+    the run loads as base + adapter from anywhere (it named './base' and failed elsewhere)."""
+    run_base, domain, tmp = base
+    monkeypatch.chdir(os.path.dirname(run_base))
+    out = str(tmp / "ft-relative")
+    assert train.main(["--base", os.path.join(".", os.path.basename(run_base)), "--finetune",
+                       "lora", "--data", domain, "--out", out, "--max-steps", "1",
+                       "--lora-r", "2", *FLAGS]) == 0
+    cfg = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert cfg["base_model_name_or_path"] == os.path.abspath(run_base)
+    elsewhere = tmp / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    from engine.hub import load_model
+    from engine.lora import lora_layers
+    model, _ = load_model(out)
+    assert lora_layers(model)  # the base, with the adapter on it
+
+
 @pytest.mark.parametrize("mode", ["lora", "qlora", "dora"])
 def test_adapter_modes_save_peft_adapters_and_learn(base, mode):
     run_base, domain, tmp = base
