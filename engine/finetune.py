@@ -107,6 +107,8 @@ def report_line(report: dict) -> str:
         parts.append(f"nf4 {q['layers']} layers {q['bytes_before'] / 2**20:.1f} -> "
                      f"{q['bytes_after'] / 2**20:.1f} MiB ({q['bits_per_param']:.2f} bits per "
                      f"parameter)")
+    if "half_finetune" in report:  # train.py's sentence about the current round
+        parts.append(f"half_finetune {report['half_finetune']}")
     return "fine-tuning: " + ", ".join(parts)
 
 

@@ -182,7 +182,7 @@ def test_half_finetune_startup_line_counts_what_trains_this_round(base, capsys):
     now = sum(p.numel() for p in m.parameters() if p.requires_grad)
     blocks = sum(p.numel() for p in m.model.layers.parameters())
     assert hft.counts() == (blocks, now) and 0.3 < now / blocks < 0.7
-    assert re.search(rf"trainable_params {now}, .*half_finetune round 0 trains {now:,} of the "
+    assert re.search(rf"trainable {now:,} of .*half_finetune round 0 trains {now:,} of the "
                      rf"{blocks:,} candidate params", line), line
 
 
