@@ -21,21 +21,25 @@ def make_targets(N, V, device, ignored=(2,)):
     return t
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("N,V", [(7, 300), (5, 64), (3, 1000), (2, 5003)])
-def test_cross_entropy_matches_reference(device, dtype, N, V):
-    x = (3 * torch.randn(N, V, device=device)).to(dtype).requires_grad_()
-    t = make_targets(N, V, device)
+def check_against_ref(x, t, tol):
+    """cross_entropy(x, t) and d/dx against the fp32 reference; x: a leaf needing grad."""
     loss = cross_entropy(x, t)
     loss.backward()
     xf = x.detach().float().requires_grad_()
     ref = cross_entropy_ref(xf, t)
     ref.backward()
     assert loss.dtype == torch.float32 and loss.dim() == 0
-    assert_close(loss, ref, TOL[dtype], "loss")
-    assert_close(x.grad, xf.grad, TOL[dtype], "dlogits")
-    assert x.grad.dtype == dtype
+    assert_close(loss, ref, tol, "loss")
+    assert_close(x.grad, xf.grad, tol, "dlogits")
+    assert x.grad.dtype == x.dtype and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,V", [(7, 300), (5, 64), (3, 1000), (2, 5003)])
+def test_cross_entropy_matches_reference(device, dtype, N, V):
+    x = (3 * torch.randn(N, V, device=device)).to(dtype).requires_grad_()
+    check_against_ref(x, make_targets(N, V, device), TOL[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -57,14 +61,7 @@ def test_cross_entropy_masked_vocabulary(device):
     x[:, :4200] = float("-inf")
     x[1, 4300:4400] = float("-inf")
     x = x.requires_grad_()
-    t = torch.tensor([4201, 5002, -100], device=device)
-    loss = cross_entropy(x, t)
-    loss.backward()
-    xf = x.detach().clone().requires_grad_()
-    ref = cross_entropy_ref(xf, t)
-    ref.backward()
-    assert_close(loss, ref, TOL[torch.float32], "loss")
-    assert_close(x.grad, xf.grad, TOL[torch.float32], "dlogits")
+    check_against_ref(x, torch.tensor([4201, 5002, -100], device=device), TOL[torch.float32])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -158,11 +155,4 @@ def test_cross_entropy_strided_logits_and_targets(device, layout):
         base = torch.randn(1, V, device=device).expand(N, V)
     x = base.requires_grad_()  # a view of a tensor without grad: a leaf, strides kept
     assert not x.is_contiguous()
-    t = make_targets(2 * N, V, device, ignored=(4,))[::2]
-    loss = cross_entropy(x, t)
-    loss.backward()
-    xf = x.detach().clone().requires_grad_()
-    ref = cross_entropy_ref(xf, t)
-    ref.backward()
-    assert_close(loss, ref, TOL[torch.float32], "loss")
-    assert_close(x.grad, xf.grad, TOL[torch.float32], "dlogits")
+    check_against_ref(x, make_targets(2 * N, V, device, ignored=(4,))[::2], TOL[torch.float32])
