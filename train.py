@@ -414,7 +414,7 @@ def _run(args, given: set[str], stage: dict) -> int:
 if __name__ == "__main__":
     try:
         code = main()
-        distributed.cleanup()
+        distributed.cleanup(meet=code == 0)
         sys.exit(code)
     except (ValueError, OSError, RuntimeError) as e:  # OSError: FileNotFoundError, a full disk ...
         print(f"error: {distributed.explain(e)}", file=sys.stderr)

@@ -83,9 +83,20 @@ def setup(device: str, timeout_s: float) -> torch.device:
     return dev
 
 
-def cleanup() -> None:
-    if tdist.is_initialized():
-        tdist.destroy_process_group()
+def cleanup(meet: bool = True) -> None:
+    """Tear the process group down. meet=True (a run that ended well on every rank): the ranks
+    meet first; a rank that destroyed the group while a peer still wrote (rank 0's last save)
+    could take gloo down with "terminate called without an active exception" (SIGABRT, seen in
+    CI). meet=False after Ctrl-C, when the ranks stopped at different points: a peer still in
+    a step's collective then fails at once instead of waiting for this rank until the deadline."""
+    if not tdist.is_initialized():
+        return
+    if meet and _cpu_group is not None:
+        try:
+            tdist.barrier(group=_cpu_group)
+        except Exception:  # noqa: BLE001  (a peer already gone: nothing left to wait for)
+            pass
+    tdist.destroy_process_group()
 
 
 def rank() -> int:
