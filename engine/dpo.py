@@ -289,8 +289,8 @@ class DPO:
         step = self.batch_size // world_size()  # each rank's micro-batch, not the global batch
         for b in range(0, len(self.val), step):
             with autocast_ctx:
-                parts.append(self.loss(model, self.val, list(range(b, min(b + step, len(self.val)))),
-                                       device))
+                rows = list(range(b, min(b + step, len(self.val))))
+                parts.append(self.loss(model, self.val, rows, device))
         model.train(was_training)
         losses, c, r, nll = (torch.cat(t) for t in zip(*parts))
         return summarize(losses, c, r, nll, prefix="val_")

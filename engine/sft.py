@@ -164,7 +164,8 @@ def _check_messages(msgs, what: str = "'messages'", tool_use: bool = False) -> s
             if not isinstance(m.get(key), str):
                 return f"{what}[{i}] has no string '{key}'"
         if m["role"] not in ROLES:  # a typo ("Assistant", "bot") would train as context
-            return f"{what}[{i}] has unknown role {m['role']!r:.40} (expected one of {', '.join(ROLES)})"
+            return (f"{what}[{i}] has unknown role {m['role']!r:.40} (expected one of "
+                    f"{', '.join(ROLES)})")
         if m["role"] == "assistant" and not m["content"].strip():
             # it would teach the model to end its turn at once
             return f"{what}[{i}] is an empty assistant turn"
