@@ -41,3 +41,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_cache_env():
+    """Module fixtures point WHETSTONE_CACHE at their tmp dirs: put it back after the module, so
+    later modules find the demo model in the real cache (one skipped instead of running)."""
+    old = os.environ.get("WHETSTONE_CACHE")
+    yield
+    if old is None:
+        os.environ.pop("WHETSTONE_CACHE", None)
+    else:
+        os.environ["WHETSTONE_CACHE"] = old

