@@ -122,7 +122,7 @@ def barrier() -> None:
     if _world == 1:
         return
     _barriers += 1
-    key = f"whetstone/written/{_barriers}"
+    key = _written_key(_barriers)
     store = tdist.distributed_c10d._get_default_store()
     if _rank == 0:
         store.set(key, _WRITTEN)
@@ -208,6 +208,10 @@ def _failed_key(r: int) -> str:
     return f"whetstone/failed/{r}"
 
 
+def _written_key(n: int) -> str:  # barrier() number n: rank 0's checkpoint, or its error
+    return f"whetstone/written/{n}"
+
+
 def _peer_failure() -> str | None:
     """'rank R failed: ERROR' for the first other rank that recorded its error in the store
     (fail_together), or None (none did, or the store went away with the rank hosting it)."""
@@ -249,7 +253,7 @@ def fail_together(e: BaseException, wait_s: float = 10.0) -> None:
         store = tdist.distributed_c10d._get_default_store()
         store.set(_failed_key(_rank), _first_line(e))
         if _rank == 0:  # the next barrier() the others may be (or soon be) waiting at
-            store.set(f"whetstone/written/{_barriers + 1}", _first_line(e))
+            store.set(_written_key(_barriers + 1), _first_line(e))
         # Polled: a store.wait that times out (a peer that did not fail) logs C++ warnings.
         deadline = time.monotonic() + wait_s
         while (not store.check([_failed_key(r) for r in range(_world)])

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from engine import distributed
-from engine.config import atomic_write_bytes
+from engine.config import atomic_write, atomic_write_bytes
 
 STATE_FILE = "training_state.pt"
 LAST = "last"  # subdirectory of a run with the most recent (resumable) weights and training state
@@ -167,20 +167,10 @@ def save_training_state(directory: str, optimizer, step: int, data_gen: torch.Ge
     state = {"optimizer": optimizer.state_dict(), "step": step,
              "data_rng": data_gen.get_state(), "torch_rng": torch.get_rng_state(),
              "extra": json.dumps(extra)}
-    # atomic_write_bytes' steps, streamed (the optimizer state is twice the trainable weights):
     # fsynced before the rename, as the weights beside it are, since recover_last takes a
-    # directory holding this file for a complete checkpoint; no temp file left by a failure
-    tmp = os.path.join(directory, f".{STATE_FILE}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(directory, STATE_FILE))
-    except BaseException:  # disk full, Ctrl-C
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    # directory holding this file for a complete checkpoint; streamed, not built in memory (the
+    # optimizer state is twice the trainable weights)
+    atomic_write(os.path.join(directory, STATE_FILE), lambda f: torch.save(state, f))
 
 
 def load_training_state(directory: str, optimizer, data_gen: torch.Generator) -> tuple[int, dict]:
