@@ -21,7 +21,9 @@ import concurrent.futures
 import hmac
 import http
 import json
+import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -114,7 +116,11 @@ class Server:
         self._shutdown_grace: float | None = None
         # made here, not in start(): request_shutdown() may come before the server runs
         self._shutdown_requested = asyncio.Event()
-        reg = engine.registry
+
+    def _register_metrics(self) -> None:
+        """Once bound (a Server that failed to bind registers nothing: another may retry on the
+        same engine and registry)."""
+        reg = self.engine.registry
         self.m_requests = reg.counter("http_requests_total", "HTTP requests answered",
                                       ["route", "status"])
         self.m_latency = reg.histogram("http_request_duration_seconds",
@@ -131,11 +137,16 @@ class Server:
     async def start(self) -> None:
         try:
             self._server = await asyncio.start_server(self._accept, self.host, self.port,
-                                                      limit=self.limits.max_header)
-        except OSError as e:
-            raise OSError(f"cannot listen on {self.host}:{self.port}: {e.strerror or e}") from None
+                                                      limit=self.limits.max_header,
+                                                      start_serving=False)
+        except OSError as e:  # asyncio's bind error repeats the address: keep the reason only
+            why = (os.strerror(e.errno) if e.errno and not isinstance(e, socket.gaierror)
+                   else e.strerror or str(e))
+            raise OSError(f"cannot listen on {self.host}:{self.port}: {why}") from None
         self.port = self._server.sockets[0].getsockname()[1]
+        self._register_metrics()  # before the first connection is accepted
         self.engine.start()
+        await self._server.start_serving()
 
     @property
     def url(self) -> str:
@@ -313,10 +324,8 @@ class Server:
         body = bytearray()
         while True:
             line = (await reader.readuntil(b"\r\n"))[:-2].split(b";", 1)[0].strip()
-            try:
-                size = int(line, 16) if line.isalnum() else -1  # hex digits only: no sign, no _
-            except ValueError:
-                size = -1
+            # hex digits only: int(, 16) would also take a sign, "_" and a "0x" prefix
+            size = int(line, 16) if line and line.strip(b"0123456789abcdefABCDEF") == b"" else -1
             if size < 0:
                 raise APIError(400, "malformed chunk size", close=True)
             if len(body) + size > self.limits.max_body:
@@ -371,6 +380,8 @@ class Server:
         extra = [("Retry-After", "1")] if err.status in (429, 503) else []
         if err.status == 401:
             extra.append(("WWW-Authenticate", "Bearer"))
+        if err.status == 405:  # RFC 9110: a 405 names the allowed methods
+            extra.append(("Allow", ", ".join(ROUTES.get(route, ("GET",)))))
         try:
             await self._send_json(writer, err.status, err.body(), keep, extra)
         finally:
@@ -615,7 +626,8 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, str]:
 
 def run(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
         limits: Limits | None = None, shutdown_grace: float = 30.0, quiet: bool = False) -> None:
-    """Serve until SIGINT / SIGTERM (a second one cancels in-flight requests at once)."""
+    """Serve until SIGINT / SIGTERM (a second one cancels in-flight requests at once). A process's
+    last act (serve.py): once stopped, further SIGINT / SIGTERM are ignored."""
     def log(msg: str) -> None:
         if not quiet:
             print(msg, file=sys.stderr, flush=True)
@@ -628,4 +640,8 @@ def run(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str 
             f"{', API key required' if api_key else ''}); Ctrl-C to stop")
 
     asyncio.run(server.serve(ready, handle_signals=True))
+    # The interpreter's exit (torch's teardown) still takes a moment: a second Ctrl-C there
+    # would print a KeyboardInterrupt traceback or kill the process (exit -2) instead of exit 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     log("stopped")

@@ -116,6 +116,11 @@ _UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo":
 _CHAT_ONLY = {"tools": (None, []), "tool_choice": (None, "none")}
 
 
+# Message roles: OpenAI's ("developer" is its newer "system", "function" its deprecated "tool")
+# and Llama 3.1's "ipython" for tool results, as engine/sft.py's ROLES.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+
+
 def _is_off(v, off: tuple) -> bool:
     return any(v == o and type(v) is type(o) for o in off)  # `false` is not 0 (nor 0 `false`)
 
@@ -169,9 +174,11 @@ class API:
     def _params(self, body: dict, kind: str, prompt_len: int) -> SamplingParams:
         ctx = self.engine.max_len
         room = ctx - prompt_len
-        max_tokens = _typed(body, "max_tokens", "int")
-        if kind == "chat" and max_tokens is None:
-            max_tokens = _typed(body, "max_completion_tokens", "int")
+        max_tokens, name = _typed(body, "max_tokens", "int"), "max_tokens"
+        if kind == "chat":  # OpenAI's newer name wins over the deprecated one (vLLM, SGLang)
+            newer = _typed(body, "max_completion_tokens", "int")
+            if newer is not None:
+                max_tokens, name = newer, "max_completion_tokens"
         if prompt_len >= ctx:
             raise _bad(f"this model's maximum context length is {ctx} tokens, but the prompt has "
                        f"{prompt_len} tokens", "messages" if kind == "chat" else "prompt",
@@ -179,11 +186,11 @@ class API:
         if max_tokens is None:  # OpenAI's defaults: 16 for completions, the rest for chat
             max_tokens = min(16, room) if kind == "completion" else room
         if max_tokens < 1:
-            raise _bad(f"'max_tokens' must be at least 1, got {max_tokens}", "max_tokens")
+            raise _bad(f"'{name}' must be at least 1, got {max_tokens}", name)
         if max_tokens > room:
             raise _bad(f"this model's maximum context length is {ctx} tokens; the prompt has "
-                       f"{prompt_len} tokens and max_tokens asks for {max_tokens} more (at most "
-                       f"{room} fit)", "max_tokens", "context_length_exceeded")
+                       f"{prompt_len} tokens and {name} asks for {max_tokens} more (at most "
+                       f"{room} fit)", name, "context_length_exceeded")
         temperature = _typed(body, "temperature", "number", 1.0)
         if temperature < 0:
             raise _bad(f"'temperature' must be >= 0 (0 = greedy), got {temperature}", "temperature")
@@ -261,13 +268,23 @@ class API:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise _bad(f"messages[{i}] must be an object with a string 'role'", "messages")
+            if m["role"] not in CHAT_ROLES:  # OpenAI's 400; a typo would render as a new role
+                raise _bad(f"messages[{i}].role {json.dumps(m['role'])[:40]} is not one of "
+                           f"{', '.join(CHAT_ROLES)}", "messages")
             content = m.get("content")
+            # llama.cpp's rule: content is required, except for an assistant turn with tool_calls
+            if content is None and (m["role"] != "assistant" or "tool_calls" not in m):
+                raise _bad(f"messages[{i}] ({m['role']}) has no 'content'", "messages")
             if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-                if not all(isinstance(p, dict) and p.get("type") == "text"
-                           and isinstance(p.get("text"), str) for p in content):
-                    raise _bad(f"messages[{i}].content: only text parts are supported",
-                               "messages")
-                content = "".join(p["text"] for p in content)
+                for k, p in enumerate(content):
+                    kind = p.get("type") if isinstance(p, dict) else None
+                    if kind != "text" or not isinstance(p.get("text"), str):
+                        what = (f"a {json.dumps(kind)[:40]} part" if isinstance(kind, str)
+                                else "not a {\"type\": \"text\", \"text\": ...} part")
+                        raise _bad(f"messages[{i}].content[{k}] is {what}; this server takes "
+                                   "text parts only (no images or audio)", "messages")
+                # vLLM and llama.cpp join a message's text parts with newlines
+                content = "\n".join(p["text"] for p in content)
             if content is None:  # an assistant turn that only calls tools
                 content = ""
             if not isinstance(content, str):

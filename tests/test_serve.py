@@ -425,6 +425,17 @@ BAD = [  # (method, path, body or raw bytes, extra kwargs, status, param)
     ("POST", "/v1/chat/completions", {"messages": [{"content": "hi"}]}, {}, 400, "messages"),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, {}, 400,
      "messages"),
+    # an unknown role (a typo) and a turn without content are OpenAI's 400s, not rendered as is
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "Assistant", "content": "hi"}]}, {},
+     400, "messages"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user"}]}, {}, 400, "messages"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, {}, 400,
+     "messages"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}]}, {}, 400, "messages"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                                      "max_completion_tokens": 0}, {}, 400,
+     "max_completion_tokens"),
     ("POST", "/v1/completions", {"prompt": "a"}, {"key": None}, 401, None),
     ("POST", "/v1/completions", {"prompt": "a"}, {"key": "wrong"}, 401, None),
     ("GET", "/metrics", None, {"key": None}, 401, None),
@@ -466,6 +477,84 @@ def test_bad_requests_get_openai_error_objects(server, method, path, body, kw, s
         assert r.getheader("WWW-Authenticate") == "Bearer"
 
 
+def test_chat_messages_follow_openai_vllm_rules(server, refs):
+    """Text parts are joined with newlines (vLLM, llama.cpp), every OpenAI role and Llama 3.1's
+    ipython is accepted, max_completion_tokens wins over the deprecated max_tokens (vLLM), an
+    image part gets a 400 naming it, and a 405 names the allowed methods (RFC 9110)."""
+    api = server.server.api
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
+    got = api.prepare("chat", {"messages": [{"role": "user", "content": parts}]})
+    assert got.prompts == [chat_ids(refs, [{"role": "user", "content": "Hello\nworld"}])]
+    for role in ("system", "developer", "user", "assistant", "tool", "function", "ipython"):
+        api.prepare("chat", {"messages": [{"role": role, "content": "x"}]})
+    api.prepare("chat", {"messages": [{"role": "assistant", "content": None, "tool_calls": []}]})
+    job = api.prepare("chat", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 9,
+                               "max_completion_tokens": 5})
+    assert job.params.max_tokens == 5
+    s, _, obj = request(server, "POST", "/v1/chat/completions", {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "a"},
+                                     {"type": "image_url", "image_url": {"url": "x"}}]}]})
+    assert s == 400 and "content[1] is a \"image_url\" part" in obj["error"]["message"]
+    s, r, _ = request(server, "DELETE", "/v1/chat/completions")
+    assert s == 405 and r.getheader("Allow") == "POST"
+    s, r, _ = request(server, "POST", "/health")
+    assert s == 405 and r.getheader("Allow") == "GET"
+
+
+def test_openai_client_n_stop_parts_and_logprobs(server, refs):
+    """The official client: a streamed chat with n=2, a stop string and text parts; each choice
+    equals generate() alone on the newline-joined prompt. logprobs (not implemented) is a 400
+    naming the field, which the client raises as BadRequestError."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    msgs = [{"role": "user", "content": "Say"}, {"role": "user", "content": "it"}]
+    ids = chat_ids(refs, [{"role": "user", "content": "Say\nit"}])
+    greedy, _, _ = ref_text(refs, "base", ids, 16)
+    stop = greedy[5:7]
+    want, reason, n_tok = ref_text(refs, "base", ids, 16, stop=[stop])
+    assert reason == "stop" and want == greedy[:greedy.index(stop)]
+    stream = client.chat.completions.create(
+        model="base", messages=[{"role": "user", "content": [{"type": "text", "text": "Say"},
+                                                             {"type": "text", "text": "it"}]}],
+        max_tokens=16, temperature=0, n=2, stop=[stop], stream=True,
+        stream_options={"include_usage": True})
+    texts, reasons = ["", ""], [None, None]
+    chunks = list(stream)
+    for c in chunks[:-1]:
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+            reasons[ch.index] = ch.finish_reason or reasons[ch.index]
+    assert texts == [want, want] and reasons == ["stop", "stop"]
+    assert chunks[-1].usage.completion_tokens == 2 * n_tok
+    assert chunks[-1].usage.prompt_tokens == len(ids)
+    r = client.completions.create(model="base", prompt=["To be", "or"], max_tokens=4, n=2,
+                                  temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert [c.text for c in r.choices] == [ref_text(refs, "base", refs["tok"].encode(p), 4)[0]
+                                           for p in ("To be", "To be", "or", "or")]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="base", messages=msgs, logprobs=True,
+                                       top_logprobs=2)
+    assert e.value.body["param"] == "logprobs"
+
+
+def test_port_in_use_is_one_line_and_the_engine_can_retry(ckpt):
+    """A port in use: 'cannot listen on HOST:PORT: Address already in use' (not asyncio's long
+    form), and another Server on the same engine can then start (the failed one registered no
+    metrics)."""
+    model, tok = load_model(ckpt["base"])
+    engine = Engine(model, tok, "base", registry=Registry())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError) as e:
+            ServerThread(engine, port=port).start()
+        assert str(e.value) == f"cannot listen on 127.0.0.1:{port}: Address already in use"
+    with ServerThread(engine, port=0) as srv:
+        assert request(srv, "GET", "/health", key=None)[0] == 200
+
+
 def test_health_needs_no_key_and_chunked_body_and_keep_alive(server):
     s, _, body = request(server, "GET", "/health", key=None)
     assert s == 200 and body == {"status": "ok"}
@@ -495,6 +584,7 @@ def test_health_needs_no_key_and_chunked_body_and_keep_alive(server):
 @pytest.mark.parametrize("head,message", [
     (b"Content-Length: \xc2\xb2\r\n", "invalid Content-Length"),  # a digit to str.isdigit
     (b"Transfer-Encoding: chunked\r\n", "malformed chunk size"),  # then a chunk of size -1
+    (b"Transfer-Encoding: chunked\r\n\r\n0x2\r\n{}\r\n0\r\n", "malformed chunk size"),  # hex only
 ])
 def test_bad_framing_gets_one_400(server, head, message):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
@@ -864,8 +954,16 @@ def test_cli_process_serves_and_stops_on_sigterm(ckpt):
         assert s == 200 and r["model"] == "tiny"
         assert request(srv, "GET", "/v1/models", key=None)[0] == 401
         proc.send_signal(signal.SIGTERM)
+        while "stopped" not in line:
+            line = proc.stderr.readline()
+            assert line, "exited without 'stopped'"
+        # a second signal while the process exits (Ctrl-C twice) changes nothing: exit 0, no
+        # KeyboardInterrupt traceback from the interpreter's teardown
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
-        assert "stopped" in proc.stderr.read()
+        rest = proc.stderr.read()
+        assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest
     finally:
         if proc.poll() is None:
             proc.kill()
