@@ -433,6 +433,58 @@ def test_added_token_flags_and_parse_special_match_hf(tmp_path):
     assert ours.token_to_id("<|im_end|>") not in ours.encode("a<|im_end|>", parse_special=False)
 
 
+def test_overlapping_added_tokens_match_hf(tmp_path):
+    """HF's AddedVocabulary: a single_word match that fails does not fall back to a shorter token
+    at the same place ("xqza" was [<xq>, z, a]); normalized=false tokens are found in the raw text
+    before normalized=true ones ("<ab>c" was [<ab>, c]); with parse_special=False a special
+    token still hides the non-special ones it overlaps; normalized=true tokens are matched after
+    the normalizer (NFC: "<e\\u0301>" is "<é>")."""
+    tj = _with_added(_letters_tokenizer_json(300, 400),
+                     ("xqz", {"single_word": True}), ("xq", {"special": False}),
+                     ("<ab>", {"normalized": True, "special": False}), ("b>c", {}),
+                     ("<|im_end|>", {}), ("im_e", {"special": False}),
+                     ("<é>", {"normalized": True, "special": False}),
+                     ("<Q>", {"lstrip": True, "rstrip": True, "single_word": True}))
+    parts = ["xqz", "xq", "x", "q", "z", "a", "<ab>", "b>c", "<", ">", "c", "<|im_end|>", "im_e", "<é>",
+             "<e\u0301>", "\u0301", "<Q>", " ", "\n", "é", "_", "1"]
+    rng = random.Random(1)
+    texts = ["xqza", "axqz", "xqz a", "<ab>c", "<ab> c", "a<|im_end|>b", "<e\u0301>", "<é>"] + \
+        ["".join(rng.choice(parts) for _ in range(rng.randint(1, 8))) for _ in range(1500)]
+    for normalizer in (None, {"type": "NFC"}):
+        tj["normalizer"] = normalizer
+        ours, ref = _load_json(tmp_path, tj)
+        for parse_special in (True, False):
+            ref.encode_special_tokens = not parse_special
+            for s in texts:
+                assert ours.encode(s, parse_special=parse_special) == ref.encode(s).ids, \
+                    (normalizer, parse_special, s)
+    assert ours.encode("<e\u0301>") == [ours.token_to_id("<é>")]
+    assert ours.token_to_id("xq") not in ours.encode("xqza") and \
+        ours.decode(ours.encode("xqza")) == "xqza"
+    # save() keeps the normalized flags (they decide the matching order)
+    ours.save(str(tmp_path / "saved"))
+    again = hf.Tokenizer.from_file(str(tmp_path / "saved" / "tokenizer.json"))
+    assert ours.encode("<ab>c") == again.encode("<ab>c").ids == \
+        load_tokenizer(str(tmp_path / "saved")).encode("<ab>c")
+
+
+def test_lstrip_token_and_long_whitespace_is_not_quadratic(tmp_path):
+    """The lstrip regex (\\s*<A>) retried a whitespace run from each of its positions: 40k
+    spaces took 3 s, 1 MB hours. Counted regex-free: time the growth of 8x more spaces."""
+    import time
+    tj = _with_added(_letters_tokenizer_json(300, 400), ("<A>", {"lstrip": True}),
+                     ("<B>", {"rstrip": True}))
+    ours, ref = _load_json(tmp_path, tj)
+    for s in [" " * 50 + "<A>", "<B>" + "\t" * 50 + "x", " " * 30 + "x" + " " * 30]:
+        assert ours.encode(s) == ref.encode(s).ids
+    times = []
+    for n in (25_000, 200_000):
+        t = time.perf_counter()
+        ours.encode(" " * n + "x")
+        times.append(time.perf_counter() - t)
+    assert times[1] < 0.5 + 20 * times[0], times  # quadratic: 64x
+
+
 def test_nfc_normalizer_like_qwen2(tmp_path):
     """Qwen2's tokenizer.json has normalizer NFC (it failed to load); NFKC / NFD work too."""
     tj = _with_added(_train_hf(PRE_TOKENIZERS["qwen2"], varied_strings(n_random=100, seed=4)),

@@ -361,6 +361,55 @@ def test_added_token_options():
         SentencePieceTokenizer(proto, added_tokens=[{"content": "x"}])
 
 
+def test_added_tokens_are_matched_as_hf_and_in_linear_time():
+    """As HF's AddedVocabulary: a failed single_word match does not fall back to a shorter token
+    at the same place, and with parse_special=False a special token still hides the
+    non-special ones it overlaps. An lstrip token's regex (\\s*<mask>) retried a whitespace
+    run from each of its positions: 40k spaces took seconds, 1 MB hours."""
+    import time
+    toks = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["a", "b", "▁a"]
+    proto = spm_build(toks, [2, 3, 3] + [6] * 256 + [1, 1, 1])
+    tok = SentencePieceTokenizer(proto, added_tokens=[
+        {"id": 262, "content": "<ab>", "special": True, "single_word": True},
+        {"id": 263, "content": "<a", "special": False},
+        {"id": 264, "content": "<mask>", "special": True, "lstrip": True}])
+    plain = lambda s: tok.encode(s, add_bos=False, parse_special=False)  # noqa: E731
+    assert tok.encode("<ab> b", add_bos=False)[0] == 262
+    assert 263 not in tok.encode("<ab>b", add_bos=False)  # was [<a, b, >, b]
+    assert 263 not in plain("<ab> b") and 263 in plain("<a b")  # was [<a, b, >, ...]
+    assert tok.encode("a   <mask>", add_bos=False) == [259, 264]
+    times = []
+    for n in (25_000, 200_000):
+        t = time.perf_counter()
+        assert tok.encode("a" + " " * n + "<mask>", add_bos=False) == [259, 264]
+        times.append(time.perf_counter() - t)
+    assert times[1] < 0.5 + 20 * times[0], times  # quadratic: 64x
+
+
+@pytest.mark.parametrize("corpus_text", ["日本語のテキスト。中文文本测试。" * 40, "🤗" * 10, "a"])
+def test_trained_model_keeps_spaces_when_the_corpus_has_none(corpus_text, tmp_path):
+    """Without a "▁" piece (a corpus with no space, or spaces rarer than character_coverage)
+    sentencepiece byte-fell-back on the UTF-8 of "▁": a space decoded as "▁"."""
+    tok = SentencePieceTokenizer.train(corpus_text, str(tmp_path / "t"), 300)
+    assert tok.token_to_id("▁") is not None
+    for s in ["a b", " ", "日本 語\t 🤗  x ", "▁ and space"]:
+        assert tok.decode(tok.encode(s, add_bos=False)) == s, repr(s)
+
+
+def test_train_on_a_corpus_without_usable_text_is_one_clear_line(tmp_path):
+    """sentencepiece said "INTERNAL: src/trainer_interface.cc(467) [!sentences_.empty()]", or
+    pybind11's "Unable to cast Python instance" for a lone surrogate, or printed a traceback."""
+    for bad in ("\n\n\n", "\x00\x00"):
+        with pytest.raises(ValueError, match="no text sentencepiece can train on"):
+            SentencePieceTokenizer.train(bad, str(tmp_path / "x"), 300)
+    for docs in (["good text " * 50, "bad \ud800"], "x\ud800"):  # 2nd doc: inside sentencepiece
+        with pytest.raises(ValueError, match="lone surrogate"):
+            SentencePieceTokenizer.train(docs, str(tmp_path / "x"), 300)
+    with pytest.raises(ValueError, match="must be str, got bytes"):
+        SentencePieceTokenizer.train(["good text " * 50, b"bytes"], str(tmp_path / "x"), 300)
+    assert not (tmp_path / "x").exists()
+
+
 def spm_build(tokens, types, dummy_prefix=False) -> bytes:
     from tokenizer.spm import build_model_proto
     scores = [0.0 if t != 1 else -float(k) for k, t in enumerate(types)]

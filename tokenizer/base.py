@@ -42,19 +42,64 @@ def check_text(text) -> None:
                          "not valid Unicode, cannot be encoded")
 
 
-def added_token_regex(tokens: list[dict]):
-    """Leftmost-longest match of added tokens' texts (HF's AddedVocabulary; shared by both
-    tokenizers), the text itself in group "t": lstrip / rstrip tokens also take the whitespace
-    before / after them, single_word ones match only between non-word characters."""
-    if not tokens:
-        return None
-    alts = []
-    for t in sorted(tokens, key=lambda t: -len(t["content"])):  # longest first at a position
-        alt = rf"(?P<t>{regex.escape(t['content'])})"
-        if t.get("single_word"):  # no word character directly before or after it
-            alt = rf"(?<!\w){alt}(?!\w)"
-        alts.append((r"\s*" if t.get("lstrip") else "") + alt + (r"\s*" if t.get("rstrip") else ""))
-    return regex.compile("|".join(alts))
+_WHITESPACE = regex.compile(r"\s")  # Unicode White_Space, as Rust's char::is_whitespace / \s
+_WORD = regex.compile(r"\w")  # alphabetic, marks, decimal digits, Pc, Join_Control: Rust's \w
+
+
+class AddedTokenMatcher:
+    """HF's AddedVocabulary.find_matches (added_vocabulary.rs), shared by both tokenizers:
+    leftmost-longest matches of the tokens' texts (one alternation of escaped texts, longest
+    first, no lookarounds), then for each match, in order:
+      - a token in `skip` (encode_special_tokens) is passed over, yet still hides the shorter
+        tokens it overlaps;
+      - a single_word token is discarded unless no word character is directly before or after
+        it; a discarded match does not fall back to a shorter token at the same place;
+      - lstrip takes the whitespace before it (back to the previous match's end), rstrip the
+        whitespace after it.
+    Scanning whitespace by hand keeps it linear: a regex "whitespace* token" retries the whole
+    run from each of its positions, quadratic (minutes for 100k spaces)."""
+
+    def __init__(self, tokens: list[dict]):
+        self.tokens = {t["content"]: t for t in tokens if t["content"]}
+        contents = sorted(self.tokens, key=len, reverse=True)  # longest first at a position
+        self.rx = regex.compile("|".join(map(regex.escape, contents))) if contents else None
+
+    def finditer(self, text: str, skip=frozenset()):
+        """Yield (start, end, content): text[start:end] is the token with the whitespace an
+        lstrip / rstrip token takes along."""
+        if self.rx is None:
+            return
+        prev, n = 0, len(text)
+        for m in self.rx.finditer(text):
+            start, end = m.span()
+            t = self.tokens[m.group()]
+            if t["content"] in skip:
+                continue
+            if t.get("single_word") and ((start > 0 and _WORD.match(text, start - 1))
+                                         or (end < n and _WORD.match(text, end))):
+                continue
+            if t.get("lstrip"):
+                while start > prev and _WHITESPACE.match(text, start - 1):
+                    start -= 1
+            if start < prev:  # inside the whitespace an rstrip token took (HF overlaps them)
+                continue
+            if t.get("rstrip"):
+                while end < n and _WHITESPACE.match(text, end):
+                    end += 1
+            yield start, end, t["content"]
+            prev = end
+
+    def split(self, text: str, skip=frozenset()):
+        """Yield (piece, None) for the text between matches and (piece, content) for a match
+        (the piece with any stripped whitespace, content the token's own text)."""
+        pos = 0
+        for start, end, content in self.finditer(text, skip):
+            if start > pos:
+                yield text[pos:start], None
+            yield text[start:end], content
+            pos = end
+        if pos < len(text):
+            yield text[pos:], None
 
 
 def read_json(path: str):

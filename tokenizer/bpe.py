@@ -7,8 +7,10 @@ ByteLevel; ByteLevel decoder) and llama.cpp's llama-vocab.cpp for the pre-tokeni
 chosen by GGUF `tokenizer.ggml.pre` name (shared/FORMATS.md sections 4, 5).
 
 Pipeline for encode(text):
-  1. split out added/special tokens (leftmost-longest match) -> their ids directly;
-  2. normalize (if configured) and pre-tokenize each remaining segment: every step splits
+  1. split out added/special tokens (leftmost-longest match) -> their ids directly: as HF, the
+     ones with normalized=false in the raw text, then the normalized=true ones in each
+     remaining segment after normalization;
+  2. pre-tokenize each remaining segment: every step splits
      every current piece (regex splits keep the unmatched gaps as pieces, like llama.cpp and HF
      `Isolated`); the ByteLevel step maps each piece's UTF-8 bytes to printable characters;
   3. BPE each piece: repeatedly merge the adjacent pair with the lowest merge rank (leftmost on
@@ -24,7 +26,7 @@ from functools import lru_cache
 
 import regex
 
-from tokenizer.base import Tokenizer, added_token_regex, atomic_write_text, check_text, \
+from tokenizer.base import AddedTokenMatcher, Tokenizer, atomic_write_text, check_text, \
     read_json_object, read_tokenizer_config, template_specials, unpadded_length
 
 # GPT-2's pattern as Hugging Face's ByteLevel pre-tokenizer spells it (trailing `|\s+` included).
@@ -257,11 +259,13 @@ class ByteLevelBPETokenizer(Tokenizer):
         self.ignore_merges = ignore_merges
         self.normalizer = normalizer or None
         self._unicode_forms = _unicode_forms(normalizer)
-        # Added tokens: {"id", "content", "special", "lstrip", "rstrip", "single_word"} as in
-        # tokenizer.json.
+        # Added tokens: {"id", "content", "special", "lstrip", "rstrip", "single_word",
+        # "normalized"} as in tokenizer.json; normalized defaults to False (llama.cpp matches
+        # every token in the raw text; GGUF has no such flag).
         self.added_tokens = [dict(t) for t in (added_tokens or [])]
         for t in self.added_tokens:
             t.setdefault("special", True)
+            t.setdefault("normalized", False)
             self.vocab.setdefault(t["content"], t["id"])
             self.id_to_tok[t["id"]] = t["content"]
         self.vocab_size = max(self.id_to_tok) + 1 if self.id_to_tok else 0
@@ -274,10 +278,13 @@ class ByteLevelBPETokenizer(Tokenizer):
         self.chat_template = chat_template
         self._added_by_content = {t["content"]: t["id"] for t in self.added_tokens}
         self._special_ids = {t["id"] for t in self.added_tokens if t["special"]}
-        self._added_rx = added_token_regex(self.added_tokens)
-        # parse_special=False still splits out non-special added tokens (HF's
-        # split_special_tokens, llama.cpp's user-defined tokens): they are not control tokens.
-        self._plain_added_rx = added_token_regex([t for t in self.added_tokens if not t["special"]])
+        # HF matches normalized=false tokens in the raw text first, then normalized=true ones in
+        # the normalized text between those (the order matters where two tokens overlap).
+        self._raw_added = AddedTokenMatcher([t for t in self.added_tokens if not t["normalized"]])
+        self._norm_added = AddedTokenMatcher([t for t in self.added_tokens if t["normalized"]])
+        # parse_special=False passes over special tokens only (HF's encode_special_tokens);
+        # non-special added tokens (llama.cpp's user-defined ones) are still split out.
+        self._special_contents = frozenset(t["content"] for t in self.added_tokens if t["special"])
         self._cache: dict[str, list[int]] = {}
         self._token_bytes: list[bytes] | None = None
 
@@ -305,8 +312,10 @@ class ByteLevelBPETokenizer(Tokenizer):
         if not tj.get("pre_tokenizer"):
             raise ValueError(f"{file}: no pre_tokenizer (expected ByteLevel for byte-level BPE)")
         cfg = read_tokenizer_config(directory)
-        keys = ("id", "content", "special", "lstrip", "rstrip", "single_word")
+        keys = ("id", "content", "special", "lstrip", "rstrip", "single_word", "normalized")
         added = [{k: t[k] for k in keys if k in t} for t in tj.get("added_tokens", [])]
+        for t in added:  # HF's AddedToken default: special tokens are not normalized
+            t.setdefault("normalized", not t.get("special", True))
         vocab = dict(model["vocab"])
         for t in added:
             vocab.setdefault(t["content"], t["id"])
@@ -365,20 +374,16 @@ class ByteLevelBPETokenizer(Tokenizer):
     # -- encode -------------------------------------------------------------------------------
 
     def _segments(self, text: str, parse_special: bool):
-        """Yield (text, None) for plain text and (content, id) for each added token found."""
-        rx = self._added_rx if parse_special else self._plain_added_rx
-        if rx is None:
-            yield text, None
-            return
-        pos = 0
-        for m in rx.finditer(text):
-            if m.start() > pos:
-                yield text[pos:m.start()], None
-            # (group "t": the token without the whitespace an lstrip / rstrip token takes along)
-            yield m.group(), self._added_by_content[m.group("t")]
-            pos = m.end()
-        if pos < len(text):
-            yield text[pos:], None
+        """Yield (normalized text, None) for plain text and (piece, id) for each added token."""
+        skip = frozenset() if parse_special else self._special_contents
+        for seg, content in self._raw_added.split(text, skip):
+            if content is not None:
+                yield seg, self._added_by_content[content]
+                continue
+            for form in self._unicode_forms:
+                seg = unicodedata.normalize(form, seg)
+            for piece, content2 in self._norm_added.split(seg, skip):
+                yield piece, (None if content2 is None else self._added_by_content[content2])
 
     def _bpe(self, piece: str) -> list[int]:
         """Ids of one pre-tokenized piece (byte-level characters).
@@ -429,8 +434,6 @@ class ByteLevelBPETokenizer(Tokenizer):
             if tid is not None:
                 ids.append(tid)
                 continue
-            for form in self._unicode_forms:
-                seg = unicodedata.normalize(form, seg)
             for piece in self.pre_tokenizer(seg):
                 out = cache.get(piece)
                 if out is None:
@@ -501,7 +504,8 @@ class ByteLevelBPETokenizer(Tokenizer):
             "added_tokens": [{"id": t["id"], "content": t["content"],
                               "single_word": bool(t.get("single_word")),
                               "lstrip": bool(t.get("lstrip")), "rstrip": bool(t.get("rstrip")),
-                              "normalized": False, "special": bool(t["special"])} for t in added],
+                              "normalized": bool(t["normalized"]), "special": bool(t["special"])}
+                             for t in added],
             "normalizer": self.normalizer,
             "pre_tokenizer": self.pre_tokenizer.config,
             "post_processor": post,

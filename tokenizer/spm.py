@@ -28,8 +28,8 @@ from typing import Iterable, Iterator
 import regex
 import sentencepiece as spm
 
-from tokenizer.base import SPECIAL_TOKEN_KEYS, Tokenizer, atomic_write_bytes, \
-    atomic_write_text, check_text, added_token_regex, read_json, read_json_object, \
+from tokenizer.base import SPECIAL_TOKEN_KEYS, AddedTokenMatcher, Tokenizer, atomic_write_bytes, \
+    atomic_write_text, check_text, read_json, read_json_object, \
     read_tokenizer_config, template_specials, unpadded_length
 
 # ModelProto.SentencePiece.Type (also GGUF tokenizer.ggml.token_type)
@@ -115,8 +115,9 @@ class SentencePieceTokenizer(Tokenizer):
         self._split_ids = set(special) | set(plain)
         self._split_by_content = {t["content"]: i for d in (special, plain) for i, t in d.items()}
         self._special_by_content = {t["content"]: i for i, t in special.items()}
-        self._split_rx = added_token_regex([*special.values(), *plain.values()])
-        self._plain_rx = added_token_regex(list(plain.values()))
+        self._split_matcher = AddedTokenMatcher([*special.values(), *plain.values()])
+        # parse_special=False passes over the special ones (HF's encode_special_tokens)
+        self._special_contents = frozenset(t["content"] for t in special.values())
 
     # -- construction -------------------------------------------------------------------------
 
@@ -183,7 +184,8 @@ class SentencePieceTokenizer(Tokenizer):
             docs = _read_files([os.fspath(x) for x in inputs])
         else:
             docs = iter(inputs)
-        chunks = _training_chunks(docs)
+        failed: list[ValueError] = []  # a bad document met inside sentencepiece's loop
+        chunks = _training_chunks(docs, failed)
         first = next(chunks, None)
         if first is None:
             raise ValueError("cannot train a tokenizer on an empty corpus")
@@ -202,14 +204,23 @@ class SentencePieceTokenizer(Tokenizer):
                 unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
                 input_sentence_size=max_sentences, shuffle_input_sentence=True,
                 max_sentence_length=1 << 14, num_threads=num_threads,
+                # a space is "▁" inside sentencepiece: without that piece (a corpus with no
+                # space, e.g. Chinese, or spaces rarer than character_coverage keeps) it fell
+                # back to the bytes of "▁", and decoded as "▁", not " "
+                required_chars="▁",
                 train_extremely_large_corpus=False, minloglevel=2,
                 hard_vocab_limit=False)  # a small corpus gets a smaller vocabulary, not an error
         except RuntimeError as e:  # e.g. "Vocabulary size is too high (8000). Must be <= 1234."
+            if failed:  # sentencepiece wraps it in a RuntimeError holding a traceback
+                raise failed[0] from None
             why = str(e).strip().splitlines()[-1]
             need = regex.search(r"smaller than required_chars\. \d+ vs (\d+)", why)
             if need:  # the corpus has more distinct characters than the vocab has room for
                 raise ValueError(f"vocab_size {vocab_size} is too small for this corpus's "
                                  f"characters: it needs at least {need.group(1)}") from None
+            if "sentences_.empty()" in why or "all_chars_count" in why:
+                raise ValueError("the corpus has no text sentencepiece can train on (only "
+                                 "whitespace or control characters)") from None
             raise ValueError(f"sentencepiece training failed: {why}") from None
         tok = cls(model.getvalue(), add_bos=add_bos)
         tok.save(out_dir)
@@ -252,16 +263,12 @@ class SentencePieceTokenizer(Tokenizer):
         check_text(text)
         add_bos, add_eos = self._bos_eos(add_bos, add_eos)
         ids: list[int] = [self.bos_id] if add_bos else []
-        pos = 0
-        rx = self._split_rx if parse_special else self._plain_rx
-        for m in (rx.finditer(text) if rx is not None else ()):
-            if m.start() > pos:
-                self._encode_plain(text[pos:m.start()], ids)
-            # the token without the whitespace an lstrip/rstrip token takes along
-            ids.append(self._split_by_content[m.group("t")])
-            pos = m.end()
-        if pos < len(text):
-            self._encode_plain(text[pos:], ids)
+        skip = frozenset() if parse_special else self._special_contents
+        for piece, content in self._split_matcher.split(text, skip):
+            if content is None:
+                self._encode_plain(piece, ids)
+            else:  # (piece may have the whitespace an lstrip / rstrip token takes along)
+                ids.append(self._split_by_content[content])
         if add_eos:
             ids.append(self.eos_id)
         return ids
@@ -400,11 +407,21 @@ def _read_files(paths: list[str]) -> Iterator[str]:
             yield fh.read()
 
 
-def _training_chunks(docs: Iterable[str], target: int = 1000, hard: int = 2000) -> Iterator[str]:
+def _training_chunks(docs: Iterable[str], failed: list | None = None, target: int = 1000,
+                     hard: int = 2000) -> Iterator[str]:
     """Paragraph-sized chunks with their newlines: cut after a blank line once a chunk has any
     text, or at `target` characters at a line end; lines longer than `hard` are cut into pieces
-    (sentencepiece skips sentences longer than max_sentence_length)."""
+    (sentencepiece skips sentences longer than max_sentence_length). A document that is not a
+    str or has a lone surrogate is a ValueError, also appended to `failed`."""
     for doc in docs:
+        try:
+            if not isinstance(doc, str):
+                raise ValueError(f"training documents must be str, got {type(doc).__name__}")
+            check_text(doc)  # one clear line, not pybind11's "Unable to cast" error
+        except ValueError as e:
+            if failed is not None:
+                failed.append(e)
+            raise
         buf: list[str] = []
         size = 0
         for line in doc.splitlines(keepends=True):
