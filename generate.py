@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--chat-template", metavar="FILE|JINJA|chatml",
       help="use this chat template instead of the model's (a .jinja file, a tokenizer_config.json, "
            "the template itself, or chatml)")
-    a("--max-new-tokens", type=int, default=200)
+    a("--max-new-tokens", type=int, default=200,
+      help="capped, with a warning, where the prompt + this passes the model's context")
     a("--temperature", type=float, default=1.0, help="0 = greedy")
     a("--top-k", type=int, default=None)
     a("--top-p", type=float, default=None)
@@ -248,9 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     validate(args)
     device, dtype = pick_device_dtype(args.device, args.dtype)
-    source = args.model or args.checkpoint or latest_checkpoint()
-    if args.checkpoint and not os.path.isdir(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint directory {args.checkpoint!r} does not exist")
+    # `is not None`: an empty --checkpoint "$DIR" (an unset variable) is an error, not the
+    # newest run under ./out loaded in its place
+    if args.checkpoint is not None and not os.path.isdir(args.checkpoint):
+        why = ("is not a directory (a GGUF file goes to --model)"
+               if os.path.isfile(args.checkpoint) else "does not exist")
+        raise FileNotFoundError(f"checkpoint directory {args.checkpoint!r} {why}")
+    if args.model == "":
+        raise UsageError("--model is empty: give a model name, an HF directory or a GGUF file")
+    source = (args.model if args.model is not None else
+              args.checkpoint if args.checkpoint is not None else latest_checkpoint())
     model, tok = load(source, dtype, device, args.adapter)
     if args.chat_template is not None:
         set_chat_template(tok, args.chat_template)

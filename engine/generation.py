@@ -61,14 +61,18 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filter: keep the smallest set of most likely tokens whose probability sums to
-    >= p (the top token is always kept), -inf elsewhere."""
+    >= p (the top token is always kept), -inf elsewhere.
+
+    HF's TopPLogitsWarper step for step (vLLM's too): ascending sort, tokens whose cumulative
+    mass from the bottom is <= 1 - p dropped. Tokens tied at the boundary then fall the same way
+    as there (the sort's order decides which of them stays); a descending sort kept the other
+    ones, a different distribution from the same logits (bf16 logits tie often)."""
     if p >= 1.0:
         return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-    probs = sorted_logits.float().softmax(-1)
-    before = probs.cumsum(-1) - probs  # probability mass strictly ahead of each token
-    drop_sorted = before >= p  # the mass before it already reaches p
-    drop_sorted[..., 0] = False  # the top token always stays (a p of 1e-300 is 0 in float32)
+    sorted_logits, order = logits.sort(dim=-1, descending=False)  # (B, V), least likely first
+    cum = sorted_logits.float().softmax(-1).cumsum(-1)  # mass of each token and all below it
+    drop_sorted = cum <= 1 - p
+    drop_sorted[..., -1] = False  # the top token always stays (a p of 1e-300 is 0 in float32)
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
 
@@ -427,6 +431,9 @@ def generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, max_n
     stop strings held back).
     Only ids below `vocab_size` (default: the tokenizer's vocab_size) are ever generated: a
     model may have more embedding rows than its tokenizer has tokens.
+    A prompt + max_new_tokens past the model's context (max_position_embeddings) is fitted with
+    a warning, not an error: max_new_tokens is capped, a prompt as long as the context is
+    left-truncated (see fit_context).
     """
     it = iter_generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p,
                        repetition_penalty, stop_ids, stop_strings, generator, num_samples,

@@ -307,6 +307,50 @@ def test_top_k_keeps_tokens_tied_with_the_kth_like_transformers():
         assert torch.equal(torch.isfinite(top_k_filter(scores, k)), torch.isfinite(ref)), k
 
 
+def test_top_p_ties_at_the_boundary_fall_as_in_transformers():
+    """Tokens tied at the nucleus boundary: HF (and vLLM) sort ascending and drop the mass at or
+    below 1 - p, so of [0.4, 0.3, 0.3] at p = 0.5 the tied id 2 stays, not id 1 as a descending
+    sort kept it: another distribution from the same logits. bf16-rounded logits tie often."""
+    tf = pytest.importorskip("transformers")
+    logits = torch.tensor([[0.4, 0.3, 0.3]]).log()
+    ref = tf.TopPLogitsWarper(0.5)(None, logits.clone())
+    assert torch.isfinite(ref)[0].tolist() == [True, False, True]
+    assert torch.equal(torch.isfinite(top_p_filter(logits, 0.5)), torch.isfinite(ref))
+    torch.manual_seed(0)
+    for scale in (1.0, 4.0):
+        scores = torch.round(torch.randn(16, 40) * scale * 2) / 2  # many exact ties
+        for p in (0.1, 0.3, 0.5, 0.8, 0.95, 0.999):
+            ref = tf.TopPLogitsWarper(p)(None, scores.clone())
+            assert torch.equal(torch.isfinite(top_p_filter(scores, p)), torch.isfinite(ref)), p
+
+
+def test_sampler_draws_from_the_transformers_filtered_distribution():
+    """Chi-square over 60,000 seeded draws on an 8-token vocabulary: `sample` after the
+    repetition penalty draws from softmax(HF's processors: penalty, temperature, top-k, top-p,
+    min-p), never outside its support. Several chains, so each filter is the one that cuts."""
+    tf = pytest.importorskip("transformers")
+    logits = torch.tensor([[2.0, 1.6, 1.5, 1.1, 0.9, 0.3, -0.4, -1.5]])
+    prev = torch.tensor([[1, 4]])
+    n = 60000
+    g = torch.Generator().manual_seed(0)
+    for T, k, p, mp in [(1.0, None, None, None), (0.7, 6, None, None), (1.3, None, 0.8, None),
+                        (1.0, None, None, 0.3), (0.8, 7, 0.95, 0.05)]:
+        procs = [tf.RepetitionPenaltyLogitsProcessor(1.4), tf.TemperatureLogitsWarper(T)]
+        procs += [tf.TopKLogitsWarper(k)] if k else []
+        procs += [tf.TopPLogitsWarper(p)] if p else []
+        procs += [tf.MinPLogitsWarper(mp)] if mp else []
+        want = tf.LogitsProcessorList(procs)(prev, logits.clone()).softmax(-1)[0]  # (V,)
+        penalized = apply_repetition_penalty(logits, prev, 1.4)
+        draws = sample(penalized.expand(n, -1), T, k, p, g, min_p=mp)
+        counts = torch.bincount(draws, minlength=8).double()
+        support = want > 0
+        assert counts[~support].sum() == 0, (T, k, p, mp)
+        expected = n * want[support].double()
+        assert support.sum() >= 2 and expected.min() > 100  # a test with power
+        chi2 = ((counts[support] - expected) ** 2 / expected).sum().item()
+        assert chi2 < 24.3, (T, k, p, mp, chi2)  # 99.9th percentile for <= 7 degrees of freedom
+
+
 def test_min_p_keeps_tokens_relative_to_the_top_one():
     probs = torch.tensor([0.5, 0.3, 0.1, 0.06, 0.04])
     logits = probs.log()[None]
@@ -443,6 +487,42 @@ def test_beam_search_matches_transformers(tmp_path):
                    for t, r in zip(ours.tokens, ours.finish_reasons)]
             assert got == ref_seqs, (seed, lp)
             assert torch.allclose(torch.tensor(ours.scores), ref.sequences_scores, rtol=1e-4)
+
+
+def test_beam_search_early_stopping_and_eos_ids_match_transformers(tmp_path):
+    """early_stopping=True (HF's True: stop once num_beams hypotheses are finished) and
+    False (HF's "never"), two eos ids, length penalties of both signs and max_new_tokens=1:
+    the hypotheses and scores of transformers' beam search on a random tiny Llama."""
+    tf = pytest.importorskip("transformers")
+    from engine.hub import load_model
+    cfg = tf.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = tf.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(3)
+    hf.save_pretrained(str(tmp_path))
+    model, _ = load_model(str(tmp_path))
+    prompt = [25, 31, 0, 57, 29]
+    eos = generate(model, prompt, 3, temperature=0).tokens[0][1:3]
+    n_stopped = 0
+    for K, lp, es, N in [(2, 1.0, True, 8), (3, 2.0, True, 8), (4, -1.0, True, 8),
+                         (3, 2.0, "never", 8), (3, 1.0, True, 1)]:
+        ours = beam_search(model, prompt, K, N, lp, stop_ids=eos, early_stopping=es is True)
+        ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 5, dtype=torch.long),
+                          num_beams=K, num_return_sequences=K, max_new_tokens=N,
+                          length_penalty=lp, early_stopping=es, do_sample=False,
+                          eos_token_id=eos, pad_token_id=0, return_dict_in_generate=True,
+                          output_scores=True)
+        refs = []
+        for s in ref.sequences[:, len(prompt):].tolist():
+            cut = next((i for i, t in enumerate(s) if t in eos), None)
+            refs.append((s[:cut], "stop") if cut is not None else (s, "length"))
+        assert list(zip(ours.tokens, ours.finish_reasons)) == refs, (K, lp, es, N)
+        assert torch.allclose(torch.tensor(ours.scores), ref.sequences_scores, rtol=1e-4)
+        n_stopped += ours.finish_reasons.count("stop")
+    assert n_stopped > 0  # the eos ids ended some hypotheses
 
 
 @pytest.mark.parametrize("arch", ["Llama", "Mistral", "Qwen2"])
@@ -1080,6 +1160,25 @@ def test_cli_checkpoint_without_tokenizer_or_weights(tmp_path, capsys, monkeypat
     (tmp_path / "notok" / "model.safetensors").write_bytes(b"\x00" * 10)  # corrupt weights
     rc, _, err = cli_in_process(["--checkpoint", str(tmp_path / "notok")], capsys, monkeypatch)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "model.safetensors" in err, err
+
+
+def test_cli_empty_or_file_checkpoint_is_an_error_not_the_newest_run(tmp_path, capsys,
+                                                                     monkeypatch):
+    """--checkpoint "" (an unset shell variable) loaded the newest run under ./out instead, and
+    a file given as --checkpoint was said not to exist."""
+    random_checkpoint(tmp_path / "out" / "run", 0)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    for args, msg in [(["--checkpoint", ""], "checkpoint directory '' does not exist"),
+                      (["--model", ""], "--model is empty"),
+                      (["--checkpoint", str(tmp_path / "m.gguf")],
+                       "is not a directory (a GGUF file goes to --model)")]:
+        rc, out, err = cli_in_process(args + ["--max-new-tokens", "2"], capsys, monkeypatch,
+                                      cwd=tmp_path)
+        assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1, (args, err)
+        assert msg in err, (args, err)
+    rc, out, err = cli_in_process(["--max-new-tokens", "2", "--quiet"], capsys, monkeypatch,
+                                  cwd=tmp_path)
+    assert rc == 0 and out, err  # without the flag the newest run is still the default
 
 
 def test_cli_subprocess_streams_utf8(tmp_path):
