@@ -75,8 +75,9 @@ class LoRALinear(nn.Module):
     # -- base layer ---------------------------------------------------------------------------
     def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The frozen (out, in) base weight, dequantized for an NF4 base."""
-        if self.quantized:
-            return nf4_dense_weight(nf4_of(self), dtype or self.weight_dtype)
+        if self.quantized:  # rounded to the original dtype first, as PEFT's bnb dequantize
+            w = nf4_dense_weight(nf4_of(self), self.weight_dtype)
+            return w if dtype is None else w.to(dtype)
         return self.weight if dtype is None else self.weight.to(dtype)
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,16 +112,17 @@ class LoRALinear(nn.Module):
         xd = self.lora_dropout(x).to(self.lora_A.weight.dtype)
         lora = self.lora_B(self.lora_A(xd))                                 # (..., out)
         if not self.use_dora:
-            return result + (lora * self.scaling).to(result.dtype)
+            return (result + lora * self.scaling).to(result.dtype)  # one rounding, as PEFT
         with torch.no_grad():  # DoRA: the weight norm is a constant for backward
             w = self.base_weight(xd.dtype)
             norm = torch.linalg.norm(w + self.delta_weight().to(w.dtype), dim=1)   # (out,)
         g = (self.lora_magnitude_vector / norm).to(xd.dtype)               # (out,)
-        if isinstance(self.lora_dropout, nn.Identity):
+        # dropout inactive (none, or eval mode): reuse the base output, as PEFT (no second matmul)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.lora_dropout.training:
             base = result if self.bias is None else result - self.bias.to(result.dtype)
         else:
             base = F.linear(xd, w)
-        return result + ((g - 1) * base.to(xd.dtype) + g * lora * self.scaling).to(result.dtype)
+        return (result + ((g - 1) * base.to(xd.dtype) + g * lora * self.scaling)).to(result.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -126,7 +126,8 @@ def _quantize_absmax(centered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     pad = (-n) % NESTED_BLOCKSIZE
     groups = F.pad(centered, (0, pad)).view(-1, NESTED_BLOCKSIZE)  # zero padding never wins a max
     group_absmax = groups.abs().amax(dim=-1)
-    v = groups / group_absmax.clamp(min=1e-38).view(-1, 1)
+    # no clamp of the divisor: bitsandbytes divides by a subnormal group absmax as it is
+    v = groups / group_absmax.view(-1, 1)
     # A zero group (one block, or all absmax equal) is 0/0 = NaN in bitsandbytes, which lands on
     # index 0; any index dequantizes to exactly `offset` there. Use -1 -> index 0 likewise.
     v = torch.where(group_absmax.view(-1, 1) == 0, -1.0, v).reshape(-1)[:n].clamp(-1, 1)

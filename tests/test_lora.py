@@ -815,7 +815,9 @@ def test_adapter_on_a_bf16_base_keeps_fp32_weights_as_peft(tmp_path, dora):
             if adapter_dtype is not None:    # what load_adapter built before
                 apply_lora(half, ALL, r=8, alpha=16, dora=dora, dtype=adapter_dtype)
             load_adapter(half, str(tmp_path))
-            errs.append(_max_diff(half(ids).float(), ref))
+            # mean, not max: one max element is noise at this size (review 11 saw the
+            # max flip for DoRA when the fp32 sum with the base output became one rounding)
+            errs.append((half(ids).float() - ref).abs().mean().item())
     assert all(p.dtype == torch.float32 for p in lora_state_dict(half).values())
     assert half(ids).dtype == torch.bfloat16
     assert errs[1] < errs[0], errs
@@ -866,3 +868,100 @@ def test_combining_adapters_on_different_modules_matches_peft(hf_base, tmp_path)
     del a1.tensors[MODS[1] + ".lora_A.weight"], a1.tensors[MODS[1] + ".lora_B.weight"]
     c = combine_adapters([a1, a2], [1, 1]).config
     assert c["target_modules"] == list(MODS[::-1]) and c["layers_to_transform"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Review 11: bit-for-bit parity with PEFT on bf16 bases, and QLoRA against a bnb Linear4bit
+# ---------------------------------------------------------------------------------------------
+class _One(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _peft_twin(base_dense, ours_base, dora, dropout):
+    """A PEFT layer over `base_dense` (random A, B, magnitude) and our LoRALinear over
+    `ours_base` with the same adapter tensors (fp32 adapter, as both load it)."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(1)
+    pm = get_peft_model(_One(base_dense), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["proj"],
+        init_lora_weights=False, use_dora=dora))
+    pl = pm.base_model.model.proj
+    lay = LoRALinear(ours_base, 4, 8, dropout=dropout, dora=dora, dtype=torch.float32)
+    with torch.no_grad():
+        if dora:
+            pl.lora_magnitude_vector["default"].weight.mul_(1.3)
+            lay.lora_magnitude_vector.copy_(pl.lora_magnitude_vector["default"].weight)
+        lay.lora_A.weight.copy_(pl.lora_A["default"].weight)
+        lay.lora_B.weight.copy_(pl.lora_B["default"].weight)
+    return pm, pl, lay
+
+
+@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_bf16_base_layer_bit_identical_to_peft(nf4, dora, dropout):
+    """PEFT adds the fp32 adapter output to the bf16 base output in fp32 and rounds once; we
+    rounded the adapter output to bf16 first (0.0156 apart on outputs ~2). DoRA in eval mode
+    with lora_dropout configured recomputed x W^T in fp32 instead of reusing the base output.
+    An NF4 base's DoRA norm used W dequantized straight to fp32, where PEFT (bnb) rounds it to
+    the original bf16 first. The NF4 reference is PEFT over the dequantized bf16 weights."""
+    pytest.importorskip("peft")
+    from engine.nf4 import NF4Linear
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 64, bias=True).to(torch.bfloat16)
+    base = NF4Linear.from_linear(lin) if nf4 else lin
+    dense = nn.Linear(128, 64, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        dense.weight.copy_(base.dequantized_weight() if nf4 else lin.weight)
+        dense.bias.copy_(lin.bias)
+    pm, pl, lay = _peft_twin(dense, base, dora, dropout)
+    pm.eval(), lay.eval()
+    x = torch.randn(7, 128, generator=torch.Generator().manual_seed(2)).bfloat16()
+    x.requires_grad_(True)
+    ref, out = pm(x), lay(x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert torch.equal(out, ref)
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, [x, pl.lora_A["default"].weight, pl.lora_B["default"].weight]
+                               + ([pl.lora_magnitude_vector["default"].weight] if dora else []), g)
+    got = torch.autograd.grad(out, [x, lay.lora_A.weight, lay.lora_B.weight]
+                              + ([lay.lora_magnitude_vector] if dora else []), g)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_qlora_layer_bit_identical_to_peft_on_a_bnb_linear4bit(dora):
+    """QLoRA: our LoRALinear over NF4Linear against PEFT over bitsandbytes' Linear4bit (nf4,
+    double quant, bf16), forward and every gradient. bnb's CPU kernel is only exact in its
+    training path with rows a multiple of the blocksize (its eval path repacks to a bf16 GEMM;
+    see test_nf4 for the row-length bug), hence train mode and 128 inputs."""
+    pytest.importorskip("peft")
+    bnb = pytest.importorskip("bitsandbytes")
+    from engine.nf4 import NF4Linear
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 64, bias=True).to(torch.bfloat16)
+    l4 = bnb.nn.Linear4bit(128, 64, bias=True, compute_dtype=torch.bfloat16,
+                           compress_statistics=True, quant_type="nf4")
+    l4.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False,
+                                  compress_statistics=True, quant_type="nf4")
+    l4.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+    l4 = l4.to("cpu")                                          # quantizes
+    pm, pl, lay = _peft_twin(l4, NF4Linear.from_linear(lin), dora, 0.0)
+    pm.train(), lay.train()
+    x = torch.randn(7, 128, generator=torch.Generator().manual_seed(2)).bfloat16()
+    x.requires_grad_(True)
+    ref, out = pm(x), lay(x)
+    assert torch.equal(out, ref)
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, [x, pl.lora_A["default"].weight, pl.lora_B["default"].weight]
+                               + ([pl.lora_magnitude_vector["default"].weight] if dora else []), g)
+    got = torch.autograd.grad(out, [x, lay.lora_A.weight, lay.lora_B.weight]
+                              + ([lay.lora_magnitude_vector] if dora else []), g)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

@@ -35,6 +35,9 @@ def _cases():
         "many_groups_300x70": torch.randn(300, 70, generator=g),  # 329 blocks: 2 nested groups
         "exact_midpoints": midpoint_block,
         "one_block_constant": torch.full((4, 8), 0.25),          # nested group of one: 0/0 path
+        # subnormal block scales: the nested group scale was clamped to 1e-38 before dividing,
+        # which bitsandbytes does not do (absmax codes 63/57/53 vs its 56/46/39)
+        "subnormal": torch.randn(4, 50, generator=g) * 1e-39,
         "zeros": torch.zeros(16, 16),
         "bf16": (torch.randn(64, 96, generator=g) * 0.05).to(torch.bfloat16),
         "fp16": (torch.randn(48, 80, generator=g) * 0.05).to(torch.float16),
@@ -89,6 +92,21 @@ def test_quantize_bit_identical_to_bitsandbytes(BF, name, double_quant):
     ours = dequantize_nf4(q)
     assert ours.dtype == W.dtype and ours.shape == W.shape
     assert torch.equal(ours, ref.view(W.shape))
+
+
+@pytest.mark.parametrize("blocksize", [32, 128, 256, 4096])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_other_blocksizes_bit_identical_to_bitsandbytes(BF, blocksize, double_quant):
+    W = torch.randn(37, 129, generator=torch.Generator().manual_seed(4))  # odd count, tail block
+    packed, st = BF.quantize_4bit(W, blocksize=blocksize, quant_type="nf4",
+                                  compress_statistics=double_quant)
+    q = quantize_nf4(W, blocksize=blocksize, double_quant=double_quant)
+    assert torch.equal(q.packed, packed.view(-1))
+    assert torch.equal(q.absmax_q if double_quant else q.absmax, st.absmax)
+    if double_quant:
+        assert torch.equal(q.nested_absmax, st.state2.absmax) and q.offset == st.offset.item()
+    st.shape = torch.Size([W.numel()])                         # see the test above
+    assert torch.equal(dequantize_nf4(q).view(-1), BF.dequantize_4bit(packed, st).view(-1))
 
 
 def test_bits_per_param_with_double_quant():
