@@ -76,6 +76,8 @@ class _Header:
     def scalar(self, fmt: str):
         (v,) = struct.unpack_from(fmt, self.buf, self.pos)
         self.pos += struct.calcsize(fmt)
+        if fmt == "<f":  # float32 -> its shortest decimal, so 1e-5 reads back as 1e-5
+            v = float(str(np.float32(v)))
         return v
 
     def string(self) -> str:
@@ -122,10 +124,15 @@ def read_gguf(path: str) -> tuple[dict, dict[str, TensorInfo]]:
             fields = {}
             for _ in range(n_kv):
                 key = h.string()
+                if key in fields:  # llama.cpp refuses these too
+                    raise ValueError(f"duplicate metadata key {key!r}")
                 fields[key] = h.value(h.scalar("<I"))
-            infos = []
+            infos, names = [], set()
             for _ in range(n_tensors):
                 name = h.string()
+                if name in names:
+                    raise ValueError(f"duplicate tensor {name!r}")
+                names.add(name)
                 dims = [h.scalar("<Q") for _ in range(h.scalar("<I"))]
                 infos.append((name, dims, h.scalar("<I"), h.scalar("<Q")))
             align = fields.get("general.alignment", 32)
@@ -191,13 +198,23 @@ def config_from_gguf(fields: dict, tensors: dict[str, TensorInfo],
     rot = get("rope.dimension_count", head_dim)
     if rot != head_dim:
         raise ValueError(f"{path}: partial rotary ({rot} of {head_dim} dims) is not supported")
+    # As llama.cpp's llama_model::load_hparams: the type defaults to linear, the factor is
+    # rope.scaling.factor or the older rope.scale_linear, and a missing or 0 factor means none.
     rope_scaling = None
-    kind = get("rope.scaling.type", "none")
-    if kind == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": get("rope.scaling.factor", kind=float)}
-    elif kind != "none":
+    kind = get("rope.scaling.type", "linear")
+    if kind not in ("linear", "none"):
         raise ValueError(f"{path}: unsupported rope scaling {kind!r} (supported: linear, llama3)")
+    factor = get("rope.scaling.factor", None, kind=float)
+    if factor is None:
+        factor = get("rope.scale_linear", None, kind=float)
+    if kind == "linear" and factor:
+        rope_scaling = {"rope_type": "linear", "factor": factor}
     ffn, layers = get("feed_forward_length", kind=int), get("block_count", kind=int)
+    # checked before a model is built: a corrupt count (millions of layers) took minutes and GBs
+    in_file = 1 + max((int(m[1]) for n in tensors if (m := _BLK.fullmatch(n))), default=-1)
+    if layers != in_file:
+        raise ValueError(f"{path}: {arch}.block_count is {layers}, but the file has tensors for "
+                         f"{in_file} blocks")
     n_kv = get("attention.head_count_kv", n_head, kind=int)
     ctx = get("context_length", 2048, kind=int)
     eps = get("attention.layer_norm_rms_epsilon", kind=float)
@@ -319,7 +336,7 @@ def load_gguf(path: str, dtype: torch.dtype | str = torch.float32,
 def tokenizer_from_gguf(fields: dict, path: str = "GGUF"):
     """The tokenizer described by GGUF metadata (tokens, merges or scores, special ids, add-BOS,
     chat template), built by tokenizer/ (no torch there). None if the file has no tokenizer."""
-    if fields.get("tokenizer.ggml.model") is None:
+    if fields.get("tokenizer.ggml.model") in (None, "none", "no_vocab"):  # llama.cpp's no-vocab
         return None
     from tokenizer import from_gguf_metadata
     try:

@@ -271,6 +271,7 @@ def export_gguf(model, tok, out: str, kind: str = "f16", name: str = "model",
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would keep other users (ollama's) out
     types: dict[str, int] = {}
+    w = None
     try:
         w = gguf.GGUFWriter(tmp, gguf_arch(cfg))
         write_model_metadata(w, cfg, kind, name)
@@ -278,6 +279,11 @@ def export_gguf(model, tok, out: str, kind: str = "f16", name: str = "model",
             copy_tokenizer_fields(w, tokenizer_from, tok.chat_template if tok is not None else None)
         elif tok is not None:
             write_tokenizer_metadata(w, tok, cfg.vocab_size)
+        else:  # llama.cpp requires tokenizer.ggml.model: "none" loads as a model without vocab
+            w.add_tokenizer_model("none")
+            for key in ("bos", "eos"):  # kept for our loader's config (llama.cpp ignores them)
+                if getattr(cfg, f"{key}_token_id") is not None:
+                    getattr(w, f"add_{key}_token_id")(getattr(cfg, f"{key}_token_id"))
         plan = export_tensors(model, kind)
         for gname, shape, qtype, _ in plan:
             nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(shape, qtype)))
@@ -288,9 +294,14 @@ def export_gguf(model, tok, out: str, kind: str = "f16", name: str = "model",
         w.write_ti_data_to_file()
         for _, _, qtype, make in plan:
             w.write_tensor_data(encode_tensor(make(), qtype))
+        w.flush()
+        for f in w.fout:  # on disk before the rename, as engine.config.atomic_write
+            os.fsync(f.fileno())
         w.close()
         os.replace(tmp, out)
     finally:
+        if w is not None:
+            w.close()  # a failed export's file handle (no-op after a good one)
         if os.path.exists(tmp):
             os.remove(tmp)
     return {"tensors": sum(types.values()), "bytes": os.path.getsize(out), "types": types}

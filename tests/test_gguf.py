@@ -381,7 +381,7 @@ def test_bad_metadata(tmp_path):
     with pytest.raises(ValueError, match="h.gguf: num_attention_heads must be a positive integer"):
         load_gguf(write_gguf(tmp_path / "h.gguf", src, meta={"attention.head_count": 0},
                              omit=("attention.head_count",)))
-    with pytest.raises(ValueError, match="b.gguf: num_hidden_layers must be a positive integer"):
+    with pytest.raises(ValueError, match="b.gguf: llama.block_count is 0, but the file has tensors for 2 blocks"):
         load_gguf(write_gguf(tmp_path / "b.gguf", src, meta={"block_count": 0},
                              omit=("block_count",)))
     with pytest.raises(ValueError, match="l.gguf: GGUF metadata llama.attention.head_count_kv "
@@ -444,3 +444,88 @@ def test_smollm2_gguf_peak_memory():
           f"{base / 2**20:.0f} MiB, +{(peak - base) / 2**20:.0f} MiB) vs fp32 weights "
           f"{fp32 / 2**20:.0f} MiB")
     assert peak - base < 1.5 * fp32
+
+
+def test_rope_scaling_keys_read_as_llamacpp(tmp_path):
+    """llama.cpp's load_hparams: the scaling type defaults to linear, the factor is
+    rope.scaling.factor or the older rope.scale_linear, a missing factor means no scaling, and
+    type "none" ignores a factor. A factor without a type was dropped (other logits), and
+    `linear` without a factor was an error."""
+    src = random_model()
+    cases = [({"rope.scaling.factor": 4.0}, {"rope_type": "linear", "factor": 4.0}),
+             ({"rope.scale_linear": 2.0}, {"rope_type": "linear", "factor": 2.0}),
+             ({"rope.scaling.type": "linear"}, None),
+             ({"rope.scaling.type": "none", "rope.scaling.factor": 4.0}, None)]
+    fields, tensors = read_gguf(write_gguf(tmp_path / "r.gguf", src))
+    for meta, want in cases:
+        kv = {**fields, **{f"llama.{k}": v for k, v in meta.items()}}
+        assert engine_gguf.config_from_gguf(kv, tensors).rope_scaling == want, meta
+    # and through a file: the old key as a float32, as llama.cpp's old convert.py wrote it
+    path = tmp_path / "s.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_float32("llama.rope.scale_linear", 4.0)
+    ours, _ = load_gguf(_copy_with_writer(w, str(tmp_path / "r.gguf"), path))
+    assert ours.config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+
+
+def _copy_with_writer(w, src_path, out_path):
+    """Every key and tensor of `src_path` added to writer `w` (which already holds extra keys)."""
+    r = gguf.GGUFReader(src_path)
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, field.contents(), vtype, sub_type=sub)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(out_path)
+
+
+def test_float32_metadata_reads_back_as_written(tmp_path):
+    """rms eps 1e-5 is stored as float32; it reads back as 1e-5 (was 9.999999747378752e-06), so a
+    config survives export -> load unchanged."""
+    src = random_model(rms_norm_eps=1e-5, rope_theta=10000.0)
+    ours, fields = load_gguf(write_gguf(tmp_path / "e.gguf", src))
+    assert fields["llama.attention.layer_norm_rms_epsilon"] == 1e-5
+    assert ours.config.rms_norm_eps == 1e-5 and ours.config.rope_theta == 10000.0
+    src = random_model(rms_norm_eps=1e-6)
+    assert load_gguf(write_gguf(tmp_path / "f.gguf", src))[0].config.rms_norm_eps == 1e-6
+
+
+def test_duplicate_names_refused(tmp_path):
+    """llama.cpp refuses a file that repeats a tensor name or a metadata key; the second copy
+    silently replaced the first here."""
+    data = open(write_gguf(tmp_path / "g.gguf", random_model()), "rb").read()
+    dup_t = data.replace(b"blk.0.attn_k.weight", b"blk.0.attn_q.weight")
+    (tmp_path / "t.gguf").write_bytes(dup_t)
+    with pytest.raises(ValueError, match="duplicate tensor 'blk.0.attn_q.weight'"):
+        load_gguf(str(tmp_path / "t.gguf"))
+    dup_k = data.replace(b"tokenizer.ggml.eos_token_id", b"tokenizer.ggml.bos_token_id")
+    (tmp_path / "k.gguf").write_bytes(dup_k)
+    with pytest.raises(ValueError, match="duplicate metadata key 'tokenizer.ggml.bos_token_id'"):
+        load_gguf(str(tmp_path / "k.gguf"))
+
+
+def test_no_vocab_tokenizer_model_is_no_tokenizer():
+    """llama.cpp's "none" / "no_vocab" tokenizer model (a file without a vocabulary)."""
+    for kind in ("none", "no_vocab"):
+        assert tokenizer_from_gguf({"tokenizer.ggml.model": kind}) is None
+
+
+def test_block_count_checked_against_the_tensors(tmp_path):
+    """A block_count that the blk.N tensors don't bear out is one clear line before any model is
+    built (a corrupt count of millions of layers took minutes and gigabytes building it)."""
+    src = random_model()
+    data = bytearray(open(write_gguf(tmp_path / "g.gguf", src), "rb").read())
+    i = data.index(b"llama.block_count") + len(b"llama.block_count") + 4  # after the type id
+    for count in (3, 1, 2 + (51 << 16)):
+        data[i:i + 4] = count.to_bytes(4, "little")
+        (tmp_path / "b.gguf").write_bytes(bytes(data))
+        with pytest.raises(ValueError, match=f"block_count is {count}, but the file has tensors "
+                                             "for 2 blocks"):
+            load_gguf(str(tmp_path / "b.gguf"))

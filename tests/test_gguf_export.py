@@ -375,3 +375,74 @@ def test_q8_0_blocks_are_gguf_quants_bytes(tmp_path):
             w = permute_qk(w, 4 if ".attn_q." in t.name else 2)
         want = gguf.quants.quantize(w.numpy(), q8)
         assert bytes(memoryview(t.data).cast("B")) == want.tobytes(), t.name
+
+
+@pytest.mark.parametrize("kind", ["f32", "f16", "bf16", "q8_0"])
+def test_round_trip_per_type_and_llamacpp_keys(kind, tmp_path):
+    """export -> load gives each weight exactly as the type stores it (f32 itself, f16 / bf16
+    rounded, q8_0 = gguf.quants' blocks dequantized, q/k permuted and back) and the same config;
+    GGUFReader finds the keys llama.cpp's loader requires. Without a tokenizer the file says
+    tokenizer.ggml.model "none" (llama.cpp refuses a file without that key) and keeps bos/eos."""
+    from engine.gguf import permute_qk, unpermute_qk
+    model = random_model(head_dim=32, num_key_value_heads=1, rms_norm_eps=1e-5)  # hd != 64/4
+    path = str(tmp_path / f"{kind}.gguf")
+    export_gguf(model, None, path, kind)
+    back, fields = load_gguf(path)
+    assert back.config == model.config
+    assert tokenizer_from_gguf(fields, path) is None
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    for name, w in model.state_dict().items():
+        w = w.float()
+        if kind == "f16" and w.dim() == 2:
+            want = w.half().float()
+        elif kind == "bf16" and w.dim() == 2:
+            want = w.bfloat16().float()
+        elif kind == "q8_0" and w.dim() == 2:
+            n = {"q_proj": 4, "k_proj": 1}.get(name.split(".")[-2])
+            p = permute_qk(w, n) if n else w
+            want = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), q8), q8))
+            want = unpermute_qk(want, n) if n else want
+        else:
+            want = w
+        assert torch.equal(back.state_dict()[name], want), name
+    r = gguf.GGUFReader(path).fields
+    required = ["general.architecture", "tokenizer.ggml.model"] + [
+        f"llama.{k}" for k in ("context_length", "embedding_length", "block_count",
+                               "feed_forward_length", "attention.head_count",
+                               "attention.head_count_kv", "attention.layer_norm_rms_epsilon",
+                               "attention.key_length", "rope.dimension_count")]
+    assert all(k in r for k in required), [k for k in required if k not in r]
+    assert r["tokenizer.ggml.model"].contents() == "none"
+    assert r["llama.context_length"].contents() == 128
+    assert r["llama.attention.key_length"].contents() == 32
+
+
+def test_failed_export_leaves_the_old_file_and_no_open_handle(tmp_path, monkeypatch):
+    """A failure mid-write (a weight past float16's range, found while writing tensor data)
+    leaves an existing --out as it was, no temp file and no open file; a good export is fsynced
+    before the rename, as engine.config.atomic_write does."""
+    import engine.gguf_export as ge
+    writers, events = [], []
+
+    class Spy(gguf.GGUFWriter):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            writers.append(self)
+
+    monkeypatch.setattr(gguf, "GGUFWriter", Spy)
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"the previous export")
+    model = random_model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = 1e6  # the last tensors written
+    with pytest.raises(ValueError, match="exceeds float16's range"):
+        export_gguf(model, None, str(out), "f16")
+    assert writers[0].state.name == "WEIGHTS"  # it failed after tensor data had been written
+    assert out.read_bytes() == b"the previous export" and os.listdir(tmp_path) == ["m.gguf"]
+    assert writers[0].fout is None  # closed (was left open)
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(ge.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd)))
+    monkeypatch.setattr(ge.os, "replace",
+                        lambda a, b: (events.append("replace"), real_replace(a, b)))
+    export_gguf(random_model(), None, str(out), "f16")
+    assert events == ["fsync", "replace"] and load_gguf(str(out))[0].config == model.config
