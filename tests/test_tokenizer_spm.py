@@ -7,7 +7,6 @@ SentencePieceProcessor.encode), and exact text equality for round trips.
 import io
 import json
 import os
-import re
 
 import pytest
 import sentencepiece as spm
@@ -306,13 +305,6 @@ def test_added_tokens_from_tokenizer_json(llama_proto, tmp_path):
     assert tok.pad_id == 800 and tok.encode("<|im_start|>", add_bos=False) == [800]
 
 
-def _hf_comparable(text: str) -> bool:
-    """HF's legacy Metaspace adds no "▁" to a segment that already starts with a space or "▁"
-    (sentencepiece, llama.cpp and ours do): compare only texts where no segment does."""
-    segments = re.split(r"<\|im_start\|>|<\|im_end\|>|</?s>|<unk>|\s*<tool>\s*", text)
-    return "▁" not in text and not any(seg.startswith(" ") for seg in segments)
-
-
 def test_added_tokens_equal_transformers(llama_proto, tmp_path):
     """transformers' LlamaTokenizer reads the same tokenizer from the original directory and
     from ours after save() (it needs protobuf to read tokenizer.model)."""
@@ -324,10 +316,10 @@ def test_added_tokens_equal_transformers(llama_proto, tmp_path):
     tok = SentencePieceTokenizer(llama_proto, added_tokens=tok.added_tokens, eos_id=801,
                                  chat_template=CHATML)
     tok.save(str(tmp_path / "saved"))
+    # every text: segments that start with a space or "▁" included (the chatml directory is
+    # Metaspace "always", ours saved without a tokenizer_class is sentencepiece's rule)
     texts = [tok.apply_chat_template(c) for c in CHATS] + [t for t in HARD] + \
-        ["a <tool> b", "x<tool>\n\ny", "<|im_end|><|im_start|>", "<s>hi<unk>"]
-    texts = [t for t in texts if _hf_comparable(t)]
-    assert len(texts) > 25
+        ["a <tool> b", "x<tool>\n\ny", "<|im_end|><|im_start|>", "<s>hi<unk>", "<s> hi", " x"]
     for d, ours in ((tmp_path / "chatml", load_tokenizer(str(tmp_path / "chatml"))),
                     (tmp_path / "saved", tok)):
         hf = transformers.AutoTokenizer.from_pretrained(str(d))
@@ -554,3 +546,231 @@ def test_legacy_added_tokens_json_errors_and_precedence(llama_proto, tmp_path):
     (d / "tokenizer_config.json").write_text("[]")
     with pytest.raises(ValueError, match="tokenizer_config.json: expected a JSON object"):
         load_tokenizer(str(d))
+
+
+# -- where a segment gets its dummy "▁": transformers 5, tokenizers, llama.cpp ------------------
+#
+# Reference: transformers 5 AutoTokenizer on the same directory (LlamaTokenizer rebuilds its
+# Metaspace from tokenizer_config.json's legacy / add_prefix_space; other classes read
+# tokenizer.json as is, which `tokenizers` itself checks; without either, the model's own
+# settings), and llama.cpp's rule for GGUF (llama-vocab.cpp: a space before a raw fragment when
+# tokenizer_add_space_prefix and the previous fragment was a token or nothing).
+
+PREFIX_ATOMS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<tool>", " ", "  ", "\n", "\t",
+                " \n", "▁", "Hello", "to", "be", "日本", "café", "🤗", "x", "7", "12", ",",
+                "'"]
+PREFIX_TEXTS = ["", " ", "Hello", " Hello", "  Hello", "<s>Hello", "<s> Hello", "a<s>b",
+                "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n To be",
+                "x <tool> y", "▁Hello", "\nHello"]
+
+
+def _prefix_texts(n: int, seed: int = 0) -> list[str]:
+    import random
+    rng = random.Random(seed)
+    return PREFIX_TEXTS + ["".join(rng.choice(PREFIX_ATOMS) for _ in range(rng.randint(1, 10)))
+                           for _ in range(n)]
+
+
+_ADDED = lambda c, special=True: {"content": c, "lstrip": False, "normalized": False,  # noqa
+                                  "rstrip": False, "single_word": False, "special": special}
+
+
+def _prefix_dir(proto: bytes, d, cfg: dict | None, tokenizer_json: dict | None = None) -> str:
+    """tokenizer.model with ChatML tokens past it and a non-special <tool>, a config (None: no
+    tokenizer_config.json) and optionally a tokenizer.json."""
+    d.mkdir(exist_ok=True)
+    (d / "tokenizer.model").write_bytes(proto)
+    if cfg is not None:
+        (d / "tokenizer_config.json").write_text(json.dumps({
+            "add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "added_tokens_decoder": {"0": _ADDED("<unk>"), "1": _ADDED("<s>"), "2": _ADDED("</s>"),
+                                     "800": _ADDED("<|im_start|>"), "801": _ADDED("<|im_end|>"),
+                                     "802": _ADDED("<tool>", False)}, **cfg}))
+    if tokenizer_json is not None:
+        (d / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def llama_tokenizer_json(llama_proto, tmp_path_factory):
+    """A tokenizer.json for llama_proto as transformers writes it (to edit its
+    normalizer / pre_tokenizer)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("google.protobuf")
+    d = _prefix_dir(llama_proto, tmp_path_factory.mktemp("tj"),
+                    {"tokenizer_class": "LlamaTokenizer", "legacy": True})
+    transformers.AutoTokenizer.from_pretrained(d).save_pretrained(d + "/saved")
+    return json.loads(open(d + "/saved/tokenizer.json", encoding="utf-8").read())
+
+
+def _metaspace(scheme, split):
+    return {"type": "Metaspace", "replacement": "▁", "prepend_scheme": scheme, "split": split}
+
+
+PREPEND_NORMALIZER = {"type": "Sequence", "normalizers": [  # Llama 2's tokenizer.json
+    {"type": "Prepend", "prepend": "▁"},
+    {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+
+# name: (tokenizer_config.json or None, (normalizer, pre_tokenizer) or None, rule)
+PREFIX_VARIANTS = {
+    "LlamaTokenizer legacy=true": ({"tokenizer_class": "LlamaTokenizer", "legacy": True}, None,
+                                   "always"),
+    "LlamaTokenizer legacy=false": ({"tokenizer_class": "LlamaTokenizer", "legacy": False}, None,
+                                    "first"),
+    "LlamaTokenizer, no legacy": ({"tokenizer_class": "LlamaTokenizer"}, None, "first"),
+    "LlamaTokenizer add_prefix_space=false": (
+        {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_prefix_space": False}, None,
+        "never"),
+    "no class, legacy=false": ({"legacy": False}, None, "first"),
+    "no config": (None, None, "sentencepiece"),
+    "json Prepend normalizer": ({}, (PREPEND_NORMALIZER, None), "sentencepiece"),
+    "json Metaspace always": ({}, (None, _metaspace("always", False)), "always"),
+    "json Metaspace first": ({}, (None, _metaspace("first", False)), "first"),
+    "json Metaspace never": ({}, (None, _metaspace("never", False)), "never"),
+    "json Metaspace first split": ({}, (None, _metaspace("first", True)), "first"),
+    "json Metaspace always split": ({}, (None, _metaspace("always", True)), "always"),
+    # transformers 5 rebuilds a LlamaTokenizer from the config: tokenizer.json's scheme loses
+    "json Metaspace always, LlamaTokenizer legacy=false": (
+        {"tokenizer_class": "LlamaTokenizer", "legacy": False},
+        (None, _metaspace("always", False)), "first"),
+}
+
+
+@pytest.mark.parametrize("variant", list(PREFIX_VARIANTS))
+def test_prefix_rule_equals_transformers(llama_proto, llama_tokenizer_json, tmp_path, variant):
+    """legacy: false and tokenizer.json's Metaspace prepend_scheme were ignored: every segment
+    got sentencepiece's "▁" ("<s>Hello" gave [<s>, ▁H, ello], transformers [<s>, H, ello];
+    " Hello" gave [▁, ▁Hello] where Metaspace "always" gives [▁Hello])."""
+    transformers = pytest.importorskip("transformers")
+    cfg, pipeline, rule = PREFIX_VARIANTS[variant]
+    tj = None
+    if pipeline is not None:
+        tj = dict(llama_tokenizer_json, normalizer=pipeline[0], pre_tokenizer=pipeline[1])
+    d = _prefix_dir(llama_proto, tmp_path / "d", cfg, tj)
+    ours, ref = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(d)
+    assert ours.prefix == rule
+    texts = _prefix_texts(150)
+    for t in texts:
+        want = ref(t, add_special_tokens=False)["input_ids"]
+        assert ours.encode(t, add_bos=False) == want, (t, ref.convert_ids_to_tokens(want))
+        if cfg is not None:  # (no config: transformers adds no BOS, ours the Llama default)
+            assert ours.encode(t) == ref(t)["input_ids"], repr(t)
+        if rule in ("first", "never") and (pipeline is None or cfg.get("tokenizer_class")):
+            # HF's decode is the inverse here: equal to ours (a tokenizer.json read as is has
+            # its own decoder, here Llama's Strip whatever the pre_tokenizer)
+            assert ours.decode(want) == ref.decode(want), repr(t)
+            assert ours.decode(want, skip_special=True) == \
+                ref.decode(want, skip_special_tokens=True), repr(t)
+        if rule != "first" or not t.startswith((" ", "▁")):
+            # the inverse of encode; "always" loses a segment's own leading space
+            back = ours.decode(ours.encode(t, add_bos=False))
+            assert back == t.replace("▁", " ") or rule == "always", (t, back)
+
+
+def test_first_rule_after_special_tokens(llama_proto, tmp_path):
+    """The brief's case: Metaspace "first" (legacy: false) puts no "▁" after a special token,
+    and decode keeps the space that was in the text after one."""
+    d = _prefix_dir(llama_proto, tmp_path / "d", {"tokenizer_class": "LlamaTokenizer",
+                                                  "legacy": False})
+    tok = load_tokenizer(d)
+    sp = spm.SentencePieceProcessor(model_proto=llama_proto)
+    hello = sp.encode("Hello")  # [▁H, ello]: with sentencepiece's dummy prefix
+    assert tok.id_to_token(hello[0]) == "▁H"
+    bare = tok.encode("<s>Hello", add_bos=False)
+    assert bare[0] == 1 and [tok.id_to_token(i) for i in bare[1:]] == ["H", "ell", "o"]
+    assert tok.encode("Hello") == [1] + hello  # the text's start still gets it
+    assert tok.encode("<s> Hello", add_bos=False) == [1] + hello
+    assert tok.decode([1] + hello) == "<s> Hello" and tok.decode(hello) == "Hello"
+    assert tok.decode(bare) == "<s>Hello"
+    turn = "<|im_start|>user\nHi<|im_end|>"
+    assert tok.decode(tok.encode(turn, add_bos=False)) == turn
+
+
+def test_gguf_add_space_prefix_follows_llama_cpp(llama_proto, tmp_path):
+    """A GGUF "llama" tokenizer follows llama.cpp: with add_space_prefix a space goes before the
+    text and after every token fragment, also before a fragment that starts with one; without
+    it none. The flag travels from the file through engine.gguf (read_gguf, tokenizer_from_gguf)."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    import regex
+
+    from engine.gguf import read_gguf, tokenizer_from_gguf
+    from tokenizer.spm import _set_dummy_prefix
+    sp = spm.SentencePieceProcessor(model_proto=llama_proto)
+    bare = spm.SentencePieceProcessor(model_proto=_set_dummy_prefix(llama_proto, False))
+    fields = _gguf_fields_of(llama_proto)
+    extra = {"<|im_start|>": 3, "<|im_end|>": 3, "<tool>": 4}  # CONTROL, USER_DEFINED
+    tokens = fields["tokenizer.ggml.tokens"] + list(extra)
+    types = fields["tokenizer.ggml.token_type"] + list(extra.values())
+    scores = fields["tokenizer.ggml.scores"] + [-1000.0] * len(extra)
+    split = {t: i for i, t in enumerate(tokens) if types[i] in (2, 3, 4)}
+    rx = regex.compile("|".join(map(regex.escape, sorted(split, key=len, reverse=True))))
+
+    def llama_cpp(text, space_prefix):  # llama-vocab.cpp, LLAMA_VOCAB_TYPE_SPM, parse_special
+        out, prev_token, pos, frags = [], True, 0, []
+        for m in rx.finditer(text):
+            frags += [text[pos:m.start()]] if m.start() > pos else []
+            frags.append(split[m.group()])
+            pos = m.end()
+        frags += [text[pos:]] if pos < len(text) else []
+        for f in frags:
+            if isinstance(f, int):
+                out.append(f)
+                prev_token = True
+            else:
+                out += bare.encode((" " if space_prefix and prev_token else "") + f)
+                prev_token = False
+        return out
+
+    texts = _prefix_texts(300, seed=1)
+    for space_prefix in (True, False):
+        path = str(tmp_path / f"t{space_prefix}.gguf")
+        w = gguf.GGUFWriter(path, "llama")
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_add_bos_token(True)
+        w.add_add_space_prefix(space_prefix)
+        w.add_tensor("x", np.zeros(32, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        tok = tokenizer_from_gguf(read_gguf(path)[0], path)
+        assert tok.prefix == ("sentencepiece" if space_prefix else "never")
+        assert load_tokenizer(path).prefix == tok.prefix
+        for t in texts:
+            if not space_prefix and "▁" in t:
+                continue  # ours: a literal "▁" as its bytes without a dummy prefix (round trips)
+            want = llama_cpp(t, space_prefix)
+            assert tok.encode(t, add_bos=False) == want, repr(t)
+            assert tok.encode(t) == [1] + want
+            assert tok.decode(want) == (t.replace("▁", " ") if space_prefix else t), repr(t)
+    assert sp.encode(" Hello") == llama_cpp(" Hello", True)  # [▁, ▁H, ...]: sentencepiece's
+
+
+@pytest.mark.parametrize("rule", ["sentencepiece", "always", "first", "never"])
+def test_save_keeps_the_prefix_rule(llama_proto, tmp_path, rule):
+    """save() writes the config that gives transformers 5 (and load) the same rule."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("google.protobuf")
+    tok = SentencePieceTokenizer(llama_proto, prefix=rule, added_tokens=[
+        {"id": 800, "content": "<|im_start|>"}, {"id": 801, "content": "<|im_end|>"}])
+    tok.save(str(tmp_path))
+    again, ref = load_tokenizer(str(tmp_path)), transformers.AutoTokenizer.from_pretrained(
+        str(tmp_path))
+    assert again.prefix == rule
+    for t in _prefix_texts(60, seed=2):
+        assert tok.encode(t) == again.encode(t) == ref(t)["input_ids"], repr(t)
+    with pytest.raises(ValueError, match="prefix 'legacy' is not one of"):
+        SentencePieceTokenizer(llama_proto, prefix="legacy")
+
+
+def test_bad_metaspace_is_one_line(llama_proto, tmp_path):
+    tj = {"pre_tokenizer": {"type": "Metaspace", "prepend_scheme": "sometimes"}}
+    d = _prefix_dir(llama_proto, tmp_path / "d", {}, tj)
+    with pytest.raises(ValueError, match="tokenizer.json: unknown Metaspace prepend_scheme"):
+        load_tokenizer(d)

@@ -10,12 +10,15 @@ would otherwise see one line per sentence and spend a byte token on every newlin
 
 Special tokens (control pieces such as "<s>", <unk>, HF's special added tokens) are split out of
 the text first (only with parse_special), and so are user-defined pieces and non-special added
-tokens (always); then each plain segment is encoded by sentencepiece, so a model with
-add_dummy_prefix (Llama 2) gets its "▁" at the start of each segment, as llama.cpp and HF's
-legacy Llama tokenizer do. HF's added tokens (tokenizer.json `added_tokens`, tokenizer_config.json
-`added_tokens_decoder`, a legacy added_tokens.json) may lie past the model's pieces: ChatML's <|im_start|> = 32000 in a Llama 2
-fine-tune extends the vocab. Decode is the exact inverse segment by segment (HF's differs: it
-keeps the "▁" after a special token as a space).
+tokens (always); then each plain segment is encoded by sentencepiece. Whether a segment gets a
+dummy "▁" in front is one rule, `prefix` (see PREFIX_RULES and _dummy_prefix): sentencepiece's and
+llama.cpp's (every segment), or transformers' Metaspace "always" / "first" / "never", read from
+tokenizer_config.json (legacy, add_prefix_space) and tokenizer.json as transformers 5 does.
+HF's added tokens (tokenizer.json `added_tokens`, tokenizer_config.json `added_tokens_decoder`, a
+legacy added_tokens.json) may lie past the model's pieces: ChatML's <|im_start|> = 32000 in a
+Llama 2 fine-tune extends the vocab. Decode is the inverse segment by segment: it takes the
+dummy "▁" off where encode puts one (HF's decode strips only at the start of the whole text, so
+under the "sentencepiece" / "always" rules it keeps the "▁" after a special token as a space).
 """
 from __future__ import annotations
 
@@ -35,6 +38,19 @@ from tokenizer.base import SPECIAL_TOKEN_KEYS, AddedTokenMatcher, Tokenizer, ato
 # ModelProto.SentencePiece.Type (also GGUF tokenizer.ggml.token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
+# Where a plain segment (text between split-out tokens) gets a dummy "▁" in front:
+#   "sentencepiece"  every segment, even one that starts with a space: sentencepiece's
+#                    add_dummy_prefix per segment, llama.cpp's tokenizer_add_space_prefix (a space
+#                    before the text and after every token fragment), tokenizers' normalizer
+#                    Prepend("▁"), transformers' legacy tokenizer built from tokenizer.model
+#   "always"         tokenizers' Metaspace(prepend_scheme="always"): every segment that does not
+#                    already start with a space / "▁" (" Hello" gives [▁Hello], not
+#                    [▁, ▁Hello])
+#   "first"          Metaspace "first" (legacy=false): only the segment at the start of the text,
+#                    unless it starts with a space / "▁" ("<s>Hello" is [<s>, H, ello])
+#   "never"          no dummy prefix (our trained models, add_space_prefix=false)
+PREFIX_RULES = ("sentencepiece", "always", "first", "never")
+
 
 class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece model behind the Tokenizer interface."""
@@ -42,10 +58,14 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, model_proto: bytes, *, add_bos: bool | None = None, add_eos: bool = False,
                  chat_template: str | None = None, bos_id: int | None = None,
                  eos_id: int | None = None, pad_id: int | None = None,
-                 added_tokens: list[dict] | None = None):
+                 added_tokens: list[dict] | None = None, prefix: str | None = None,
+                 split_words: bool = False):
         """added_tokens: HF's tokens on top of the model, {"id", "content", "special", "lstrip",
         "rstrip", "single_word"} as in tokenizer.json; ids past the model's pieces extend the
-        vocab (ChatML's <|im_start|> = 32000 in a Llama 2 fine-tune), others rename or reuse one."""
+        vocab (ChatML's <|im_start|> = 32000 in a Llama 2 fine-tune), others rename or reuse one.
+        prefix: one of PREFIX_RULES; None follows the model ("sentencepiece" with
+        add_dummy_prefix, else "never"). split_words: tokenizers' Metaspace(split=true), each
+        "▁word" encoded on its own."""
         try:
             self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         except (RuntimeError, OSError) as e:
@@ -53,6 +73,17 @@ class SentencePieceTokenizer(Tokenizer):
         self.model_proto = model_proto
         sp = self.sp
         self._piece_types, self.add_dummy_prefix = spm_piece_types(model_proto)
+        if prefix is None:
+            prefix = "sentencepiece" if self.add_dummy_prefix else "never"
+        if prefix not in PREFIX_RULES:
+            raise ValueError(f"prefix {prefix!r} is not one of {', '.join(PREFIX_RULES)}")
+        self.prefix, self.split_words = prefix, bool(split_words)
+        # The model with and without its dummy prefix: encode picks one per segment
+        # (_dummy_prefix decides); decode uses the bare one, which strips no space, and strips
+        # the prefix itself where encode put one.
+        other = spm.SentencePieceProcessor(
+            model_proto=_set_dummy_prefix(model_proto, not self.add_dummy_prefix))
+        self._sp_prefixed, self._sp_bare = (sp, other) if self.add_dummy_prefix else (other, sp)
         self.sp_size = n = sp.get_piece_size()
         added: dict[int, dict] = {}
         for t in added_tokens or ():
@@ -132,8 +163,14 @@ class SentencePieceTokenizer(Tokenizer):
             raise ValueError(f"cannot read sentencepiece model {file}: {e.strerror}") from None
         directory = os.path.dirname(file)
         cfg = read_tokenizer_config(directory)
+        tj = os.path.join(directory, "tokenizer.json")
+        tj_obj = read_json_object(tj) if os.path.isfile(tj) else None
         tok = cls(proto, chat_template=cfg["chat_template"],
                   added_tokens=_read_added_tokens(directory, cfg))
+        try:  # where a segment gets its dummy "▁", as transformers 5 reads this directory
+            tok.prefix, tok.split_words = _hf_prefix_rule(cfg, tj_obj, tok.add_dummy_prefix)
+        except ValueError as e:
+            raise ValueError(f"{tj}: {e}") from None
         for key, attr in (("bos_token", "bos_id"), ("eos_token", "eos_id"), ("pad_token", "pad_id")):
             i = tok.token_to_id(cfg[key]) if cfg.get(key) is not None else None
             if i is not None:
@@ -141,9 +178,9 @@ class SentencePieceTokenizer(Tokenizer):
         # BOS / EOS as transformers 5 adds them: a tokenizer.json beside the model (Llama 2's
         # layout) decides through its post_processor, whatever the config's flags say; without
         # one, add_bos_token / add_eos_token do (BOS by default, the Llama convention; EOS not).
-        tj, bos_eos = os.path.join(directory, "tokenizer.json"), None
-        if os.path.isfile(tj):
-            post = read_json_object(tj).get("post_processor")
+        bos_eos = None
+        if tj_obj is not None:
+            post = tj_obj.get("post_processor")
             try:
                 bos_eos = template_specials(post)
             except ValueError as e:
@@ -258,37 +295,75 @@ class SentencePieceTokenizer(Tokenizer):
 
     # -- encode / decode ----------------------------------------------------------------------
 
+    def _dummy_prefix(self, segment: str | None, at_start: bool) -> bool:
+        """Does this plain segment get a dummy "▁" in front? The one place that decides, for
+        encode and (segment None) decode. at_start: the segment begins the text (decode: nothing
+        was output before it, as HF's Strip decoder sees it). The rules are PREFIX_RULES':
+        sentencepiece / llama.cpp prefix every segment; tokenizers' Metaspace (metaspace.rs)
+        skips a segment that already starts with "▁" after replacing spaces, and with
+        prepend_scheme "first" prefixes only the one at offset 0 of the text. Decode cannot see whether a segment began with a space and
+        strips it, as HF's Strip decoder does."""
+        rule = self.prefix
+        if rule == "never" or (rule == "first" and not at_start):
+            return False
+        if rule == "sentencepiece" or segment is None:
+            return True
+        return not segment.startswith((" ", "▁"))
+
     def encode(self, text: str, add_bos: bool | None = None, add_eos: bool | None = None,
                parse_special: bool = True) -> list[int]:
         check_text(text)
         add_bos, add_eos = self._bos_eos(add_bos, add_eos)
         ids: list[int] = [self.bos_id] if add_bos else []
         skip = frozenset() if parse_special else self._special_contents
+        at = 0
         for piece, content in self._split_matcher.split(text, skip):
             if content is None:
-                self._encode_plain(piece, ids)
+                self._encode_segment(piece, self._dummy_prefix(piece, at == 0), ids)
             else:  # (piece may have the whitespace an lstrip / rstrip token takes along)
                 ids.append(self._split_by_content[content])
+            at += len(piece)
         if add_eos:
             ids.append(self.eos_id)
         return ids
 
-    def _encode_plain(self, text: str, ids: list[int]) -> None:
+    def _encode_segment(self, text: str, prefix: bool, ids: list[int]) -> None:
+        """One plain segment; prefix: with the dummy "▁" in front."""
+        if not self.split_words:
+            self._encode_plain(text, prefix, ids)
+            return
+        # Metaspace(split=true): BPE never merges across "▁"; each delimiter starts a word
+        # (MergedWithNext), the prefix goes on the first
+        for k, m in enumerate(regex.finditer(r"[ ▁][^ ▁]*|[^ ▁]+", text)):
+            self._encode_plain(m.group(), prefix and k == 0, ids)
+
+    def _encode_plain(self, text: str, prefix: bool, ids: list[int]) -> None:
+        sp = self._sp_prefixed if prefix else self._sp_bare
         if self._meta_bytes is None or "▁" not in text:
-            ids.extend(self.sp.encode(text))
+            ids.extend(sp.encode(text))
             return
         for k, part in enumerate(text.split("▁")):
             if k:
                 ids.extend(self._meta_bytes)
             if part:
-                ids.extend(self.sp.encode(part))
+                ids.extend(sp.encode(part) if k == 0 else self._sp_bare.encode(part))
+            elif k == 0 and prefix:
+                ids.extend(self._sp_bare.encode(" "))  # the dummy prefix, before a literal "▁"
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
-        """sentencepiece's text for each run of ordinary ids; split-out tokens (control,
-        user-defined, added) as their text between the runs, special ones dropped with
-        skip_special (HF's skip_special_tokens)."""
+        """sentencepiece's text for each run of ordinary ids, less the dummy prefix where encode
+        puts one (_dummy_prefix); split-out tokens (control, user-defined, added) as their text
+        between the runs, special ones dropped with skip_special (HF's skip_special_tokens)."""
         n = self.vocab_size
         out, run = [], []
+
+        def flush():
+            text = self._sp_bare.decode(run)
+            if text.startswith(" ") and self._dummy_prefix(None, not out):
+                text = text[1:]
+            out.append(text)
+            run.clear()
+
         for i in ids:
             i = int(i)
             if not 0 <= i < n or self._pieces[i] is None:
@@ -296,14 +371,13 @@ class SentencePieceTokenizer(Tokenizer):
                                  if not 0 <= i < n else f"token id {i} has no token")
             if i in self._split_ids:
                 if run:
-                    out.append(self.sp.decode(run))
-                    run = []
+                    flush()
                 if not (skip_special and i in self._special_ids):
                     out.append(self._pieces[i])
             else:
                 run.append(i)
         if run:
-            out.append(self.sp.decode(run))
+            flush()
         return "".join(out)
 
     def id_to_token(self, i: int) -> str:
@@ -322,8 +396,10 @@ class SentencePieceTokenizer(Tokenizer):
 
     def save(self, directory: str) -> None:
         """tokenizer.model and tokenizer_config.json with every split-out token in
-        added_tokens_decoder, and legacy / add_prefix_space set so that transformers'
-        LlamaTokenizer(Fast) gives each text segment the model's own dummy prefix, as here."""
+        added_tokens_decoder, and the config that makes transformers 5 prefix as here
+        (_hf_prefix_rule read backwards): LlamaTokenizer with legacy / add_prefix_space for the
+        Metaspace rules; no tokenizer_class for "sentencepiece", so that it builds the
+        tokenizer from the model's own settings. (split_words has no config form.)"""
         os.makedirs(directory, exist_ok=True)
         atomic_write_bytes(os.path.join(directory, "tokenizer.model"), self.model_proto)
         name = lambda i: self._pieces[i] if i is not None else None  # noqa: E731
@@ -338,13 +414,72 @@ class SentencePieceTokenizer(Tokenizer):
         cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": self.add_bos,
                "add_eos_token": self.add_eos, "bos_token": name(self.bos_id),
                "eos_token": name(self.eos_id), "unk_token": name(self.unk_id),
-               "pad_token": name(self.pad_id), "legacy": True,
-               "add_prefix_space": self.add_dummy_prefix, "clean_up_tokenization_spaces": False,
+               "pad_token": name(self.pad_id), "legacy": self.prefix != "first",
+               "add_prefix_space": self.prefix != "never", "clean_up_tokenization_spaces": False,
                "added_tokens_decoder": decoder}
+        if self.prefix == "sentencepiece":
+            del cfg["tokenizer_class"], cfg["add_prefix_space"]
         if self.chat_template:
             cfg["chat_template"] = self.chat_template
         atomic_write_text(os.path.join(directory, "tokenizer_config.json"),
                           json.dumps(cfg, ensure_ascii=False, indent=2))
+
+
+# transformers 5 rebuilds these classes' pipeline from tokenizer_config.json alone
+# (models/llama/tokenization_llama.py): a tokenizer.json's normalizer / pre_tokenizer is ignored
+_LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+
+
+def _hf_prefix_rule(cfg: dict, tj: dict | None, dummy_prefix: bool) -> tuple[str, bool]:
+    """(prefix rule, Metaspace split) that transformers 5 gives a model directory:
+      - tokenizer_class LlamaTokenizer(Fast): Metaspace(split=false) with _get_prepend_scheme:
+        "never" if add_prefix_space is false, else "always" if legacy else "first" (both
+        default to the non-legacy side: add_prefix_space true, legacy false);
+      - otherwise a tokenizer.json as written (tokenizers' Metaspace / Prepend normalizer);
+      - otherwise the model itself (convert_slow_tokenizer.build_tokenizer_from_spm_proto):
+        no dummy prefix "never", else "sentencepiece" if legacy (default true) else "first"."""
+    if cfg.get("tokenizer_class") in _LLAMA_CLASSES:
+        if cfg.get("add_prefix_space") is False:
+            return "never", False
+        return ("always" if cfg.get("legacy") else "first"), False
+    if tj is not None:
+        return _tokenizer_json_prefix_rule(tj)
+    if not dummy_prefix:
+        return "never", False
+    return ("sentencepiece" if cfg.get("legacy", True) else "first"), False
+
+
+def _tokenizer_json_prefix_rule(tj: dict) -> tuple[str, bool]:
+    """The prefix rule of a sentencepiece-style tokenizer.json: a normalizer Prepend("▁") (Llama
+    2's conversion, with Replace(" ", "▁")) prefixes every segment as sentencepiece does;
+    otherwise a pre_tokenizer Metaspace's prepend_scheme (older files: add_prefix_space true =
+    "always"; split defaults to true), where a normalizer Replace(^▁ -> ▁▁) in front turns
+    "always" into sentencepiece's rule; neither: no prefix."""
+    def steps(item, key):
+        if not isinstance(item, dict):
+            return []
+        if item.get("type") == "Sequence":
+            return [s for sub in item.get(key) or [] for s in steps(sub, key)]
+        return [item]
+
+    norms = steps(tj.get("normalizer"), "normalizers")
+    if any(n.get("type") == "Prepend" and n.get("prepend") == "▁" for n in norms):
+        return "sentencepiece", False
+    metas = [p for p in steps(tj.get("pre_tokenizer"), "pretokenizers")
+             if p.get("type") == "Metaspace"]
+    if not metas:
+        return "never", False
+    meta = metas[0]
+    if meta.get("replacement", "▁") != "▁":
+        raise ValueError(f"Metaspace replacement {meta.get('replacement')!r} is not '▁'")
+    scheme = meta.get("prepend_scheme") or ("always" if meta.get("add_prefix_space", True)
+                                            else "never")
+    if scheme not in ("always", "first", "never"):
+        raise ValueError(f"unknown Metaspace prepend_scheme {scheme!r}")
+    doubled = any(n.get("type") == "Replace" and (n.get("pattern") or {}).get("Regex") == "\\A▁"
+                  and n.get("content") == "▁▁" for n in norms)
+    return ("sentencepiece" if scheme == "always" and doubled else scheme), \
+        bool(meta.get("split", True))
 
 
 def _read_added_tokens(directory: str, cfg: dict) -> list[dict]:
@@ -484,6 +619,13 @@ def spm_piece_types(proto: bytes) -> tuple[list[int], bool]:
         elif num == 3:
             dummy_prefix = bool(next((v for n, v in _proto_fields(val) if n == 3), 1))
     return types, dummy_prefix
+
+
+def _set_dummy_prefix(proto: bytes, on: bool) -> bytes:
+    """The ModelProto with NormalizerSpec.add_dummy_prefix = on: a second normalizer_spec
+    (field 3) holding only that field (3), which protobuf merges into the first (the last value
+    of a scalar wins)."""
+    return proto + _field(3, _field(3, on))
 
 
 def _varint(n: int) -> bytes:
