@@ -215,7 +215,7 @@ def write_tokenizer_metadata(w, tok, n_rows: int) -> None:
         # without a token as "[PAD{i}]" UNUSED. An added token that only reuses a piece of the
         # same text and kind keeps it as is (an <unk> turned CONTROL would leave no unknown).
         sp, n_sp = tok.sp, tok.sp_size
-        types, dummy_prefix = spm_piece_types(tok.model_proto)
+        types, _ = spm_piece_types(tok.model_proto)
         tokens = [sp.id_to_piece(i) for i in range(n_sp)] + [f"[PAD{i}]" for i in range(n_sp, n)]
         scores = [float(sp.get_score(i)) for i in range(n_sp)] + [-10000.0] * (n - n_sp)
         types = types + [5] * (n - n_sp)
@@ -230,7 +230,10 @@ def write_tokenizer_metadata(w, tok, n_rows: int) -> None:
         w.add_token_list(tokens)
         w.add_token_scores(scores)
         w.add_token_types(types)
-        w.add_add_space_prefix(dummy_prefix)
+        # the tokenizer's rule, not only the model's flag: add_prefix_space=false in a directory
+        # turns the prefix off. (llama.cpp has no Metaspace "first" / "always": those export as
+        # the sentencepiece rule, equal except after special tokens and before leading spaces.)
+        w.add_add_space_prefix(tok.prefix != "never")
     else:
         raise ValueError(f"no GGUF form for a {type(tok).__name__}")
     for key, tid in (("bos", tok.bos_id), ("eos", tok.eos_id), ("unk", tok.unk_id),

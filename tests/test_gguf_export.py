@@ -181,6 +181,21 @@ def test_sentencepiece_tokenizer_export(style, tmp_path):
             assert hf_tok(text)["input_ids"] == tok.encode(text), text
 
 
+def test_sentencepiece_without_prefix_exports_add_space_prefix_false(tmp_path):
+    """A Llama-style model whose directory turns the prefix off (add_prefix_space false): the
+    GGUF says so, and loads back to the same ids."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(f"the king {i} my lord good night" for i in range(300)))
+    tok = SentencePieceTokenizer(llama_style_spm(corpus).model_proto, prefix="never")
+    path = str(tmp_path / "n.gguf")
+    export_gguf(random_model(vocab_size=400), tok, path, "f32")
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.add_space_prefix"].contents() is False
+    back = tokenizer_from_gguf(load_gguf(path)[1], path)
+    for text in ["the king", " the king", "</s>good night"]:
+        assert back.encode(text) == tok.encode(text), text
+    assert tok.encode("the king") != llama_style_spm(corpus).encode("the king")
+
+
 def test_sentencepiece_added_tokens_export(tmp_path):
     """ChatML tokens added past the sentencepiece pieces (a Llama 2 / Mistral fine-tune such as
     OpenHermes) are written after them as convert_hf_to_gguf.py does: CONTROL if special, else
