@@ -291,7 +291,7 @@ def load_or_train_tokenizer(train_text: str, vocab_size: int, out_dir: str | Non
     from tokenizer.spm import SentencePieceTokenizer
     if out_dir and os.path.isfile(os.path.join(out_dir, "tokenizer.model")):
         return load_tokenizer(out_dir)
-    key = hashlib.sha256(train_text.encode()).hexdigest()[:24] + f"-v{vocab_size}"
+    key = hashlib.sha256(train_text.encode("utf-8", "surrogatepass")).hexdigest()[:24] + f"-v{vocab_size}"
     cached = os.path.join(cache_dir(), "tokenizers", key)
     if not os.path.isfile(os.path.join(cached, "tokenizer.model")):
         if not train_text.replace("\0", "").strip():  # sentencepiece's own error is cryptic
