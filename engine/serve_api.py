@@ -19,9 +19,31 @@ results. With tool_choice "auto" (the default when tools are given) the answer's
 parses them, streamed or not) and finish_reason "tool_calls"; "none" renders the tools but
 parses nothing (vLLM's default); "required" and a named function need guided decoding and get a
 400. parallel_tool_calls=false keeps the first call (vLLM's rule).
+
+Log-probabilities (engine/serve_engine.py computes them: the model's raw distribution, an fp32
+log_softmax of its logits before penalty / temperature / top-k / top-p, as vLLM's default):
+  chat: `logprobs: true` and `top_logprobs: 0..20` -> choices[i].logprobs = {"content":
+    [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}] * k}],
+    "refusal": null}, one entry per content token (the end-of-turn id is not content, as
+    OpenAI); streamed, each chunk carries the entries of the tokens whose text it brings.
+    top_logprobs without logprobs: true is a 400 (OpenAI's and vLLM's rule).
+  completions: `logprobs: 0..20` (OpenAI stops at 5; 20 is vLLM's default max_logprobs) ->
+    {"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}, one entry
+    per sampled token, the stop id that ended a choice included (as vLLM: a max_tokens=1 scoring
+    request always ends with its one sampled token, which lm-eval's [ctxlen:-1] slice drops).
+    Each top_logprobs dict holds the N most likely tokens and the sampled one (OpenAI's "up to
+    logprobs + 1"), so logprobs: 0 gives {sampled: logprob}. `echo: true` prepends the prompt
+    (its text as given, or decoded ids) and, with logprobs, the prompt tokens' entries (the
+    first's logprob and top_logprobs are null); max_tokens 0 is allowed with echo and only
+    scores the prompt (lm-eval local-completions' loglikelihood request: echo, logprobs 1,
+    max_tokens 0 or 1, temperature 0). text_offset counts characters of the returned text,
+    from the tokens' bytes (a prompt's BOS counts its own text).
+Token strings are the tokens' own text (serve_engine.TokenPieces): a piece of a UTF-8 character
+is "bytes:\\xNN..." with the raw bytes in `bytes`; logprobs of -inf are -9999.0 (OpenAI's value).
 """
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import time
@@ -29,7 +51,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
-from engine.serve_engine import Engine, GenRequest, SamplingParams
+from engine.serve_engine import Engine, GenRequest, SamplingParams, TokenLogprob, TokenPieces
 from engine.tool_calls import ToolCallParser
 from tokenizer.chat import render_chat
 
@@ -76,6 +98,9 @@ class Job:
     include_usage: bool
     parse_tools: bool = False  # tool_choice "auto": <tool_call> blocks become tool_calls
     max_tool_calls: int | None = None  # 1 when parallel_tool_calls is false
+    logprobs: int | None = None  # None: off; k: top_logprobs (chat) / logprobs (completions)
+    echo_texts: list[str] | None = None  # completions with echo: each prompt's text
+    pieces: TokenPieces | None = None  # id -> (token text, bytes) for logprobs
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -107,13 +132,16 @@ def _typed(body: dict, name: str, kind: str, default=None):
 
 
 # Fields we accept only at their "off" value (the API has them; this server does not).
-_UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
-                "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
+_UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
                 "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
                 "functions": (None, []),
                 "response_format": (None, {"type": "text"})}
 # Chat-only fields that the completions endpoint refuses unless at their "off" value.
-_CHAT_ONLY = {"tools": (None, []), "tool_choice": (None, "none")}
+_CHAT_ONLY = {"tools": (None, []), "tool_choice": (None, "none"), "top_logprobs": (None,)}
+# Completions-only fields that the chat endpoint refuses unless at their "off" value.
+_COMPLETIONS_ONLY = {"echo": (None, False)}
+# The most top tokens per position (vLLM's default max_logprobs; OpenAI's chat limit).
+MAX_LOGPROBS = 20
 
 
 # Message roles: OpenAI's ("developer" is its newer "system", "function" its deprecated "tool")
@@ -130,6 +158,7 @@ class API:
 
     def __init__(self, engine: Engine, max_stop: int = 16):
         self.engine, self.tok, self.max_stop = engine, engine.tok, max_stop
+        self.pieces = TokenPieces(self.tok)
 
     def prepare(self, kind: str, body) -> Job:
         if not isinstance(body, dict):
@@ -141,6 +170,10 @@ class API:
             for name, off in _CHAT_ONLY.items():
                 if not _is_off(body.get(name), off):
                     raise _bad(f"'{name}' is only supported by /v1/chat/completions", name)
+        else:
+            for name, off in _COMPLETIONS_ONLY.items():
+                if not _is_off(body.get(name), off):
+                    raise _bad(f"'{name}' is only supported by /v1/completions", name)
         model = _typed(body, "model", "str", self.engine.name)
         if model not in self.engine.model_names:
             raise APIError(404, f"the model '{model}' does not exist; available: "
@@ -159,7 +192,16 @@ class API:
         if n * len(prompts) > self.engine.max_batch:
             raise _bad(f"{len(prompts)} prompts x n={n} exceeds this server's batch of "
                        f"{self.engine.max_batch} sequences", "n")
-        params = self._params(body, kind, max(len(p) for p in prompts))
+        logprobs, echo = _logprob_options(body, kind)
+        params = self._params(body, kind, max(len(p) for p in prompts), echo)
+        params.logprobs = logprobs
+        params.prompt_logprobs = logprobs if echo else None
+        echo_texts = None
+        if echo:  # the prompt as the client wrote it; ids as their text
+            given = body["prompt"]
+            echo_texts = ([given] if isinstance(given, str) else list(given)
+                          if all(isinstance(p, str) for p in given)
+                          else [self.tok.decode(p) for p in prompts])
         stream = _typed(body, "stream", "bool", False)
         opts = body.get("stream_options")
         if opts is not None and not (isinstance(opts, dict) and isinstance(
@@ -169,9 +211,10 @@ class API:
         if opts is not None and not stream:
             raise _bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
         return Job(kind, model, adapter, prompts, params, n, stream,
-                   bool(opts and opts.get("include_usage")), parse_tools, max_calls)
+                   bool(opts and opts.get("include_usage")), parse_tools, max_calls, logprobs,
+                   echo_texts, self.pieces if logprobs is not None else None)
 
-    def _params(self, body: dict, kind: str, prompt_len: int) -> SamplingParams:
+    def _params(self, body: dict, kind: str, prompt_len: int, echo: bool = False) -> SamplingParams:
         ctx = self.engine.max_len
         room = ctx - prompt_len
         max_tokens, name = _typed(body, "max_tokens", "int"), "max_tokens"
@@ -179,14 +222,17 @@ class API:
             newer = _typed(body, "max_completion_tokens", "int")
             if newer is not None:
                 max_tokens, name = newer, "max_completion_tokens"
-        if prompt_len >= ctx:
+        scoring = echo and max_tokens == 0  # only the prompt's logprobs: all ctx positions fit
+        if prompt_len > ctx or (prompt_len == ctx and not scoring):
             raise _bad(f"this model's maximum context length is {ctx} tokens, but the prompt has "
                        f"{prompt_len} tokens", "messages" if kind == "chat" else "prompt",
                        "context_length_exceeded")
         if max_tokens is None:  # OpenAI's defaults: 16 for completions, the rest for chat
             max_tokens = min(16, room) if kind == "completion" else room
-        if max_tokens < 1:
-            raise _bad(f"'{name}' must be at least 1, got {max_tokens}", name)
+        if max_tokens < 1 and not scoring:
+            raise _bad(f"'{name}' must be at least 1 (0 only with 'echo'), got {max_tokens}"
+                       if kind == "completion" else
+                       f"'{name}' must be at least 1, got {max_tokens}", name)
         if max_tokens > room:
             raise _bad(f"this model's maximum context length is {ctx} tokens; the prompt has "
                        f"{prompt_len} tokens and {name} asks for {max_tokens} more (at most "
@@ -325,6 +371,27 @@ class API:
                            tools=tools)
 
 
+def _logprob_options(body: dict, kind: str) -> tuple[int | None, bool]:
+    """(top tokens per position or None for no logprobs, echo) of a request; a 400 naming the
+    field for a bad one."""
+    if kind == "chat":
+        on = _typed(body, "logprobs", "bool", False)
+        top = _typed(body, "top_logprobs", "int")
+        if top is not None and not on:
+            raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        if top is not None and not 0 <= top <= MAX_LOGPROBS:
+            raise _bad(f"'top_logprobs' must be between 0 and {MAX_LOGPROBS}, got {top}",
+                       "top_logprobs")
+        return (top or 0) if on else None, False
+    v = body.get("logprobs")
+    if v is None or v is False:  # absent / null / false: none
+        v = None
+    elif isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_LOGPROBS:
+        raise _bad(f"'logprobs' must be an integer between 0 and {MAX_LOGPROBS} (the number of "
+                   f"most likely tokens per position), got {json.dumps(v)[:40]}", "logprobs")
+    return v, _typed(body, "echo", "bool", False)
+
+
 def _tool_options(body: dict) -> tuple[list[dict] | None, bool, int | None]:
     """(tools for the template, whether to parse tool calls, the most calls to return) of a
     chat request; a 400 naming the field for a malformed one."""
@@ -407,6 +474,65 @@ def _no_constant(name: str):
 # =============================================================================================
 # OpenAI responses (and stream chunks) from engine events
 # =============================================================================================
+class _Logprobs:
+    """One choice's logprobs in the API's shape: every entry so far (the response), and how many
+    a stream has sent (each chunk carries the entries of the tokens it brings)."""
+
+    def __init__(self, job: Job, offset: int):
+        self.chat, self.k, self.pieces = job.kind == "chat", job.logprobs, job.pieces
+        self.entries: list = []  # chat: token dicts; completions: (token, logprob, top, offset)
+        self.sent = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._chars = offset  # text_offset of the next generated token
+
+    def _piece(self, i: int, logprob: float) -> dict:
+        text, raw = self.pieces(i)
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
+
+    def add(self, e: TokenLogprob) -> None:
+        if self.chat:
+            if not e.stop:  # the end-of-turn id is not content (OpenAI)
+                self.entries.append({**self._piece(e.id, e.logprob), "top_logprobs": [
+                    self._piece(t, lp) for t, lp in e.top[:self.k]]})
+            return
+        self.entries.append(self._completion_entry(e.id, e, self._chars))
+        # characters the token adds to the text; an incomplete character counts when complete
+        self._chars += len(self._decoder.decode(self.pieces(e.id)[1]))
+
+    def add_prompt(self, prompt: list[int], scores: list[TokenLogprob | None]) -> None:
+        """Echo: the prompt's entries come first, their offsets from the start of the text."""
+        decoder, chars = codecs.getincrementaldecoder("utf-8")("replace"), 0
+        for t, e in zip(prompt, scores):
+            self.entries.append(self._completion_entry(t, e, chars))
+            chars += len(decoder.decode(self.pieces(t)[1]))
+
+    def _completion_entry(self, t: int, e: TokenLogprob | None, offset: int) -> tuple:
+        token = self.pieces(t)[0]
+        if e is None:  # the first prompt token: nothing to condition on
+            return token, None, None, offset
+        top = {}
+        for i, lp in e.top[:self.k]:
+            top.setdefault(self.pieces(i)[0], lp)
+        top.setdefault(token, e.logprob)  # OpenAI: the sampled token's always (up to k + 1)
+        return token, e.logprob, top, offset
+
+    def _shape(self, entries: list) -> dict:
+        if self.chat:
+            return {"content": entries, "refusal": None}
+        return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
+                "top_logprobs": [e[2] for e in entries], "text_offset": [e[3] for e in entries]}
+
+    def take(self) -> dict | None:
+        """The entries no chunk has carried yet (None if there are none)."""
+        if self.sent == len(self.entries):
+            return None
+        out, self.sent = self.entries[self.sent:], len(self.entries)
+        return self._shape(out)
+
+    def full(self) -> dict:
+        return self._shape(self.entries)
+
+
 class _Answer:
     """Builds the OpenAI response (or stream chunks) of one Job from engine events."""
 
@@ -421,6 +547,11 @@ class _Answer:
         self.created = int(time.time())
         k = gen.num_seqs
         self.texts, self.reasons, self.tokens = [""] * k, [None] * k, [0] * k
+        # echo: choice i of prompt i // n starts with that prompt's text
+        self.echo = ([job.echo_texts[i // job.n] for i in range(k)] if job.echo_texts is not None
+                     else None)
+        self.logprobs = ([_Logprobs(job, len(self.echo[i]) if self.echo else 0)
+                          for i in range(k)] if job.logprobs is not None else None)
         # tool_choice "auto": each choice's text goes through a tool-call parser
         self.parsers = ([ToolCallParser(job.max_tool_calls) for _ in range(k)]
                         if job.parse_tools else None)
@@ -433,34 +564,51 @@ class _Answer:
             d["usage"] = None
         return d
 
-    def _choice(self, i: int, text: str | None, reason: str | None, first: bool = False) -> dict:
+    def _choice(self, i: int, text: str | None, reason: str | None, first: bool = False,
+                logprobs: dict | None = None) -> dict:
         if self.job.kind == "chat":
             delta = {"role": "assistant", "content": ""} if first else \
                 ({} if text is None else {"content": text})
-            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
-        return {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+            return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        return {"index": i, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
 
     def _chunk(self, choices: list[dict]) -> dict:
         obj = "chat.completion.chunk" if self.job.kind == "chat" else "text_completion"
         return {**self._base(obj), "choices": choices}
 
+    def _take(self, i: int) -> dict | None:
+        return self.logprobs[i].take() if self.logprobs is not None else None
+
     def start_chunks(self) -> list[dict]:
         if self.job.kind != "chat":
-            return []
+            if self.echo is None or self.job.params.prompt_logprobs is not None:
+                return []  # an echo with logprobs waits for the prompt's scores
+            return [self._chunk([self._choice(i, t, None)]) for i, t in enumerate(self.echo)]
         return [self._chunk([self._choice(i, None, None, first=True)])
                 for i in range(self.gen.num_seqs)]
 
     def apply(self, ev: tuple) -> list[dict]:
         """Record an engine event; the stream chunks it produces."""
+        if ev[0] == "prompt_logprobs":
+            _, i, scores = ev
+            self.logprobs[i].add_prompt(self.job.prompts[i // self.job.n], scores)
+            return [self._chunk([self._choice(i, self.echo[i], None, logprobs=self._take(i))])]
         if ev[0] == "token":
-            _, i, text = ev
+            _, i, text = ev[:3]
+            entry = ev[3] if len(ev) > 3 else None
             if not self.first_token:
                 self.first_token = True
                 self.on_first_token(time.monotonic() - self.t0)
             self.texts[i] += text
+            if entry is not None and self.logprobs is not None:
+                self.logprobs[i].add(entry)
             if self.parsers is not None:
-                return self._tool_chunks(i, self.parsers[i].feed(text)) if text else []
-            return [self._chunk([self._choice(i, text, None)])] if text else []
+                chunks = self._tool_chunks(i, self.parsers[i].feed(text)) if text else []
+                if chunks:  # the tokens' entries ride on the last chunk their text produced
+                    chunks[-1]["choices"][0]["logprobs"] = self._take(i)
+                return chunks
+            return [self._chunk([self._choice(i, text, None, logprobs=self._take(i))])] \
+                if text else []
         if ev[0] == "finish":
             _, i, reason, n = ev
             chunks = []
@@ -469,8 +617,11 @@ class _Answer:
                 if self.parsers[i].calls and reason == "stop":  # llama.cpp: "length" stays
                     reason = "tool_calls"
             self.reasons[i], self.tokens[i] = reason, n
+            if chunks:
+                chunks[-1]["choices"][0]["logprobs"] = self._take(i)
             return chunks + [self._chunk([self._choice(i, None if self.job.kind == "chat"
-                                                       else "", reason)])]
+                                                       else "", reason,
+                                                       logprobs=self._take(i))])]
         if ev[0] == "done":
             self.finished = True
         return []
@@ -508,11 +659,15 @@ class _Answer:
         return {**self._chunk([]), "usage": self.usage()}
 
     def response(self) -> dict:
+        lps = ([lp.full() for lp in self.logprobs] if self.logprobs is not None
+               else [None] * len(self.reasons))
         if self.job.kind == "chat":
-            choices = [{"index": i, "message": self._message(i), "logprobs": None,
+            choices = [{"index": i, "message": self._message(i), "logprobs": lps[i],
                         "finish_reason": r} for i, r in enumerate(self.reasons)]
         else:
-            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                       for i, (t, r) in enumerate(zip(self.texts, self.reasons))]
+            texts = ([e + t for e, t in zip(self.echo, self.texts)] if self.echo is not None
+                     else self.texts)
+            choices = [{"index": i, "text": t, "logprobs": lps[i], "finish_reason": r}
+                       for i, (t, r) in enumerate(zip(texts, self.reasons))]
         return {"id": self.id, "object": self.object, "created": self.created,
                 "model": self.job.model, "choices": choices, "usage": self.usage()}

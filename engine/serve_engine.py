@@ -24,12 +24,21 @@ does not depend on what else is in the batch. Choice i of a request with `seed` 
 the same but the floating-point summation order of a larger matmul may differ in the last bits,
 so an exact near-tie could in principle resolve differently. Tests compare batched greedy output
 with generate() on random and real models.)
+
+Log-probabilities (the API's `logprobs`, `top_logprobs`, `echo`): for a request that asks, each
+sampled token comes with its log-probability and the k most likely tokens at that position, and
+an echoed prompt with every prompt token's (the first has none). They are the model's raw
+distribution: log_softmax in fp32 of the logits the forward returned (padding rows past the
+tokenizer masked), before the repetition penalty, temperature, top-k/p and min-p (vLLM's default
+"raw_logprobs"; OpenAI reports the model's distribution too), so they do not depend on how the
+request samples. Only rows that asked pay for the log_softmax and top-k.
 """
 from __future__ import annotations
 
 import collections
 import copy
 import itertools
+import re
 import secrets
 import sys
 import threading
@@ -214,6 +223,118 @@ def forward_rows(model: nn.Module, ids: torch.Tensor, cache: RowsCache) -> torch
     return model.lm_head(model.model.norm(x))[:, -1]
 
 
+def forward_hidden(model: nn.Module, ids: torch.Tensor, cache: "RowsCache") -> torch.Tensor:
+    """A prefill (uniform positions) that keeps every position: ids (B, T) -> the final norm's
+    output (B, T, H). Transformer.forward's modules and order; model.lm_head(h[:, -1:]) is the
+    logits_to_keep=1 prefill's last row bit for bit."""
+    T = ids.shape[1]
+    cos, sin = model.rotary(torch.arange(cache.pos, cache.pos + T, device=ids.device))
+    x = model.model.embed_tokens(ids)  # (B, T, H)
+    for layer in model.model.layers:
+        x = layer(x, cos, sin, cache, None)
+    return model.model.norm(x)
+
+
+# =============================================================================================
+# Log-probabilities
+# =============================================================================================
+@dataclass
+class TokenLogprob:
+    """One position: the chosen token's log-probability and the `top` most likely (id,
+    logprob) pairs, most likely first. stop: the id that ended a choice (no text of its own)."""
+    id: int
+    logprob: float
+    top: list[tuple[int, float]]
+    stop: bool = False
+
+
+LOGPROB_FLOOR = -9999.0  # OpenAI's (and vLLM's) stand-in for -inf: JSON has no infinity
+
+
+def _floor(x: float) -> float:
+    return x if x >= LOGPROB_FLOOR else LOGPROB_FLOOR  # -inf (a masked id) and NaN too
+
+
+def logprobs_of(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """logits (N, V) at N positions (ids past the vocabulary already -inf), targets (N,) the
+    token chosen at each -> their log-probabilities and the k most likely tokens, from an fp32
+    log_softmax of the logits as they are (the raw distribution)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+    chosen = lp.gather(1, targets[:, None])[:, 0].tolist()  # (N,)
+    top_ids, top_lps = [[]] * len(chosen), [[]] * len(chosen)
+    if k > 0:
+        vals, idx = lp.topk(min(k, lp.shape[-1]), dim=-1)  # (N, k)
+        top_ids, top_lps = idx.tolist(), vals.tolist()
+    return [TokenLogprob(t, _floor(c), [(i, _floor(v)) for i, v in zip(ti, tv)])
+            for t, c, ti, tv in zip(targets.tolist(), chosen, top_ids, top_lps)]
+
+
+def prompt_logprobs(model: nn.Module, h: torch.Tensor, prompt: list[int], k: int,
+                    n_vocab: int, chunk: int = 512) -> list[TokenLogprob | None]:
+    """Each prompt token's log-probability given the tokens before it (None for the first,
+    which has no context), with the k most likely tokens there. h: (1, T, H) forward_hidden's
+    output; the lm_head runs `chunk` positions at a time, so a long prompt never holds all
+    T x V logits at once."""
+    T = len(prompt)
+    targets = torch.tensor(prompt[1:], dtype=torch.long, device=h.device)  # (T - 1,)
+    out: list[TokenLogprob | None] = [None]
+    for a in range(0, T - 1, chunk):
+        b = min(a + chunk, T - 1)
+        logits = mask_past_vocab(model.lm_head(h[:, a:b])[0], n_vocab)  # (b - a, V)
+        out += logprobs_of(logits, targets[a:b], k)
+    return out
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class TokenPieces:
+    """id -> (text, UTF-8 bytes) of one token, cached, for the API's logprobs. The bytes are the
+    token's own: a byte-level BPE token's bytes, a SentencePiece piece with its "▁" as a space
+    (the space it stands for, even where a whole-text decode would drop it) and its <0xNN> byte
+    pieces as that byte; any other tokenizer: decode([id]). A token that is not whole UTF-8
+    characters (part of a character split across tokens) is written "bytes:\\xe2\\x80" (the
+    OpenAI API's form); its bytes are the raw ones, and joining the bytes of a text's tokens
+    gives the text's UTF-8 bytes."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self._cache: dict[int, tuple[str, bytes]] = {}
+        self._bpe = None  # (byte decoder, added-token ids) for byte-level BPE
+
+    def __call__(self, i: int) -> tuple[str, bytes]:
+        hit = self._cache.get(i)
+        if hit is None:
+            raw = self._bytes(i)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            hit = self._cache[i] = (text, raw)
+        return hit
+
+    def _bytes(self, i: int) -> bytes:
+        from tokenizer.bpe import ByteLevelBPETokenizer, bytes_to_unicode
+        from tokenizer.spm import SentencePieceTokenizer
+        tok = self.tok
+        if isinstance(tok, ByteLevelBPETokenizer):  # as its decode: byte chars, added tokens raw
+            if self._bpe is None:
+                self._bpe = ({c: b for b, c in bytes_to_unicode().items()},
+                             {t["id"] for t in tok.added_tokens})
+            decoder, added = self._bpe
+            piece = tok.id_to_token(i)
+            if i not in added and all(c in decoder for c in piece):
+                return bytes(decoder[c] for c in piece)
+            return piece.encode("utf-8")
+        if isinstance(tok, SentencePieceTokenizer):
+            piece = tok.id_to_token(i)
+            m = _BYTE_PIECE.fullmatch(piece)
+            if m and i not in tok.special_tokens.values():
+                return bytes([int(m.group(1), 16)])
+            return piece.replace("\u2581", " ").encode("utf-8")
+        return tok.decode([i]).encode("utf-8")
+
+
 # =============================================================================================
 # Requests and sequences
 # =============================================================================================
@@ -227,12 +348,20 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     min_p: float | None = None
+    # None: off; k >= 0: each sampled token's log-probability and the k most likely tokens
+    logprobs: int | None = None
+    # None: off; k >= 0: the same for every prompt token (the API's echo). With max_tokens 0 the
+    # request only scores its prompts.
+    prompt_logprobs: int | None = None
 
 
 class GenRequest:
     """One API request: `n` choices for each prompt; events go to on_event from the scheduler
-    thread: ("token", index, text) per generated token (text may be "" while held back),
-    ("finish", index, reason, completion_tokens), then ("done",); or ("error", status, message)."""
+    thread: ("prompt_logprobs", index, [None, TokenLogprob, ...]) first when
+    params.prompt_logprobs is set, ("token", index, text, TokenLogprob or None) per sampled token
+    (text may be "" while held back; the stop id that ends a choice has a token event with its
+    logprobs, stop=True, and the flushed text), ("finish", index, reason, completion_tokens),
+    then ("done",); or ("error", status, message)."""
 
     _ids = itertools.count()
 
@@ -504,19 +633,45 @@ class Engine:
         self.m_slots.set(len(self.active))
 
     def _prefill(self, req: GenRequest) -> None:
+        p = req.params
         self._select([(req.adapter, None)])
-        self.pool.ensure(max(len(p) for p in req.prompts))
+        self.pool.ensure(max(len(q) for q in req.prompts))
         for p_idx, prompt in enumerate(req.prompts):
-            seqs = [Sequence(req, p_idx * req.n + j, prompt, self) for j in range(req.n)]
+            indices = [p_idx * req.n + j for j in range(req.n)]
+            scoring = p.max_tokens == 0  # echo with max_tokens 0: the prompt's logprobs only
+            seqs = [] if scoring else [Sequence(req, i, prompt, self) for i in indices]
             for seq in seqs:
                 seq.slot = len(self.active)
                 self.active.append(seq)
-            first = seqs[0]
+            # a scoring-only prompt borrows the next free row: admission reserved num_seqs rows
+            slot = seqs[0].slot if seqs else len(self.active)
             ids = torch.tensor([prompt], dtype=torch.long, device=self.device)  # (1, T)
-            cache = RowsCache(self.pool, slice(first.slot, first.slot + 1),
+            cache = RowsCache(self.pool, slice(slot, slot + 1),
                               torch.zeros(1, dtype=torch.long, device=self.device), len(prompt))
-            logits = mask_past_vocab(forward_rows(self.model, ids, cache), self.n_vocab)  # (1, V)
-            self.m_prompt.inc(len(prompt), model=self._model_label(req))
+            logits, scores = None, None
+            if p.prompt_logprobs is not None:
+                h = forward_hidden(self.model, ids, cache)  # (1, T, H)
+                scores = prompt_logprobs(self.model, h, prompt,
+                                         min(p.prompt_logprobs, self.n_vocab), self.n_vocab)
+                if seqs:
+                    logits = self.model.lm_head(h[:, -1:])[:, -1]  # (1, V)
+            elif seqs:
+                logits = forward_rows(self.model, ids, cache)  # (1, V)
+            if scores is not None or seqs:
+                self.m_prompt.inc(len(prompt), model=self._model_label(req))
+            if scores is not None:
+                for i in indices:
+                    self._emit(req, ("prompt_logprobs", i, scores))
+            if scoring:
+                for i in indices:
+                    self._emit(req, ("finish", i, "length", 0))
+                req.remaining -= len(indices)
+                if req.remaining == 0:
+                    self._running.discard(req)
+                    self._emit(req, ("done",))
+                continue
+            logits = mask_past_vocab(logits, self.n_vocab)
+            first = seqs[0]
             for seq in seqs:
                 if seq is not first:
                     self.pool.copy_row(first.slot, seq.slot, len(prompt))
@@ -526,12 +681,18 @@ class Engine:
         p, req = seq.params, seq.req
         logits = apply_repetition_penalty(seq.logits, seq.ids[:, :seq.n_ids], p.repetition_penalty)
         tid = int(sample(logits, p.temperature, p.top_k, p.top_p, seq.generator, min_p=p.min_p))
+        entry = None
+        if p.logprobs is not None:  # from the raw logits (seq.logits), only for rows that ask
+            entry = logprobs_of(seq.logits, torch.tensor([tid], device=self.device),
+                                min(p.logprobs, self.n_vocab))[0]
         seq.ids[0, seq.n_ids] = tid
         seq.n_ids += 1
         seq.sampled += 1
         reason = None
         if tid in self.stop_ids_of[req.adapter]:
             reason, text = "stop", seq.stream.finish()
+            if entry is not None:
+                entry.stop = True
         else:
             seq.completion_tokens += 1
             self.m_gen.inc(model=self._model_label(req))
@@ -541,7 +702,7 @@ class Engine:
             elif seq.sampled >= p.max_tokens:  # the flushed tail may still hold a stop string
                 text += seq.stream.finish()
                 reason = "stop" if seq.stream.stopped else "length"
-        self._emit(req, ("token", seq.index, text))
+        self._emit(req, ("token", seq.index, text, entry))
         if reason is None:
             seq.next_token = tid
             return

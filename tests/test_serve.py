@@ -291,7 +291,7 @@ def run_engine(engine, jobs, timeout=60):
                 texts[ev[1]] += ev[2]
             elif ev[0] == "finish":
                 reasons[ev[1]], ntok[ev[1]] = ev[2], ev[3]
-            else:
+            elif ev[0] in ("done", "error"):
                 out[j] = ev if ev[0] == "error" else (texts, reasons, ntok)
                 done.release()
         return on_event
@@ -412,7 +412,31 @@ BAD = [  # (method, path, body or raw bytes, extra kwargs, status, param)
     ("POST", "/v1/completions", {"prompt": "a", "stop": [1]}, {}, 400, "stop"),
     ("POST", "/v1/completions", {"prompt": "a", "n": 0}, {}, 400, "n"),
     ("POST", "/v1/completions", {"prompt": "a", "n": 5}, {}, 400, "n"),
-    ("POST", "/v1/completions", {"prompt": "a", "logprobs": 2}, {}, 400, "logprobs"),
+    # logprobs: completions take 0..20 (an int), chat a boolean plus top_logprobs 0..20 that
+    # needs logprobs: true; echo is completions-only, top_logprobs chat-only
+    ("POST", "/v1/completions", {"prompt": "a", "logprobs": -1}, {}, 400, "logprobs"),
+    ("POST", "/v1/completions", {"prompt": "a", "logprobs": 21}, {}, 400, "logprobs"),
+    ("POST", "/v1/completions", {"prompt": "a", "logprobs": "x"}, {}, 400, "logprobs"),
+    ("POST", "/v1/completions", {"prompt": "a", "logprobs": True}, {}, 400, "logprobs"),
+    ("POST", "/v1/completions", {"prompt": "a", "logprobs": 1.5}, {}, 400, "logprobs"),
+    ("POST", "/v1/completions", {"prompt": "a", "top_logprobs": 2}, {}, 400, "top_logprobs"),
+    ("POST", "/v1/completions", {"prompt": "a", "echo": "yes"}, {}, 400, "echo"),
+    ("POST", "/v1/completions", {"prompt": "a", "echo": True, "max_tokens": -1}, {}, 400,
+     "max_tokens"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                                      "logprobs": True, "top_logprobs": 21}, {}, 400,
+     "top_logprobs"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                                      "logprobs": True, "top_logprobs": -1}, {}, 400,
+     "top_logprobs"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                                      "top_logprobs": 2}, {}, 400, "top_logprobs"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                                      "logprobs": 2}, {}, 400, "logprobs"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                                      "echo": True}, {}, 400, "echo"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                                      "max_tokens": 0, "logprobs": True}, {}, 400, "max_tokens"),
     ("POST", "/v1/completions", {"prompt": "a", "presence_penalty": False}, {}, 400,
      "presence_penalty"),
     ("POST", "/v1/completions", {"prompt": "a", "stream_options": {"include_usage": True}}, {},
@@ -501,10 +525,10 @@ def test_chat_messages_follow_openai_vllm_rules(server, refs):
     assert s == 405 and r.getheader("Allow") == "GET"
 
 
-def test_openai_client_n_stop_parts_and_logprobs(server, refs):
+def test_openai_client_n_stop_parts_and_bad_top_logprobs(server, refs):
     """The official client: a streamed chat with n=2, a stop string and text parts; each choice
-    equals generate() alone on the newline-joined prompt. logprobs (not implemented) is a 400
-    naming the field, which the client raises as BadRequestError."""
+    equals generate() alone on the newline-joined prompt. top_logprobs past 20 is a 400 naming
+    the field, which the client raises as BadRequestError."""
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
     msgs = [{"role": "user", "content": "Say"}, {"role": "user", "content": "it"}]
@@ -534,8 +558,223 @@ def test_openai_client_n_stop_parts_and_logprobs(server, refs):
                                            for p in ("To be", "To be", "or", "or")]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="base", messages=msgs, logprobs=True,
-                                       top_logprobs=2)
-    assert e.value.body["param"] == "logprobs"
+                                       top_logprobs=21)
+    assert e.value.body["param"] == "top_logprobs"
+
+
+# ---------------------------------------------------------------------------------------------
+# Logprobs and echo: against log_softmax of a direct forward of the reference model
+# ---------------------------------------------------------------------------------------------
+SPECIAL_TEXT = {256: "<|endoftext|>", 257: "<|im_start|>", 258: "<|im_end|>"}
+
+
+def piece(i: int) -> tuple[str, bytes]:
+    """This checkpoint's token i as the API writes it (built here, not by serve_engine): id b <
+    256 is byte b, a lone byte that is not a whole character "bytes:\\xNN" (OpenAI's form)."""
+    raw = SPECIAL_TEXT[i].encode() if i in SPECIAL_TEXT else bytes([i])
+    try:
+        return raw.decode("utf-8"), raw
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw
+
+
+TOKEN_ID = {piece(i)[0]: i for i in range(259)}  # the API's token string -> id
+
+
+def forward_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """(T, V): log_softmax in fp32 of the model's logits over ids; row t scores ids[t + 1]."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).float()[0], dim=-1)
+
+
+def check_top(got: dict, ref_row: torch.Tensor, k: int, chosen: int, tol=1e-4):
+    """A completions top_logprobs dict: the k most likely tokens plus the chosen one."""
+    top = ref_row.topk(k)
+    want = {piece(i)[0]: v for i, v in zip(top.indices.tolist(), top.values.tolist())}
+    want.setdefault(piece(chosen)[0], float(ref_row[chosen]))
+    assert got.keys() == want.keys()
+    assert all(abs(got[key] - want[key]) < tol for key in want)
+
+
+def test_completion_logprobs_and_echo_equal_a_model_forward(server, refs):
+    """logprobs=3 with echo: the prompt's tokens first (the first without a logprob), then the
+    greedy tokens; every logprob and top-3 dict equals log_softmax of one full forward over the
+    same ids (the raw distribution), streamed or not; text_offset counts characters."""
+    tok, base = refs["tok"], refs["base"]
+    prompt = "To be, or"
+    p_ids = tok.encode(prompt, add_eos=False)
+    body = {"model": "base", "prompt": prompt, "max_tokens": 6, "temperature": 0,
+            "logprobs": 3, "echo": True}
+    s, _, r = request(server, "POST", "/v1/completions", body)
+    assert s == 200, r
+    choice, lp = r["choices"][0], r["choices"][0]["logprobs"]
+    text, reason, n_tok = ref_text(refs, "base", p_ids, 6)
+    assert choice["text"] == prompt + text and choice["finish_reason"] == reason
+    ids = [TOKEN_ID[t] for t in lp["tokens"]]
+    # one entry per sampled token, a stop id included (usage does not count it)
+    assert ids[:len(p_ids)] == p_ids and len(ids) == len(p_ids) + n_tok + (reason == "stop")
+    assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    ref = forward_logprobs(base, ids)
+    for t in range(1, len(ids)):
+        assert abs(lp["token_logprobs"][t] - float(ref[t - 1, ids[t]])) < 1e-4, t
+        check_top(lp["top_logprobs"][t], ref[t - 1], 3, ids[t])
+    for t in range(len(p_ids), len(ids)):  # greedy: each generated token is the argmax
+        assert ids[t] == int(ref[t - 1].argmax())
+    assert lp["text_offset"][:len(p_ids) + 1] == list(range(len(p_ids) + 1))  # ASCII prompt
+
+    s, _, stream_text = request(server, "POST", "/v1/completions", {**body, "stream": True})
+    chunks = [c["choices"][0] for c in sse_events(stream_text)]
+    assert chunks[0]["text"] == prompt  # the echo comes first, with the prompt's entries
+    assert chunks[0]["logprobs"]["tokens"] == lp["tokens"][:len(p_ids)]
+    merged = {key: [] for key in lp}
+    for c in chunks:
+        for key in merged:
+            merged[key] += (c["logprobs"] or {}).get(key, [])
+    assert "".join(c["text"] for c in chunks) == choice["text"]
+    assert merged["tokens"] == lp["tokens"] and merged["text_offset"] == lp["text_offset"]
+    assert merged["token_logprobs"][0] is None
+    assert all(abs(a - b) < 1e-5 for a, b in zip(merged["token_logprobs"][1:],
+                                                  lp["token_logprobs"][1:]))
+
+    # echo without logprobs: the text only; logprobs without echo: the generated tokens only
+    s, _, r2 = request(server, "POST", "/v1/completions", {**body, "logprobs": None})
+    assert r2["choices"][0]["text"] == prompt + text and r2["choices"][0]["logprobs"] is None
+    s, _, r3 = request(server, "POST", "/v1/completions", {**body, "echo": False, "logprobs": 0})
+    lp3 = r3["choices"][0]["logprobs"]
+    assert r3["choices"][0]["text"] == text and lp3["tokens"] == lp["tokens"][len(p_ids):]
+    assert lp3["text_offset"][0] == 0
+    # logprobs 0: the sampled token's logprob only, its top dict just that token (OpenAI's k+1)
+    for t, (got, top) in enumerate(zip(lp3["token_logprobs"], lp3["top_logprobs"])):
+        assert top == {lp3["tokens"][t]: got}
+        assert abs(got - lp["token_logprobs"][len(p_ids) + t]) < 1e-5
+
+
+def test_lm_eval_loglikelihood_requests(server, refs):
+    """What lm-eval's local-completions sends for loglikelihood (openai_completions.py): a batch
+    of token-id prompts with echo, logprobs 1, max_tokens 1 (and 0, the prompt alone),
+    temperature 0. Its parse_logprobs (the sum of token_logprobs[ctxlen:-1], greedy when each
+    equals the max of its top dict) gives the model's continuation log-likelihood; a prompt
+    of the whole context scores with max_tokens 0."""
+    tok, base = refs["tok"], refs["base"]
+    ctx = tok.encode("To be, or not", add_eos=False)
+    ref_ctx = forward_logprobs(base, ctx)
+    greedy = [int(ref_ctx[-1].argmax())]
+    greedy.append(int(forward_logprobs(base, ctx + greedy)[-1].argmax()))
+    reqs = [(ctx, tok.encode(" to be")), (ctx[:4], tok.encode("x y")), (ctx, greedy)]
+    prompts = [c + x for c, x in reqs]
+    for max_tokens in (1, 0):
+        body = {"model": "base", "prompt": prompts, "temperature": 0, "max_tokens": max_tokens,
+                "logprobs": 1, "seed": 1234, "echo": True}
+        s, _, r = request(server, "POST", "/v1/completions", body)
+        assert s == 200, r
+        choices = sorted(r["choices"], key=lambda c: c["index"])
+        assert len(choices) == 3 and r["usage"]["prompt_tokens"] == sum(map(len, prompts))
+        for choice, (c, x), ids in zip(choices, reqs, prompts):
+            lp = choice["logprobs"]
+            n = len(lp["token_logprobs"])
+            assert n == len(ids) + max_tokens and choice["text"].startswith(tok.decode(ids))
+            end = n - 1 if max_tokens else n  # lm-eval's [ctxlen:-1] drops the sampled token
+            got = sum(lp["token_logprobs"][len(c):end])
+            is_greedy = all(v == max(top.values()) for v, top in zip(
+                lp["token_logprobs"][len(c):end], lp["top_logprobs"][len(c):end]))
+            ref = forward_logprobs(base, ids)
+            want = sum(float(ref[t - 1, ids[t]]) for t in range(len(c), len(ids)))
+            assert abs(got - want) < 1e-3 * len(x)
+            assert is_greedy == all(ids[t] == int(ref[t - 1].argmax())
+                                    for t in range(len(c), len(ids)))
+            if max_tokens == 0:
+                assert choice["finish_reason"] == "length" and choice["text"] == tok.decode(ids)
+        assert r["usage"]["completion_tokens"] <= 3 * max_tokens
+        assert is_greedy  # the last request continues with the greedy tokens
+
+    # a prompt that fills the context: only scoring fits it
+    ids = [int(b) for b in (b"To be, or not to be. " * 20)[:256]]
+    body = {"model": "base", "prompt": ids, "echo": True, "max_tokens": 0, "logprobs": 0}
+    s, _, r = request(server, "POST", "/v1/completions", body)
+    assert s == 200, r
+    lp = r["choices"][0]["logprobs"]["token_logprobs"]
+    ref = forward_logprobs(base, ids)
+    assert len(lp) == 256 and lp[0] is None
+    assert max(abs(lp[t] - float(ref[t - 1, ids[t]])) for t in range(1, 256)) < 1e-4
+    s, _, r = request(server, "POST", "/v1/completions", {**body, "echo": False})
+    assert s == 400 and r["error"]["param"] == "prompt"
+
+
+def test_chat_logprobs_equal_a_model_forward_streamed_and_not(server, refs):
+    """logprobs with top_logprobs=3: one entry per content token (not the end-of-turn id) with
+    its text, bytes and the 3 most likely tokens, equal to log_softmax of a direct forward; the
+    stream's chunks carry the same entries, each with the text it brings."""
+    base = refs["base"]
+    msgs = [{"role": "user", "content": "Hello"}]
+    p_ids = chat_ids(refs, msgs)
+    body = {"model": "base", "messages": msgs, "max_tokens": 10, "temperature": 0,
+            "logprobs": True, "top_logprobs": 3}
+    s, _, r = request(server, "POST", "/v1/chat/completions", body)
+    assert s == 200, r
+    choice = r["choices"][0]
+    assert choice["logprobs"]["refusal"] is None
+    content = choice["logprobs"]["content"]
+    assert len(content) == r["usage"]["completion_tokens"]
+    ids = p_ids + [TOKEN_ID[e["token"]] for e in content]
+    ref = forward_logprobs(base, ids)
+    for k, e in enumerate(content):
+        t = len(p_ids) + k
+        assert set(e) == {"token", "logprob", "bytes", "top_logprobs"}
+        assert (e["token"], bytes(e["bytes"])) == piece(ids[t])
+        assert abs(e["logprob"] - float(ref[t - 1, ids[t]])) < 1e-4
+        top = ref[t - 1].topk(3)
+        assert [TOKEN_ID[x["token"]] for x in e["top_logprobs"]] == top.indices.tolist()
+        assert all(abs(x["logprob"] - v) < 1e-4 and bytes(x["bytes"]) == piece(i)[1]
+                   for x, i, v in zip(e["top_logprobs"], top.indices.tolist(),
+                                      top.values.tolist()))
+        assert ids[t] == int(ref[t - 1].argmax())
+    # the tokens' bytes spell the content
+    assert b"".join(bytes(e["bytes"]) for e in content).decode("utf-8", "replace") == \
+        choice["message"]["content"]
+
+    s, _, text = request(server, "POST", "/v1/chat/completions", {**body, "stream": True})
+    merged = []
+    for c in sse_events(text):
+        ch = c["choices"][0]
+        got = (ch["logprobs"] or {}).get("content", [])
+        if got:
+            assert ch["delta"].get("content") or ch["finish_reason"]
+        merged += got
+    assert [e["token"] for e in merged] == [e["token"] for e in content]
+    assert all(abs(a["logprob"] - b["logprob"]) < 1e-5 for a, b in zip(merged, content))
+    # logprobs without top_logprobs: empty top lists
+    s, _, r = request(server, "POST", "/v1/chat/completions", {**body, "top_logprobs": None})
+    assert all(e["top_logprobs"] == [] for e in r["choices"][0]["logprobs"]["content"])
+
+
+def test_openai_client_parses_logprobs(server, refs):
+    """The official client's types parse what the server returns for logprobs and echo."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    r = client.completions.create(model="base", prompt="To be", max_tokens=3, temperature=0,
+                                  logprobs=2, echo=True)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text.startswith("To be") and lp.tokens[:5] == list("To be")
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == \
+        len(lp.text_offset) >= 5 + r.usage.completion_tokens
+    assert lp.text_offset[:5] == [0, 1, 2, 3, 4]
+    assert all(2 <= len(top) <= 3 for top in lp.top_logprobs[1:])
+    msgs = [{"role": "user", "content": "Hi"}]
+    r = client.chat.completions.create(model="base", messages=msgs, max_tokens=4, temperature=0,
+                                       logprobs=True, top_logprobs=3, n=2)
+    for ch in r.choices:
+        content = ch.logprobs.content
+        assert len(content) == r.usage.completion_tokens // 2
+        assert all(len(e.top_logprobs) == 3 and isinstance(e.bytes, list) for e in content)
+        assert all(e.top_logprobs[0].logprob >= e.logprob for e in content)  # greedy: the top
+    chunks = list(client.chat.completions.create(model="base", messages=msgs, max_tokens=4,
+                                                 temperature=0, logprobs=True, top_logprobs=3,
+                                                 stream=True))
+    tokens = [e.token for c in chunks for ch in c.choices if ch.logprobs
+              for e in ch.logprobs.content or []]
+    assert tokens == [e.token for e in r.choices[0].logprobs.content]
 
 
 def test_port_in_use_is_one_line_and_the_engine_can_retry(ckpt):
