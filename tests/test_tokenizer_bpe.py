@@ -587,6 +587,18 @@ def test_gguf_add_eos_token(smol_fields):
                                                      tokenize=True)[-1:]
 
 
+def test_gguf_add_bos_default_follows_llamacpp(smol_fields):
+    """Without tokenizer.ggml.add_bos_token llama.cpp adds BOS for the Llama-3 family of
+    pre-tokenizers (an older Llama 3 GGUF) and not for other BPE files."""
+    fields = {k: v for k, v in smol_fields.items() if k != "tokenizer.ggml.add_bos_token"}
+    for pre, want in (("llama-bpe", True), ("llama3", True), ("smollm", False), ("gpt-2", False)):
+        tok = from_gguf_metadata({**fields, "tokenizer.ggml.pre": pre})
+        assert tok.add_bos == want, pre
+    tok = from_gguf_metadata({**fields, "tokenizer.ggml.pre": "llama-bpe",
+                              "tokenizer.ggml.add_bos_token": False})
+    assert not tok.add_bos  # the file's flag wins
+
+
 def test_tokenizer_json_not_an_object_is_one_line(tmp_path):
     """A tokenizer.json holding a list raised AttributeError: 'list' object has no attribute 'get'."""
     (tmp_path / "tokenizer.json").write_text("[1]")

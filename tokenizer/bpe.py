@@ -228,6 +228,12 @@ def _unicode_forms(config: dict | None) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 
+# Pre-tokenizers for which llama.cpp (llama-vocab.cpp, the LLAMA3 pre-type branch) adds BOS when
+# the file has no tokenizer.ggml.add_bos_token; any other BPE file adds none by default.
+GGUF_BOS_BY_DEFAULT = frozenset({"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1",
+                                 "pixtral", "midm-2.0", "lfm2"})
+
+
 class ByteLevelBPETokenizer(Tokenizer):
     """Byte-level BPE over a vocab and a ranked merge list, with added/special tokens."""
 
@@ -367,7 +373,8 @@ class ByteLevelBPETokenizer(Tokenizer):
         return cls(list(tokens), merges, pre_tokenizer=fields.get("tokenizer.ggml.pre") or "default",
                    added_tokens=added, bos_id=get_id("bos"), eos_id=get_id("eos"),
                    pad_id=get_id("padding"),
-                   add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+                   add_bos=bool(fields.get("tokenizer.ggml.add_bos_token",
+                                           fields.get("tokenizer.ggml.pre") in GGUF_BOS_BY_DEFAULT)),
                    add_eos=bool(fields.get("tokenizer.ggml.add_eos_token", False)),
                    chat_template=fields.get("tokenizer.chat_template"))
 
