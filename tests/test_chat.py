@@ -84,6 +84,10 @@ def test_smollm2_template_matches_transformers(smol, add_generation_prompt):
         ref_ids = ref_ids["input_ids"] if isinstance(ref_ids, dict) or hasattr(ref_ids, "keys") \
             else ref_ids
         assert ids == list(ref_ids)
+        if not add_generation_prompt and messages[-1]["role"] == "assistant":
+            assert render_chat(smol, messages, continue_final_message=True) == \
+                fast.apply_chat_template(messages, tokenize=False, continue_final_message=True) \
+                == ref[:-len("<|im_end|>\n")]
 
 
 def test_smollm2_prompt_text_and_stop(smol):
@@ -235,3 +239,253 @@ def test_chat_template_flag_values(tmp_path):
     with pytest.raises(ValueError, match="--chat-template: chat template failed to render"):
         set_chat_template(tok, "{{ raise_exception('no') }}")
     assert tok.chat_template == LLAMA3_TEMPLATE  # unchanged by the refused ones
+
+
+# --- real templates through transformers' whole apply_chat_template path -------------------------
+
+import datetime as _dt  # noqa: E402
+import json as _json  # noqa: E402
+
+import chat_templates as T  # noqa: E402
+import transformers.utils.chat_template_utils as _hf_chat_utils  # noqa: E402
+import tokenizer.chat as _chat  # noqa: E402
+
+
+class _FixedNow(_dt.datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return cls(2025, 3, 7, 12, 0, 0)
+
+
+@pytest.fixture
+def pinned_now(monkeypatch):
+    """strftime_now reads the same fixed time in both renderers."""
+    monkeypatch.setattr(_chat, "datetime", _FixedNow)
+    monkeypatch.setattr(_hf_chat_utils, "datetime", _FixedNow)
+
+
+def _hf_word_tokenizer(template, bos, eos):
+    """A transformers tokenizer with just these special tokens: its apply_chat_template is the
+    reference (message normalization, continue_final_message, special-token variables)."""
+    from tokenizers.models import WordLevel
+    vocab = {"<unk>": 0, **{t: i + 1 for i, t in enumerate(dict.fromkeys([bos, eos]))}}
+    ref = hf_tokenizers.Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=ref, bos_token=bos,
+                                                eos_token=eos, unk_token="<unk>")
+    fast.chat_template = template
+    return fast, _FakeTok(template, vocab, bos, eos)
+
+
+def _both(template, bos, eos, messages, **kw):
+    """(transformers' text or exception, ours or exception)."""
+    fast, tok = _hf_word_tokenizer(template, bos, eos)
+    try:
+        ref = fast.apply_chat_template(_json.loads(_json.dumps(messages)), tokenize=False, **kw)
+    except Exception as e:  # noqa: BLE001 (compared below)
+        ref = e
+    try:
+        ours = render_chat(tok, _json.loads(_json.dumps(messages)),
+                           add_generation_prompt=kw.pop("add_generation_prompt", False), **kw)
+    except Exception as e:  # noqa: BLE001
+        ours = e
+    return ref, ours
+
+
+def _assert_same(ref, ours):
+    if isinstance(ref, Exception):
+        assert isinstance(ours, ValueError), f"transformers raised {ref!r}, we gave {ours!r}"
+        assert "\n" not in str(ours)
+        if isinstance(ref, __import__("jinja2").TemplateError) and str(ref):  # raise_exception
+            assert str(ref).splitlines()[0] in str(ours)
+    else:
+        assert not isinstance(ours, Exception), f"{ours!r}; transformers rendered {ref!r}"
+        assert ours == ref
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city <b>now</b>",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "Zürich"}},
+                   "required": ["city"]}}}
+SYSTEM_CHAT = [{"role": "system", "content": "Be brief. ü 🤗"}, {"role": "user", "content": " Hi "},
+               {"role": "assistant", "content": "Hello!  "}, {"role": "user", "content": "2+2?"}]
+# As a datasets column gives a JSONL of mixed rows: the keys a row lacks are None.
+TOOL_CHAT = [
+    {"role": "system", "content": "Use tools.", "tool_calls": None, "tool_call_id": None},
+    {"role": "user", "content": "Weather in Paris?", "tool_calls": None, "tool_call_id": None},
+    {"role": "assistant", "content": None, "tool_call_id": None, "tool_calls": [
+        {"id": "call12345", "type": "function",
+         "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "content": "sunny, 21°C", "tool_calls": None, "tool_call_id": "call12345"},
+    {"role": "assistant", "content": "Sunny, 21 °C.", "tool_calls": None, "tool_call_id": None},
+]
+NOT_ALTERNATING = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+
+REAL_TEMPLATES = [  # (name, template, bos, eos)
+    ("zephyr/tinyllama", T.ZEPHYR, "<s>", "</s>"),
+    ("llama-2", T.LLAMA2, "<s>", "</s>"),
+    ("llama-3.1", T.LLAMA31, "<|begin_of_text|>", "<|eot_id|>"),
+    ("llama-3.2", T.LLAMA32, "<|begin_of_text|>", "<|eot_id|>"),
+    ("mistral-v0.3", T.MISTRAL_V03, "<s>", "</s>"),
+    ("qwen2.5", T.QWEN25, "<|endoftext|>", "<|im_end|>"),
+    ("chatml", DEFAULT_CHAT_TEMPLATE, "<|im_start|>", "<|im_end|>"),
+]
+
+
+@pytest.mark.parametrize("name,template,bos,eos", REAL_TEMPLATES, ids=[r[0] for r in REAL_TEMPLATES])
+def test_real_templates_match_transformers(pinned_now, name, template, bos, eos):
+    """Every conversation x (generation prompt, continue the final message, tools) renders the
+    same text as transformers' apply_chat_template, or fails as a one-line ValueError where it
+    raises (Llama 2 / Mistral alternation, Llama 3.1's single tool call, ...)."""
+    rendered = 0
+    for messages in CONVERSATIONS + [SYSTEM_CHAT, TOOL_CHAT, NOT_ALTERNATING]:
+        for kw in ({"add_generation_prompt": True}, {"add_generation_prompt": False},
+                   {"continue_final_message": True}, {"tools": [WEATHER_TOOL]},
+                   {"tools": [WEATHER_TOOL], "add_generation_prompt": True}):
+            ref, ours = _both(template, bos, eos, messages, **kw)
+            _assert_same(ref, ours)
+            rendered += not isinstance(ref, Exception)
+    assert rendered >= 12
+
+
+def test_llama3_tools_and_pinned_date(pinned_now):
+    """Llama 3.2 takes today's date from strftime_now; tools go into the first user message with
+    tojson(indent=4) (unicode kept, no HTML escaping); a tool call renders as JSON."""
+    ref, ours = _both(T.LLAMA32, "<|begin_of_text|>", "<|eot_id|>", TOOL_CHAT[1:],
+                      tools=[WEATHER_TOOL], add_generation_prompt=True)
+    _assert_same(ref, ours)
+    assert "Today Date: 07 Mar 2025\n\n" in ours
+    assert '\n    "type": "function",\n' in ours and "<b>now</b>" in ours and "Zürich" in ours
+    assert ('<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "get_weather", '
+            '"parameters": {"city": "Paris"}}<|eot_id|>') in ours
+    # (a string "is iterable" in Jinja: the template writes the result through tojson)
+    assert '<|start_header_id|>ipython<|end_header_id|>\n\n"sunny, 21°C"<|eot_id|>' in ours
+    # Llama 3.1 keeps its fixed date unless date_string is given
+    ref, ours = _both(T.LLAMA31, "<|begin_of_text|>", "<|eot_id|>", SYSTEM_CHAT,
+                      date_string="01 Jan 2030")
+    _assert_same(ref, ours)
+    assert "Today Date: 01 Jan 2030" in ours
+
+
+def test_none_valued_keys_are_dropped_like_transformers():
+    """transformers 5 drops a message's None-valued keys: a user turn with tool_calls=None is not
+    a tool call to Llama 3 (`'tool_calls' in message`), content=None is absent."""
+    ref, ours = _both(T.LLAMA31, "<|begin_of_text|>", "<|eot_id|>", TOOL_CHAT)
+    _assert_same(ref, ours)
+    assert "<|start_header_id|>user<|end_header_id|>\n\nWeather in Paris?<|eot_id|>" in ours
+    ref, ours = _both(T.QWEN25, "<|endoftext|>", "<|im_end|>", TOOL_CHAT, tools=[WEATHER_TOOL])
+    _assert_same(ref, ours)
+    assert ('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": '
+            '{"city": "Paris"}}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n'
+            'sunny, 21°C\n</tool_response><|im_end|>\n') in ours
+
+
+def test_mistral_errors_are_one_clear_line():
+    for messages, msg in [(NOT_ALTERNATING, "conversation roles must alternate"),
+                          ([{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
+                              {"id": "short", "function": {"name": "f", "arguments": {}}}]}],
+                           "Tool call IDs should be alphanumeric strings with length 9")]:
+        tok = _FakeTok(T.MISTRAL_V03, {"<s>": 1, "</s>": 2}, "<s>", "</s>")
+        with pytest.raises(ChatTemplateError, match=msg) as e:
+            render_chat(tok, messages)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name,template,bos,eos", REAL_TEMPLATES, ids=[r[0] for r in REAL_TEMPLATES])
+def test_continue_final_message(name, template, bos, eos):
+    """The text ends right after the final message's content: its end-of-turn cut off, trailing
+    spaces kept where the template keeps them; no generation prompt."""
+    messages = [{"role": "user", "content": "Write a haiku"},
+                {"role": "assistant", "content": "Autumn moonlight -  "}]
+    ref, ours = _both(template, bos, eos, messages, continue_final_message=True)
+    _assert_same(ref, ours)
+    assert ours.endswith("Autumn moonlight -  " if ref.endswith("  ") else "Autumn moonlight -")
+    fast, tok = _hf_word_tokenizer(template, bos, eos)
+    # transformers' default add_generation_prompt is False; ours defaults to False here too
+    assert render_chat(tok, messages, continue_final_message=True) == ours
+
+
+def test_continue_final_message_errors():
+    tok = _FakeTok(DEFAULT_CHAT_TEMPLATE, {})
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    for kw, template, msg in [
+            ({"add_generation_prompt": True}, None, "not compatible"),
+            ({}, "{% for m in messages %}{{ m.content[:1] }}{% endfor %}", "does not appear"),
+            ({}, "{% for m in messages %}{{ m.role }}{% endfor %}", "does not read that field"),
+            ({"continue_final_message": "reasoning_content"}, None, "has no 'reasoning_content'")]:
+        kw = {"continue_final_message": True, **kw}
+        with pytest.raises(ValueError, match=msg) as e:
+            render_chat(tok, [{"role": "user", "content": "abcdef"}] if "[:1]" in (template or "")
+                        else msgs, template=template, **kw)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="conversation is empty"):
+        render_chat(tok, [], continue_final_message=True)
+
+
+def test_reasoning_fields_are_aliased_like_transformers():
+    """A reasoning given as "reasoning" or "thinking" reaches templates that read
+    reasoning_content (Qwen3) or thinking (gpt-oss), as in transformers 5; and can be continued."""
+    template = ("{% for m in messages %}<{{ m.role }}>{% if m.reasoning_content %}<think>"
+                "{{ m.reasoning_content }}</think>{% endif %}{{ m.content }}|{{ m.thinking }}"
+                "{% endfor %}")
+    for key in ("reasoning", "thinking", "reasoning_content"):
+        messages = [{"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a", key: "because"}]
+        ref, ours = _both(template, "<s>", "</s>", messages)
+        _assert_same(ref, ours)
+        assert ours == "<user>q|<assistant><think>because</think>a|because"
+        ref, ours = _both(template, "<s>", "</s>", messages, continue_final_message=key)
+        _assert_same(ref, ours)  # (transformers tags every copy; the last one is cut at)
+        assert ours.endswith("a|because")
+
+
+def test_sandbox_like_transformers():
+    """The immutable sandbox plus transformers' own guards: no dunder attributes, no mutation of
+    the caller's messages through jinja's `dict` type, no underscore names on a namespace."""
+    messages = [{"role": "user", "content": "hi", "meta": {"k": 1}}]
+    for template, msg in [("{{ messages.__class__.__mro__ }}", "unsafe"),
+                          ("{{ ''.__class__.__base__.__subclasses__() }}", "unsafe"),
+                          ("{{ dict.update(messages[0].meta, {'pwned': 1}) }}", "no attribute 'update'"),
+                          ("{% set ns = namespace(_x=1) %}", "underscore-prefixed"),
+                          ("{% set ns = namespace() %}{% set ns.__init__ = 1 %}", "underscore-prefixed")]:
+        fast, tok = _hf_word_tokenizer(template, "<s>", "</s>")
+        with pytest.raises(Exception):
+            fast.apply_chat_template(messages, tokenize=False)
+        with pytest.raises(ChatTemplateError, match=msg) as e:
+            render_chat(tok, messages)
+        assert "\n" not in str(e.value)
+    assert messages[0]["meta"] == {"k": 1}
+    # dict() and namespace still work as templates use them
+    tok = _FakeTok("{% set ns = namespace(n=1) %}{% set ns.n = ns.n + 1 %}{{ ns.n }}"
+                   "{{ dict(a=1) | tojson }}{{ dict.fromkeys(['x']) | tojson }}", {})
+    assert render_chat(tok, messages) == '2{"a": 1}{"x": null}'
+
+
+def test_template_sees_plain_data():
+    """Inputs reach the template as plain JSON types (transformers' _plain_template_data): a
+    str Enum role prints its value; a template cannot mutate nested data it is given."""
+    import enum
+
+    class Role(str, enum.Enum):
+        USER = "user"
+
+    template = "{% for m in messages %}[{{ m.role }}]{{ m.content | tojson }}{% endfor %}"
+    fast, tok = _hf_word_tokenizer(template, "<s>", "</s>")
+    messages = [{"role": Role.USER, "content": ("a", 1)}]
+    assert render_chat(tok, messages) == fast.apply_chat_template(messages, tokenize=False) == \
+        '[user]["a", 1]'
+
+
+def test_invalid_jinja_and_bad_arguments_are_one_line():
+    tok = _FakeTok("{% for m in messages %}{{ m.content }}", {})
+    with pytest.raises(ChatTemplateError, match=r"does not compile: Unexpected end of template.*"
+                                                 r"'endfor' or 'else'.*\(line 1\)") as e:
+        render_chat(tok, [{"role": "user", "content": "a"}])
+    assert "\n" not in str(e.value)
+    tok = _FakeTok(DEFAULT_CHAT_TEMPLATE, {})
+
+    def get_weather(city: str):
+        """Weather."""
+    with pytest.raises(ValueError, match=r"tools\[0\] must be a JSON schema dict, got function"):
+        render_chat(tok, [{"role": "user", "content": "a"}], tools=[get_weather])
+    with pytest.raises(ValueError, match=r"documents\[0\] must be a dict"):
+        render_chat(tok, [{"role": "user", "content": "a"}], documents=["text"])

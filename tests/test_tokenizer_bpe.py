@@ -284,7 +284,7 @@ def test_save_load_roundtrip_and_hf_loads_it(smol, smol_ref, tmp_path):
     assert auto(s)["input_ids"] == smol.encode(s) and auto.eos_token == "<|im_end|>"
     msgs = [{"role": "user", "content": "hi"}]
     assert auto.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
-        smol.apply_chat_template(msgs)
+        smol.apply_chat_template(msgs, add_generation_prompt=True)
 
 
 def _train_hf(pre_tokenizer_config, corpus, post_processor=None, ignore_merges=False):

@@ -468,7 +468,7 @@ def test_config_add_eos_token_matches_transformers(llama_proto, tmp_path, flags)
         assert ours.encode(s, add_bos=False) == ref(s, add_special_tokens=False)["input_ids"]
     ref_chat = ref.apply_chat_template(CHATS[0], tokenize=True, add_generation_prompt=True)
     ref_chat = ref_chat["input_ids"] if not isinstance(ref_chat, list) else ref_chat
-    assert ours.apply_chat_template(CHATS[0], tokenize=True) == ref_chat
+    assert ours.apply_chat_template(CHATS[0], tokenize=True, add_generation_prompt=True) == ref_chat
     ours.save(str(tmp_path / "saved"))
     again = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
     assert again("Hello")["input_ids"] == ours.encode("Hello") == \

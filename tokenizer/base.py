@@ -280,11 +280,16 @@ class Tokenizer(ABC):
         ids = {self.eos_id} if self.eos_id is not None else set()
         return ids | end_of_turn_ids(self) | set(self.extra_stop_ids)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tokenize: bool = False, **kwargs):
-        """transformers' method: kwargs (tools=[...], documents=...) reach the template."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            tokenize: bool = False, chat_template: str | None = None,
+                            continue_final_message: bool | str = False, **kwargs):
+        """transformers' method and defaults (no generation prompt unless asked): other kwargs
+        (tools=[...], documents=...) reach the template; chat_template replaces the
+        tokenizer's own for this call."""
         from tokenizer.chat import render_chat
-        text = render_chat(self, messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        text = render_chat(self, messages, add_generation_prompt=add_generation_prompt,
+                           template=chat_template, continue_final_message=continue_final_message,
+                           **kwargs)
         # as transformers: the rendered text with add_special_tokens=False (no BOS, no EOS)
         return self.encode(text, add_bos=False, add_eos=False) if tokenize else text
 

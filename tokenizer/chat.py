@@ -3,14 +3,21 @@
 Follows transformers' utils/chat_template_utils.py (`_compile_jinja_template`,
 `render_jinja_template`): an ImmutableSandboxedEnvironment with trim_blocks and lstrip_blocks,
 the loopcontrols extension, a `tojson` filter that does not HTML-escape, `raise_exception`,
-`strftime_now`, and the special-token strings (`bos_token`, `eos_token`, ...) as variables.
+`strftime_now`, a `dict` and a `namespace` that cannot reach the caller's data or store
+underscore names, and the special-token strings (`bos_token`, `eos_token`, ...) as variables.
+The template sees a plain-JSON copy of its inputs, messages without their None-valued keys and
+reasoning under all its names (`_plain_template_data`, `_normalize_chat_messages`,
+`_alias_reasoning_fields`); `continue_final_message` cuts the text after the final message.
 A tokenizer without a template gets ChatML. `end_of_turn_ids` finds the token that closes an
 assistant turn (e.g. <|im_end|> for ChatML, <|eot_id|> for Llama 3) so generation can stop there.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import sys
+from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
 
@@ -57,6 +64,39 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
                       sort_keys=sort_keys)
 
 
+class _TemplateDict:
+    """The template's `dict`: jinja's is the builtin type, whose unbound methods the immutable
+    sandbox does not check, so `dict.update(messages[0], ...)` changed the caller's data."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """`namespace(...)` refusing underscore-prefixed attributes (CPython internals), as transformers."""
+
+    def __init__(*args, **kwargs):  # jinja's signature trick: namespace(self=...) still works
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check_name(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(
+                f"a chat template cannot store the underscore-prefixed attribute {name!r} on a "
+                "namespace")
+
+
 @lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
@@ -64,6 +104,8 @@ def _compile(template: str) -> jinja2.Template:
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _TemplateNamespace
     try:
         return env.from_string(template)
     except jinja2.TemplateError as e:
@@ -87,13 +129,123 @@ def _check_messages(messages) -> None:
                              f"'tool_calls'), got {m!r:.80}")
 
 
-def render_chat(tok, messages: list[dict], add_generation_prompt: bool = True,
-                template: str | None = None, **kwargs) -> str:
+def _plain(value):
+    """transformers' `_plain_template_data`: a copy of `value` in plain JSON types, so the template
+    cannot change the caller's data nor reach the methods of rich objects; str/int/float
+    subclasses (a str Enum role) become the base type, anything else a "<TypeName>" string."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    np = sys.modules.get("numpy")  # no numpy value exists unless numpy was imported
+    if np is not None and isinstance(value, np.generic):
+        return _plain(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):  # pydantic
+        return _plain(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+# Names a message's reasoning comes under; templates read the first (Qwen3) or "thinking" (gpt-oss).
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker, cut off after rendering
+
+
+def _template_messages(messages) -> list[dict]:
+    """The messages as transformers 5 gives them to the template: plain copies without the
+    None-valued keys (OpenAI's content=None / tool_calls=None, or the None a datasets column
+    holds where a row lacks the key: templates test `'tool_calls' in message`), and a reasoning
+    under any of its names copied to `reasoning_content` and `thinking`."""
+    out = []
+    for m in messages:
+        m = {k: _plain(v) for k, v in m.items() if v is not None}
+        reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
+        if reasoning is not None:
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        out.append(m)
+    return out
+
+
+def _mark_final_message(chat: list[dict], template: str, field: str) -> str:
+    """Append the continue tag to the final message's `field` (transformers'
+    continue_final_message); returns the text that must appear in the rendered chat."""
+    if not chat:
+        raise ValueError("continue_final_message is set but the conversation is empty")
+    final = chat[-1].get(field)
+    if final is None:
+        raise ValueError(f"continue_final_message is set but the final message has no "
+                         f"{field!r} to continue")
+    fields = [field]
+    if field in _REASONING_FIELDS:  # copied under several names: tag each copy
+        fields = [f for f in _REASONING_FIELDS if chat[-1].get(f) == final]
+    if not any(f in template for f in fields):
+        raise ValueError(f"continue_final_message is set to {field!r} but the chat template "
+                         "does not read that field")
+    if isinstance(final, (list, tuple)):  # content blocks: continue the last text block
+        for block in reversed(final):
+            if isinstance(block, dict) and "text" in block:
+                final = block["text"]
+                block["text"] = block["text"] + _CONTINUE_TAG
+                return final
+        raise ValueError("continue_final_message is set but the final message has no text "
+                         "block to continue")
+    if not isinstance(final, str):
+        raise ValueError(f"continue_final_message: the final message's {field!r} must be a "
+                         f"string or a list of content blocks, got {type(final).__name__}")
+    for f in fields:
+        chat[-1][f] = chat[-1][f] + _CONTINUE_TAG
+    return final
+
+
+def _cut_after_final_message(text: str, final: str) -> str:
+    """The rendered chat up to the end of the final message (transformers' rule): exactly at
+    the tag where the template kept it whole, else before it with trailing space trimmed."""
+    tag = _CONTINUE_TAG.strip()
+    if final.strip() not in text or tag not in text:
+        raise ValueError("continue_final_message is set but the final message does not appear "
+                         "in the chat template's output (the template changes or drops it): "
+                         f"{final.strip()[:60]!r}")
+    at = text.rindex(tag)
+    if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+        return text[:at]
+    return text[:at].rstrip()
+
+
+def render_chat(tok, messages: list[dict], add_generation_prompt: bool | None = None,
+                template: str | None = None, continue_final_message: bool | str = False,
+                **kwargs) -> str:
     """Text of `messages` through the tokenizer's chat template (ChatML if it has none).
 
     kwargs reach the template as variables (e.g. tools=..., documents=...), as in transformers.
+    add_generation_prompt defaults to True, or False with continue_final_message (True for the
+    final message's content, or the name of the field to continue): then the text ends right
+    after the final message, so the model continues it.
     """
     _check_messages(messages)
+    if add_generation_prompt is None:
+        add_generation_prompt = not continue_final_message
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt are not compatible: "
+                         "continue the final message, or prompt a new assistant message")
+    tools, documents = kwargs.get("tools"), kwargs.get("documents")
+    for i, t in enumerate(tools or ()):
+        if not isinstance(t, dict):  # transformers converts Python functions: not done here
+            raise ValueError(f"tools[{i}] must be a JSON schema dict, got {type(t).__name__}")
+    for i, d in enumerate(documents or ()):
+        if not isinstance(d, dict):
+            raise ValueError(f"documents[{i}] must be a dict (e.g. 'title' and 'text'), got "
+                             f"{type(d).__name__}")
     template = template or getattr(tok, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
     variables = {"tools": None, "documents": None}
     for name in ("bos", "eos", "unk", "pad"):
@@ -104,13 +256,19 @@ def render_chat(tok, messages: list[dict], add_generation_prompt: bool = True,
             except NotImplementedError:
                 pass
     variables.update(kwargs)
+    chat = _template_messages(messages)
+    final = None
+    if continue_final_message:
+        field = continue_final_message if isinstance(continue_final_message, str) else "content"
+        final = _mark_final_message(chat, template, field)
     try:
-        return _compile(template).render(messages=[dict(m) for m in messages],
-                                         add_generation_prompt=add_generation_prompt, **variables)
+        text = _compile(template).render(messages=chat, add_generation_prompt=add_generation_prompt,
+                                         **{k: _plain(v) for k, v in variables.items()})
     except ChatTemplateError:
         raise
     except Exception as e:  # TemplateError from raise_exception, TypeError, SecurityError, ...
         raise ChatTemplateError(f"chat template failed to render: {_one_line(e)}") from None
+    return text if final is None else _cut_after_final_message(text, final)
 
 
 def read_chat_template(value: str) -> str:
