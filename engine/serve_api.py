@@ -182,8 +182,16 @@ class API:
         parse_tools, max_calls = False, None
         if kind == "chat":
             tools, parse_tools, max_calls = _tool_options(body)
+            # vLLM's extra fields: continue the final (assistant) message instead of starting one
+            cont = _typed(body, "continue_final_message", "bool", False)
+            gen_prompt = _typed(body, "add_generation_prompt", "bool", not cont)
+            if cont and gen_prompt:
+                raise _bad("'continue_final_message' and 'add_generation_prompt' cannot both be "
+                           "true", "continue_final_message")
             prompts = [self._chat_ids(body.get("messages"), tools,
-                                      self.engine.chat_templates[adapter])]
+                                      self.engine.chat_templates[adapter],
+                                      {"add_generation_prompt": gen_prompt,
+                                       "continue_final_message": cont})]
         else:
             prompts = self._prompt_ids(body.get("prompt"))
         n = _typed(body, "n", "int", 1)
@@ -305,8 +313,11 @@ class API:
         return list(ids)
 
     def _chat_ids(self, messages, tools: list[dict] | None = None,
-                  template: str | None = None) -> list[int]:
-        """The prompt ids of a chat request, rendered with `template` (the requested model's)."""
+                  template: str | None = None, how: dict | None = None) -> list[int]:
+        """The prompt ids of a chat request, rendered with `template` (the requested model's);
+        how: render_chat's add_generation_prompt / continue_final_message (default: a new
+        assistant turn)."""
+        how = how or {"add_generation_prompt": True}
         if not isinstance(messages, list) or not messages:
             raise _bad("'messages' must be a non-empty list of {role, content} objects",
                        "messages")
@@ -349,15 +360,15 @@ class API:
                         msg[key] = m[key]
             clean.append(msg)
         try:
-            text = self._render(clean, tools, template)
+            text = self._render(clean, tools, template, how)
             # A template that leaves tools or calls out would answer without them: refuse.
-            if tools and self._render(clean, None, template) == text:
+            if tools and self._render(clean, None, template, how) == text:
                 raise _bad("the model's chat template does not support tools (it renders none "
                            "of 'tools'); serve a model whose template does, or leave 'tools' "
                            "out", "tools")
             if any("tool_calls" in m for m in clean) and self._render(
                     [{k: v for k, v in m.items() if k != "tool_calls"} for m in clean],
-                    tools, template) == text:
+                    tools, template, how) == text:
                 raise _bad("the model's chat template does not render the assistant messages' "
                            "'tool_calls'", "messages")
             # as apply_chat_template(tokenize=True): the rendered text, no BOS / EOS added
@@ -366,9 +377,8 @@ class API:
             raise _bad(f"cannot apply the chat template: {e}", "messages") from None
 
     def _render(self, messages: list[dict], tools: list[dict] | None,
-                template: str | None) -> str:
-        return render_chat(self.tok, messages, add_generation_prompt=True, template=template,
-                           tools=tools)
+                template: str | None, how: dict) -> str:
+        return render_chat(self.tok, messages, template=template, tools=tools, **how)
 
 
 def _logprob_options(body: dict, kind: str) -> tuple[int | None, bool]:

@@ -525,6 +525,26 @@ def test_chat_messages_follow_openai_vllm_rules(server, refs):
     assert s == 405 and r.getheader("Allow") == "GET"
 
 
+def test_chat_continue_final_message_and_no_generation_prompt(server, refs):
+    """vLLM's extra chat fields: continue_final_message renders the conversation cut after the
+    final assistant message (apply_chat_template's), add_generation_prompt false leaves the
+    assistant header out; both true is a 400 naming the field."""
+    api, tok = server.server.api, refs["tok"]
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Well, I"}]
+    got = api.prepare("chat", {"messages": msgs, "continue_final_message": True})
+    want = tok.apply_chat_template(msgs, continue_final_message=True, tokenize=True)
+    assert got.prompts == [want] and tok.decode(want).endswith("Well, I")
+    got = api.prepare("chat", {"messages": msgs[:1], "add_generation_prompt": False})
+    assert got.prompts == [tok.apply_chat_template(msgs[:1], tokenize=True)] != \
+        [chat_ids(refs, msgs[:1])]
+    s, _, obj = request(server, "POST", "/v1/chat/completions", {
+        "messages": msgs, "continue_final_message": True, "add_generation_prompt": True})
+    assert s == 400 and obj["error"]["param"] == "continue_final_message"
+    s, _, obj = request(server, "POST", "/v1/chat/completions", {
+        "messages": msgs, "continue_final_message": "yes"})
+    assert s == 400 and obj["error"]["param"] == "continue_final_message"
+
+
 def test_openai_client_n_stop_parts_and_bad_top_logprobs(server, refs):
     """The official client: a streamed chat with n=2, a stop string and text parts; each choice
     equals generate() alone on the newline-joined prompt. top_logprobs past 20 is a 400 naming
