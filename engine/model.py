@@ -53,24 +53,24 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """Caches cos/sin tables (T, head_dim) per device; grows on demand."""
+    """cos/sin of positions * inv_freq, computed per call as transformers' LlamaRotaryEmbedding
+    does: elementwise from the positions, so no table has to be sized by `positions.max()` (a
+    host sync every decode step on a GPU). Same fp32 values a cached table gave, bit for bit:
+    one fp32 product per element, then the same elementwise cos/sin."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.inv_freq = rope_inv_freq(config)  # plain attribute: not in the state dict
-        self._cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._inv: dict[torch.device, torch.Tensor] = {}  # inv_freq per device, copied once
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (T,) or (B, T) int64 -> cos, sin of shape (T, D) or (B, 1, T, D), fp32."""
-        n = int(positions.max()) + 1 if positions.numel() else 1
-        cached = self._cache.get(positions.device)
-        if cached is None or cached[0].shape[0] < n:
-            n = max(n, 2 * cached[0].shape[0] if cached else 256)
-            t = torch.arange(n, dtype=torch.float32, device=positions.device)
-            freqs = torch.outer(t, self.inv_freq.to(positions.device))  # (n, D/2)
-            emb = torch.cat((freqs, freqs), dim=-1)  # (n, D): rotate_half layout
-            cached = self._cache[positions.device] = (emb.cos(), emb.sin())
-        cos, sin = cached[0][positions], cached[1][positions]
+        inv = self._inv.get(positions.device)
+        if inv is None:
+            inv = self._inv[positions.device] = self.inv_freq.to(positions.device)
+        freqs = positions[..., None].float() * inv  # (..., T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, D): rotate_half layout
+        cos, sin = emb.cos(), emb.sin()
         if positions.dim() == 2:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return cos, sin
@@ -123,6 +123,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, Hq, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        # transformers casts cos/sin to the activations' dtype (the residual stream's: fp32
+        # under autocast, where q is bf16) and rotates in that dtype: x * cos + rotate_half(x) * sin
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
@@ -131,6 +134,13 @@ class Attention(nn.Module):
         # a cache whose rows sit at different positions (the server's) puts each row's window
         # in `mask`: ops.attention's own window is placed by the last key, right for one row only
         window = None if getattr(cache, "window_in_mask", False) else self.window
+        if window is not None and mask is None:
+            # keys before the first query's window are never attended: drop them, as
+            # transformers' sliding-window cache does (the same keys, so the same attention
+            # kernel and summation order: decode bit-identical to it in bf16; O(window) a step)
+            first = k.shape[2] - T - window + 1
+            if first > 0:
+                k, v = k[:, :, first:], v[:, :, first:]  # (B, Hkv, T + window - 1, D)
         y = ops.attention(q, k, v, causal=True, window=window, mask=mask)  # (B, Hq, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
@@ -218,11 +228,12 @@ class Transformer(nn.Module):
         start = cache.pos if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=input_ids.device)
-        cos, sin = self.rotary(position_ids)
+        cos, sin = self.rotary(position_ids)  # fp32
         mask = None
         if doc_ids is not None:  # (B, 1, T, T): same document only; causality added in ops
             mask = (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once here, not in every layer (Attention)
         for layer in self.model.layers:
             if self.grad_checkpointing and self.training and cache is None:
                 x = checkpoint(layer, x, cos, sin, None, mask, use_reentrant=False)

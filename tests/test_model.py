@@ -54,6 +54,48 @@ def test_rope_rotate_half_pairs_i_with_i_plus_half():
     assert torch.allclose(at(q, 5) @ at(k, 2), at(q, 13) @ at(k, 10), atol=1e-4)
 
 
+
+def test_rotary_reads_no_position_on_the_host_and_equals_a_table():
+    """cos/sin come elementwise from the positions (as transformers computes them): nothing is
+    read back to size a table (was `int(positions.max())`, a host sync every decode step on a
+    GPU; on the meta device it raised). Bit for bit the fp32 table of all positions at once."""
+    m = tiny()
+    d = m.config.head_dim
+    cos, sin = m.rotary(torch.arange(5, device="meta"))
+    assert cos.shape == sin.shape == (5, d) and cos.dtype == torch.float32
+    cos, sin = m.rotary(torch.zeros(2, 3, dtype=torch.long, device="meta"))
+    assert cos.shape == (2, 1, 3, d)
+    n = 5000
+    freqs = torch.outer(torch.arange(n, dtype=torch.float32), m.rotary.inv_freq)  # (n, D/2)
+    table = torch.cat((freqs, freqs), -1)  # (n, D)
+    for pos in (torch.arange(7), torch.tensor([4999]), torch.arange(300, 340),
+                torch.randint(0, n, (3, 1)), torch.randint(0, n, (2, 37))):
+        cos, sin = m.rotary(pos)
+        want_c, want_s = table.cos()[pos], table.sin()[pos]
+        if pos.dim() == 2:
+            want_c, want_s = want_c.unsqueeze(1), want_s.unsqueeze(1)
+        assert torch.equal(cos, want_c) and torch.equal(sin, want_s), tuple(pos.shape)
+
+
+def test_bf16_rope_in_the_activation_dtype_as_transformers():
+    """bf16 weights: cos/sin are rounded to bf16 and q, k rotated in bf16, as transformers does
+    (was fp32 math then one rounding: 0.04 off its logits). A caller handing a layer fp32
+    cos/sin (serve_engine.forward_rows) gets what Transformer.forward computes."""
+    m = tiny().to(torch.bfloat16)
+    a = m.model.layers[0].self_attn
+    x = torch.randn(2, 9, 64).bfloat16()
+    cos, sin = m.rotary(torch.arange(9))
+    with torch.no_grad():
+        y32, y16 = a(x, cos, sin), a(x, cos.bfloat16(), sin.bfloat16())
+        assert torch.equal(y32, y16), (y32.float() - y16.float()).abs().max()
+        q = a.q_proj(x).view(2, 9, -1, m.config.head_dim).transpose(1, 2)
+        c, s = cos.bfloat16(), sin.bfloat16()
+        d = q.shape[-1] // 2
+        want = q * c + torch.cat((-q[..., d:], q[..., :d]), -1) * s  # every step in bf16
+        from engine import ops
+        assert torch.equal(ops.apply_rope(q, c, s), want)
+
+
 def test_llama3_rope_scaling_formula():
     rs = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 8192}
