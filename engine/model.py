@@ -225,6 +225,29 @@ class Transformer(nn.Module):
         logits_to_keep=N (transformers' argument): logits of the last N positions only, (B, N, V)
         (a prefill needs one row, not T x V)."""
         B, T = input_ids.shape
+        x = self.hidden_states(input_ids, cache, position_ids, doc_ids)  # (B, T, H)
+        if labels is None:
+            return self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)  # (B, T|N, V)
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        x, labels = x.reshape(B * T, -1), labels.reshape(B * T)
+        fused = type(self.lm_head) is nn.Linear  # never holds the full fp32 logits
+        if reduction == "none":
+            nll = (ops.linear_token_nll(x, self.lm_head.weight, labels, ignore_index) if fused else
+                   F.cross_entropy(self.lm_head(x).float(), labels, ignore_index=ignore_index,
+                                   reduction="none"))
+            return nll.view(B, T)
+        if fused:
+            return ops.linear_cross_entropy(x, self.lm_head.weight, labels, ignore_index=ignore_index)
+        # a wrapped head (LoRA on lm_head): plain path
+        return ops.cross_entropy(self.lm_head(x), labels, ignore_index)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                      position_ids: torch.Tensor | None = None,
+                      doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The final norm's output (B, T, H) for input_ids (B, T): forward's trunk, before the
+        lm_head (forward's arguments; advances cache.pos by T)."""
+        T = input_ids.shape[1]
         start = cache.pos if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=input_ids.device)
@@ -242,21 +265,7 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         if cache is not None:
             cache.pos += T
-        if labels is None:
-            return self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)  # (B, T|N, V)
-        if reduction not in ("mean", "none"):
-            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-        x, labels = x.reshape(B * T, -1), labels.reshape(B * T)
-        fused = type(self.lm_head) is nn.Linear  # never holds the full fp32 logits
-        if reduction == "none":
-            nll = (ops.linear_token_nll(x, self.lm_head.weight, labels, ignore_index) if fused else
-                   F.cross_entropy(self.lm_head(x).float(), labels, ignore_index=ignore_index,
-                                   reduction="none"))
-            return nll.view(B, T)
-        if fused:
-            return ops.linear_cross_entropy(x, self.lm_head.weight, labels, ignore_index=ignore_index)
-        # a wrapped head (LoRA on lm_head): plain path
-        return ops.cross_entropy(self.lm_head(x), labels, ignore_index)
+        return x
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """A cache in the dtype k/v come out in: under autocast (on the weights' device) the

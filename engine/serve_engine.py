@@ -225,14 +225,9 @@ def forward_rows(model: nn.Module, ids: torch.Tensor, cache: RowsCache) -> torch
 
 def forward_hidden(model: nn.Module, ids: torch.Tensor, cache: "RowsCache") -> torch.Tensor:
     """A prefill (uniform positions) that keeps every position: ids (B, T) -> the final norm's
-    output (B, T, H). Transformer.forward's modules and order; model.lm_head(h[:, -1:]) is the
+    output (B, T, H), Transformer.hidden_states; model.lm_head(h[:, -1:]) is the
     logits_to_keep=1 prefill's last row bit for bit."""
-    T = ids.shape[1]
-    cos, sin = model.rotary(torch.arange(cache.pos, cache.pos + T, device=ids.device))
-    x = model.model.embed_tokens(ids)  # (B, T, H)
-    for layer in model.model.layers:
-        x = layer(x, cos, sin, cache, None)
-    return model.model.norm(x)
+    return model.hidden_states(ids, cache=cache)
 
 
 # =============================================================================================

@@ -926,6 +926,11 @@ def test_bf16_base_layer_bit_identical_to_peft(nf4, dora, dropout):
     ref, out = pm(x), lay(x)
     assert out.dtype == ref.dtype == torch.bfloat16
     assert torch.equal(out, ref)
+    _assert_same_grads(ref, out, x, pl, lay, dora)
+
+
+def _assert_same_grads(ref, out, x, pl, lay, dora):
+    """The input's and every adapter weight's gradient equal PEFT's layer `pl`, bit for bit."""
     g = torch.randn_like(ref)
     want = torch.autograd.grad(ref, [x, pl.lora_A["default"].weight, pl.lora_B["default"].weight]
                                + ([pl.lora_magnitude_vector["default"].weight] if dora else []), g)
@@ -958,10 +963,4 @@ def test_qlora_layer_bit_identical_to_peft_on_a_bnb_linear4bit(dora):
     x.requires_grad_(True)
     ref, out = pm(x), lay(x)
     assert torch.equal(out, ref)
-    g = torch.randn_like(ref)
-    want = torch.autograd.grad(ref, [x, pl.lora_A["default"].weight, pl.lora_B["default"].weight]
-                               + ([pl.lora_magnitude_vector["default"].weight] if dora else []), g)
-    got = torch.autograd.grad(out, [x, lay.lora_A.weight, lay.lora_B.weight]
-                              + ([lay.lora_magnitude_vector] if dora else []), g)
-    for a, b in zip(got, want):
-        assert torch.equal(a, b)
+    _assert_same_grads(ref, out, x, pl, lay, dora)
