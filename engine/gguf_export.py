@@ -166,21 +166,39 @@ def write_model_metadata(w, config, kind: str, name: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Tokenizer metadata
 # ---------------------------------------------------------------------------------------------
-def copy_tokenizer_fields(w, path: str, chat_template: str | None = None) -> None:
-    """Every tokenizer.* key of a GGUF file, with its exact value type; `chat_template` (an
-    adapter's own, which load_model put on the tokenizer) replaces the file's."""
+def add_chat_templates(w, templates) -> None:
+    """A tokenizer's chat templates {name: template}: "default" as tokenizer.chat_template, the
+    others as tokenizer.chat_template.NAME listed in tokenizer.chat_templates (gguf-py's
+    add_chat_template of a named list, what llama.cpp reads)."""
+    if list(templates) == ["default"]:
+        w.add_chat_template(templates["default"])
+    elif templates:
+        w.add_chat_template([{"name": k, "template": v} for k, v in templates.items()])
+
+
+def _is_chat_template_key(key: str) -> bool:
+    return key in ("tokenizer.chat_template", "tokenizer.chat_templates") or key.startswith(
+        "tokenizer.chat_template.")
+
+
+def copy_tokenizer_fields(w, path: str, chat_templates=None) -> None:
+    """Every tokenizer.* key of a GGUF file, with its exact value type; `chat_templates`
+    {name: template} (an adapter's own, which load_model put on the tokenizer), if any and not
+    the file's, replace all of the file's."""
+    from tokenizer.base import gguf_chat_templates
     gguf = _gguf()
     fields = gguf.GGUFReader(path).fields
-    key_tpl = gguf.Keys.Tokenizer.CHAT_TEMPLATE
+    file_templates = gguf_chat_templates({k: f.contents() for k, f in fields.items()
+                                          if _is_chat_template_key(k)})
+    replace = bool(chat_templates) and dict(chat_templates) != file_templates
     for key, field in fields.items():
-        if not key.startswith("tokenizer."):
+        if not key.startswith("tokenizer.") or (replace and _is_chat_template_key(key)):
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        value = chat_template if key == key_tpl and chat_template else field.contents()
-        w.add_key_value(key, value, vtype, sub_type=sub)
-    if chat_template and key_tpl not in fields:
-        w.add_chat_template(chat_template)
+        w.add_key_value(key, field.contents(), vtype, sub_type=sub)
+    if replace:
+        add_chat_templates(w, chat_templates)
 
 
 def pre_tokenizer_name(tok) -> str:
@@ -242,8 +260,7 @@ def write_tokenizer_metadata(w, tok, n_rows: int) -> None:
             getattr(w, f"add_{key}_token_id")(tid)
     w.add_add_bos_token(bool(tok.add_bos))
     w.add_add_eos_token(bool(tok.add_eos))
-    if tok.chat_template:
-        w.add_chat_template(tok.chat_template)
+    add_chat_templates(w, tok.chat_templates)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +296,7 @@ def export_gguf(model, tok, out: str, kind: str = "f16", name: str = "model",
         w = gguf.GGUFWriter(tmp, gguf_arch(cfg))
         write_model_metadata(w, cfg, kind, name)
         if tokenizer_from is not None:
-            copy_tokenizer_fields(w, tokenizer_from, tok.chat_template if tok is not None else None)
+            copy_tokenizer_fields(w, tokenizer_from, tok.chat_templates if tok is not None else None)
         elif tok is not None:
             write_tokenizer_metadata(w, tok, cfg.vocab_size)
         else:  # llama.cpp requires tokenizer.ggml.model: "none" loads as a model without vocab

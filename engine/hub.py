@@ -256,7 +256,8 @@ def load_model(source: str, dtype: torch.dtype | str = torch.float32,
         model.eval()
         # an adapter trained with a chat template of its own (train.py --chat-template) saved
         # it beside its weights: prompts take the format it learned
-        tpl = read_tokenizer_config(adapter).get("chat_template") if tokenizer else None
-        if tpl:
-            tokenizer.chat_template = tpl
+        # (every named one: a tool_use template too)
+        templates = read_tokenizer_config(adapter)["chat_templates"] if tokenizer else None
+        if templates:
+            tokenizer.chat_templates = templates
     return model, tokenizer

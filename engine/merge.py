@@ -27,12 +27,12 @@ import tempfile
 import torch
 
 
-def adapter_chat_template(adapters: list[str]) -> str | None:
-    """The chat template saved beside the adapter(s) (None: keep the base's); adapters that
-    carry different ones are refused rather than one picked at random."""
+def adapter_chat_templates(adapters: list[str]) -> dict[str, str] | None:
+    """The chat templates {name: template} saved beside the adapter(s) (None: keep the
+    base's); adapters that carry different ones are refused rather than one picked at random."""
     from tokenizer.base import read_tokenizer_config
-    found = {a: t for a in adapters if (t := read_tokenizer_config(a).get("chat_template"))}
-    if len(set(found.values())) > 1:
+    found = {a: t for a in adapters if (t := read_tokenizer_config(a)["chat_templates"])}
+    if len({json.dumps(t, sort_keys=True) for t in found.values()}) > 1:
         raise ValueError("the adapters carry different chat templates ("
                          + ", ".join(found) + "); merge them separately")
     return next(iter(found.values()), None)
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
                          "(or pass --force to replace it)")
     from engine.hub import load_model, resolve
     from engine.lora import Adapter, combine_adapters, load_adapter, merge_lora
-    template = adapter_chat_template(args.adapter)
+    templates = adapter_chat_templates(args.adapter)
     model, tok = load_model(args.base, dtype=torch.float32)
     if len(args.adapter) == 1 and not args.weights and not args.method:
         load_adapter(model, args.adapter[0])
@@ -111,8 +111,8 @@ def main(argv=None) -> int:
         weights = args.weights or [1.0] * len(args.adapter)
         load_adapter(model, combine_adapters([Adapter.load(a) for a in args.adapter], weights,
                                              method=args.method or "cat", rank=args.rank))
-    if template and tok is not None:
-        tok.chat_template = template
+    if templates and tok is not None:
+        tok.chat_templates = templates
     merge_lora(model)
     model.to(dtype)
     # Stop ids beyond config.json's eos: without them the merged model would run past the end

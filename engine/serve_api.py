@@ -49,11 +49,11 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 from engine.serve_engine import Engine, GenRequest, SamplingParams, TokenLogprob, TokenPieces
 from engine.tool_calls import ToolCallParser
-from tokenizer.chat import render_chat
+from tokenizer.chat import chat_templates_of, render_chat, select_chat_template
 
 # =============================================================================================
 # Errors
@@ -313,10 +313,12 @@ class API:
         return list(ids)
 
     def _chat_ids(self, messages, tools: list[dict] | None = None,
-                  template: str | None = None, how: dict | None = None) -> list[int]:
-        """The prompt ids of a chat request, rendered with `template` (the requested model's);
-        how: render_chat's add_generation_prompt / continue_final_message (default: a new
-        assistant turn)."""
+                  templates: Mapping[str, str] | None = None, how: dict | None = None
+                  ) -> list[int]:
+        """The prompt ids of a chat request, rendered with the requested model's `templates`
+        {name: template} (None: the tokenizer's): its "tool_use" one when tools are given and
+        it has one, else "default", as transformers picks. how: render_chat's
+        add_generation_prompt / continue_final_message (default: a new assistant turn)."""
         how = how or {"add_generation_prompt": True}
         if not isinstance(messages, list) or not messages:
             raise _bad("'messages' must be a non-empty list of {role, content} objects",
@@ -360,6 +362,8 @@ class API:
                         msg[key] = m[key]
             clean.append(msg)
         try:
+            template = select_chat_template(
+                chat_templates_of(self.tok) if templates is None else templates, tools=tools)
             text = self._render(clean, tools, template, how)
             # A template that leaves tools or calls out would answer without them: refuse.
             if tools and self._render(clean, None, template, how) == text:

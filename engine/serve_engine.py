@@ -53,6 +53,7 @@ from engine.generation import (StopStringStream, apply_repetition_penalty, mask_
                                sample)
 from engine.metrics import Registry
 from tokenizer.base import read_tokenizer_config
+from tokenizer.chat import chat_templates_of
 
 # =============================================================================================
 # Errors
@@ -398,10 +399,11 @@ class Sequence:
 
 # =============================================================================================
 # The scheduler: one thread owns the model
-def _stop_ids_with(tokenizer, template: str | None) -> set[int]:
-    """The tokenizer's stop ids were its chat template `template` (its end-of-turn token)."""
+def _stop_ids_with(tokenizer, templates) -> set[int]:
+    """The tokenizer's stop ids were its chat templates {name: template} (their end-of-turn
+    tokens)."""
     tok = copy.copy(tokenizer)
-    tok.chat_template = template
+    tok.chat_templates = templates
     return set(tok.stop_ids)
 
 
@@ -434,14 +436,17 @@ class Engine:
                 raise ValueError(f"adapter name {a!r} must be non-empty and differ from the "
                                  f"base model's name {name!r}")
         self.selector = install_adapters(model, self.adapters) if self.adapters else None
-        # Each model's chat template and stop ids: an adapter trained with a template of its own
-        # (train.py --chat-template) saved it beside its weights; chat_template (serve.py
-        # --chat-template) replaces them all.
-        self.chat_templates = {None: chat_template or tokenizer.chat_template}
+        # Each model's chat templates {name: template} ("default", maybe "tool_use") and stop
+        # ids: an adapter trained with a template of its own (train.py --chat-template) saved it
+        # beside its weights, in place of the base's; chat_template (serve.py --chat-template)
+        # replaces them all.
+        own_base = dict(chat_templates_of(tokenizer))
+        base = {"default": chat_template} if chat_template else own_base
+        self.chat_templates = {None: base}
         for a, directory in self.adapters.items():
-            own = read_tokenizer_config(directory).get("chat_template")
-            self.chat_templates[a] = chat_template or own or tokenizer.chat_template
-        self.stop_ids_of = {a: self.stop_ids if t == tokenizer.chat_template
+            own = read_tokenizer_config(directory)["chat_templates"]
+            self.chat_templates[a] = own if own and not chat_template else base
+        self.stop_ids_of = {a: self.stop_ids if t == own_base
                             else _stop_ids_with(tokenizer, t)
                             for a, t in self.chat_templates.items()}
         self.pool = SlotPool(model, max_batch, self.max_len)

@@ -281,9 +281,13 @@ def chat_spans(tok, messages: list[dict], first: int = 0, tools: list[dict] | No
     token inclusive. `tools` (function schemas) reaches the template as in transformers'
     apply_chat_template(messages, tools=...); an assistant turn that calls tools is trained with
     its calls, and "tool" results are context like user turns. A template that leaves out the
-    tools, a tool call or a tool result raises ValueError (training would silently lose them)."""
-    from tokenizer.chat import render_chat
-    render = lambda msgs, gen: render_chat(tok, msgs, add_generation_prompt=gen, tools=tools)  # noqa: E731
+    tools, a tool call or a tool result raises ValueError (training would silently lose them).
+    With tools, a tokenizer's "tool_use" template renders the sample if it has one (as
+    transformers and the server pick it)."""
+    from tokenizer.chat import chat_templates_of, render_chat, select_chat_template
+    template = select_chat_template(chat_templates_of(tok), tools=tools)
+    render = lambda msgs, gen: render_chat(tok, msgs, add_generation_prompt=gen,  # noqa: E731
+                                           template=template, tools=tools)
     full = render(messages, False)
     eots = _end_of_turn_strings(tok)
     spans, cursor = [], 0
@@ -329,7 +333,7 @@ def chat_spans(tok, messages: list[dict], first: int = 0, tools: list[dict] | No
     if any(m["role"] == "tool" and m["content"].strip() for m in messages) and render(
             [{**m, "content": ""} if m["role"] == "tool" else m for m in messages], False) == full:
         raise ValueError("the chat template does not render the 'tool' messages (tool results)")
-    if tools and render_chat(tok, messages, add_generation_prompt=False) == full:
+    if tools and render_chat(tok, messages, add_generation_prompt=False, template=template) == full:
         raise ValueError("the chat template ignores the sample's 'tools'")
     return full, spans
 

@@ -4,6 +4,8 @@ SmolLM2's GGUF template goes through PreTrainedTokenizerFast.apply_chat_template
 templates (Llama 3, Llama 2, one using tojson/loop controls) through transformers'
 render_jinja_template with the same special-token variables.
 """
+import os
+
 import pytest
 
 from demo_assets import fetch_smollm2_gguf
@@ -489,3 +491,107 @@ def test_invalid_jinja_and_bad_arguments_are_one_line():
         render_chat(tok, [{"role": "user", "content": "a"}], tools=[get_weather])
     with pytest.raises(ValueError, match=r"documents\[0\] must be a dict"):
         render_chat(tok, [{"role": "user", "content": "a"}], documents=["text"])
+
+
+# -- named templates (Hermes-2-Pro, Mistral, Cohere: "default" + "tool_use") --------------------
+NAMED = {"default": DEFAULT_CHAT_TEMPLATE,
+         "tool_use": ("{% if tools is not none %}<|im_start|>system\nTOOLS {{ tools | tojson }}"
+                      "<|im_end|>\n{% endif %}" + DEFAULT_CHAT_TEMPLATE)}
+TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def _named_dir(path, templates=NAMED):
+    from tokenizer.bpe import bytes_to_unicode
+    chars = list(bytes_to_unicode().values())
+    tok = ByteLevelBPETokenizer(chars + ["<|im_start|>", "<|im_end|>"], [], added_tokens=[
+        {"id": 256, "content": "<|im_start|>"}, {"id": 257, "content": "<|im_end|>"}],
+        eos_id=257, chat_template=templates)
+    tok.save(str(path))
+    return tok
+
+
+def _hf_apply(ref, msgs, **kw):
+    out = ref.apply_chat_template(msgs, add_generation_prompt=True, **kw)
+    return out["input_ids"] if hasattr(out, "keys") else out  # transformers 5: a BatchEncoding
+
+
+def test_named_templates_select_like_transformers(tmp_path):
+    """A tokenizer_config.json list of named templates: tools pick "tool_use", none (or a
+    template name) as transformers' get_chat_template; both kept, "default" is chat_template."""
+    from tokenizer import load_tokenizer
+    _named_dir(tmp_path)
+    cfg = __import__("json").loads((tmp_path / "tokenizer_config.json").read_text())
+    assert cfg["chat_template"] == [{"name": k, "template": v} for k, v in NAMED.items()]
+    ours, ref = load_tokenizer(str(tmp_path)), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert dict(ours.chat_templates) == ref.chat_template == NAMED
+    assert ours.chat_template == NAMED["default"]
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    cases = [{}, {"tools": TOOLS}, {"tools": []}, {"chat_template": "tool_use"},
+             {"chat_template": "default", "tools": TOOLS}, {"chat_template": "{{ 'X' }}"}]
+    for kw in cases:
+        for tokenize in (False, True):
+            got = ours.apply_chat_template(msgs, add_generation_prompt=True, tokenize=tokenize, **kw)
+            assert got == _hf_apply(ref, msgs, tokenize=tokenize, **kw), (kw, tokenize)
+    assert ours.apply_chat_template(msgs, tools=TOOLS).startswith("<|im_start|>system\nTOOLS [")
+    assert render_chat(ours, msgs).startswith("<|im_start|>user")
+    assert end_of_turn_ids(ours) == {257}
+    # no default and no choice: an error naming the templates, in both
+    ours.chat_templates = {"tool_use": NAMED["tool_use"]}
+    ref.chat_template = {"tool_use": NAMED["tool_use"]}
+    with pytest.raises(ValueError, match=r"no default.*\['tool_use'\]"):
+        ours.apply_chat_template(msgs)
+    with pytest.raises(ValueError, match=r"no default.*\['tool_use'\]"):
+        ref.apply_chat_template(msgs, tokenize=False)
+    assert ours.apply_chat_template(msgs, tools=TOOLS) == ref.apply_chat_template(
+        msgs, tools=TOOLS, tokenize=False)
+    # an unknown name is one line here (transformers would render the name as a template)
+    with pytest.raises(ValueError, match="no chat template named 'rag'"):
+        ours.apply_chat_template(msgs, chat_template="rag")
+    # assigning one template replaces them all, as transformers' tok.chat_template = str
+    ours.chat_template = NAMED["default"]
+    assert dict(ours.chat_templates) == {"default": NAMED["default"]}
+    assert ours.apply_chat_template(msgs, tools=TOOLS) == ours.apply_chat_template(msgs)
+
+
+def test_named_templates_save_and_load_both_forms(tmp_path):
+    """save() writes transformers' list form, which transformers loads as the same dict; what
+    transformers 5's save_pretrained writes (chat_template.jinja + additional_chat_templates/
+    NAME.jinja) loads here as the same templates; saving over it leaves no stale file."""
+    from tokenizer import load_tokenizer
+    _named_dir(tmp_path / "a")
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "a"))
+    ref.save_pretrained(str(tmp_path / "hf"))
+    assert sorted(os.listdir(tmp_path / "hf" / "additional_chat_templates")) == ["tool_use.jinja"]
+    ours = load_tokenizer(str(tmp_path / "hf"))
+    assert dict(ours.chat_templates) == NAMED
+    ours.save(str(tmp_path / "hf"))  # over transformers' files: its .jinja files would win
+    assert not (tmp_path / "hf" / "chat_template.jinja").exists()
+    assert not (tmp_path / "hf" / "additional_chat_templates" / "tool_use.jinja").exists()
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf")).chat_template == NAMED
+    assert dict(load_tokenizer(str(tmp_path / "hf")).chat_templates) == NAMED
+    # the .jinja files replace the config's entry as a whole, as in transformers
+    (tmp_path / "a" / "additional_chat_templates").mkdir()
+    (tmp_path / "a" / "additional_chat_templates" / "rag.jinja").write_text("RAG {{ messages }}")
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "a"))
+    assert dict(load_tokenizer(str(tmp_path / "a")).chat_templates) == ref.chat_template == {
+        "rag": "RAG {{ messages }}"}
+    # a malformed list is one line
+    (tmp_path / "a" / "tokenizer_config.json").write_text('{"chat_template": [{"name": "x"}]}')
+    os.remove(tmp_path / "a" / "additional_chat_templates" / "rag.jinja")
+    with pytest.raises(ValueError, match="list of chat templates"):
+        load_tokenizer(str(tmp_path / "a"))
+
+
+def test_sft_with_tools_renders_the_tool_use_template(tmp_path):
+    """SFT's chat rendering (engine/sft.py chat_spans) picks tool_use for a sample with tools,
+    and checks its tools against that same template."""
+    from engine.sft import chat_spans
+    tok = _named_dir(tmp_path)
+    msgs = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Sunny."}]
+    text, spans = chat_spans(tok, msgs, tools=TOOLS)
+    assert text == render_chat(tok, msgs, add_generation_prompt=False, template="tool_use",
+                               tools=TOOLS)
+    assert text.startswith("<|im_start|>system\nTOOLS [") and text[spans[0][0]:spans[0][1]] == \
+        "Sunny.<|im_end|>"
+    assert chat_spans(tok, msgs)[0] == render_chat(tok, msgs, add_generation_prompt=False)

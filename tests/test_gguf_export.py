@@ -461,3 +461,42 @@ def test_failed_export_leaves_the_old_file_and_no_open_handle(tmp_path, monkeypa
                         lambda a, b: (events.append("replace"), real_replace(a, b)))
     export_gguf(random_model(), None, str(out), "f16")
     assert events == ["fsync", "replace"] and load_gguf(str(out))[0].config == model.config
+
+
+def test_named_chat_templates_export_and_read_back(tmp_path):
+    """default + tool_use templates: tokenizer.chat_template and tokenizer.chat_template.tool_use
+    (listed in tokenizer.chat_templates), as gguf-py writes them for llama.cpp; read back as the
+    same named templates. A source GGUF's keys are copied as they are, or all replaced by an
+    adapter's own set."""
+    from engine.gguf_export import copy_tokenizer_fields
+    tok = bpe_tokenizer(tmp_path)
+    named = {"default": tok.chat_template,
+             "tool_use": "{{ tools | tojson }}{% for m in messages %}{{ m.content }}<|eot_id|>{% endfor %}"}
+    tok.chat_templates = named
+    path = str(tmp_path / "m.gguf")
+    export_gguf(random_model(), tok, path, "f32")
+    f = gguf.GGUFReader(path).fields
+    assert f["tokenizer.chat_template"].contents() == named["default"]
+    assert f["tokenizer.chat_template.tool_use"].contents() == named["tool_use"]
+    assert f["tokenizer.chat_templates"].contents() == ["tool_use"]
+    back = load_tokenizer(path)
+    assert dict(back.chat_templates) == named
+    msgs = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    assert back.apply_chat_template(msgs, tools=tools) == tok.apply_chat_template(msgs, tools=tools)
+
+    def copied(templates):
+        out = str(tmp_path / "copy.gguf")
+        w = gguf.GGUFWriter(out, "llama")
+        copy_tokenizer_fields(w, path, templates)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        return {k: v.contents() for k, v in gguf.GGUFReader(out).fields.items()
+                if k.startswith("tokenizer.")}
+    src = {k: v.contents() for k, v in f.items() if k.startswith("tokenizer.")}
+    assert copied(back.chat_templates) == copied(None) == src
+    own = copied({"default": "{{ messages[0].content }}"})
+    assert own["tokenizer.chat_template"] == "{{ messages[0].content }}"
+    assert not any(k.startswith("tokenizer.chat_template") and k != "tokenizer.chat_template"
+                   for k in own)

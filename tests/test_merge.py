@@ -76,6 +76,18 @@ def test_merge_keeps_the_adapters_chat_template(tmp_path):
     _, with_adapter = load_model(str(tmp_path / "base"), adapter=str(tmp_path / "ad"))
     assert with_adapter.chat_template == own
     assert load_model(str(tmp_path / "m"))[1].chat_template == own
+    # a named set (default + tool_use) travels whole: load_model with the adapter and the merge
+    named = {"default": own, "tool_use": "{{ tools | length }} tools{{ messages[0].content }}"}
+    tok = byte_tokenizer()
+    tok.chat_templates = named
+    tok.save(str(tmp_path / "ad"))
+    assert merge_main(["--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "ad"),
+                       "--out", str(tmp_path / "m3")]) == 0
+    for _, t in (load_model(str(tmp_path / "base"), adapter=str(tmp_path / "ad")),
+                 load_model(str(tmp_path / "m3"))):
+        assert dict(t.chat_templates) == named
+        assert t.apply_chat_template([{"role": "user", "content": "x"}], tools=[{}]) == "1 toolsx"
+    byte_tokenizer(own).save(str(tmp_path / "ad"))
     # two adapters with different templates: refused, not one picked silently
     os.makedirs(tmp_path / "ad2")
     for name in ("adapter_config.json", "adapter_model.safetensors"):

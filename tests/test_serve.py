@@ -1332,6 +1332,35 @@ def test_training_metrics_server_standalone():
         urllib.request.urlopen(srv.url, timeout=2)
 
 
+def test_chat_request_with_tools_renders_the_tool_use_template(ckpt, tmp_path):
+    """A model with named templates ("default" + "tool_use", as Hermes-2-Pro): a chat request
+    with tools is rendered with tool_use, one without with default (transformers' choice); an
+    adapter's own saved set replaces the base's."""
+    import shutil
+    from engine.serve import API
+    from tokenizer.chat import DEFAULT_CHAT_TEMPLATE, render_chat
+    tool_use = ("{% if tools %}<|im_start|>system\nTOOLS {{ tools | tojson }}<|im_end|>\n"
+                "{% endif %}" + DEFAULT_CHAT_TEMPLATE)
+    own = {"default": "{% for m in messages %}{{ m.content }}<|im_end|>{% endfor %}",
+           "tool_use": "{{ tools | tojson }}{% for m in messages %}{{ m.content }}<|im_end|>{% endfor %}"}
+    tuned = tmp_path / "tuned"
+    shutil.copytree(ckpt["adapter"], tuned)
+    (tuned / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": [{"name": k, "template": v} for k, v in own.items()]}))
+    model, tok = load_model(ckpt["base"])
+    tok.chat_templates = {"default": DEFAULT_CHAT_TEMPLATE, "tool_use": tool_use}
+    api = API(Engine(model, tok, "base", {"t": str(tuned)}, registry=Registry()))
+    msgs = [{"role": "user", "content": "Weather?"}]
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+    for name, templates in (("base", tok.chat_templates), ("t", own)):
+        for t in (tools, None):
+            ids = api.prepare("chat", {"model": name, "messages": msgs, "tools": t}).prompts[0]
+            want = templates["tool_use" if t else "default"]
+            assert ids == tok.encode(render_chat(tok, msgs, template=want, tools=t), add_bos=False)
+    assert tok.decode(api.prepare("chat", {"model": "base", "messages": msgs, "tools": tools}
+                                  ).prompts[0]).startswith("<|im_start|>system\nTOOLS [")
+
+
 def test_adapter_with_its_own_chat_template_gets_its_prompt_and_stop_ids(ckpt, tmp_path):
     """An adapter trained with train.py --chat-template saved that template: chat requests to
     it are rendered with it and stop at its end of turn; the base keeps ChatML. serve.py's

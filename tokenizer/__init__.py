@@ -12,12 +12,13 @@ import os
 from tokenizer.base import StreamDecoder, Tokenizer, read_json_object
 from tokenizer.bpe import ByteLevelBPETokenizer
 from tokenizer.chat import (DEFAULT_CHAT_TEMPLATE, ChatTemplateError, end_of_turn_ids, read_chat_template,
-                            render_chat, set_chat_template)
+                            render_chat, select_chat_template, set_chat_template)
 from tokenizer.spm import SentencePieceTokenizer
 
 __all__ = ["Tokenizer", "StreamDecoder", "ByteLevelBPETokenizer", "SentencePieceTokenizer",
            "load_tokenizer", "from_gguf_metadata", "read_gguf_tokenizer_fields", "render_chat",
-           "end_of_turn_ids", "read_chat_template", "set_chat_template", "ChatTemplateError", "DEFAULT_CHAT_TEMPLATE"]
+           "end_of_turn_ids", "read_chat_template", "select_chat_template", "set_chat_template",
+           "ChatTemplateError", "DEFAULT_CHAT_TEMPLATE"]
 
 
 def _is_byte_level_json(path: str) -> bool:

@@ -8,6 +8,8 @@ import json
 import os
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import regex
 
@@ -160,28 +162,62 @@ def template_specials(post: dict | None) -> tuple[str | None, str | None] | None
     return (special(single[0]) if single else None), (special(single[-1]) if len(single) > 1 else None)
 
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers 5's files for the templates
+CHAT_TEMPLATE_DIR = "additional_chat_templates"  # NAME.jinja: the named ones besides "default"
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+
+
+def named_chat_templates(value, where: str = "chat_template") -> dict[str, str]:
+    """transformers' forms of a tokenizer's chat template(s) as {name: Jinja source}: None -> {},
+    a str -> {"default": it}, [{"name": ..., "template": ...}, ...] (tokenizer_config.json's
+    list, e.g. Hermes-2-Pro's default + tool_use) or a {name: template} dict -> that dict."""
+    if not value:  # None, "" (no template), an empty list or dict
+        return {}
+    if isinstance(value, str):
+        return {"default": value}
+    if isinstance(value, list):
+        bad = next((t for t in value if not (isinstance(t, dict) and isinstance(t.get("name"), str)
+                                             and isinstance(t.get("template"), str))), None)
+        if bad is not None:
+            raise ValueError(f"{where}: a list of chat templates holds {{\"name\": str, "
+                             f"\"template\": str}} objects, got {bad!r:.80}")
+        value = {t["name"]: t["template"] for t in value}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and k and isinstance(v, str)
+                                              for k, v in value.items()):
+        raise ValueError(f"{where}: expected a template string, a list of named templates or a "
+                         f"{{name: template}} object, got {value!r:.80}")
+    return dict(value)
+
+
 def read_tokenizer_config(directory: str) -> dict:
-    """HF tokenizer_config.json in `directory` ({} if absent), normalized: "chat_template" is a
-    str or None (a list of named templates gives "default"; chat_template.jinja, where newer
-    transformers keep it, takes precedence), and the special tokens ("bos_token", "eos_token",
-    ...) are strings or None, special_tokens_map.json's (a legacy file) taking precedence as in
-    transformers."""
+    """HF tokenizer_config.json in `directory` ({} if absent), normalized: "chat_templates" is
+    {name: template} ({"default": t} for a single one; a list of named templates gives each),
+    "chat_template" the "default" one or None; as in transformers, chat_template.jinja and
+    additional_chat_templates/NAME.jinja (where transformers 5 saves them), if any, replace the
+    config's entry. The special tokens ("bos_token", "eos_token", ...) are strings or None,
+    special_tokens_map.json's (a legacy file) taking precedence as in transformers."""
     cfg: dict = {}
     path = os.path.join(directory, "tokenizer_config.json")
     if os.path.isfile(path):
         cfg = read_json_object(path)
-    tpl = cfg.get("chat_template")
-    if isinstance(tpl, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        tpl = next((t.get("template") for t in tpl
-                    if isinstance(t, dict) and t.get("name") == "default"), None)
-    jinja_file = os.path.join(directory, "chat_template.jinja")
-    if os.path.isfile(jinja_file):  # as in transformers, the file wins over the config's entry
-        try:
-            with open(jinja_file, encoding="utf-8") as f:
-                tpl = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read {jinja_file}: {e}") from None
-    cfg["chat_template"] = tpl
+    templates = named_chat_templates(cfg.get("chat_template"), f"{path}: chat_template")
+    files = {}
+    if os.path.isfile(os.path.join(directory, CHAT_TEMPLATE_FILE)):
+        files["default"] = _read_text(os.path.join(directory, CHAT_TEMPLATE_FILE))
+    extra_dir = os.path.join(directory, CHAT_TEMPLATE_DIR)
+    if os.path.isdir(extra_dir):
+        for name in sorted(os.listdir(extra_dir)):
+            if name.endswith(".jinja") and os.path.isfile(os.path.join(extra_dir, name)):
+                files[name.removesuffix(".jinja")] = _read_text(os.path.join(extra_dir, name))
+    cfg["chat_templates"] = files or templates
+    cfg["chat_template"] = cfg["chat_templates"].get("default")
     # Legacy directories (no added_tokens_decoder) may name their special tokens in
     # special_tokens_map.json; transformers lets those override tokenizer_config.json's.
     smap = os.path.join(directory, "special_tokens_map.json")
@@ -194,6 +230,38 @@ def read_tokenizer_config(directory: str) -> dict:
     return cfg
 
 
+def gguf_chat_templates(fields: dict) -> dict[str, str]:
+    """{name: template} of GGUF metadata: tokenizer.chat_template is "default", each
+    tokenizer.chat_template.NAME another one (as gguf-py's GGUFWriter.add_chat_template writes
+    a list of named templates, tokenizer.chat_templates naming them; llama.cpp reads them so)."""
+    prefix = "tokenizer.chat_template."
+    named = {"default": fields.get("tokenizer.chat_template")}
+    named.update((k[len(prefix):], v) for k, v in fields.items() if k.startswith(prefix))
+    return {k: v for k, v in named.items() if isinstance(v, str) and v}
+
+
+def write_tokenizer_config(directory: str, cfg: dict, templates) -> None:
+    """tokenizer_config.json = `cfg` + the chat templates {name: template}: one "default" as a
+    string, several as transformers' list of {"name", "template"} (what its save_pretrained
+    writes with save_jinja_files=False; transformers 5 loads both). Template files an earlier
+    save left here (chat_template.jinja, additional_chat_templates/*.jinja) would replace these
+    on loading, in transformers as here: they are removed."""
+    cfg = dict(cfg)
+    if list(templates) == ["default"]:
+        cfg["chat_template"] = templates["default"]
+    elif templates:
+        cfg["chat_template"] = [{"name": k, "template": v} for k, v in templates.items()]
+    atomic_write_text(os.path.join(directory, "tokenizer_config.json"),
+                      json.dumps(cfg, ensure_ascii=False, indent=2))
+    stale = [os.path.join(directory, CHAT_TEMPLATE_FILE)]
+    extra_dir = os.path.join(directory, CHAT_TEMPLATE_DIR)
+    if os.path.isdir(extra_dir):
+        stale += [os.path.join(extra_dir, n) for n in os.listdir(extra_dir) if n.endswith(".jinja")]
+    for f in stale:
+        if os.path.isfile(f):
+            os.remove(f)
+
+
 class Tokenizer(ABC):
     """Text <-> token ids.
 
@@ -204,7 +272,11 @@ class Tokenizer(ABC):
       add_bos: bool              whether encode() prepends BOS by default
       add_eos: bool              whether encode() appends EOS by default (add_eos_token, or a
                                  post_processor template "<s> $A </s>")
-      chat_template: str | None  Jinja source of the model's chat template, if it has one
+      chat_template: str | None  Jinja source of the model's (default) chat template, if any
+      chat_templates: {name: str} every named template, "default" included (Hermes-2-Pro and
+                                 Cohere models add "tool_use"), read-only; assign a dict (or a
+                                 str) to replace them all. Assigning chat_template replaces them
+                                 all too, as transformers' `tok.chat_template = "..."` does.
       extra_stop_ids: frozenset  more ids that end generation, from the model directory's
                                  generation_config.json (set by engine.hub.load_model)
     """
@@ -215,8 +287,28 @@ class Tokenizer(ABC):
     pad_id: int | None = None
     add_bos: bool = False
     add_eos: bool = False
-    chat_template: str | None = None
+    _chat_templates: dict[str, str] = {}  # never changed in place: the setter replaces it
     extra_stop_ids: frozenset[int] = frozenset()
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_templates.get("default")
+
+    @chat_template.setter
+    def chat_template(self, template: str | None) -> None:
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"chat_template must be a str or None, got {type(template).__name__}"
+                             " (assign named templates to chat_templates)")
+        self.chat_templates = template
+
+    @property
+    def chat_templates(self) -> Mapping[str, str]:
+        # a read-only view: a change goes through the setter
+        return MappingProxyType(self._chat_templates)
+
+    @chat_templates.setter
+    def chat_templates(self, templates) -> None:
+        self._chat_templates = named_chat_templates(templates)
 
     @abstractmethod
     def encode(self, text: str, add_bos: bool | None = None, add_eos: bool | None = None,
@@ -284,8 +376,9 @@ class Tokenizer(ABC):
                             tokenize: bool = False, chat_template: str | None = None,
                             continue_final_message: bool | str = False, **kwargs):
         """transformers' method and defaults (no generation prompt unless asked): other kwargs
-        (tools=[...], documents=...) reach the template; chat_template replaces the
-        tokenizer's own for this call."""
+        (tools=[...], documents=...) reach the template; chat_template, a template or the name
+        of one of chat_templates, replaces the tokenizer's own for this call. Without it, tools
+        pick the "tool_use" template if there is one, else "default" (as transformers)."""
         from tokenizer.chat import render_chat
         text = render_chat(self, messages, add_generation_prompt=add_generation_prompt,
                            template=chat_template, continue_final_message=continue_final_message,

@@ -27,7 +27,8 @@ from functools import lru_cache
 import regex
 
 from tokenizer.base import AddedTokenMatcher, Tokenizer, atomic_write_text, check_text, \
-    read_json_object, read_tokenizer_config, template_specials, unpadded_length
+    gguf_chat_templates, read_json_object, read_tokenizer_config, template_specials, \
+    unpadded_length, write_tokenizer_config
 
 # GPT-2's pattern as Hugging Face's ByteLevel pre-tokenizer spells it (trailing `|\s+` included).
 BYTELEVEL_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -243,11 +244,12 @@ class ByteLevelBPETokenizer(Tokenizer):
                  pre_tokenizer: dict | str = "gpt-2", added_tokens: list[dict] | None = None,
                  bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None,
                  unk_id: int | None = None, add_bos: bool = False, add_eos: bool = False,
-                 chat_template: str | None = None,
+                 chat_template: str | dict[str, str] | None = None,
                  ignore_merges: bool = False, normalizer: dict | None = None):
         """vocab: token -> id, or the list of tokens by id (GGUF order; duplicates keep their ids,
         encoding uses the first). merges: "a b" strings or (a, b) pairs, by rank. normalizer: a
-        tokenizer.json `normalizer` config, applied to the text between added tokens."""
+        tokenizer.json `normalizer` config, applied to the text between added tokens. chat_template:
+        a template, or {name: template} (see Tokenizer.chat_templates)."""
         if isinstance(vocab, dict):
             self.vocab, self.id_to_tok = dict(vocab), {i: t for t, i in vocab.items()}
         else:
@@ -281,7 +283,7 @@ class ByteLevelBPETokenizer(Tokenizer):
             if v is not None and v not in self.id_to_tok:
                 raise ValueError(f"{name}={v} is not a token id (vocab has {self.vocab_size} ids)")
         self.add_bos, self.add_eos = add_bos, add_eos
-        self.chat_template = chat_template
+        self.chat_templates = chat_template
         self._added_by_content = {t["content"]: t["id"] for t in self.added_tokens}
         self._special_ids = {t["id"] for t in self.added_tokens if t["special"]}
         # HF matches normalized=false tokens in the raw text first, then normalized=true ones in
@@ -343,7 +345,7 @@ class ByteLevelBPETokenizer(Tokenizer):
                    unk_id=vocab.get(model["unk_token"]) if model.get("unk_token") else None,
                    add_bos=bool(add_bos) and bos_id is not None,
                    add_eos=bool(add_eos) and eos_id is not None,
-                   chat_template=cfg.get("chat_template"),
+                   chat_template=cfg["chat_templates"],
                    ignore_merges=bool(model.get("ignore_merges", False)),
                    normalizer=tj.get("normalizer"))
 
@@ -376,7 +378,7 @@ class ByteLevelBPETokenizer(Tokenizer):
                    add_bos=bool(fields.get("tokenizer.ggml.add_bos_token",
                                            fields.get("tokenizer.ggml.pre") in GGUF_BOS_BY_DEFAULT)),
                    add_eos=bool(fields.get("tokenizer.ggml.add_eos_token", False)),
-                   chat_template=fields.get("tokenizer.chat_template"))
+                   chat_template=gguf_chat_templates(fields))
 
     # -- encode -------------------------------------------------------------------------------
 
@@ -537,8 +539,5 @@ class ByteLevelBPETokenizer(Tokenizer):
                "eos_token": name(self.eos_id),
                "pad_token": name(self.pad_id), "unk_token": name(self.unk_id),
                "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30}
-        if self.chat_template:
-            cfg["chat_template"] = self.chat_template
-        atomic_write_text(os.path.join(directory, "tokenizer_config.json"),
-                          json.dumps(cfg, ensure_ascii=False, indent=2))
+        write_tokenizer_config(directory, cfg, self.chat_templates)
 

@@ -8,14 +8,17 @@ underscore names, and the special-token strings (`bos_token`, `eos_token`, ...) 
 The template sees a plain-JSON copy of its inputs, messages without their None-valued keys and
 reasoning under all its names (`_plain_template_data`, `_normalize_chat_messages`,
 `_alias_reasoning_fields`); `continue_final_message` cuts the text after the final message.
-A tokenizer without a template gets ChatML. `end_of_turn_ids` finds the token that closes an
-assistant turn (e.g. <|im_end|> for ChatML, <|eot_id|> for Llama 3) so generation can stop there.
+A tokenizer may have named templates ("default", "tool_use"): `select_chat_template` picks
+one as transformers' get_chat_template does. A tokenizer without a template gets ChatML.
+`end_of_turn_ids` finds the token that closes an assistant turn (e.g. <|im_end|> for ChatML,
+<|eot_id|> for Llama 3) so generation can stop there.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
 import sys
 from collections.abc import Mapping
 from datetime import datetime
@@ -32,6 +35,8 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # a template's name, not its Jinja source
 
 # Known end-of-turn tokens, checked when the probe render below finds none.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>",
@@ -222,12 +227,50 @@ def _cut_after_final_message(text: str, final: str) -> str:
     return text[:at].rstrip()
 
 
+def chat_templates_of(tok) -> Mapping[str, str]:
+    """A tokenizer's named templates {name: source} (see Tokenizer.chat_templates); duck-typed
+    tokenizers with only a `chat_template` give {"default": it}."""
+    named = getattr(tok, "chat_templates", None)
+    if named is not None:
+        return named
+    template = getattr(tok, "chat_template", None)
+    return {"default": template} if template else {}
+
+
+def select_chat_template(templates: Mapping[str, str], chat_template: str | None = None,
+                         tools=None) -> str:
+    """The Jinja source to render with, chosen as transformers' get_chat_template does:
+    `chat_template` names one of `templates` or is a template itself; None picks "tool_use"
+    when `tools` is not None and there is one, else "default" (ChatML when there are no
+    templates at all). Named templates without a default and no choice: ValueError naming
+    them. A name that is none of them (no Jinja in it) is a ValueError too, where
+    transformers would render the name itself as the template."""
+    if chat_template is not None:
+        if chat_template in templates:
+            return templates[chat_template]
+        if _NAME.fullmatch(chat_template):
+            raise ValueError(f"no chat template named {chat_template!r}; this tokenizer has "
+                             f"{sorted(templates) or 'none'}")
+        return chat_template
+    if tools is not None and "tool_use" in templates:
+        return templates["tool_use"]
+    if "default" in templates:
+        return templates["default"]
+    if templates:
+        raise ValueError(f"this tokenizer has several chat templates and no default: name one "
+                         f"(chat_template=...) of {sorted(templates)}")
+    return DEFAULT_CHAT_TEMPLATE
+
+
 def render_chat(tok, messages: list[dict], add_generation_prompt: bool | None = None,
                 template: str | None = None, continue_final_message: bool | str = False,
                 **kwargs) -> str:
     """Text of `messages` through the tokenizer's chat template (ChatML if it has none).
 
-    kwargs reach the template as variables (e.g. tools=..., documents=...), as in transformers.
+    template: a Jinja source or the name of one of the tokenizer's templates; None picks as
+    transformers does ("tool_use" when tools=... is passed and the tokenizer has it, else
+    "default": select_chat_template). kwargs reach the template as variables (e.g. tools=...,
+    documents=...), as in transformers.
     add_generation_prompt defaults to True, or False with continue_final_message (True for the
     final message's content, or the name of the field to continue): then the text ends right
     after the final message, so the model continues it.
@@ -246,7 +289,7 @@ def render_chat(tok, messages: list[dict], add_generation_prompt: bool | None = 
         if not isinstance(d, dict):
             raise ValueError(f"documents[{i}] must be a dict (e.g. 'title' and 'text'), got "
                              f"{type(d).__name__}")
-    template = template or getattr(tok, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+    template = select_chat_template(chat_templates_of(tok), template or None, tools)
     variables = {"tools": None, "documents": None}
     for name in ("bos", "eos", "unk", "pad"):
         i = getattr(tok, f"{name}_id", None)
@@ -304,8 +347,9 @@ def read_chat_template(value: str) -> str:
 
 
 def set_chat_template(tok, template: str) -> None:
-    """Make `template` the tokenizer's chat template (saved with it; tok.stop_ids follow),
-    after checking that it renders a one-message conversation with this tokenizer."""
+    """Make `template` the tokenizer's chat template (saved with it; tok.stop_ids follow), in
+    place of all its named ones (a tool_use template too, as in transformers), after checking
+    that it renders a one-message conversation with this tokenizer."""
     try:
         text = render_chat(tok, [{"role": "user", "content": "Qz7xProbe"}],
                            add_generation_prompt=True, template=template)
@@ -326,7 +370,14 @@ def end_of_turn_ids(tok) -> set[int]:
     specials = getattr(tok, "special_tokens", None) or {}
     if not specials:
         return set()
-    template = getattr(tok, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+    found: set[int] = set()
+    # every named template's (a tool_use one may close its turns differently)
+    for template in chat_templates_of(tok).values() or [DEFAULT_CHAT_TEMPLATE]:
+        found |= _end_of_turn_ids(tok, specials, template)
+    return found
+
+
+def _end_of_turn_ids(tok, specials: dict[str, int], template: str) -> set[int]:
     found: set[int] = set()
     probe = "Qz7xProbeAnswer"
     for messages in ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}],

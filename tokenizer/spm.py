@@ -23,7 +23,6 @@ under the "sentencepiece" / "always" rules it keeps the "▁" after a special to
 from __future__ import annotations
 
 import io
-import json
 import os
 import struct
 from typing import Iterable, Iterator
@@ -32,8 +31,8 @@ import regex
 import sentencepiece as spm
 
 from tokenizer.base import SPECIAL_TOKEN_KEYS, AddedTokenMatcher, Tokenizer, atomic_write_bytes, \
-    atomic_write_text, check_text, read_json, read_json_object, \
-    read_tokenizer_config, template_specials, unpadded_length
+    check_text, gguf_chat_templates, read_json, read_json_object, \
+    read_tokenizer_config, template_specials, unpadded_length, write_tokenizer_config
 
 # ModelProto.SentencePiece.Type (also GGUF tokenizer.ggml.token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -56,7 +55,7 @@ class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece model behind the Tokenizer interface."""
 
     def __init__(self, model_proto: bytes, *, add_bos: bool | None = None, add_eos: bool = False,
-                 chat_template: str | None = None, bos_id: int | None = None,
+                 chat_template: str | dict[str, str] | None = None, bos_id: int | None = None,
                  eos_id: int | None = None, pad_id: int | None = None,
                  added_tokens: list[dict] | None = None, prefix: str | None = None,
                  split_words: bool = False):
@@ -113,7 +112,7 @@ class SentencePieceTokenizer(Tokenizer):
         # Llama convention: a BOS starts every sequence unless the config says otherwise.
         self.add_bos = (self.bos_id is not None) if add_bos is None else bool(add_bos)
         self.add_eos = bool(add_eos)
-        self.chat_template = chat_template
+        self.chat_templates = chat_template  # a template or {name: template}
         self._index()
         # sentencepiece reads a literal "▁" (U+2581) in the text as a space. Without a dummy
         # prefix we encode it as its three UTF-8 byte pieces instead, so it round-trips; models
@@ -165,7 +164,7 @@ class SentencePieceTokenizer(Tokenizer):
         cfg = read_tokenizer_config(directory)
         tj = os.path.join(directory, "tokenizer.json")
         tj_obj = read_json_object(tj) if os.path.isfile(tj) else None
-        tok = cls(proto, chat_template=cfg["chat_template"],
+        tok = cls(proto, chat_template=cfg["chat_templates"],
                   added_tokens=_read_added_tokens(directory, cfg))
         try:  # where a segment gets its dummy "▁", as transformers 5 reads this directory
             tok.prefix, tok.split_words = _hf_prefix_rule(cfg, tj_obj, tok.add_dummy_prefix)
@@ -290,7 +289,7 @@ class SentencePieceTokenizer(Tokenizer):
             add_dummy_prefix=bool(fields.get("tokenizer.ggml.add_space_prefix", True)))
         return cls(proto, add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", True)),
                    add_eos=bool(fields.get("tokenizer.ggml.add_eos_token", False)),
-                   chat_template=fields.get("tokenizer.chat_template"), bos_id=get_id("bos"),
+                   chat_template=gguf_chat_templates(fields), bos_id=get_id("bos"),
                    eos_id=get_id("eos"), pad_id=get_id("padding"))
 
     # -- encode / decode ----------------------------------------------------------------------
@@ -419,10 +418,7 @@ class SentencePieceTokenizer(Tokenizer):
                "added_tokens_decoder": decoder}
         if self.prefix == "sentencepiece":
             del cfg["tokenizer_class"], cfg["add_prefix_space"]
-        if self.chat_template:
-            cfg["chat_template"] = self.chat_template
-        atomic_write_text(os.path.join(directory, "tokenizer_config.json"),
-                          json.dumps(cfg, ensure_ascii=False, indent=2))
+        write_tokenizer_config(directory, cfg, self.chat_templates)
 
 
 # transformers 5 rebuilds these classes' pipeline from tokenizer_config.json alone
