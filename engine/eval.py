@@ -5,11 +5,12 @@ perplexity   Hugging Face's "Perplexity of fixed-length models" guide: windows o
              tokens every `stride` tokens; a window scores only the targets no earlier window
              scored, so with stride < seq_len every token after the first window has at least
              seq_len - stride tokens of context. With stride == seq_len the windows are
-             engine.data.eval_windows' (train.py's validation): same text tokenization (no BOS),
-             same batches, same sums, so the numbers are train.py's. Only whole windows are
-             scored, as in training validation: fewer than `stride` tail tokens stay unscored
-             (reported). Bits per byte = total nats / bytes / ln 2, with the bytes of the scored
-             tokens taken as scored tokens * (UTF-8 bytes / tokens of the text), as in training.
+             engine.data.eval_windows' (train.py's validation): same tokenization (each document
+             without BOS, EOS after it), same batches, same sums, so the numbers are train.py's.
+             Only whole windows are scored, as in training validation: fewer than `stride` tail
+             tokens stay unscored (reported). Bits per byte = total nats / bytes / ln 2, with
+             the bytes of the scored tokens taken as scored tokens * (UTF-8 bytes / tokens of
+             the text), as in training.
 response     engine.sft.response_loss: mean cross-entropy over the response tokens only.
 choice       lm-evaluation-harness loglikelihood requests: the context's trailing whitespace
              moves to the continuation, the continuation's ids are those of encode(context +

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.data import (TokenSplit, check_trainable, eval_windows, get_batch, read_corpus,
-                         split_text, tokenize_cached, tokenizer_hash)
+from engine.data import (ENCODER_VERSION, Documents, TokenSplit, check_trainable, eval_windows,
+                         get_batch, read_corpus, split_documents, tokenize_cached, tokenizer_hash)
 from engine.distributed import shard, shard_mean, world_size
 from engine.trainer import evaluate as evaluate_windows
 
@@ -70,9 +70,15 @@ class LMTask:
         return {}
 
     def state_dict(self) -> dict:
-        return {"train_key": self.train.key, "val_key": self.val.key}
+        return {"train_key": self.train.key, "val_key": self.val.key, "encoder": ENCODER_VERSION}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("train_key") and state.get("encoder", 2) != ENCODER_VERSION:
+            # its keys are another encoder's: say why, not that the data changed
+            raise ValueError(f"--resume: the run was tokenized by an older encoder (version "
+                             f"{state.get('encoder', '2 or older')}; now {ENCODER_VERSION}: each "
+                             "document ends with EOS), so it cannot continue as it was; start a "
+                             "new run")
         check_data_keys(state, self.train.key, self.val.key, "text")
 
 
@@ -157,9 +163,10 @@ def _n_real(batch) -> int:
     return int((trained * pos).max(dim=1).values.sum())
 
 
-def build_task(args, tok, data_path: str, gen, texts: tuple[str, str] | None = None):
+def build_task(args, tok, data_path: str, gen, texts: tuple[Documents, Documents] | None = None):
     """The task for train.py's flags: DPO for --objective dpo, SFT for instruction / chat JSONL,
-    otherwise language modelling on the text (`texts`: the (train, val) split if already read).
+    otherwise language modelling on the documents, each ending with EOS (`texts`: the (train,
+    val) split if already read).
     Batches are global: --batch-size (per process) x world size."""
     batch_size = args.batch_size * world_size()
     if args.objective == "dpo":
@@ -190,15 +197,16 @@ def build_task(args, tok, data_path: str, gen, texts: tuple[str, str] | None = N
         if on:  # it would be ignored: plain text has no samples to pack or lines to skip
             raise ValueError(f"{flag} applies only to SFT or preference JSONL; {data_path} is "
                              "plain text")
-    train_text, val_text = texts or read_text_splits(args, data_path)
+    train_docs, val_docs = texts or read_text_splits(args, data_path)
     th = tokenizer_hash(tok)
-    return LMTask(tokenize_cached(train_text, tok, th), tokenize_cached(val_text, tok, th),
+    return LMTask(tokenize_cached(train_docs, tok, th), tokenize_cached(val_docs, tok, th),
                   batch_size, args.seq_len, args.eval_batches)
 
 
-def read_text_splits(args, data_path: str) -> tuple[str, str]:
-    """(train text, validation text): --val-data, or the last --val-fraction of the corpus."""
-    text = read_corpus(data_path)
+def read_text_splits(args, data_path: str) -> tuple[Documents, Documents]:
+    """(train documents, validation documents): --val-data, or the last --val-fraction of the
+    corpus (engine.data.split_documents)."""
+    corpus = read_corpus(data_path)
     if args.val_data:
-        return text, read_corpus(args.val_data)
-    return split_text(text, args.val_fraction)
+        return corpus, read_corpus(args.val_data)
+    return split_documents(corpus, args.val_fraction)

@@ -106,10 +106,10 @@ def test_bad_input_one_clear_line(tmp_path, make, flags, message):
 
 
 def test_invalid_utf8_is_replaced_and_counted(tmp_path, capsys):
-    from engine.data import read_corpus
+    from engine.data import read_documents
     p = tmp_path / "bad.txt"
     p.write_bytes(b"good text \xff\xfe more\n")
-    text = read_corpus(str(p))
+    [text] = read_documents(str(p))
     assert "\ufffd" in text
     assert "2 invalid UTF-8" in capsys.readouterr().out
 
@@ -117,25 +117,27 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path, capsys):
 def test_utf16_and_byte_order_marks_are_read_as_text(tmp_path, capsys):
     """UTF-16 with a BOM (Windows PowerShell's `>`) was read as UTF-8: a NUL in every other
     byte, with a warning of only 2 invalid sequences; a UTF-8 BOM was kept as text."""
-    from engine.data import read_corpus
+    from engine.data import read_documents
     text = "the king, café\nmy lord 😀\n"
     (tmp_path / "a.txt").write_bytes(text.encode("utf-16"))  # little-endian, with its BOM
     (tmp_path / "b.txt").write_bytes(("\ufeff" + text).encode("utf-16-be"))
     (tmp_path / "c.txt").write_bytes(text.encode("utf-8-sig"))
-    assert read_corpus(str(tmp_path)) == text * 3
+    assert read_documents(str(tmp_path)) == [text] * 3
     assert capsys.readouterr().out == ""
 
 
 def test_directory_files_do_not_run_into_each_other(tmp_path):
     """A file without a final newline had its last line glued to the next file's first
-    ("The EndChapter 2"); nested and empty files are read too."""
-    from engine.data import read_corpus
+    ("The EndChapter 2"); now each file is a document (an empty one is none), nested files too,
+    and the text a tokenizer trains on puts a line break between them."""
+    from engine.data import read_corpus, read_documents
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.txt").write_text("The End")
     (tmp_path / "b.txt").write_text("")
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": "one doc"}) + "\n")
     (tmp_path / "sub" / "d.txt").write_text("Chapter 2\n")
-    assert read_corpus(str(tmp_path)) == "The End\none doc\nChapter 2\n"
+    assert read_documents(str(tmp_path)) == ["The End", "one doc", "Chapter 2\n"]
+    assert read_corpus(str(tmp_path)).text == "The End\none doc\nChapter 2\n"
 
 
 def test_binary_files_are_skipped_in_a_directory_and_refused_as_the_corpus(tmp_path, capsys):
@@ -144,7 +146,7 @@ def test_binary_files_are_skipped_in_a_directory_and_refused_as_the_corpus(tmp_p
     the corpus itself, a binary file is an error naming it."""
     import zipfile
     import zlib
-    from engine.data import read_corpus
+    from engine.data import read_documents
     d = tmp_path / "corpus"
     (d / "img").mkdir(parents=True)
     (d / "a.txt").write_text("the king\nmy lord\n")
@@ -154,16 +156,16 @@ def test_binary_files_are_skipped_in_a_directory_and_refused_as_the_corpus(tmp_p
     with zipfile.ZipFile(d / "b.zip", "w") as z:
         z.writestr("x.txt", "hello " * 100)
     (d / "c.txt").write_bytes("sweet prince\n".encode("utf-16"))  # NULs, but a BOM: text
-    assert read_corpus(str(d)) == "the king\nmy lord\nsweet prince\n"
+    assert read_documents(str(d)) == ["the king\nmy lord\n", "sweet prince\n"]
     out = capsys.readouterr().out.strip().splitlines()
     assert out == [f"warning: {d}: skipped 2 binary file(s) (NUL bytes, not text): "
                    f"b.zip, {os.path.join('img', 'pic.png')}"], out
     with pytest.raises(ValueError, match=r"pic\.png is not a text file \(NUL bytes in its first "
                                          r"8000 bytes: binary data, or UTF-16 text without"):
-        read_corpus(str(d / "img" / "pic.png"))
+        read_documents(str(d / "img" / "pic.png"))
     with pytest.raises(ValueError, match=r"corpus directory .*img holds no text, only 1 binary "
                                          r"file\(s\) \(NUL bytes\): pic\.png"):
-        read_corpus(str(d / "img"))
+        read_documents(str(d / "img"))
 
 
 def test_a_training_split_without_text_is_one_clear_error(tmp_path, monkeypatch):
@@ -228,52 +230,130 @@ def test_loss_plot_leaves_the_final_report_out_of_the_validation_curve(tmp_path,
     assert (tmp_path / "loss.png").stat().st_size > 0
 
 
+class _Bytes:
+    """A tokenizer of UTF-8 bytes with EOS 299, counting its encode calls."""
+    vocab_size, eos_id, calls = 300, 299, 0
+
+    def encode(self, text, add_bos=False):
+        _Bytes.calls += 1
+        return list(text.encode())
+
+    def save(self, d):
+        open(os.path.join(d, "t"), "w").write("x")
+
+
 def test_token_cache_reused(tmp_path, monkeypatch):
-    from engine.data import tokenize_cached
-
-    class Counting:
-        vocab_size, calls = 300, 0
-
-        def encode(self, text, add_bos=False):
-            Counting.calls += 1
-            return list(text.encode())
-
-        def save(self, d):
-            open(os.path.join(d, "t"), "w").write("x")
-
+    from engine.data import Documents, tokenize_cached
     monkeypatch.setenv("WHETSTONE_CACHE", str(tmp_path))
-    a = tokenize_cached("abc\ndef\n", Counting())
-    b = tokenize_cached("abc\ndef\n", Counting())
-    assert Counting.calls == 1 and list(a.tokens) == list(b.tokens) == list(b"abc\ndef\n")
-    assert a.n_bytes == 8
+    _Bytes.calls = 0
+    a = tokenize_cached(Documents(["abc\ndef\n"]), _Bytes())
+    b = tokenize_cached(Documents(["abc\ndef\n"]), _Bytes())
+    assert _Bytes.calls == 1 and list(a.tokens) == list(b.tokens) == [*b"abc\ndef\n", 299]
+    assert a.n_bytes == 8  # the text's bytes: EOS has none
 
 
 def test_token_caches_of_an_older_encoder_are_not_reused(tmp_path, monkeypatch):
-    """The chunked encoder's ids changed (chunks now cut only where the tokenizer splits anyway);
-    a cache it wrote before, under the same text + tokenizer key, was read back as is."""
+    """The ids changed twice: chunks cut only where the tokenizer splits anyway (encoder 2), then
+    EOS after each document (3). A cache written before, under the text + tokenizer key, was
+    read back as is; the key now holds the document boundaries and the open end too."""
     import hashlib
     import numpy as np
-    from engine.data import tokenize_cached
-
-    class Bytes:
-        vocab_size = 300
-
-        def encode(self, text, add_bos=False):
-            return list(text.encode())
-
-        def save(self, d):
-            open(os.path.join(d, "t"), "w").write("x")
-
+    from engine.data import ENCODER_VERSION, Documents, tokenize_cached
     monkeypatch.setenv("WHETSTONE_CACHE", str(tmp_path))
     text = "abc\ndef\n"
     old = hashlib.sha256(text.encode()).hexdigest()[:24] + "-" + "0123456789abcdef"
     (tmp_path / "tokens").mkdir()
-    (tmp_path / "tokens" / f"{old}.bin").write_bytes(np.arange(5, dtype=np.uint16).tobytes())
-    (tmp_path / "tokens" / f"{old}.json").write_text(json.dumps(
-        {"dtype": "uint16", "n_tokens": 5, "n_bytes": 8}))
-    split = tokenize_cached(text, Bytes(), "0123456789abcdef")
-    assert list(split.tokens) == list(text.encode())
-    assert split.key == old  # what --resume compares: the text's and the tokenizer's identity
+    for stem in (old, f"{old}-enc2"):  # unversioned, then encoder 2: text without EOS
+        (tmp_path / "tokens" / f"{stem}.bin").write_bytes(np.arange(5, dtype=np.uint16).tobytes())
+        (tmp_path / "tokens" / f"{stem}.json").write_text(json.dumps(
+            {"dtype": "uint16", "n_tokens": 5, "n_bytes": 8}))
+    split = tokenize_cached(Documents([text]), _Bytes(), "0123456789abcdef")
+    assert ENCODER_VERSION == 3 and list(split.tokens) == [*text.encode(), 299]
+    assert split.key.endswith("-0123456789abcdef") and split.key != old  # what --resume compares
+    # the same characters cut into other documents, or left open, are other data
+    keys = {tokenize_cached(c, _Bytes(), "0123456789abcdef").key
+            for c in (Documents([text]), Documents([text], open_end=True),
+                      Documents(["abc\n", "def\n"]), Documents(["abc", "\ndef\n"]))}
+    assert len(keys) == 4
+
+
+def test_corpus_documents_end_with_eos(tmp_path, monkeypatch):
+    """A JSONL file's records and a directory's files are documents: the tokens are
+    ids(doc 1) + [EOS] + ids(doc 2) + [EOS] + ... (nanoGPT's openwebtext prepare.py appends EOT
+    to every document, the last one too). Before, they were joined by blank lines or line
+    breaks into one text: a model trained on them never saw a document end, never emitted EOS,
+    and generate.py ran to --max-new-tokens."""
+    from engine.data import load_or_train_tokenizer, read_corpus, tokenize_cached
+    monkeypatch.setenv("WHETSTONE_CACHE", str(tmp_path / "cache"))
+    docs = ["the king is dead.\nlong live the king!", "my lord,\nsweet prince\n", "alas"]
+    tok = load_or_train_tokenizer("\n".join(docs * 20), 300, None)
+    assert tok.eos_id == 2 and tok.eos_token == "</s>"  # a from-scratch tokenizer has EOS
+    want = [i for d in docs for i in tok.encode(d, add_bos=False) + [tok.eos_id]]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n"
+                                              for d in [docs[0], "", *docs[1:]]))  # "": none
+    (tmp_path / "dir").mkdir()
+    for i, d in enumerate(docs):
+        (tmp_path / "dir" / f"{i}.txt").write_text(d)
+    for path in (tmp_path / "c.jsonl", tmp_path / "dir"):
+        assert list(tokenize_cached(read_corpus(str(path)), tok).tokens) == want, path
+    # a plain text file is one document: its ids as before, then one EOS
+    (tmp_path / "one.txt").write_text(docs[1])
+    assert list(tokenize_cached(read_corpus(str(tmp_path / "one.txt")), tok).tokens) \
+        == tok.encode(docs[1], add_bos=False) + [2]
+
+
+def test_validation_split_cuts_the_documents_by_characters():
+    """--val-fraction holds out the last fraction of the characters, cut at the next line start
+    inside a document (a one-document corpus splits as its text did), else at the document's
+    end. The cut document's head ends the training split without EOS, its tail starts the
+    validation split: the two splits' tokens are the whole corpus's, every fraction."""
+    from engine.data import Documents, encode_documents, split_documents
+    one = Documents(["aaa\nbbb\nccc\nddd\n"])
+    assert split_documents(one, 0.3) == (Documents(["aaa\nbbb\nccc\n"], open_end=True),
+                                         Documents(["ddd\n"]))
+    docs = Documents(["ab\ncd\n", "efgh", "ij\nkl\n"])  # 16 characters
+    assert split_documents(docs, 0.5) == (Documents(["ab\ncd\n", "efgh"]), Documents(["ij\nkl\n"]))
+    assert split_documents(docs, 0.375) == split_documents(docs, 0.5)  # on the boundary
+    assert split_documents(docs, 0.25) == (Documents(["ab\ncd\n", "efgh", "ij\n"], open_end=True),
+                                           Documents(["kl\n"]))
+    last = Documents(["ab\n", "cdef"])  # no line start left in the last document: inside its line
+    assert split_documents(last, 0.3) == (Documents(["ab\n", "c"], open_end=True), Documents(["def"]))
+    for corpus in (one, docs, last):
+        whole = encode_documents(corpus, _Bytes())
+        assert whole.count(299) == len(corpus.docs) and whole[-1] == 299
+        for f in (0.05, 0.1, 0.25, 0.4, 0.5, 0.7, 0.95):
+            train_docs, val_docs = split_documents(corpus, f)
+            assert encode_documents(train_docs, _Bytes()) + encode_documents(val_docs, _Bytes()) \
+                == whole, (corpus, f)
+    with pytest.raises(ValueError, match=r"--val-fraction must be in \(0, 1\)"):
+        split_documents(one, 1.0)
+
+
+def test_finetune_windows_hold_eos_between_documents(ref):
+    """Domain adaptation on a JSONL of short independent documents: train.py's first batch holds
+    the base tokenizer's EOS after documents, so the tuned model learns to stop."""
+    import torch
+    from engine.data import get_batch
+    from engine.tasks import build_task
+    from tokenizer import load_tokenizer
+    _, base, tmp = ref
+    rng = random.Random(4)
+    docs = [" ".join(rng.choices(["king", "lord", "night", "prince"], k=rng.randint(2, 6))) + "."
+            for _ in range(80)]
+    data = tmp / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    flags = ["--base", base, "--finetune", "lora", "--data", str(data), "--seq-len", "16",
+             "--batch-size", "4", "--no-progress", "--threads", "1", "--warmup-steps", "1",
+             "--max-steps", "1", "--eval-every", "100", "--eval-batches", "1",
+             "--final-eval-windows", "2", "--out", str(tmp / "eos-ft")]
+    assert train.main(flags) == 0
+    tok, args = load_tokenizer(base), train.parse_args(flags)
+    gen = torch.Generator().manual_seed(args.seed)  # train.py's: nothing draws before the batch
+    task = build_task(args, tok, str(data), gen)
+    first = [i for d in docs[:3] for i in tok.encode(d, add_bos=False) + [tok.eos_id]]
+    assert list(task.train.tokens[:len(first)]) == first
+    x, y = get_batch(task.train, args.batch_size, args.seq_len, gen)  # (4, 16) each
+    assert (x == tok.eos_id).any() and (y == tok.eos_id).any()  # EOS is a training target
 
 
 def test_metrics_port_serves_prometheus_during_training(corpus, tmp_path):
@@ -439,6 +519,24 @@ def test_resume_refuses_a_corpus_that_changed_since_the_run_started(ref):
     copy.write_text(original)
     assert resume(run) == 0
     assert_same_trajectory(full, run)
+
+
+def test_resume_of_a_run_tokenized_before_documents_ended_with_eos_says_so():
+    """A run saved by encoder 2 (no EOS after documents, keys of the joined text) cannot go on
+    with the same tokens: refused with the reason, not with 'the data changed'."""
+    import numpy as np
+    from engine.data import ENCODER_VERSION, TokenSplit
+    from engine.tasks import LMTask
+    split = TokenSplit(np.arange(40, dtype=np.uint16), 80, "k")
+    task = LMTask(split, split, 2, 8, 1)
+    assert task.state_dict() == {"train_key": "k", "val_key": "k", "encoder": ENCODER_VERSION}
+    task.load_state_dict(task.state_dict())
+    task.load_state_dict({})  # saved before data keys existed: not checked
+    with pytest.raises(ValueError, match=r"tokenized by an older encoder \(version 2 or older; "
+                                         r"now 3: each document ends with EOS\)"):
+        task.load_state_dict({"train_key": "k", "val_key": "k"})
+    with pytest.raises(ValueError, match="training text differs"):
+        task.load_state_dict({"train_key": "other", "val_key": "k", "encoder": ENCODER_VERSION})
 
 
 def test_resume_recovers_an_interrupted_checkpoint_swap_and_a_torn_log(ref):
@@ -607,16 +705,16 @@ def test_preset_tiny_alone_trains(corpus, tmp_path):
 
 
 def test_json_corpus_is_read_as_jsonl_like_detect_format(tmp_path):
-    from engine.data import read_corpus
+    from engine.data import read_documents
     from engine.sft import detect_format
     lines = "".join(json.dumps({"text": t}) + "\n" for t in ("first doc", "second doc"))
     (tmp_path / "t.json").write_text(lines)
     (tmp_path / "t.jsonl").write_text(lines)
     assert detect_format(str(tmp_path / "t.json")) == "text"
-    assert read_corpus(str(tmp_path / "t.json")) == read_corpus(str(tmp_path / "t.jsonl")) \
-        == "first doc\n\nsecond doc"
+    assert read_documents(str(tmp_path / "t.json")) == read_documents(str(tmp_path / "t.jsonl")) \
+        == ["first doc", "second doc"]
     (tmp_path / "a.json").write_text(json.dumps([{"text": "x"}]))
-    for read in (read_corpus, detect_format):
+    for read in (read_documents, detect_format):
         with pytest.raises(ValueError, match="a JSON array; write one JSON object per line"):
             read(str(tmp_path / "a.json"))
 
@@ -784,7 +882,7 @@ def test_an_accumulated_step_equals_one_big_batch_step_of_the_reference(corpus, 
     from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
     from engine.checkpoint import read_safetensors_dir
     from engine.config import preset
-    from engine.data import get_batch, read_corpus, split_text, tokenize_cached, tokenizer_hash
+    from engine.data import get_batch, read_corpus, split_documents, tokenize_cached, tokenizer_hash
     from engine.model import Transformer
     from tokenizer import load_tokenizer
     steps, warm, lr, clip, wd, seed, seq = 4, 2, 3e-3, 0.5, 1.0, 3, 32
@@ -799,7 +897,7 @@ def test_an_accumulated_step_equals_one_big_batch_step_of_the_reference(corpus, 
     torch.manual_seed(seed)  # train.py's initialization
     cfg = preset("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     model = Transformer(cfg).train()
-    split = tokenize_cached(split_text(read_corpus(str(corpus)), 0.1)[0], tok, tokenizer_hash(tok))
+    split = tokenize_cached(split_documents(read_corpus(str(corpus)), 0.1)[0], tok, tokenizer_hash(tok))
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(_reference_groups(model, wd), lr=lr, betas=(0.9, 0.95), eps=1e-8)
     sched = get_cosine_with_min_lr_schedule_with_warmup(opt, warm, steps, min_lr_rate=0.1)
