@@ -85,7 +85,8 @@ def _run(args, given: set[str], stage: dict) -> int:
                              f"these differ and cannot change: {'; '.join(changed)} (only "
                              + ", ".join("--" + f.replace("_", "-") for f in RESUME_FLAGS[1:])
                              + " may be given with --resume)")
-        args = argparse.Namespace(**{"fsdp": False, "rpo_alpha": 0.0, **saved,  # older runs lack some
+        args = argparse.Namespace(**{"fsdp": False, "rpo_alpha": 0.0, "dpo_loss": "sigmoid",
+                                     **saved,  # older runs lack some
                                      "resume": args.resume, "device": args.device,
                                      "threads": args.threads, "no_progress": args.no_progress,
                                      "pause_at_step": args.pause_at_step,
@@ -157,11 +158,22 @@ def _run(args, given: set[str], stage: dict) -> int:
 
     # Model and optimizer.
     mode = args.finetune or "full"
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
     if args.base:
         report = finetune.prepare(model, mode, r=args.lora_r, alpha=args.lora_alpha,
                                   dropout=args.lora_dropout, rslora=args.rslora,
                                   targets=args.lora_targets,
                                   trainable_layers=args.trainable_layers)
+        if args.objective == "dpo" and mode not in finetune.ADAPTER_MODES:
+            # no adapters to switch off: the reference log-probs are the base's, fixed now (a
+            # resume reads the run's; the trained weights are restored only below)
+            from engine.dpo import REFERENCE_FILE
+            task.fix_reference(model, device, autocast, os.path.join(run_dir, REFERENCE_FILE),
+                               resuming=bool(resume_dir), write=distributed.is_main(),
+                               progress=not args.no_progress and distributed.is_main(),
+                               base=args.base, say=lambda line: distributed.is_main() and
+                               print(line, flush=True))
         if resume_dir:
             finetune.restore_trained(model, resume_dir, mode)
     elif resume_dir:
@@ -213,8 +225,6 @@ def _run(args, given: set[str], stage: dict) -> int:
     metrics = (MetricsLog(os.path.join(run_dir, "metrics.jsonl"),
                           truncate_after_step=step if resume_dir else None)
                if distributed.is_main() else distributed.NoLog())
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
     n_params = model.num_parameters()
     n_train = model.num_parameters(trainable_only=True)
     tokens_per_step = args.batch_size * args.world_size * args.seq_len * args.grad_accum

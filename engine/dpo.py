@@ -23,15 +23,31 @@ displacement" that leaves answers rambling or unfinished. The NLL term keeps the
 chosen answers likely. TRL averages it over the batch's tokens, here over each pair's (the same
 when the chosen answers have equal lengths).
 
-The reference is the policy itself with its LoRA adapters switched off
-(engine.lora.disable_adapters) under no_grad: no second copy of the weights. The base weights
-never change during adapter training, so a pair's reference log-probs are computed once (the
-first time the pair is seen) and cached. Data loading and tokenization are engine/sft.py's
+--dpo-loss picks the per-pair loss on the same log-ratios, as TRL 1.16's DPOTrainer loss_type:
+    sigmoid  the loss above (label smoothing and RPO apply)
+    ipo      (delta_avg - 1 / (2 beta))^2 (IPO, Azar et al. 2023, Eq. 17), where delta_avg uses
+             each side's log-ratio divided by ITS number of completion tokens (TRL's length
+             normalization, confirmed there with the IPO authors): beta is the regularization tau
+    hinge    relu(1 - beta * delta) (SLiC, Zhao et al. 2023)
+The logged rewards are beta * (logp_pi - logp_ref) (sums, not averages) for every loss type, as
+TRL logs them. TRL 1.x's ipo and hinge ignore label_smoothing: with them it is refused here.
+
+The reference, with adapters (lora, dora, qlora), is the policy itself with its LoRA adapters
+switched off (engine.lora.disable_adapters) under no_grad: no second copy of the weights. The
+base weights never change during adapter training, so a pair's reference log-probs are computed
+once (the first time the pair is seen) and cached. Without adapters (--finetune full or freeze)
+there is nothing to switch off: every training and held-out pair's reference log-probs are
+computed once before the first step, from the initial (base) weights, in eval mode under no_grad
+(TRL's precompute_ref_log_probs=True; again no second copy of the weights), and stored in the run
+(REFERENCE_FILE, safetensors) so that a resume uses the ORIGINAL base's, whatever the weights
+are by then (DPO.fix_reference). Data loading and tokenization are engine/sft.py's
 (load_preferences, tokenize_pair, collate_pairs); shapes (2B, T): B chosen rows, B rejected rows.
 """
 from __future__ import annotations
 
 import math
+import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -49,23 +65,47 @@ def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torc
     return -nll.sum(dim=1)
 
 
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float = 0.1, label_smoothing: float = 0.0
+             ref_rejected: torch.Tensor, beta: float = 0.1, label_smoothing: float = 0.0,
+             loss_type: str = "sigmoid", chosen_tokens: torch.Tensor | None = None,
+             rejected_tokens: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair losses (B,), chosen rewards (B,) and rejected rewards (B,) (rewards detached)."""
+    """Per-pair losses (B,), chosen rewards (B,) and rejected rewards (B,) (rewards detached).
+    ipo needs chosen_tokens and rejected_tokens (B,): each side's completion token count."""
     chosen_ratio = policy_chosen - ref_chosen                              # (B,)
     rejected_ratio = policy_rejected - ref_rejected                        # (B,)
-    logits = beta * (chosen_ratio - rejected_ratio)                         # beta * delta
-    losses = (-(1 - label_smoothing) * F.logsigmoid(logits)
-              - label_smoothing * F.logsigmoid(-logits))
+    if loss_type == "sigmoid":
+        logits = beta * (chosen_ratio - rejected_ratio)                     # beta * delta
+        losses = (-(1 - label_smoothing) * F.logsigmoid(logits)
+                  - label_smoothing * F.logsigmoid(-logits))
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * (chosen_ratio - rejected_ratio))
+    elif loss_type == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("the ipo loss needs each side's completion token count")
+        # TRL 1.16: each side's log-ratio per completion token (at least 1), then Eq. 17
+        delta = (chosen_ratio / chosen_tokens.clamp(min=1).to(chosen_ratio.dtype)
+                 - rejected_ratio / rejected_tokens.clamp(min=1).to(rejected_ratio.dtype))  # (B,)
+        losses = (delta - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def check_hparams(beta: float, label_smoothing: float, rpo_alpha: float = 0.0) -> None:
+def check_hparams(beta: float, label_smoothing: float, rpo_alpha: float = 0.0,
+                  loss_type: str = "sigmoid") -> None:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"--dpo-loss must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
     if not beta > 0 or not math.isfinite(beta):
         raise ValueError(f"--beta must be > 0, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"--label-smoothing in [0, 0.5) is required, got {label_smoothing}")
+    if label_smoothing and loss_type != "sigmoid":  # TRL 1.x's ipo and hinge would ignore it
+        raise ValueError(f"--label-smoothing applies only to --dpo-loss sigmoid (conservative DPO); "
+                         f"the {loss_type} loss has no label-noise term")
     if not 0.0 <= rpo_alpha < math.inf:
         raise ValueError(f"--rpo-alpha must be >= 0, got {rpo_alpha}")
 
@@ -188,12 +228,14 @@ def _same_form(raw: list, conversational: bool, path: str, on_error: str, warn, 
 # ---------------------------------------------------------------------------------------------
 def reference_logps(model, data: PreferenceSet, idx: list[int], x: torch.Tensor,
                     y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference log-probs (B,), (B,) of the pairs idx: the model with adapters disabled."""
+    """Reference log-probs (B,), (B,) of the pairs idx: cached (precomputed without adapters),
+    else the model with adapters disabled."""
     from engine.lora import disable_adapters, lora_layers
-    if not lora_layers(model):
-        raise ValueError("DPO's reference is the base model with its LoRA adapters disabled: "
-                         "use --finetune lora, dora or qlora")
     if any(i not in data.ref for i in idx):
+        if not lora_layers(model):  # full / freeze: the policy has moved, it is no reference
+            raise ValueError("DPO's reference is the base model with its LoRA adapters disabled, "
+                             "or, without adapters, log-probs precomputed from the initial weights "
+                             "(DPO.fix_reference) before the first step")
         with torch.no_grad(), disable_adapters(model):
             ref = sequence_logps(model, x, y).float().cpu()                  # (2B,)
         B = len(idx)
@@ -201,6 +243,65 @@ def reference_logps(model, data: PreferenceSet, idx: list[int], x: torch.Tensor,
             data.ref[i] = (ref[k].item(), ref[B + k].item())
     ref = torch.tensor([data.ref[i] for i in idx], dtype=torch.float32, device=x.device)  # (B, 2)
     return ref[:, 0], ref[:, 1]
+
+
+@torch.no_grad()
+def precompute_reference(model, data: PreferenceSet, batch_size: int, device, autocast_ctx,
+                         bar=None) -> None:
+    """Fill data.ref with every pair's reference log-probs from the model as it is now (eval
+    mode, no_grad, batch_size pairs a forward; TRL's _precompute_ref_logps). `bar`: a tqdm to
+    advance by each batch's pairs."""
+    was_training = model.training
+    model.eval()
+    try:
+        for b in range(0, len(data), batch_size):
+            idx = list(range(b, min(b + batch_size, len(data))))
+            x, y = data.collate(idx, device)                                # (2B, T)
+            with autocast_ctx:
+                ref = sequence_logps(model, x, y).float().cpu()               # (2B,)
+            for k, i in enumerate(idx):
+                data.ref[i] = (ref[k].item(), ref[len(idx) + k].item())
+            if bar is not None:
+                bar.update(len(idx))
+    finally:
+        model.train(was_training)
+
+
+REFERENCE_FILE = "reference_logps.safetensors"
+
+
+def save_reference(path: str, task: "DPO", base: str | None = None) -> None:
+    """The precomputed reference log-probs of task's pairs as safetensors (atomic): tensors
+    train (N, 2) and val (M, 2) (chosen, rejected) in float32, metadata the pairs' data keys."""
+    from safetensors.torch import save as st_save
+    from engine.config import atomic_write_bytes
+    tensors = {name: torch.tensor([data.ref[i] for i in range(len(data))],
+                                  dtype=torch.float32).reshape(len(data), 2)
+               for name, data in (("train", task.train), ("val", task.val))}
+    meta = {"train_key": task.train.key, "val_key": task.val.key, "base": str(base)}
+    atomic_write_bytes(path, st_save(tensors, metadata=meta))
+
+
+def load_reference(path: str, task: "DPO") -> None:
+    """Fill task's caches from save_reference's file. ValueError when the pairs are not the
+    file's (the data changed since the run started: as the resume's data-key check says) or the
+    file is damaged (deleting it has them recomputed from --base)."""
+    from safetensors import SafetensorError, safe_open
+    from engine.tasks import check_data_keys
+    damaged = (f"{path} is damaged ({{}}); it holds the run's reference log-probs (delete it to "
+               "recompute them from --base)")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise ValueError(damaged.format(e)) from None
+    check_data_keys(meta, task.train.key, task.val.key, "data")
+    for name, data in (("train", task.train), ("val", task.val)):
+        t = tensors.get(name)
+        if t is None or tuple(t.shape) != (len(data), 2):
+            raise ValueError(damaged.format(f"no {name} tensor of shape ({len(data)}, 2)"))
+        data.ref = {i: (c, r) for i, (c, r) in enumerate(t.tolist())}
 
 
 def summarize(losses, chosen_rewards, rejected_rewards, chosen_nll=None, prefix: str = ""
@@ -221,10 +322,11 @@ class DPO:
     """Training and held-out evaluation of the DPO objective over two PreferenceSets."""
 
     def __init__(self, train: PreferenceSet, val: PreferenceSet, batch_size: int, beta: float = 0.1,
-                 label_smoothing: float = 0.0, rpo_alpha: float = 0.0):
-        check_hparams(beta, label_smoothing, rpo_alpha)
+                 label_smoothing: float = 0.0, rpo_alpha: float = 0.0, loss_type: str = "sigmoid"):
+        check_hparams(beta, label_smoothing, rpo_alpha, loss_type)
         self.train, self.val, self.batch_size = train, val, batch_size
         self.beta, self.label_smoothing, self.rpo_alpha = beta, label_smoothing, rpo_alpha
+        self.loss_type = loss_type
         self._stats: list[dict] = []
         self._tokens = 0  # real (non-padding) tokens through the policy since pop_tokens()
 
@@ -236,14 +338,49 @@ class DPO:
         ref_c, ref_r = reference_logps(model, data, idx, x, y)              # (B,), (B,)
         logps = sequence_logps(model, x, y)                                 # (2B,)
         B = len(idx)
-        losses, rc, rr = dpo_loss(logps[:B], logps[B:], ref_c, ref_r, self.beta, self.label_smoothing)
-        nll = -logps[:B] / (y[:B] != IGNORE).sum(dim=1).clamp(min=1)        # (B,)
+        n_tok = (y != IGNORE).sum(dim=1)                                    # (2B,) completion tokens
+        losses, rc, rr = dpo_loss(logps[:B], logps[B:], ref_c, ref_r, self.beta, self.label_smoothing,
+                                  self.loss_type, n_tok[:B], n_tok[B:])
+        nll = -logps[:B] / n_tok[:B].clamp(min=1)                           # (B,)
         if self.rpo_alpha:
             losses = losses + self.rpo_alpha * nll
         return losses, rc, rr, nll.detach()
 
     def start_step(self, n_micro: int) -> None:
         pass  # micro-batches of equal pair counts: each is 1/n_micro of the step
+
+    def fix_reference(self, model, device, autocast_ctx, path: str, resuming: bool,
+                      write: bool = True, progress: bool = True, base: str | None = None,
+                      say=lambda line: print(line, flush=True)) -> None:
+        """Without adapters (--finetune full / freeze): every pair's reference log-probs, fixed
+        before the first step. A new run computes them from `model` (the base, as loaded) and
+        writes them to `path` (when `write`: rank 0); a resumed run reads them back, so they stay
+        the ORIGINAL base's whatever the weights are by then (and identical on any device); if
+        the file is missing, `model` (train.py calls this before restoring the trained weights,
+        so still --base) computes them again. Under torchrun every rank computes all pairs (one
+        pass, no collective; the same figures on every rank)."""
+        if resuming and os.path.exists(path):
+            load_reference(path, self)
+            say(f"reference log-probs: read from {path} ({len(self.train):,} training + "
+                f"{len(self.val):,} held-out pairs)")
+            return
+        from tqdm import tqdm
+        from engine.distributed import world_size
+        n, t0 = len(self.train) + len(self.val), time.perf_counter()
+        say(f"reference log-probs: computing them for {len(self.train):,} training + "
+            f"{len(self.val):,} held-out pairs with the base weights (once, before the first step)"
+            + (f"; {path} was missing" if resuming else ""))
+        bar = tqdm(total=n, desc="reference", dynamic_ncols=True, disable=not progress)
+        step = max(1, self.batch_size // world_size())  # a training micro-batch's pairs
+        try:
+            for data in (self.train, self.val):
+                data.ref = {}
+                precompute_reference(model, data, step, device, autocast_ctx, bar)
+        finally:
+            bar.close()
+        say(f"reference log-probs: {n:,} pairs in {time.perf_counter() - t0:.1f}s")
+        if write:
+            save_reference(path, self, base)
 
     def train_step(self, model, gen: torch.Generator, device) -> torch.Tensor:
         """Mean loss over one random batch (for backward); its statistics are kept for log()."""

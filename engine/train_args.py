@@ -86,8 +86,12 @@ def _parser(description: str | None = None) -> OneLineParser:
     a("--bad-lines", choices=("stop", "skip"), default="stop",
       help="SFT data: stop at a malformed JSONL line, or skip it with a warning")
     a("--objective", choices=("lm", "dpo"), default="lm",
-      help="lm: next-token loss; dpo: preference pairs in --data (engine/dpo.py; needs --base and "
-           "an adapter --finetune mode: the reference is the base with adapters disabled)")
+      help="lm: next-token loss; dpo: preference pairs in --data (engine/dpo.py; needs --base; the "
+           "reference is the base: adapters disabled, or with --finetune full/freeze its "
+           "log-probs computed once before the first step)")
+    a("--dpo-loss", choices=("sigmoid", "ipo", "hinge"), default="sigmoid",
+      help="DPO: the pair loss, as TRL's loss_type (sigmoid: DPO; ipo: IPO on per-token "
+           "log-ratios; hinge: SLiC)")
     a("--beta", type=float, default=0.1, help="DPO: strength of the KL-style reference anchor")
     a("--label-smoothing", type=float, default=0.0, help="DPO: conservative DPO label noise in [0, 0.5)")
     a("--rpo-alpha", type=float, default=0.0,
@@ -128,7 +132,8 @@ _ONLY_WITH = (
      lambda a: a.finetune in finetune.ADAPTER_MODES, "--finetune lora, dora or qlora"),
     (("trainable_layers",), lambda a: a.finetune in ("full", "freeze"), "--finetune full or freeze"),
     (("half_round_steps",), lambda a: a.half_finetune, "--half-finetune"),
-    (("beta", "label_smoothing", "rpo_alpha"), lambda a: a.objective == "dpo", "--objective dpo"),
+    (("beta", "label_smoothing", "rpo_alpha", "dpo_loss"), lambda a: a.objective == "dpo",
+     "--objective dpo"),
     (("eval_batches", "final_eval_windows"), lambda a: _plain_text(a),
      "plain-text data (SFT and DPO evaluate their whole validation set)"),
 )
@@ -227,12 +232,9 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
     if args.objective == "dpo":
         if not args.base or not args.data:
             p.error("--objective dpo needs --base MODEL and --data PREFERENCES.jsonl")
-        if args.finetune not in finetune.ADAPTER_MODES:
-            p.error("--objective dpo needs --finetune lora, dora or qlora (the reference model is "
-                    "the base with its adapters disabled)")
         from engine.dpo import check_hparams
         try:
-            check_hparams(args.beta, args.label_smoothing, args.rpo_alpha)
+            check_hparams(args.beta, args.label_smoothing, args.rpo_alpha, args.dpo_loss)
         except ValueError as e:
             p.error(str(e))
     if args.lr is None:

@@ -145,6 +145,39 @@ def test_label_smoothing_formula_and_gradient():
     assert s["rewards_chosen"] == pytest.approx(0.1 * (-0.5 + 0.5 - 1.0) / 3, abs=1e-6)
 
 
+def test_ipo_and_hinge_formulas_and_gradients():
+    """TRL 1.16 dpo_trainer.py: hinge = relu(1 - beta * delta); ipo = (delta_avg - 1/(2 beta))^2
+    with delta_avg = chosen log-ratio / chosen completion tokens - rejected log-ratio / rejected
+    completion tokens. Rewards stay beta * log-ratio (sums) for both, as TRL logs them."""
+    pc = torch.tensor([-3.0, -1.0, -70.0], requires_grad=True)
+    pr = torch.tensor([-2.0, -4.0, -7.5])
+    rc, rr = torch.tensor([-2.5, -1.5, -60.0]), torch.tensor([-2.5, -3.0, -7.0])
+    nc, nr = torch.tensor([3, 1, 20]), torch.tensor([5, 2, 0])  # 0: clamped to 1, as TRL
+    beta = 0.2
+    for loss_type in ("hinge", "ipo"):
+        losses, c, r = dpo.dpo_loss(pc, pr, rc, rr, beta, 0.0, loss_type, nc, nr)
+        (g,) = torch.autograd.grad(losses.sum(), pc)
+        for i in range(3):
+            cr, rj = (pc[i] - rc[i]).item(), (pr[i] - rr[i]).item()
+            if loss_type == "hinge":
+                want, dwant = max(0.0, 1 - beta * (cr - rj)), (-beta if 1 - beta * (cr - rj) > 0 else 0.0)
+            else:
+                d = cr / max(nc[i].item(), 1) - rj / max(nr[i].item(), 1)
+                want, dwant = (d - 1 / (2 * beta)) ** 2, 2 * (d - 1 / (2 * beta)) / max(nc[i].item(), 1)
+            assert losses[i].item() == pytest.approx(want, rel=1e-6), (loss_type, i)
+            assert g[i].item() == pytest.approx(dwant, rel=1e-5, abs=1e-7), (loss_type, i)
+            assert c[i].item() == pytest.approx(beta * cr) and r[i].item() == pytest.approx(beta * rj)
+    # deltas -1, 1.5, -9.5: with beta 5 pair 1 is past the hinge (zero loss, zero gradient)
+    losses = dpo.dpo_loss(pc, pr, rc, rr, 5.0, loss_type="hinge")[0]
+    assert losses.tolist() == pytest.approx([6.0, 0.0, 48.5])
+    (g,) = torch.autograd.grad(losses.sum(), pc)
+    assert g.tolist() == pytest.approx([-5.0, 0.0, -5.0])
+    with pytest.raises(ValueError, match="completion token count"):
+        dpo.dpo_loss(pc, pr, rc, rr, beta, loss_type="ipo")
+    with pytest.raises(ValueError, match="--label-smoothing applies only to --dpo-loss sigmoid"):
+        dpo.DPO(None, None, 2, beta, label_smoothing=0.1, loss_type="ipo")
+
+
 def test_fresh_adapter_starts_at_log2(tmp_path):
     # LoRA B = 0 at init: policy = reference, so every pair's loss is log 2 and rewards are 0.
     torch.manual_seed(0)
@@ -181,6 +214,58 @@ def test_reference_is_base_under_disabled_adapters(tmp_path):
     assert dpo.reference_logps(policy, data, [0], *data.collate([0], "cpu"))[0].item() == 1.0
     with pytest.raises(ValueError, match="adapters disabled"):
         dpo.reference_logps(base, data, [1], *data.collate([1], "cpu"))
+
+
+def test_without_adapters_reference_is_precomputed_from_the_initial_weights(tmp_path):
+    """--finetune full / freeze: every pair's reference log-probs are computed once, before the
+    first step, from the initial weights (eval mode, no_grad, batched): equal to a direct
+    computation with a separate copy of the base, pair by pair; the first step's loss is log 2
+    (policy = reference); after the weights move the reference does not; the stored file
+    restores the same figures and refuses other pairs."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=140))
+    base = Transformer(preset("tiny", vocab_size=140)).eval()
+    base.load_state_dict(model.state_dict())
+    tok = CharTok()
+    raw, _ = load_preferences(write_jsonl(tmp_path / "p.jsonl", PAIRS))
+    train_set, _ = dpo.PreferenceSet.tokenize(raw, tok, seq_len=64)
+    val_set, _ = dpo.PreferenceSet.tokenize(raw[1:], tok, seq_len=64)
+    task = dpo.DPO(train_set, val_set, batch_size=2, beta=0.5)
+    with pytest.raises(ValueError, match="precomputed from the initial weights"):
+        task.train_step(model, torch.Generator().manual_seed(0), "cpu")  # no adapters, no reference
+    path, said = str(tmp_path / dpo.REFERENCE_FILE), []
+    model.train()
+    task.fix_reference(model, "cpu", torch.autocast("cpu", enabled=False), path, resuming=False,
+                       progress=False, say=said.append)
+    assert model.training and "3 training + 2 held-out pairs" in said[0] and len(said) == 2
+    for data, rows in ((train_set, PAIRS), (val_set, PAIRS[1:])):
+        assert sorted(data.ref) == list(range(len(rows)))
+        for i, p in enumerate(rows):  # prompt = BOS + its chars; completion = its chars + EOS
+            prompt = [1] + [10 + ord(ch) for ch in p["prompt"]]
+            with torch.no_grad():
+                want = [explicit_logp(base, prompt + [10 + ord(ch) for ch in p[k]] + [2], len(prompt))
+                        for k in ("chosen", "rejected")]
+            assert data.ref[i] == pytest.approx([w.item() for w in want], abs=1e-5)
+    ref_before = dict(train_set.ref)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    loss = task.train_step(model, torch.Generator().manual_seed(0), "cpu")
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    loss.backward()
+    opt.step()
+    moved = task.loss(model, train_set, [0, 1, 2], "cpu")[0]
+    assert train_set.ref == ref_before and abs(moved.mean().item() - math.log(2)) > 1e-3
+    # the stored file: the same figures in a fresh task; other pairs are refused
+    fresh_train, _ = dpo.PreferenceSet.tokenize(raw, tok, seq_len=64)
+    fresh_val, _ = dpo.PreferenceSet.tokenize(raw[1:], tok, seq_len=64)
+    fresh = dpo.DPO(fresh_train, fresh_val, batch_size=2)
+    fresh.fix_reference(model, "cpu", None, path, resuming=True, say=said.append)  # no compute
+    assert fresh_train.ref == ref_before and fresh_val.ref == val_set.ref and "read from" in said[-1]
+    other, _ = dpo.PreferenceSet.tokenize(raw[:2], tok, seq_len=64)
+    with pytest.raises(ValueError, match="the training data differs from the one the run"):
+        dpo.load_reference(path, dpo.DPO(other, fresh_val, batch_size=2))
+    open(path, "wb").write(b"not safetensors")
+    with pytest.raises(ValueError, match="is damaged"):
+        dpo.load_reference(path, fresh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,6 +345,72 @@ def test_resume_identical(base):
                 assert x[k] == pytest.approx(y[k], abs=1e-5), (x["step"], k)
 
 
+def test_full_finetune_dpo_end_to_end(base, monkeypatch):
+    """--finetune full: the reference log-probs are computed once from --base before the step-0
+    evaluation (whose loss is then exactly log 2), stored in the run, and equal the base's own
+    log-probs of every pair; no second model is built (the reference is not a copy); the
+    preference is learned and the output is a full model directory."""
+    run_base, prefs, tmp = base
+    from engine import model as model_mod
+    from engine.hub import load_model
+    built = []
+    init = model_mod.Transformer.__init__
+    monkeypatch.setattr(model_mod.Transformer, "__init__",
+                        lambda self, *a, **k: (built.append(self), init(self, *a, **k))[1])
+    out = str(tmp / "dpo-full")
+    assert train.main(["--objective", "dpo", "--base", run_base, "--finetune", "full", "--data", prefs,
+                       "--out", out, "--max-steps", "10", "--eval-every", "5", "--lr", "3e-3",
+                       "--beta", "0.5", *FLAGS, "--log-every", "1"]) == 0
+    monkeypatch.undo()
+    # one model with real weights (the others are meta-device skeletons the loaders read names
+    # from): the base, loaded once, is also the reference
+    real = [m for m in built if any(p.device.type != "meta" for p in m.parameters())]
+    assert len(real) == 1, f"{len(real)} models with weights"
+    ev = metrics(out)
+    assert ev[0]["step"] == 0 and ev[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert ev[0]["val_margin"] == 0 and ev[0]["val_reward_acc"] == 0
+    logs = [e for e in ev if "reward_acc" in e]
+    assert logs[0]["step"] == 1 and logs[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert ev[-1]["final"] and ev[-1]["val_loss"] < math.log(2) - 0.05 and ev[-1]["val_margin"] > 0
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))
+    assert not os.path.exists(os.path.join(out, "adapter_config.json"))
+    from safetensors.torch import load_file
+    stored = load_file(os.path.join(out, dpo.REFERENCE_FILE))
+    model, tok = load_model(run_base)
+    tr, va, _ = dpo.load_preference_data(prefs, tok, 48, 0.1)
+    for name, data in (("train", tr), ("val", va)):
+        x, y = data.collate(list(range(len(data))), "cpu")
+        with torch.no_grad():
+            want = dpo.sequence_logps(model, x, y)                         # (2N,)
+        assert stored[name].shape == (len(data), 2)
+        assert torch.allclose(stored[name].T.reshape(-1), want, atol=1e-4), name
+
+
+def test_freeze_dpo_resume_uses_the_original_base_reference(base):
+    """A paused --finetune freeze DPO run resumes with the same losses as an uninterrupted one:
+    reading the stored reference log-probs, or (file deleted) recomputing them from --base before
+    the trained weights are restored; from the resumed weights they would differ."""
+    run_base, prefs, tmp = base
+    common = ["--objective", "dpo", "--base", run_base, "--finetune", "freeze", "--data", prefs,
+              "--max-steps", "6", "--eval-every", "3", "--lr", "3e-3", "--dpo-loss", "ipo", *FLAGS]
+    whole = str(tmp / "f-whole")
+    assert train.main([*common, "--out", whole]) == 0
+    for name, delete in (("f-part", False), ("f-part-del", True)):
+        part = str(tmp / name)
+        assert train.main([*common, "--out", part, "--pause-at-step", "3"]) == 0
+        if delete:
+            os.remove(os.path.join(part, dpo.REFERENCE_FILE))
+        assert train.main(["--resume", part, "--no-progress", "--threads", "1"]) == 0
+        assert os.path.isfile(os.path.join(part, dpo.REFERENCE_FILE))  # written back
+        a, b = metrics(whole), metrics(part)
+        assert [e["step"] for e in a] == [e["step"] for e in b]
+        for x, y in zip(a, b):
+            for k in ("train_loss", "reward_acc", "margin", "val_loss", "val_margin"):
+                assert (k in x) == (k in y)
+                if k in x:
+                    assert x[k] == pytest.approx(y[k], abs=1e-5), (name, x["step"], k)
+
+
 def test_resume_refuses_preference_data_that_changed(base, tmp_path):
     """Resuming a DPO run on edited pairs would silently optimize other preferences (and judge
     the best checkpoint on other held-out pairs): refused, nothing touched; with the data
@@ -314,8 +465,16 @@ def test_bad_preference_lines_name_the_line(base, tmp_path, row, why):
 def test_cli_errors_are_one_line(base, tmp_path, capsys):
     run_base, prefs, _ = base
     flag_errors = [(["--objective", "dpo", "--data", prefs], "needs --base"),
-                   (["--objective", "dpo", "--base", run_base, "--finetune", "full", "--data", prefs],
-                    "needs --finetune lora, dora or qlora"),
+                   (["--objective", "dpo", "--base", run_base, "--data", prefs, "--dpo-loss",
+                     "ipo", "--label-smoothing", "0.1"],
+                    "--label-smoothing applies only to --dpo-loss sigmoid"),
+                   (["--objective", "dpo", "--base", run_base, "--data", prefs, "--dpo-loss",
+                     "hinge", "--label-smoothing", "0.1"],
+                    "--label-smoothing applies only to --dpo-loss sigmoid"),
+                   (["--objective", "dpo", "--base", run_base, "--data", prefs, "--dpo-loss", "kto"],
+                    "argument --dpo-loss: invalid choice"),
+                   (["--base", run_base, "--data", prefs, "--dpo-loss", "ipo"],
+                    "--dpo-loss applies only to --objective dpo"),
                    (["--objective", "dpo", "--base", run_base, "--data", prefs, "--beta", "0"],
                     "--beta must be > 0"),
                    (["--objective", "dpo", "--base", run_base, "--data", prefs,
@@ -425,13 +584,14 @@ def _trl():
     return trl
 
 
-@pytest.mark.parametrize("rpo_alpha", [0.0, 0.5])
-def test_loss_rewards_and_gradients_equal_trl_dpo_trainer(tmp_path, rpo_alpha):
-    """One batch of three pairs through TRL's DPOTrainer._compute_loss (policy: a PEFT LoRA with
-    random B; reference: the base) and through DPO.loss on the same checkpoint loaded with
-    load_model(base, adapter=...): same loss, rewards/*, and LoRA gradients. RPO is TRL 1.x's
-    loss_type ["sigmoid", "sft"] with weights [1, alpha]: its NLL is the batch's token mean,
-    ours each pair's, equal here because every chosen answer has 3 tokens."""
+def _trl_compare(tmp_path, loss_type="sigmoid", rpo_alpha=0.0, full=False):
+    """One batch of three pairs through TRL's DPOTrainer._compute_loss and through DPO.loss:
+    (our summarize() figures, TRL's logged rewards/*, TRL's loss, our grads, TRL's grads).
+    LoRA (full=False): the policy is a PEFT LoRA with random B, TRL's reference the base, ours
+    the checkpoint loaded with load_model(base, adapter=...). Full (full=True): the policy is
+    the base with every weight perturbed, TRL's reference a separately loaded frozen base, ours
+    the reference log-probs precomputed from the base before the policy's weights are loaded
+    (what --finetune full does)."""
     _trl()
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
@@ -448,20 +608,27 @@ def test_loss_rewards_and_gradients_equal_trl_dpo_trainer(tmp_path, rpo_alpha):
                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     hf = LlamaForCausalLM(cfg).eval()
     hf.save_pretrained(tmp_path / "base")
-    policy = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                           target_modules=["q_proj", "v_proj", "down_proj"]))
-    with torch.no_grad():
-        for n, p in policy.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)  # policy != reference
-    policy.save_pretrained(tmp_path / "adapter")
+    if full:
+        policy = hf
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(torch.randn_like(p) * 0.05)  # policy != reference
+        policy.save_pretrained(tmp_path / "policy")
+    else:
+        policy = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                               target_modules=["q_proj", "v_proj", "down_proj"]))
+        with torch.no_grad():
+            for n, p in policy.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)  # policy != reference
+        policy.save_pretrained(tmp_path / "adapter")
     ref = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
     # TRL needs a tokenizer and a dataset to start; the batch below is given as token ids
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, V)}}
     hf_tok = HFTokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     hf_tok.pre_tokenizer = pre_tokenizers.Whitespace()
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=hf_tok, eos_token="</s>", pad_token="<pad>")
-    losses = ["sigmoid", "sft"] if rpo_alpha else ["sigmoid"]
+    losses = [loss_type, "sft"] if rpo_alpha else [loss_type]
     args = DPOConfig(str(tmp_path / "trl"), beta=beta, loss_type=losses,
                      loss_weights=[1.0, rpo_alpha] if rpo_alpha else None, report_to=[],
                      use_cpu=True, bf16=False, per_device_train_batch_size=3)
@@ -491,24 +658,41 @@ def test_loss_rewards_and_gradients_equal_trl_dpo_trainer(tmp_path, rpo_alpha):
     trl_grads = {n.removeprefix("base_model.model.").replace(".default", ""): p.grad
                  for n, p in trainer.model.named_parameters() if p.grad is not None}
 
-    model, _ = load_model(str(tmp_path / "base"), adapter=str(tmp_path / "adapter"))
-    model.train()
     tokenized = []
     for p, c, r in pairs:  # inputs = sequence[:-1], labels = sequence[1:] on completion tokens
         sides = [(p + s)[:-1] for s in (c, r)], [[IGNORE] * (len(p) - 1) + s for s in (c, r)]
         tokenized.append(TokenizedPair(sides[0][0], sides[1][0], sides[0][1], sides[1][1], False))
     data = dpo.PreferenceSet(tokenized, [1, 2, 3], pad_id=0)
-    task = dpo.DPO(data, data, batch_size=3, beta=beta, rpo_alpha=rpo_alpha)
+    task = dpo.DPO(data, data, batch_size=3, beta=beta, rpo_alpha=rpo_alpha, loss_type=loss_type)
+    if full:
+        base_model, _ = load_model(str(tmp_path / "base"))
+        dpo.precompute_reference(base_model, data, 2, "cpu", torch.autocast("cpu", enabled=False))
+        model, _ = load_model(str(tmp_path / "policy"))
+    else:
+        model, _ = load_model(str(tmp_path / "base"), adapter=str(tmp_path / "adapter"))
+    model.train()
     ours, c, r, _ = task.loss(model, data, [0, 1, 2], "cpu")
     ours.mean().backward()
-    s = dpo.summarize(ours, c, r)
-    assert s["loss"] == pytest.approx(trl_loss.item(), abs=1e-6)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return dpo.summarize(ours, c, r), logged, trl_loss.item(), grads, trl_grads
+
+
+@pytest.mark.parametrize("loss_type, rpo_alpha, full", [
+    ("sigmoid", 0.0, False), ("sigmoid", 0.5, False), ("ipo", 0.0, False), ("hinge", 0.0, False),
+    ("ipo", 0.5, False), ("sigmoid", 0.0, True), ("ipo", 0.0, True), ("hinge", 0.5, True)])
+def test_loss_rewards_and_gradients_equal_trl_dpo_trainer(tmp_path, loss_type, rpo_alpha, full):
+    """Same loss, rewards/* and gradients (LoRA's, or with full=True every weight's) as TRL's
+    DPOTrainer for each --dpo-loss. ipo normalizes each side by its own completion length (the
+    pairs' chosen and rejected answers have 3 vs 5, 2 and 3 tokens). RPO is TRL 1.x's loss_type
+    [LOSS, "sft"] with weights [1, alpha]: its NLL is the batch's token mean, ours each pair's,
+    equal here because every chosen answer has 3 tokens."""
+    s, logged, trl_loss, grads, trl_grads = _trl_compare(tmp_path, loss_type, rpo_alpha, full)
+    assert s["loss"] == pytest.approx(trl_loss, rel=1e-6, abs=1e-6)  # ipo: ~2.6, squared
     assert 0 < s["reward_acc"] < 1  # both outcomes occur in the batch
     for theirs, mine in (("chosen", "rewards_chosen"), ("rejected", "rewards_rejected"),
                          ("accuracies", "reward_acc"), ("margins", "margin")):
         assert s[mine] == pytest.approx(logged[f"rewards/{theirs}"], abs=1e-6), mine
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    assert set(grads) == set(trl_grads) and len(grads) == 12
+    assert set(grads) == set(trl_grads) and len(grads) == (21 if full else 12)
     worst = max(((grads[n] - g).abs().max() / g.abs().max()).item() for n, g in trl_grads.items())
     assert worst < 1e-4, f"worst relative gradient mismatch {worst:.2e}"
 
