@@ -143,19 +143,27 @@ class PeerFailed(RuntimeError):
 
 @contextlib.contextmanager
 def main_first():
-    """Rank 0 runs the block first (downloads, tokenizer training, token caches), then the others
-    (reading what it cached); all wait without a deadline, then continue together. When the
-    block raises on rank 0 (bad data, say), the others are still released: they run the block
-    too and normally fail the same way, so every rank reports the real error (rather than
-    waiting until rank 0's exit reads as a lost connection)."""
-    if _world > 1 and _rank != 0:
-        tdist.barrier(group=_wait_group)
+    """The block (downloads, tokenizer training, token caches) runs in three waves: rank 0 first;
+    then the first rank of every node (LOCAL_RANK 0: on rank 0's node, or with a shared
+    WHETSTONE_CACHE, it reads what rank 0 cached; on another node without one, it fills that
+    node's caches, once per node rather than once per rank); then all the others (reading their
+    node's caches). All wait without a deadline, then continue together. When the block raises
+    on some rank (bad data, say), the later waves are still released: they run the block too and
+    normally fail the same way, so every rank reports the real error (rather than waiting until
+    the failed rank's exit reads as a lost connection)."""
+    if _world == 1:
+        yield
+        return
+    # Every rank passes the same 3 barriers, some before its turn and the rest after: rank 0
+    # runs before the first, the other node leaders between the first and the second, the rest
+    # after the second; the third is where all meet.
+    wave = 0 if _rank == 0 else 1 if _local_rank == 0 else 2
+    for _ in range(wave):
+        tdist.barrier(group=_wait_group)  # (a peer lost here: raised, no further barriers)
     try:
         yield
     finally:
-        if _world > 1:
-            if _rank == 0:
-                tdist.barrier(group=_wait_group)
+        for _ in range(3 - wave):
             tdist.barrier(group=_wait_group)
 
 

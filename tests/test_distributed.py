@@ -56,15 +56,18 @@ def torchrun(cache, *args, n=2):
     return r
 
 
-def ranks(cache, tmp, per_rank_args, timeout=None, cwds=None, script=None):
+def ranks(cache, tmp, per_rank_args, timeout=None, cwds=None, script=None, nodes=1):
     """Start one `python train.py` (or `script`) per entry of per_rank_args with torchrun's
     env:// variables (per-rank flags: what a mistyped command on one machine gives; per-rank
-    `cwds`: what different files under one path on each machine give). Returns the Popen
-    objects; stdout / stderr go to tmp/rank{r}.out / .err."""
+    `cwds`: what different files under one path on each machine give; `nodes`: the ranks as
+    torchrun numbers them on that many machines, LOCAL_RANK counting from 0 on each). Returns
+    the Popen objects; stdout / stderr go to tmp/rank{r}.out / .err."""
     port, n, procs = free_port(), len(per_rank_args), []
+    local = n // nodes
     for r, args in enumerate(per_rank_args):
         e = {**env(cache), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r),
-             "LOCAL_RANK": str(r), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n)}
+             "LOCAL_RANK": str(r % local), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(local),
+             "GROUP_RANK": str(r // local)}
         out, err = (open(os.path.join(tmp, f"rank{r}.{x}"), "w") for x in ("out", "err"))
         procs.append(subprocess.Popen([sys.executable, script or os.path.join(ROOT, "train.py"),
                                        *args], stdout=out, stderr=err, env=e,
@@ -198,6 +201,86 @@ def test_fsdp2_full_finetune_equals_one_process_and_resumes_in_one(setup):
     assert_close(trajectory(run), trajectory(one, steps=range(4)))
     assert train.main(["--resume", run, "--no-progress", "--threads", "1"]) == 0
     assert_same_run(one, run)
+
+
+def test_ddp_full_dpo_equals_one_process(setup):
+    """DPO with --finetune full: every rank computes the base's reference log-probs of all pairs
+    (no collective), trains on its pairs of the global batch; losses, rewards, reward accuracy,
+    margins (train and held-out) and the weights equal one process's."""
+    tmp, cache, _, ref = setup
+    rng = random.Random(4)
+    words = ["the king", "my lord", "good night", "sweet prince", "to be", "or not", "alas"]
+    data = tmp / "prefs.jsonl"
+    pairs = [(" ".join(rng.choices(words, k=3)) + " ", *rng.sample(words, 2)) for _ in range(24)]
+    data.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n"
+                            for p, c, r in pairs))
+    common = ["--objective", "dpo", "--base", ref, "--finetune", "full", "--data", str(data),
+              "--max-steps", "4", "--beta", "0.5", *ANY_DATA, "--seq-len", "32", "--lr", "1e-3"]
+    one, two = str(tmp / "dpo1"), str(tmp / "dpo2")
+    assert train.main([*common, "--out", one, "--batch-size", "8"]) == 0
+    torchrun(cache, *common, "--out", two, "--batch-size", "4")
+    keys = ("train_loss", "rewards_chosen", "rewards_rejected", "reward_acc", "margin",
+            "chosen_nll", "val_loss", "val_rewards_chosen", "val_rewards_rejected",
+            "val_reward_acc", "val_margin")
+    a, b = metrics(one), metrics(two)
+    assert [e["step"] for e in a] == [e["step"] for e in b]
+    compared = 0
+    for x, y in zip(a, b):
+        for k in keys:
+            assert (k in x) == (k in y), (x["step"], k)
+            if k in x:
+                assert abs(x[k] - y[k]) <= LOG_TOL, (x["step"], k, x[k], y[k])
+                compared += 1
+    assert compared >= 4 * 6 and any(e.get("reward_acc", 0) > 0 for e in a), a  # it trained
+    assert_same_run(one, two)
+
+
+MAIN_FIRST = """import sys, time
+sys.path.insert(0, {root!r})
+from engine import distributed
+
+log, failing = sys.argv[1], int(sys.argv[2])
+distributed.setup("cpu", 60)
+r = distributed.rank()
+
+def note(what):  # O_APPEND: each line lands whole, in the order the ranks wrote them
+    with open(log, "a") as f:
+        f.write(f"{{what}} {{r}}\\n")
+
+try:
+    with distributed.main_first():
+        note("enter")
+        time.sleep(0.2)
+        note("exit")
+        if r == failing:
+            raise ValueError("bad data")
+except ValueError:
+    note("failed")
+distributed.cleanup()
+"""
+
+
+@pytest.mark.parametrize("failing", [-1, 2])
+def test_main_first_runs_rank_0_then_each_node_leader_then_the_rest(tmp_path, failing):
+    """4 ranks as torchrun numbers them on 2 nodes of 2 (node 0: ranks 0 and 1, node 1: ranks 2
+    and 3; LOCAL_RANK 0, 1, 0, 1): rank 0 runs the block alone, then node 1's first rank (it
+    fills that node's caches when WHETSTONE_CACHE is not shared), then ranks 1 and 3 (which read
+    their node's). When a rank fails in the block (here node 1's leader), the later ones still
+    run it and every rank gets out of main_first."""
+    script, log = tmp_path / "main_first.py", tmp_path / "order.log"
+    script.write_text(MAIN_FIRST.format(root=ROOT))
+    procs = ranks(tmp_path / "cache", tmp_path, [[str(log), str(failing)]] * 4, timeout=120,
+                  script=str(script), nodes=2)
+    assert [p.returncode for p in procs] == [0] * 4, "".join(read(tmp_path, r) for r in range(4))
+    events = [tuple(line.split()) for line in log.read_text().splitlines()]
+    print(events)
+    assert sorted(events) == sorted([(w, str(r)) for r in range(4) for w in ("enter", "exit")]
+                                    + [("failed", str(failing))] * (failing >= 0))
+    at = {e: i for i, e in enumerate(events)}
+    waves = [[0], [2], [1, 3]]
+    for before, after in zip(waves, waves[1:]):  # a wave starts after the one before ended
+        assert max(at["exit", str(r)] for r in before) < min(at["enter", str(r)] for r in after), \
+            events
 
 
 def one_clear_line(text: str, needle: str) -> None:
