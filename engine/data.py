@@ -321,9 +321,27 @@ def _pieces(corpus: Documents, tok, chunk_chars: int):
 _worker_tok = None  # (tokenizer, dtype) in a pool's worker process
 
 
-def _init_worker(tok, dtype) -> None:
+def _init_worker(tok, dtype, parent: int) -> None:
     global _worker_tok
     _worker_tok = (tok, dtype)
+    _die_with(parent)
+
+
+def _die_with(parent: int) -> None:
+    """Linux: the kernel SIGKILLs this worker when the process that forked it dies. A parent
+    killed outright (the OOM killer, SIGTERM / SIGKILL from torchrun's agent) runs no shutdown:
+    its workers waited for pieces forever, still mapping the memory they were forked with (a
+    loaded model, CUDA's device files), so none of it was freed."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl (another libc): best effort
+        return
+    if os.getppid() != parent:  # it died before prctl took effect: nobody will signal
+        os._exit(1)
 
 
 def _encode_piece(piece, tok=None, dtype=None) -> tuple[np.ndarray, int]:
@@ -345,11 +363,11 @@ def _usable_cpus() -> int:
         n = len(os.sched_getaffinity(0))  # taskset / a container's cpuset
     except AttributeError:  # macOS, Windows
         n = os.cpu_count() or 1
-    # Under torchrun, rank 0 tokenizes alone (distributed.main_first holds the other ranks back,
-    # then they read its cache). Other ranks tokenize only where they do not find it (another
-    # node without a shared cache, or after rank 0 failed): then the node's ranks run at once
-    # and share its cores.
-    if os.environ.get("RANK", "0") != "0":
+    # Under torchrun, each node's local rank 0 tokenizes alone (distributed.main_first: global
+    # rank 0, then the other nodes' leaders, then the rest, who read their cache). The others
+    # tokenize only where they do not find it (their leader failed): then the node's ranks run
+    # at once and share its cores.
+    if os.environ.get("LOCAL_RANK", "0") != "0":
         n //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
     return max(1, n)
 
@@ -413,7 +431,7 @@ def _write_ids_parallel(write, pieces, tok, dtype, workers: int, ctx) -> None:
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(tok, dtype))
+                               initargs=(tok, dtype, os.getpid()))
     pending = deque()
     try:
         for piece in pieces:

@@ -351,19 +351,22 @@ class DPO:
 
     def fix_reference(self, model, device, autocast_ctx, path: str, resuming: bool,
                       write: bool = True, progress: bool = True, base: str | None = None,
-                      say=lambda line: print(line, flush=True)) -> None:
+                      say=lambda line: print(line, flush=True)) -> bool:
         """Without adapters (--finetune full / freeze): every pair's reference log-probs, fixed
         before the first step. A new run computes them from `model` (the base, as loaded) and
         writes them to `path` (when `write`: rank 0); a resumed run reads them back, so they stay
         the ORIGINAL base's whatever the weights are by then (and identical on any device); if
         the file is missing, `model` (train.py calls this before restoring the trained weights,
-        so still --base) computes them again. Under torchrun every rank computes all pairs (one
-        pass, no collective; the same figures on every rank)."""
+        so still --base) computes them again, and the caller writes them (save_reference) only
+        once the run's data keys matched: the pairs may have been edited since, and a file of
+        theirs would make every later resume refuse the restored data. Returns whether they were
+        computed. Under torchrun every rank computes all pairs (one pass, no collective; the
+        same figures on every rank)."""
         if resuming and os.path.exists(path):
             load_reference(path, self)
             say(f"reference log-probs: read from {path} ({len(self.train):,} training + "
                 f"{len(self.val):,} held-out pairs)")
-            return
+            return False
         from tqdm import tqdm
         from engine.distributed import world_size
         n, t0 = len(self.train) + len(self.val), time.perf_counter()
@@ -379,8 +382,9 @@ class DPO:
         finally:
             bar.close()
         say(f"reference log-probs: {n:,} pairs in {time.perf_counter() - t0:.1f}s")
-        if write:
+        if write and not resuming:
             save_reference(path, self, base)
+        return True
 
     def train_step(self, model, gen: torch.Generator, device) -> torch.Tensor:
         """Mean loss over one random batch (for backward); its statistics are kept for log()."""

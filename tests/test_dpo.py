@@ -411,6 +411,34 @@ def test_freeze_dpo_resume_uses_the_original_base_reference(base):
                     assert x[k] == pytest.approx(y[k], abs=1e-5), (name, x["step"], k)
 
 
+def test_a_refused_resume_writes_no_reference_file_of_other_pairs(base, tmp_path):
+    """--finetune full/freeze resumed without its reference file but on edited pairs: refused
+    (the data changed), and the run is left as it was. The log-probs recomputed for the edited
+    pairs were written back before the data check, so with the data restored every later
+    resume was refused too ('the training data differs'), whatever the user did."""
+    run_base, prefs, _ = base
+    rows = [json.loads(l) for l in open(prefs)]
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    run = str(tmp_path / "run")
+    assert train.main(["--objective", "dpo", "--base", run_base, "--finetune", "freeze",
+                       "--data", data, "--out", run, "--max-steps", "3", "--eval-every", "3",
+                       "--pause-at-step", "1", *FLAGS]) == 0
+    ref = os.path.join(run, dpo.REFERENCE_FILE)
+    os.remove(ref)
+    changed = [dict(r) for r in rows]
+    changed[0]["rejected"] = changed[1]["rejected"] = " maybe"
+    write_jsonl(tmp_path / "prefs.jsonl", changed)
+
+    def resume(*more):
+        return train.main(["--resume", run, "--no-progress", "--threads", "1", *more])
+
+    with pytest.raises(ValueError, match="data differs from the one the run"):
+        resume()
+    assert not os.path.exists(ref)  # nothing of the edited pairs left in the run
+    write_jsonl(tmp_path / "prefs.jsonl", rows)
+    assert resume("--pause-at-step", "2") == 0 and os.path.isfile(ref)  # recomputed, written
+
+
 def test_resume_refuses_preference_data_that_changed(base, tmp_path):
     """Resuming a DPO run on edited pairs would silently optimize other preferences (and judge
     the best checkpoint on other held-out pairs): refused, nothing touched; with the data

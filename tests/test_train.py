@@ -368,6 +368,59 @@ def test_token_cache_is_not_written_when_encoding_fails(tmp_path, monkeypatch):
         == sum(map(len, docs))  # in-process it encodes (and the cache is written)
 
 
+_KILLED_PARENT = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import engine.data as data
+class Slow:  # 0.2 s a piece: the pool is busy when the parent is killed
+    vocab_size, eos_id = 300, 299
+    def encode(self, text, add_bos=False):
+        if os.getpid() != parent:
+            time.sleep(0.2)
+        return list(text.encode())
+    def save(self, d):
+        open(os.path.join(d, "t"), "w").write("x")
+parent = os.getpid()
+data.CHUNK_CHARS = 64
+print("go", flush=True)
+data.tokenize_cached(data.Documents(["line\\n" * 20] * 200), Slow(), "t", sys.argv[2], workers=2)
+"""
+
+
+def test_pool_workers_exit_when_the_tokenizing_process_is_killed(tmp_path):
+    """SIGKILL (the OOM killer, torchrun's agent after SIGTERM's grace) of a process encoding a
+    corpus with its pool: the forked workers exit too. They used to wait for work forever, and
+    each still mapped the parent's memory at fork time (a loaded --base model's, CUDA's
+    device files), so killing the run freed none of it."""
+    import contextlib
+    import signal
+    import time
+    script = tmp_path / "tok.py"
+    script.write_text(_KILLED_PARENT)
+    p = subprocess.Popen([sys.executable, str(script), ROOT, str(tmp_path / "c")],
+                         stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert p.stdout.readline() == "go\n"
+        time.sleep(1.5)  # pieces in flight
+        group = subprocess.run(["ps", "-o", "pid=", "-g", str(p.pid)], capture_output=True,
+                               text=True).stdout.split()
+        assert len(group) == 3, group  # the parent and its 2 workers
+        p.kill()
+        p.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            states = subprocess.run(["ps", "-o", "stat=", "-g", str(p.pid)], capture_output=True,
+                                    text=True).stdout.split()
+            if all(st.startswith("Z") for st in states):  # gone, or dead and not yet reaped
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"pool workers outlived their killed parent: {states}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+
+
 def test_progress_line_for_a_big_corpus(tmp_path, monkeypatch, capsys):
     import engine.data as data
     monkeypatch.setattr(data, "PROGRESS_MIN_CHARS", 10)
