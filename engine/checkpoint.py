@@ -24,6 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from engine.config import ARCHITECTURES, ModelConfig, atomic_write_bytes, atomic_write_text
 from engine.model import Transformer
+from tokenizer.base import drop_chat_template_files, park_chat_template_files
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -123,8 +124,12 @@ def save_model(model: Transformer, directory: str, tokenizer=None,
         for n in sorted(os.listdir(directory), key=lambda n: n != _INDEX):  # stale index first
             if n not in names and (n == _INDEX or _SHARD_RE.fullmatch(n)):  # an earlier layout
                 os.remove(os.path.join(directory, n))
+        if tokenizer is not None:  # an earlier save's transformers 5 template files
+            park_chat_template_files(directory)  # (chat_template.jinja, additional_chat_templates/)
         for n in os.listdir(stage):  # config.json and the tokenizer's files
             os.replace(os.path.join(stage, n), os.path.join(directory, n))
+        if tokenizer is not None:  # would win over the new tokenizer_config.json: parked so the
+            drop_chat_template_files(directory)  # old set loads whole until it is in, then gone
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

@@ -213,8 +213,9 @@ def load_model(source: str, dtype: torch.dtype | str = torch.float32,
     model(input_ids (B, T)) -> logits (B, T, vocab), in eval mode. tokenizer is None for a
     directory without tokenizer files; the eos_token_id ids of a directory's config.json and
     generation_config.json (or a GGUF's eot/eom token ids) join tokenizer.stop_ids.
-    adapter=DIR applies a LoRA adapter (ours or PEFT's) with engine.lora.load_adapter; a chat
-    template saved in DIR (tokenizer_config.json / chat_template.jinja) replaces the base's.
+    adapter=DIR applies a LoRA adapter (ours or PEFT's) with engine.lora.load_adapter; the chat
+    templates saved in DIR (tokenizer_config.json / chat_template.jinja, additional_chat_
+    templates/) replace all of the base's.
     quantize="nf4" turns every linear but lm_head into an NF4Linear as its weight is read
     (QLoRA), so the full-precision model never exists at once; the quantization report is then
     `model.nf4_report`.

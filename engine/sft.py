@@ -47,6 +47,8 @@ from typing import Iterator, NamedTuple
 
 import torch
 
+from tokenizer.chat import chat_templates_of
+
 IGNORE = -100  # label of positions without loss (PyTorch's cross_entropy ignore_index default)
 # Message roles: OpenAI's chat format ("developer" is its newer "system"), and Llama 3.1's
 # "ipython" for tool results.
@@ -460,7 +462,7 @@ def encode_example(example: Example | dict, tok) -> tuple[list[int], list[bool]]
         prompt, response = instruction_prompt(d), d["output"]
     else:
         prompt, response = d["prompt"], d["completion"]
-    if tok.chat_template:
+    if chat_templates_of(tok):  # named ones without a "default": render_chat says to name one
         return _chat(tok, [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
     if example.form == "instruction":
         inp = d.get("input") or ""

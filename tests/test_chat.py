@@ -595,3 +595,88 @@ def test_sft_with_tools_renders_the_tool_use_template(tmp_path):
     assert text.startswith("<|im_start|>system\nTOOLS [") and text[spans[0][0]:spans[0][1]] == \
         "Sunny.<|im_end|>"
     assert chat_spans(tok, msgs)[0] == render_chat(tok, msgs, add_generation_prompt=False)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_save_over_template_files_never_loads_a_mixed_set(tmp_path, monkeypatch):
+    """Saving over transformers 5's template files (chat_template.jinja + additional_chat_
+    templates/tool_use.jinja) with a crash after any filesystem step: the directory loads the
+    old set or the new one, whole, here and in transformers, never a mix (e.g. only the old
+    tool_use once chat_template.jinja is gone)."""
+    import shutil
+    from tokenizer import load_tokenizer
+    _named_dir(tmp_path / "a")
+    transformers.AutoTokenizer.from_pretrained(str(tmp_path / "a")).save_pretrained(
+        str(tmp_path / "hf"))
+    new = {"default": "NEW {{ messages[0].content }}<|im_end|>",
+           "tool_use": "NEWTOOLS {{ tools | tojson }}<|im_end|>"}
+    steps = ("remove", "replace", "rename", "rmdir", "mkdir")
+    for crash_at in range(40):
+        d = tmp_path / f"s{crash_at}"
+        shutil.copytree(tmp_path / "hf", d)
+        tok = load_tokenizer(str(d))
+        assert dict(tok.chat_templates) == NAMED
+        tok.chat_templates = new
+        calls = []
+        with monkeypatch.context() as m:
+            for name in steps:
+                real = getattr(os, name)
+
+                def step(*a, _real=real, **k):
+                    if len(calls) == crash_at:
+                        raise _Crash
+                    calls.append(1)
+                    return _real(*a, **k)
+                m.setattr(os, name, step)
+            try:
+                tok.save(str(d))
+                done = True
+            except _Crash:
+                done = False
+        got = dict(load_tokenizer(str(d)).chat_templates)
+        ref = transformers.AutoTokenizer.from_pretrained(str(d)).chat_template
+        assert got == ref and got in (NAMED, new), crash_at
+        if done:
+            assert got == new and not os.path.exists(d / "chat_template.jinja")
+            assert not [n for n in os.listdir(d) if n.startswith(".")]  # no staging left
+            break
+    else:
+        raise AssertionError("save never finished")
+
+
+def test_chat_template_flag_refuses_a_list_of_named_templates(tmp_path):
+    """--chat-template tokenizer_config.json of a model with named templates (Hermes-2-Pro:
+    default + tool_use) is one line naming them, not 'the template is empty'."""
+    from tokenizer import read_chat_template
+    (tmp_path / "tokenizer_config.json").write_text(__import__("json").dumps(
+        {"chat_template": [{"name": k, "template": v} for k, v in NAMED.items()]}))
+    with pytest.raises(ValueError, match=r"named chat templates \['default', 'tool_use'\]"):
+        read_chat_template(str(tmp_path / "tokenizer_config.json"))
+
+
+def test_legacy_chat_template_json_is_not_a_tokenizer_file(tmp_path):
+    """chat_template.json (processors' legacy file) is not read by transformers 5's tokenizers,
+    nor here: the tokenizer_config.json template stays."""
+    from tokenizer import load_tokenizer
+    _named_dir(tmp_path, {"default": DEFAULT_CHAT_TEMPLATE})
+    (tmp_path / "chat_template.json").write_text('{"chat_template": "JSON {{ messages }}"}')
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert load_tokenizer(str(tmp_path)).chat_template == ref.chat_template == DEFAULT_CHAT_TEMPLATE
+
+
+def test_stop_ids_cover_every_named_template():
+    """A tool_use template closing turns with another token (<|eot_id|>) adds it to the stop ids
+    (llama.cpp stops at every end-of-generation token too); a template's own end token only."""
+    from tokenizer.bpe import bytes_to_unicode
+    chars = list(bytes_to_unicode().values())
+    tok = ByteLevelBPETokenizer(chars + ["<|im_start|>", "<|im_end|>", "<|eot_id|>"], [],
+                                added_tokens=[{"id": 256 + i, "content": c} for i, c in enumerate(
+                                    ["<|im_start|>", "<|im_end|>", "<|eot_id|>"])],
+                                chat_template={"default": DEFAULT_CHAT_TEMPLATE})
+    assert end_of_turn_ids(tok) == tok.stop_ids == {257}
+    tok.chat_templates = {"default": DEFAULT_CHAT_TEMPLATE, "tool_use": (
+        "{% for m in messages %}{{ m.content }}<|eot_id|>{% endfor %}")}
+    assert end_of_turn_ids(tok) == tok.stop_ids == {257, 258}

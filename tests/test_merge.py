@@ -99,6 +99,26 @@ def test_merge_keeps_the_adapters_chat_template(tmp_path):
     assert not (tmp_path / "m2").exists()
 
 
+def test_merge_force_over_transformers_template_files(tmp_path):
+    """--force over a model transformers 5 saved (chat_template.jinja + additional_chat_templates/
+    NAME.jinja): those files would win over the merged model's tokenizer_config.json on loading,
+    here and in transformers, so they go."""
+    transformers = pytest.importorskip("transformers")
+    base_and_adapter(tmp_path)
+    old = byte_tokenizer("OLD {{ messages[0].content }}<|im_end|>")
+    old.chat_templates = {"default": old.chat_template, "tool_use": "OLDTOOLS {{ tools }}"}
+    save_model(Transformer(ModelConfig(**CFG)), str(tmp_path / "m"), old)
+    transformers.AutoTokenizer.from_pretrained(str(tmp_path / "m")).save_pretrained(
+        str(tmp_path / "m"))
+    assert (tmp_path / "m" / "additional_chat_templates" / "tool_use.jinja").exists()
+    assert merge_main(["--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "ad"),
+                       "--out", str(tmp_path / "m"), "--force"]) == 0
+    assert load_model(str(tmp_path / "m"))[1].chat_template == BASE_TEMPLATE
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "m")).chat_template == \
+        BASE_TEMPLATE
+    assert not (tmp_path / "m" / "chat_template.jinja").exists()
+
+
 def test_interrupted_merge_leaves_no_model(tmp_path, monkeypatch):
     """The base's generation_config.json was written after the model: a failure there left a
     model without its stop ids, which a rerun then refused to replace ('already holds a model')."""

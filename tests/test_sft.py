@@ -178,6 +178,11 @@ def test_instruction_alpaca_and_chat():
                                            {"role": "assistant", "content": "4"}]}, chat)
     assert encode_example(ex, chat) == as_chat
     assert encode_example({"prompt": "Add.\n\n2 2", "completion": "4"}, chat) == as_chat
+    # Named templates without a "default" (only "tool_use"): not silently the plain format
+    named = _byte_bpe(None)
+    named.chat_templates = {"tool_use": DEFAULT_CHAT_TEMPLATE}
+    with pytest.raises(ValueError, match="no default"):
+        encode_example(ex, named)
 
 
 def _byte_bpe(template, specials=("<|im_start|>", "<|im_end|>", "<|endoftext|>"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -245,21 +246,59 @@ def write_tokenizer_config(directory: str, cfg: dict, templates) -> None:
     string, several as transformers' list of {"name", "template"} (what its save_pretrained
     writes with save_jinja_files=False; transformers 5 loads both). Template files an earlier
     save left here (chat_template.jinja, additional_chat_templates/*.jinja) would replace these
-    on loading, in transformers as here: they are removed."""
+    on loading, in transformers as here: they are removed, so that a crash at any point leaves
+    a directory that loads the old set or the new one whole (park / drop below)."""
     cfg = dict(cfg)
     if list(templates) == ["default"]:
         cfg["chat_template"] = templates["default"]
     elif templates:
         cfg["chat_template"] = [{"name": k, "template": v} for k, v in templates.items()]
+    park_chat_template_files(directory)
     atomic_write_text(os.path.join(directory, "tokenizer_config.json"),
                       json.dumps(cfg, ensure_ascii=False, indent=2))
-    stale = [os.path.join(directory, CHAT_TEMPLATE_FILE)]
+    drop_chat_template_files(directory)
+
+
+def park_chat_template_files(directory: str) -> None:
+    """Gather transformers 5's template files into additional_chat_templates/ (chat_template.jinja
+    becomes default.jinja there, which transformers and read_tokenizer_config read after it, so
+    the same set loads at every step) so that drop_chat_template_files removes them all with one
+    rename. Call it before replacing tokenizer_config.json, drop_chat_template_files after."""
+    main = os.path.join(directory, CHAT_TEMPLATE_FILE)
+    if not os.path.isfile(main):
+        return
     extra_dir = os.path.join(directory, CHAT_TEMPLATE_DIR)
-    if os.path.isdir(extra_dir):
-        stale += [os.path.join(extra_dir, n) for n in os.listdir(extra_dir) if n.endswith(".jinja")]
-    for f in stale:
-        if os.path.isfile(f):
-            os.remove(f)
+    os.makedirs(extra_dir, exist_ok=True)  # an empty folder: loads as before
+    parked = os.path.join(extra_dir, "default.jinja")
+    if os.path.isfile(parked):  # it already shadows chat_template.jinja
+        os.remove(main)
+    else:
+        os.replace(main, parked)
+
+
+def drop_chat_template_files(directory: str) -> None:
+    """Remove the template files park_chat_template_files gathered: one rename of the folder
+    takes them all out of the loaded set at once (its non-template files, if any, come back)."""
+    if os.path.isfile(os.path.join(directory, CHAT_TEMPLATE_FILE)):
+        os.remove(os.path.join(directory, CHAT_TEMPLATE_FILE))  # not parked: a default alone
+    extra_dir = os.path.join(directory, CHAT_TEMPLATE_DIR)
+    if not os.path.isdir(extra_dir):
+        return
+    if not any(n.endswith(".jinja") for n in os.listdir(extra_dir)):
+        if not os.listdir(extra_dir):
+            os.rmdir(extra_dir)
+        return
+    old = os.path.join(directory, f".{CHAT_TEMPLATE_DIR}.old{os.getpid()}")
+    if os.path.isdir(old):  # a crashed save's, with the same pid
+        shutil.rmtree(old)
+    os.rename(extra_dir, old)
+    for n in os.listdir(old):
+        if n.endswith(".jinja") and os.path.isfile(os.path.join(old, n)):
+            os.remove(os.path.join(old, n))
+    if os.listdir(old):
+        os.rename(old, extra_dir)
+    else:
+        os.rmdir(old)
 
 
 class Tokenizer(ABC):

@@ -333,6 +333,11 @@ def read_chat_template(value: str) -> str:
             except (ValueError, KeyError, TypeError):
                 raise ValueError(f"{flag}: a .json file must be an object with a "
                                  "\"chat_template\" string") from None
+            if isinstance(template, list):  # named ones (default, tool_use): the flag sets one
+                names = sorted(t.get("name") for t in template if isinstance(t, dict)
+                               and isinstance(t.get("name"), str))
+                raise ValueError(f"{flag}: the file holds named chat templates {names}; give "
+                                 "the one to use as a .jinja file")
     elif "{{" in value or "{%" in value:  # the template itself, on the command line
         template = value
     else:
