@@ -426,7 +426,8 @@ def _tool_options(body: dict) -> tuple[list[dict] | None, bool, int | None]:
                                     ("strict", bool, "a boolean")):
                 if fn.get(key) is not None and not isinstance(fn[key], kind):
                     raise _bad(f"tools[{k}].function.{key} must be {what}", "tools")
-        tools = tools or None  # [] = no tools
+        # [] stays a list: the template gets tools=[] and a "tool_use" one is picked, as
+        # transformers, vLLM and SFT training render it; there is nothing to call, though
     choice = body.get("tool_choice")
     if choice is None:
         choice = "auto" if tools else "none"

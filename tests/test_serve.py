@@ -1335,7 +1335,8 @@ def test_training_metrics_server_standalone():
 def test_chat_request_with_tools_renders_the_tool_use_template(ckpt, tmp_path):
     """A model with named templates ("default" + "tool_use", as Hermes-2-Pro): a chat request
     with tools is rendered with tool_use, one without with default (transformers' choice); an
-    adapter's own saved set replaces the base's."""
+    adapter's own saved set replaces the base's. "tools": [] is tools given, as transformers,
+    TRL's SFT (and ours) and vLLM read it: tool_use, rendered with an empty list."""
     import shutil
     from engine.serve import API
     from tokenizer.chat import DEFAULT_CHAT_TEMPLATE, render_chat
@@ -1353,9 +1354,9 @@ def test_chat_request_with_tools_renders_the_tool_use_template(ckpt, tmp_path):
     msgs = [{"role": "user", "content": "Weather?"}]
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
     for name, templates in (("base", tok.chat_templates), ("t", own)):
-        for t in (tools, None):
+        for t in (tools, [], None):
             ids = api.prepare("chat", {"model": name, "messages": msgs, "tools": t}).prompts[0]
-            want = templates["tool_use" if t else "default"]
+            want = templates["tool_use" if t is not None else "default"]
             assert ids == tok.encode(render_chat(tok, msgs, template=want, tools=t), add_bos=False)
     assert tok.decode(api.prepare("chat", {"model": "base", "messages": msgs, "tools": tools}
                                   ).prompts[0]).startswith("<|im_start|>system\nTOOLS [")
