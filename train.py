@@ -160,7 +160,6 @@ def _run(args, given: set[str], stage: dict) -> int:
     mode = args.finetune or "full"
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
-    reference_unsaved = None  # DPO reference log-probs recomputed on resume: written once checked
     if args.base:
         report = finetune.prepare(model, mode, r=args.lora_r, alpha=args.lora_alpha,
                                   dropout=args.lora_dropout, rslora=args.rslora,
@@ -169,14 +168,9 @@ def _run(args, given: set[str], stage: dict) -> int:
         if args.objective == "dpo" and mode not in finetune.ADAPTER_MODES:
             # no adapters to switch off: the reference log-probs are the base's, fixed now (a
             # resume reads the run's; the trained weights are restored only below)
-            from engine.dpo import REFERENCE_FILE
-            ref_path = os.path.join(run_dir, REFERENCE_FILE)
-            if task.fix_reference(model, device, autocast, ref_path, resuming=bool(resume_dir),
-                                  write=distributed.is_main(),
-                                  progress=not args.no_progress and distributed.is_main(),
-                                  base=args.base, say=lambda line: distributed.is_main() and
-                                  print(line, flush=True)) and resume_dir:
-                reference_unsaved = ref_path  # the pairs may not be the run's: checked below
+            task.fix_reference(model, device, autocast, run_dir, resuming=bool(resume_dir),
+                               write=distributed.is_main(), progress=not args.no_progress,
+                               base=args.base)
         if resume_dir:
             finetune.restore_trained(model, resume_dir, mode)
     elif resume_dir:
@@ -206,9 +200,6 @@ def _run(args, given: set[str], stage: dict) -> int:
         extra["train_s"] = loaded.get("elapsed_s", 0.0)  # older runs lack train_s
         extra.update(loaded)
         task.load_state_dict(extra.get("data", {}))
-        if reference_unsaved and distributed.is_main():  # the run's pairs: keep them for later resumes
-            from engine.dpo import save_reference
-            save_reference(reference_unsaved, task, args.base)
         print(f"resumed {run_dir} at step {step}", flush=True)
     elif distributed.is_main():
         atomic_write_text(os.path.join(run_dir, "run_args.json"), json.dumps(vars(args), indent=2))

@@ -329,6 +329,7 @@ class DPO:
         self.loss_type = loss_type
         self._stats: list[dict] = []
         self._tokens = 0  # real (non-padding) tokens through the policy since pop_tokens()
+        self._unsaved_reference = None  # (path, base): recomputed on resume, saved once checked
 
     def loss(self, model, data: PreferenceSet, idx: list[int], device
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -349,31 +350,33 @@ class DPO:
     def start_step(self, n_micro: int) -> None:
         pass  # micro-batches of equal pair counts: each is 1/n_micro of the step
 
-    def fix_reference(self, model, device, autocast_ctx, path: str, resuming: bool,
+    def fix_reference(self, model, device, autocast_ctx, run_dir: str, resuming: bool,
                       write: bool = True, progress: bool = True, base: str | None = None,
-                      say=lambda line: print(line, flush=True)) -> bool:
+                      say=None) -> None:
         """Without adapters (--finetune full / freeze): every pair's reference log-probs, fixed
         before the first step. A new run computes them from `model` (the base, as loaded) and
-        writes them to `path` (when `write`: rank 0); a resumed run reads them back, so they stay
-        the ORIGINAL base's whatever the weights are by then (and identical on any device); if
-        the file is missing, `model` (train.py calls this before restoring the trained weights,
-        so still --base) computes them again, and the caller writes them (save_reference) only
-        once the run's data keys matched: the pairs may have been edited since, and a file of
-        theirs would make every later resume refuse the restored data. Returns whether they were
-        computed. Under torchrun every rank computes all pairs (one pass, no collective; the
-        same figures on every rank)."""
+        writes them to run_dir/REFERENCE_FILE (when `write`: rank 0, which also prints); a
+        resumed run reads them back, so they stay the ORIGINAL base's whatever the weights are by
+        then (and identical on any device); if the file is missing, `model` (train.py calls this
+        before restoring the trained weights, so still --base) computes them again, and
+        load_state_dict writes them only once the run's data keys matched: the pairs may have
+        been edited since, and a file of theirs would make every later resume refuse the
+        restored data. Under torchrun every rank computes all pairs (one pass, no collective;
+        the same figures on every rank)."""
+        path = os.path.join(run_dir, REFERENCE_FILE)
+        say = say or ((lambda line: print(line, flush=True)) if write else (lambda line: None))
         if resuming and os.path.exists(path):
             load_reference(path, self)
             say(f"reference log-probs: read from {path} ({len(self.train):,} training + "
                 f"{len(self.val):,} held-out pairs)")
-            return False
+            return
         from tqdm import tqdm
         from engine.distributed import world_size
         n, t0 = len(self.train) + len(self.val), time.perf_counter()
         say(f"reference log-probs: computing them for {len(self.train):,} training + "
             f"{len(self.val):,} held-out pairs with the base weights (once, before the first step)"
             + (f"; {path} was missing" if resuming else ""))
-        bar = tqdm(total=n, desc="reference", dynamic_ncols=True, disable=not progress)
+        bar = tqdm(total=n, desc="reference", dynamic_ncols=True, disable=not (progress and write))
         step = max(1, self.batch_size // world_size())  # a training micro-batch's pairs
         try:
             for data in (self.train, self.val):
@@ -384,7 +387,8 @@ class DPO:
         say(f"reference log-probs: {n:,} pairs in {time.perf_counter() - t0:.1f}s")
         if write and not resuming:
             save_reference(path, self, base)
-        return True
+        elif write:  # saved by load_state_dict once the run's data keys are checked
+            self._unsaved_reference = (path, base)
 
     def train_step(self, model, gen: torch.Generator, device) -> torch.Tensor:
         """Mean loss over one random batch (for backward); its statistics are kept for log()."""
@@ -404,6 +408,9 @@ class DPO:
     def load_state_dict(self, state: dict) -> None:
         from engine.tasks import check_data_keys
         check_data_keys(state, self.train.key, self.val.key, "data")
+        if self._unsaved_reference:  # recomputed on resume, and these are the run's pairs
+            save_reference(self._unsaved_reference[0], self, self._unsaved_reference[1])
+            self._unsaved_reference = None
 
     def pop_tokens(self) -> int:
         """Tokens processed since the last call (for a tokens/s meter)."""

@@ -235,7 +235,7 @@ def test_without_adapters_reference_is_precomputed_from_the_initial_weights(tmp_
         task.train_step(model, torch.Generator().manual_seed(0), "cpu")  # no adapters, no reference
     path, said = str(tmp_path / dpo.REFERENCE_FILE), []
     model.train()
-    task.fix_reference(model, "cpu", torch.autocast("cpu", enabled=False), path, resuming=False,
+    task.fix_reference(model, "cpu", torch.autocast("cpu", enabled=False), str(tmp_path), resuming=False,
                        progress=False, say=said.append)
     assert model.training and "3 training + 2 held-out pairs" in said[0] and len(said) == 2
     for data, rows in ((train_set, PAIRS), (val_set, PAIRS[1:])):
@@ -258,7 +258,7 @@ def test_without_adapters_reference_is_precomputed_from_the_initial_weights(tmp_
     fresh_train, _ = dpo.PreferenceSet.tokenize(raw, tok, seq_len=64)
     fresh_val, _ = dpo.PreferenceSet.tokenize(raw[1:], tok, seq_len=64)
     fresh = dpo.DPO(fresh_train, fresh_val, batch_size=2)
-    fresh.fix_reference(model, "cpu", None, path, resuming=True, say=said.append)  # no compute
+    fresh.fix_reference(model, "cpu", None, str(tmp_path), resuming=True, say=said.append)  # no compute
     assert fresh_train.ref == ref_before and fresh_val.ref == val_set.ref and "read from" in said[-1]
     other, _ = dpo.PreferenceSet.tokenize(raw[:2], tok, seq_len=64)
     with pytest.raises(ValueError, match="the training data differs from the one the run"):
