@@ -388,6 +388,43 @@ def _configs(kind: str, D: int, dtype: torch.dtype) -> list[dict]:
     return out
 
 
+CONFIG_KINDS = ("fwd", "dkdv", "dq", "decode")
+
+
+def _check_configs(configs) -> dict:
+    """Validate `attention(..., configs=)`: kind -> one launch config with the keys that
+    `_configs` gives that kind (BLOCK_N, num_warps, num_stages; and BLOCK_M except decode),
+    blocks powers of two >= 16 (tl.dot's minimum). Returns a copy ({} for None)."""
+    if configs is None:
+        return {}
+    if not isinstance(configs, dict) or set(configs) - set(CONFIG_KINDS):
+        raise ValueError(f"attention: configs must map kinds of {', '.join(CONFIG_KINDS)} to "
+                         f"launch configs, got {configs!r}")
+    out = {}
+    for kind, cfg in configs.items():
+        keys = {"BLOCK_N", "num_warps", "num_stages"} | (set() if kind == "decode" else {"BLOCK_M"})
+        ok = (isinstance(cfg, dict) and set(cfg) == keys
+              and all(type(v) is int and v >= 1 for v in cfg.values())
+              and all(cfg[b] >= 16 and cfg[b] & (cfg[b] - 1) == 0 for b in keys if b[0] == "B"))
+        if not ok:
+            raise ValueError(f"attention: configs[{kind!r}] must set {', '.join(sorted(keys))} "
+                             f"(blocks powers of two >= 16), got {cfg!r}")
+        out[kind] = dict(cfg)
+    return out
+
+
+def _launch(kernel, grid, kind: str, D: int, dtype: torch.dtype, given: dict, *args, **kwargs):
+    """Launch with configs[kind] exactly when the caller gave one (a bench trying another tile:
+    no fallback, so a build the GPU cannot run raises instead of timing something else; and
+    launch_fitting's per-kernel memory of which default fits stays untouched), else with the
+    first of `_configs` that fits."""
+    cfg = given.get(kind)
+    if cfg is None:
+        return launch_fitting(kernel, grid, _configs(kind, D, dtype), *args, **kwargs)
+    kernel[grid(cfg)](*args, **kwargs, **cfg)
+    return cfg
+
+
 def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 or upcast_dots(dtype) else "tf32"  # tf32 unused
 
@@ -402,25 +439,29 @@ def _batches(B: int, per_batch: int) -> list[tuple[int, int]]:
     return [(b0, min(b0 + step, B)) for b0 in range(0, B, step)]
 
 
-def attention_forward(q, k, v, causal: bool, scale: float):
-    """Launcher. Returns o (B, Hq, T, D) in q's dtype and lse (B, Hq, T) fp32, log2 units."""
+def attention_forward(q, k, v, causal: bool, scale: float, configs: dict | None = None):
+    """Launcher. Returns o (B, Hq, T, D) in q's dtype and lse (B, Hq, T) fp32, log2 units.
+    configs: optional {"fwd": launch config} (see `attention`)."""
+    configs = configs or {}
     B, H, T, D = q.shape
     S, HKV = k.shape[2], k.shape[1]
     o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     for b0, b1 in _batches(B, H):  # batch slices are views: same strides, offset bases
         qs, ks, vs, os_, ls = (t[b0:b1] for t in (q, k, v, o, lse))
-        launch_fitting(_attn_fwd_kernel,
-                       lambda c, n=(b1 - b0) * H: (triton.cdiv(T, c["BLOCK_M"]), n),
-                       _configs("fwd", D, q.dtype),
-                       qs, ks, vs, os_, ls, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                       *o.stride()[:3], H, T, S, H // HKV, scale * LOG2E, CAUSAL=causal,
-                       HEAD_DIM=D, UPCAST=upcast_dots(q.dtype), PREC=_prec(q.dtype))
+        _launch(_attn_fwd_kernel, lambda c, n=(b1 - b0) * H: (triton.cdiv(T, c["BLOCK_M"]), n),
+                "fwd", D, q.dtype, configs,
+                qs, ks, vs, os_, ls, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                *o.stride()[:3], H, T, S, H // HKV, scale * LOG2E, CAUSAL=causal,
+                HEAD_DIM=D, UPCAST=upcast_dots(q.dtype), PREC=_prec(q.dtype))
     return o, lse
 
 
-def attention_backward(do, q, k, v, o, lse, causal: bool, scale: float):
-    """Launcher. Returns dq, dk, dv (fresh tensors in the inputs' dtype)."""
+def attention_backward(do, q, k, v, o, lse, causal: bool, scale: float,
+                       configs: dict | None = None):
+    """Launcher. Returns dq, dk, dv (fresh tensors in the inputs' dtype). configs: optional
+    {"dkdv" / "dq": launch config} (see `attention`)."""
+    configs = configs or {}
     B, H, T, D = q.shape
     S, HKV = k.shape[2], k.shape[1]
     delta = torch.empty_like(lse)
@@ -433,32 +474,33 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, scale: float):
         nb = b1 - b0
         _bwd_preprocess_kernel[(triton.cdiv(T, BM), nb * H)](
             os_, dos, ds, *o.stride()[:3], *do.stride()[:3], H, T, HEAD_DIM=D, BLOCK_M=BM)
-        launch_fitting(_attn_bwd_dkdv_kernel,
-                       lambda c, n=nb * HKV: (triton.cdiv(S, c["BLOCK_N"]), n),
-                       _configs("dkdv", D, q.dtype),
-                       qs, ks, vs, dos, ls, ds, dks, dvs, *q.stride()[:3], *k.stride()[:3],
-                       *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-                       H, HKV, T, S, H // HKV, scale * LOG2E, scale, **common)
-        launch_fitting(_attn_bwd_dq_kernel,
-                       lambda c, n=nb * H: (triton.cdiv(T, c["BLOCK_M"]), n),
-                       _configs("dq", D, q.dtype),
-                       qs, ks, vs, dos, ls, ds, dqs, *q.stride()[:3], *k.stride()[:3],
-                       *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], H, T, S, H // HKV,
-                       scale * LOG2E, scale, **common)
+        _launch(_attn_bwd_dkdv_kernel, lambda c, n=nb * HKV: (triton.cdiv(S, c["BLOCK_N"]), n),
+                "dkdv", D, q.dtype, configs,
+                qs, ks, vs, dos, ls, ds, dks, dvs, *q.stride()[:3], *k.stride()[:3],
+                *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+                H, HKV, T, S, H // HKV, scale * LOG2E, scale, **common)
+        _launch(_attn_bwd_dq_kernel, lambda c, n=nb * H: (triton.cdiv(T, c["BLOCK_M"]), n),
+                "dq", D, q.dtype, configs,
+                qs, ks, vs, dos, ls, ds, dqs, *q.stride()[:3], *k.stride()[:3],
+                *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], H, T, S, H // HKV,
+                scale * LOG2E, scale, **common)
     return dq, dk, dv
 
 
 DECODE_MAX_ROWS = 64  # GQA group size * T up to which the decode kernel is used
 
 
-def attention_decode(q, k, v, causal: bool, scale: float, num_splits: int | None = None):
-    """Launcher for few queries against a long KV cache (forward only), split-KV."""
+def attention_decode(q, k, v, causal: bool, scale: float, num_splits: int | None = None,
+                     config: dict | None = None):
+    """Launcher for few queries against a long KV cache (forward only), split-KV. config: an
+    optional decode launch config (see `attention`)."""
     B, H, T, D = q.shape
     S, HKV = k.shape[2], k.shape[1]
     if q.numel() == 0:  # an empty batch: no programs (and no division by B * HKV below)
         return torch.empty_like(q)
     group = H // HKV
-    configs = _configs("decode", D, q.dtype)
+    given = {"decode": config} if config is not None else {}
+    configs = [config] if config is not None else _configs("decode", D, q.dtype)
     block_n = configs[0]["BLOCK_N"]  # fallbacks halve it: splits stay whole multiples
     if num_splits is None:  # enough programs to fill the GPU, each with >= 2 key blocks
         want = triton.cdiv(2 * num_programs(q.device, 1 << 20), B * HKV)
@@ -473,11 +515,11 @@ def attention_decode(q, k, v, causal: bool, scale: float, num_splits: int | None
         qs, ks, vs, os_ = (t[b0:b1] for t in (q, k, v, o))
         ops, mls = o_part[b0 * HKV:b1 * HKV], ml_part[b0 * HKV:b1 * HKV]
         nbk = (b1 - b0) * HKV
-        launch_fitting(_attn_decode_kernel, lambda c, n=nbk: (num_splits, n), configs,
-                       qs, ks, vs, ops, mls, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                       HKV, T, S, group, scale * LOG2E, keys_per_split, num_splits,
-                       CAUSAL=causal, HEAD_DIM=D, BLOCK_R=max(16, next_pow2(R)),
-                       UPCAST=upcast_dots(q.dtype), PREC=_prec(q.dtype))
+        _launch(_attn_decode_kernel, lambda c, n=nbk: (num_splits, n), "decode", D, q.dtype,
+                given, qs, ks, vs, ops, mls, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                HKV, T, S, group, scale * LOG2E, keys_per_split, num_splits,
+                CAUSAL=causal, HEAD_DIM=D, BLOCK_R=max(16, next_pow2(R)),
+                UPCAST=upcast_dots(q.dtype), PREC=_prec(q.dtype))
         _attn_decode_reduce_kernel[(R, nbk)](ops, mls, os_, *o.stride()[:3], HKV, T, group,
                                              num_splits, HEAD_DIM=D,
                                              BLOCK_S=max(16, next_pow2(num_splits)), num_warps=4)
@@ -486,10 +528,10 @@ def attention_decode(q, k, v, causal: bool, scale: float, num_splits: int | None
 
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
-        o, lse = attention_forward(q, k, v, causal, scale)
+    def forward(ctx, q, k, v, causal, scale, configs=None):
+        o, lse = attention_forward(q, k, v, causal, scale, configs)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale = causal, scale
+        ctx.causal, ctx.scale, ctx.configs = causal, scale, configs  # the backward's tiles too
         return o
 
     @staticmethod
@@ -497,8 +539,8 @@ class AttentionFunction(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         if do.stride(-1) != 1:
             do = do.contiguous()
-        dq, dk, dv = attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.configs)
+        return dq, dk, dv, None, None, None
 
 
 def _check(q, k, v, causal):
@@ -521,9 +563,15 @@ def _check(q, k, v, causal):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-              scale: float | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale [+ causal mask]) v with GQA; q (B, Hq, T, D), k, v (B, Hkv, S, D)."""
+              scale: float | None = None, *, configs: dict | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale [+ causal mask]) v with GQA; q (B, Hq, T, D), k, v (B, Hkv, S, D).
+
+    configs (for benchmarks; None = the tuned defaults): launch configs to use instead of
+    `_configs`' first fit, by kind: "fwd", "dkdv", "dq" (the backward keeps them), "decode";
+    each a dict like {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3} (decode
+    without BLOCK_M). A given config runs as given: no fallback to smaller tiles."""
     _check(q, k, v, causal)
+    configs = _check_configs(configs) or None
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if q.shape[2] == 0:
@@ -531,8 +579,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     rows = q.shape[2] * (q.shape[1] // k.shape[1])
     if not needs_grad and rows <= DECODE_MAX_ROWS and q.shape[2] <= 16:
-        return attention_decode(q, k, v, causal, scale)
-    return AttentionFunction.apply(q, k, v, causal, scale)
+        return attention_decode(q, k, v, causal, scale, config=(configs or {}).get("decode"))
+    return AttentionFunction.apply(q, k, v, causal, scale, configs)
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,

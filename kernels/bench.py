@@ -4,7 +4,8 @@ On CUDA: measures the device's copy bandwidth and bf16 matmul throughput first, 
 kernel at Llama-3-8B, Llama-2-7B and SmolLM2-135M layer shapes (sequence 512-8k) times
   eager   the *_ref PyTorch function (also the correctness reference: `rel err` is the
           worst ||out - ref|| / ||ref|| over the output and every input gradient);
-  triton  the kernel;
+  triton  the kernel (and, for attention's fwd+bwd at head_dim 128 and seq >= 2048, the same
+          with other dK/dV tiles, `triton-dkdv*`: ATTN_DKDV_CANDIDATES);
   best    the best PyTorch offers: scaled_dot_product_attention (flash) for attention,
           torch.compile of the reference for the others (dequantize + F.linear for NF4),
 reporting the median ms (triton.testing.do_bench), TFLOP/s or GB/s, percent of the measured
@@ -14,7 +15,8 @@ input sets rotating past the L2 cache): kernel time without Python's launch over
 their rates and ratios then use. Rows print and append to benchmarks/results/
 bench.jsonl (with GPU, versions, commit, date) as each case finishes, so a run cut short keeps
 what it measured; `--budget-min` stops starting new cases after that many minutes. Llama-3-8B
-comes first: its shapes alone decide every target of issue 5, judged in the table printed last.
+comes first: its shapes alone decide every target of issue 5, judged in the table printed last
+(then one line on whether a dK/dV candidate beat the default tiles, and by how much).
 Without CUDA: says so and runs a small correctness pass through the Triton interpreter
 (exit status 0 when every kernel matches its reference).
 
@@ -59,6 +61,16 @@ SIZES = dict(tokens=8192,        # rows of the per-token kernels (rmsnorm, swigl
              decode_batch=8,
              nf4_m=(1, 16, 256, 4096))
 BIG_BYTES = 25e6  # bandwidth targets are judged from here up: below, launch overhead dominates
+# Other dK/dV tiles for attention's backward, timed beside the default (M=32 N=128, 8 warps,
+# 3 stages, which spills at D=128 causal on sm_90; benchmarks/NOTES.md). Only where the
+# attention target is judged (fwd+bwd, head_dim 128, seq >= 2048) and natively: each adds a
+# compile and a few seconds of timing per case, and the cases after attention (nf4, the
+# per-token kernels) must still fit --budget-min.
+ATTN_DKDV_CANDIDATES = {
+    "triton-dkdv16": dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=3),  # no spill
+    "triton-dkdv-2st": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+}
+ATTN_CANDIDATE_MIN_SEQ = 2048
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,9 +262,11 @@ def run_benchmarks(b: Bench, models: dict, seqs, only, use_compile: bool, sizes=
                 q, k, v = r(B, nh, T, hd), r(B, nkv, T, hd), r(B, nkv, T, hd)
                 for mode in modes:
                     flops = 2 * 2 * B * nh * T * T * hd * 0.5 * (1 if mode == "fwd" else 3.5)
-                    bench_case(b, "attention", name, f"B{B} T{T} causal", mode,
-                               dict(eager=attn.attention_ref, best=sdpa_flash,
-                                    triton=attn.attention),
+                    impls = dict(eager=attn.attention_ref, best=sdpa_flash, triton=attn.attention)
+                    for impl, cfg in attention_candidates(mode, hd, T).items():
+                        impls[impl] = lambda q, k, v, c=cfg: attn.attention(
+                            q, k, v, configs={"dkdv": c})
+                    bench_case(b, "attention", name, f"B{B} T{T} causal", mode, impls,
                                flops, "TFLOP/s", (q, k, v), (0, 1, 2), torch.randn_like(q),
                                head_dim=hd, seq=T)
             for S in seqs:  # decode: one query per sequence against an S-long cache
@@ -332,6 +346,15 @@ def run_benchmarks(b: Bench, models: dict, seqs, only, use_compile: bool, sizes=
     return b.rows
 
 
+def attention_candidates(mode: str, head_dim: int, seq: int, interpret: bool | None = None):
+    """{impl name: dK/dV launch config} to time beside the default in this attention case:
+    ATTN_DKDV_CANDIDATES where the attention target is judged, natively; {} elsewhere."""
+    interpret = attn.interpreting() if interpret is None else interpret
+    if interpret or mode != "fwd+bwd" or head_dim != 128 or seq < ATTN_CANDIDATE_MIN_SEQ:
+        return {}
+    return dict(ATTN_DKDV_CANDIDATES)
+
+
 def sdpa_flash(q, k, v):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     T, S = q.shape[2], k.shape[2]
@@ -395,6 +418,45 @@ def targets(rows: list[dict]) -> list[dict]:
         judge(f"worst rel err of {len(errs)} triton rows vs the reference", worst,
               worst["rel_err"], 2e-2, less=True)
     return out
+
+
+NOISE = 1.02  # a candidate "beats" the default only past this speedup (run-to-run noise)
+
+
+def candidates(rows: list[dict]) -> list[dict]:
+    """For each attention dK/dV candidate: its speedup over the default `triton` row of the same
+    case (default ms / candidate ms), per case and as a geometric mean over the cases both ran."""
+    index = {(r["model"], r["shape"], r["mode"], r["impl"]): r for r in rows
+             if r["kernel"] == "attention"}
+    out = []
+    for impl, cfg in ATTN_DKDV_CANDIDATES.items():
+        cases = {}
+        for (model, shape, mode, i), r in index.items():
+            base = index.get((model, shape, mode, "triton"), {})
+            if i == impl and r.get("ms") and base.get("ms"):
+                cases[f"{model} {shape} {mode}"] = base["ms"] / r["ms"]
+        if cases:
+            mean = math.exp(sum(math.log(x) for x in cases.values()) / len(cases))
+            out.append(dict(impl=impl, config=cfg, cases=cases, speedup=mean,
+                            beats=mean >= NOISE))
+    return out
+
+
+def candidates_line(verdicts: list[dict]) -> str | None:
+    """One line on the dK/dV candidates (None when none was timed): the best one's speedup
+    over the default, and what to do with it."""
+    if not verdicts:
+        return None
+    best = max(verdicts, key=lambda v: v["speedup"])
+    per_case = ", ".join(f"{c} {x:.3f}x" for c, x in best["cases"].items())
+    if best["beats"]:
+        cfg = " ".join(f"{k}={v}" for k, v in best["config"].items())
+        return (f"attention dK/dV: {best['impl']} ({cfg}) beats the default by "
+                f"{best['speedup']:.3f}x on fwd+bwd ({per_case}): make it the first 'dkdv' "
+                "config of kernels/attention.py _configs at head_dim 128")
+    others = ", ".join(f"{v['impl']} {v['speedup']:.3f}x" for v in verdicts)
+    return (f"attention dK/dV: no candidate beats the default by {NOISE - 1:.0%} or more on "
+            f"fwd+bwd ({others}): keep M=32 N=128, 3 stages")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,9 +617,14 @@ def main(argv=None) -> int:
     if b.skipped:
         print(f"\n--budget-min {args.budget_min:g} reached: {b.skipped} cases not run")
     verdicts = targets(b.rows)
-    append_jsonl(args.out, [{"record": "target", **v} for v in verdicts], meta)
+    tried = candidates(b.rows)
+    append_jsonl(args.out, [{"record": "target", **v} for v in verdicts]
+                 + [{"record": "candidate", **v} for v in tried], meta)
     print(f"\n{len(b.rows)} rows appended to {args.out} ({time.monotonic() - start:.0f} s)\n\n"
           f"Issue 5's targets ({meta['gpu']}, bf16):\n{targets_table(verdicts)}")
+    line = candidates_line(tried)
+    if line:
+        print(f"\n{line}")
     return 0
 
 

@@ -161,3 +161,90 @@ def test_attention_splits_batches_past_the_grid_limit(device, monkeypatch):
         want = attention_ref(qd, k.detach(), v.detach(), causal=True)
         assert_close(attention_decode(qd, k.detach(), v.detach(), True, D ** -0.5,
                                       num_splits=2), want, tol, "o (decode)")
+
+
+# Launch configs other than the defaults (the bench times other dK/dV tiles this way): tiles
+# with M != N, a key block wider than the sequence (the bench's M=16 / M=32, N=128 candidates),
+# two stages. The interpreter ignores warps and stages; natively they build as given.
+OTHER_CONFIGS = [
+    {"dkdv": dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=3)},
+    {"dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2)},
+    {"fwd": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2),
+     "dkdv": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2),
+     "dq": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)},
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("configs", OTHER_CONFIGS, ids=["dkdv16", "dkdv-2st", "all"])
+@pytest.mark.parametrize("B,Hq,Hkv,T,S,D,causal", [
+    (1, 4, 2, 37, 37, 16, True),    # GQA 2:1, causal, odd length
+    (1, 2, 1, 20, 45, 32, True),    # S > T: bottom-right causal, GQA
+    (1, 4, 2, 19, 45, 16, False),   # GQA, full attention, ragged tails
+])
+def test_attention_configs_match_default(device, configs, B, Hq, Hkv, T, S, D, causal,
+                                         monkeypatch):
+    """attention(..., configs=) runs forward and backward with the given tiles (the autograd
+    Function keeps them for its backward) and gives the default's output and gradients; the
+    given kinds launch as given, not through launch_fitting's fallback chain."""
+    import kernels.attention as attn
+    q, k, v = (torch.randn(B, h, n, D, device=device) for h, n in ((Hq, T), (Hkv, S), (Hkv, S)))
+    do = torch.randn(B, Hq, T, D, device=device)
+
+    def run(cfg):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o = attn.attention(*leaves, causal=causal, configs=cfg)
+        o.backward(do)
+        return [o.detach()] + [t.grad for t in leaves]
+
+    want = run(None)
+    fitted = []
+    real = attn.launch_fitting
+    monkeypatch.setattr(attn, "launch_fitting", lambda kernel, *a, **kw: (
+        fitted.append(kernel.fn.__name__), real(kernel, *a, **kw))[1])
+    got = run(configs)
+    default_kinds = {"fwd", "dkdv", "dq"} - set(configs)
+    assert len(fitted) == len(default_kinds)  # only the kinds not given went through it
+    assert not any(kind in name for name in fitted for kind in configs)
+    ref = [t.detach().requires_grad_() for t in (q, k, v)]
+    o_ref = attention_ref(*ref, causal=causal)
+    o_ref.backward(do)
+    for name, g, w, r in zip(("o", "dq", "dk", "dv"), got, want,
+                             [o_ref.detach()] + [t.grad for t in ref]):
+        assert_close(g, w, (2e-5, 2e-5), f"{name} vs default")  # summation order only
+        assert_close(g, r, TOL[torch.float32], f"{name} vs reference")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_configs_bf16_and_decode(device):
+    """bf16 through a given dK/dV tile, and a given decode key block (no grad, few queries)."""
+    q = torch.randn(1, 4, 21, 32, device=device).bfloat16().requires_grad_()
+    k = torch.randn(1, 2, 37, 32, device=device).bfloat16().requires_grad_()
+    v = torch.randn(1, 2, 37, 32, device=device).bfloat16().requires_grad_()
+    do = torch.randn(1, 4, 21, 32, device=device).bfloat16()
+    attention(q, k, v, configs={"dkdv": dict(BLOCK_M=16, BLOCK_N=128, num_warps=8,
+                                             num_stages=3)}).backward(do)
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    attention_ref(qf, kf, vf).backward(do.float())
+    for name, got, want in (("dq", q.grad, qf.grad), ("dk", k.grad, kf.grad),
+                            ("dv", v.grad, vf.grad)):
+        assert_close(got, want, TOL[torch.bfloat16], name)
+    with torch.no_grad():
+        qd = q[:, :, -2:].detach().float()
+        kd, vd = k.detach().float(), v.detach().float()
+        got = attention(qd, kd, vd, configs={"decode": dict(BLOCK_N=32, num_warps=4,
+                                                            num_stages=2)})
+        assert_close(got, attention_ref(qd, kd, vd), TOL[torch.float32], "o (decode)")
+
+
+def test_attention_rejects_bad_configs():
+    q = torch.randn(1, 2, 4, 16)
+    good = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    for bad, match in (({"bwd": good}, "configs must map kinds"),
+                       ([good], "configs must map kinds"),
+                       ({"dkdv": dict(good, BLOCK_M=24)}, r"configs\['dkdv'\] must set"),
+                       ({"dq": dict(good, BLOCK_N=8)}, "powers of two >= 16"),
+                       ({"fwd": {"BLOCK_M": 16, "BLOCK_N": 16}}, "num_stages"),
+                       ({"decode": good}, r"configs\['decode'\] must set BLOCK_N, num_stages")):
+        with pytest.raises(ValueError, match=match):
+            attention(q, q, q, configs=bad)

@@ -141,3 +141,61 @@ def test_append_jsonl_keeps_earlier_lines(tmp_path):
     bench.append_jsonl(str(path), [{"a": 2, "x": math.pi}], {"gpu": "g"})
     lines = [json.loads(s) for s in path.read_text().splitlines()]
     assert [r["a"] for r in lines] == [1, 2] and lines[0]["gpu"] == "g"
+
+
+def test_attention_candidates_only_natively_where_the_target_is_judged(monkeypatch):
+    """The dK/dV candidates join attention's fwd+bwd cases at head_dim 128 and seq >= 2048 on a
+    GPU (the target's cases), nowhere else: they cost compiles and --budget-min time."""
+    cands = bench.attention_candidates("fwd+bwd", 128, 2048, interpret=False)
+    assert cands == bench.ATTN_DKDV_CANDIDATES
+    assert cands["triton-dkdv16"] == dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=3)
+    assert cands["triton-dkdv-2st"] == dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2)
+    assert bench.attention_candidates("fwd+bwd", 128, 8192, interpret=False) == cands
+    for mode, hd, seq in (("fwd", 128, 2048), ("fwd+bwd", 64, 2048), ("fwd+bwd", 128, 512)):
+        assert bench.attention_candidates(mode, hd, seq, interpret=False) == {}
+    assert bench.attention_candidates("fwd+bwd", 128, 2048, interpret=True) == {}
+    # the default they are timed against: M=32 N=128, 8 warps, 3 stages (what NOTES.md names)
+    monkeypatch.setattr(bench.attn, "interpreting", lambda: False)
+    default = bench.attn._configs("dkdv", 128, torch.bfloat16)[0]
+    assert default == dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3)
+    assert default not in cands.values()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_candidate_rows_run_and_match(device, monkeypatch):
+    """The candidate impls as run_benchmarks builds them, forced into the tiny fwd+bwd case
+    (through the interpreter on CPU): every candidate row is timed and its output and
+    gradients match eager's; the forward case gets none."""
+    monkeypatch.setattr(bench, "attention_candidates", lambda mode, hd, seq: (
+        dict(bench.ATTN_DKDV_CANDIDATES) if mode == "fwd+bwd" else {}))
+    b = cpu_bench(device)
+    bench.run_benchmarks(b, TINY, (24,), {"attention"}, use_compile=False, sizes=SIZES)
+    impls = {(r["mode"], r["impl"]) for r in b.rows if r["kernel"] == "attention"}
+    assert impls == {(m, i) for m in ("fwd", "fwd+bwd") for i in ("eager", "best", "triton")} | {
+        ("fwd+bwd", "triton-dkdv16"), ("fwd+bwd", "triton-dkdv-2st")}
+    for r in b.rows:
+        if r["impl"].startswith("triton-dkdv"):
+            assert r["ms"] is not None and r["rel_err"] < 2e-2, r
+    assert {v["impl"] for v in bench.candidates(b.rows)} == set(bench.ATTN_DKDV_CANDIDATES)
+
+
+def test_candidates_line_says_which_beats_and_by_how_much():
+    rows = [row("attention", impl, ms, shape=shape, head_dim=128, seq=2048)
+            for shape, times in (("T2048", (1.0, 0.8, 1.01)), ("T8192", (4.0, 3.5, 4.2)))
+            for impl, ms in zip(("triton", "triton-dkdv16", "triton-dkdv-2st"), times)]
+    rows.append(row("rmsnorm", "triton-dkdv16", 0.1))  # other kernels are not candidates
+    got = {v["impl"]: v for v in bench.candidates(rows)}
+    assert set(got) == {"triton-dkdv16", "triton-dkdv-2st"}
+    assert got["triton-dkdv16"]["cases"] == {"M T2048 fwd+bwd": 1.25,
+                                             "M T8192 fwd+bwd": 4.0 / 3.5}
+    assert got["triton-dkdv16"]["beats"] and not got["triton-dkdv-2st"]["beats"]
+    assert math.isclose(got["triton-dkdv16"]["speedup"], math.sqrt(1.25 * 4.0 / 3.5))
+    line = bench.candidates_line(list(got.values()))
+    assert "triton-dkdv16 (BLOCK_M=16 BLOCK_N=128 num_warps=8 num_stages=3) beats the default " \
+           "by 1.195x" in line and "_configs" in line and "\n" not in line
+    slower = [dict(r, ms=r["ms"] * (2 if r["impl"] == "triton-dkdv16" else 1)) for r in rows]
+    line = bench.candidates_line(bench.candidates(slower))
+    assert line.startswith("attention dK/dV: no candidate beats the default") and "keep" in line
+    assert bench.candidates_line(bench.candidates([row("attention", "triton", 1.0)])) is None
+    failed = [dict(r, ms=None) if r["impl"] != "triton" else r for r in rows]
+    assert bench.candidates(failed) == []  # a candidate that raised is not judged
