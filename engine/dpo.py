@@ -12,8 +12,8 @@ label_smoothing, which there feeds its "robust" and "exo_pair" losses instead). 
 (rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins): rewards_chosen and
 rewards_rejected = beta * (logp_pi - logp_ref), reward_acc (chosen reward > rejected reward, strict)
 and margin (chosen - rejected reward); also chosen_nll, the policy's mean NLL per chosen
-completion token. tests/test_dpo.py checks loss, rewards and LoRA gradients against TRL 1.16's
-DPOTrainer (trl is a test-only dev extra).
+completion token. tests/test_dpo.py checks loss, rewards and gradients against TRL 1.16's
+DPOTrainer for each loss type, with LoRA and with full fine-tuning (trl is a test-only dev extra).
 
 --rpo-alpha a > 0 adds a * chosen_nll to each pair's loss (RPO, Pang et al. 2024; TRL 0.x's
 rpo_alpha, TRL 1.x's loss_type ["sigmoid", "sft"] with loss_weights [1, a]). Pure DPO only
@@ -52,6 +52,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from engine.config import atomic_write_bytes
 from engine.sft import (IGNORE, collate_pairs, data_key, encode_or_skip, load_preferences,
                         pad_id_of, split_indices, tokenize_pair)
 
@@ -274,7 +275,6 @@ def save_reference(path: str, task: "DPO", base: str | None = None) -> None:
     """The precomputed reference log-probs of task's pairs as safetensors (atomic): tensors
     train (N, 2) and val (M, 2) (chosen, rejected) in float32, metadata the pairs' data keys."""
     from safetensors.torch import save as st_save
-    from engine.config import atomic_write_bytes
     tensors = {name: torch.tensor([data.ref[i] for i in range(len(data))],
                                   dtype=torch.float32).reshape(len(data), 2)
                for name, data in (("train", task.train), ("val", task.val))}

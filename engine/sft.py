@@ -286,7 +286,7 @@ def chat_spans(tok, messages: list[dict], first: int = 0, tools: list[dict] | No
     tools, a tool call or a tool result raises ValueError (training would silently lose them).
     With tools, a tokenizer's "tool_use" template renders the sample if it has one (as
     transformers and the server pick it)."""
-    from tokenizer.chat import chat_templates_of, render_chat, select_chat_template
+    from tokenizer.chat import render_chat, select_chat_template
     template = select_chat_template(chat_templates_of(tok), tools=tools)
     render = lambda msgs, gen: render_chat(tok, msgs, add_generation_prompt=gen,  # noqa: E731
                                            template=template, tools=tools)

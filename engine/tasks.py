@@ -1,7 +1,8 @@
 """What train.py optimizes: one object per objective with the same small interface.
 
-  LMTask   plain text: random windows of a token memmap, next-token loss (pretraining and
-           domain adaptation); validation loss, perplexity and bits per byte
+  LMTask   plain text: random windows of a token memmap (its documents, each ending with EOS),
+           next-token loss (pretraining and domain adaptation); validation loss, perplexity and
+           bits per byte
   SFTTask  instruction / chat JSONL (engine/sft.py): loss on response tokens only
   DPO      preference pairs (engine/dpo.py)
 

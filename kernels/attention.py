@@ -25,6 +25,9 @@ int64 rows; BLOCK * stride stays far below 2**31). CUDA caps grid axis 1 (batch 
 here) at 65535, so the launchers split larger batches into several launches.
 Decode (no grad, T * Hq/Hkv <= 64): the queries of a whole GQA group form one tile, the keys are
 split across programs (Flash-Decoding), and a small kernel merges the partial softmaxes.
+Launch configs: `_configs` lists each kernel's tiles, fastest first, and launch_fitting runs the
+first one the GPU can build; `attention(..., configs=)` runs given tiles exactly instead, so the
+benchmark can time other tiles (kernels/bench.py ATTN_DKDV_CANDIDATES) without editing `_configs`.
 """
 from __future__ import annotations
 
@@ -500,8 +503,8 @@ def attention_decode(q, k, v, causal: bool, scale: float, num_splits: int | None
         return torch.empty_like(q)
     group = H // HKV
     given = {"decode": config} if config is not None else {}
-    configs = [config] if config is not None else _configs("decode", D, q.dtype)
-    block_n = configs[0]["BLOCK_N"]  # fallbacks halve it: splits stay whole multiples
+    # the first config's (fallbacks halve it: splits stay whole multiples)
+    block_n = (config or _configs("decode", D, q.dtype)[0])["BLOCK_N"]
     if num_splits is None:  # enough programs to fill the GPU, each with >= 2 key blocks
         want = triton.cdiv(2 * num_programs(q.device, 1 << 20), B * HKV)
         num_splits = max(1, min(want, triton.cdiv(S, 2 * block_n)))

@@ -46,6 +46,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from kernels import attention as attn, cross_entropy as ce, nf4, rmsnorm, rope, swiglu  # noqa
+from kernels.utils import interpreting  # noqa: E402
 
 MODELS = {  # hidden, heads, kv heads, head_dim, intermediate, vocab
     "Llama-3-8B": (4096, 32, 8, 128, 14336, 128256),
@@ -352,7 +353,7 @@ def run_benchmarks(b: Bench, models: dict, seqs, only, use_compile: bool, sizes=
 def attention_candidates(mode: str, head_dim: int, seq: int, interpret: bool | None = None):
     """{impl name: dK/dV launch config} to time beside the default in this attention case:
     ATTN_DKDV_CANDIDATES where the attention target is judged, natively; {} elsewhere."""
-    interpret = attn.interpreting() if interpret is None else interpret
+    interpret = interpreting() if interpret is None else interpret
     if interpret or mode != "fwd+bwd" or head_dim != 128 or seq < ATTN_CANDIDATE_MIN_SEQ:
         return {}
     return dict(ATTN_DKDV_CANDIDATES)

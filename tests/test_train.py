@@ -1088,7 +1088,6 @@ def test_adamw_groups_decay_matrices_only():
     """Matrices decay (embeddings and an untied lm_head too: nanoGPT's rule, README's 'matrices
     decay, vectors don't'); norm weights, biases and DoRA magnitudes don't; a tied weight is in
     once; frozen parameters are left out; betas as given, eps 1e-8."""
-    import torch
     from engine import finetune
     from engine.config import preset
     from engine.model import Transformer

@@ -1,4 +1,12 @@
-"""The Tokenizer interface every tokenizer in Whetstone implements (SentencePiece, byte-level BPE).
+"""The Tokenizer interface every tokenizer in Whetstone implements (SentencePiece, byte-level BPE),
+and what both share of Hugging Face's tokenizer files.
+
+Shared helpers: atomic writes, text checks, added-token matching as the `tokenizers` library
+does, tokenizer_config.json read and written as transformers does (special tokens; chat
+templates in all of transformers' forms: one string, a list of named templates such as
+"default" + "tool_use", and transformers 5's chat_template.jinja + additional_chat_templates/,
+whose stale files a save parks and drops so a directory never loads a mixed set), and the
+named templates of GGUF metadata (tokenizer.chat_template[.NAME], as gguf-py writes them).
 
 No torch here: tokenizers are plain Python over lists of ints.
 """
