@@ -260,18 +260,6 @@ def tokenizer_hash(tok) -> str:
 ENCODER_VERSION = 3
 
 
-def encode_documents(corpus: Documents, tok) -> list[int]:
-    """ids(doc 1) + [EOS] + ids(doc 2) + [EOS] + ...: each document encoded whole (chunked, no
-    BOS), EOS after each one but an open end (none if the tokenizer has no EOS). One list (8 to
-    36 bytes a token): tokenize_cached streams the same ids to its file instead."""
-    ids: list[int] = []
-    for i, d in enumerate(corpus.docs):
-        ids.extend(_encode_chunked(d, tok))
-        if tok.eos_id is not None and corpus.closed(i):
-            ids.append(tok.eos_id)
-    return ids
-
-
 # Tokenizing a corpus: pieces of about CHUNK_CHARS characters (a big document's chunks, cut where
 # the tokenizer splits anyway; small documents grouped) are encoded, by a process pool for a big
 # corpus (nanoGPT's openwebtext prepare.py uses num_proc), and appended to the cache file in order
@@ -286,8 +274,9 @@ PROGRESS_EVERY_S = 10.0
 
 def tokenize_cached(corpus: Documents, tok, tok_hash: str | None = None,
                     root: str | None = None, workers: int | None = None) -> TokenSplit:
-    """encode_documents into a cached memmap; later calls with the same documents + tokenizer
-    reuse it. workers: encoding processes (None: the usable CPUs for a corpus of
+    """ids(doc 1) + [EOS] + ids(doc 2) + [EOS] + ... (each document encoded whole, no BOS; EOS
+    after each but an open end, none if the tokenizer has no EOS) into a cached memmap, streamed
+    in pieces (_pieces); later calls with the same documents + tokenizer reuse it. workers: encoding processes (None: the usable CPUs for a corpus of
     PARALLEL_MIN_CHARS or more, else 1); the ids are the same for any number."""
     tok_hash = tok_hash or tokenizer_hash(tok)
     key = corpus.key() + "-" + tok_hash
@@ -308,7 +297,7 @@ def tokenize_cached(corpus: Documents, tok, tok_hash: str | None = None,
 
 def _pieces(corpus: Documents, tok, chunk_chars: int):
     """The corpus as pieces to encode, in order: lists of (text, EOS after it) of about
-    chunk_chars characters. Their ids, concatenated, are encode_documents'."""
+    chunk_chars characters. Their ids, concatenated, are tokenize_cached's."""
     piece, size = [], 0
     for i, doc in enumerate(corpus.docs):
         eos = tok.eos_id is not None and corpus.closed(i)
@@ -457,15 +446,6 @@ def _splits_at(text: str, c: int, tok, context: int = 256) -> bool:
     trained here, "\n\n" in byte-level BPE.)"""
     a, b = text[max(0, c - context):c], text[c:c + context]
     return tok.encode(a + b, add_bos=False) == tok.encode(a, add_bos=False) + tok.encode(b, add_bos=False)
-
-
-def _encode_chunked(text: str, tok, chunk_chars: int = CHUNK_CHARS, max_tries: int = 100) -> list[int]:
-    """Encode in ~1 MB pieces (bounded memory) cut at a line start where the tokenizer splits
-    anyway, so the ids are those of encoding the whole text (_chunk_bounds)."""
-    ids = []
-    for start, end in _chunk_bounds(text, tok, chunk_chars, max_tries):
-        ids.extend(tok.encode(text[start:end], add_bos=False))
-    return ids
 
 
 def _chunk_bounds(text: str, tok, chunk_chars: int = CHUNK_CHARS, max_tries: int = 100):

@@ -227,6 +227,13 @@ def _same_form(raw: list, conversational: bool, path: str, on_error: str, warn, 
 # ---------------------------------------------------------------------------------------------
 # Steps: what train.py calls
 # ---------------------------------------------------------------------------------------------
+def _cache_reference(data: PreferenceSet, idx: list[int], logps: torch.Tensor) -> None:
+    """data.ref[i] = (chosen, rejected) log-probs of pair idx[k]; logps (2B,): B chosen rows,
+    then B rejected rows."""
+    v, B = logps.float().tolist(), len(idx)
+    data.ref.update((i, (v[k], v[B + k])) for k, i in enumerate(idx))
+
+
 def reference_logps(model, data: PreferenceSet, idx: list[int], x: torch.Tensor,
                     y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference log-probs (B,), (B,) of the pairs idx: cached (precomputed without adapters),
@@ -238,10 +245,7 @@ def reference_logps(model, data: PreferenceSet, idx: list[int], x: torch.Tensor,
                              "or, without adapters, log-probs precomputed from the initial weights "
                              "(DPO.fix_reference) before the first step")
         with torch.no_grad(), disable_adapters(model):
-            ref = sequence_logps(model, x, y).float().cpu()                  # (2B,)
-        B = len(idx)
-        for k, i in enumerate(idx):
-            data.ref[i] = (ref[k].item(), ref[B + k].item())
+            _cache_reference(data, idx, sequence_logps(model, x, y))
     ref = torch.tensor([data.ref[i] for i in idx], dtype=torch.float32, device=x.device)  # (B, 2)
     return ref[:, 0], ref[:, 1]
 
@@ -259,9 +263,7 @@ def precompute_reference(model, data: PreferenceSet, batch_size: int, device, au
             idx = list(range(b, min(b + batch_size, len(data))))
             x, y = data.collate(idx, device)                                # (2B, T)
             with autocast_ctx:
-                ref = sequence_logps(model, x, y).float().cpu()               # (2B,)
-            for k, i in enumerate(idx):
-                data.ref[i] = (ref[k].item(), ref[len(idx) + k].item())
+                _cache_reference(data, idx, sequence_logps(model, x, y))
             if bar is not None:
                 bar.update(len(idx))
     finally:

@@ -256,8 +256,7 @@ def load_model(source: str, dtype: torch.dtype | str = torch.float32,
         load_adapter(model, adapter)
         model.eval()
         # an adapter trained with a chat template of its own (train.py --chat-template) saved
-        # it beside its weights: prompts take the format it learned
-        # (every named one: a tool_use template too)
+        # it beside its weights, with any named ones (tool_use): prompts take the format it learned
         templates = read_tokenizer_config(adapter)["chat_templates"] if tokenizer else None
         if templates:
             tokenizer.chat_templates = templates

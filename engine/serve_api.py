@@ -409,7 +409,8 @@ def _logprob_options(body: dict, kind: str) -> tuple[int | None, bool]:
 def _tool_options(body: dict) -> tuple[list[dict] | None, bool, int | None]:
     """(tools for the template, whether to parse tool calls, the most calls to return) of a
     chat request; a 400 naming the field for a malformed one."""
-    tools = body.get("tools")
+    tools = body.get("tools")  # [] stays a list: tools=[] reaches the template and picks a
+    # "tool_use" one, as transformers, vLLM and SFT training render it (nothing to call, though)
     if tools is not None:
         if not isinstance(tools, list):
             raise _bad("'tools' must be a list of {\"type\": \"function\", \"function\": "
@@ -426,8 +427,6 @@ def _tool_options(body: dict) -> tuple[list[dict] | None, bool, int | None]:
                                     ("strict", bool, "a boolean")):
                 if fn.get(key) is not None and not isinstance(fn[key], kind):
                     raise _bad(f"tools[{k}].function.{key} must be {what}", "tools")
-        # [] stays a list: the template gets tools=[] and a "tool_use" one is picked, as
-        # transformers, vLLM and SFT training render it; there is nothing to call, though
     choice = body.get("tool_choice")
     if choice is None:
         choice = "auto" if tools else "none"

@@ -178,7 +178,7 @@ def build_task(args, tok, data_path: str, gen, texts: tuple[Documents, Documents
                                                            args.val_fraction, args.val_data,
                                                            on_error=args.bad_lines)
         task = dpo_lib.DPO(train_p, val_p, batch_size, args.beta, args.label_smoothing,
-                           args.rpo_alpha, getattr(args, "dpo_loss", "sigmoid"))
+                           args.rpo_alpha, args.dpo_loss)
         task.describe = lambda path: dpo_lib.format_report(rep, path)
         task.format_eval = dpo_lib.format_eval
         task.sizes = lambda: {k.removeprefix("n_"): v for k, v in rep.items()

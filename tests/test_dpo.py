@@ -328,6 +328,16 @@ def test_end_to_end_learns_preference_and_saves_adapter(base):
     assert res["val_loss"] == pytest.approx(final["val_loss"], rel=1e-4)
 
 
+def assert_same_metrics(a: list[dict], b: list[dict], tag: str = "") -> None:
+    """Two runs' metrics.jsonl events: the same steps, each DPO figure within 1e-5."""
+    assert [e["step"] for e in a] == [e["step"] for e in b]
+    for x, y in zip(a, b):
+        for k in ("train_loss", "reward_acc", "margin", "val_loss", "val_margin"):
+            assert (k in x) == (k in y)
+            if k in x:
+                assert x[k] == pytest.approx(y[k], abs=1e-5), (tag, x["step"], k)
+
+
 def test_resume_identical(base):
     run_base, prefs, tmp = base
     common = ["--objective", "dpo", "--base", run_base, "--finetune", "qlora", "--data", prefs,
@@ -336,13 +346,7 @@ def test_resume_identical(base):
     assert train.main([*common, "--out", full]) == 0
     assert train.main([*common, "--out", part, "--pause-at-step", "4"]) == 0
     assert train.main(["--resume", part, "--no-progress", "--threads", "1"]) == 0
-    a, b = metrics(full), metrics(part)
-    assert [e["step"] for e in a] == [e["step"] for e in b]
-    for x, y in zip(a, b):
-        for k in ("train_loss", "reward_acc", "margin", "val_loss", "val_margin"):
-            assert (k in x) == (k in y)
-            if k in x:
-                assert x[k] == pytest.approx(y[k], abs=1e-5), (x["step"], k)
+    assert_same_metrics(metrics(full), metrics(part))
 
 
 def test_full_finetune_dpo_end_to_end(base, monkeypatch):
@@ -402,13 +406,7 @@ def test_freeze_dpo_resume_uses_the_original_base_reference(base):
             os.remove(os.path.join(part, dpo.REFERENCE_FILE))
         assert train.main(["--resume", part, "--no-progress", "--threads", "1"]) == 0
         assert os.path.isfile(os.path.join(part, dpo.REFERENCE_FILE))  # written back
-        a, b = metrics(whole), metrics(part)
-        assert [e["step"] for e in a] == [e["step"] for e in b]
-        for x, y in zip(a, b):
-            for k in ("train_loss", "reward_acc", "margin", "val_loss", "val_margin"):
-                assert (k in x) == (k in y)
-                if k in x:
-                    assert x[k] == pytest.approx(y[k], abs=1e-5), (name, x["step"], k)
+        assert_same_metrics(metrics(whole), metrics(part), name)
 
 
 def test_a_refused_resume_writes_no_reference_file_of_other_pairs(base, tmp_path):

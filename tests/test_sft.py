@@ -903,7 +903,10 @@ def test_chunked_corpus_encoding_equals_encoding_the_whole_text():
     """The token cache encodes large corpora in pieces cut at line starts; a cut never falls
     inside a token that spans a newline (".\\n'" and "\\n\\n" below, as SentencePiece and
     byte-level BPE learn them)."""
-    from engine.data import _encode_chunked
+    from engine.data import _chunk_bounds
+
+    def _encode_chunked(text, tok, chunk_chars):  # the token cache's pieces, encoded and joined
+        return [i for s, e in _chunk_bounds(text, tok, chunk_chars) for i in tok.encode(text[s:e])]
 
     class SpanningTok:  # greedy longest match; two tokens that span a newline
         merges = {".\n'": 300, "\n\n": 301}

@@ -242,6 +242,17 @@ class _Bytes:
         open(os.path.join(d, "t"), "w").write("x")
 
 
+def encode_documents(corpus, tok) -> list[int]:
+    """The reference token stream of a corpus: each document encoded whole (no BOS), EOS after
+    each but an open end."""
+    ids = []
+    for i, d in enumerate(corpus.docs):
+        ids += tok.encode(d, add_bos=False)
+        if tok.eos_id is not None and corpus.closed(i):
+            ids.append(tok.eos_id)
+    return ids
+
+
 def test_token_cache_reused(tmp_path, monkeypatch):
     from engine.data import Documents, tokenize_cached
     monkeypatch.setenv("WHETSTONE_CACHE", str(tmp_path))
@@ -317,9 +328,9 @@ def _tiny_pieces(monkeypatch, chunk=40):
 def test_parallel_tokenization_writes_the_serial_ids(tmp_path, monkeypatch, capsys):
     """A big corpus is encoded by a process pool in pieces (documents grouped, a long one cut
     where the tokenizer splits anyway) and streamed to the cache file in order: the ids are
-    encode_documents' (one list, the serial reference), byte for byte, open end included."""
+    encode_documents' (each document encoded whole, the reference), byte for byte, open end included."""
     import numpy as np
-    from engine.data import Documents, encode_documents, load_or_train_tokenizer, tokenize_cached
+    from engine.data import Documents, load_or_train_tokenizer, tokenize_cached
     monkeypatch.setenv("WHETSTONE_CACHE", str(tmp_path / "cache"))
     rng = random.Random(0)
     words = ["the", "king", "is", "dead.", "long", "live", "my", "lord,", "sweet", "prince!"]
@@ -436,7 +447,7 @@ def test_validation_split_cuts_the_documents_by_characters():
     inside a document (a one-document corpus splits as its text did), else at the document's
     end. The cut document's head ends the training split without EOS, its tail starts the
     validation split: the two splits' tokens are the whole corpus's, every fraction."""
-    from engine.data import Documents, encode_documents, split_documents
+    from engine.data import Documents, split_documents
     one = Documents(["aaa\nbbb\nccc\nddd\n"])
     assert split_documents(one, 0.3) == (Documents(["aaa\nbbb\nccc\n"], open_end=True),
                                          Documents(["ddd\n"]))
