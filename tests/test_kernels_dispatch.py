@@ -93,6 +93,21 @@ def test_nf4_ops_match_engine_reference(device):
                          f"nf4_linear dx ({mode})")
 
 
+@pytest.mark.parametrize("shape,blocksize,double_quant", [
+    ((24, 128), 64, True), ((7, 9), 64, True), ((5, 300), 256, False), ((3, 1000), 128, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nf4_torch_dequantize_is_exact(shape, blocksize, double_quant, dtype):
+    """The PyTorch path's byte-pair gather equals engine.nf4's nibble-by-nibble reference bit
+    for bit: odd element counts (a half-used last byte), a short last block, plain fp32 absmax."""
+    nf4 = pytest.importorskip("engine.nf4")
+    q = nf4.quantize_nf4(torch.randn(shape) * 3, blocksize=blocksize, double_quant=double_quant)
+    scales = q.absmax_q if double_quant else q.absmax
+    with ops.use_kernels("torch"):
+        out = ops.nf4_dequantize(q.packed, scales, q.nested_absmax, q.nested_code, q.offset,
+                                 q.shape, dtype, blocksize)
+    assert out.dtype == dtype and torch.equal(out, nf4.dequantize_nf4(q, dtype))
+
+
 @pytest.mark.parametrize("need", ["both", "hidden", "none"])
 def test_torch_linear_cross_entropy_is_chunked_and_exact(need):
     """The PyTorch path of ops.linear_cross_entropy (several row chunks at V = 50k) equals the
