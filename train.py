@@ -13,7 +13,6 @@ resumable state. Output directory layout: see README.md.
 """
 from __future__ import annotations
 
-import argparse
 import atexit
 import contextlib
 import json
@@ -28,16 +27,13 @@ from tqdm import tqdm
 from engine import distributed, finetune
 from engine.checkpoint import load_model_dir
 from engine.config import PRESETS, atomic_write_text, preset
-from engine.card import peak_memory_mb, write_model_card
 from engine.data import fetch_shakespeare, load_or_train_tokenizer
 from engine.model import Transformer
 from engine.tasks import build_task, read_text_splits
-from engine.train_args import (MIN_TRAINED_VOCAB, RESUME_FLAGS, card_hyperparameters,
-                               explicit_flags, parse_args, read_run_args)
-from engine.trainer import (LAST, MetricsLog, StepBoundaryInterrupt, Throughput,
-                            configure_optimizer, decay_progress, get_lr, has_run,
-                            load_training_state, plot_losses, recover_last, save_last,
-                            step_seed)
+from engine.train_args import MIN_TRAINED_VOCAB, explicit_flags, parse_args
+from engine.trainer import (MetricsLog, StepBoundaryInterrupt, Throughput, configure_optimizer,
+                            decay_progress, final_report, get_lr, load_training_state,
+                            open_run_dir, save_last, step_seed)
 from tokenizer import read_chat_template, set_chat_template
 
 
@@ -65,51 +61,7 @@ def main(argv=None) -> int:
 def _run(args, given: set[str], stage: dict) -> int:
     device = distributed.setup(args.device, args.dist_timeout)  # torchrun: join the process group
     distributed.check_same_flags(vars(args))
-    resume_dir = None
-    if args.resume:
-        run_dir = args.resume.rstrip("/")
-        if os.path.basename(run_dir) == LAST:
-            run_dir = os.path.dirname(run_dir)
-        if os.path.isdir(run_dir):
-            with distributed.main_first():  # a kill between last/'s renames left last.old/.new
-                recover_last(run_dir)
-        resume_dir = os.path.join(run_dir, LAST)
-        if not os.path.isdir(resume_dir):
-            raise ValueError(f"--resume {args.resume}: no resumable checkpoint ({LAST}/) there")
-        saved = read_run_args(run_dir)
-        # The run continues with its saved flags: a different value here would be ignored.
-        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {saved.get(k)})"
-                   for k in sorted(given - set(RESUME_FLAGS)) if getattr(args, k) != saved.get(k)]
-        if changed:
-            raise ValueError(f"--resume continues {run_dir} with the flags it was started with; "
-                             f"these differ and cannot change: {'; '.join(changed)} (only "
-                             + ", ".join("--" + f.replace("_", "-") for f in RESUME_FLAGS[1:])
-                             + " may be given with --resume)")
-        args = argparse.Namespace(**{"fsdp": False, "rpo_alpha": 0.0, "dpo_loss": "sigmoid",
-                                     **saved,  # older runs lack some
-                                     "resume": args.resume, "device": args.device,
-                                     "threads": args.threads, "no_progress": args.no_progress,
-                                     "pause_at_step": args.pause_at_step,
-                                     "metrics_port": args.metrics_port, "dist_timeout": args.dist_timeout})
-        # the global batch stays the run's in any world size: per-rank batch = global / processes
-        args.batch_size = distributed.per_rank_batch(saved["batch_size"] * saved.get("world_size", 1))
-        stage["now"] = f"before training resumed; {run_dir} is unchanged"
-    else:
-        name = f"{args.finetune}-{os.path.basename(args.base.rstrip('/'))}" if args.base else args.preset
-        run_dir = distributed.broadcast_object(  # rank 0's clock names the run
-            args.out or os.path.join("out", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"))
-        if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-            raise ValueError(f"--out {run_dir} is a file, not a directory")
-        found = has_run(run_dir) if os.path.isdir(run_dir) else None
-        if found:  # a finished, paused or interrupted run: never overwrite it
-            raise ValueError(f"{run_dir} already holds a checkpoint or run ({found}); pick another "
-                             f"--out or continue it with --resume {run_dir}")
-        try:
-            if not os.path.isdir(run_dir):
-                stage["created"] = run_dir
-            os.makedirs(run_dir, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"cannot create --out {run_dir}: {e.strerror or e}") from None
+    args, run_dir, resume_dir = open_run_dir(args, given, stage)  # --resume or --out
     args.world_size = distributed.world_size()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -391,31 +343,8 @@ def _run(args, given: set[str], stage: dict) -> int:
     final = task.evaluate(model, device, autocast, full=args.final_eval_windows)
     if not distributed.is_main():
         return 0
-    # One set of figures for the metrics, the card and the done line, all over the whole run
-    # (every session of a resumed one): wall = the loop with its evaluations and checkpoints plus
-    # the final evaluation; tokens/s = over the training steps only.
-    wall = elapsed()
-    metrics.log(step=step, elapsed_s=round(wall, 2), final=True, **final)
-    plot_losses(metrics.read(), os.path.join(run_dir, "loss.png"))
-    tps = extra["tokens"] / max(extra["train_s"], 1e-9)
-    peak = peak_memory_mb()
-    last_train = next((e["train_loss"] for e in reversed(metrics.read()) if "train_loss" in e), None)
-    write_model_card(run_dir, base_model=args.base,  # None: the card says "trained from scratch"
-                     data_path=data_path, data_sizes=task.sizes(),
-                     mode="+".join([mode if args.base else "pretrain"]
-                                   + ["half"] * bool(args.half_finetune)
-                                   + ["dpo"] * (args.objective == "dpo")),
-                     adapter=mode in finetune.ADAPTER_MODES,
-                     hyperparameters=card_hyperparameters(args),
-                     metrics={"steps": step, "train_loss (last logged)": last_train,
-                              "tokens_per_s": round(tps, 1), **peak, **{k: round(v, 5) for k, v in final.items()}},
-                     wall_time_s=wall)
-    mem = ", ".join(f"{k.removesuffix('_mb').replace('_', ' ')} {v:,.0f} MB" for k, v in peak.items())
-    whole, mem_of = ((f", counted over the whole run (resumed at step {first_step})", " in this session")
-                     if resume_dir else ("", ""))
-    print(f"done ({stop_reason}): {step} steps in {wall:.1f}s with evaluation ({extra['train_s']:.1f}s "
-          f"in training steps: {tps:,.0f} tokens/s){whole}, {mem}{mem_of}; best checkpoint: "
-          f"{task.format_eval(final)} -> {run_dir}")
+    final_report(args, run_dir, task, data_path, metrics, final, step=step, wall=elapsed(),
+                 extra=extra, stop_reason=stop_reason, resumed_at=first_step if resume_dir else None)
     return 0
 
 

@@ -1,10 +1,13 @@
 """Pieces of the training loop that train.py reads top to bottom: optimizer groups, the
 warmup + cosine schedule, evaluation (loss, perplexity, bits per byte), metrics logging,
 resumable training state (saved as one unit in run/last) and the loss-curve plot. Follows
-nanoGPT's train.py.
+nanoGPT's train.py. Also train.py's first and last steps, kept out of the script: the run
+directory (--out, or --resume with the run's saved flags) and the final report (model card,
+the `done` line).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -12,12 +15,15 @@ import shutil
 import signal
 import sys
 import threading
+import time
 
 import numpy as np
 import torch
 
-from engine import distributed
+from engine import distributed, finetune
+from engine.card import peak_memory_mb, write_model_card
 from engine.config import atomic_write, atomic_write_bytes
+from engine.train_args import RESUME_FLAGS, card_hyperparameters, read_run_args
 
 STATE_FILE = "training_state.pt"
 LAST = "last"  # subdirectory of a run with the most recent (resumable) weights and training state
@@ -280,3 +286,96 @@ class StepBoundaryInterrupt:
             signal.signal(signal.SIGINT, self._previous if self._previous is not None
                           else signal.default_int_handler)
             self._installed = False
+
+
+# ---------------------------------------------------------------------------------------------
+# The run directory and the final report (train.py's first and last steps)
+# ---------------------------------------------------------------------------------------------
+def open_run_dir(args: argparse.Namespace, given: set[str], stage: dict
+                 ) -> tuple[argparse.Namespace, str, str | None]:
+    """The run this invocation trains: (args, run_dir, resume_dir). --resume: the run's directory
+    (last/ recovered after a kill mid-save), the flags it was started with as `args` (a given flag
+    that differs is an error) and resume_dir its last/. Else --out (default out/<name>-<time>),
+    created, never one that holds a run; resume_dir None. `stage` gets what a Ctrl-C now
+    interrupts, and the directory made here (main() removes it if it stays empty). Every rank
+    calls this: main_first and broadcast_object are collectives."""
+    resume_dir = None
+    if args.resume:
+        run_dir = args.resume.rstrip("/")
+        if os.path.basename(run_dir) == LAST:
+            run_dir = os.path.dirname(run_dir)
+        if os.path.isdir(run_dir):
+            with distributed.main_first():  # a kill between last/'s renames left last.old/.new
+                recover_last(run_dir)
+        resume_dir = os.path.join(run_dir, LAST)
+        if not os.path.isdir(resume_dir):
+            raise ValueError(f"--resume {args.resume}: no resumable checkpoint ({LAST}/) there")
+        saved = read_run_args(run_dir)
+        # The run continues with its saved flags: a different value here would be ignored.
+        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {saved.get(k)})"
+                   for k in sorted(given - set(RESUME_FLAGS)) if getattr(args, k) != saved.get(k)]
+        if changed:
+            raise ValueError(f"--resume continues {run_dir} with the flags it was started with; "
+                             f"these differ and cannot change: {'; '.join(changed)} (only "
+                             + ", ".join("--" + f.replace("_", "-") for f in RESUME_FLAGS[1:])
+                             + " may be given with --resume)")
+        args = argparse.Namespace(**{"fsdp": False, "rpo_alpha": 0.0, "dpo_loss": "sigmoid",
+                                     **saved,  # older runs lack some
+                                     "resume": args.resume, "device": args.device,
+                                     "threads": args.threads, "no_progress": args.no_progress,
+                                     "pause_at_step": args.pause_at_step,
+                                     "metrics_port": args.metrics_port, "dist_timeout": args.dist_timeout})
+        # the global batch stays the run's in any world size: per-rank batch = global / processes
+        args.batch_size = distributed.per_rank_batch(saved["batch_size"] * saved.get("world_size", 1))
+        stage["now"] = f"before training resumed; {run_dir} is unchanged"
+    else:
+        name = f"{args.finetune}-{os.path.basename(args.base.rstrip('/'))}" if args.base else args.preset
+        run_dir = distributed.broadcast_object(  # rank 0's clock names the run
+            args.out or os.path.join("out", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+        if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+            raise ValueError(f"--out {run_dir} is a file, not a directory")
+        found = has_run(run_dir) if os.path.isdir(run_dir) else None
+        if found:  # a finished, paused or interrupted run: never overwrite it
+            raise ValueError(f"{run_dir} already holds a checkpoint or run ({found}); pick another "
+                             f"--out or continue it with --resume {run_dir}")
+        try:
+            if not os.path.isdir(run_dir):
+                stage["created"] = run_dir
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create --out {run_dir}: {e.strerror or e}") from None
+    return args, run_dir, resume_dir
+
+
+def final_report(args: argparse.Namespace, run_dir: str, task, data_path: str, metrics: MetricsLog,
+                 final: dict, *, step: int, wall: float, extra: dict, stop_reason: str,
+                 resumed_at: int | None) -> None:
+    """Rank 0's end of a run: the final metrics line, loss.png, the model card (README.md) and
+    the `done` line. `final`: the best checkpoint's scores over the validation split; `wall`:
+    the run's elapsed seconds; `resumed_at`: the step this session started at, None for a run
+    that was not resumed."""
+    mode = args.finetune or "full"
+    # One set of figures for the metrics, the card and the done line, all over the whole run
+    # (every session of a resumed one): wall = the loop with its evaluations and checkpoints plus
+    # the final evaluation; tokens/s = over the training steps only.
+    metrics.log(step=step, elapsed_s=round(wall, 2), final=True, **final)
+    plot_losses(metrics.read(), os.path.join(run_dir, "loss.png"))
+    tps = extra["tokens"] / max(extra["train_s"], 1e-9)
+    peak = peak_memory_mb()
+    last_train = next((e["train_loss"] for e in reversed(metrics.read()) if "train_loss" in e), None)
+    write_model_card(run_dir, base_model=args.base,  # None: the card says "trained from scratch"
+                     data_path=data_path, data_sizes=task.sizes(),
+                     mode="+".join([mode if args.base else "pretrain"]
+                                   + ["half"] * bool(args.half_finetune)
+                                   + ["dpo"] * (args.objective == "dpo")),
+                     adapter=mode in finetune.ADAPTER_MODES,
+                     hyperparameters=card_hyperparameters(args),
+                     metrics={"steps": step, "train_loss (last logged)": last_train,
+                              "tokens_per_s": round(tps, 1), **peak, **{k: round(v, 5) for k, v in final.items()}},
+                     wall_time_s=wall)
+    mem = ", ".join(f"{k.removesuffix('_mb').replace('_', ' ')} {v:,.0f} MB" for k, v in peak.items())
+    whole, mem_of = ((f", counted over the whole run (resumed at step {resumed_at})", " in this session")
+                     if resumed_at is not None else ("", ""))
+    print(f"done ({stop_reason}): {step} steps in {wall:.1f}s with evaluation ({extra['train_s']:.1f}s "
+          f"in training steps: {tps:,.0f} tokens/s){whole}, {mem}{mem_of}; best checkpoint: "
+          f"{task.format_eval(final)} -> {run_dir}")
