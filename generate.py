@@ -262,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load(source, dtype, device, args.adapter)
     if args.chat_template is not None:
         set_chat_template(tok, args.chat_template)
+    elif (args.chat is not None or args.interactive) and not tok.chat_templates:
+        # transformers refuses here; we fall back, but a model never trained on ChatML's
+        # markers (one trained from scratch, say) will not follow them
+        print(f"note: {source} has no chat template; using ChatML (--chat-template sets one)",
+              file=sys.stderr)
     if not args.quiet:
         print(f"model: {source} ({model.num_parameters() / 1e6:.1f}M parameters, {dtype}, "
               f"{device})", file=sys.stderr, flush=True)

@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"{str(e).strip().splitlines()[0]}") from None
     if template is not None:
         set_chat_template(tok, template)
+    elif not tok.chat_templates:
+        print(f"note: {args.model} has no chat template; /v1/chat/completions uses ChatML "
+              "(--chat-template sets one)", file=sys.stderr)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     engine = Engine(model, tok, name, adapters, max_batch=args.max_batch,
                     max_queue=args.max_queue, max_model_len=args.max_model_len,

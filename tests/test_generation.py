@@ -1005,6 +1005,12 @@ def test_cli_chat_answers_and_stops_at_end_of_turn(tmp_path, capsys, monkeypatch
     assert rc == 0, err
     assert out == "Paris\n"  # <|im_end|> (the template's end of turn) stopped it
     assert "tok/s" in err and "decode: 5 tokens" in err
+    # this tokenizer has no template: ChatML rendered it, and the user is told so
+    assert "has no chat template; using ChatML" in err
+    rc, out, err = cli_in_process(["--checkpoint", str(tmp_path / "bigram"), "--chat", "hi",
+                                   "--chat-template", "chatml", "--temperature", "0"],
+                                  capsys, monkeypatch)
+    assert rc == 0 and out == "Paris\n" and "no chat template" not in err
 
 
 def test_cli_interactive_keeps_history_until_exit(tmp_path, capsys, monkeypatch):

@@ -1196,12 +1196,14 @@ def test_cli_process_serves_and_stops_on_sigterm(ckpt):
                              ckpt["base"], "--port", "0", "--served-model-name", "tiny"],
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
-        line = ""
+        line, before = "", ""
         deadline = time.monotonic() + 60
         while "serving" not in line and time.monotonic() < deadline:
             line = proc.stderr.readline()
+            before += line
             assert line or proc.poll() is None, "server exited"
         assert "127.0.0.1:" in line and "API key required" in line
+        assert "has no chat template; /v1/chat/completions uses ChatML" in before  # byte BPE: none
         port = int(line.split("127.0.0.1:")[1].split()[0])
 
         class Srv:
