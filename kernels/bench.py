@@ -530,45 +530,52 @@ def compare(name, fn, ref, args, tol, grad=True, results=None):
         results.append((name, what, err, ok))
 
 
-def interpreter_check() -> bool:
+def interpreter_check(only=KERNELS) -> bool:
+    """Each kernel of `only` (KERNELS names) against its reference at small shapes."""
     torch.manual_seed(0)
     res: list = []
     bf = torch.bfloat16
-    compare("rms_norm fp32", lambda x, w: rmsnorm.rms_norm(x, w, 1e-6),
-            lambda x, w: rmsnorm.rms_norm_ref(x, w, 1e-6), (torch.randn(5, 48), torch.rand(48)),
-            1e-5, results=res)
-    compare("rms_norm bf16", lambda x, w: rmsnorm.rms_norm(x, w, 1e-6),
-            lambda x, w: rmsnorm.rms_norm_ref(x, w, 1e-6),
-            (torch.randn(5, 48).to(bf), torch.rand(48).to(bf)), 3e-2, results=res)
+
+    def check(kernel, *args, **kw):  # --only: the named kernels' checks
+        if kernel in only:
+            compare(*args, results=res, **kw)
+
+    check("rmsnorm", "rms_norm fp32", lambda x, w: rmsnorm.rms_norm(x, w, 1e-6),
+          lambda x, w: rmsnorm.rms_norm_ref(x, w, 1e-6), (torch.randn(5, 48), torch.rand(48)),
+          1e-5)
+    check("rmsnorm", "rms_norm bf16", lambda x, w: rmsnorm.rms_norm(x, w, 1e-6),
+          lambda x, w: rmsnorm.rms_norm_ref(x, w, 1e-6),
+          (torch.randn(5, 48).to(bf), torch.rand(48).to(bf)), 3e-2)
     cos, sin = torch.randn(7, 16), torch.randn(7, 16)
-    compare("apply_rope", lambda x: rope.apply_rope(x, cos, sin),
-            lambda x: rope.apply_rope_ref(x, cos, sin), (torch.randn(2, 3, 7, 16),), 1e-5,
-            results=res)
-    compare("swiglu", swiglu.swiglu, swiglu.swiglu_ref, (torch.randn(3, 40), torch.randn(3, 40)),
-            1e-5, results=res)
+    check("rope", "apply_rope", lambda x: rope.apply_rope(x, cos, sin),
+          lambda x: rope.apply_rope_ref(x, cos, sin), (torch.randn(2, 3, 7, 16),), 1e-5)
+    check("swiglu", "swiglu", swiglu.swiglu, swiglu.swiglu_ref,
+          (torch.randn(3, 40), torch.randn(3, 40)), 1e-5)
     t = torch.tensor([3, -100, 250, 7, 0])
-    compare("cross_entropy", lambda x: ce.cross_entropy(x, t), lambda x: ce.cross_entropy_ref(x, t),
-            (3 * torch.randn(5, 300),), 1e-5, results=res)
-    compare("linear_cross_entropy", lambda h, w: ce.linear_cross_entropy(h, w, t, chunk_size=2),
-            lambda h, w: ce.linear_cross_entropy_ref(h, w, t),
-            (torch.randn(5, 32), torch.randn(300, 32) / 4), 1e-5, results=res)
+    check("cross_entropy", "cross_entropy", lambda x: ce.cross_entropy(x, t),
+          lambda x: ce.cross_entropy_ref(x, t), (3 * torch.randn(5, 300),), 1e-5)
+    check("cross_entropy", "linear_cross_entropy",
+          lambda h, w: ce.linear_cross_entropy(h, w, t, chunk_size=2),
+          lambda h, w: ce.linear_cross_entropy_ref(h, w, t),
+          (torch.randn(5, 32), torch.randn(300, 32) / 4), 1e-5)
     for causal, (T, S) in ((True, (21, 37)), (False, (19, 19))):
-        compare(f"attention causal={causal} GQA", lambda q, k, v: attn.attention(q, k, v, causal),
-                lambda q, k, v: attn.attention_ref(q, k, v, causal),
-                (torch.randn(1, 4, T, 16), torch.randn(1, 2, S, 16), torch.randn(1, 2, S, 16)),
-                2e-5, results=res)
-    compare("attention decode", lambda q, k, v: attn.attention_decode(q, k, v, True, 0.25, 3),
-            lambda q, k, v: attn.attention_ref(q, k, v, True),
-            (torch.randn(2, 4, 2, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)),
-            2e-5, grad=False, results=res)
+        check("attention", f"attention causal={causal} GQA",
+              lambda q, k, v: attn.attention(q, k, v, causal),
+              lambda q, k, v: attn.attention_ref(q, k, v, causal),
+              (torch.randn(1, 4, T, 16), torch.randn(1, 2, S, 16), torch.randn(1, 2, S, 16)),
+              2e-5)
+    check("attention", "attention decode",
+          lambda q, k, v: attn.attention_decode(q, k, v, True, 0.25, 3),
+          lambda q, k, v: attn.attention_ref(q, k, v, True),
+          (torch.randn(2, 4, 2, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)),
+          2e-5, grad=False)
     fields = random_nf4(24, 128, "cpu")
-    compare("nf4_dequantize", lambda: nf4.nf4_dequantize(*fields, (24, 128), torch.float32),
-            lambda: nf4.nf4_dequantize_ref(*fields, (24, 128), torch.float32), (), 0.0,
-            grad=False, results=res)
+    check("nf4", "nf4_dequantize", lambda: nf4.nf4_dequantize(*fields, (24, 128), torch.float32),
+          lambda: nf4.nf4_dequantize_ref(*fields, (24, 128), torch.float32), (), 0.0,
+          grad=False)
     for M in (1, 20):
-        compare(f"nf4_matmul M={M}", lambda x: nf4.nf4_matmul(x, *fields, (24, 128)),
-                lambda x: nf4.nf4_matmul_ref(x, *fields, (24, 128)), (torch.randn(M, 128),),
-                1e-4, results=res)
+        check("nf4", f"nf4_matmul M={M}", lambda x: nf4.nf4_matmul(x, *fields, (24, 128)),
+              lambda x: nf4.nf4_matmul_ref(x, *fields, (24, 128)), (torch.randn(M, 128),), 1e-4)
     print("| kernel | check | max abs err | ok |\n|---|---|---|---|")
     for name, what, err, ok in res:
         print(f"| {name} | {what} | {err:.2e} | {'yes' if ok else 'NO'} |")
@@ -591,9 +598,9 @@ def main(argv=None) -> int:
     if args.budget_min is not None and args.budget_min <= 0:
         p.error("--budget-min must be positive")
     if not torch.cuda.is_available():
-        print("No CUDA device: no timings. Running the correctness pass in the Triton "
-              "interpreter (TRITON_INTERPRET=1) instead.\n")
-        ok = interpreter_check()
+        print("No CUDA device: no timings (nothing is written to --out). Running the "
+              "correctness pass in the Triton interpreter (TRITON_INTERPRET=1) instead.\n")
+        ok = interpreter_check(only)
         print("\nall kernels match their references" if ok else "\nMISMATCH: see the table")
         print("To check that every kernel also compiles natively for a GPU (registers, spills, "
               "shared memory): python -m kernels.compile_check")

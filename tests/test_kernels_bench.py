@@ -125,6 +125,12 @@ def test_main_without_cuda_runs_the_interpreter_pass(capsys):
     out = capsys.readouterr().out
     assert "No CUDA device" in out and "all kernels match their references" in out
     assert "| NO |" not in out
+    for kernel in ("rms_norm", "apply_rope", "swiglu", "cross_entropy", "attention", "nf4"):
+        assert f"| {kernel}" in out
+    assert bench.main(["--only", "rope,nf4"]) == 0  # --only picks the checks too
+    rows = [ln.split("|")[1].strip() for ln in capsys.readouterr().out.splitlines()
+            if ln.startswith("| ") and "kernel" not in ln]
+    assert {r.split()[0] for r in rows} == {"apply_rope", "nf4_dequantize", "nf4_matmul"}
 
 
 def test_main_rejects_bad_flags(capsys):
