@@ -268,8 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {source} has no chat template; using ChatML (--chat-template sets one)",
               file=sys.stderr)
     if not args.quiet:
-        print(f"model: {source} ({model.num_parameters() / 1e6:.1f}M parameters, {dtype}, "
-              f"{device})", file=sys.stderr, flush=True)
+        print(f"model: {source}" + (f" + adapter {args.adapter}" if args.adapter else "")
+              + f" ({model.num_parameters() / 1e6:.1f}M parameters, {dtype}, {device})",
+              file=sys.stderr, flush=True)
     sampling = args.temperature > 0 and args.beams == 1
     gen = make_generator(args.seed, device, args.quiet or not sampling)
     if args.interactive:

@@ -105,12 +105,15 @@ def main(argv=None) -> int:
     from engine.lora import Adapter, combine_adapters, load_adapter, merge_lora
     templates = adapter_chat_templates(args.adapter)
     model, tok = load_model(args.base, dtype=torch.float32)
+    how = ""
     if len(args.adapter) == 1 and not args.weights and not args.method:
         load_adapter(model, args.adapter[0])
     else:  # a single adapter too, when --weights scales it or --method svd --rank truncates it
         weights = args.weights or [1.0] * len(args.adapter)
-        load_adapter(model, combine_adapters([Adapter.load(a) for a in args.adapter], weights,
-                                             method=args.method or "cat", rank=args.rank))
+        combined = combine_adapters([Adapter.load(a) for a in args.adapter], weights,
+                                    method=args.method or "cat", rank=args.rank)
+        load_adapter(model, combined)
+        how = f" ({args.method or 'cat'}, rank {combined.rank_alpha()[0]})"  # svd's default too
     if templates and tok is not None:
         tok.chat_templates = templates
     merge_lora(model)
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
         eos = sorted(set(tok.extra_stop_ids) | set(model.config.eos_ids))
         generation_config = (json.dumps({"eos_token_id": eos}, indent=2) + "\n").encode()
     write_merged(model, tok, args.out, generation_config)
-    print(f"merged {', '.join(args.adapter)} into {args.base} -> {args.out}")
+    print(f"merged {', '.join(args.adapter)}{how} into {args.base} -> {args.out}")
     return 0
 
 

@@ -1155,6 +1155,9 @@ def test_cli_adapter_is_applied(tmp_path, capsys, monkeypatch):
     assert with_adapter == "ab" + ref + "\n"
     _, without, _ = cli_in_process(args, capsys, monkeypatch)
     assert without != with_adapter
+    _, _, err = cli_in_process(args[:-1] + ["--adapter", str(tmp_path / "adapter")], capsys,
+                               monkeypatch)  # not --quiet: the model line names the adapter
+    assert f"model: {tmp_path / 'base'} + adapter {tmp_path / 'adapter'} (" in err
 
 
 def test_cli_checkpoint_without_tokenizer_or_weights(tmp_path, capsys, monkeypatch):

@@ -171,3 +171,14 @@ def test_existing_model_needs_force_and_an_adapter_directory_is_refused(tmp_path
         assert run_cli(merge_main, ["--base", base, "--adapter", ad, "--out", ad, *flags]) == 2
         assert "holds an adapter" in capsys.readouterr().err
     assert sorted(os.listdir(ad)) == files
+
+
+def test_done_line_names_the_combination_and_the_rank_used(tmp_path, capsys):
+    """--method svd without --rank keeps the largest adapter rank: the done line says which."""
+    base_and_adapter(tmp_path)
+    base, ad = str(tmp_path / "base"), str(tmp_path / "ad")
+    assert merge_main(["--base", base, "--adapter", ad, "--out", str(tmp_path / "m1")]) == 0
+    assert f"merged {ad} into {base}" in capsys.readouterr().out
+    assert merge_main(["--base", base, "--adapter", ad, "--adapter", ad, "--method", "svd",
+                       "--out", str(tmp_path / "m2")]) == 0
+    assert f"merged {ad}, {ad} (svd, rank 4) into {base}" in capsys.readouterr().out
