@@ -2,7 +2,8 @@
 
 A corpus is a text file, a directory of text files, or a JSONL file (.jsonl or .json, one object
 per line) with a "text" field: a list of documents, one per file of a directory (sorted, nested
-ones too) and one per JSONL record. Binary files (a NUL byte in the first 8000 bytes, git's and
+ones too) and one per JSONL record (a malformed record stops the reading with FILE:LINE, or is
+left out with a warning: train.py's --bad-lines). Binary files (a NUL byte in the first 8000 bytes, git's and
 grep's rule) are skipped in a directory, with one warning naming them, and refused as a corpus
 file. Tokenized, each document is its ids (no BOS) followed by the tokenizer's EOS, as nanoGPT's
 openwebtext prepare.py appends EOT to every document and Megatron EOD: a model trained on
@@ -26,7 +27,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -116,15 +117,45 @@ def _decode(raw: bytes, path: str, warn) -> str:
         return text
 
 
-def read_documents(path: str, warn=print) -> list[str]:
+def json_error(e: json.JSONDecodeError) -> str:
+    """What is wrong with a JSONL line that json.loads refused, as "invalid JSON (WHAT at column
+    N)"; the caller names the file and line (e.lineno is 1: one line is parsed at a time). Some
+    of json's messages end with "at" ("Unterminated string starting at")."""
+    return f"invalid JSON ({e.msg} {'column' if e.msg.endswith(' at') else 'at column'} {e.colno})"
+
+
+class BadLine(ValueError):
+    """A malformed record of a JSONL corpus ("FILE:LINE: what is wrong"), raised by
+    read_documents with on_error="stop"; train.py adds that --bad-lines skip leaves it out."""
+
+
+def _text_record(line: str) -> tuple[str | None, str | None]:
+    """(the 'text' of a JSONL corpus line, None) or (None, what is wrong)."""
+    try:  # without a CRLF line's "\r", as sft reads lines (in a cut string it is the error)
+        obj = json.loads(line.rstrip("\r"))
+    except json.JSONDecodeError as e:
+        return None, json_error(e)
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        return None, "expected an object with a string 'text' field"
+    return obj["text"], None
+
+
+def read_documents(path: str, warn=print, on_error: str = "stop",
+                   skipped: list[str] | None = None) -> list[str]:
     """The corpus's documents, in order: each file of a directory (sorted) and each 'text' field
     of a JSONL file (.jsonl or .json as engine.sft.detect_format reads them); a plain file is one
     document. Empty files and empty 'text' fields are no documents (EOS after EOS teaches nothing).
     UTF-8, or UTF-16 with a byte-order mark; invalid sequences are replaced, with a count.
     A binary file (NUL bytes, see _binary) is an error given as the corpus, and skipped with one
     warning line inside a directory (an image or archive beside the .txt files): decoded, it
-    would train the model on garbage."""
-    docs, skipped = [], []
+    would train the model on garbage.
+    A malformed JSONL record raises BadLine("FILE:LINE: what is wrong") (on_error="stop"), or is
+    left out with a "warning: skipping FILE:LINE: ..." line, as engine.sft does for SFT data
+    (on_error="skip"); `skipped`, if given, gets its "NAME:LINE" (NAME: the file's path inside
+    a directory corpus, else its base name)."""
+    if on_error not in ("stop", "skip"):
+        raise ValueError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
+    docs, binary, bad = [], [], []
     for f in corpus_files(path):
         with open(f, "rb") as fh:
             raw = fh.read()
@@ -132,33 +163,38 @@ def read_documents(path: str, warn=print) -> list[str]:
         if why and not os.path.isdir(path):
             raise ValueError(f"{f} is not a text file ({why})")
         if why:
-            skipped.append(os.path.relpath(f, path))
+            binary.append(os.path.relpath(f, path))
             continue
         text = _decode(raw, f, warn)
         if not f.endswith((".jsonl", ".json")):
             docs.append(text)
             continue
+        name = os.path.relpath(f, path) if os.path.isdir(path) else os.path.basename(f)
         for i, line in enumerate(text.lstrip("\ufeff").split("\n"), 1):  # as sft reads lines
             if not line.strip():
                 continue
             if i == 1 and line.lstrip().startswith("["):
                 raise ValueError(f"{f}: a JSON array; write one JSON object per line (JSONL)")
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{f}:{i}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise ValueError(f"{f}:{i}: expected an object with a string 'text' field")
-            docs.append(obj["text"])
+            doc, why = _text_record(line)
+            if why is None:
+                docs.append(doc)
+            elif on_error == "stop":
+                raise BadLine(f"{f}:{i}: {why}")
+            else:
+                bad.append(f"{name}:{i}")
+                warn(f"warning: skipping {f}:{i}: {why}")
+    if skipped is not None:
+        skipped.extend(bad)
     docs = [d for d in docs if d]
-    if skipped:
-        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+    if binary:
+        shown = ", ".join(binary[:5]) + (f" and {len(binary) - 5} more" if len(binary) > 5 else "")
         if not docs:
-            raise ValueError(f"corpus directory {path} holds no text, only {len(skipped)} binary "
+            raise ValueError(f"corpus directory {path} holds no text, only {len(binary)} binary "
                              f"file(s) (NUL bytes): {shown}")
-        warn(f"warning: {path}: skipped {len(skipped)} binary file(s) (NUL bytes, not text): {shown}")
+        warn(f"warning: {path}: skipped {len(binary)} binary file(s) (NUL bytes, not text): {shown}")
     if not docs:
-        raise ValueError(f"corpus {path} is empty")
+        raise ValueError(f"corpus {path} is empty"
+                         + (f" ({len(bad)} malformed line(s) skipped)" if bad else ""))
     if not any(d.replace("\0", "").strip() for d in docs):  # sentencepiece cannot train on it
         raise ValueError(f"corpus {path} has no text: only whitespace"
                          + (" and NUL bytes" if any("\0" in d for d in docs) else ""))
@@ -171,6 +207,9 @@ class Documents:
     except the last when `open_end` (the document the validation split cut: it goes on there)."""
     docs: list[str]
     open_end: bool = False
+    # malformed JSONL lines left out ("NAME:LINE", read_documents' on_error="skip"), for the
+    # run's report; the documents' hash (key) already tells such a corpus from the whole file's
+    skipped: list[str] = field(default_factory=list, compare=False)
 
     @property
     def text(self) -> str:
@@ -194,9 +233,11 @@ class Documents:
         return h.hexdigest()[:24]
 
 
-def read_corpus(path: str, warn=print) -> Documents:
-    """The corpus at `path` as Documents (all of them end with EOS)."""
-    return Documents(read_documents(path, warn))
+def read_corpus(path: str, warn=print, on_error: str = "stop") -> Documents:
+    """The corpus at `path` as Documents (all of them end with EOS); on_error as in
+    read_documents."""
+    skipped = []
+    return Documents(read_documents(path, warn, on_error, skipped), skipped=skipped)
 
 
 def split_documents(corpus: Documents, val_fraction: float) -> tuple[Documents, Documents]:

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from engine.data import json_error
+
 TASKS = ("perplexity", "response-loss", "choice")
 
 
@@ -134,10 +136,10 @@ def load_choice_items(path: str) -> list[ChoiceItem]:
                 raise ValueError(f"{path}:{n}: invalid UTF-8 at byte {e.start}") from None
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
+            try:  # without the line break: an error at its end is then not "column 1" of a next line
+                obj = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+                raise ValueError(f"{path}:{n}: {json_error(e)}") from None
             err = _check_choice(obj)
             if err:
                 raise ValueError(f"{path}:{n}: {err}")

@@ -47,6 +47,7 @@ from typing import Iterator, NamedTuple
 
 import torch
 
+from engine.data import json_error
 from tokenizer.chat import chat_templates_of
 
 IGNORE = -100  # label of positions without loss (PyTorch's cross_entropy ignore_index default)
@@ -111,16 +112,21 @@ def _json_lines(path: str) -> Iterator[tuple[int, object, str | None]]:
             try:
                 yield n, json.loads(line.lstrip("\ufeff") if n == 1 else line), None
             except json.JSONDecodeError as e:
-                yield n, None, f"invalid JSON ({e.msg} at column {e.colno})"
+                yield n, None, json_error(e)
 
 
 def detect_format(path: str) -> str:
     """"instruction", "completion", "chat", "preference" or "text" (a corpus: not .jsonl/.json,
     a directory, or JSONL with a "text" field), from the first valid JSON object's keys."""
+    return _first_form(path)[0]
+
+
+def _first_form(path: str) -> tuple[str, int]:
+    """(detect_format's answer, the line of the record it read; 0 for a plain-text corpus)."""
     if os.path.isdir(path) or not path.endswith((".jsonl", ".json")):
         if not os.path.exists(path):
             raise FileNotFoundError(f"data not found: {path}")
-        return "text"
+        return "text", 0
     for n, obj, err in _json_lines(path):
         if err is None and isinstance(obj, dict):
             form = _form_of(obj)
@@ -128,8 +134,32 @@ def detect_format(path: str) -> str:
                 raise ValueError(f"{path}:{n}: cannot tell the data format from keys {sorted(obj)}; expected "
                                  "'messages', 'instruction'+'output', 'prompt'+'completion', "
                                  "'prompt'+'chosen'+'rejected' or 'text'")
-            return form
+            return form, n
     raise ValueError(f"{path}: no valid JSON object lines")
+
+
+# A record is of another form than its file's when it has all of that form's keys (checked in
+# _form_of's order); one that lacks some keys of every form is told what its file's form needs.
+_FORM_KEYS = {"chat": ("messages",), "preference": ("prompt", "chosen", "rejected"),
+              "instruction": ("instruction", "output"), "completion": ("prompt", "completion"),
+              "text": ("text",)}
+_FORM_NAMES = {"chat": "chat (messages)", "preference": "preference (prompt/chosen/rejected)",
+               "instruction": "instruction", "completion": "prompt/completion", "text": "text"}
+
+
+def _one_form(check, form: str, first: int):
+    """`check` for the records of a `form` file whose first record is on line `first`: a record
+    of another form (say prompt/completion in an instruction file) is named as such, rather than
+    by a key of the file's form that it lacks."""
+    def checked(obj) -> str | None:
+        other = next((f for f, keys in _FORM_KEYS.items()
+                      if isinstance(obj, dict) and all(k in obj for k in keys)), form)
+        if other != form:
+            name = _FORM_NAMES[other]
+            return (f"a{'n' if name[0] in 'aeiou' else ''} {name} record in a file of "
+                    f"{_FORM_NAMES[form]} records (line {first}); one file holds one form")
+        return check(obj)
+    return checked
 
 
 def _check_tool_calls(calls, what: str) -> str | None:
@@ -234,12 +264,13 @@ def load_examples(path: str, on_error: str = "stop", warn=None) -> tuple[list[Ex
     on_error="skip": malformed lines are left out (each reported through `warn(msg)` if given).
     The form is detected from the first valid line; every line must have that form.
     """
-    form = detect_format(path)
+    form, first = _first_form(path)
     if form not in SFT_FORMATS:
         hint = {"preference": "preference pairs (prompt/chosen/rejected) are DPO data",
                 "text": "plain text is a corpus, not SFT data"}[form]
         raise ValueError(f"{path}: not instruction/completion/chat JSONL: {hint}")
-    good, skipped = _load(path, lambda o: _check_example(o, form), on_error, warn)
+    good, skipped = _load(path, _one_form(lambda o: _check_example(o, form), form, first),
+                          on_error, warn)
     return [Example(form, obj, n) for n, obj in good], skipped
 
 
@@ -808,7 +839,13 @@ def load_preferences(path: str, on_error: str = "stop", warn=None
     """Validated preference pairs and the skipped line numbers (on_error as in load_examples).
     Errors: missing / empty / mistyped fields, identical chosen and rejected, a conversational
     completion without an assistant message."""
-    good, skipped = _load(path, _check_pair, on_error, warn)
+    try:
+        form, first = _first_form(path)
+    except (OSError, ValueError):  # no form to hold lines to: _load says what is wrong
+        form, first = None, 0
+    # a file of another form (SFT data given to DPO) is told, line by line, what a pair needs
+    check = _one_form(_check_pair, form, first) if form == "preference" else _check_pair
+    good, skipped = _load(path, check, on_error, warn)
     pairs = list(_pairs_from(good))
     return pairs, skipped
 

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import torch
 
-from engine.data import (ENCODER_VERSION, Documents, TokenSplit, check_trainable, eval_windows,
-                         get_batch, read_corpus, split_documents, tokenize_cached, tokenizer_hash)
+from engine.data import (ENCODER_VERSION, BadLine, Documents, TokenSplit, check_trainable,
+                         corpus_files, eval_windows, get_batch, read_corpus, split_documents,
+                         tokenize_cached, tokenizer_hash)
 from engine.distributed import shard, shard_mean, world_size
 from engine.trainer import evaluate as evaluate_windows
 
 
 class LMTask:
+    skipped = ()  # malformed JSONL lines left out (--bad-lines skip): "NAME:LINE" strings
+
     def __init__(self, train: TokenSplit, val: TokenSplit, batch_size: int, seq_len: int,
                  eval_batches: int):
         check_trainable(train, seq_len, "the training split")
@@ -37,11 +40,16 @@ class LMTask:
 
     def sizes(self) -> dict:
         return {"train tokens": len(self.train.tokens), "validation tokens": len(self.val.tokens),
-                "bytes per token": round(self.train.bytes_per_token, 3)}
+                "bytes per token": round(self.train.bytes_per_token, 3),
+                **({"skipped lines": len(self.skipped)} if self.skipped else {})}
 
     def describe(self, path: str) -> str:
-        return (f"data: {path}: {len(self.train.tokens):,} train / {len(self.val.tokens):,} val "
-                f"tokens, {self.train.bytes_per_token:.2f} bytes/token")
+        s = (f"data: {path}: {len(self.train.tokens):,} train / {len(self.val.tokens):,} val "
+             f"tokens, {self.train.bytes_per_token:.2f} bytes/token")
+        if self.skipped:  # as engine.sft.format_report says it
+            s += (f"; {len(self.skipped):,} malformed line(s) skipped ({', '.join(self.skipped[:10])}"
+                  + (", ..." if len(self.skipped) > 10 else "") + ")")
+        return s
 
     def start_step(self, n_micro: int) -> None:
         pass  # equal-sized micro-batches: each is 1/n_micro of the step
@@ -194,20 +202,34 @@ def build_task(args, tok, data_path: str, gen, texts: tuple[Documents, Documents
         return task
     if fmt == "preference":
         raise ValueError(f"{data_path} holds preference pairs: use --objective dpo")
-    for flag, on in (("--pack", args.pack), ("--bad-lines skip", args.bad_lines == "skip")):
-        if on:  # it would be ignored: plain text has no samples to pack or lines to skip
-            raise ValueError(f"{flag} applies only to SFT or preference JSONL; {data_path} is "
-                             "plain text")
+    if args.pack:  # it would be ignored: plain text has no samples to pack
+        raise ValueError(f"--pack applies only to SFT or preference JSONL; {data_path} is "
+                         "plain text")
     train_docs, val_docs = texts or read_text_splits(args, data_path)
     th = tokenizer_hash(tok)
-    return LMTask(tokenize_cached(train_docs, tok, th), tokenize_cached(val_docs, tok, th),
+    task = LMTask(tokenize_cached(train_docs, tok, th), tokenize_cached(val_docs, tok, th),
                   batch_size, args.seq_len, args.eval_batches)
+    task.skipped = train_docs.skipped + val_docs.skipped
+    return task
 
 
 def read_text_splits(args, data_path: str) -> tuple[Documents, Documents]:
     """(train documents, validation documents): --val-data, or the last --val-fraction of the
-    corpus (engine.data.split_documents)."""
-    corpus = read_corpus(data_path)
-    if args.val_data:
-        return corpus, read_corpus(args.val_data)
-    return split_documents(corpus, args.val_fraction)
+    corpus (engine.data.split_documents). A malformed line of a JSONL corpus stops the run, or
+    with --bad-lines skip is left out: warned, and listed in the `skipped` of its file's
+    documents (the training split's, when the two splits share the file)."""
+    paths = [data_path] + ([args.val_data] if args.val_data else [])
+    if args.bad_lines == "skip" and not any(  # before reading: it would be ignored
+            f.endswith((".jsonl", ".json")) for p in paths for f in corpus_files(p)):
+        raise ValueError(f"--bad-lines skip applies only to JSONL data (SFT, preference or "
+                         f"'text' records); {data_path} is plain text")
+    try:
+        corpus = read_corpus(data_path, on_error=args.bad_lines)
+        held = read_corpus(args.val_data, on_error=args.bad_lines) if args.val_data else None
+    except BadLine as e:
+        raise ValueError(f"{e}; --bad-lines skip leaves such lines out") from None
+    if held is not None:
+        return corpus, held
+    train, val = split_documents(corpus, args.val_fraction)
+    train.skipped = corpus.skipped  # the lines of the file the two splits share
+    return train, val
