@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import math
 import os
 import sys
@@ -26,14 +25,14 @@ from tqdm import tqdm
 
 from engine import distributed, finetune
 from engine.checkpoint import load_model_dir
-from engine.config import PRESETS, atomic_write_text, preset
+from engine.config import PRESETS, preset
 from engine.data import fetch_shakespeare, load_or_train_tokenizer
 from engine.model import Transformer
 from engine.tasks import build_task, read_text_splits
 from engine.train_args import MIN_TRAINED_VOCAB, explicit_flags, parse_args
 from engine.trainer import (MetricsLog, StepBoundaryInterrupt, Throughput, configure_optimizer,
-                            decay_progress, final_report, get_lr, load_training_state,
-                            open_run_dir, save_last, step_seed)
+                            decay_progress, final_report, finished_run, get_lr,
+                            load_training_state, open_run_dir, save_last, step_seed, write_run_args)
 from tokenizer import read_chat_template, set_chat_template
 
 
@@ -62,6 +61,13 @@ def _run(args, given: set[str], stage: dict) -> int:
     device = distributed.setup(args.device, args.dist_timeout)  # torchrun: join the process group
     distributed.check_same_flags(vars(args))
     args, run_dir, resume_dir = open_run_dir(args, given, stage)  # --resume or --out
+    # A finished run (its final report written) is left as it is; rank 0 reads it for every rank.
+    # With --pause-at-step the check below says why there is nothing to pause.
+    done = resume_dir and distributed.broadcast_object(
+        finished_run(run_dir) if distributed.is_main() else None)
+    if done and args.pause_at_step is None:
+        print(done)
+        return 0
     args.world_size = distributed.world_size()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -154,7 +160,7 @@ def _run(args, given: set[str], stage: dict) -> int:
         task.load_state_dict(extra.get("data", {}))
         print(f"resumed {run_dir} at step {step}", flush=True)
     elif distributed.is_main():
-        atomic_write_text(os.path.join(run_dir, "run_args.json"), json.dumps(vars(args), indent=2))
+        write_run_args(run_dir, args)
     if args.pause_at_step is not None and not step < args.pause_at_step <= args.max_steps:
         where = (f"pause at a step in {step + 1}..{args.max_steps}" if step < args.max_steps
                  else "it has finished: there is no step left to pause at")
@@ -314,10 +320,11 @@ def _run(args, given: set[str], stage: dict) -> int:
         in_loop = False
         bar.close()
         if ctrl_c.requested:  # stopped at a step boundary: everything belongs to `step`
+            stage["now"] = f"while saving the checkpoint of step {step}; {resume_hint()}"
             checkpoint_last()
             print(f"\ninterrupted at step {step}; resume with: python train.py --resume {run_dir}",
                   file=sys.stderr)
-            return 130
+            return ctrl_c.exit_code  # 130 Ctrl-C, 143 SIGTERM
         if extra.get("last_eval_step") != step:  # the last steps' score (step 0 if none ran)
             stage["now"] = f"during the evaluation of step {step}; {resume_hint()}"
             do_eval()
@@ -326,7 +333,7 @@ def _run(args, given: set[str], stage: dict) -> int:
         if not in_loop:
             raise  # main() says what was interrupted
         print(f"\ninterrupted during step {step + 1}; not saved: {resume_hint()}", file=sys.stderr)
-        return 130
+        return ctrl_c.exit_code
     except NonFinite as e:
         bar.close()
         print(f"error: {e} at step {step}; stopping. The last good checkpoint is kept in {run_dir} "

@@ -160,7 +160,8 @@ def _yaml_str(s: str) -> str:
 def render_model_card(directory: str, *, base_model: str | None, data_path: str | None,
                       data_hash: str | None, data_sizes: dict | None, mode: str,
                       hyperparameters: dict, metrics: dict, wall_time_s: float, hardware: str,
-                      command: str, adapter: bool, notes: str | None = None) -> str:
+                      command: str, adapter: bool, notes: str | None = None,
+                      resumed_with: str | None = None) -> str:
     """The README.md text (see write_model_card)."""
     name = os.path.basename(os.path.normpath(directory)) or "model"
     parts = mode.split("+")  # e.g. "lora+dpo": the method, then how it was trained
@@ -195,7 +196,10 @@ def render_model_card(directory: str, *, base_model: str | None, data_path: str 
     out += ["## Training time and hardware", "", f"- wall time: {format_duration(wall_time_s)}",
             f"- hardware: {hardware}", ""]
 
-    out += ["## Command", "", "```bash", command, "```", ""]
+    # the command that reproduces the run; a resume's (its flags are the run's) only as a note
+    out += ["## Command", "", "```bash", command]
+    out += [f"# resumed with: {resumed_with}"] if resumed_with else []
+    out += ["```", ""]
 
     d = os.path.normpath(directory)
     out += ["## How to use", ""]
@@ -220,14 +224,17 @@ def write_model_card(directory: str, *, base_model: str | None, data_path: str |
                      data_hash: str | None = None, data_sizes: dict | None = None, mode: str,
                      hyperparameters: dict, metrics: dict, wall_time_s: float,
                      hardware: str | None = None, command: str | None = None,
-                     adapter: bool = False, notes: str | None = None) -> str:
+                     adapter: bool = False, notes: str | None = None,
+                     resumed_with: str | None = None) -> str:
     """Write `directory`/README.md atomically; returns its path.
 
     data_hash: SHA-256 of the data (computed with file_sha256 when None and data_path exists).
     mode: a MODES key, or keys joined by "+" ("lora+dpo", "full+half").
     data_sizes: e.g. {"train examples": 900, "validation examples": 100, "train tokens": ...}.
     hyperparameters / metrics: flat dicts rendered as tables. hardware defaults to
-    describe_hardware(), command to this process's command line.
+    describe_hardware(), command to this process's command line. resumed_with: for a run
+    continued with --resume, that command (shown as a comment under `command`, which stays the
+    one that started the run).
     """
     if data_hash is None and data_path and os.path.exists(data_path):
         data_hash = file_sha256(data_path)
@@ -235,7 +242,7 @@ def write_model_card(directory: str, *, base_model: str | None, data_path: str |
         directory, base_model=base_model, data_path=data_path, data_hash=data_hash,
         data_sizes=data_sizes, mode=mode, hyperparameters=hyperparameters, metrics=metrics,
         wall_time_s=wall_time_s, hardware=hardware or describe_hardware(),
-        command=command or command_line(), adapter=adapter, notes=notes)
+        command=command or command_line(), adapter=adapter, notes=notes, resumed_with=resumed_with)
     path = os.path.join(directory, "README.md")
     atomic_write_text(path, text)
     return path

@@ -19,11 +19,15 @@ from tokenizer import read_chat_template
 
 # What --resume may change: how and where this invocation runs, not what the run trains (the rest
 # comes from the run's run_args.json; a different value on the command line is an error).
+# run_args.json also holds keys that are no flag: world_size, and COMMAND_KEY.
 RESUME_FLAGS = ("resume", "pause_at_step", "device", "threads", "no_progress", "metrics_port",
                 "dist_timeout")
 # A trained SentencePiece vocabulary holds 256 byte-fallback pieces and 3 special ids before any
 # merge: presets smaller than that (tiny: 256, sized for model tests) get this many.
 MIN_TRAINED_VOCAB = 320
+# run_args.json's record of the command line that started the run (rank 0's; runs saved before it
+# lack it): the model card shows it, not a resume's command line.
+COMMAND_KEY = "command"
 
 
 def _parser(description: str | None = None) -> OneLineParser:
@@ -84,7 +88,8 @@ def _parser(description: str | None = None) -> OneLineParser:
            "tokenizer_config.json, the template itself, or chatml): SFT/DPO chat data is rendered "
            "with it and the saved tokenizer carries it")
     a("--bad-lines", choices=("stop", "skip"), default="stop",
-      help="SFT data: stop at a malformed JSONL line, or skip it with a warning")
+      help="JSONL data (SFT, preference or 'text' records): stop at a malformed line, or skip "
+           "it with a warning")
     a("--objective", choices=("lm", "dpo"), default="lm",
       help="lm: next-token loss; dpo: preference pairs in --data (engine/dpo.py; needs --base; the "
            "reference is the base: adapters disabled, or with --finetune full/freeze its "
@@ -154,7 +159,7 @@ def _plain_text(args) -> bool:
 def card_hyperparameters(args: argparse.Namespace) -> dict:
     """The run's flags for its model card: only those that took part in it (not --preset for a
     fine-tune, nor --lora-r for a full one or for pretraining) and not how this invocation ran."""
-    left_out = {"resume", "no_progress", "threads", "pause_at_step", "dist_timeout"}
+    left_out = {"resume", "no_progress", "threads", "pause_at_step", "dist_timeout", COMMAND_KEY}
     for names, applies, _ in _ONLY_WITH:
         if not applies(args):
             left_out.update(names)

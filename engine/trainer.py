@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from engine import distributed, finetune
-from engine.card import peak_memory_mb, write_model_card
-from engine.config import atomic_write, atomic_write_bytes
-from engine.train_args import RESUME_FLAGS, card_hyperparameters, read_run_args
+from engine.card import command_line, peak_memory_mb, write_model_card
+from engine.config import atomic_write, atomic_write_bytes, atomic_write_text
+from engine.train_args import COMMAND_KEY, RESUME_FLAGS, card_hyperparameters, read_run_args
 
 STATE_FILE = "training_state.pt"
 LAST = "last"  # subdirectory of a run with the most recent (resumable) weights and training state
@@ -125,21 +125,25 @@ class MetricsLog:
             f.write(json.dumps(event) + "\n")
 
     def read(self) -> list[dict]:
-        """The events; a torn last line (a kill during the append) is skipped, a bad line
-        elsewhere is an error naming it."""
-        if not os.path.isfile(self.path):
-            return []
-        with open(self.path, encoding="utf-8", errors="replace") as f:
-            lines = [(n, l) for n, l in enumerate(f, 1) if l.strip()]
-        events = []
-        for k, (n, line) in enumerate(lines):
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                if k == len(lines) - 1 and not line.endswith("\n"):
-                    break
-                raise ValueError(f"{self.path}:{n}: not a JSON event ({e.msg})") from None
-        return events
+        return read_events(self.path)
+
+
+def read_events(path: str) -> list[dict]:
+    """The events of a metrics.jsonl (none if it is missing); a torn last line (a kill during
+    the append) is skipped, a bad line elsewhere is an error naming it."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(n, l) for n, l in enumerate(f, 1) if l.strip()]
+    events = []
+    for k, (n, line) in enumerate(lines):
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if k == len(lines) - 1 and not line.endswith("\n"):
+                break
+            raise ValueError(f"{path}:{n}: not a JSON event ({e.msg})") from None
+    return events
 
 
 def plot_losses(events: list[dict], path: str) -> None:
@@ -258,34 +262,95 @@ def has_run(run_dir: str) -> str | None:
     return None
 
 
+def flags_only(run_dir: str) -> str | None:
+    """If run_dir holds a run's run_args.json but no checkpoint (nor a save_last cut short), the
+    line that says so and what to do, else None: the run stopped (or is starting right now, so
+    the directory is not overwritten) before its first checkpoint, and there is nothing to resume."""
+    if has_run(run_dir) != "run_args.json" or any(
+            os.path.exists(os.path.join(run_dir, n)) for n in (LAST, LAST + ".new", LAST + ".old")):
+        return None
+    return (f"{run_dir} holds only a run's flags (run_args.json), no checkpoint: a run that stopped "
+            f"(or is still starting) before its first checkpoint; nothing to resume — remove "
+            f"{run_dir} or pick another --out")
+
+
+def write_run_args(run_dir: str, args: argparse.Namespace) -> None:
+    """run_args.json: the run's flags, which --resume continues with, and the command that started
+    the run (COMMAND_KEY), which the model card shows after a resume too. Rank 0 writes it."""
+    atomic_write_text(os.path.join(run_dir, "run_args.json"),
+                      json.dumps({**vars(args), COMMAND_KEY: command_line()}, indent=2))
+
+
+def finished_run(run_dir: str) -> str | None:
+    """For --resume: if the run in run_dir has finished (its final report, metrics.jsonl's
+    `final` event for the step last/ holds and the model card, was written), the line that says
+    so: at which step and why, and where its results are. None when it has not (it trains on,
+    or redoes a final report that was cut short). Read, not loaded: the state file is mapped."""
+    card = os.path.join(run_dir, "README.md")
+    finals = {e.get("step") for e in read_events(os.path.join(run_dir, "metrics.jsonl"))
+              if e.get("final")}
+    if not finals or not os.path.isfile(card):
+        return None
+    try:
+        state = torch.load(os.path.join(run_dir, LAST, STATE_FILE), map_location="cpu",
+                           weights_only=True, mmap=True)
+        step, extra, saved = int(state["step"]), json.loads(state["extra"]), read_run_args(run_dir)
+    except Exception:  # noqa: BLE001  (a damaged file: the resume itself says what is wrong)
+        return None
+    if step not in finals:
+        return None
+    # the loop's own order: patience is checked before the step count, which before the clock
+    patience = saved.get("patience")
+    why = (f"early stop (no improvement in {patience} evaluations)"
+           if patience and extra.get("bad_evals", 0) >= patience
+           else "max steps" if step >= saved["max_steps"] else "time budget")
+    return (f"{run_dir} is done ({why}): {step} steps; nothing to resume. Its results: the best "
+            f"checkpoint, the model card README.md, metrics.jsonl and loss.png in {run_dir}")
+
+
 class StepBoundaryInterrupt:
-    """Ctrl-C (SIGINT) during the loop: the first one only sets `requested` and the loop stops
-    at the next step boundary, where the data generator, the data stream, the weights and the
-    optimizer all belong to the same step (a checkpoint taken mid-step would resume on another
-    trajectory); a second one raises KeyboardInterrupt at once. Not installed when disabled
+    """Ctrl-C (SIGINT) or SIGTERM (`kill PID`, `timeout`, a job scheduler before its kill) during
+    the loop: the first one only sets `requested` and the loop stops at the next step boundary,
+    where the data generator, the data stream, the weights and the optimizer all belong to the
+    same step (a checkpoint taken mid-step would resume on another trajectory); a second one
+    raises KeyboardInterrupt at once. `exit_code`: 128 + the last signal's number (130 Ctrl-C,
+    143 SIGTERM), as a shell reports a process the signal ended. Not installed when disabled
     (under torchrun ranks would stop at different steps) or off the main thread."""
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self, enabled: bool = True):
-        self.enabled, self.requested, self._installed, self._previous = enabled, False, False, None
+        self.enabled, self.requested, self.signum = enabled, False, None
+        self._previous: dict = {}  # signal -> its handler before __enter__
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)  # a KeyboardInterrupt not from here: Ctrl-C
 
     def _handle(self, signum, frame):
+        self.signum = signum
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: stopping after this step to save a resumable checkpoint (Ctrl-C again "
-              "to quit without saving it)", file=sys.stderr, flush=True)
+        if signum == signal.SIGINT:
+            print("\nCtrl-C: stopping after this step to save a resumable checkpoint (Ctrl-C again "
+                  "to quit without saving it)", file=sys.stderr, flush=True)
+        else:
+            print("\nSIGTERM: stopping after this step to save a resumable checkpoint (SIGTERM or "
+                  "Ctrl-C again to quit without saving it)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> "StepBoundaryInterrupt":
         if self.enabled and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._installed:  # None: the previous handler was not set from Python
-            signal.signal(signal.SIGINT, self._previous if self._previous is not None
-                          else signal.default_int_handler)
-            self._installed = False
+        for sig, previous in self._previous.items():
+            # None: the previous handler was not set from Python
+            signal.signal(sig, previous if previous is not None else
+                          signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+        self._previous = {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,12 +369,16 @@ def open_run_dir(args: argparse.Namespace, given: set[str], stage: dict
         run_dir = args.resume.rstrip("/")
         if os.path.basename(run_dir) == LAST:
             run_dir = os.path.dirname(run_dir)
+        if not os.path.exists(run_dir):
+            raise ValueError(f"--resume {args.resume}: {run_dir} does not exist")
         if os.path.isdir(run_dir):
             with distributed.main_first():  # a kill between last/'s renames left last.old/.new
                 recover_last(run_dir)
         resume_dir = os.path.join(run_dir, LAST)
         if not os.path.isdir(resume_dir):
-            raise ValueError(f"--resume {args.resume}: no resumable checkpoint ({LAST}/) there")
+            early = flags_only(run_dir) if os.path.isdir(run_dir) else None
+            raise ValueError(f"--resume {args.resume}: " + (
+                early or f"no resumable checkpoint ({LAST}/) there"))
         saved = read_run_args(run_dir)
         # The run continues with its saved flags: a different value here would be ignored.
         changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {saved.get(k)})"
@@ -335,9 +404,13 @@ def open_run_dir(args: argparse.Namespace, given: set[str], stage: dict
         if os.path.exists(run_dir) and not os.path.isdir(run_dir):
             raise ValueError(f"--out {run_dir} is a file, not a directory")
         found = has_run(run_dir) if os.path.isdir(run_dir) else None
-        if found:  # a finished, paused or interrupted run: never overwrite it
-            raise ValueError(f"{run_dir} already holds a checkpoint or run ({found}); pick another "
-                             f"--out or continue it with --resume {run_dir}")
+        if found:  # a finished, paused or interrupted run (or one starting now): never overwrite it
+            resumable = any(os.path.exists(os.path.join(run_dir, n))
+                            for n in (LAST, LAST + ".new", LAST + ".old"))
+            raise ValueError(flags_only(run_dir) or
+                             f"{run_dir} already holds a checkpoint or run ({found}); pick another "
+                             + (f"--out or continue it with --resume {run_dir}" if resumable else
+                                "--out (it has no resumable state: nothing to --resume)"))
         try:
             if not os.path.isdir(run_dir):
                 stage["created"] = run_dir
@@ -370,6 +443,10 @@ def final_report(args: argparse.Namespace, run_dir: str, task, data_path: str, m
                                    + ["dpo"] * (args.objective == "dpo")),
                      adapter=mode in finetune.ADAPTER_MODES,
                      hyperparameters=card_hyperparameters(args),
+                     # how to reproduce the run: the command that started it, not a resume's
+                     **({"command": getattr(args, COMMAND_KEY, None) or
+                         "# (not recorded: run_args.json predates the record of the command)",
+                         "resumed_with": command_line()} if resumed_at is not None else {}),
                      metrics={"steps": step, "train_loss (last logged)": last_train,
                               "tokens_per_s": round(tps, 1), **peak, **{k: round(v, 5) for k, v in final.items()}},
                      wall_time_s=wall)

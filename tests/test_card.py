@@ -114,3 +114,13 @@ def test_command_line_under_torchrun(monkeypatch):
         "torchrun --nnodes 2 --nproc_per_node 2 train.py --data d.txt"
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert command_line(["train.py"]) == "python train.py"
+
+
+def test_resumed_run_shows_the_command_that_started_it():
+    """A resumed run's card showed only the --resume command, which does not say how the run was
+    made: the starting command stays the block's command, the resume a comment under it."""
+    text = render_model_card("x", **dict(CARD, resumed_with="python train.py --resume out/x"))
+    block = text.split("## Command\n\n```bash\n", 1)[1].split("```", 1)[0]
+    assert block.splitlines() == [CARD["command"], "# resumed with: python train.py --resume out/x"]
+    plain = render_model_card("x", **CARD)
+    assert plain.split("## Command\n\n```bash\n", 1)[1].split("```", 1)[0] == CARD["command"] + "\n"

@@ -600,6 +600,7 @@ def test_ctrl_c_then_resume_continues_exactly(ref, monkeypatch, capsys):
     def hard():
         raise KeyboardInterrupt
 
+    sigterm_handler = signal.getsignal(signal.SIGTERM)
     for name, when, how, stopped_at, msg in (("sigint", 8, sigint, 8, "interrupted at step 8"),
                                              ("hard", 13, hard, 10, "interrupted during step 13")):
         run, calls["n"] = str(tmp / name), 0
@@ -607,9 +608,48 @@ def test_ctrl_c_then_resume_continues_exactly(ref, monkeypatch, capsys):
             m.setattr(tasks.LMTask, "train_step", interrupting(when, how))
             assert train.main(["--data", data, "--out", run, *REF]) == 130
         assert msg in capsys.readouterr().err
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+        assert signal.getsignal(signal.SIGTERM) == sigterm_handler
         state = torch_load_state(run)
         assert state["step"] == stopped_at
+        assert resume(run) == 0
+        assert_same_trajectory(full, run)
+
+
+_SIGTERM_AT = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import train
+from engine import tasks
+when, times = int(sys.argv[2]), int(sys.argv[3])
+original, calls = tasks.LMTask.train_step, [0]
+def train_step(self, *a):  # SIGTERM `times` times in the middle of step `when`
+    loss = original(self, *a)
+    calls[0] += 1
+    if calls[0] == when:
+        for _ in range(times):
+            os.kill(os.getpid(), signal.SIGTERM)
+    return loss
+tasks.LMTask.train_step = train_step
+sys.exit(train.main(sys.argv[4:]))
+"""
+
+
+def test_sigterm_saves_at_the_step_boundary_like_ctrl_c(ref):
+    """SIGTERM (timeout, a scheduler, kill PID) ended a run at once with no checkpoint: the first
+    one now stops at the step boundary, saves last/ and exits 143, and the resumed run continues
+    exactly; a second one quits at once (mid-step, not saved), keeping the previous checkpoint."""
+    data, full, tmp = ref
+    for name, when, times, stopped_at, msg in (("sigterm", 8, 1, 8, "interrupted at step 8; resume"),
+                                               ("sigterm2", 13, 2, 10, "interrupted during step 13")):
+        run = str(tmp / name)
+        r = subprocess.run([sys.executable, "-c", _SIGTERM_AT, ROOT, str(when), str(times),
+                            "--data", data, "--out", run, *REF], capture_output=True, text=True,
+                           cwd=ROOT, timeout=300)
+        assert r.returncode == 143, (r.returncode, r.stderr[-2000:])
+        assert "SIGTERM: stopping after this step" in r.stderr and msg in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+        assert torch_load_state(run)["step"] == stopped_at
         assert resume(run) == 0
         assert_same_trajectory(full, run)
 
@@ -695,9 +735,38 @@ def test_resume_recovers_an_interrupted_checkpoint_swap_and_a_torn_log(ref):
         assert_same_trajectory(full, run)
         assert not os.path.exists(os.path.join(run, "last.old"))
         assert not os.path.exists(os.path.join(run, "last.new"))
-    # resuming a finished run redoes only the final report: one final event, as before
-    assert resume(full) == 0
-    assert sum(1 for e in metrics(full) if e.get("final")) == 1
+
+
+def drop_final_report(run):
+    """What a kill during the final evaluation leaves: no final event, no model card."""
+    events = [e for e in metrics(run) if not e.get("final")]
+    with open(os.path.join(run, "metrics.jsonl"), "w") as f:
+        f.write("".join(json.dumps(e) + "\n" for e in events))
+    os.remove(os.path.join(run, "README.md"))
+
+
+def test_resume_of_a_finished_run_rewrites_nothing(ref, capsys):
+    """Resuming a run whose final report was written redid the final evaluation and rewrote the
+    card, loss.png and metrics (its wall time grew): now one line says it is done, and where its
+    results are. A final report cut short (a kill during the final evaluation) is still redone."""
+    import shutil
+    _, full, tmp = ref
+    run = shutil.copytree(full, str(tmp / "finished-resumed"))
+    outputs = ("metrics.jsonl", "README.md", "loss.png", "model.safetensors", "last/training_state.pt")
+    read = lambda: {n: open(os.path.join(run, n), "rb").read() for n in outputs}  # noqa: E731
+    before = read()
+    capsys.readouterr()
+    assert resume(run) == 0
+    assert capsys.readouterr().out == (
+        f"{run} is done (max steps): 16 steps; nothing to resume. Its results: the best checkpoint, "
+        f"the model card README.md, metrics.jsonl and loss.png in {run}\n")
+    assert read() == before
+    drop_final_report(run)
+    assert resume(run) == 0
+    assert "done (max steps): 16 steps" in capsys.readouterr().out
+    assert sum(1 for e in metrics(run) if e.get("final")) == 1
+    assert os.path.isfile(os.path.join(run, "README.md"))
+    assert_same_trajectory(full, run)
 
 
 def test_done_line_of_a_resumed_run_says_what_its_figures_cover(ref, capsys):
@@ -735,6 +804,10 @@ def test_an_early_stopped_run_resumed_does_not_train_on(ref, monkeypatch, capsys
                        "--patience", "1"]) == 0
     assert "done (early stop" in capsys.readouterr().out
     assert torch_load_state(run)["step"] == 15
+    assert resume(run) == 0  # its final report was written: nothing to redo
+    assert capsys.readouterr().out.startswith(
+        f"{run} is done (early stop (no improvement in 1 evaluations)): 15 steps; nothing to resume")
+    drop_final_report(run)  # interrupted during the final evaluation: the resume redoes it
     assert resume(run) == 0
     assert "done (early stop" in capsys.readouterr().out
     assert torch_load_state(run)["step"] == 15
@@ -745,10 +818,74 @@ def test_new_run_never_overwrites_a_paused_run(ref):
     data, _, _ = ref
     run = paused(ref, "keep", 3)  # before the first evaluation: no config.json yet, only last/
     state = open(os.path.join(run, "last", "training_state.pt"), "rb").read()
-    with pytest.raises(ValueError, match="already holds a checkpoint or run"):
+    with pytest.raises(ValueError, match="already holds a checkpoint or run .* or continue it "
+                       "with --resume"):
         train.main(["--data", data, "--out", run, *TINY, "--max-steps", "6"])
     assert open(os.path.join(run, "last", "training_state.pt"), "rb").read() == state
     assert metrics(run)
+
+
+def test_a_model_directory_without_resumable_state_is_not_sent_to_resume(tmp_path):
+    """--out at a plain model (config.json, no last/): refused, without the advice to --resume
+    it (which would say there is no resumable checkpoint)."""
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError) as e:
+        train.main(["--out", str(tmp_path), *TINY, "--max-steps", "1"])
+    assert str(e.value) == (f"{tmp_path} already holds a checkpoint or run (config.json); pick "
+                            "another --out (it has no resumable state: nothing to --resume)")
+    assert os.listdir(tmp_path) == ["config.json"]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_says_there_is_nothing_to_resume(ref):
+    """A directory with only run_args.json (a run killed, or still starting, before its first
+    checkpoint): a new run there said "continue it with --resume", and --resume said "no
+    resumable checkpoint": both now say what is there and what to do, and touch nothing."""
+    import shutil
+    data, full, tmp = ref
+    run = tmp / "starting"
+    run.mkdir()
+    shutil.copy(os.path.join(full, "run_args.json"), run)
+    msg = (f"{run} holds only a run's flags (run_args.json), no checkpoint: a run that stopped (or is "
+           f"still starting) before its first checkpoint; nothing to resume — remove {run} or pick "
+           "another --out")
+    with pytest.raises(ValueError) as e:
+        train.main(["--data", data, "--out", str(run), *TINY, "--max-steps", "1"])
+    assert str(e.value) == msg
+    with pytest.raises(ValueError) as e:
+        resume(str(run))
+    assert str(e.value) == f"--resume {run}: {msg}"
+    assert os.listdir(run) == ["run_args.json"]
+    missing = str(tmp / "no-such-run")
+    with pytest.raises(ValueError) as e:
+        resume(missing)
+    assert str(e.value) == f"--resume {missing}: {missing} does not exist"
+
+
+def test_model_card_command_is_the_one_that_started_the_run(ref, monkeypatch):
+    """After --resume the card's Command showed the resume command, not how the run was made: the
+    starting command is saved in run_args.json (not a flag: resume does not compare it, the card's
+    hyperparameters leave it out) and a run saved before that resumes, saying it is not recorded."""
+    import shlex
+    data, _, tmp = ref
+    runs, starts = [str(tmp / "cmd"), str(tmp / "cmd-older")], []
+    for run in runs:
+        starts.append(["--data", data, "--out", run, *REF, "--pause-at-step", "5"])
+        monkeypatch.setattr(sys, "argv", ["train.py", *starts[-1]])
+        assert train.main(starts[-1]) == 0
+    saved = json.load(open(os.path.join(runs[1], "run_args.json")))
+    assert saved.pop("command") == shlex.join(["python", "train.py", *starts[1]])
+    with open(os.path.join(runs[1], "run_args.json"), "w") as f:
+        json.dump(saved, f)  # as an older train.py wrote it
+    for run in runs:
+        monkeypatch.setattr(sys, "argv", ["train.py", "--resume", run, "--no-progress", "--threads", "1"])
+        assert resume(run, "--lr", "0.003") == 0  # the run's own value: allowed
+    cards = [open(os.path.join(run, "README.md")).read() for run in runs]
+    block = lambda card: card.split("## Command\n\n```bash\n")[1].split("```")[0].splitlines()  # noqa: E731
+    resumed = "# resumed with: python train.py --resume {} --no-progress --threads 1"
+    assert block(cards[0]) == [shlex.join(["python", "train.py", *starts[0]]), resumed.format(runs[0])]
+    assert block(cards[1]) == ["# (not recorded: run_args.json predates the record of the command)",
+                               resumed.format(runs[1])]
+    assert "| command |" not in cards[0]
 
 
 def test_damaged_run_files_give_one_line_errors(ref):
