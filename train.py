@@ -198,6 +198,7 @@ def _run(args, given: set[str], stage: dict) -> int:
     model.train()
     stop_reason = "max steps"
     saved_at = [step if resume_dir else None]  # the step last/ holds
+    best_eval = []  # the score of the best checkpoint, if this session saved it
     resume_hint = lambda: (f"python train.py --resume {run_dir} continues from the checkpoint of "  # noqa: E731
                            f"step {saved_at[0]}" if saved_at[0] is not None
                            else "no resumable checkpoint was saved yet")
@@ -222,6 +223,7 @@ def _run(args, given: set[str], stage: dict) -> int:
         extra["last_eval_step"] = step
         if res["val_loss"] < extra["best_val"]:
             extra["best_val"], extra["bad_evals"] = res["val_loss"], 0
+            best_eval[:] = [res]  # this session's best checkpoint's score
             distributed.save_trained(model, tok, run_dir, mode, args.base)  # best-by-validation
         else:
             extra["bad_evals"] += 1
@@ -346,8 +348,11 @@ def _run(args, given: set[str], stage: dict) -> int:
     # Final report: the best checkpoint over the whole validation split, a model card, a plot.
     stage["now"] = (f"during the final evaluation: training is complete and saved in {run_dir}; "
                     f"python train.py --resume {run_dir} redoes the final report")
-    distributed.restore_trained(model, run_dir, mode)
-    final = task.evaluate(model, device, autocast, full=args.final_eval_windows)
+    if best_eval and task.final_is_periodic(args.final_eval_windows):
+        final = best_eval[0]  # the same weights on the same batches: the same figures, again
+    else:
+        distributed.restore_trained(model, run_dir, mode)
+        final = task.evaluate(model, device, autocast, full=args.final_eval_windows)
     if not distributed.is_main():
         return 0
     final_report(args, run_dir, task, data_path, metrics, final, step=step, wall=elapsed(),

@@ -68,6 +68,13 @@ class LMTask:
         return evaluate_windows(model, self.val, starts, self.seq_len,
                                 self.batch_size // world_size(), device, autocast)
 
+    def final_is_periodic(self, full: int | bool) -> bool:
+        """Whether evaluate(full=full) scores the very batches a periodic evaluation does (a
+        validation split with no more windows than the periodic ones): then the best
+        checkpoint's periodic score is its final one."""
+        return list(eval_windows(self.val, self.seq_len, 4096 if full is True else full)
+                    if full else self.val_starts) == list(self.val_starts)
+
     def format_eval(self, res: dict) -> str:
         return f"val loss {res['val_loss']:.4f}, ppl {res['val_ppl']:.2f}, bpb {res['val_bpb']:.4f}"
 
@@ -146,6 +153,9 @@ class SFTTask(LMTask):
         from engine.sft import response_loss
         r = response_loss(model, self.val, self.batch_size // world_size(), device, autocast)
         return {"val_loss": r["loss"], "val_ppl": r["ppl"]}
+
+    def final_is_periodic(self, full: int | bool) -> bool:
+        return True  # every evaluation covers the whole validation set
 
     def format_eval(self, res: dict) -> str:
         return f"val response loss {res['val_loss']:.4f}, ppl {res['val_ppl']:.2f}"

@@ -1312,3 +1312,39 @@ def test_training_state_is_fsynced_before_it_replaces_the_last_one(tmp_path, mon
     state = torch.load(tmp_path / STATE_FILE, weights_only=True)
     assert state["step"] == 3
     assert load_training_state(str(tmp_path), opt, torch.Generator()) == (3, {"a": 1})
+
+
+@pytest.mark.parametrize("finetune", [None, "lora"])
+def test_final_score_reuses_the_best_periodic_one_exactly(corpus, tmp_path, monkeypatch,
+                                                          finetune):
+    """When the periodic evaluation already covers every final window, the best checkpoint's
+    periodic score is the final one: the figures equal a recomputation from the restored
+    checkpoint, and no extra evaluation runs."""
+    from engine import tasks
+    base = None
+    if finetune:  # a base to fine-tune: a short run from scratch
+        base = str(tmp_path / "base")
+        assert train.main(["--data", str(corpus), "--out", base, "--max-steps", "6", *TINY]) == 0
+    tiny = TINY[4:] if finetune else TINY  # the base brings its preset and vocabulary
+    assert TINY[:4] == ["--preset", "tiny", "--vocab-size", "300"]
+    flags = ["--data", str(corpus), "--max-steps", "12", "--eval-every", "4", *tiny,
+             "--eval-batches", "100", "--lr", "3e-3"]  # 100 x 8 rows: every validation window
+    if finetune:
+        flags += ["--base", base, "--finetune", finetune]
+    calls = []
+    evaluate = tasks.LMTask.evaluate
+    monkeypatch.setattr(tasks.LMTask, "evaluate", lambda self, *a, **k: (
+        calls.append(k.get("full", False)), evaluate(self, *a, **k))[1])
+    assert train.main([*flags, "--out", str(tmp_path / "reused")]) == 0
+    assert calls and not any(calls)  # periodic ones only
+    monkeypatch.setattr(tasks.LMTask, "final_is_periodic", lambda self, full: False)
+    assert train.main([*flags, "--out", str(tmp_path / "recomputed")]) == 0
+    assert calls[-1]  # the final evaluation ran this time
+    finals = [[e for e in metrics(tmp_path / run) if e.get("final")][0]
+              for run in ("reused", "recomputed")]
+    for f in finals:
+        del f["elapsed_s"]
+    assert finals[0] == finals[1]
+    best = min((e for e in metrics(tmp_path / "reused") if "val_loss" in e and not e.get("final")),
+               key=lambda e: e["val_loss"])
+    assert finals[0]["val_loss"] == best["val_loss"]
