@@ -138,6 +138,8 @@ def _fmt(v) -> str:
     elif isinstance(v, float):
         text = (f"{v:,.1f}" if abs(v) >= 1000 else f"{v:.4f}" if abs(v) >= 1e-3 or v == 0
                 else f"{v:.3g}")
+        if "." in text and "e" not in text:  # 554.7, not 554.7000; 0.003, not 0.0030
+            text = text.rstrip("0").rstrip(".")
     elif isinstance(v, (list, tuple)):
         text = ", ".join(str(x) for x in v)
     elif isinstance(v, dict):

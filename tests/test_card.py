@@ -58,9 +58,9 @@ def test_adapter_card_contents(tmp_path):
                  "(LoRA over an NF4 4-bit quantized, frozen base) on `data/chat.jsonl`.", "- path: `data/chat.jsonl`", f"- sha256: `{'ab' * 32}`",
                  "- train examples: 900", "- train tokens: 123,456",
                  "Mode: `qlora` — QLoRA (LoRA over an NF4 4-bit quantized, frozen base).",
-                 "| lora_r | 8 |", "| lora_alpha | 16.0000 |", "| lora_targets | q_proj, v_proj |",
+                 "| lora_r | 8 |", "| lora_alpha | 16 |", "| lora_targets | q_proj, v_proj |",
                  "| lr | 0.0002 |", "| rslora | false |", "| weight_decay | 3e-05 |",
-                 "| train_loss | 1.2346 |", "| val_ppl | 4.4817 |", "| tokens | 1,234,567.0 |",
+                 "| train_loss | 1.2346 |", "| val_ppl | 4.4817 |", "| tokens | 1,234,567 |",
                  "| a\\|b | x |", "- wall time: 15 min 3 s (903 s)",
                  "- hardware: CPU: Test CPU, 2 cores usable",
                  CARD["command"],
@@ -81,7 +81,7 @@ def test_model_card_defaults_and_overwrite(tmp_path, monkeypatch):
     text = open(path).read()
     meta = pytest.importorskip("huggingface_hub.repocard").metadata_load(path)
     assert "base_model" not in meta and meta["tags"][:2] == ["whetstone", "pretrain"]
-    assert "None: trained from scratch." in text and "| val_loss | 1.5000 |" in text
+    assert "None: trained from scratch." in text and "| val_loss | 1.5 |" in text
     assert f"- sha256: `{hashlib.sha256(b'To be, or not to be').hexdigest()}`" in text
     assert f"python train.py --data {data} --max-steps 5" in text
     assert f"- hardware: {describe_hardware()}" in text
@@ -124,3 +124,9 @@ def test_resumed_run_shows_the_command_that_started_it():
     assert block.splitlines() == [CARD["command"], "# resumed with: python train.py --resume out/x"]
     plain = render_model_card("x", **CARD)
     assert plain.split("## Command\n\n```bash\n", 1)[1].split("```", 1)[0] == CARD["command"] + "\n"
+
+
+def test_table_numbers_drop_trailing_zeros():
+    from engine.card import _fmt
+    assert [_fmt(v) for v in (554.7, 0.003, 4.50821, 0.0, 16.0, 12345.67, 2e-5, 1337)] == \
+        ["554.7", "0.003", "4.5082", "0", "16", "12,345.7", "2e-05", "1,337"]
