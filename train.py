@@ -239,6 +239,8 @@ def _run(args, given: set[str], stage: dict) -> int:
         saved_at[0] = step
 
     ctrl_c = StepBoundaryInterrupt(enabled=args.world_size == 1)
+    if monitor:  # the step is known now (a resumed run's too); the other gauges at their first log
+        monitor.update(step=step)
     in_loop = False
     try:
         if args.base and step == 0 and not resume_dir:
