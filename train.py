@@ -62,10 +62,11 @@ def _run(args, given: set[str], stage: dict) -> int:
     distributed.check_same_flags(vars(args))
     args, run_dir, resume_dir = open_run_dir(args, given, stage)  # --resume or --out
     # A finished run (its final report written) is left as it is; rank 0 reads it for every rank.
-    # With --pause-at-step the check below says why there is nothing to pause.
     done = resume_dir and distributed.broadcast_object(
         finished_run(run_dir) if distributed.is_main() else None)
-    if done and args.pause_at_step is None:
+    if done and args.pause_at_step is not None:
+        raise ValueError(f"--pause-at-step {args.pause_at_step}: {done}")
+    if done:
         print(done)
         return 0
     args.world_size = distributed.world_size()
@@ -318,14 +319,16 @@ def _run(args, given: set[str], stage: dict) -> int:
                         break
                 if step == args.pause_at_step:
                     bar.close()
-                    checkpoint_last()
+                    if saved_at[0] != step:  # not saved by this step's evaluation already
+                        checkpoint_last()
                     print(f"paused at step {step}; continue with: python train.py --resume {run_dir}")
                     return 0
         in_loop = False
         bar.close()
         if ctrl_c.requested:  # stopped at a step boundary: everything belongs to `step`
             stage["now"] = f"while saving the checkpoint of step {step}; {resume_hint()}"
-            checkpoint_last()
+            if saved_at[0] != step:  # not saved by this step's evaluation already
+                checkpoint_last()
             print(f"\ninterrupted at step {step}; resume with: python train.py --resume {run_dir}",
                   file=sys.stderr)
             return ctrl_c.exit_code  # 130 Ctrl-C, 143 SIGTERM

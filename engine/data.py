@@ -3,8 +3,8 @@
 A corpus is a text file, a directory of text files, or a JSONL file (.jsonl or .json, one object
 per line) with a "text" field: a list of documents, one per file of a directory (sorted, nested
 ones too) and one per JSONL record (a malformed record stops the reading with FILE:LINE, or is
-left out with a warning: train.py's --bad-lines). Binary files (a NUL byte in the first 8000 bytes, git's and
-grep's rule) are skipped in a directory, with one warning naming them, and refused as a corpus
+left out with a warning: train.py's --bad-lines). Binary files (a NUL byte in the first 8000
+bytes, git's and grep's rule) are skipped in a directory, with one warning naming them, and refused as a corpus
 file. Tokenized, each document is its ids (no BOS) followed by the tokenizer's EOS, as nanoGPT's
 openwebtext prepare.py appends EOT to every document and Megatron EOD: a model trained on
 independent documents learns where one ends (and generation stops at EOS). Cached in

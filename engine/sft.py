@@ -157,7 +157,7 @@ def _one_form(check, form: str, first: int):
         if other != form:
             name = _FORM_NAMES[other]
             return (f"a{'n' if name[0] in 'aeiou' else ''} {name} record in a file of "
-                    f"{_FORM_NAMES[form]} records (line {first}); one file holds one form")
+                    f"{_FORM_NAMES[form]} records (its form, from line {first}); one file holds one form")
         return check(obj)
     return checked
 

@@ -61,8 +61,7 @@ class LMTask:
 
     def evaluate(self, model, device, autocast, full: int | bool = False) -> dict:
         """Periodic validation windows, or with `full` up to that many (True: 4096)."""
-        starts = (eval_windows(self.val, self.seq_len, 4096 if full is True else full) if full
-                  else self.val_starts)
+        starts = self._starts(full)
         # every rank evaluates every window, in batches of its own micro-batch (not the global
         # batch: world_size times the rows a training forward holds)
         return evaluate_windows(model, self.val, starts, self.seq_len,
@@ -72,8 +71,11 @@ class LMTask:
         """Whether evaluate(full=full) scores the very batches a periodic evaluation does (a
         validation split with no more windows than the periodic ones): then the best
         checkpoint's periodic score is its final one."""
-        return list(eval_windows(self.val, self.seq_len, 4096 if full is True else full)
-                    if full else self.val_starts) == list(self.val_starts)
+        return list(self._starts(full)) == list(self.val_starts)
+
+    def _starts(self, full: int | bool):
+        return (eval_windows(self.val, self.seq_len, 4096 if full is True else full) if full
+                else self.val_starts)
 
     def format_eval(self, res: dict) -> str:
         return f"val loss {res['val_loss']:.4f}, ppl {res['val_ppl']:.2f}, bpb {res['val_bpb']:.4f}"

@@ -287,25 +287,22 @@ def finished_run(run_dir: str) -> str | None:
     so: at which step and why, and where its results are. None when it has not (it trains on,
     or redoes a final report that was cut short). Read, not loaded: the state file is mapped."""
     card = os.path.join(run_dir, "README.md")
-    finals = {e.get("step") for e in read_events(os.path.join(run_dir, "metrics.jsonl"))
+    finals = {e.get("step"): e for e in read_events(os.path.join(run_dir, "metrics.jsonl"))
               if e.get("final")}
     if not finals or not os.path.isfile(card):
         return None
     try:
         state = torch.load(os.path.join(run_dir, LAST, STATE_FILE), map_location="cpu",
                            weights_only=True, mmap=True)
-        step, extra, saved = int(state["step"]), json.loads(state["extra"]), read_run_args(run_dir)
+        step = int(state["step"])
     except Exception:  # noqa: BLE001  (a damaged file: the resume itself says what is wrong)
         return None
     if step not in finals:
         return None
-    # the loop's own order: patience is checked before the step count, which before the clock
-    patience = saved.get("patience")
-    why = (f"early stop (no improvement in {patience} evaluations)"
-           if patience and extra.get("bad_evals", 0) >= patience
-           else "max steps" if step >= saved["max_steps"] else "time budget")
-    return (f"{run_dir} is done ({why}): {step} steps; nothing to resume. Its results: the best "
-            f"checkpoint, the model card README.md, metrics.jsonl and loss.png in {run_dir}")
+    why = finals[step].get("stop_reason")  # runs from before it was logged lack it
+    return (f"{run_dir} is done{f' ({why})' if why else ''}: {step} steps; nothing to resume. Its "
+            f"results: the best checkpoint, the model card README.md, metrics.jsonl and loss.png "
+            f"in {run_dir}")
 
 
 class StepBoundaryInterrupt:
@@ -431,7 +428,7 @@ def final_report(args: argparse.Namespace, run_dir: str, task, data_path: str, m
     # One set of figures for the metrics, the card and the done line, all over the whole run
     # (every session of a resumed one): wall = the loop with its evaluations and checkpoints plus
     # the final evaluation; tokens/s = over the training steps only.
-    metrics.log(step=step, elapsed_s=round(wall, 2), final=True, **final)
+    metrics.log(step=step, elapsed_s=round(wall, 2), final=True, stop_reason=stop_reason, **final)
     plot_losses(metrics.read(), os.path.join(run_dir, "loss.png"))
     tps = extra["tokens"] / max(extra["train_s"], 1e-9)
     peak = peak_memory_mb()

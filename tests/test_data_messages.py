@@ -201,13 +201,13 @@ def test_a_record_of_another_form_is_named(tmp_path, first, other, message):
     path = write(tmp_path / "sft.jsonl", [first, other, first])
     with pytest.raises(ValueError) as e:
         load_examples(path)
-    assert str(e.value) == f"{path}:2: {message} (line 1); one file holds one form"
+    assert str(e.value) == f"{path}:2: {message} (its form, from line 1); one file holds one form"
     # the file's form is its first record's: the line named is that record's
     path = write(tmp_path / "late.jsonl", ["", "{not json", first, other])
     warnings = []
     exs, skipped = load_examples(path, on_error="skip", warn=warnings.append)
     assert [e.line for e in exs] == [3] and skipped == [2, 4]
-    assert warnings[1] == f"warning: skipping {path}:4: {message} (line 3); one file holds one form"
+    assert warnings[1] == f"warning: skipping {path}:4: {message} (its form, from line 3); one file holds one form"
 
 
 def test_an_incomplete_record_is_told_what_its_files_form_needs(tmp_path):
@@ -225,7 +225,7 @@ def test_preference_files_hold_one_form(tmp_path):
         with pytest.raises(ValueError) as e:
             load_preferences(path)
         assert str(e.value) == (f"{path}:2: {name} record in a file of preference "
-                                "(prompt/chosen/rejected) records (line 1); one file holds one form")
+                                "(prompt/chosen/rejected) records (its form, from line 1); one file holds one form")
     # a pair with a key missing is still told what a pair needs; SFT data given as preferences
     # is told so from its first line on
     path = write(tmp_path / "q.jsonl", [PAIR, {"prompt": "p", "chosen": "a"}])

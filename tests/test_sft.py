@@ -691,7 +691,7 @@ BAD_CHAT = [
     ({"messages": [{"role": "assistant", "content": 3}]}, r"'messages'\[0\] has no string 'content'"),
     ({"messages": "hi"}, "'messages' must be a list"),
     ({"prompt": "q", "completion": "a"}, r"a prompt/completion record in a file of chat "
-                                         r"\(messages\) records \(line 1\); one file holds one form"),
+                                         r"\(messages\) records \(its form, from line 1\); one file holds one form"),
     ({"role": "user", "content": "q"}, "no 'messages' field"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " \n"}]},
      r"'messages'\[1\] is an empty assistant turn"),

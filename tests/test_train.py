@@ -676,7 +676,8 @@ def test_resume_refuses_changed_flags_and_bad_pause(ref):
     assert torch_load_state(run)["step"] == 8
     import shutil
     done = shutil.copytree(ref[1], os.path.join(os.path.dirname(run), "finished"))
-    with pytest.raises(ValueError, match="at step 16 .* it has finished: there is no step left"):
+    with pytest.raises(ValueError, match=r"--pause-at-step 5: .* is done \(max steps\): 16 steps; "
+                       "nothing to resume"):
         resume(done, "--pause-at-step", "5")
 
 
@@ -761,6 +762,12 @@ def test_resume_of_a_finished_run_rewrites_nothing(ref, capsys):
         f"{run} is done (max steps): 16 steps; nothing to resume. Its results: the best checkpoint, "
         f"the model card README.md, metrics.jsonl and loss.png in {run}\n")
     assert read() == before
+    events = metrics(run)  # a run from before the final event logged its stop reason
+    del events[-1]["stop_reason"]
+    with open(os.path.join(run, "metrics.jsonl"), "w") as f:
+        f.write("".join(json.dumps(e) + "\n" for e in events))
+    assert resume(run) == 0
+    assert capsys.readouterr().out.startswith(f"{run} is done: 16 steps; nothing to resume.")
     drop_final_report(run)
     assert resume(run) == 0
     assert "done (max steps): 16 steps" in capsys.readouterr().out
@@ -807,11 +814,33 @@ def test_an_early_stopped_run_resumed_does_not_train_on(ref, monkeypatch, capsys
     assert resume(run) == 0  # its final report was written: nothing to redo
     assert capsys.readouterr().out.startswith(
         f"{run} is done (early stop (no improvement in 1 evaluations)): 15 steps; nothing to resume")
+    before = open(os.path.join(run, "metrics.jsonl")).read()
+    with pytest.raises(ValueError, match=r"--pause-at-step 30: .* is done \(early stop"):
+        resume(run, "--pause-at-step", "30")  # it redid the final report before
+    assert open(os.path.join(run, "metrics.jsonl")).read() == before
     drop_final_report(run)  # interrupted during the final evaluation: the resume redoes it
     assert resume(run) == 0
     assert "done (early stop" in capsys.readouterr().out
     assert torch_load_state(run)["step"] == 15
     assert max(e["step"] for e in metrics(run)) == 15
+
+
+def test_a_finished_run_says_its_own_stop_reason(ref, monkeypatch, capsys):
+    """The evaluation after the loop (12 is no multiple of --eval-every 5) spends the patience of a
+    run that stopped at --max-steps: a resume says "max steps", as the run's done line did (it
+    said "early stop" when the reason was rebuilt from the saved state)."""
+    from engine import tasks
+    data, _, tmp = ref
+    losses = iter([3.0, 2.0, 2.5])  # steps 5 and 10 improve; the final step 12 does not
+    monkeypatch.setattr(tasks.LMTask, "evaluate", lambda *a, **k: dict(
+        val_loss=next(losses), val_ppl=1.0, val_bpb=1.0))
+    monkeypatch.setattr(tasks.LMTask, "final_is_periodic", lambda self, full: True)
+    run = str(tmp / "patience-at-the-end")
+    assert train.main(["--data", data, "--out", run, *REF, "--max-steps", "12",
+                       "--patience", "1"]) == 0
+    assert "done (max steps)" in capsys.readouterr().out
+    assert resume(run) == 0
+    assert capsys.readouterr().out.startswith(f"{run} is done (max steps): 12 steps;")
 
 
 def test_new_run_never_overwrites_a_paused_run(ref):
