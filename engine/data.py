@@ -125,8 +125,8 @@ def json_error(e: json.JSONDecodeError) -> str:
 
 
 class BadLine(ValueError):
-    """A malformed record of a JSONL corpus ("FILE:LINE: what is wrong"), raised by
-    read_documents with on_error="stop"; train.py adds that --bad-lines skip leaves it out."""
+    """A malformed JSONL record ("FILE:LINE: what is wrong"), raised with on_error="stop" by
+    read_documents and engine.sft's readers; train.py adds that --bad-lines skip leaves it out."""
 
 
 def _text_record(line: str) -> tuple[str | None, str | None]:

@@ -47,7 +47,7 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-from engine.data import json_error
+from engine.data import BadLine, json_error
 from tokenizer.chat import chat_templates_of
 
 IGNORE = -100  # label of positions without loss (PyTorch's cross_entropy ignore_index default)
@@ -247,7 +247,7 @@ def _load(path: str, check, on_error: str, warn) -> tuple[list[tuple[int, object
         if err is None:
             good.append((n, obj))
         elif on_error == "stop":
-            raise ValueError(f"{path}:{n}: {err}")
+            raise BadLine(f"{path}:{n}: {err}")
         else:
             skipped.append(n)
             if warn is not None:

@@ -189,6 +189,13 @@ def build_task(args, tok, data_path: str, gen, texts: tuple[Documents, Documents
     otherwise language modelling on the documents, each ending with EOS (`texts`: the (train,
     val) split if already read).
     Batches are global: --batch-size (per process) x world size."""
+    try:
+        return _build_task(args, tok, data_path, gen, texts)
+    except BadLine as e:  # a malformed JSONL line under --bad-lines stop: name the way past it
+        raise ValueError(f"{e}; --bad-lines skip leaves such lines out") from None
+
+
+def _build_task(args, tok, data_path: str, gen, texts):
     batch_size = args.batch_size * world_size()
     if args.objective == "dpo":
         from engine import dpo as dpo_lib

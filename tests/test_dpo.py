@@ -517,7 +517,8 @@ def test_cli_errors_are_one_line(base, tmp_path, capsys):
                         "--max-steps", "1", "--no-progress"], capture_output=True, text=True,
                        cwd=str(tmp_path), env=dict(os.environ))
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and lines == [f"error: {bad}:1: 'chosen' and 'rejected' are identical"]
+    assert r.returncode == 2 and lines == [f"error: {bad}:1: 'chosen' and 'rejected' are identical; "
+                                           "--bad-lines skip leaves such lines out"]
 
 
 def test_bad_lines_skip_reaches_preference_data(base, tmp_path, capsys):
