@@ -18,6 +18,8 @@ run takes exactly the steps of one process with the whole batch; tokens are coun
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from engine.data import (ENCODER_VERSION, BadLine, Documents, TokenSplit, check_trainable,
@@ -189,9 +191,16 @@ def build_task(args, tok, data_path: str, gen, texts: tuple[Documents, Documents
     otherwise language modelling on the documents, each ending with EOS (`texts`: the (train,
     val) split if already read).
     Batches are global: --batch-size (per process) x world size."""
-    try:
+    with _skip_hint():
         return _build_task(args, tok, data_path, gen, texts)
-    except BadLine as e:  # a malformed JSONL line under --bad-lines stop: name the way past it
+
+
+@contextlib.contextmanager
+def _skip_hint():
+    """A malformed JSONL line under --bad-lines stop (BadLine) names the way past it."""
+    try:
+        yield
+    except BadLine as e:
         raise ValueError(f"{e}; --bad-lines skip leaves such lines out") from None
 
 
@@ -242,11 +251,9 @@ def read_text_splits(args, data_path: str) -> tuple[Documents, Documents]:
             f.endswith((".jsonl", ".json")) for p in paths for f in corpus_files(p)):
         raise ValueError(f"--bad-lines skip applies only to JSONL data (SFT, preference or "
                          f"'text' records); {data_path} is plain text")
-    try:
+    with _skip_hint():  # train.py reads a from-scratch corpus here, not through build_task
         corpus = read_corpus(data_path, on_error=args.bad_lines)
         held = read_corpus(args.val_data, on_error=args.bad_lines) if args.val_data else None
-    except BadLine as e:
-        raise ValueError(f"{e}; --bad-lines skip leaves such lines out") from None
     if held is not None:
         return corpus, held
     train, val = split_documents(corpus, args.val_fraction)

@@ -262,12 +262,17 @@ def has_run(run_dir: str) -> str | None:
     return None
 
 
+def _resumable(run_dir: str) -> bool:
+    """Whether run_dir holds last/ (or what a save_last cut short left: recover_last's input)."""
+    return any(os.path.exists(os.path.join(run_dir, n))
+               for n in (LAST, LAST + ".new", LAST + ".old"))
+
+
 def flags_only(run_dir: str) -> str | None:
     """If run_dir holds a run's run_args.json but no checkpoint (nor a save_last cut short), the
     line that says so and what to do, else None: the run stopped (or is starting right now, so
     the directory is not overwritten) before its first checkpoint, and there is nothing to resume."""
-    if has_run(run_dir) != "run_args.json" or any(
-            os.path.exists(os.path.join(run_dir, n)) for n in (LAST, LAST + ".new", LAST + ".old")):
+    if has_run(run_dir) != "run_args.json" or _resumable(run_dir):
         return None
     return (f"{run_dir} holds only a run's flags (run_args.json), no checkpoint: a run that stopped "
             f"(or is still starting) before its first checkpoint; nothing to resume — remove "
@@ -402,12 +407,10 @@ def open_run_dir(args: argparse.Namespace, given: set[str], stage: dict
             raise ValueError(f"--out {run_dir} is a file, not a directory")
         found = has_run(run_dir) if os.path.isdir(run_dir) else None
         if found:  # a finished, paused or interrupted run (or one starting now): never overwrite it
-            resumable = any(os.path.exists(os.path.join(run_dir, n))
-                            for n in (LAST, LAST + ".new", LAST + ".old"))
-            raise ValueError(flags_only(run_dir) or
-                             f"{run_dir} already holds a checkpoint or run ({found}); pick another "
-                             + (f"--out or continue it with --resume {run_dir}" if resumable else
-                                "--out (it has no resumable state: nothing to --resume)"))
+            then = (f"--out or continue it with --resume {run_dir}" if _resumable(run_dir)
+                    else "--out (it has no resumable state: nothing to --resume)")
+            raise ValueError(flags_only(run_dir) or f"{run_dir} already holds a checkpoint or run "
+                             f"({found}); pick another {then}")
         try:
             if not os.path.isdir(run_dir):
                 stage["created"] = run_dir
