@@ -108,11 +108,13 @@ def _run(args, given: set[str], stage: dict) -> int:
             # launch, say) may be another corpus's. The other ranks load the one it saves there.
             tok = load_or_train_tokenizer(train_text, vocab_size, resume_dir or (
                 run_dir if not distributed.is_main() else None))
+            del train_text  # a second copy of the corpus otherwise kept for the whole run
             if args.world_size > 1 and distributed.is_main() and not resume_dir:
                 tok.save(run_dir)  # every rank, on every machine, then loads rank 0's tokenizer
         if args.chat_template:  # the run's template: SFT/DPO chat data, the saved tokenizer
             set_chat_template(tok, read_chat_template(args.chat_template))
         task = build_task(args, tok, data_path, gen, texts)
+        del texts  # the task holds token ids; the documents are done with
     print(task.describe(data_path), flush=True)
 
     # Model and optimizer.

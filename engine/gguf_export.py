@@ -170,10 +170,9 @@ def add_chat_templates(w, templates) -> None:
     """A tokenizer's chat templates {name: template}: "default" as tokenizer.chat_template, the
     others as tokenizer.chat_template.NAME listed in tokenizer.chat_templates (gguf-py's
     add_chat_template of a named list, what llama.cpp reads)."""
-    if list(templates) == ["default"]:
-        w.add_chat_template(templates["default"])
-    elif templates:
-        w.add_chat_template([{"name": k, "template": v} for k, v in templates.items()])
+    from tokenizer.base import chat_template_value
+    if templates:
+        w.add_chat_template(chat_template_value(templates))
 
 
 def _is_chat_template_key(key: str) -> bool:

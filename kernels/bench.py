@@ -437,8 +437,9 @@ def candidates(rows: list[dict]) -> list[dict]:
         cases = {}
         for (model, shape, mode, i), r in index.items():
             base = index.get((model, shape, mode, "triton"), {})
-            if i == impl and r.get("ms") and base.get("ms"):
-                cases[f"{model} {shape} {mode}"] = base["ms"] / r["ms"]
+            speedup = _ratio(base, r) if i == impl else None  # fwd+bwd rows: plain ms
+            if speedup:
+                cases[f"{model} {shape} {mode}"] = speedup
         if cases:
             mean = math.exp(sum(math.log(x) for x in cases.values()) / len(cases))
             out.append(dict(impl=impl, config=cfg, cases=cases, speedup=mean,

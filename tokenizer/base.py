@@ -249,6 +249,14 @@ def gguf_chat_templates(fields: dict) -> dict[str, str]:
     return {k: v for k, v in named.items() if isinstance(v, str) and v}
 
 
+def chat_template_value(templates) -> str | list[dict] | None:
+    """named_chat_templates' inverse: {name: template} as transformers (and gguf-py) write it,
+    one "default" as a string, several as a list of {"name", "template"}; None for none."""
+    if list(templates) == ["default"]:
+        return templates["default"]
+    return [{"name": k, "template": v} for k, v in templates.items()] if templates else None
+
+
 def write_tokenizer_config(directory: str, cfg: dict, templates) -> None:
     """tokenizer_config.json = `cfg` + the chat templates {name: template}: one "default" as a
     string, several as transformers' list of {"name", "template"} (what its save_pretrained
@@ -257,10 +265,8 @@ def write_tokenizer_config(directory: str, cfg: dict, templates) -> None:
     on loading, in transformers as here: they are removed, so that a crash at any point leaves
     a directory that loads the old set or the new one whole (park / drop below)."""
     cfg = dict(cfg)
-    if list(templates) == ["default"]:
-        cfg["chat_template"] = templates["default"]
-    elif templates:
-        cfg["chat_template"] = [{"name": k, "template": v} for k, v in templates.items()]
+    if templates:
+        cfg["chat_template"] = chat_template_value(templates)
     park_chat_template_files(directory)
     atomic_write_text(os.path.join(directory, "tokenizer_config.json"),
                       json.dumps(cfg, ensure_ascii=False, indent=2))
