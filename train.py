@@ -97,6 +97,11 @@ def _run(args, given: set[str], stage: dict) -> int:
                                     quantize="nf4" if args.finetune == "qlora" else None)
             if tok is None:
                 raise ValueError(f"--base {args.base} has no tokenizer files")
+            ctx = model.config.max_position_embeddings
+            if args.seq_len > ctx and distributed.is_main():
+                print(f"warning: --seq-len {args.seq_len} is longer than --base's context ({ctx} "
+                      f"tokens, max_position_embeddings): positions past {ctx} were never "
+                      "trained", file=sys.stderr)
         else:
             texts = read_text_splits(args, data_path)
             # Not given: the preset's, but room for the byte pieces, specials and every character

@@ -401,6 +401,8 @@ def open_run_dir(args: argparse.Namespace, given: set[str], stage: dict
         stage["now"] = f"before training resumed; {run_dir} is unchanged"
     else:
         name = f"{args.finetune}-{os.path.basename(args.base.rstrip('/'))}" if args.base else args.preset
+        if getattr(args, "objective", "lm") == "dpo":
+            name = f"dpo-{name}"
         run_dir = distributed.broadcast_object(  # rank 0's clock names the run
             args.out or os.path.join("out", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"))
         if os.path.exists(run_dir) and not os.path.isdir(run_dir):

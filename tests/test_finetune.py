@@ -193,6 +193,20 @@ def test_finetune_flag_errors(tmp_path):
     assert r.returncode == 2 and "--finetune needs --base" in r.stderr
 
 
+def test_seq_len_beyond_the_bases_context_warns(base, capsys):
+    """A fine-tune's --seq-len past the base's max_position_embeddings (the tiny preset's 256)
+    trains positions the base never saw: one warning line, and the run goes on."""
+    run_base, domain, tmp = base
+    args = ["--base", run_base, "--finetune", "lora", "--data", domain, "--max-steps", "1",
+            *FLAGS, "--batch-size", "1"]
+    assert train.main([*args, "--seq-len", "300", "--out", str(tmp / "ft-long")]) == 0
+    err = capsys.readouterr().err
+    assert ("warning: --seq-len 300 is longer than --base's context (256 tokens, "
+            "max_position_embeddings): positions past 256 were never trained") in err
+    assert train.main([*args, "--seq-len", "256", "--out", str(tmp / "ft-fits")]) == 0
+    assert "longer than --base's context" not in capsys.readouterr().err
+
+
 def test_sft_chat_jsonl_trains_on_responses_and_resumes(base):
     run_base, _, tmp = base
     rng = random.Random(3)

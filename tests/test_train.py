@@ -1377,3 +1377,22 @@ def test_final_score_reuses_the_best_periodic_one_exactly(corpus, tmp_path, monk
     best = min((e for e in metrics(tmp_path / "reused") if "val_loss" in e and not e.get("final")),
                key=lambda e: e["val_loss"])
     assert finals[0]["val_loss"] == best["val_loss"]
+
+
+def test_default_run_directory_names_preset_mode_base_and_objective(tmp_path, monkeypatch):
+    """Without --out: out/<preset>-<time>, out/<mode>-<base>-<time>, and a DPO run says so
+    (out/dpo-<mode>-<base>-<time>), so runs of one base stay apart in out/."""
+    import argparse
+    import re
+    from engine.trainer import open_run_dir
+    monkeypatch.chdir(tmp_path)
+    names = []
+    for base, finetune, objective in ((None, None, "lm"), ("models/my-base/", "lora", "lm"),
+                                      ("my-base", "full", "dpo")):
+        args = argparse.Namespace(resume=None, out=None, preset="tiny", base=base,
+                                  finetune=finetune, objective=objective)
+        _, run_dir, resume_dir = open_run_dir(args, set(), {})
+        assert resume_dir is None and os.path.isdir(run_dir)
+        names.append(re.sub(r"-\d{8}-\d{6}$", "-TIME", os.path.relpath(run_dir)))
+    assert names == [os.path.join("out", n) for n in
+                     ("tiny-TIME", "lora-my-base-TIME", "dpo-full-my-base-TIME")]
