@@ -29,8 +29,11 @@ setup(
     extras_require={
         # Reference implementations: tests compare against them; the engine never imports them.
         # protobuf: transformers reads tokenizer.model with it; trl: tests call DPOTrainer's
-        # private _compute_loss, so the minor release is pinned
-        "dev": ["pytest", "transformers", "tokenizers", "peft", "bitsandbytes", "openai",
+        # private _compute_loss, so the minor release is pinned. transformers 5.25 requires
+        # PyPI's `kernels` (Hugging Face's hub kernels), whose import name is this repo's
+        # kernels/: transformers then imports ours and fails ("cannot import name
+        # 'CUDAProperties' from 'kernels'"), so it stays below 5.25 and `kernels` uninstalled.
+        "dev": ["pytest", "transformers<5.25", "tokenizers", "peft", "bitsandbytes", "openai",
                 "protobuf", "trl>=1.16,<1.17"],
     },
 )
