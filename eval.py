@@ -36,7 +36,7 @@ from engine.config import OneLineParser, atomic_write_text, run_cli
 from tokenizer import read_chat_template, set_chat_template
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--model", required=True, help="a model name (smollm2-135m-instruct), an HF/Whetstone model "
@@ -64,6 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--dtype", default="float32", help="float32, bfloat16 or float16")
     a("--threads", type=int, default=None, help="CPU threads for torch")
     a("--no-progress", action="store_true")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The checked flags: the parser's own checks, then those across flags and files."""
+    p = build_parser()
     args = p.parse_args(argv)
     for name in ("seq_len", "stride", "batch_size", "threads"):
         v = getattr(args, name)

@@ -39,7 +39,7 @@ def timed(f) -> float:
     return time.perf_counter() - t
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--batch", type=int, default=4)
@@ -47,7 +47,11 @@ def main(argv=None) -> int:
     p.add_argument("--new", type=int, default=64, help="greedy tokens to decode")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                  "results", "cpu-vs-transformers.md"))
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     import transformers
 
     ours, tok = load_model("smollm2-135m-instruct")

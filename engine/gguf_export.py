@@ -21,6 +21,7 @@ and renamed into place, so an interrupted export leaves nothing half-written.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import sys
@@ -326,7 +327,7 @@ def export_gguf(model, tok, out: str, kind: str = "f16", name: str = "model",
     return {"tensors": sum(types.values()), "bytes": os.path.getsize(out), "types": types}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     from engine.config import OneLineParser
     from engine.config import DefaultsHelpFormatter
     p = OneLineParser(prog="python -m engine.gguf_export", description=__doc__.split("\n\n")[0],
@@ -341,7 +342,11 @@ def main(argv=None) -> int:
                         "the memory an export needs")
     p.add_argument("--name", default=None, help="general.name (default: the output file's name)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if os.path.isdir(args.out):  # checked before the (slow) model load
         raise ValueError(f"--out {args.out} is a directory; give a FILE.gguf path")
     if os.path.exists(args.out) and not args.force:

@@ -68,7 +68,7 @@ def write_merged(model, tok, out: str, generation_config: bytes | None) -> None:
             shutil.rmtree(target, ignore_errors=True)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     from engine.config import OneLineParser
     p = OneLineParser(prog="python -m engine.merge", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,6 +83,11 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true",
                    help="replace the model an existing --out holds (its other files stay)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.rank is not None and (args.method != "svd" or args.rank < 1):
         p.error(f"--rank {args.rank}: needs --method svd and a rank >= 1")

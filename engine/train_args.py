@@ -30,7 +30,7 @@ MIN_TRAINED_VOCAB = 320
 COMMAND_KEY = "command"
 
 
-def _parser(description: str | None = None) -> OneLineParser:
+def build_parser(description: str | None = None) -> OneLineParser:
     d = TrainConfig()
     p = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -121,7 +121,7 @@ def _parser(description: str | None = None) -> OneLineParser:
 
 def explicit_flags(argv=None) -> set[str]:
     """The flags (dest names) given on the command line, as opposed to defaults."""
-    q = _parser()
+    q = build_parser()
     for action in q._actions:
         action.default = argparse.SUPPRESS
     return set(vars(q.parse_args(argv)))
@@ -168,7 +168,7 @@ def card_hyperparameters(args: argparse.Namespace) -> dict:
 
 def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
     """The checked flags; `description` is --help's text (train.py passes its docstring)."""
-    p = _parser(description)
+    p = build_parser(description)
     args = p.parse_args(argv)
     given = explicit_flags(argv)
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731

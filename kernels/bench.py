@@ -583,7 +583,7 @@ def interpreter_check(only=KERNELS) -> bool:
     return all(ok for *_, ok in res)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="Llama-3-8B shapes, seq 2048 only")
     p.add_argument("--only", default=",".join(KERNELS), help="comma-separated kernels to run")
@@ -591,6 +591,11 @@ def main(argv=None) -> int:
     p.add_argument("--budget-min", type=float, default=None,
                    help="start no new case after this many minutes (the rows so far are kept)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "bench.jsonl"))
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     only = set(args.only.split(","))
     if only - set(KERNELS):

@@ -274,7 +274,7 @@ def markdown(rows, arch) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="90",
                    help=f"comma-separated compute capabilities, of {sorted(TARGETS)}")
@@ -287,6 +287,11 @@ def main(argv=None) -> int:
     p.add_argument("--head-dims", help="attention head dims, comma-separated (default: 16,32,"
                    "64,128,256; --quick: 64,128)")
     p.add_argument("--json", help="write the rows as JSON lines to this path")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         archs = [int(a) for a in args.arch.split(",")]

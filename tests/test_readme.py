@@ -226,36 +226,15 @@ def readme() -> tuple[list[Section], list[Command]]:
 
 # ---------------------------------------------------------------- the programs' parsers
 
-class _Captured(Exception):
-    def __init__(self, parser):
-        self.parser = parser
-
-
 class _Bad(Exception):
     pass
-
-
-def _capture(main) -> argparse.ArgumentParser:
-    """The parser main() builds (merge, gguf_export, bench and compile_check build theirs inline):
-    parse_args is intercepted, so main stops there and nothing runs."""
-    def grab(self, *a, **k):
-        raise _Captured(self)
-    orig = argparse.ArgumentParser.parse_args
-    argparse.ArgumentParser.parse_args = grab
-    try:
-        main([])
-    except _Captured as c:
-        return c.parser
-    finally:
-        argparse.ArgumentParser.parse_args = orig
-    raise AssertionError(f"{main} built no argparse parser")
 
 
 @functools.lru_cache(maxsize=None)
 def parser(prog: str) -> argparse.ArgumentParser:
     if prog == "train.py":
-        from engine.train_args import _parser
-        return _parser()
+        from engine.train_args import build_parser
+        return build_parser()
     if prog == "generate.py":
         import generate
         return generate.build_parser()
@@ -264,7 +243,7 @@ def parser(prog: str) -> argparse.ArgumentParser:
         return serve.build_parser()
     if prog == "eval.py":
         import eval as eval_cli
-        return _capture(eval_cli.parse_args)
+        return eval_cli.build_parser()
     if prog == "torchrun":
         from torch.distributed.run import get_args_parser
         return get_args_parser()
@@ -276,10 +255,10 @@ def parser(prog: str) -> argparse.ArgumentParser:
         finally:
             if old is not None:
                 os.environ["TRITON_INTERPRET"] = old
-        return _capture(mod.main)
+        return mod.build_parser()
     if prog in MODULES:
         import importlib
-        return _capture(importlib.import_module(prog).main)
+        return importlib.import_module(prog).build_parser()
     raise KeyError(prog)
 
 
