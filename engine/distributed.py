@@ -19,6 +19,9 @@ any world size that divides the global batch. What is synchronized:
   both  the reported loss (mean over ranks), rank 0's clock (LR schedule and time budget),
         flags (checked equal at start). Evaluation runs on every rank over the whole
         validation set, so every rank gets the single-process numbers without communication.
+        DPO's precomputed reference log-probs (--finetune full / freeze): each rank computes
+        its share of the pairs once before the first step, then all are gathered
+        (all_gather_rows), so every rank holds the same figures.
 
 In one process (no torchrun) every function here is a no-op or the identity.
 """
@@ -184,6 +187,36 @@ def main_value(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     tdist.broadcast(t, src=0, group=_cpu_group)
     return t.item()
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's value of a small picklable object, in rank order, on every rank."""
+    if _world == 1:
+        return [obj]
+    every = [None] * _world
+    tdist.all_gather_object(every, obj, group=_cpu_group)
+    return every
+
+
+def all_gather_rows(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's tensor (any number of rows on dim 0; the same trailing shape and dtype on
+    every rank), in rank order, on every rank, bit for bit. Through the gloo CPU group whatever
+    the backend (small data: a copy to the CPU is cheaper than a second NCCL call), padded to
+    the longest rank's rows since all_gather wants equal sizes. In one process: [t]."""
+    if _world == 1:
+        return [t]
+    t = t.detach().cpu().contiguous()
+    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(_world)]
+    tdist.all_gather(counts, torch.tensor([len(t)]), group=_cpu_group)
+    counts = [int(c) for c in counts]
+    longest = max(counts)
+    if longest == 0:
+        return [t] * _world
+    padded = t.new_zeros((longest, *t.shape[1:]))
+    padded[:len(t)] = t
+    every = [torch.empty_like(padded) for _ in range(_world)]
+    tdist.all_gather(every, padded, group=_cpu_group)
+    return [e[:c] for e, c in zip(every, counts)]
 
 
 def check_same_flags(flags: dict) -> None:

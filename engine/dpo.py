@@ -38,7 +38,8 @@ base weights never change during adapter training, so a pair's reference log-pro
 once (the first time the pair is seen) and cached. Without adapters (--finetune full or freeze)
 there is nothing to switch off: every training and held-out pair's reference log-probs are
 computed once before the first step, from the initial (base) weights, in eval mode under no_grad
-(TRL's precompute_ref_log_probs=True; again no second copy of the weights), and stored in the run
+(TRL's precompute_ref_log_probs=True; again no second copy of the weights; under torchrun each
+rank computes its share of the pairs and the figures are gathered), and stored in the run
 (REFERENCE_FILE, safetensors) so that a resume uses the ORIGINAL base's, whatever the weights
 are by then (DPO.fix_reference). Data loading and tokenization are engine/sft.py's
 (load_preferences, tokenize_pair, collate_pairs); shapes (2B, T): B chosen rows, B rejected rows.
@@ -254,20 +255,37 @@ def reference_logps(model, data: PreferenceSet, idx: list[int], x: torch.Tensor,
 def precompute_reference(model, data: PreferenceSet, batch_size: int, device, autocast_ctx,
                          bar=None) -> None:
     """Fill data.ref with every pair's reference log-probs from the model as it is now (eval
-    mode, no_grad, batch_size pairs a forward; TRL's _precompute_ref_logps). `bar`: a tqdm to
-    advance by each batch's pairs."""
+    mode, no_grad, batch_size pairs a forward; TRL's _precompute_ref_logps). Under torchrun the
+    batches are dealt out in turn (rank r computes batches r, r + W, r + 2W, ... of W ranks: at
+    most one batch more on some) and the float32 values gathered, so every rank holds the same
+    figures, bit for bit; a collective then: every rank calls it with the same data and
+    batch_size. `bar`: a tqdm advanced, as this rank finishes a batch, by the pairs of that
+    round's W batches (every rank's), so it ends at len(data) when the ranks keep pace."""
+    from engine import distributed
+    W, me, n = distributed.world_size(), distributed.rank(), len(data)
+    starts = list(range(0, n, batch_size))  # every batch's first pair
+    mine = []  # this rank's batches' (B, 2) chosen, rejected
     was_training = model.training
     model.eval()
     try:
-        for b in range(0, len(data), batch_size):
-            idx = list(range(b, min(b + batch_size, len(data))))
+        for k in range(me, len(starts), W):
+            idx = list(range(starts[k], min(starts[k] + batch_size, n)))
             x, y = data.collate(idx, device)                                # (2B, T)
             with autocast_ctx:
-                _cache_reference(data, idx, sequence_logps(model, x, y))
+                logps = sequence_logps(model, x, y).float()                 # (2B,)
+            mine.append(logps.view(2, len(idx)).T.cpu())                    # (B, 2)
             if bar is not None:
-                bar.update(len(idx))
+                first = starts[k - me]  # the round's first pair
+                bar.update(min(n, first + W * batch_size) - first)
     finally:
         model.train(was_training)
+    parts = distributed.all_gather_rows(torch.cat(mine) if mine else torch.zeros(0, 2))
+    got = {}
+    for r, part in enumerate(parts):  # rank r's pairs, in the order it computed them
+        pairs = [i for k in range(r, len(starts), W)
+                 for i in range(starts[k], min(starts[k] + batch_size, n))]
+        got.update(zip(pairs, map(tuple, part.tolist())))
+    data.ref.update(sorted(got.items()))
 
 
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -275,7 +293,8 @@ REFERENCE_FILE = "reference_logps.safetensors"
 
 def save_reference(path: str, task: "DPO", base: str | None = None) -> None:
     """The precomputed reference log-probs of task's pairs as safetensors (atomic): tensors
-    train (N, 2) and val (M, 2) (chosen, rejected) in float32, metadata the pairs' data keys."""
+    train (N, 2) and val (M, 2) (chosen, rejected) in float32, metadata the pairs' data keys
+    and the --base they were computed from (load_reference checks both)."""
     from safetensors.torch import save as st_save
     tensors = {name: torch.tensor([data.ref[i] for i in range(len(data))],
                                   dtype=torch.float32).reshape(len(data), 2)
@@ -284,10 +303,12 @@ def save_reference(path: str, task: "DPO", base: str | None = None) -> None:
     atomic_write_bytes(path, st_save(tensors, metadata=meta))
 
 
-def load_reference(path: str, task: "DPO") -> None:
+def load_reference(path: str, task: "DPO", base: str | None = None) -> None:
     """Fill task's caches from save_reference's file. ValueError when the pairs are not the
-    file's (the data changed since the run started: as the resume's data-key check says) or the
-    file is damaged (deleting it has them recomputed from --base)."""
+    file's (the data changed since the run started: as the resume's data-key check says), when
+    the file records another --base than `base` (a file copied from another run: its figures
+    would be another model's), or when it is damaged (deleting it has them recomputed from
+    --base). A file or a `base` without a base name is not checked for it."""
     from safetensors import SafetensorError, safe_open
     from engine.tasks import check_data_keys
     damaged = (f"{path} is damaged ({{}}); it holds the run's reference log-probs (delete it to "
@@ -299,6 +320,10 @@ def load_reference(path: str, task: "DPO") -> None:
     except (OSError, SafetensorError) as e:
         raise ValueError(damaged.format(e)) from None
     check_data_keys(meta, task.train.key, task.val.key, "data")
+    theirs = meta.get("base")
+    if base is not None and theirs not in (None, "None") and theirs != str(base):
+        raise ValueError(f"{path} holds the reference log-probs of --base {theirs}, not of this "
+                         f"run's --base {base} (delete it to recompute them from {base})")
     for name, data in (("train", task.train), ("val", task.val)):
         t = tensors.get(name)
         if t is None or tuple(t.shape) != (len(data), 2):
@@ -359,25 +384,31 @@ class DPO:
         before the first step. A new run computes them from `model` (the base, as loaded) and
         writes them to run_dir/REFERENCE_FILE (when `write`: rank 0, which also prints); a
         resumed run reads them back, so they stay the ORIGINAL base's whatever the weights are by
-        then (and identical on any device); if the file is missing, `model` (train.py calls this
-        before restoring the trained weights, so still --base) computes them again, and
-        load_state_dict writes them only once the run's data keys matched: the pairs may have
-        been edited since, and a file of theirs would make every later resume refuse the
-        restored data. Under torchrun every rank computes all pairs (one pass, no collective;
-        the same figures on every rank)."""
+        then (and identical on any device; a file of another `base` is refused); if the file is
+        missing, `model` (train.py calls this before restoring the trained weights, so still
+        --base) computes them again, and load_state_dict writes them only once the run's data
+        keys matched: the pairs may have been edited since, and a file of theirs would make
+        every later resume refuse the restored data. Under torchrun each rank computes its
+        share of the pairs (every W-th batch of batch_size / W pairs, W ranks), then the figures
+        are gathered (precompute_reference), so every rank holds the same ones, bit for bit;
+        rank 0's progress bar counts all pairs, each of its batches advancing it by the pairs
+        of that round's W batches. The file is read only when every rank sees it."""
+        from engine.distributed import all_gather_object, world_size
         path = os.path.join(run_dir, REFERENCE_FILE)
         say = say or ((lambda line: print(line, flush=True)) if write else (lambda line: None))
-        if resuming and os.path.exists(path):
-            load_reference(path, self)
+        # every rank must take the same branch (computing is a collective): read the file only
+        # where every rank sees it
+        if resuming and all(all_gather_object(os.path.exists(path))):
+            load_reference(path, self, base)
             say(f"reference log-probs: read from {path} ({len(self.train):,} training + "
                 f"{len(self.val):,} held-out pairs)")
             return
         from tqdm import tqdm
-        from engine.distributed import world_size
         n, t0 = len(self.train) + len(self.val), time.perf_counter()
         say(f"reference log-probs: computing them for {len(self.train):,} training + "
             f"{len(self.val):,} held-out pairs with the base weights (once, before the first step)"
-            + (f"; {path} was missing" if resuming else ""))
+            + (f"; {path} was missing" if resuming else "")
+            + (" on another rank" if resuming and os.path.exists(path) else ""))
         bar = tqdm(total=n, desc="reference", dynamic_ncols=True, disable=not (progress and write))
         step = max(1, self.batch_size // world_size())  # a training micro-batch's pairs
         try:
@@ -386,7 +417,8 @@ class DPO:
                 precompute_reference(model, data, step, device, autocast_ctx, bar)
         finally:
             bar.close()
-        say(f"reference log-probs: {n:,} pairs in {time.perf_counter() - t0:.1f}s")
+        say(f"reference log-probs: {n:,} pairs in {time.perf_counter() - t0:.1f}s"
+            + (f" ({world_size()} processes, each computed its share)" if world_size() > 1 else ""))
         if write and not resuming:
             save_reference(path, self, base)
         elif write:  # saved by load_state_dict once the run's data keys are checked

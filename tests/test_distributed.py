@@ -204,9 +204,10 @@ def test_fsdp2_full_finetune_equals_one_process_and_resumes_in_one(setup):
 
 
 def test_ddp_full_dpo_equals_one_process(setup):
-    """DPO with --finetune full: every rank computes the base's reference log-probs of all pairs
-    (no collective), trains on its pairs of the global batch; losses, rewards, reward accuracy,
-    margins (train and held-out) and the weights equal one process's."""
+    """DPO with --finetune full: each rank computes the base's reference log-probs of its share
+    of the pairs (gathered: the file rank 0 writes holds one process's figures), trains on its
+    pairs of the global batch; losses, rewards, reward accuracy, margins (train and held-out)
+    and the weights equal one process's."""
     tmp, cache, _, ref = setup
     rng = random.Random(4)
     words = ["the king", "my lord", "good night", "sweet prince", "to be", "or not", "alas"]
@@ -233,6 +234,98 @@ def test_ddp_full_dpo_equals_one_process(setup):
                 compared += 1
     assert compared >= 4 * 6 and any(e.get("reward_acc", 0) > 0 for e in a), a  # it trained
     assert_same_run(one, two)
+    ra, rb = (load_file(os.path.join(run, "reference_logps.safetensors")) for run in (one, two))
+    assert ra.keys() == rb.keys() == {"train", "val"}
+    for k in ra:
+        assert ra[k].shape == rb[k].shape and torch.allclose(ra[k], rb[k], atol=TOL), k
+
+
+DPO_REFERENCE = """import contextlib, os, sys
+import torch
+sys.path.insert(0, {root!r})
+from engine import distributed, dpo
+from engine.config import preset
+from engine.model import Transformer
+from engine.sft import IGNORE, TokenizedPair
+
+out = sys.argv[1]
+distributed.setup("cpu", 60)
+r = distributed.rank()
+torch.manual_seed(0)
+model = Transformer(preset("tiny", vocab_size=64))
+gen = torch.Generator().manual_seed(3)
+
+def ids(n):
+    return torch.randint(3, 64, (n,), generator=gen).tolist()
+
+def pair(i):  # (prompt, chosen, rejected) of different lengths; EOS 2
+    p, c, j = ids(2 + i % 3), ids(1 + i % 2) + [2], ids(2 + i % 4) + [2]
+    return TokenizedPair((p + c)[:-1], [IGNORE] * (len(p) - 1) + c,
+                         (p + j)[:-1], [IGNORE] * (len(p) - 1) + j, False)
+
+pairs = [pair(i) for i in range(6)]
+
+def task():  # 5 training pairs (odd), 1 held-out (fewer than the ranks)
+    return dpo.DPO(dpo.PreferenceSet(pairs[:5], [1, 2, 3, 4, 5], 0),
+                   dpo.PreferenceSet(pairs[5:], [6], 0), batch_size=4)
+
+forwards = []  # pairs per forward
+real = dpo.sequence_logps
+dpo.sequence_logps = lambda m, x, y: (forwards.append(len(x) // 2), real(m, x, y))[1]
+got = {{}}
+for name, run_dir in (("new", os.path.join(out, "run")),
+                      # resumed where only rank 0 sees the file (another machine's directory):
+                      # every rank computes again, none waits for the others in vain
+                      ("resumed", os.path.join(out, "run" if r == 0 else "elsewhere"))):
+    os.makedirs(run_dir, exist_ok=True)
+    forwards.clear()
+    t = task()
+    t.fix_reference(model, "cpu", contextlib.nullcontext(), run_dir, resuming=name == "resumed",
+                    write=distributed.is_main(), progress=False)
+    got[name] = {{"forwards": list(forwards), "train": t.train.ref, "val": t.val.ref}}
+torch.save(got, os.path.join(out, f"rank{{r}}.pt"))
+distributed.cleanup()
+"""
+
+
+def test_dpo_reference_log_probs_are_computed_once_across_the_ranks(tmp_path):
+    """--finetune full / freeze DPO's reference log-probs in 2 processes: each rank's forwards
+    hold only its share of the pairs (every other batch of batch-size / 2 pairs: 5 training
+    pairs, not a multiple of 2, and 1 held-out pair, fewer than the ranks), every pair is
+    computed exactly once, both ranks end with the same figures bit for bit, those of one
+    process, and rank 0's file holds them. A resume where one rank lacks the file has every
+    rank compute again (a rank reading it alone would leave the other in the gather)."""
+    from safetensors.torch import load_file
+    script = tmp_path / "dpo_reference.py"
+    script.write_text(DPO_REFERENCE.format(root=ROOT))
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = subprocess.run([sys.executable, str(script), str(one)], capture_output=True, text=True,
+                       env=env(tmp_path), timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "reference log-probs: computing them for 5 training + 1 held-out pairs" in r.stdout
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), str(script), str(two)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env(tmp_path), timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 processes, each computed its share" in r.stdout, r.stdout
+    assert "reference_logps.safetensors was missing on another rank" in r.stdout, r.stdout
+    single = torch.load(one / "rank0.pt")
+    rank = [torch.load(two / f"rank{q}.pt") for q in range(2)]
+    assert single["new"]["forwards"] == [4, 1, 1]  # 4 + 1 training pairs, 1 held-out
+    assert single["resumed"]["forwards"] == []  # read from the file
+    for name in ("new", "resumed"):
+        # 2 pairs a forward: training batches [0, 1], [2, 3], [4]; held-out [0]
+        assert rank[0][name]["forwards"] == [2, 1, 1] and rank[1][name]["forwards"] == [2], name
+        for split in ("train", "val"):
+            a, b, want = rank[0][name][split], rank[1][name][split], single["new"][split]
+            assert a == b and list(a) == list(want), (name, split)  # bit-equal across ranks
+            for i in want:
+                assert a[i] == pytest.approx(want[i], abs=TOL), (name, split, i)
+    fa, fb = (load_file(d / "run" / "reference_logps.safetensors") for d in (one, two))
+    for split in ("train", "val"):
+        assert torch.equal(fb[split], torch.tensor([rank[0]["new"][split][i]
+                                                    for i in range(len(fb[split]))]))
+        assert fa[split].shape == fb[split].shape and torch.allclose(fa[split], fb[split], atol=TOL)
 
 
 MAIN_FIRST = """import sys, time

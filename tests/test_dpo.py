@@ -268,6 +268,78 @@ def test_without_adapters_reference_is_precomputed_from_the_initial_weights(tmp_
         dpo.load_reference(path, fresh)
 
 
+def test_a_reference_file_of_another_base_is_refused(tmp_path):
+    """The file records the --base its figures came from: a resume whose --base differs (a file
+    copied from another run) is refused with one line; files without a base name (or from a
+    run without one) still load, and so does any file when the base is not known."""
+    from safetensors.torch import load_file, save_file
+    tok = CharTok()
+    raw, _ = load_preferences(write_jsonl(tmp_path / "p.jsonl", PAIRS))
+    tr, _ = dpo.PreferenceSet.tokenize(raw, tok, seq_len=64)
+    va, _ = dpo.PreferenceSet.tokenize(raw[1:], tok, seq_len=64)
+    tr.ref = {i: (-1.0 - i, -2.0 - i) for i in range(3)}
+    va.ref = {i: (-3.0 - i, -4.0 - i) for i in range(2)}
+    task, path = dpo.DPO(tr, va, batch_size=2), str(tmp_path / dpo.REFERENCE_FILE)
+    dpo.save_reference(path, task, "models/a")
+    with pytest.raises(ValueError, match=r"holds the reference log-probs of --base models/a, not "
+                                         r"of this run's --base models/b \(delete it"):
+        task.fix_reference(None, "cpu", None, str(tmp_path), resuming=True, base="models/b",
+                           say=lambda line: None)
+    for base in ("models/a", None):
+        task.train.ref = {}
+        dpo.load_reference(path, task, base)
+        assert task.train.ref == {i: (-1.0 - i, -2.0 - i) for i in range(3)}
+    tensors = load_file(path)
+    for meta in ({"train_key": tr.key, "val_key": va.key},  # no base name
+                 {"train_key": tr.key, "val_key": va.key, "base": "None"}):
+        save_file(tensors, path, metadata=meta)
+        task.val.ref = {}
+        dpo.load_reference(path, task, "models/b")
+        assert task.val.ref == {i: (-3.0 - i, -4.0 - i) for i in range(2)}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_precompute_reference_gives_each_rank_its_share_of_the_batches(tmp_path, monkeypatch,
+                                                                       world):
+    """Under torchrun (simulated here: rank and world size set, the gather handed the ranks'
+    results; tests/test_distributed.py runs it in 2 processes): each rank's forwards hold only
+    its batches (every world-th), together every pair exactly once, and every rank ends with the
+    one-process figures: for 5 pairs (not a multiple of the ranks) and 1 (fewer than the ranks)."""
+    from engine import distributed
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=140))
+    rows = PAIRS + [{"prompt": "Yes?", "chosen": " yes", "rejected": " nope"},
+                    {"prompt": "1+1=", "chosen": " 2", "rejected": " 11"}]
+    raw, _ = load_preferences(write_jsonl(tmp_path / "p.jsonl", rows))
+    off = torch.autocast("cpu", enabled=False)
+    seen = []  # pairs per forward
+    real = dpo.sequence_logps
+    monkeypatch.setattr(dpo, "sequence_logps", lambda m, x, y: (seen.append(len(x) // 2),
+                                                                 real(m, x, y))[1])
+    for n in (5, 1):
+        one, _ = dpo.PreferenceSet.tokenize(raw[:n], CharTok(), seq_len=64)
+        dpo.precompute_reference(model, one, 4, "cpu", off)
+        local, forwards, refs = {}, {}, {}
+        for phase in ("compute", "gather"):
+            for r in range(world):
+                monkeypatch.setattr(distributed, "_rank", r)
+                monkeypatch.setattr(distributed, "_world", world)
+                monkeypatch.setattr(distributed, "all_gather_rows", lambda t: (
+                    local.__setitem__(r, t), [t] * world)[1] if phase == "compute"
+                    else [local[q] for q in range(world)])
+                data, _ = dpo.PreferenceSet.tokenize(raw[:n], CharTok(), seq_len=64)
+                seen.clear()
+                dpo.precompute_reference(model, data, 2, "cpu", off)
+                forwards[r], refs[r] = list(seen), data.ref
+        batches = [min(2, n - b) for b in range(0, n, 2)]  # pairs of each batch of 2
+        for r in range(world):
+            assert forwards[r] == batches[r::world], (n, r)
+            assert refs[r] == refs[0] and list(refs[r]) == list(range(n))  # bit-equal
+            for i in range(n):
+                assert refs[r][i] == pytest.approx(one.ref[i], abs=1e-5), (n, i)
+        assert sum(map(sum, forwards.values())) == n
+
+
 # ---------------------------------------------------------------------------------------------
 # train.py end to end
 # ---------------------------------------------------------------------------------------------
