@@ -33,7 +33,7 @@ setup(
         # PyPI's `kernels` (Hugging Face's hub kernels), whose import name is this repo's
         # kernels/: transformers then imports ours and fails ("cannot import name
         # 'CUDAProperties' from 'kernels'"), so it stays below 5.25 and `kernels` uninstalled.
-        "dev": ["pytest", "transformers<5.25", "tokenizers", "peft", "bitsandbytes", "openai",
+        "dev": ["pytest", "hypothesis", "transformers<5.25", "tokenizers", "peft", "bitsandbytes", "openai",
                 "protobuf", "trl>=1.16,<1.17"],
     },
 )
