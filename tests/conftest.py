@@ -16,6 +16,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: uses the real demo model or runs for long")
     config.addinivalue_line("markers", "gpu: needs CUDA (skipped without it)")
+    # Hugging Face's `kernels` package (transformers >= 5.25 requires it) has this repository's
+    # kernels/ import name: transformers then imports ours and every comparison with it fails
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        config.issue_config_time_warning(pytest.PytestWarning(
+            f"PyPI's `kernels` {version('kernels')} is installed: its import name is this repo's "
+            "kernels/ and transformers fails to import; pip install 'transformers<5.25' && pip "
+            "uninstall kernels"), stacklevel=2)
+    except PackageNotFoundError:
+        pass
 
 
 def pytest_collection_modifyitems(config, items):
