@@ -501,9 +501,11 @@ class Engine:
         # a snapshot: the scheduler thread discards finished requests from _running without the
         # lock, and iterating the live set could raise "Set changed size during iteration"
         rows = sum(r.remaining for r in tuple(self._running) if not r.cancelled)
-        for i, r in enumerate(self._waiting):
+        # cancelled ones stay in _waiting until the next iteration drops them: they wait for nothing
+        waiting = [r for r in self._waiting if not r.cancelled]
+        for i, r in enumerate(waiting):
             if rows + r.num_seqs > self.max_batch:  # admission is FIFO: the rest wait too
-                return len(self._waiting) - i, rows
+                return len(waiting) - i, rows
             rows += r.num_seqs
         return 0, rows
 

@@ -57,6 +57,25 @@ def test_queue_count_survives_the_scheduler_discarding_finished_requests():
         sys.setswitchinterval(old)
 
 
+def test_a_cancelled_waiting_request_frees_its_queue_place_at_once():
+    """A request cancelled while it waits (its client left) stays in the queue until the
+    scheduler's next iteration; the queue limit counted it, so a new request got a 429 for a
+    place no one holds. (Scheduler not started here: that iteration never comes.)"""
+    from engine.serve_engine import QueueFull
+    engine = Engine(Transformer(preset("tiny", vocab_size=257)), byte_tokenizer(), "m",
+                    max_batch=1, max_queue=1, registry=Registry())
+    req = lambda: GenRequest([[1]], SamplingParams(max_tokens=1))  # noqa: E731
+    first, queued = req(), req()
+    engine.submit(first)   # takes the row at the next iteration
+    engine.submit(queued)  # the one place in the queue
+    with pytest.raises(QueueFull):
+        engine.submit(req())
+    engine.cancel(queued)
+    engine.submit(req())   # the place is free again
+    with pytest.raises(QueueFull):
+        engine.submit(req())
+
+
 # ---------------------------------------------------------------------------------------------
 # Logprobs: per row in a mixed batch, against log_softmax of a direct forward
 # ---------------------------------------------------------------------------------------------
