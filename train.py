@@ -105,10 +105,11 @@ def _run(args, given: set[str], stage: dict) -> int:
         else:
             texts = read_text_splits(args, data_path)
             # Not given: the preset's, but room for the byte pieces, specials and every character
-            # (sentencepiece refuses fewer ids than the characters it must cover)
+            # (sentencepiece refuses fewer ids than the characters it must cover; a space is its
+            # "▁", which it needs even in a corpus without spaces)
             train_text = texts[0].text  # the training documents as one text
-            vocab_size = args.vocab_size or max(PRESETS[args.preset]["vocab_size"],
-                                                MIN_TRAINED_VOCAB, 259 + len(set(train_text)))
+            vocab_size = args.vocab_size or max(PRESETS[args.preset]["vocab_size"], MIN_TRAINED_VOCAB,
+                                                259 + len(set(train_text) - {" "} | {"\u2581"}))
             # A new run's rank 0 never reads --out: a tokenizer left there (by a failed torchrun
             # launch, say) may be another corpus's. The other ranks load the one it saves there.
             tok = load_or_train_tokenizer(train_text, vocab_size, resume_dir or (

@@ -1131,6 +1131,20 @@ def test_default_vocab_covers_a_corpus_with_many_characters(tmp_path, monkeypatc
         train.main([*flags, "--out", str(tmp_path / "run2"), "--vocab-size", "300"])
 
 
+def test_default_vocab_covers_a_corpus_without_spaces(tmp_path, monkeypatch):
+    """Text with no space (Chinese, say) of 400 evenly used characters: sentencepiece still needs
+    its "▁" piece, and the default vocabulary was one id short ("needs at least 661")."""
+    monkeypatch.setenv("WHETSTONE_CACHE", str(tmp_path / "cache"))
+    rng = random.Random(0)
+    chars = [chr(0x4E00 + i) for i in range(400)]
+    (tmp_path / "zh.txt").write_text(
+        "\n".join("".join(rng.choice(chars) for _ in range(40)) for _ in range(800)) + "\n",
+        encoding="utf-8")
+    assert train.main(["--data", str(tmp_path / "zh.txt"), "--preset", "tiny", "--max-steps", "1",
+                       "--batch-size", "2", "--seq-len", "16", "--no-progress", "--threads", "1",
+                       "--out", str(tmp_path / "run")]) == 0
+
+
 def test_checkpoint_save_after_a_recovered_swap_replaces_the_stale_last_old(tmp_path):
     """A kill between save_last's renames leaves the previous checkpoint in last.old; once
     last/ exists again (recover_last, or a kill before the old one was removed), the next
