@@ -30,8 +30,8 @@ from engine.data import fetch_shakespeare, load_or_train_tokenizer
 from engine.model import Transformer
 from engine.tasks import build_task, read_text_splits
 from engine.train_args import MIN_TRAINED_VOCAB, explicit_flags, parse_args
-from engine.trainer import (MetricsLog, StepBoundaryInterrupt, Throughput, configure_optimizer,
-                            decay_progress, final_report, finished_run, get_lr,
+from engine.trainer import (WARMUP_SHARE, MetricsLog, StepBoundaryInterrupt, Throughput,
+                            configure_optimizer, decay_progress, final_report, finished_run, get_lr,
                             load_training_state, open_run_dir, save_last, step_seed, write_run_args)
 from tokenizer import read_chat_template, set_chat_template
 
@@ -269,9 +269,14 @@ def _run(args, given: set[str], stage: dict) -> int:
                 if hft is not None and step // args.half_round_steps != hft_round:
                     hft_round = step // args.half_round_steps
                     hft.select(hft_round)
+                # with a time budget, warmup ends by a tenth of it at the latest (a slow fine-tune
+                # of 30 steps in --max-minutes was all warmup)
+                warmup_time = now / (WARMUP_SHARE * budget_s) if budget_s else 0.0
+                if warmup_time >= 1 and step < args.warmup_steps and not extra["warmup_end_s"]:
+                    extra["warmup_end_s"] = now  # warmup ended by time: the cosine starts now
                 lr = get_lr(step, decay_progress(step, args.max_steps, args.warmup_steps, now or 0.0,
                                                  budget_s, extra["warmup_end_s"]),
-                            args.lr, args.warmup_steps, args.min_lr_ratio)
+                            args.lr, args.warmup_steps, args.min_lr_ratio, warmup_time)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 # LoRA dropout masks (the loop's only global-RNG draws): a function of the step and
@@ -301,7 +306,7 @@ def _run(args, given: set[str], stage: dict) -> int:
                 meter.add(n_tokens, dt)
                 extra["tokens"] = extra.get("tokens", 0) + n_tokens
                 extra["train_s"] += dt
-                if step == args.warmup_steps:
+                if step == args.warmup_steps and not extra["warmup_end_s"]:
                     extra["warmup_end_s"] = distributed.main_value(elapsed())
                 bar.update(1)
                 if step % args.log_every == 0:

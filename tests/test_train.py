@@ -1004,6 +1004,31 @@ def test_time_budget_before_the_first_step_saves_the_step0_model(corpus, tmp_pat
     assert [e["step"] for e in metrics(run)] == [0, 0]  # the step-0 evaluation, the final one
 
 
+def test_a_time_budget_ends_the_default_warmup_by_a_tenth_of_it(corpus, tmp_path, monkeypatch):
+    """--max-minutes without --max-steps: the default warmup is 50 steps, and a run that makes
+    fewer (a fine-tune on a CPU) was warmup from start to end, never at --lr, never decaying.
+    Warmup now ends by a tenth of the budget: a clock that moves 2 s a reading, 60 s budget."""
+    import time as real_time
+    import types
+    clock = iter(range(0, 10**6, 2))
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(
+        time=lambda: float(next(clock)), perf_counter=real_time.perf_counter,
+        strftime=real_time.strftime))
+    run = str(tmp_path / "budget")
+    i = TINY.index("--warmup-steps")
+    flags = TINY[:i] + TINY[i + 2:]  # the default warmup
+    assert train.main(["--data", str(corpus), "--out", run, *flags, "--max-minutes", "1",
+                       "--log-every", "1", "--eval-every", "1000", "--lr", "1e-3"]) == 0
+    lrs = [e["lr"] for e in metrics(run) if "lr" in e]
+    assert json.load(open(os.path.join(run, "run_args.json")))["warmup_steps"] == 50
+    assert 5 < len(lrs) < 40, lrs  # the budget, not 50 warmup steps, ended the run
+    top = lrs.index(max(lrs))
+    assert max(lrs) == pytest.approx(1e-3, rel=1e-3) and top < 10, lrs  # reached by 6 s of 60
+    assert all(a < b for a, b in zip(lrs[:top], lrs[1:top + 1]))        # up, linearly in time
+    assert all(a >= b for a, b in zip(lrs[top:], lrs[top + 1:]))        # then the cosine
+    assert lrs[-1] < 0.2e-3, lrs                                        # near --min-lr-ratio
+
+
 def test_preset_tiny_alone_trains(corpus, tmp_path):
     flags = [f for f in TINY if f not in ("--vocab-size", "300")]
     run = str(tmp_path / "tiny")
@@ -1110,6 +1135,10 @@ def test_lr_is_continuous_at_the_end_of_warmup_and_ends_at_min():
     assert decay_progress(50, 10**5, warm, 30.0, 130.0, 30.0) == pytest.approx(1e-5, abs=1e-4)
     assert decay_progress(80, 10**5, warm, 80.0, 130.0, 30.0) == pytest.approx(0.5)
     assert decay_progress(90, 10**5, warm, 140.0, 130.0, 30.0) == 1.0
+    # and warmup ends by time if that comes first (warmup_time: the time used over a tenth of it)
+    assert get_lr(9, 0.0, lr, warm, 0.1, warmup_time=0.5) == pytest.approx(0.5 * lr)
+    assert get_lr(29, 0.0, lr, warm, 0.1, warmup_time=0.5) == pytest.approx(0.6 * lr)
+    assert get_lr(9, 0.0, lr, warm, 0.1, warmup_time=1.0) == pytest.approx(lr)  # the cosine's start
 
 
 def test_default_vocab_covers_a_corpus_with_many_characters(tmp_path, monkeypatch):
