@@ -213,6 +213,19 @@ def pre_tokenizer_name(tok) -> str:
                      f"({', '.join(PRE_TOKENIZERS)}); it cannot be exported to GGUF")
 
 
+def check_tokenizer(tok) -> None:
+    """Refuse, before a file is created, a tokenizer that has no GGUF form llama.cpp loads."""
+    from tokenizer.bpe import ByteLevelBPETokenizer
+    from tokenizer.spm import SentencePieceTokenizer
+    if not isinstance(tok, (ByteLevelBPETokenizer, SentencePieceTokenizer)):
+        raise ValueError(f"no GGUF form for a {type(tok).__name__}")
+    if isinstance(tok, ByteLevelBPETokenizer):
+        if not tok.merges:  # gguf-py drops an empty array; llama.cpp then refuses the file
+            raise ValueError("a byte-level BPE tokenizer without merges has no GGUF form "
+                             "(llama.cpp requires tokenizer.ggml.merges)")
+        pre_tokenizer_name(tok)
+
+
 def write_tokenizer_metadata(w, tok, n_rows: int) -> None:
     """tokenizer.ggml.* keys built from one of our tokenizers (what tokenizer/ reads back).
     llama.cpp wants a token per embedding row: ids without a token (a gap, or rows past the
@@ -278,6 +291,8 @@ def export_gguf(model, tok, out: str, kind: str = "f16", name: str = "model",
     if tok is not None and tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens, the model {cfg.vocab_size} rows")
     gguf_arch(cfg)  # refusals before a file is created
+    if tok is not None and tokenizer_from is None:
+        check_tokenizer(tok)
     w = cfg.sliding_window
     if w is not None and w < cfg.max_position_embeddings:
         # llama.cpp's llama architecture (which convert_hf_to_gguf.py gives Mistral too) has no
@@ -301,9 +316,12 @@ def export_gguf(model, tok, out: str, kind: str = "f16", name: str = "model",
             write_tokenizer_metadata(w, tok, cfg.vocab_size)
         else:  # llama.cpp requires tokenizer.ggml.model: "none" loads as a model without vocab
             w.add_tokenizer_model("none")
-            for key in ("bos", "eos"):  # kept for our loader's config (llama.cpp ignores them)
-                if getattr(cfg, f"{key}_token_id") is not None:
-                    getattr(w, f"add_{key}_token_id")(getattr(cfg, f"{key}_token_id"))
+            # kept for our loader's config (llama.cpp ignores them). GGUF has one eos id: the
+            # first of a list (Llama 3's [eos, eot, ...]), as the tokenizer path writes tok.eos_id
+            if cfg.bos_token_id is not None:
+                w.add_bos_token_id(cfg.bos_token_id)
+            if cfg.eos_ids:
+                w.add_eos_token_id(cfg.eos_ids[0])
         plan = export_tensors(model, kind)
         for gname, shape, qtype, _ in plan:
             nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(shape, qtype)))

@@ -353,7 +353,9 @@ class Adapter:
         cfg_path = os.path.join(directory, "adapter_config.json")
         st_path = os.path.join(directory, "adapter_model.safetensors")
         for p in (cfg_path, st_path):
-            if p == st_path and os.path.isfile(os.path.join(directory, "adapter_model.bin")):
+            # a .bin beside the safetensors file is ignored, as PEFT's load_peft_weights does
+            if (p == st_path and not os.path.isfile(st_path)
+                    and os.path.isfile(os.path.join(directory, "adapter_model.bin"))):
                 raise ValueError(f"{directory} holds adapter_model.bin (a pickle, older PEFT), "
                                  "which is not read: convert it to adapter_model.safetensors "
                                  "(PEFT: PeftModel.from_pretrained(...).save_pretrained(DIR))")
@@ -555,8 +557,9 @@ def combine_adapters(adapters: list, weights: list[float], method: str = "cat",
     no rsLoRA, so its scaling is 1. cat: A' = rows(w_i s_i A_i), B' = cols(B_i), exactly
     sum w_i dW_i. linear (equal ranks): A' = sum sign(w_i s_i) sqrt|w_i s_i| A_i,
     B' = sum sqrt|w_i s_i| B_i (has cross terms: NOT sum w_i dW_i). svd: best rank-k
-    approximation of sum w_i dW_i (k = rank or the largest r_i). Adapters may cover different
-    modules: each module sums the adapters that have it."""
+    approximation of sum w_i dW_i (k = rank or the largest r_i; a module with min(out, in) < k
+    keeps its whole sum, zero-padded to rank k). Adapters may cover different modules: each
+    module sums the adapters that have it."""
     ads = [Adapter.load(a) if isinstance(a, str) else a for a in adapters]
     if not ads or len(ads) != len(weights):
         raise ValueError(f"need one weight per adapter, got {len(ads)} adapters and "
@@ -601,10 +604,12 @@ def combine_adapters(adapters: list, weights: list[float], method: str = "cat",
             B = sum(math.sqrt(abs(w)) * b for w, b in zip(ws, Bs))
         else:
             dW = sum(w * (b @ a) for w, a, b in zip(ws, As, Bs))            # (out, in)
-            if new_r > min(dW.shape):
-                raise ValueError(f"svd rank {new_r} exceeds min(out, in) = {min(dW.shape)} of {m}")
             U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
-            B, A = U[:, :new_r] * S[:new_r], Vh[:new_r]
+            # a module narrower than new_r keeps all min(out, in) triplets (dW exactly), zero-
+            # padded to new_r: PEFT's config has one r for every module
+            k = min(new_r, len(S))
+            A = F.pad(Vh[:k], (0, 0, 0, new_r - k))                          # (new_r, in)
+            B = F.pad(U[:, :k] * S[:k], (0, new_r - k))                      # (out, new_r)
         dtype = have[0][1].tensors[m + ".lora_A.weight"].dtype
         tensors[m + ".lora_A.weight"], tensors[m + ".lora_B.weight"] = A.to(dtype), B.to(dtype)
     config = {**ads[0].config, "r": new_r, "lora_alpha": new_r, "use_rslora": False,

@@ -500,3 +500,40 @@ def test_named_chat_templates_export_and_read_back(tmp_path):
     assert own["tokenizer.chat_template"] == "{{ messages[0].content }}"
     assert not any(k.startswith("tokenizer.chat_template") and k != "tokenizer.chat_template"
                    for k in own)
+
+
+def test_no_tokenizer_export_with_an_eos_list_writes_the_first(tmp_path, capsys):
+    """A model without tokenizer files whose config has Llama 3's eos list: GGUF holds one eos id,
+    so the file gets the first (what the tokenizer path writes as tok.eos_id); no eos, no key.
+    (It crashed in struct.pack with a traceback.)"""
+    from engine.checkpoint import save_model
+    model = random_model(eos_token_id=[1, 5])
+    save_model(model, str(tmp_path / "m"))
+    out = tmp_path / "m.gguf"
+    assert cli(["--model", str(tmp_path / "m"), "--out", str(out), "--type", "f32"]) == 0
+    assert "no tokenizer" in capsys.readouterr().out
+    back, fields = load_gguf(str(out))
+    assert fields["tokenizer.ggml.eos_token_id"] == 1 and back.config.eos_token_id == 1
+    assert fields["tokenizer.ggml.bos_token_id"] == 0
+    assert (logits(back, [3, 4, 5]) - logits(model, [3, 4, 5])).abs().max() < 1e-5
+    export_gguf(random_model(eos_token_id=None, bos_token_id=None), None, str(out), "f32")
+    r = gguf.GGUFReader(str(out)).fields
+    assert "tokenizer.ggml.eos_token_id" not in r and "tokenizer.ggml.bos_token_id" not in r
+
+
+def test_byte_level_bpe_without_merges_is_refused_before_writing(tmp_path, capsys):
+    """gguf-py silently drops an empty tokenizer.ggml.merges array and llama.cpp (and our loader)
+    refuse a "gpt2" file without it: refused in one line, no file and no temp file written."""
+    from engine.checkpoint import save_model
+    from tokenizer.bpe import ByteLevelBPETokenizer, bytes_to_unicode
+    tok = ByteLevelBPETokenizer(sorted(bytes_to_unicode().values()), [], pre_tokenizer="llama-bpe")
+    out = tmp_path / "t.gguf"
+    with pytest.raises(ValueError, match="without merges has no GGUF form"):
+        export_gguf(random_model(), tok, str(out), "f32")
+    assert os.listdir(tmp_path) == []
+    save_model(random_model(), str(tmp_path / "m"), tok)
+    assert cli(["--model", str(tmp_path / "m"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: a byte-level BPE tokenizer without merges has no GGUF form "
+                   "(llama.cpp requires tokenizer.ggml.merges)\n"), err
+    assert os.listdir(tmp_path) == ["m"]

@@ -248,6 +248,23 @@ def test_bad_input_errors(tmp_path):
         Adapter.load(str(tmp_path))
 
 
+def test_pickle_beside_safetensors_is_ignored(tmp_path):
+    """A directory with both adapter_model.safetensors and the older adapter_model.bin (a user
+    who converted it as told) loads the safetensors file, as PEFT's load_peft_weights does; the
+    pickle is never read."""
+    m = _model()
+    apply_lora(m, ["q_proj"], r=2, alpha=4)
+    with torch.no_grad():
+        for p in lora_state_dict(m).values():
+            p.normal_(0, 0.05)
+    save_adapter(m, str(tmp_path))
+    (tmp_path / "adapter_model.bin").write_bytes(b"not even a pickle")
+    got = Adapter.load(str(tmp_path))
+    want = lora_state_dict(m)
+    assert sorted(got.tensors) == sorted(want)
+    assert all(torch.equal(got.tensors[k], want[k]) for k in want)
+
+
 # ---------------------------------------------------------------------------------------------
 # Combining adapters
 # ---------------------------------------------------------------------------------------------
@@ -868,6 +885,43 @@ def test_combining_adapters_on_different_modules_matches_peft(hf_base, tmp_path)
     del a1.tensors[MODS[1] + ".lora_A.weight"], a1.tensors[MODS[1] + ".lora_B.weight"]
     c = combine_adapters([a1, a2], [1, 1]).config
     assert c["target_modules"] == list(MODS[::-1]) and c["layers_to_transform"] is None
+
+
+def test_svd_rank_above_a_module_width_keeps_its_whole_sum_and_loads_in_peft(hf_base, tmp_path):
+    """svd at the largest rank (40) with k_proj 64 -> 32: that module keeps all 32 singular
+    triplets (its weighted sum exactly) zero-padded to rank 40, so one r fits every module; we
+    refused 'svd rank 40 exceeds min(out, in) = 32'. PEFT loads the result to the logits of its
+    own exact (cat) combination."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    torch.manual_seed(11)
+    pm = get_peft_model(hf_base, LoraConfig(r=40, lora_alpha=8, target_modules=["q_proj", "k_proj"],
+                                            init_lora_weights=False), adapter_name="x1")
+    try:
+        pm.add_adapter("x2", LoraConfig(r=8, lora_alpha=16, target_modules=["k_proj", "v_proj"],
+                                        init_lora_weights=False))
+        pm.save_pretrained(str(tmp_path))
+        ours_in = [Adapter.load(str(tmp_path / n)) for n in ("x1", "x2")]
+        w = [0.7, -0.4]
+        ours = combine_adapters(ours_in, w, "svd")
+        assert ours.config["r"] == 40
+        for m in ours.modules():
+            want = sum(wi * _delta(a, m) for wi, a in zip(w, ours_in)
+                       if m + ".lora_A.weight" in a.tensors)
+            assert ours.tensors[m + ".lora_A.weight"].shape[0] == 40
+            assert _max_diff(_delta(ours, m), want) < 1e-5, m
+        ours.save(str(tmp_path / "svd"))
+        pm.add_weighted_adapter(["x1", "x2"], w, "cat", combination_type="cat")
+        pm.set_adapter("cat")
+        with torch.no_grad():
+            ref = pm(_ids()).logits
+    finally:
+        pm.unload()
+    reloaded = PeftModel.from_pretrained(hf_base, str(tmp_path / "svd")).eval()
+    try:
+        with torch.no_grad():
+            assert _max_diff(reloaded(_ids()).logits, ref) < 1e-4
+    finally:
+        reloaded.unload()
 
 
 # ---------------------------------------------------------------------------------------------
