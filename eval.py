@@ -96,6 +96,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.delimiter = " "
     if not os.path.exists(args.data):  # found now, not after loading the model
         p.error(f"--data {args.data}: no such file or directory")
+    if args.task == "perplexity":  # SFT data read as text: each line "expected ... 'text'"
+        from engine.sft import records_not_text, records_name
+        found = records_not_text(args.data)
+        if found:
+            f, form = found
+            inner = f != args.data  # a file of a corpus directory
+            hint = ("" if form == "preference" else "; score them with --task response-loss"
+                    + (" on that file" if inner else ""))
+            p.error(f"--data {args.data}" + (f": {f}" if inner else "") + f" holds "
+                    f"{records_name(form)}: --task perplexity reads text, or JSONL with a 'text' "
+                    f"field{hint}")
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
         p.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if args.json is not None and os.path.isdir(args.json):  # found now, not after the run

@@ -137,7 +137,13 @@ def _text_record(line: str) -> tuple[str | None, str | None]:
         return None, json_error(e)
     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
         return None, "expected an object with a string 'text' field"
-    return obj["text"], None
+    text = obj["text"]
+    try:  # JSON can escape half a surrogate pair ("\ud83d"): no UTF-8 form, no tokenizer takes it
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return None, (f"'text' has a lone surrogate {text[e.start]!r} at index {e.start}: not "
+                      "valid Unicode, cannot be encoded")
+    return text, None
 
 
 def read_documents(path: str, warn=print, on_error: str = "stop",

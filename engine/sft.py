@@ -138,6 +138,30 @@ def _first_form(path: str) -> tuple[str, int]:
     raise ValueError(f"{path}: no valid JSON object lines")
 
 
+def records_not_text(path: str) -> tuple[str, str] | None:
+    """For a text corpus (a file or a directory, as engine.data reads it): (the first of its
+    JSONL files whose records are instruction / completion / chat or preference ones, their
+    form), else None. Such a file is not malformed line by line but data of another kind: its
+    reader names the way to use it. A file whose form cannot be told (no valid object, unknown
+    keys) is left to the corpus reader, which names its bad line."""
+    from engine.data import corpus_files
+    for f in corpus_files(path):
+        if not f.endswith((".jsonl", ".json")):
+            continue
+        try:
+            form = _first_form(f)[0]
+        except ValueError:
+            continue
+        if form != "text":
+            return f, form
+    return None
+
+
+def records_name(form: str) -> str:
+    """How a message names a file's records: "chat (messages) records (SFT data)"."""
+    return f"{_FORM_NAMES[form]} records ({'DPO' if form == 'preference' else 'SFT'} data)"
+
+
 # A record is of another form than its file's when it has all of that form's keys (checked in
 # _form_of's order); one that lacks some keys of every form is told what its file's form needs.
 _FORM_KEYS = {"chat": ("messages",), "preference": ("prompt", "chosen", "rejected"),

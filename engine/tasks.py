@@ -245,12 +245,14 @@ def read_text_splits(args, data_path: str) -> tuple[Documents, Documents]:
     """(train documents, validation documents): --val-data, or the last --val-fraction of the
     corpus (engine.data.split_documents). A malformed line of a JSONL corpus stops the run, or
     with --bad-lines skip is left out: warned, and listed in the `skipped` of its file's
-    documents (the training split's, when the two splits share the file)."""
+    documents (the training split's, when the two splits share the file). SFT or preference
+    JSONL is refused with the way to train on it (_check_text_data)."""
     paths = [data_path] + ([args.val_data] if args.val_data else [])
     if args.bad_lines == "skip" and not any(  # before reading: it would be ignored
             f.endswith((".jsonl", ".json")) for p in paths for f in corpus_files(p)):
         raise ValueError(f"--bad-lines skip applies only to JSONL data (SFT, preference or "
                          f"'text' records); {data_path} is plain text")
+    _check_text_data(args, data_path)
     with _skip_hint():  # train.py reads a from-scratch corpus here, not through build_task
         corpus = read_corpus(data_path, on_error=args.bad_lines)
         held = read_corpus(args.val_data, on_error=args.bad_lines) if args.val_data else None
@@ -259,3 +261,25 @@ def read_text_splits(args, data_path: str) -> tuple[Documents, Documents]:
     train, val = split_documents(corpus, args.val_fraction)
     train.skipped = corpus.skipped  # the lines of the file the two splits share
     return train, val
+
+
+def _check_text_data(args, data_path: str) -> None:
+    """Refuse SFT or preference JSONL given as a text corpus (--data, --val-data, or a file of a
+    corpus directory) with the way to train on it: read as text, each of its lines was "expected
+    an object with a string 'text' field", and --bad-lines skip left an empty corpus."""
+    from engine.sft import records_not_text, records_name
+    found = records_not_text(data_path)
+    if found:
+        f, form = found
+        need = ("training on them needs --objective dpo --base MODEL" if form == "preference"
+                else "fine-tuning on them needs --base MODEL")
+        if f != data_path:  # a file inside a corpus directory
+            raise ValueError(f"{f} (in corpus directory {data_path}) holds {records_name(form)}: "
+                             f"a corpus reads text, or JSONL with a 'text' field; {need}, with "
+                             "that file as --data")
+        raise ValueError(f"{data_path} holds {records_name(form)}: {need} (a from-scratch run "
+                         "reads text, or JSONL with a 'text' field)")
+    found = records_not_text(args.val_data) if args.val_data else None
+    if found:  # --data is text (checked above): the two splits are of one kind
+        raise ValueError(f"--val-data {found[0]} holds {records_name(found[1])}, but --data "
+                         f"{data_path} is text: validation data is of the training data's kind")

@@ -149,6 +149,8 @@ def _plain_text(args) -> bool:
     that cannot be told yet (a missing --data is reported later, with its own message)."""
     if args.objective == "dpo":
         return False
+    if not args.base:  # a from-scratch run reads text (SFT data is refused then, saying why)
+        return True
     from engine.sft import detect_format
     try:
         return args.data is None or detect_format(args.data) == "text"

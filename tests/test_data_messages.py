@@ -238,3 +238,103 @@ def test_preference_files_hold_one_form(tmp_path):
     with pytest.raises(ValueError, match=r"b\.jsonl:1: invalid JSON \(Expecting property name "
                                          r"enclosed in double quotes at column 2\)$"):
         load_preferences(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. SFT or preference JSONL given as a text corpus (a from-scratch run, perplexity)
+# ---------------------------------------------------------------------------------------------
+SCRATCH = " (a from-scratch run reads text, or JSONL with a 'text' field)"
+
+
+@pytest.mark.parametrize("row, records, need", [
+    (CHAT, "chat (messages) records (SFT data)", "fine-tuning on them needs --base MODEL"),
+    (INSTRUCTION, "instruction records (SFT data)", "fine-tuning on them needs --base MODEL"),
+    (COMPLETION, "prompt/completion records (SFT data)", "fine-tuning on them needs --base MODEL"),
+    (PAIR, "preference (prompt/chosen/rejected) records (DPO data)",
+     "training on them needs --objective dpo --base MODEL"),
+])
+def test_sft_data_as_a_text_corpus_names_the_way_to_train_on_it(tmp_path, row, records, need):
+    """A from-scratch run reads its corpus before build_task tells SFT data from text: every
+    line was "expected an object with a string 'text' field; --bad-lines skip leaves such lines
+    out", and with skip the corpus was empty after a warning a line. Now one line says what the
+    file holds and what trains on it, with either --bad-lines (a malformed first line does not
+    hide the form)."""
+    path = write(tmp_path / "sft.jsonl", ["{oops", row, row])
+    for mode in ("stop", "skip"):
+        with pytest.raises(ValueError) as e:
+            read_text_splits(_args(bad_lines=mode), path)
+        assert str(e.value) == f"{path} holds {records}: {need}{SCRATCH}"
+    # a file of a corpus directory: the directory cannot be SFT data, the file can
+    d = tmp_path / "docs"
+    d.mkdir()
+    write(d / "a.txt", ["plain text"])
+    inner = write(d / "b.jsonl", [row])
+    with pytest.raises(ValueError) as e:
+        read_text_splits(_args(), str(d))
+    assert str(e.value) == (f"{inner} (in corpus directory {d}) holds {records}: a corpus reads "
+                            f"text, or JSONL with a 'text' field; {need}, with that file as --data")
+    # --val-data of another kind than a text --data (with or without --base)
+    text = write(tmp_path / "t.jsonl", [{"text": "the training text"}] * 3)
+    with pytest.raises(ValueError) as e:
+        read_text_splits(_args(val_data=path), text)
+    assert str(e.value) == (f"--val-data {path} holds {records}, but --data {text} is text: "
+                            "validation data is of the training data's kind")
+
+
+def test_text_corpora_are_read_as_before(tmp_path):
+    """The check leaves text alone: 'text' records, plain files, and JSONL whose form cannot be
+    told (only bad lines, unknown keys: the corpus reader names the line)."""
+    d = tmp_path / "docs"
+    d.mkdir()
+    write(d / "a.txt", ["plain text"])
+    write(d / "b.jsonl", ["{oops", {"text": "a record"}])
+    write(d / "c.json", [{"text": "another"}])
+    tr, va = read_text_splits(_args(bad_lines="skip"), str(d))
+    assert "".join(tr.docs + va.docs) == "plain text\na recordanother" and tr.skipped == [
+        "b.jsonl:1"]
+    odd = write(tmp_path / "odd.jsonl", [{"body": "x"}])
+    with pytest.raises(ValueError) as e:
+        read_text_splits(_args(), odd)
+    assert str(e.value) == (f"{odd}:1: expected an object with a string 'text' field; "
+                            "--bad-lines skip leaves such lines out")
+
+
+def test_train_cli_sft_data_without_base(tmp_path):
+    """`train.py --data chat.jsonl` without --base: one line naming --base, not line 1's
+    missing 'text' field (nor "--eval-batches applies only to plain-text data": without --base
+    the data is read as text)."""
+    path = write(tmp_path / "chat.jsonl", [CHAT] * 20)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--data", path,
+                        "--bad-lines", "skip", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "WHETSTONE_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.strip().splitlines() == [
+        f"error: {path} holds chat (messages) records (SFT data): fine-tuning on them needs "
+        f"--base MODEL{SCRATCH}"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. A lone surrogate in a 'text' record
+# ---------------------------------------------------------------------------------------------
+def test_a_lone_surrogate_names_its_line_and_can_be_skipped(tmp_path):
+    """JSON can escape half a surrogate pair; the tokenizer refused the whole corpus with "text
+    has a lone surrogate '\\ud83d' at index 984" (an index into the joined training text). Now it
+    is the record's FILE:LINE, and --bad-lines skip leaves the line out. A pair is one
+    character, and plain text cannot hold one (an encoded surrogate is invalid UTF-8)."""
+    path = write(tmp_path / "s.jsonl", ['{"text": "ok \\ud83d\\ude00"}', '{"text": "bad \\ud83d!"}',
+                                        {"text": "fine"}])
+    why = "'text' has a lone surrogate '\\ud83d' at index 4: not valid Unicode, cannot be encoded"
+    with pytest.raises(BadLine) as e:
+        read_documents(path)
+    assert str(e.value) == f"{path}:2: {why}"
+    with pytest.raises(ValueError) as e:
+        read_text_splits(_args(), path)
+    assert str(e.value) == f"{path}:2: {why}; --bad-lines skip leaves such lines out"
+    warnings, skipped = [], []
+    assert read_documents(path, warnings.append, "skip", skipped) == ["ok \U0001F600", "fine"]
+    assert warnings == [f"warning: skipping {path}:2: {why}"] and skipped == ["s.jsonl:2"]
+    plain = tmp_path / "p.txt"
+    plain.write_bytes(b"bad \xed\xa0\xbd!")  # '\ud83d' as CESU-8
+    warnings = []
+    assert read_documents(str(plain), warnings.append) == ["bad \ufffd\ufffd\ufffd!"]
+    assert warnings == [f"warning: {plain}: 3 invalid UTF-8 byte sequence(s) replaced with U+FFFD"]

@@ -475,6 +475,33 @@ def test_cli_errors_one_line(runs, tmp_path, capsys):
         f"error: {bad}:2: label 3 out of range for 1 choices"]
 
 
+def test_perplexity_on_sft_data_names_response_loss(tmp_path, capsys):
+    """Chat JSONL given to --task perplexity read "FILE:1: expected an object with a string
+    'text' field" (after the model loaded); now, before it loads, what the file holds and the
+    task that scores it."""
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * 3)
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "a.txt").write_text("text")
+    inner = write_jsonl(d / "b.jsonl", [{"instruction": "say hi", "output": "hi"}])
+    reads = "--task perplexity reads text, or JSONL with a 'text' field"
+    for data, msg in [
+            (chat, f"--data {chat} holds chat (messages) records (SFT data): {reads}; score them "
+                   "with --task response-loss"),
+            (pairs, f"--data {pairs} holds preference (prompt/chosen/rejected) records (DPO "
+                    f"data): {reads}"),
+            (str(d), f"--data {d}: {inner} holds instruction records (SFT data): {reads}; score "
+                     "them with --task response-loss on that file")]:
+        with pytest.raises(SystemExit) as e:
+            eval_cli.parse_args(["--model", "no-such-model", "--data", data, "--task", "perplexity"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and f"error: {msg} (see --help)" in err[0], err
+    # the other tasks read such files
+    assert eval_cli.parse_args(["--model", "m", "--data", chat, "--task", "response-loss"]).data == chat
+
+
 def test_cli_device_and_bad_values_one_line(tmp_path, capsys, monkeypatch):
     """No traceback for --device cuda on a CPU-only machine, a --seq-len past the model's
     context (positions it never saw) or out-of-range --threads / --val-fraction / --dtype."""

@@ -682,6 +682,28 @@ def test_detect_format(tmp_path):
         detect_format(_write(tmp_path, "g.json", ['[{"prompt": "x", "completion": "y"}]']))
 
 
+def test_records_not_text(tmp_path):
+    """What a text corpus reader asks before reading: the first JSONL file (the corpus, or one
+    in its directory, sorted) holding SFT or preference records; None for text, and for files
+    whose form cannot be told (the reader names their bad line)."""
+    from engine.sft import records_name, records_not_text
+    d = tmp_path / "docs"
+    (d / "sub").mkdir(parents=True)
+    text = _write(d, "a.jsonl", [{"text": "x"}])
+    _write(d, "b.txt", ['{"messages": []}'])  # plain text, whatever it reads
+    _write(d, "c.jsonl", [{"foo": 1}])
+    _write(d, "d.json", ["{bad", "[1]"])
+    assert records_not_text(text) is None and records_not_text(str(d)) is None
+    pair = _write(d / "sub", "p.jsonl", [{"prompt": "x", "chosen": "y", "rejected": "z"}])
+    _write(d / "sub", "q.jsonl", [{"messages": []}])
+    assert records_not_text(str(d)) == (pair, "preference")
+    chat = _write(tmp_path, "chat.jsonl", ["{bad", {"messages": []}])
+    assert records_not_text(chat) == (chat, "chat")
+    assert records_name("chat") == "chat (messages) records (SFT data)"
+    assert records_name("completion") == "prompt/completion records (SFT data)"
+    assert records_name("preference") == "preference (prompt/chosen/rejected) records (DPO data)"
+
+
 BAD_CHAT = [
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, None),
     ('{"messages": [', "invalid JSON"),
