@@ -114,7 +114,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, H, T, D); cos, sin: (T, D), or (B, 1, T, D) for per-row positions (both halves
     repeated). Returns a new tensor."""
-    if cos.dim() == 2 and _kernel_dtypes(x, cos, sin) and _use_triton(x):
+    # both tables (T, D): per-row (B, 1, T, D) ones, in either, take PyTorch
+    if cos.dim() == sin.dim() == 2 and _kernel_dtypes(x, cos, sin) and _use_triton(x):
         from kernels.rope import apply_rope as k
         return k(x, cos, sin)
     d = x.shape[-1] // 2
@@ -178,11 +179,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 # ---------------------------------------------------------------------------------------------
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
                   ignore_index: int = -100) -> torch.Tensor:
-    """logits: (N, V) any float dtype; targets: (N,) int64. Loss in fp32."""
+    """logits: (N, V) any float dtype; targets: (N,) int64 or int32. Loss in fp32."""
     if _use_triton(logits):
         from kernels.cross_entropy import cross_entropy as k
         return k(logits, targets, ignore_index=ignore_index)
-    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+    return F.cross_entropy(logits.float(), _long(targets), ignore_index=ignore_index)
+
+
+def _long(targets: torch.Tensor) -> torch.Tensor:
+    """int32 ids as int64: the kernels take both, F.cross_entropy and gather only int64."""
+    return targets.long() if targets.dtype == torch.int32 else targets
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -192,6 +198,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if _use_triton(hidden):
         from kernels.cross_entropy import linear_cross_entropy as k
         return k(hidden, weight, targets, ignore_index=ignore_index)
+    targets = _long(targets)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _ChunkedLinearCE.apply(hidden, weight, targets, ignore_index)
     return _chunked_linear_ce(hidden, weight, targets, ignore_index, False, False)[0]
@@ -351,7 +358,8 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax_q: torch.Tensor,
         x = x.to(torch.get_autocast_dtype(x.device.type))
     if bias is not None:
         bias = bias.to(x.dtype)
-    if _use_triton(x):
+    # fp64 takes PyTorch, as in the other ops (the fused kernel does not build for it)
+    if _kernel_dtypes(x) and _use_triton(x):
         from kernels.nf4 import nf4_matmul as k
         return k(x, packed, absmax_q, nested_absmax, nested_code, offset, shape, bias, blocksize)
     return _NF4LinearTorch.apply(x, bias, packed, absmax_q, nested_absmax, nested_code, offset,

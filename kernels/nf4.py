@@ -15,9 +15,9 @@ K loop covers min(blocksize, 64) columns of one quantization block, loads the pa
 BLOCK_N rows, dequantizes the high nibbles (even columns) and low nibbles (odd columns) in
 registers, and multiplies them with the even / odd columns of x. M <= 16 runs it as a GEMV
 (BLOCK_M = 16, split-K for parallelism); medium M as a tiled GEMM; large M (and fp32 past GEMV
-sizes, and K not a multiple of blocksize) dequantizes with the kernel and calls the library
-matmul, where cuBLAS wins. The codes come from a 256-entry table of (high, low) nibble pairs:
-one gather per byte. The backward gives the input gradient only (grad @ W, W dequantized
+sizes, fp64, and K not a multiple of blocksize) dequantizes with the kernel and calls the
+library matmul, where cuBLAS wins. The codes come from a 256-entry table of (high, low) nibble
+pairs: one gather per byte. The backward gives the input gradient only (grad @ W, W dequantized
 again), as QLoRA needs; the 4-bit weight is frozen.
 """
 from __future__ import annotations
@@ -190,8 +190,10 @@ def _fields(packed, absmax_q, nested_absmax, nested_code, offset, shape, blocksi
     offset_ptr = torch.is_tensor(offset) and offset.device == packed.device
     off_t = offset.float().reshape(1) if offset_ptr else nabs
     off_v = 0.0 if offset_ptr else float(offset)
-    args = (packed.reshape(-1), absmax_q.reshape(-1), nabs, ncode, off_t,
-            _pair_table(packed.device))
+    # The kernels index the bytes and scales as contiguous (a strided 1-D view reshapes to
+    # itself, so reshape alone is not enough)
+    args = (packed.reshape(-1).contiguous(), absmax_q.reshape(-1).contiguous(), nabs, ncode,
+            off_t, _pair_table(packed.device))
     return N, K, numel, n_blocks, double_quant, args, off_v, offset_ptr
 
 
@@ -234,6 +236,8 @@ def nf4_matmul_fused(x2, packed, absmax_q, nested_absmax, nested_code, offset, s
     else:
         BM, BN, warps, stages = (16, 16, 4, 1) if interp else (64, 128, 4, 3)
         split_k = split_k or 1
+    if bias is not None:
+        bias = bias.contiguous()  # (N,), read with unit stride
     out_dtype = x2.dtype if split_k == 1 else torch.float32
     out = torch.empty((split_k, M, N), dtype=out_dtype, device=x2.device)
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN), split_k)
@@ -260,7 +264,10 @@ class NF4MatmulFunction(torch.autograd.Function):
             bias = bias.to(x.dtype)
         # fp32 beyond GEMV sizes: the FMA-dot tiles spill kilobytes per thread, cuBLAS does not
         fused_max = GEMV_MAX_M if x.dtype == torch.float32 else FUSED_MAX_M
-        if x2.shape[0] <= fused_max and K % blocksize == 0:
+        # fp64 dequantizes too: its dots are fp64, and the fused kernel's fp32 `acc +=` of them
+        # does not build
+        fused_dtype = x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        if x2.shape[0] <= fused_max and K % blocksize == 0 and fused_dtype:
             y = nf4_matmul_fused(x2, *fields, bias=bias, blocksize=blocksize)
         else:
             y = F.linear(x2, nf4_dequantize(*fields, x.dtype, blocksize), bias)

@@ -19,7 +19,7 @@ from kernels.utils import check_device, next_pow2
 
 @triton.jit
 def _rope_kernel(X, COS, SIN, OUT, T, H,
-                 sxb, sxh, sxt, sob, soh, sot, scb, sct,
+                 sxb, sxh, sxt, sob, soh, sot, scb, ssb, sct,
                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
                  BACKWARD: tl.constexpr):
     pid = tl.program_id(0)
@@ -29,7 +29,7 @@ def _rope_kernel(X, COS, SIN, OUT, T, H,
     d = tl.arange(0, BLOCK_HALF)
     dmask = d < HALF
     cs = COS + b * scb + t * sct
-    sn = SIN + b * scb + t * sct
+    sn = SIN + b * ssb + t * sct
     c1 = tl.load(cs + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
     c2 = tl.load(cs + HALF + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
     s1 = tl.load(sn + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
@@ -73,7 +73,7 @@ def rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     B, H, T, D = x.shape
     c, s = _table(cos, B, T, D, "cos"), _table(sin, B, T, D, "sin")
     check_device(x, c, s)
-    if c.stride() != s.stride():
+    if c.stride(1) != s.stride(1):  # one position stride (sct) serves both tables
         c, s = c.contiguous(), s.contiguous()
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -82,8 +82,9 @@ def rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         return out
     half = D // 2
     block_h = min(next_pow2(H), max(1, 4096 // next_pow2(half)))
-    scb = c.stride(0) if c.shape[0] > 1 else 0
-    _rope_kernel[(B * T,)](x, c, s, out, T, H, *x.stride()[:3], *out.stride()[:3], scb,
+    # a batch stride per table: cos (T, D) may meet sin (B, 1, T, D); 0 for a shared table
+    scb, ssb = (t.stride(0) if t.shape[0] > 1 else 0 for t in (c, s))
+    _rope_kernel[(B * T,)](x, c, s, out, T, H, *x.stride()[:3], *out.stride()[:3], scb, ssb,
                            c.stride(1), HALF=half, BLOCK_H=block_h, BLOCK_HALF=next_pow2(half),
                            BACKWARD=backward, num_warps=4 if block_h * half <= 2048 else 8)
     return out

@@ -72,6 +72,55 @@ def test_inputs_the_kernels_do_not_take_fall_back_to_pytorch(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_fp64_nf4_linear_takes_the_pytorch_path(device):
+    """With kernels on (forced here, auto on a GPU), fp64 x in nf4_linear runs the PyTorch
+    path like the other ops: the fused kernel does not build for fp64 on a GPU."""
+    nf4 = pytest.importorskip("engine.nf4")
+    q = nf4.quantize_nf4(torch.randn(24, 128))
+    fields = [t.to(device) for t in (q.packed, q.absmax_q, q.nested_absmax, q.nested_code)]
+    x = torch.randn(3, 128, dtype=torch.float64, device=device, requires_grad=True)
+    bias = torch.randn(24, dtype=torch.float64, device=device)
+    out = []
+    for mode in ("torch", "triton"):
+        with ops.use_kernels(mode):
+            y = ops.nf4_linear(x, *fields, q.offset, q.shape, bias)
+        assert y.dtype == torch.float64, mode
+        assert "NF4MatmulFunction" not in type(y.grad_fn).__name__, mode
+        out.append(y)
+    assert torch.equal(out[1], out[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rope_with_one_per_row_table_takes_the_pytorch_path(device):
+    """A (T, D) table with a per-row (B, 1, T, D) one, either way round, takes the PyTorch
+    path (cos (T, D) with sin (B, 1, T, D) ran the kernel, which used batch 0's sin)."""
+    x = torch.randn(2, 3, 5, 16, device=device)
+    one, rows = torch.randn(5, 16, device=device), torch.randn(2, 1, 5, 16, device=device)
+    for cos, sin in ((one, rows), (rows, one)):
+        with ops.use_kernels("torch"):
+            ref = ops.apply_rope(x, cos, sin)
+        with ops.use_kernels("triton"):
+            out = ops.apply_rope(x, cos, sin)
+        assert torch.equal(out, ref), (tuple(cos.shape), tuple(sin.shape))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int32_targets_on_both_paths(device):
+    """int32 targets, which the loss kernels take, give the int64 loss on the PyTorch path too
+    (it raised 'expected scalar type Long')."""
+    g = torch.Generator().manual_seed(3)
+    logits, hidden = torch.randn(5, 40, generator=g), torch.randn(5, 16, generator=g)
+    weight = torch.randn(40, 16, generator=g)
+    t64 = torch.tensor([1, 4, -100, 7, 0])
+    logits, hidden, weight, t64 = (a.to(device) for a in (logits, hidden, weight, t64))
+    for mode in ("torch", "triton"):
+        with ops.use_kernels(mode):
+            for fn, args in ((ops.cross_entropy, (logits,)),
+                             (ops.linear_cross_entropy, (hidden, weight))):
+                assert_close(fn(*args, t64.int()), fn(*args, t64), TOL, f"{fn.__name__} {mode}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_nf4_ops_match_engine_reference(device):
     nf4 = pytest.importorskip("engine.nf4")
     w = torch.randn(24, 128)

@@ -2,6 +2,9 @@
 from kernel_utils import DEVICES, DTYPES, assert_close  # first: sets TRITON_INTERPRET
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -145,3 +148,58 @@ def test_matmul_strided_input(device, M):
         yf.backward(gy)
         assert_close(y, yf, TOL[torch.float32], "y")
         assert_close(x.grad, xf.grad, TOL[torch.float32], "dx")
+
+
+def strided(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of t's values with stride 2 (other values in between): .reshape(-1) returns
+    such a view unchanged."""
+    return torch.stack([t, t.flip(0)], dim=1)[:, 0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_strided_fields_and_bias(device, double_quant):
+    """Strided 1-D packed bytes, block scales (uint8 or fp32 absmax) and bias give what their
+    contiguous copies give, in dequantize and in both fused configurations (GEMV with split-K,
+    tiled): the kernels read them as contiguous (wrong weights and bias before)."""
+    N, K = 24, 128
+    fields = random_fields(N, K, device, double_quant=double_quant)
+    views = (strided(fields[0]), strided(fields[1])) + fields[2:]
+    assert not views[0].is_contiguous() and not views[1].is_contiguous()
+    assert torch.equal(nf4_dequantize(*views, (N, K), torch.float32),
+                       nf4_dequantize_ref(*fields, (N, K), torch.float32))
+    bias = torch.randn(N, device=device)
+    for M, split_k in ((3, 2), (20, 1)):
+        x = torch.randn(M, K, device=device) / K ** 0.5
+        want = nf4_matmul_ref(x, *fields, (N, K), bias)
+        with torch.no_grad():
+            y = nf4_matmul_fused(x, *views, (N, K), strided(bias), split_k=split_k)
+            assert_close(y, want, TOL[torch.float32], f"y (M={M}, strided fields and bias)")
+            y = nf4_matmul(x, *fields, (N, K), strided(bias))
+            assert_close(y, want, TOL[torch.float32], f"y (M={M}, strided bias)")
+
+
+FP64_BUILD = '''
+import torch
+from kernels.compile_check import compile_only  # first: imports the kernels for native builds
+from kernels import nf4
+from kernels.bench import random_nf4
+fields = random_nf4(64, 128, "cpu")
+with compile_only(90) as launches:
+    nf4.nf4_matmul(torch.randn(1, 128, dtype=torch.float64), *fields, (64, 128))
+print("launched", [name for name, *_ in launches])
+'''
+
+
+def test_fp64_matmul_builds_for_sm90(tmp_path):
+    """fp64 x dequantizes (fp64 out) and runs F.linear: the fused kernel does not build for it
+    on a GPU (its fp64 dots change the fp32 accumulator's type in the K loop: a
+    CompilationError before; the interpreter accepts it). Native sm_90 build on the CPU, in a
+    process without TRITON_INTERPRET (kernels.compile_check)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root
+    out = subprocess.run([sys.executable, "-c", FP64_BUILD], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "launched ['_nf4_dequant_kernel']" in out.stdout, out.stdout

@@ -62,3 +62,25 @@ def test_rope_ref_matches_transformers_and_gradchecks():
     assert torch.equal(apply_rope_ref(x, cos_b, sin_b), want)
     xd = torch.randn(1, 2, 5, 16, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: apply_rope_ref(t, cos.double(), sin.double()), (xd,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rope_tables_of_different_batch_sizes(device):
+    """cos and sin with different batch sizes ((T, D) or (1, 1, T, D) with (B, 1, T, D)): each
+    table is read with its own batch stride (cos's served both: batch 0's sin for every row,
+    or reads past the end of a shared sin)."""
+    B, H, T, D = 3, 2, 5, 16
+    one_c, one_s = tables(T, D, device)
+    row_c, row_s = tables(T, D, device, batch=B)
+    dy = torch.randn(B, H, T, D, device=device)
+    for cos, sin in ((one_c, row_s), (row_c, one_s), (row_c, one_s[None, None]),
+                     (one_c[None, None], row_s)):
+        x = torch.randn(B, H, T, D, device=device, requires_grad=True)
+        y = apply_rope(x, cos, sin)
+        y.backward(dy)
+        xf = x.detach().clone().requires_grad_()
+        yf = apply_rope_ref(xf, cos, sin)
+        yf.backward(dy)
+        shapes = f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)}"
+        assert_close(y, yf, TOL[torch.float32], f"y ({shapes})")
+        assert_close(x.grad, xf.grad, TOL[torch.float32], f"dx ({shapes})")
