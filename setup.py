@@ -32,8 +32,9 @@ setup(
         # private _compute_loss, so the minor release is pinned. transformers 5.25 requires
         # PyPI's `kernels` (Hugging Face's hub kernels), whose import name is this repo's
         # kernels/: transformers then imports ours and fails ("cannot import name
-        # 'CUDAProperties' from 'kernels'"), so it stays below 5.25 and `kernels` uninstalled.
-        "dev": ["pytest", "hypothesis", "transformers<5.25", "tokenizers", "peft", "bitsandbytes", "openai",
-                "protobuf", "trl>=1.16,<1.17"],
+        # 'CUDAProperties' from 'kernels'"), so it stays below 5.25 (tests/conftest.py warns
+        # when that package is installed).
+        "dev": ["pytest", "hypothesis", "transformers<5.25", "tokenizers", "peft", "bitsandbytes",
+                "openai", "protobuf", "trl>=1.16,<1.17"],
     },
 )

@@ -108,8 +108,9 @@ def _run(args, given: set[str], stage: dict) -> int:
             # (sentencepiece refuses fewer ids than the characters it must cover; a space is its
             # "▁", which it needs even in a corpus without spaces)
             train_text = texts[0].text  # the training documents as one text
-            vocab_size = args.vocab_size or max(PRESETS[args.preset]["vocab_size"], MIN_TRAINED_VOCAB,
-                                                259 + len(set(train_text) - {" "} | {"\u2581"}))
+            chars = len(set(train_text) - {" "} | {"\u2581"})
+            vocab_size = args.vocab_size or max(PRESETS[args.preset]["vocab_size"],
+                                                MIN_TRAINED_VOCAB, 259 + chars)
             # A new run's rank 0 never reads --out: a tokenizer left there (by a failed torchrun
             # launch, say) may be another corpus's. The other ranks load the one it saves there.
             tok = load_or_train_tokenizer(train_text, vocab_size, resume_dir or (

@@ -46,6 +46,9 @@ def configure_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
     return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
 
 
+WARMUP_SHARE = 0.1  # with a time budget, warmup ends by this share of it at the latest
+
+
 def get_lr(step: int, progress: float, lr: float, warmup_steps: int, min_lr_ratio: float,
            warmup_time: float = 0.0) -> float:
     """Linear warmup over `warmup_steps`, or with a time budget until `warmup_time` (the time
@@ -55,9 +58,6 @@ def get_lr(step: int, progress: float, lr: float, warmup_steps: int, min_lr_rati
         return lr * max((step + 1) / warmup_steps, warmup_time)
     p = min(max(progress, 0.0), 1.0)
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-WARMUP_SHARE = 0.1  # with a time budget, warmup ends by this share of it at the latest
 
 
 def decay_progress(step: int, max_steps: int, warmup_steps: int, elapsed_s: float = 0.0,
