@@ -46,9 +46,25 @@ def use_kernels(mode: str):
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
-        return True
     except Exception:
         return False
+    return _our_kernels()
+
+
+def _our_kernels() -> bool:
+    """Whether `import kernels` gives this repository's kernels/: PyPI's `kernels` (Hugging
+    Face's hub kernels, which transformers >= 5.25 requires) has its import name, and when it
+    comes first on sys.path every op would fail to import its kernel."""
+    try:
+        import kernels
+    except Exception:
+        return False
+    if getattr(kernels, "WHETSTONE", False):
+        return True
+    warnings.warn(f"`import kernels` finds {getattr(kernels, '__file__', None) or kernels}, not "
+                  "Whetstone's kernels/ (PyPI's `kernels` has the same name; pip uninstall "
+                  "kernels): using the PyTorch reference")
+    return False
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -58,7 +74,7 @@ def _use_triton(t: torch.Tensor) -> bool:
     if mode == "triton":
         # Forced: also on CPU, where the kernels need TRITON_INTERPRET=1 (tests do this).
         if not triton_available():
-            _forced_but_unusable("Triton does not import")
+            _forced_but_unusable("Triton or Whetstone's kernels do not import")
             return False
         if not (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
             _forced_but_unusable(f"{t.device.type} tensors need CUDA or TRITON_INTERPRET=1")

@@ -295,3 +295,34 @@ def test_bad_kernel_env_is_refused_at_startup(monkeypatch):
         pick_device("cpu")
     monkeypatch.setenv("WHETSTONE_KERNELS", "torch")
     assert pick_device("cpu").type == "cpu"
+
+
+def test_another_kernels_package_first_on_the_path_takes_pytorch(monkeypatch):
+    """PyPI's `kernels` (Hugging Face's hub kernels, required by transformers >= 5.25) has our
+    kernels/' import name: imported instead of ours, every op would fail to import its kernel.
+    ops says so once and runs the PyTorch path."""
+    import sys
+    import types
+    other = types.ModuleType("kernels")
+    other.__file__ = "/site-packages/kernels/__init__.py"
+    monkeypatch.setitem(sys.modules, "kernels", other)
+    ops.triton_available.cache_clear()
+    ops._forced_but_unusable.cache_clear()
+    x, w = torch.randn(3, 32), torch.randn(32)
+    try:
+        with ops.use_kernels("triton"), warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            y = ops.rms_norm(x, w, 1e-6)
+            ops.rms_norm(x, w, 1e-6)
+        assert y.grad_fn is None and torch.equal(y, ops.rms_norm(x, w, 1e-6))
+        said = [str(m.message) for m in seen]
+        assert said == ["`import kernels` finds /site-packages/kernels/__init__.py, not "
+                        "Whetstone's kernels/ (PyPI's `kernels` has the same name; pip uninstall "
+                        "kernels): using the PyTorch reference",
+                        "WHETSTONE_KERNELS=triton, but Triton or Whetstone's kernels do not "
+                        "import: using the PyTorch reference"], said
+    finally:
+        monkeypatch.undo()
+        ops.triton_available.cache_clear()
+        ops._forced_but_unusable.cache_clear()
+    assert ops.triton_available()  # ours again
