@@ -199,24 +199,10 @@ def all_gather_object(obj) -> list:
 
 
 def all_gather_rows(t: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's tensor (any number of rows on dim 0; the same trailing shape and dtype on
-    every rank), in rank order, on every rank, bit for bit. Through the gloo CPU group whatever
-    the backend (small data: a copy to the CPU is cheaper than a second NCCL call), padded to
-    the longest rank's rows since all_gather wants equal sizes. In one process: [t]."""
-    if _world == 1:
-        return [t]
-    t = t.detach().cpu().contiguous()
-    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(_world)]
-    tdist.all_gather(counts, torch.tensor([len(t)]), group=_cpu_group)
-    counts = [int(c) for c in counts]
-    longest = max(counts)
-    if longest == 0:
-        return [t] * _world
-    padded = t.new_zeros((longest, *t.shape[1:]))
-    padded[:len(t)] = t
-    every = [torch.empty_like(padded) for _ in range(_world)]
-    tdist.all_gather(every, padded, group=_cpu_group)
-    return [e[:c] for e, c in zip(every, counts)]
+    """Every rank's tensor (any number of rows), in rank order, on every rank, bit for bit, on
+    the CPU. For small data (pickled through all_gather_object's gloo group whatever the
+    backend): no padding to equal sizes, no second NCCL call. In one process: [t]."""
+    return all_gather_object(t.detach().cpu()) if _world > 1 else [t]
 
 
 def check_same_flags(flags: dict) -> None:
@@ -225,9 +211,7 @@ def check_same_flags(flags: dict) -> None:
     several machines would otherwise train inconsistent replicas or hang)."""
     if _world == 1:
         return
-    mine = {k: v for k, v in sorted(flags.items()) if k not in PER_RANK_FLAGS}
-    every = [None] * _world
-    tdist.all_gather_object(every, mine, group=_cpu_group)
+    every = all_gather_object({k: v for k, v in sorted(flags.items()) if k not in PER_RANK_FLAGS})
     for r, theirs in enumerate(every):
         for k in sorted(set(every[0]) | set(theirs)):
             if theirs.get(k) != every[0].get(k):

@@ -263,27 +263,25 @@ def precompute_reference(model, data: PreferenceSet, batch_size: int, device, au
     round's W batches (every rank's), so it ends at len(data) when the ranks keep pace."""
     from engine import distributed
     W, me, n = distributed.world_size(), distributed.rank(), len(data)
-    starts = list(range(0, n, batch_size))  # every batch's first pair
+    batches = [list(range(b, min(b + batch_size, n))) for b in range(0, n, batch_size)]
     mine = []  # this rank's batches' (B, 2) chosen, rejected
     was_training = model.training
     model.eval()
     try:
-        for k in range(me, len(starts), W):
-            idx = list(range(starts[k], min(starts[k] + batch_size, n)))
+        for k in range(me, len(batches), W):
+            idx = batches[k]
             x, y = data.collate(idx, device)                                # (2B, T)
             with autocast_ctx:
                 logps = sequence_logps(model, x, y).float()                 # (2B,)
             mine.append(logps.view(2, len(idx)).T.cpu())                    # (B, 2)
-            if bar is not None:
-                first = starts[k - me]  # the round's first pair
-                bar.update(min(n, first + W * batch_size) - first)
+            if bar is not None:  # the pairs of this round's W batches
+                bar.update(sum(map(len, batches[k - me:k - me + W])))
     finally:
         model.train(was_training)
     parts = distributed.all_gather_rows(torch.cat(mine) if mine else torch.zeros(0, 2))
     got = {}
     for r, part in enumerate(parts):  # rank r's pairs, in the order it computed them
-        pairs = [i for k in range(r, len(starts), W)
-                 for i in range(starts[k], min(starts[k] + batch_size, n))]
+        pairs = [i for idx in batches[r::W] for i in idx]
         got.update(zip(pairs, map(tuple, part.tolist())))
     data.ref.update(sorted(got.items()))
 

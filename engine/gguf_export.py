@@ -227,11 +227,12 @@ def check_tokenizer(tok) -> None:
 
 
 def write_tokenizer_metadata(w, tok, n_rows: int) -> None:
-    """tokenizer.ggml.* keys built from one of our tokenizers (what tokenizer/ reads back).
+    """tokenizer.ggml.* keys built from one of our tokenizers, checked by check_tokenizer (what
+    tokenizer/ reads back).
     llama.cpp wants a token per embedding row: ids without a token (a gap, or rows past the
     tokenizer's vocab) become "[PAD{i}]" of type UNUSED, as convert_hf_to_gguf.py writes them."""
     from tokenizer.bpe import ByteLevelBPETokenizer
-    from tokenizer.spm import SentencePieceTokenizer, spm_piece_types
+    from tokenizer.spm import spm_piece_types
     n = n_rows
     if isinstance(tok, ByteLevelBPETokenizer):
         kinds = {t["id"]: 3 if t["special"] else 4 for t in tok.added_tokens}
@@ -240,7 +241,7 @@ def write_tokenizer_metadata(w, tok, n_rows: int) -> None:
         w.add_token_list([tok.id_to_tok.get(i, f"[PAD{i}]") for i in range(n)])
         w.add_token_types([kinds.get(i, 1) if i in tok.id_to_tok else 5 for i in range(n)])
         w.add_token_merges([f"{a} {b}" for a, b in tok.merges])
-    elif isinstance(tok, SentencePieceTokenizer):
+    else:  # a SentencePieceTokenizer: check_tokenizer refused the rest
         # As convert_hf_to_gguf.py's _set_vocab_sentencepiece: the model's pieces, then HF's
         # added tokens over them (score -1000, CONTROL if special, else USER_DEFINED), ids
         # without a token as "[PAD{i}]" UNUSED. An added token that only reuses a piece of the
@@ -265,8 +266,6 @@ def write_tokenizer_metadata(w, tok, n_rows: int) -> None:
         # turns the prefix off. (llama.cpp has no Metaspace "first" / "always": those export as
         # the sentencepiece rule, equal except after special tokens and before leading spaces.)
         w.add_add_space_prefix(tok.prefix != "never")
-    else:
-        raise ValueError(f"no GGUF form for a {type(tok).__name__}")
     for key, tid in (("bos", tok.bos_id), ("eos", tok.eos_id), ("unk", tok.unk_id),
                      ("pad", tok.pad_id)):
         if tid is not None:

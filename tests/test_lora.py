@@ -44,6 +44,17 @@ def _max_diff(a, b):
     return (a - b).abs().max().item()
 
 
+def _peft_logits(hf_base, path: str) -> torch.Tensor:
+    """Logits of _ids() from hf_base with PEFT's load of the adapter at `path` (unloaded after)."""
+    from peft import PeftModel
+    pm = PeftModel.from_pretrained(hf_base, path).eval()
+    try:
+        with torch.no_grad():
+            return pm(_ids()).logits
+    finally:
+        pm.unload()
+
+
 @pytest.mark.parametrize("kw", [{}, {"dora": True}, {"rslora": True, "dropout": 0.1}])
 def test_zero_b_leaves_outputs_unchanged(kw):
     m = _model()
@@ -725,7 +736,6 @@ def test_modules_to_save_survive_save_adapter(tmp_path, tied, module):
 def test_combined_regex_targets_stay_a_regex_for_peft(hf_base, tmp_path):
     """PEFT reads a regex only as a string: a combined adapter of regex-targeted ones wrote
     ['.*\\.(q_proj|down_proj)'], a list, which PEFT refused ('Target modules ... not found')."""
-    from peft import PeftModel
     regex = r".*\.(q_proj|down_proj)"
     for i in (1, 2):
         _peft_adapter(hf_base, tmp_path / f"a{i}", r=4, lora_alpha=8, target_modules=regex)
@@ -735,12 +745,8 @@ def test_combined_regex_targets_stay_a_regex_for_peft(hf_base, tmp_path):
     combined.save(str(tmp_path / "c"))
     ours = _ours_from(hf_base)
     load_adapter(ours, combined)
-    pm = PeftModel.from_pretrained(hf_base, str(tmp_path / "c")).eval()
-    try:
-        with torch.no_grad():
-            assert _max_diff(pm(_ids()).logits, ours(_ids())) < 1e-4
-    finally:
-        pm.unload()
+    with torch.no_grad():
+        assert _max_diff(_peft_logits(hf_base, str(tmp_path / "c")), ours(_ids())) < 1e-4
     ads[1].config["target_modules"] = ["q_proj", "down_proj"]   # a mix: the exact modules
     assert combine_adapters(ads, [1, 1]).config["target_modules"] == ads[0].modules()
 
@@ -843,7 +849,7 @@ def test_adapter_on_a_bf16_base_keeps_fp32_weights_as_peft(tmp_path, dora):
 def test_combining_adapters_on_different_modules_matches_peft(hf_base, tmp_path):
     """PEFT's add_weighted_adapter takes adapters on different modules (each module sums the
     adapters that have it; cat pads with zeros); we refused 'adapters cover different modules'."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
     torch.manual_seed(9)
     pm = get_peft_model(hf_base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
                                             init_lora_weights=False), adapter_name="x1")
@@ -873,12 +879,7 @@ def test_combining_adapters_on_different_modules_matches_peft(hf_base, tmp_path)
             ref = pm(_ids()).logits
     finally:
         pm.unload()
-    reloaded = PeftModel.from_pretrained(hf_base, str(tmp_path / "svd")).eval()
-    try:
-        with torch.no_grad():
-            assert _max_diff(reloaded(_ids()).logits, ref) < 1e-4
-    finally:
-        reloaded.unload()
+    assert _max_diff(_peft_logits(hf_base, str(tmp_path / "svd")), ref) < 1e-4
     # the first adapter's layer filter must not drop the second's modules in the saved config
     a1, a2 = _adapter(4, 8), _adapter(4, 8, seed=1)
     a1.config["layers_to_transform"] = [0]
@@ -892,7 +893,7 @@ def test_svd_rank_above_a_module_width_keeps_its_whole_sum_and_loads_in_peft(hf_
     triplets (its weighted sum exactly) zero-padded to rank 40, so one r fits every module; we
     refused 'svd rank 40 exceeds min(out, in) = 32'. PEFT loads the result to the logits of its
     own exact (cat) combination."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
     torch.manual_seed(11)
     pm = get_peft_model(hf_base, LoraConfig(r=40, lora_alpha=8, target_modules=["q_proj", "k_proj"],
                                             init_lora_weights=False), adapter_name="x1")
@@ -916,12 +917,7 @@ def test_svd_rank_above_a_module_width_keeps_its_whole_sum_and_loads_in_peft(hf_
             ref = pm(_ids()).logits
     finally:
         pm.unload()
-    reloaded = PeftModel.from_pretrained(hf_base, str(tmp_path / "svd")).eval()
-    try:
-        with torch.no_grad():
-            assert _max_diff(reloaded(_ids()).logits, ref) < 1e-4
-    finally:
-        reloaded.unload()
+    assert _max_diff(_peft_logits(hf_base, str(tmp_path / "svd")), ref) < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------
