@@ -96,6 +96,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.delimiter = " "
     if not os.path.exists(args.data):  # found now, not after loading the model
         p.error(f"--data {args.data}: no such file or directory")
+    if args.task != "choice" and tasks.holds_choice_items(args.data):  # else "line 1: no 'text'"
+        p.error(f"--data {args.data} holds multiple-choice items (context/choices/label): "
+                f"score them with --task choice")
+    if args.task == "choice" and args.data.endswith((".jsonl", ".json")):
+        from engine.sft import detect_format, records_name
+        try:  # text / SFT / preference data: "line 1: missing string 'context'" says too little
+            form = detect_format(args.data) if os.path.isfile(args.data) else None
+        except ValueError:  # choice items, or bad lines: load_choice_items names them
+            form = None
+        if form is not None:
+            use = {"text": "; score them with --task perplexity", "preference": ""}
+            name = "text records" if form == "text" else records_name(form)
+            p.error(f"--data {args.data} holds {name}: --task choice reads JSONL of "
+                    f"{{\"context\", \"choices\", \"label\"}}"
+                    + use.get(form, "; score them with --task response-loss"))
     if args.task == "perplexity":  # SFT data read as text: each line "expected ... 'text'"
         from engine.sft import records_not_text, records_name
         found = records_not_text(args.data)

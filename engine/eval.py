@@ -120,6 +120,22 @@ def _check_choice(obj) -> str | None:
     return None
 
 
+def holds_choice_items(path: str) -> bool:
+    """Whether a JSONL file's first JSON object is a multiple-choice item ('context' and
+    'choices'): data for --task choice, whatever task it was given to."""
+    if not os.path.isfile(path) or not path.endswith((".jsonl", ".json")):
+        return False
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                obj = json.loads(raw.decode("utf-8").lstrip("\ufeff"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(obj, dict):
+                return "context" in obj and "choices" in obj
+    return False
+
+
 def load_choice_items(path: str) -> list[ChoiceItem]:
     """{"context", "choices": [...], "label": index or the correct choice's text} per line.
     The first bad line raises ValueError("FILE:LINE: what is wrong")."""

@@ -502,6 +502,34 @@ def test_perplexity_on_sft_data_names_response_loss(tmp_path, capsys):
     assert eval_cli.parse_args(["--model", "m", "--data", chat, "--task", "response-loss"]).data == chat
 
 
+def test_task_given_data_of_another_task_names_the_task(tmp_path, capsys):
+    """Choice items given to --task perplexity / response-loss read "FILE:1: expected an object
+    with a string 'text' field" or "cannot tell the data format"; text / SFT / DPO records given
+    to --task choice read "FILE:1: missing string 'context'". Now, before the model loads, one
+    line naming what the file holds and the task that scores it."""
+    mc = write_jsonl(tmp_path / "mc.jsonl", ITEMS)
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "the sky is blue"}])
+    sft = write_jsonl(tmp_path / "i.jsonl", [{"instruction": "say hi", "output": "hi"}])
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    reads = '--task choice reads JSONL of {"context", "choices", "label"}'
+    for task, data, msg in [
+            ("perplexity", mc, f"--data {mc} holds multiple-choice items (context/choices/label): "
+                               "score them with --task choice"),
+            ("response-loss", mc, f"--data {mc} holds multiple-choice items (context/choices/label): "
+                                  "score them with --task choice"),
+            ("choice", text, f"--data {text} holds text records: {reads}; score them with --task "
+                             "perplexity"),
+            ("choice", sft, f"--data {sft} holds instruction records (SFT data): {reads}; score "
+                            "them with --task response-loss"),
+            ("choice", pairs, f"--data {pairs} holds preference (prompt/chosen/rejected) records "
+                              f"(DPO data): {reads}")]:
+        with pytest.raises(SystemExit) as e:
+            eval_cli.parse_args(["--model", "no-such-model", "--data", data, "--task", task])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].endswith(f"error: {msg} (see --help)"), err
+    assert eval_cli.parse_args(["--model", "m", "--data", mc, "--task", "choice"]).data == mc
+
+
 def test_cli_device_and_bad_values_one_line(tmp_path, capsys, monkeypatch):
     """No traceback for --device cuda on a CPU-only machine, a --seq-len past the model's
     context (positions it never saw) or out-of-range --threads / --val-fraction / --dtype."""
