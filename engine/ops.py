@@ -127,11 +127,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # RoPE, rotate_half convention: dim i pairs with i + d/2
 # ---------------------------------------------------------------------------------------------
+def _rope_table(c: torch.Tensor, x: torch.Tensor) -> bool:
+    if x.dim() != 4 or c.shape[-2:] != x.shape[-2:]:
+        return False
+    return c.dim() == 2 or (c.dim() == 4 and c.shape[1] == 1 and c.shape[0] in (1, x.shape[0]))
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, H, T, D); cos, sin: (T, D), or (B, 1, T, D) for per-row positions (both halves
     repeated). Returns a new tensor."""
-    # both tables (T, D): per-row (B, 1, T, D) ones, in either, take PyTorch
-    if cos.dim() == sin.dim() == 2 and _kernel_dtypes(x, cos, sin) and _use_triton(x):
+    # the kernel reads each table as (T, D) or (B|1, 1, T, D) with its own batch stride
+    # (per-row tables: packed sequences' position_ids); other broadcasts take PyTorch
+    if _rope_table(cos, x) and _rope_table(sin, x) and _kernel_dtypes(x, cos, sin) and \
+            _use_triton(x):
         from kernels.rope import apply_rope as k
         return k(x, cos, sin)
     d = x.shape[-1] // 2

@@ -91,17 +91,23 @@ def test_fp64_nf4_linear_takes_the_pytorch_path(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_rope_with_one_per_row_table_takes_the_pytorch_path(device):
-    """A (T, D) table with a per-row (B, 1, T, D) one, either way round, takes the PyTorch
-    path (cos (T, D) with sin (B, 1, T, D) ran the kernel, which used batch 0's sin)."""
-    x = torch.randn(2, 3, 5, 16, device=device)
-    one, rows = torch.randn(5, 16, device=device), torch.randn(2, 1, 5, 16, device=device)
-    for cos, sin in ((one, rows), (rows, one)):
-        with ops.use_kernels("torch"):
-            ref = ops.apply_rope(x, cos, sin)
-        with ops.use_kernels("triton"):
-            out = ops.apply_rope(x, cos, sin)
-        assert torch.equal(out, ref), (tuple(cos.shape), tuple(sin.shape))
+def test_rope_with_per_row_tables_runs_the_kernel(device):
+    """Per-row (B, 1, T, D) tables (packed sequences' position_ids), alone or with a shared
+    (T, D) / (1, 1, T, D) one either way round, run the kernel (each table has its own batch
+    stride) and match PyTorch, gradient included; tables of other shapes (broadcast over heads
+    or over T) take PyTorch."""
+    B, H, T, D = 2, 3, 5, 16
+    one, rows = torch.randn(T, D, device=device), torch.randn(B, 1, T, D, device=device)
+    x = torch.randn(B, H, T, D, device=device, requires_grad=True)
+    for cos, sin in ((rows, rows.flip(0)), (one, rows), (rows, one), (one[None, None], rows)):
+        (y_ref, (g_ref,), _), (y, (g,), name) = both(ops.apply_rope, x, cos, sin)
+        shapes = (tuple(cos.shape), tuple(sin.shape))
+        assert name == "RoPEFunctionBackward", shapes
+        assert_close(y, y_ref, TOL, f"y {shapes}")
+        assert_close(g, g_ref, TOL, f"dx {shapes}")
+    per_head = torch.randn(B, H, T, D, device=device)  # a (B, H, T, D) table: PyTorch broadcasts
+    (y_ref, _, _), (y, _, name) = both(ops.apply_rope, x, per_head, per_head)
+    assert "RoPE" not in name and torch.equal(y, y_ref)
 
 
 @pytest.mark.parametrize("device", DEVICES)
