@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--stop", action="append", default=[], metavar="STRING", type=unescape,
       help="stop when this text appears (repeatable); it is trimmed from the output. \\n, \\t, "
            "\\r and \\\\ are escapes: --stop '\\n\\n' stops at a blank line")
+    a("--keep-special-tokens", action="store_true",
+      help="print the special tokens the model emits (e.g. <|im_start|>); hidden by default")
     a("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
       help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)")
@@ -176,7 +178,8 @@ def run_once(model, tok, prompt_ids, stop_ids, args, gen, echo: str = "") -> lis
     if args.beams > 1:
         res = beam_search(model, prompt_ids, args.beams, args.max_new_tokens, args.length_penalty,
                           stop_ids, stop_strings=args.stop, tokenizer=tok,
-                          repetition_penalty=args.repetition_penalty)
+                          repetition_penalty=args.repetition_penalty,
+                          skip_special_tokens=not args.keep_special_tokens)
         out(echo + res.texts[0] + "\n")
         texts = res.texts[:1]
     else:
@@ -187,7 +190,8 @@ def run_once(model, tok, prompt_ids, stop_ids, args, gen, echo: str = "") -> lis
                        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                        repetition_penalty=args.repetition_penalty, stop_ids=stop_ids,
                        stop_strings=args.stop, generator=gen, num_samples=args.num_samples,
-                       tokenizer=tok, stream=(lambda row, text: out(text)) if single else None)
+                       tokenizer=tok, stream=(lambda row, text: out(text)) if single else None,
+                       skip_special_tokens=not args.keep_special_tokens)
         if single:  # the text was streamed
             out("\n")
         for i, text in enumerate(res.texts if not single else []):

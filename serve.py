@@ -16,7 +16,9 @@ tool_choice "auto" (the default when tools are given) Hermes-style <tool_call>{"
 "arguments": {...}}</tool_call> blocks in the answer (Qwen2.5, Hermes 2 Pro / 3, models tuned
 on that format) come back as message.tool_calls with finish_reason "tool_calls", streamed or
 not, as vLLM's `--enable-auto-tool-choice --tool-call-parser hermes` does; "none" leaves them
-as text; "required" and named functions are refused (no guided decoding).
+as text; "required" and named functions are refused (no guided decoding). Special tokens the
+model generates mid-answer (e.g. <|im_start|>) are left out of the text, as vLLM does; a request
+with "skip_special_tokens": false (vLLM's field) gets them.
 """
 from __future__ import annotations
 

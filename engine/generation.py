@@ -12,7 +12,9 @@ finished hypotheses are kept, the cache follows its beams through `KVCache.reord
 Stop handling: stop ids (EOS, a chat template's end-of-turn) end a sequence and are not part of
 its output; stop strings are matched on the decoded text and trimmed from it. While streaming,
 text that could be the start of a stop string is held back until it is known not to be one, so
-the streamed text always equals the final text.
+the streamed text always equals the final text. Special tokens the model emits mid-output
+(`<|im_start|>`, an `<|endoftext|>` that is not a stop id) have no text by default, as HF's
+decode(skip_special_tokens=True) and vLLM's default; skip_special_tokens=False keeps them.
 """
 from __future__ import annotations
 
@@ -205,12 +207,22 @@ class StreamEvent(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 # Text side of one sequence: incremental UTF-8, stop strings, hold-back for streaming
 # ---------------------------------------------------------------------------------------------
+def special_ids(tok: Tokenizer, keep: Iterable[str] = ()) -> frozenset[int]:
+    """Ids of the tokenizer's special (control) tokens, less those whose text is in `keep`: what
+    skip_special_tokens hides from generated text."""
+    return frozenset(i for s, i in tok.special_tokens.items() if s not in keep)
+
+
 class StopStringStream:
     """Feeds ids to a StreamDecoder, finds stop strings in the text, and releases only text that
-    cannot turn out to be the start of a stop string."""
+    cannot turn out to be the start of a stop string. Ids in `hide` (special tokens) add no text:
+    dropping them before decoding is HF's decode(skip_special_tokens=True); one whose text holds
+    a stop string stops the text before it, as it did when shown."""
 
-    def __init__(self, tok: Tokenizer, stop_strings: Sequence[str], prefix_ids: list[int] = ()):
+    def __init__(self, tok: Tokenizer, stop_strings: Sequence[str], prefix_ids: list[int] = (),
+                 hide: Iterable[int] = ()):
         self.dec = StreamDecoder(tok, list(prefix_ids))
+        self.hide = frozenset(hide)
         self.stops = [s for s in stop_strings if s]
         self.tables = [_kmp_table(s) for s in self.stops]
         # per stop string: how many of its first characters the text ends with (KMP's state),
@@ -223,6 +235,13 @@ class StopStringStream:
     def push(self, token_id: int) -> str:
         if self.stopped:
             return ""
+        if token_id in self.hide:
+            # one whose own text holds a stop string (stop=["<|im_start|>"]) still stops there
+            if not any(s in self.dec.tok.decode([token_id]) for s in self.stops):
+                return ""
+            out = self._advance(self.dec.flush(), final=True)
+            self.stopped = True
+            return out
         return self._advance(self.dec.push(token_id), final=False)
 
     def finish(self) -> str:
@@ -346,7 +365,8 @@ def iter_generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor,
                   stop_ids: Iterable[int] = (), stop_strings: Sequence[str] = (),
                   generator: torch.Generator | None = None, num_samples: int = 1,
                   tokenizer: Tokenizer | None = None, vocab_size: int | None = None, *,
-                  min_p: float | None = None) -> Iterator[StreamEvent]:
+                  min_p: float | None = None, skip_special_tokens: bool = True
+                  ) -> Iterator[StreamEvent]:
     """Generator version of `generate`: yields a StreamEvent per token and row, then returns the
     GenerationResult (as StopIteration.value). See `generate` for the arguments."""
     check_sampling_args(temperature, top_k, top_p, repetition_penalty, min_p)
@@ -376,7 +396,8 @@ def iter_generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor,
         cache.reorder(torch.zeros(B, dtype=torch.long, device=device))
         logits = logits.expand(B, -1)
 
-    streams = ([StopStringStream(tokenizer, stop_strings, ids[-4:]) for _ in range(B)]
+    hide = special_ids(tokenizer) if tokenizer is not None and skip_special_tokens else ()
+    streams = ([StopStringStream(tokenizer, stop_strings, ids[-4:], hide) for _ in range(B)]
                if tokenizer is not None else None)
     out: list[list[int]] = [[] for _ in range(B)]
     reasons: list[str | None] = [None] * B
@@ -420,7 +441,8 @@ def generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, max_n
              stop_strings: Sequence[str] = (), generator: torch.Generator | None = None,
              num_samples: int = 1, tokenizer: Tokenizer | None = None,
              stream: Callable[[int, str], None] | None = None,
-             vocab_size: int | None = None, *, min_p: float | None = None) -> GenerationResult:
+             vocab_size: int | None = None, *, min_p: float | None = None,
+             skip_special_tokens: bool = True) -> GenerationResult:
     """Sample `num_samples` continuations of one prompt (a batch sharing one prefill).
 
     prompt_ids: list of ids or a 1-D (or 1 x T) tensor. temperature 0 = greedy. top_k >= 1,
@@ -428,7 +450,7 @@ def generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, max_n
     at a stop id, a stop string (needs `tokenizer`) or after max_new_tokens. `generator`
     (torch.Generator on the model's device) makes sampling reproducible: same seed, same tokens.
     `stream(row, text)` is called with each piece of finished text (complete UTF-8 characters,
-    stop strings held back).
+    stop strings held back); special tokens have no text unless skip_special_tokens=False.
     Only ids below `vocab_size` (default: the tokenizer's vocab_size) are ever generated: a
     model may have more embedding rows than its tokenizer has tokens.
     A prompt + max_new_tokens past the model's context (max_position_embeddings) is fitted with
@@ -437,7 +459,8 @@ def generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, max_n
     """
     it = iter_generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p,
                        repetition_penalty, stop_ids, stop_strings, generator, num_samples,
-                       tokenizer, vocab_size=vocab_size, min_p=min_p)
+                       tokenizer, vocab_size=vocab_size, min_p=min_p,
+                       skip_special_tokens=skip_special_tokens)
     while True:
         try:
             ev = next(it)
@@ -505,7 +528,8 @@ def beam_search(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, nu
                 max_new_tokens: int, length_penalty: float = 1.0, stop_ids: Iterable[int] = (),
                 early_stopping: bool = False, stop_strings: Sequence[str] = (),
                 tokenizer: Tokenizer | None = None, repetition_penalty: float = 1.0,
-                vocab_size: int | None = None) -> GenerationResult:
+                vocab_size: int | None = None, skip_special_tokens: bool = True
+                ) -> GenerationResult:
     """Beam search (HF BeamSearchScorer semantics). Returns up to num_beams hypotheses, best first.
 
     A hypothesis' score is sum(logprob of its new tokens) / len ** length_penalty, where len
@@ -610,11 +634,11 @@ def beam_search(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, nu
     stats.new_tokens = len(tokens[0]) if tokens else 0
     texts = None
     if tokenizer is not None:
-        texts = []
+        texts, hide = [], special_ids(tokenizer) if skip_special_tokens else ()
         for r, toks in enumerate(tokens):
             # decoded after the prompt's last ids, as the sampling path streams it: SentencePiece
             # keeps the new text's leading space only with context before it
-            stream = StopStringStream(tokenizer, stop_strings, ids[-4:])
+            stream = StopStringStream(tokenizer, stop_strings, ids[-4:], hide)
             for t in toks:
                 stream.push(t)
             stream.finish()

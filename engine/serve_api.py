@@ -9,6 +9,10 @@ Follows the OpenAI API shapes as llama.cpp's tools/server and vLLM's entrypoints
 Usage counts: prompt_tokens once per prompt (not per choice); completion_tokens are the output
 tokens, without the stop id that ended a choice (as engine.generation counts them).
 
+Special tokens the model generates mid-output (`<|im_start|>`, an `<|endoftext|>` that is not a
+stop id) are not part of the text, streamed or not, as vLLM's default; the request field
+`skip_special_tokens: false` (vLLM's) keeps them. Tool-call parsing keeps its markers.
+
 Tool calling (chat), as vLLM's `--enable-auto-tool-choice --tool-call-parser hermes` and
 llama.cpp's server do it for Hermes-style models (Qwen2.5, Hermes 2 Pro / 3, models tuned on it):
 `tools` reach the model's chat template (a template that ignores them is a 400, not a silent
@@ -52,7 +56,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from engine.serve_engine import Engine, GenRequest, SamplingParams, TokenLogprob, TokenPieces
-from engine.tool_calls import ToolCallParser
+from engine.tool_calls import END as TOOL_END, START as TOOL_START, ToolCallParser
 from tokenizer.chat import chat_templates_of, render_chat, select_chat_template
 
 # =============================================================================================
@@ -101,6 +105,7 @@ class Job:
     logprobs: int | None = None  # None: off; k: top_logprobs (chat) / logprobs (completions)
     echo_texts: list[str] | None = None  # completions with echo: each prompt's text
     pieces: TokenPieces | None = None  # id -> (token text, bytes) for logprobs
+    hidden: frozenset[int] = frozenset()  # ids without text in the output (text_offset)
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -204,6 +209,10 @@ class API:
         params = self._params(body, kind, max(len(p) for p in prompts), echo)
         params.logprobs = logprobs
         params.prompt_logprobs = logprobs if echo else None
+        # vLLM's extra field: special tokens generated mid-output are hidden unless it is false;
+        # a tool parser still sees its markers (special tokens in some models, e.g. Hermes 2 Pro)
+        params.skip_special_tokens = _typed(body, "skip_special_tokens", "bool", True)
+        params.keep_special = (TOOL_START, TOOL_END) if parse_tools else ()
         echo_texts = None
         if echo:  # the prompt as the client wrote it; ids as their text
             given = body["prompt"]
@@ -220,7 +229,8 @@ class API:
             raise _bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
         return Job(kind, model, adapter, prompts, params, n, stream,
                    bool(opts and opts.get("include_usage")), parse_tools, max_calls, logprobs,
-                   echo_texts, self.pieces if logprobs is not None else None)
+                   echo_texts, self.pieces if logprobs is not None else None,
+                   self.engine.hidden_ids(params))
 
     def _params(self, body: dict, kind: str, prompt_len: int, echo: bool = False) -> SamplingParams:
         ctx = self.engine.max_len
@@ -494,6 +504,7 @@ class _Logprobs:
 
     def __init__(self, job: Job, offset: int):
         self.chat, self.k, self.pieces = job.kind == "chat", job.logprobs, job.pieces
+        self.hidden = job.hidden
         self.entries: list = []  # chat: token dicts; completions: (token, logprob, top, offset)
         self.sent = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -511,7 +522,8 @@ class _Logprobs:
             return
         self.entries.append(self._completion_entry(e.id, e, self._chars))
         # characters the token adds to the text; an incomplete character counts when complete
-        self._chars += len(self._decoder.decode(self.pieces(e.id)[1]))
+        if e.id not in self.hidden:  # a hidden special token adds none
+            self._chars += len(self._decoder.decode(self.pieces(e.id)[1]))
 
     def add_prompt(self, prompt: list[int], scores: list[TokenLogprob | None]) -> None:
         """Echo: the prompt's entries come first, their offsets from the start of the text."""

@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 
 from engine.generation import (StopStringStream, apply_repetition_penalty, mask_past_vocab,
-                               sample)
+                               sample, special_ids)
 from engine.metrics import Registry
 from tokenizer.base import read_tokenizer_config
 from tokenizer.chat import chat_templates_of
@@ -349,6 +349,10 @@ class SamplingParams:
     # None: off; k >= 0: the same for every prompt token (the API's echo). With max_tokens 0 the
     # request only scores its prompts.
     prompt_logprobs: int | None = None
+    # special tokens generated mid-output have no text (vLLM's default), except those in
+    # keep_special (the tool-call markers, when a tool parser reads them)
+    skip_special_tokens: bool = True
+    keep_special: tuple[str, ...] = ()
 
 
 class GenRequest:
@@ -388,7 +392,7 @@ class Sequence:
         self.length = 0  # positions in the KV cache
         self.sampled = 0  # tokens sampled (a stop id included)
         self.completion_tokens = 0  # tokens of the output (no stop id)
-        self.stream = StopStringStream(engine.tok, p.stop, prompt[-4:])
+        self.stream = StopStringStream(engine.tok, p.stop, prompt[-4:], engine.hidden_ids(p))
         seed = (p.seed + index if p.seed is not None else secrets.randbits(63)) % (1 << 63)
         self.generator = torch.Generator(device=engine.device)
         self.generator.manual_seed(seed)
@@ -428,6 +432,7 @@ class Engine:
         self.max_len = min(ctx, max_model_len) if max_model_len else ctx
         self.max_batch, self.max_queue = max_batch, max_queue
         self.stop_ids = set(tokenizer.stop_ids)
+        self._hidden: dict[tuple[str, ...], frozenset[int]] = {}  # hidden_ids' cache
         # Embedding rows past the tokenizer's vocabulary (padding) are never sampled: no text.
         self.n_vocab = min(model.config.vocab_size, tokenizer.vocab_size)
         self.adapters = dict(adapters or {})
@@ -474,6 +479,16 @@ class Engine:
     @property
     def model_names(self) -> list[str]:
         return [self.name] + list(self.adapters)
+
+    def hidden_ids(self, p: SamplingParams) -> frozenset[int]:
+        """The ids that add no text to a request's output (its special tokens, unless it keeps
+        them)."""
+        if not p.skip_special_tokens:
+            return frozenset()
+        key = tuple(p.keep_special)
+        if key not in self._hidden:
+            self._hidden[key] = special_ids(self.tok, key)
+        return self._hidden[key]
 
     # -- requests -----------------------------------------------------------------------------
     def submit(self, req: GenRequest) -> None:

@@ -1266,3 +1266,45 @@ def test_prompts_never_end_in_the_tokenizers_eos():
     api = API(SimpleNamespace(tok=tok))
     for ids in (encode_prompt(tok, "hi"), api._encode("hi")):
         assert ids == [256, 104, 105]
+
+
+def test_cli_hides_special_tokens_unless_kept(tmp_path, capsys, monkeypatch):
+    """A special token generated mid-answer (here <|im_start|>, not a stop id) has no text, as
+    HF's decode(skip_special_tokens=True) and vLLM's default; --keep-special-tokens prints it.
+    It used to be printed always."""
+    chain = [10] + list(b"Pa") + [257] + list(b"ris") + [258]
+    bigram_checkpoint(tmp_path / "bigram", chain)
+    for extra, want in (([], "Paris\n"), (["--keep-special-tokens"], "Pa<|im_start|>ris\n"),
+                        (["--beams", "2"], "Paris\n")):
+        rc, out, err = cli_in_process(["--checkpoint", str(tmp_path / "bigram"), "--chat", "hi",
+                                       "--temperature", "0", "--quiet", *extra],
+                                      capsys, monkeypatch)
+        assert rc == 0 and out == want, (extra, out, err)
+    rc, out, err = cli_in_process(["--checkpoint", str(tmp_path / "bigram"), "--chat", "hi",
+                                   "--temperature", "0", "--quiet", "--num-samples", "2"],
+                                  capsys, monkeypatch)
+    assert out == "Paris\n" + "-" * 40 + "\nParis\n"
+
+
+def test_hidden_special_tokens_match_decode_skip_special():
+    """generate()'s text is the tokenizer's decode(ids, skip_special=True), streamed pieces
+    included; a stop string spanning a hidden special token still stops (as vLLM matches stop
+    strings on the detokenized text), and so does a hidden token whose text is a stop string
+    (stop=["<|im_start|>"] stopped there while special tokens were shown)."""
+    tok = byte_bpe_tokenizer()
+    script = list(b"ab") + [257] + list(b"c") + [256, 257] + list(b"d!") + [258]
+    for skip in (True, False):
+        pieces = []
+        res = generate(ScriptedModel(script, vocab=259), [1, 2], 20, temperature=0,
+                       stop_ids=[258], tokenizer=tok, skip_special_tokens=skip,
+                       stream=lambda r, t: pieces.append(t))
+        want = tok.decode(script[:-1], skip_special=skip)
+        assert res.texts == [want] and "".join(pieces) == want
+        assert res.tokens[0] == script[:-1]
+    for stops in (["cd"], ["bz", "<|im_start|>"]):  # a hidden token still stops as its text
+        pieces = []
+        res = generate(ScriptedModel(script, vocab=259), [1, 2], 20, temperature=0,
+                       stop_ids=[258], tokenizer=tok, stop_strings=stops,
+                       stream=lambda r, t: pieces.append(t))
+        assert res.texts == ["ab"] and "".join(pieces) == "ab"
+        assert res.finish_reasons == ["stop_string"]

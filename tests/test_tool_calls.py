@@ -398,3 +398,85 @@ def test_openai_client_reads_tool_calls(scripted):
 
         with pytest.raises(openai.BadRequestError, match="guided decoding"):
             client.chat.completions.create(**kw, tool_choice="required")
+
+
+# ---------------------------------------------------------------------------------------------
+# Special tokens generated mid-output: hidden (vLLM's skip_special_tokens), tool markers kept
+# ---------------------------------------------------------------------------------------------
+def hermes_tok():
+    """byte_tok with <tool_call> / </tool_call> as special tokens 259, 260 (as in Hermes 2 Pro,
+    where a tool parser that skipped special tokens would never see a call)."""
+    tok = byte_tok()
+    added = [*tok.added_tokens, {"id": 259, "content": "<tool_call>"},
+             {"id": 260, "content": "</tool_call>"}]
+    from tokenizer.bpe import ByteLevelBPETokenizer
+    return ByteLevelBPETokenizer(tok.vocab, [], pre_tokenizer="gpt-2", added_tokens=added,
+                                 eos_id=256, chat_template=QWEN25)
+
+
+def test_special_tokens_are_hidden_and_tool_markers_still_parsed(monkeypatch):
+    """<|im_start|> generated mid-answer used to come back as text; now it is hidden (streamed
+    deltas too, and completions' text_offset skips it) unless skip_special_tokens is false, and
+    special <tool_call> markers still become tool_calls."""
+    http = pytest.importorskip("http.client")
+    tok = hermes_tok()
+    scripts = {1: "Sure<|im_start|>.\n" + PARIS, 2: "ab<|im_start|>c"}
+    assert 257 in tok.encode(scripts[1], add_bos=False) and 259 in tok.encode(scripts[1])
+    state = {}
+
+    def fake_sample(logits, temperature, top_k, top_p, generator, min_p=None):
+        ids = state.setdefault(generator, tok.encode(scripts[generator.initial_seed()],
+                                                     add_bos=False, add_eos=False) + [258])
+        return ids.pop(0)
+    monkeypatch.setattr(serve_engine, "sample", fake_sample)
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=261, max_position_embeddings=2048))
+    engine = Engine(model, tok, "hermes", registry=Registry())
+
+    with ServerThread(engine, port=0) as srv:
+        def post(path, body):
+            conn = http.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+            conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+            r = conn.getresponse()
+            text = r.read().decode()
+            conn.close()
+            if not body.get("stream") or r.status != 200:
+                return r.status, json.loads(text)
+            return r.status, [json.loads(line[6:]) for line in text.split("\n")
+                              if line.startswith("data: {")]
+
+        def chat(**kw):
+            body = {"messages": USER, "tools": [WEATHER], "seed": 1, **kw}
+            _, resp = post("/v1/chat/completions", body)
+            _, chunks = post("/v1/chat/completions", {**body, "stream": True})
+            merged = merge_stream(chunks, 1)[0]
+            msg = resp["choices"][0]["message"]
+            assert merged["content"] == (msg["content"] or "")
+            assert [c["arguments"] for c in merged["tool_calls"].values()] == [
+                c["function"]["arguments"] for c in msg.get("tool_calls", [])]
+            return msg
+
+        msg = chat()
+        assert msg["content"] == "Sure."
+        assert [c["function"]["arguments"] for c in msg["tool_calls"]] == ['{"city": "Paris"}']
+        assert chat(skip_special_tokens=False)["content"] == "Sure<|im_start|>."
+        # tool_choice "none": every special token hidden (the markers too, as vLLM)
+        assert chat(tool_choice="none")["content"] == "Sure.\n" + PARIS[len("<tool_call>"):
+                                                                        -len("</tool_call>")]
+        assert chat(tool_choice="none", skip_special_tokens=False)["content"] == scripts[1]
+
+        body = {"prompt": "x", "seed": 2, "logprobs": 0}
+        s, resp = post("/v1/completions", body)
+        choice = resp["choices"][0]
+        assert s == 200 and choice["text"] == "abc"
+        assert choice["logprobs"]["tokens"] == ["a", "b", "<|im_start|>", "c", "<|im_end|>"]
+        assert choice["logprobs"]["text_offset"][:4] == [0, 1, 2, 2]
+        _, chunks = post("/v1/completions", {**body, "stream": True})
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == "abc"
+        _, resp = post("/v1/completions", {**body, "skip_special_tokens": False})
+        assert resp["choices"][0]["text"] == "ab<|im_start|>c"
+        assert resp["choices"][0]["logprobs"]["text_offset"][:4] == [0, 1, 2, 14]
+        _, resp = post("/v1/completions", {**body, "stop": ["<|im_start|>"]})
+        assert (resp["choices"][0]["text"], resp["choices"][0]["finish_reason"]) == ("ab", "stop")
+        s, resp = post("/v1/completions", {**body, "skip_special_tokens": "no"})
+        assert s == 400 and resp["error"]["param"] == "skip_special_tokens"
