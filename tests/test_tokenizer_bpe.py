@@ -609,3 +609,68 @@ def test_tokenizer_json_not_an_object_is_one_line(tmp_path):
     tj["post_processor"] = ["not", "an", "object"]
     with pytest.raises(ValueError, match="tokenizer.json: post_processor is not an object"):
         _load_json(tmp_path, tj)
+
+
+def test_named_special_tokens_are_special_like_transformers(tmp_path):
+    """transformers 5 makes the tokens tokenizer_config.json names (eos_token, pad_token, ...)
+    special whatever tokenizer.json says: an eos added with special=false was kept in
+    decode(skip_special=True) and split out of untrusted text with parse_special=False; a
+    named plain vocab entry becomes a special added token."""
+    transformers = pytest.importorskip("transformers")
+    tj = _with_added(_letters_tokenizer_json(300, 400), ("<|im_end|>", {"special": False}),
+                     ("<tool>", {"special": False}))
+    plain = next(t for t in tj["model"]["vocab"] if len(t) > 2 and t.isalpha())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "pad_token": plain}))
+    ours, _ = _load_json(tmp_path, tj)
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert ours.special_tokens == {"<|im_end|>": ref.eos_token_id, plain: ref.pad_token_id}
+    for s in ["ab<|im_end|>c", f"x{plain}y <tool>", "<tool><|im_end|>"]:
+        ids = ours.encode(s)
+        assert ids == ref(s)["input_ids"], s
+        assert ours.encode(s, parse_special=False) == ref(s, split_special_tokens=True)["input_ids"]
+        assert ours.decode(ids, skip_special=True) == ref.decode(ids, skip_special_tokens=True)
+    assert ours.decode(ours.encode("a<|im_end|>"), skip_special=True) == "a"
+    # saved, they stay special
+    ours.save(str(tmp_path / "saved"))
+    assert load_tokenizer(str(tmp_path / "saved")).special_tokens == ours.special_tokens
+
+
+def test_special_token_of_a_wrong_type_is_one_line(tmp_path):
+    """eos_token given as a list raised TypeError: unhashable type: 'list'."""
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": ["</s>"]}))
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: eos_token must be a token "
+                                         r"string or an AddedToken object, got \['</s>'\]"):
+        _load_json(tmp_path, _letters_tokenizer_json(300, 400))
+
+
+def test_gguf_llama3_pre_tokenizers_ignore_merges_like_llamacpp(tmp_path):
+    """llama.cpp's LLAMA3 pre-type branch (llama-bpe, llama3, falcon3, ...) sets ignore_merges,
+    as Llama 3's tokenizer.json does: a piece that is a whole vocab token is that token even
+    where no merge sequence reaches it (it was BPE-merged into several); llama.cpp's other
+    names for the Llama 3 / Qwen2 regexes (falcon3, deepseek-r1-qwen, ...) were unknown."""
+    tj = _letters_tokenizer_json(300, 400)
+    vocab = tj["model"]["vocab"]
+    word = "abcdefghijabcdefghij"  # (the trainer never saw a 20-letter word)
+    assert word not in vocab
+    vocab[word] = len(vocab)
+    tokens = sorted(vocab, key=vocab.get)
+    fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
+              "tokenizer.ggml.merges": [" ".join(m) if isinstance(m, list) else m
+                                        for m in tj["model"]["merges"]],
+              "tokenizer.ggml.token_type": [1] * len(tokens), "tokenizer.ggml.add_bos_token": False}
+    tj["pre_tokenizer"] = PRE_TOKENIZERS["llama-bpe"]
+    refs = {}
+    for ignore in (True, False):
+        tj["model"]["ignore_merges"] = ignore
+        refs[ignore] = hf.Tokenizer.from_str(json.dumps(tj))
+    texts = [word, f"x {word} {word}y", "abc " * 5]
+    assert refs[True].encode(word).ids == [vocab[word]] != refs[False].encode(word).ids
+    for pre, ignore in (("llama-bpe", True), ("llama3", True), ("falcon3", True),
+                        ("gpt-2", False), ("qwen2", False), ("deepseek-r1-qwen", False)):
+        tok = from_gguf_metadata({**fields, "tokenizer.ggml.pre": pre})
+        assert tok.ignore_merges == ignore, pre
+        if pre in ("llama-bpe", "falcon3"):
+            for s in texts:
+                assert tok.encode(s) == refs[True].encode(s).ids, (pre, s)
+    assert PreTokenizer("deepseek-r1-qwen").config == PRE_TOKENIZERS["qwen2"]

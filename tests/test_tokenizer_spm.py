@@ -774,3 +774,30 @@ def test_bad_metaspace_is_one_line(llama_proto, tmp_path):
     d = _prefix_dir(llama_proto, tmp_path / "d", {}, tj)
     with pytest.raises(ValueError, match="tokenizer.json: unknown Metaspace prepend_scheme"):
         load_tokenizer(d)
+
+
+def test_named_special_tokens_are_special_like_transformers(llama_proto, tmp_path):
+    """transformers 5 makes the tokens tokenizer_config.json names special whatever
+    added_tokens_decoder or the model say: an eos_token added with special=false, or a named
+    normal piece, was split out of untrusted text with parse_special=False and kept by
+    decode(skip_special=True)."""
+    pytest.importorskip("google.protobuf")
+    transformers = pytest.importorskip("transformers")
+    sp = spm.SentencePieceProcessor(model_proto=llama_proto)
+    piece = next(sp.id_to_piece(i) for i in range(sp.get_piece_size())
+                 if len(sp.id_to_piece(i)) > 2 and sp.id_to_piece(i).isalpha())
+    d = _prefix_dir(llama_proto, tmp_path / "d", {"tokenizer_class": "LlamaTokenizer",
+                                                  "legacy": False, "eos_token": "<tool>",
+                                                  "pad_token": piece})
+    ours, ref = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(d)
+    assert (ours.eos_id, ours.pad_id) == (ref.eos_token_id, ref.pad_token_id) == \
+        (802, sp.piece_to_id(piece))
+    assert ours.special_tokens["<tool>"] == 802 and ours.special_tokens[piece] == ours.pad_id
+    for s in ["hi<tool> x", f"a {piece}<tool>", "<|im_start|>x<tool>"]:
+        ids = ours.encode(s)
+        assert ids == ref(s)["input_ids"], s
+        assert ours.encode(s, parse_special=False) == ref(s, split_special_tokens=True)["input_ids"]
+        assert ours.decode(ids, skip_special=True) == ref.decode(ids, skip_special_tokens=True)
+    assert 802 not in ours.encode("a<tool>", parse_special=False)
+    ours.save(str(tmp_path / "saved"))
+    assert load_tokenizer(str(tmp_path / "saved")).special_tokens == ours.special_tokens

@@ -230,13 +230,27 @@ def read_tokenizer_config(directory: str) -> dict:
     # Legacy directories (no added_tokens_decoder) may name their special tokens in
     # special_tokens_map.json; transformers lets those override tokenizer_config.json's.
     smap = os.path.join(directory, "special_tokens_map.json")
+    from_map: dict = {}
     if "added_tokens_decoder" not in cfg and os.path.isfile(smap):
         m = read_json_object(smap)
-        cfg.update((k, v) for k, v in m.items() if k in SPECIAL_TOKEN_KEYS and v)
+        from_map = {k: v for k, v in m.items() if k in SPECIAL_TOKEN_KEYS and v}
+        cfg.update(from_map)
     for key in SPECIAL_TOKEN_KEYS:
-        if isinstance(cfg.get(key), dict):  # old AddedToken form {"content": "<s>", ...}
-            cfg[key] = cfg[key].get("content")
+        value = cfg.get(key)
+        if isinstance(value, dict):  # old AddedToken form {"content": "<s>", ...}
+            value = cfg[key] = value.get("content")
+        if value is not None and not isinstance(value, str):  # e.g. a list: was a TypeError
+            raise ValueError(f"{smap if key in from_map else path}: {key} must be a token string "
+                             f"or an AddedToken object, got {value!r:.80}")
     return cfg
+
+
+def named_special_tokens(cfg: dict) -> list[str]:
+    """The token strings read_tokenizer_config's `cfg` names (bos_token, eos_token, ...): as in
+    transformers 5 (_post_init), each is a special token whatever tokenizer.json or
+    added_tokens_decoder say, so decode(skip_special) drops it and parse_special=False leaves
+    it as text."""
+    return [cfg[k] for k in SPECIAL_TOKEN_KEYS if cfg.get(k)]
 
 
 def gguf_chat_templates(fields: dict) -> dict[str, str]:

@@ -27,8 +27,8 @@ from functools import lru_cache
 import regex
 
 from tokenizer.base import AddedTokenMatcher, Tokenizer, atomic_write_text, check_text, \
-    gguf_chat_templates, read_json_object, read_tokenizer_config, template_specials, \
-    unpadded_length, write_tokenizer_config
+    gguf_chat_templates, named_special_tokens, read_json_object, read_tokenizer_config, \
+    template_specials, unpadded_length, write_tokenizer_config
 
 # GPT-2's pattern as Hugging Face's ByteLevel pre-tokenizer spells it (trailing `|\s+` included).
 BYTELEVEL_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -65,7 +65,10 @@ PRE_TOKENIZER_ALIASES = {
     "starcoder": "smollm", "refact": "smollm", "command-r": "smollm", "codeshell": "smollm",
     "exaone": "smollm", "minerva-7b": "smollm",
     "llama3": "llama-bpe", "dbrx": "llama-bpe", "smaug-bpe": "llama-bpe",
-    "stablelm2": "qwen2", "hunyuan": "qwen2",
+    "llama-v3": "llama-bpe", "falcon3": "llama-bpe", "falcon-h1": "llama-bpe",
+    "pixtral": "llama-bpe", "midm-2.0": "llama-bpe", "lfm2": "llama-bpe",
+    "stablelm2": "qwen2", "hunyuan": "qwen2", "deepseek-r1-qwen": "qwen2", "kormo": "qwen2",
+    "megrez": "qwen2",
 }
 
 
@@ -229,10 +232,11 @@ def _unicode_forms(config: dict | None) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 
-# Pre-tokenizers for which llama.cpp (llama-vocab.cpp, the LLAMA3 pre-type branch) adds BOS when
-# the file has no tokenizer.ggml.add_bos_token; any other BPE file adds none by default.
-GGUF_BOS_BY_DEFAULT = frozenset({"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1",
-                                 "pixtral", "midm-2.0", "lfm2"})
+# Pre-tokenizers of llama.cpp's LLAMA3 pre-type branch (llama-vocab.cpp): BOS when the file has
+# no tokenizer.ggml.add_bos_token (any other BPE file adds none by default), and ignore_merges
+# (a piece that is a whole token is that token, as Llama 3's tokenizer.json says too).
+GGUF_LLAMA3_PRE = frozenset({"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral",
+                             "midm-2.0", "lfm2"})
 
 
 class ByteLevelBPETokenizer(Tokenizer):
@@ -327,6 +331,14 @@ class ByteLevelBPETokenizer(Tokenizer):
         vocab = dict(model["vocab"])
         for t in added:
             vocab.setdefault(t["content"], t["id"])
+        by_content = {t["content"]: t for t in added}
+        for content in named_special_tokens(cfg):  # eos_token etc. are special, as transformers
+            if content in by_content:
+                by_content[content]["special"] = True
+            elif content in vocab:  # a plain vocab entry becomes a special added token
+                by_content[content] = {"id": vocab[content], "content": content, "special": True,
+                                       "normalized": False}
+                added.append(by_content[content])
 
         bos_id, eos_id, pad_id = (vocab.get(cfg.get(k))
                                   for k in ("bos_token", "eos_token", "pad_token"))
@@ -376,9 +388,10 @@ class ByteLevelBPETokenizer(Tokenizer):
                    added_tokens=added, bos_id=get_id("bos"), eos_id=get_id("eos"),
                    pad_id=get_id("padding"),
                    add_bos=bool(fields.get("tokenizer.ggml.add_bos_token",
-                                           fields.get("tokenizer.ggml.pre") in GGUF_BOS_BY_DEFAULT)),
+                                           fields.get("tokenizer.ggml.pre") in GGUF_LLAMA3_PRE)),
                    add_eos=bool(fields.get("tokenizer.ggml.add_eos_token", False)),
-                   chat_template=gguf_chat_templates(fields))
+                   chat_template=gguf_chat_templates(fields),
+                   ignore_merges=fields.get("tokenizer.ggml.pre") in GGUF_LLAMA3_PRE)
 
     # -- encode -------------------------------------------------------------------------------
 

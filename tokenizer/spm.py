@@ -31,7 +31,7 @@ import regex
 import sentencepiece as spm
 
 from tokenizer.base import SPECIAL_TOKEN_KEYS, AddedTokenMatcher, Tokenizer, atomic_write_bytes, \
-    check_text, gguf_chat_templates, read_json, read_json_object, \
+    check_text, gguf_chat_templates, named_special_tokens, read_json, read_json_object, \
     read_tokenizer_config, template_specials, unpadded_length, write_tokenizer_config
 
 # ModelProto.SentencePiece.Type (also GGUF tokenizer.ggml.token_type)
@@ -194,6 +194,14 @@ class SentencePieceTokenizer(Tokenizer):
         if add_bos is not None:
             tok.add_bos = bool(add_bos) and tok.bos_id is not None
         tok.add_eos = bool(add_eos) and tok.eos_id is not None
+        # eos_token etc. are special, as in transformers, even where added_tokens_decoder says
+        # otherwise or the model has them as user-defined or normal pieces
+        added = {t["id"]: t for t in tok.added_tokens}
+        for content in named_special_tokens(cfg):
+            i = tok.token_to_id(content)
+            if i is not None and i not in tok._special_ids:
+                added[i] = {**added.get(i, {"id": i, "content": content}), "special": True}
+        tok.added_tokens = [added[i] for i in sorted(added)]
         tok._index()
         return tok
 
