@@ -34,6 +34,7 @@ _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16
 _ST_FLOATS = {"F64", *_ST_DTYPES}
 _INDEX = "model.safetensors.index.json"
 _SHARD_RE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+_STAGE = ".save-"  # save_model's hidden staging folder in the target directory
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -104,8 +105,12 @@ def save_model(model: Transformer, directory: str, tokenizer=None,
     # Every file is written into a hidden staging folder first and renamed into place only once
     # all are written: a save that fails (disk full, Ctrl-C, a tokenizer error) leaves the
     # previous model as it was, never new shards beside old ones or new weights with an old
-    # config.json.
-    stage = tempfile.mkdtemp(prefix=".save-", dir=directory)
+    # config.json. A stage left by a save that was killed outright (SIGKILL, the OOM killer) never
+    # reached its cleanup: it holds a whole model's weights, so it goes now.
+    for n in os.listdir(directory):
+        if n.startswith(_STAGE):
+            shutil.rmtree(os.path.join(directory, n), ignore_errors=True)
+    stage = tempfile.mkdtemp(prefix=_STAGE, dir=directory)
     try:
         for name, shard in zip(names, shards):
             atomic_write_bytes(os.path.join(stage, name), st_save(shard, metadata={"format": "pt"}))

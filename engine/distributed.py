@@ -233,6 +233,10 @@ def _failed_key(r: int) -> str:
     return f"whetstone/failed/{r}"
 
 
+def _left_key(r: int) -> str:  # fail_together: rank r is done with the store
+    return f"whetstone/left/{r}"
+
+
 def _written_key(n: int) -> str:  # barrier() number n: rank 0's checkpoint, or its error
     return f"whetstone/written/{n}"
 
@@ -279,16 +283,29 @@ def fail_together(e: BaseException, wait_s: float = 10.0) -> None:
         store.set(_failed_key(_rank), _first_line(e))
         if _rank == 0:  # the next barrier() the others may be (or soon be) waiting at
             store.set(_written_key(_barriers + 1), _first_line(e))
-        # Polled: a store.wait that times out (a peer that did not fail) logs C++ warnings.
         deadline = time.monotonic() + wait_s
-        while (not store.check([_failed_key(r) for r in range(_world)])
-               and time.monotonic() < deadline):
-            time.sleep(0.05)
-        # Tear the group down before exiting: left to interpreter exit, its threads can die with
-        # "terminate called without an active exception" (SIGABRT instead of exit status 2).
-        tdist.destroy_process_group()
+        _poll(store, [_failed_key(r) for r in range(_world)], deadline)
+        # Launched without torchrun's agent, rank 0 hosts the store: it leaves last, or a peer
+        # still polling above would lose the store (a C++ warning dump, and no teardown).
+        store.set(_left_key(_rank), "")
+        if _rank == 0:
+            _poll(store, [_left_key(r) for r in range(_world)], deadline)
     except Exception:  # noqa: BLE001  (the store is gone: just exit)
         pass
+    # Tear the group down before exiting, even when the store is gone: left to interpreter exit,
+    # its threads can die with "terminate called without an active exception" (SIGABRT instead
+    # of exit status 2).
+    try:
+        tdist.destroy_process_group()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _poll(store, keys: list[str], deadline: float) -> None:
+    """Wait until every key is set or the deadline passes. Polled: a store.wait that times out
+    (a peer that did not fail) logs C++ warnings."""
+    while not store.check(keys) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -195,14 +195,36 @@ def load_training_state(directory: str, optimizer, data_gen: torch.Generator) ->
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         step, extra = int(state["step"]), json.loads(state["extra"])
-        rngs = state["data_rng"], state["torch_rng"]
+        rngs, saved = (state["data_rng"], state["torch_rng"]), state["optimizer"]
     except Exception as e:  # noqa: BLE001  (pickle, zip and key errors of a damaged file)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"cannot read {path} (damaged?): {first}") from None
-    optimizer.load_state_dict(state["optimizer"])
+    if not _fits(optimizer, saved):  # torch would load it, then fail at the first step (shapes)
+        raise ValueError(f"{path}: its optimizer state does not fit the parameters that train "
+                         "now: a checkpoint of another model or fine-tuning setup (has --base "
+                         "changed since the run started?)")
+    optimizer.load_state_dict(saved)
     data_gen.set_state(rngs[0])
     torch.set_rng_state(rngs[1])
     return step, extra
+
+
+def _fits(optimizer, saved) -> bool:
+    """Whether a saved torch optimizer state_dict has this optimizer's groups, each with as many
+    parameters, and per-parameter state of their shapes. (A --fsdp run's name-keyed state is
+    checked by torch's set_optimizer_state_dict.)"""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return True
+    try:
+        groups = saved["param_groups"]
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+            return False
+        params = dict(zip((i for g in groups for i in g["params"]),
+                          (p for g in optimizer.param_groups for p in g["params"])))
+        return all(not torch.is_tensor(t) or t.dim() == 0 or t.shape == params[i].shape
+                   for i, s in saved["state"].items() for t in s.values())
+    except (KeyError, TypeError, AttributeError):
+        return False
 
 
 class Throughput:

@@ -234,6 +234,29 @@ def test_failed_save_keeps_the_old_file_and_leaves_no_temp_file(saved, monkeypat
     assert sorted(os.listdir(path)) == ["config.json", "model.safetensors"]
 
 
+KILLED_MID_SAVE = """import os, signal, sys
+from engine.checkpoint import save_model
+from engine.config import ModelConfig
+from engine.model import Transformer
+os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # killed as the first file is written
+save_model(Transformer(ModelConfig(**{tiny!r})), sys.argv[1])
+"""
+
+
+def test_a_save_killed_outright_leaves_nothing_after_the_next_save(saved):
+    """SIGKILL (the OOM killer) mid-save skips the cleanup: the old model stays whole, and its
+    hidden staging folder (the new weights written so far) used to stay for good."""
+    model, path = saved
+    before = (path / "model.safetensors").read_bytes()
+    r = subprocess.run([sys.executable, "-c", KILLED_MID_SAVE.format(tiny=TINY), str(path)],
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == -9
+    assert (path / "model.safetensors").read_bytes() == before
+    assert any(n.startswith(".save-") for n in os.listdir(path))  # what the kill left
+    save_model(model, str(path))
+    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors"]
+
+
 def test_architectures_as_a_bare_string(saved):
     _, path = saved  # was "unsupported architecture 'L'" (its first letter)
     _edit_config(path, architectures="LlamaForCausalLM")

@@ -38,9 +38,17 @@ SCRATCH = ["--preset", "tiny", "--vocab-size", "300", "--lr", "3e-3", *FLAGS]
 
 
 def free_port() -> int:
+    """A port free now, but not held: another process may take it before the caller binds it.
+    Only for the test that needs rank 0 itself to host the store (TORCHRUN and ranks() take
+    theirs atomically)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# torchrun's agent picks a free port for its store and holds it (no port picked, released, then
+# maybe taken by another test's process before rank 0 binds it: a flaky "address in use").
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 def env(cache):
@@ -49,29 +57,35 @@ def env(cache):
 
 
 def torchrun(cache, *args, n=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-           "--master_port", str(free_port()), os.path.join(ROOT, "train.py"), *args]
+    cmd = [*TORCHRUN, "--nproc_per_node", str(n), os.path.join(ROOT, "train.py"), *args]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env(cache), cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
 
 
-def ranks(cache, tmp, per_rank_args, timeout=None, cwds=None, script=None, nodes=1):
+def ranks(cache, tmp, per_rank_args, timeout=None, cwds=None, script=None, nodes=1,
+          agent_store=True):
     """Start one `python train.py` (or `script`) per entry of per_rank_args with torchrun's
     env:// variables (per-rank flags: what a mistyped command on one machine gives; per-rank
     `cwds`: what different files under one path on each machine give; `nodes`: the ranks as
     torchrun numbers them on that many machines, LOCAL_RANK counting from 0 on each). Returns
-    the Popen objects; stdout / stderr go to tmp/rank{r}.out / .err."""
-    port, n, procs = free_port(), len(per_rank_args), []
+    the Popen objects; stdout / stderr go to tmp/rank{r}.out / .err. As under torchrun, the
+    rendezvous store is held here (on a port it bound itself) and outlives the ranks;
+    agent_store=False: rank 0 hosts it, as in a launch without torchrun."""
+    n, procs = len(per_rank_args), []
+    store = (torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+             if agent_store else None)
+    port = store.port if store else free_port()
     local = n // nodes
     for r, args in enumerate(per_rank_args):
         e = {**env(cache), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r),
              "LOCAL_RANK": str(r % local), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(local),
-             "GROUP_RANK": str(r // local)}
+             "GROUP_RANK": str(r // local), "TORCHELASTIC_USE_AGENT_STORE": str(agent_store)}
         out, err = (open(os.path.join(tmp, f"rank{r}.{x}"), "w") for x in ("out", "err"))
         procs.append(subprocess.Popen([sys.executable, script or os.path.join(ROOT, "train.py"),
                                        *args], stdout=out, stderr=err, env=e,
                                       cwd=cwds[r] if cwds else ROOT))
+        procs[-1].store = store  # kept while the ranks run
         out.close()
         err.close()
     if timeout is not None:
@@ -303,8 +317,7 @@ def test_dpo_reference_log_probs_are_computed_once_across_the_ranks(tmp_path):
                        env=env(tmp_path), timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "reference log-probs: computing them for 5 training + 1 held-out pairs" in r.stdout
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), str(script), str(two)]
+    cmd = [*TORCHRUN, "--nproc_per_node", "2", str(script), str(two)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env(tmp_path), timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 processes, each computed its share" in r.stdout, r.stdout
@@ -443,6 +456,40 @@ def test_a_rank_that_fails_alone_stops_the_others_with_its_error(setup, tmp_path
                                  "is empty")
 
 
+FAIL_TOGETHER = """import sys, time
+import torch.distributed as tdist
+sys.path.insert(0, {root!r})
+from engine import distributed
+
+distributed.setup("cpu", 60)
+if distributed.rank() == 0:
+    time.sleep(0.3)  # rank 1 fails first and polls the store for rank 0's error
+else:  # ... sleeping between its polls long enough that rank 0 (the store's host) could leave
+    sleep = time.sleep
+    distributed.time.sleep = lambda s: sleep(1.0)
+e = ValueError("bad data")
+print(f"error: {{e}}", file=sys.stderr)
+distributed.fail_together(e)
+if tdist.is_initialized():
+    print("process group left to interpreter exit", file=sys.stderr)
+sys.exit(2)
+"""
+
+
+def test_fail_together_keeps_the_store_until_every_rank_is_done_with_it(tmp_path):
+    """Launched without torchrun's agent, rank 0 hosts the rendezvous store. Rank 0 left as soon
+    as it saw every rank's error, while rank 1 could still be polling: rank 1 lost the store, its
+    stderr got a C++ stack dump after the error line, and its process group was left to
+    interpreter exit (which can die with SIGABRT instead of exit status 2)."""
+    script = tmp_path / "fail_together.py"
+    script.write_text(FAIL_TOGETHER.format(root=ROOT))
+    procs = ranks(tmp_path / "cache", tmp_path, [[], []], timeout=60, script=str(script),
+                  agent_store=False)
+    assert [p.returncode for p in procs] == [2, 2], read(tmp_path, 0) + read(tmp_path, 1)
+    for r in (0, 1):
+        only_line(read(tmp_path, r), "error: bad data")
+
+
 FAIL_TO_SAVE = """import os, runpy, sys
 sys.path.insert(0, {root!r})
 from engine import finetune
@@ -524,8 +571,7 @@ def test_accumulation_reduces_gradients_once_on_the_last_micro_step(tmp_path, mo
     from engine.model import Transformer
     script, out = tmp_path / "accumulate.py", tmp_path / "grads.pt"
     script.write_text(ACCUMULATE.format(root=ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), str(script), mode, str(out)]
+    cmd = [*TORCHRUN, "--nproc_per_node", "2", str(script), mode, str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env(tmp_path), timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     got = torch.load(out)

@@ -1388,6 +1388,43 @@ def test_training_state_is_fsynced_before_it_replaces_the_last_one(tmp_path, mon
     assert load_training_state(str(tmp_path), opt, torch.Generator()) == (3, {"a": 1})
 
 
+def test_resume_refuses_optimizer_state_of_another_model_in_one_line(ref, tmp_path):
+    """A --finetune full run whose --base was replaced by a deeper model: the weights restore
+    by name, but the optimizer state was the old model's (torch's 'parameter group that doesn't
+    match the size' said nothing of why). Same-count state of other shapes loaded silently and
+    failed at the first step with a tensor size error."""
+    import dataclasses
+    import shutil
+    import torch
+    from engine.checkpoint import load_config, save_model
+    from engine.config import preset
+    from engine.model import Transformer
+    from engine.trainer import configure_optimizer, load_training_state, save_training_state
+    data, full, _ = ref
+    base = shutil.copytree(full, str(tmp_path / "base"))
+    run = str(tmp_path / "run")
+    assert train.main(["--base", base, "--finetune", "full", "--data", data, "--out", run,
+                       "--max-steps", "3", "--pause-at-step", "1", "--batch-size", "2",
+                       "--seq-len", "16", "--eval-batches", "1", "--no-progress",
+                       "--threads", "1"]) == 0
+    cfg = load_config(base)
+    save_model(Transformer(dataclasses.replace(cfg, num_hidden_layers=cfg.num_hidden_layers + 1)),
+               base)
+    with pytest.raises(ValueError, match=r"training_state\.pt: its optimizer state does not fit "
+                                         r"the parameters that train now"):
+        resume(run)
+
+    def stepped(vocab):  # an optimizer with state (after one step)
+        model = Transformer(preset("tiny", vocab_size=vocab))
+        opt = configure_optimizer(model, 1e-3, 0.1, (0.9, 0.95))
+        model(torch.randint(64, (2, 8)), labels=torch.randint(64, (2, 8))).backward()
+        opt.step()
+        return opt
+    save_training_state(str(tmp_path), stepped(64), 3, torch.Generator(), {})
+    with pytest.raises(ValueError, match="optimizer state does not fit"):
+        load_training_state(str(tmp_path), stepped(128), torch.Generator())
+    assert load_training_state(str(tmp_path), stepped(64), torch.Generator())[0] == 3
+
 @pytest.mark.parametrize("finetune", [None, "lora"])
 def test_final_score_reuses_the_best_periodic_one_exactly(corpus, tmp_path, monkeypatch,
                                                           finetune):
