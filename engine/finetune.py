@@ -174,7 +174,13 @@ def restore_trained(model: nn.Module, directory: str, mode: str) -> None:
         load_adapter(model, directory)
         return
     state = read_safetensors_dir(directory)
+    own = model.state_dict(keep_vars=True)
+    for name, t in own.items():  # checked before any copy: a refusal leaves the model as it was
+        if name in state and state[name].shape != t.shape:
+            raise ValueError(f"{directory}: tensor {name!r} has shape {tuple(state[name].shape)}, "
+                             f"the model has {tuple(t.shape)} (a checkpoint of another model: "
+                             "has --base changed since the run started?)")
     with torch.no_grad():
-        for name, t in model.state_dict(keep_vars=True).items():
+        for name, t in own.items():
             if name in state:
                 t.copy_(state[name])

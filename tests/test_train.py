@@ -1425,6 +1425,31 @@ def test_resume_refuses_optimizer_state_of_another_model_in_one_line(ref, tmp_pa
         load_training_state(str(tmp_path), stepped(128), torch.Generator())
     assert load_training_state(str(tmp_path), stepped(64), torch.Generator())[0] == 3
 
+
+def test_resume_refuses_weights_of_another_shape_in_one_line(ref, tmp_path):
+    """A --finetune full run whose --base was replaced by a wider model (same tensor names):
+    restore_trained copied by name and failed with torch's 'The size of tensor a (...) must
+    match the size of tensor b (...)'. Now one line naming the tensor and both shapes."""
+    import dataclasses
+    import shutil
+    from engine.checkpoint import load_config, save_model
+    from engine.model import Transformer
+    data, full, _ = ref
+    base = shutil.copytree(full, str(tmp_path / "base"))
+    run = str(tmp_path / "run")
+    assert train.main(["--base", base, "--finetune", "full", "--data", data, "--out", run,
+                       "--max-steps", "3", "--pause-at-step", "1", "--batch-size", "2",
+                       "--seq-len", "16", "--eval-batches", "1", "--no-progress",
+                       "--threads", "1"]) == 0
+    cfg = load_config(base)
+    wide = cfg.intermediate_size * 2
+    save_model(Transformer(dataclasses.replace(cfg, intermediate_size=wide)), base)
+    msg = (r"run/last: tensor 'model\.layers\.0\.mlp\.\w+\.weight' has shape \(\d+, \d+\), "
+           r"the model has \(\d+, \d+\) \(a checkpoint of another model")
+    with pytest.raises(ValueError, match=msg):
+        resume(run)
+
+
 @pytest.mark.parametrize("finetune", [None, "lora"])
 def test_final_score_reuses_the_best_periodic_one_exactly(corpus, tmp_path, monkeypatch,
                                                           finetune):
