@@ -9,7 +9,8 @@ Formats, one JSON object per line (blank lines ignored), as TRL and the Alpaca/O
                ([{"type": "function", "function": {"name", "arguments": {...} or str}}], its
                content then optional), "tool" messages with the results, and an optional
                top-level "tools" (function schemas, passed to the template as transformers'
-               apply_chat_template(messages, tools=...) does)
+               apply_chat_template(messages, tools=...) does); an assistant message's optional
+               "weight" (0 or 1, OpenAI's fine-tuning format: 0 keeps the turn as context only)
   preference   {"prompt", "chosen", "rejected"}: strings, or message lists (TRL's DPO forms)
 
 Label convention, the one `Transformer.forward(input_ids, labels=...)` and train.py's get_batch
@@ -33,7 +34,9 @@ trained).
 
 Chat roles are OpenAI's (system, developer, user, assistant, tool) and Llama 3.1's ipython; another
 role (a typo such as "Assistant") or an assistant turn with empty content (and no tool calls) is a
-malformed line, as is a missing role or content.
+malformed line, as is a missing role or content (an empty turn of "weight" 0 is allowed: it is not
+trained). A message the template leaves out of its text (Mistral v0.3's drops a system message
+unless the last turn is the user's) is refused: the sample would train without it.
 """
 from __future__ import annotations
 
@@ -56,7 +59,8 @@ IGNORE = -100  # label of positions without loss (PyTorch's cross_entropy ignore
 ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
 SFT_FORMATS = ("instruction", "completion", "chat")
 
-# Alpaca's prompts (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT).
+# Alpaca's prompts (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT), ending in "### Response:\n"
+# as its README and alpaca-lora's template write them (train.py's own end at the colon).
 ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides "
                  "further context. Write a response that appropriately completes the request.\n\n"
                  "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
@@ -209,6 +213,10 @@ def _check_messages(msgs, what: str = "'messages'", tool_use: bool = False) -> s
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             return f"{what}[{i}] is not an object"
+        w = m.get("weight", 1)
+        if m.get("role") == "assistant" and (isinstance(w, bool) or w not in (0, 1)):
+            return (f"{what}[{i}]'s 'weight' must be 0 or 1 (whether the turn is trained), "
+                    f"got {w!r:.40}")
         if tool_use and m.get("role") == "assistant" and m.get("tool_calls") not in (None, []):
             bad = _check_tool_calls(m["tool_calls"], f"{what}[{i}]['tool_calls']")
             if bad:
@@ -222,10 +230,15 @@ def _check_messages(msgs, what: str = "'messages'", tool_use: bool = False) -> s
         if m["role"] not in ROLES:  # a typo ("Assistant", "bot") would train as context
             return (f"{what}[{i}] has unknown role {m['role']!r:.40} (expected one of "
                     f"{', '.join(ROLES)})")
-        if m["role"] == "assistant" and not m["content"].strip():
+        if m["role"] == "assistant" and not m["content"].strip() and _trained(m):
             # it would teach the model to end its turn at once
             return f"{what}[{i}] is an empty assistant turn"
     return None
+
+
+def _trained(m: dict) -> bool:
+    """Whether an assistant message is trained: OpenAI's "weight": 0 keeps it as context."""
+    return m.get("weight", 1) != 0
 
 
 def _check_example(obj, form: str) -> str | None:
@@ -244,6 +257,8 @@ def _check_example(obj, form: str) -> str | None:
             return "'tools' must be a list of function schemas (objects)"
         if not any(m["role"] == "assistant" for m in obj["messages"]):
             return "chat sample has no assistant turn (nothing to train on)"
+        if not any(m["role"] == "assistant" and _trained(m) for m in obj["messages"]):
+            return "every assistant turn has 'weight' 0 (nothing to train on)"
         return None
     need = {"instruction": ("instruction", "output"), "completion": ("prompt", "completion")}[form]
     for key in need:
@@ -334,8 +349,8 @@ def _turn_end(turn: str, content: str, eots: list[str]) -> int:
 def chat_spans(tok, messages: list[dict], first: int = 0, tools: list[dict] | None = None
                ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of the assistant turns to train
-    (those at index >= `first`), each from the end of the generation prompt to the end-of-turn
-    token inclusive. `tools` (function schemas) reaches the template as in transformers'
+    (those at index >= `first`, less any with "weight": 0), each from the end of the generation
+    prompt to the end-of-turn token inclusive. `tools` (function schemas) reaches the template as in transformers'
     apply_chat_template(messages, tools=...); an assistant turn that calls tools is trained with
     its calls, and "tool" results are context like user turns. A template that leaves out the
     tools, a tool call or a tool result raises ValueError (training would silently lose them).
@@ -384,8 +399,18 @@ def chat_spans(tok, messages: list[dict], first: int = 0, tools: list[dict] | No
             if call["function"]["name"] not in trained:
                 raise ValueError(f"the chat template does not render the tool calls of assistant "
                                  f"message {i}")
-        spans.append(span)
+        if _trained(m):  # a "weight": 0 turn is located only to move past it
+            spans.append(span)
         cursor = span[1]
+    for i, m in enumerate(messages):
+        # a system / user message the template leaves out (Mistral v0.3's renders the system
+        # prompt only before the LAST user turn, Qwen2.5's skips "developer") would silently
+        # train without it: absent from the text, and rendering it empty changes nothing
+        text = (m.get("content") or "").strip()
+        if m["role"] not in ("assistant", "tool") and text and text not in full and render(
+                [*messages[:i], {**m, "content": ""}, *messages[i + 1:]], False) == full:
+            raise ValueError(f"the chat template does not render message {i} ({m['role']}): the "
+                             "sample would train without it")
     # (compared by rendering without them: templates may escape a result, e.g. with tojson)
     if any(m["role"] == "tool" and m["content"].strip() for m in messages) and render(
             [{**m, "content": ""} if m["role"] == "tool" else m for m in messages], False) == full:
@@ -553,6 +578,9 @@ class Batch(NamedTuple):
     labels: torch.Tensor  # (B, T) int64, -100 where no loss
     doc_ids: torch.Tensor | None  # (B, T) int64 document index within the row (packed only)
     position_ids: torch.Tensor | None  # (B, T) int64 position within the document (packed only)
+    # (B,) int64 real (non-padding) tokens of each row: a truncated sample may end in untrained
+    # tokens, so the labels cannot tell where its padding starts (tokens/s counts these)
+    lengths: torch.Tensor | None = None
 
     def to(self, device) -> "Batch":
         return Batch(*(t.to(device) if t is not None else None for t in self))
@@ -653,6 +681,7 @@ class SFTDataset:
         y = torch.full((B, T), IGNORE, dtype=torch.long)
         doc = torch.zeros((B, T), dtype=torch.long) if pack else None
         pos = torch.zeros((B, T), dtype=torch.long) if pack else None
+        lengths = torch.zeros(B, dtype=torch.long)
         for b, row in enumerate(rows):
             t = 0
             for d, i in enumerate(row):
@@ -664,10 +693,11 @@ class SFTDataset:
                     doc[b, t:t + n] = d
                     pos[b, t:t + n] = torch.arange(n)
                 t += n
+            lengths[b] = t
             if pack and t < T:
                 doc[b, t:] = len(row)
                 pos[b, t:] = torch.arange(T - t)
-        return Batch(x, y, doc, pos)
+        return Batch(x, y, doc, pos, lengths)
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None, pack: bool = False,
                 drop_last: bool = False) -> Iterator[Batch]:

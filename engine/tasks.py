@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
-
 from engine.data import (ENCODER_VERSION, BadLine, Documents, TokenSplit, check_trainable,
                          corpus_files, eval_windows, get_batch, read_corpus, split_documents,
                          tokenize_cached, tokenizer_hash)
@@ -178,12 +176,11 @@ def _n_trained(batch) -> int:
 
 
 def _n_real(batch) -> int:
-    """Tokens of a batch that are not padding (what tokens/s counts, as for LM and DPO). Every
-    sample ends with a trained token (engine.sft.shift_labels), so a row's real tokens run up
-    to its last label != -100, packed or padded."""
-    trained = batch.labels != -100                                          # (B, T)
-    pos = torch.arange(1, trained.shape[1] + 1)                             # (T,)
-    return int((trained * pos).max(dim=1).values.sum())
+    """Tokens of a batch that are not padding (what tokens/s counts, as for LM and DPO): each
+    row's length as collated (engine.sft.SFTDataset.collate), packed or padded. (Not up to a
+    row's last trained label: a sample truncated to --seq-len may end in untrained tokens,
+    e.g. a chat cut inside a user turn.)"""
+    return int(batch.lengths.sum())
 
 
 def build_task(args, tok, data_path: str, gen, texts: tuple[Documents, Documents] | None = None):

@@ -862,6 +862,58 @@ def test_history_rewriting_template_answer_inside_the_question():
     assert tok.decode(ids[:trained[3]]).endswith("assistant: ")
 
 
+def test_a_message_the_template_drops_is_a_line_error(tmp_path):
+    """Mistral v0.3's template renders the system prompt only before the LAST user turn (so
+    never in a sample ending with the answer), Qwen2.5's skips a "developer" message: the
+    sample would silently train without it. One line naming the message, for SFT and DPO
+    pairs; skippable. A template that renders the message transformed (tojson) is fine."""
+    t = TEMPLATES_WITH_GEN["mistral"]
+    mistral = _byte_bpe(t[0], *t[2:5])
+    sys_msg = {"role": "system", "content": "Always answer in French."}
+    qa = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "bonjour"}]
+    with pytest.raises(ValueError, match=r"does not render message 0 \(system\)"):
+        encode_example({"messages": [sys_msg, *qa]}, mistral)
+    assert encode_example({"messages": qa}, mistral)[0]  # without it: fine
+    with pytest.raises(ValueError, match=r"does not render message 0 \(developer\)"):
+        encode_example({"messages": [{**sys_msg, "role": "developer"}, *qa]}, _byte_bpe(QWEN25))
+    with pytest.raises(ValueError, match=r"does not render message 0 \(system\)"):
+        tokenize_pair({"prompt": [sys_msg, qa[0]], "chosen": [qa[1]],
+                       "rejected": [{"role": "assistant", "content": "hello"}]}, mistral, 64)
+    path = _write(tmp_path, "m.jsonl", [{"messages": qa}, {"messages": [sys_msg, *qa]},
+                                         {"messages": qa}])
+    with pytest.raises(ValueError, match=r"m\.jsonl:2: the chat template does not render message 0"):
+        load_sft(path, mistral, 64)
+    _, _, rep = load_sft(path, mistral, 64, on_error="skip", warn=None)
+    assert rep["skipped_lines"] == [2]
+    quoting = CharTok("{% for m in messages %}{{ m['role'] + ':' }}{{ m['content'] | tojson }}"
+                      "{{ '<|im_end|>' }}{% endfor %}")
+    x, y = tokenize_example({"messages": [{"role": "user", "content": 'say "x"'},
+                                          {"role": "assistant", "content": "x"}]}, quoting, 64)
+    assert 'user:"say \\"x\\""' in quoting.decode(x)  # escaped, not dropped: no error
+
+
+@pytest.mark.parametrize("template", [DEFAULT_CHAT_TEMPLATE, REWRITING], ids=["chatml", "rewriting"])
+def test_openai_weight_zero_turns_are_context_only(tmp_path, template):
+    """OpenAI's fine-tuning format: an assistant message with "weight": 0 is context, not
+    trained (1, or no weight: trained); another weight, or no trained turn left, is a line
+    error. The rewriting template locates turns by searching the text: still the right ones."""
+    tok = CharTok(template)
+    msgs = [dict(m) for m in CONV]
+    msgs[2]["weight"] = 0
+    x, y = tokenize_example({"messages": msgs}, tok, 512)
+    assert trained_runs(tok, x, y) == ["4<|im_end|>"]
+    assert x == tokenize_example({"messages": CONV}, tok, 512)[0]  # same text, only the mask
+    msgs[4]["weight"] = 1
+    assert tokenize_example({"messages": msgs}, tok, 512)[1] == y
+    ok = {"messages": CONV}
+    for k, (w, why) in enumerate([("1", r"\[4\]'s 'weight' must be 0 or 1"),
+                                  (True, r"\[4\]'s 'weight' must be 0 or 1"),
+                                  (0, "every assistant turn has 'weight' 0")]):
+        bad = [*msgs[:2], {**msgs[2], "content": ""}, msgs[3], {**msgs[4], "weight": w}]
+        with pytest.raises(ValueError, match=rf"w{k}\.jsonl:2: .*{why}"):
+            load_examples(_write(tmp_path, f"w{k}.jsonl", [ok, {"messages": bad}]))
+
+
 def test_chat_spans_unlocatable():
     # A template that drops assistant content cannot be trained on: a clear error.
     tok = CharTok("{% for m in messages %}{{ m['role'] }}|{% endfor %}")
@@ -897,6 +949,27 @@ def test_grad_accumulation_weights_micro_batches_by_trained_tokens():
     assert _n_real(b) == len(ds.samples[0][0]) + len(ds.samples[4][0]) < b.input_ids.numel()
     packed = ds.collate([[0, 1], [4]], pack=True)
     assert _n_real(packed) == sum(len(ds.samples[i][0]) for i in (0, 1, 4))
+
+
+def test_tokens_per_second_counts_truncated_samples_whole():
+    """A chat cut by --seq-len inside a user turn ends in untrained tokens: they are real tokens
+    (the model ran them), not padding, for tokens/s, padded or packed, and under SFTTask."""
+    from engine.tasks import SFTTask, _n_real
+    chat = CharTok(DEFAULT_CHAT_TEMPLATE)
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "x" * 40}, {"role": "assistant", "content": "b"}]
+    short = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "yo"}]
+    ds = SFTDataset.from_examples([{"messages": msgs}, {"messages": short}], chat, seq_len=30)
+    assert ds.report["n_truncated"] == 1
+    (x0, y0), (x1, _) = ds.samples
+    assert len(x0) == 30 and y0[-1] == IGNORE  # cut inside the second user turn
+    last = max(t for t, v in enumerate(y0) if v != IGNORE) + 1
+    assert last < 30  # the labels alone would end the row there
+    assert _n_real(ds.collate([[0], [1]], pack=False)) == 30 + len(x1)
+    assert _n_real(ds.collate([[1, 0]], pack=True)) == len(x1) + 30
+    task = SFTTask(ds, ds, 2, torch.Generator().manual_seed(0))
+    task.train_step(_tiny_model().train(), None, "cpu")
+    assert task.pop_tokens() == 30 + len(x1)
 
 
 # ---------------------------------------------------------------------------------------------
