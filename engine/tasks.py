@@ -19,6 +19,7 @@ run takes exactly the steps of one process with the whole batch; tokens are coun
 from __future__ import annotations
 
 import contextlib
+import os
 
 from engine.data import (ENCODER_VERSION, BadLine, Documents, TokenSplit, check_trainable,
                          corpus_files, eval_windows, get_batch, read_corpus, split_documents,
@@ -207,6 +208,8 @@ def _build_task(args, tok, data_path: str, gen, texts):
         from engine import dpo as dpo_lib
         if args.pack:  # it would be ignored: each pair's two sides are rows of their own
             raise ValueError("--pack applies only to SFT data, not to --objective dpo")
+        for flag, path in (("--data", data_path), ("--val-data", args.val_data)):
+            _check_preference_data(flag, path)
         train_p, val_p, rep = dpo_lib.load_preference_data(data_path, tok, args.seq_len,
                                                            args.val_fraction, args.val_data,
                                                            on_error=args.bad_lines)
@@ -258,6 +261,21 @@ def read_text_splits(args, data_path: str) -> tuple[Documents, Documents]:
     train, val = split_documents(corpus, args.val_fraction)
     train.skipped = corpus.skipped  # the lines of the file the two splits share
     return train, val
+
+
+def _check_preference_data(flag: str, path: str | None) -> None:
+    """Refuse SFT data or text given to --objective dpo with the way to train on it: read as
+    pairs, its first line was "missing 'prompt' ...; --bad-lines skip leaves such lines out",
+    though skipping would leave out every line."""
+    from engine.sft import detect_format, records_name
+    try:
+        form = detect_format(path) if path is not None and os.path.isfile(path) else None
+    except ValueError:  # bad lines, unknown keys: the preference reader names them
+        return
+    if form not in (None, "preference"):
+        name = "a text corpus" if form == "text" else records_name(form)
+        raise ValueError(f"{flag} {path} holds {name}: --objective dpo trains on preference "
+                         "(prompt/chosen/rejected) records; train on it without --objective dpo")
 
 
 def _check_text_data(args, data_path: str) -> None:

@@ -634,6 +634,28 @@ def test_pack_is_refused_not_ignored(base, tmp_path):
     assert not os.path.exists(tmp_path / "o")
 
 
+def test_sft_data_or_text_given_to_dpo_names_what_it_holds(base, tmp_path):
+    """SFT records or a text corpus given to --objective dpo read "FILE:1: missing 'prompt' ...;
+    --bad-lines skip leaves such lines out" (skipping would leave out every line). Now one line
+    saying what the file holds, for --data and --val-data, before anything is written."""
+    run_base, prefs, _ = base
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+    text = tmp_path / "t.txt"
+    text.write_text("plain text\n")
+    reads = "--objective dpo trains on preference (prompt/chosen/rejected) records"
+    for flags, msg in [
+            (["--data", chat], f"--data {chat} holds chat (messages) records (SFT data): {reads}"),
+            (["--data", str(text)], f"--data {text} holds a text corpus: {reads}"),
+            (["--data", prefs, "--val-data", chat],
+             f"--val-data {chat} holds chat (messages) records (SFT data): {reads}")]:
+        with pytest.raises(ValueError) as e:
+            train.main(["--objective", "dpo", "--base", run_base, *flags,
+                        "--out", str(tmp_path / "o"), "--max-steps", "1", *FLAGS])
+        assert str(e.value) == f"{msg}; train on it without --objective dpo"
+        assert not os.path.exists(tmp_path / "o")
+
+
 def test_pairs_identical_within_seq_len_are_reported_as_such(tmp_path):
     """A pair whose chosen and rejected differ only past --seq-len has no preference left and is
     dropped; the report said 'no completion token within --seq-len', which sent the user looking
