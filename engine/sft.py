@@ -916,7 +916,9 @@ def tokenize_pair(pair: PreferencePair | dict, tok, seq_len: int) -> TokenizedPa
     """prompt+chosen and prompt+rejected as (input_ids, labels) with labels as in
     tokenize_example: only completion tokens (and their EOS / end-of-turn) carry a target.
     Standard (string) pairs: plain prompt + completion + EOS, as TRL does; conversational pairs:
-    the chat template, training only the assistant turns after the prompt."""
+    the chat template, training only the assistant turns after the prompt, each up to its
+    end-of-turn token as in SFT (TRL 1.16 also scores what the template writes after it, e.g.
+    ChatML's "\n": its log-probs differ from these by that token)."""
     if isinstance(pair, dict):
         err = _check_pair(pair)
         if err:
