@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 
 import torch
 import torch.nn as nn
@@ -68,12 +69,10 @@ def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def hf_config(config: ModelConfig) -> ModelConfig:
-    """The config under the HF architecture whose math matches ours (bias -> Qwen2, window ->
-    Mistral), since HF Llama has neither; Qwen2 without bias -> Llama, since HF Qwen2 always
-    has q/k/v biases."""
+    """The config under the HF architecture whose math matches ours (bias -> Qwen2, with its
+    window on every layer if any; window -> Mistral), since HF Llama has neither; Qwen2 without
+    bias -> Llama, since HF Qwen2 always has q/k/v biases."""
     arch = config.architectures[0]
-    if config.attention_bias and config.sliding_window:
-        raise ValueError("no HF architecture has both q/k/v bias and a sliding window")
     if config.attention_bias:
         arch = "Qwen2ForCausalLM"
     elif config.sliding_window:
@@ -196,10 +195,15 @@ def load_model_dir(directory: str, dtype: torch.dtype | str = torch.float32,
     dtype = parse_dtype(dtype)
     model = empty_model(config)
     shapes = _expected_shapes(model)
-    done = set()
+    done, head = set(), None
     for path in safetensors_files(directory):
         with _open(path) as f:
             for name in f.keys():
+                if name == "lm_head.weight" and config.tie_word_embeddings:  # compared below
+                    _check_shape(name, tuple(f.get_slice(name).get_shape()),
+                                 {name: shapes["model.embed_tokens.weight"]}, config, path)
+                    head = _get(f, name, path).to(device=device, dtype=dtype)
+                    continue
                 if _skip(name, config):
                     continue
                 sl = f.get_slice(name)
@@ -217,6 +221,14 @@ def load_model_dir(directory: str, dtype: torch.dtype | str = torch.float32,
                     on_tensor(model, name)
                 done.add(name)
     _check_missing(shapes, done, directory)
+    if head is not None and not torch.equal(head, model.model.embed_tokens.weight):
+        # a "tied" config over a stored head of its own: transformers keeps the head untied
+        warnings.warn(f"{directory}: config.json says tie_word_embeddings, but the stored "
+                      "lm_head differs from the embedding: keeping both (as transformers does)")
+        config.tie_word_embeddings = False
+        assign_tensor(model, "lm_head.weight", head)
+        if on_tensor is not None:
+            on_tensor(model, "lm_head.weight")
     model.tie_weights()
     return model.eval()
 

@@ -63,6 +63,7 @@ class ModelConfig:
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"max_position_embeddings must be a positive integer, got {v!r}")
         _check_rope_scaling(self.rope_scaling)
+        _check_types(self)
         self.rope_scaling = _complete_llama3(self.rope_scaling, self.max_position_embeddings)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
@@ -76,8 +77,9 @@ class ModelConfig:
                              f"num_key_value_heads {self.num_key_value_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if self.hidden_act != "silu":
-            raise ValueError(f"unsupported hidden_act {self.hidden_act!r} (only 'silu')")
+        if self.hidden_act not in ("silu", "swish"):  # one function in transformers' ACT2FN
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r} (only 'silu', also "
+                             "called 'swish')")
 
     # Derived fields -------------------------------------------------------------------------
     @property
@@ -106,6 +108,8 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["model_type"] = self.model_type
+        if self.model_type == "qwen2" and self.sliding_window:  # HF Qwen2: a window on every layer
+            d.update(use_sliding_window=True, max_window_layers=0)
         return d
 
     @classmethod
@@ -126,39 +130,40 @@ class ModelConfig:
                 raise ValueError(f"unsupported model_type {mt!r}; supported: "
                                  + ", ".join(_ARCH_BY_TYPE))
             arch = [_ARCH_BY_TYPE[mt]]
-        if arch[0] not in ARCHITECTURES:
+        if not isinstance(arch[0], str) or arch[0] not in ARCHITECTURES:  # [["..."]]: unhashable
             raise ValueError(f"unsupported architecture {arch[0]!r}; supported: "
                              + ", ".join(ARCHITECTURES))
         d["architectures"] = [arch[0]]
-        # transformers 5: rope_parameters = {rope_theta, rope_type, factor, ...}
+        # transformers 5: rope_parameters = {rope_theta, rope_type, factor, ...}; a transformers 4
+        # rope_scaling, when set, replaces it whole (its convert_rope_params_to_dict), and a
+        # rope_theta inside wins over a top-level one
         rp = d.pop("rope_parameters", None)
         for key, v in (("rope_parameters", rp), ("rope_scaling", d.get("rope_scaling"))):
             if v is not None and not isinstance(v, dict):
                 raise ValueError(f"{key} must be an object or null, got {v!r}")
-        if rp:
-            rp = dict(rp)
-            d.setdefault("rope_theta", rp.pop("rope_theta", 10000.0))
-            if rp.get("rope_type", "default") != "default":
-                d["rope_scaling"] = rp
-        if d.get("rope_scaling") and d["rope_scaling"].get("rope_type",
-                                                          d["rope_scaling"].get("type")) == "default":
-            d["rope_scaling"] = None
+        rope = dict(d.get("rope_scaling") or rp or {})
+        if any(isinstance(v, dict) for v in rope.values()):  # Gemma 3's one per layer type
+            raise ValueError("rope_parameters per layer type are not supported (Llama, Mistral "
+                             "and Qwen2 have one set)")
+        if "rope_theta" in rope:
+            d["rope_theta"] = rope.pop("rope_theta")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        d["rope_scaling"] = None if kind == "default" else rope
         family = ARCHITECTURES[arch[0]]
         for k, v in _HF_DEFAULTS[family].items():  # keys a partial config leaves out
             d.setdefault(k, v)
         if family == "qwen2":
             d["attention_bias"] = True  # HF Qwen2 always has q/k/v bias, whatever the key says
-            # Qwen2's window applies only to layers >= max_window_layers: not modelled here.
-            if d.get("use_sliding_window", False):
-                raise ValueError("Qwen2 use_sliding_window=true is not supported (per-layer windows)")
-            d["sliding_window"] = None
+            d["sliding_window"] = _qwen2_window(d)
         elif family == "llama":
             d["sliding_window"] = None  # Llama has no window even if a config carries the key
             # HF Llama's attention_bias also puts a bias on o_proj, and mlp_bias on the MLP.
             if d.get("attention_bias") or d.get("mlp_bias"):
                 raise ValueError("LlamaForCausalLM with attention_bias/mlp_bias is not supported")
-        # mistral: transformers' MistralConfig.sliding_window defaults to 4096 (in
-        # _HF_DEFAULTS; an explicit null still means no window)
+            d["attention_bias"] = False  # a null there: no bias, as in transformers
+        else:  # mistral: HF's MistralAttention has no q/k/v bias, whatever the key says.
+            # Its sliding_window defaults to 4096 (in _HF_DEFAULTS; an explicit null: no window)
+            d["attention_bias"] = False
         if "torch_dtype" not in d and "dtype" in d:
             d["torch_dtype"] = d["dtype"]
         required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -200,6 +205,66 @@ _HF_DEFAULTS = {
 _ROPE_TYPES = ("linear", "llama3")  # what engine.model.rope_inv_freq implements
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_types(c: "ModelConfig") -> None:
+    """One line for a config.json value of the wrong type: a string "false" tied the head
+    silently (any non-empty string is true), a string window or llama3 key was a TypeError
+    deep inside the model, a window of 0 or -1 hid every key."""
+    for name in ("tie_word_embeddings", "attention_bias"):
+        if not isinstance(getattr(c, name), bool):
+            raise ValueError(f"{name} must be true or false, got {getattr(c, name)!r}")
+    w = c.sliding_window
+    if w is not None and (not _is_int(w) or w < 1):
+        raise ValueError(f"sliding_window must be a positive integer or null, got {w!r}")
+    v = c.initializer_range
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"initializer_range must be a non-negative number, got {v!r}")
+    for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
+        v = getattr(c, name)
+        listed = name == "eos_token_id" and isinstance(v, (list, tuple))
+        if not (all(_is_int(i) for i in v) if listed else v is None or _is_int(v)):
+            what = "a token id, a list of ids" if name == "eos_token_id" else "a token id"
+            raise ValueError(f"{name} must be {what} or null, got {v!r}")
+    rs = c.rope_scaling or {}
+    for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        v = rs.get(key, 1)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+            raise ValueError(f"rope_scaling {key} must be a positive number, got {v!r}")
+
+
+def _qwen2_window(d: dict) -> int | None:
+    """transformers' Qwen2: a window only with use_sliding_window, on the layers `layer_types`
+    marks sliding_attention (by default those >= max_window_layers). None for no layer, the
+    window when every layer has it; some layers only is refused (one window for all here)."""
+    use, window = d.get("use_sliding_window", False), d.get("sliding_window", 4096)
+    if not isinstance(use, bool):
+        raise ValueError(f"use_sliding_window must be true or false, got {use!r}")
+    if not use or window is None:
+        return None
+    types, n = d.get("layer_types"), d.get("num_hidden_layers")
+    if not _is_int(n):  # missing or not a count: the size checks say so
+        return None
+    if types is None:
+        first = d.get("max_window_layers", 28)  # Qwen2Config's default
+        if not _is_int(first):
+            raise ValueError(f"max_window_layers must be an integer, got {first!r}")
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    kinds = ("sliding_attention", "full_attention")
+    if not isinstance(types, list) or len(types) != n or not all(t in kinds for t in types):
+        raise ValueError(f"layer_types must list 'sliding_attention' or 'full_attention' for "
+                         f"each of the {n} layers, got {types!r}")
+    if all(t == "sliding_attention" for t in types):
+        return window
+    if "sliding_attention" in types:
+        raise ValueError(f"Qwen2 use_sliding_window=true is not supported with a window on "
+                         f"{types.count('sliding_attention')} of {len(types)} layers (only all "
+                         "or none)")
+    return None
+
+
 def _check_rope_scaling(rs) -> None:
     """Refuse, at config time, a rope_scaling the model cannot apply (dynamic / yarn / longrope
     change the math beyond inv_freq) or one without its `factor`."""
@@ -212,7 +277,7 @@ def _check_rope_scaling(rs) -> None:
         raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: "
                          + ", ".join(_ROPE_TYPES) + ")")
     factor = rs.get("factor")
-    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 0:  # NaN
         raise ValueError(f"rope_scaling {kind!r} needs a positive 'factor', got {factor!r}")
 
 

@@ -161,7 +161,8 @@ def test_bad_directory(saved, tmp_path):
 def test_qwen2_per_layer_window_rejected(tmp_path):
     model = Transformer(ModelConfig(**TINY, attention_bias=True, architectures=["Qwen2ForCausalLM"]))
     save_model(model, str(tmp_path))
-    _edit_config(tmp_path, use_sliding_window=True, sliding_window=16)
+    # a window from layer 1 of 2 (with the default max_window_layers, 28, no layer has one)
+    _edit_config(tmp_path, use_sliding_window=True, sliding_window=16, max_window_layers=1)
     with pytest.raises(ValueError, match="Qwen2 use_sliding_window=true is not supported"):
         load_model_dir(str(tmp_path))
 

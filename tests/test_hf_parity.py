@@ -284,3 +284,140 @@ def test_qwen2_always_has_biases(tmp_path):
     assert type(hf).__name__ == "LlamaForCausalLM"
     _compare(plain, hf)
     _compare(load_model_dir(str(tmp_path / "plain")), hf)
+
+
+# --- Qwen2's use_sliding_window / max_window_layers / layer_types ----------------------------
+QWEN2_WINDOWS = {  # (Qwen2Config kwargs, keys left out of config.json, window on every layer)
+    "every_layer": (dict(max_window_layers=0), [], 4),
+    "no_layer": (dict(max_window_layers=2), [], None),  # layers >= 2 only: none of the 2
+    "default_max_window_layers": ({}, ["max_window_layers", "layer_types"], None),  # 28
+    "layer_types_win": (dict(layer_types=["sliding_attention"] * 2), [], 4),
+}
+
+
+@pytest.mark.parametrize("case", list(QWEN2_WINDOWS))
+def test_qwen2_sliding_window_layers_as_transformers(case, tmp_path):
+    """use_sliding_window=true puts the window on the layers `layer_types` names (by default
+    those >= max_window_layers): on all of them the engine's window, on none no window, as
+    transformers (was refused whatever the layers: 'use_sliding_window=true is not
+    supported'); the config we write says the same to transformers and back to the engine."""
+    kw, drop, window = QWEN2_WINDOWS[case]
+    _hf_model("Qwen2ForCausalLM", use_sliding_window=True, sliding_window=4,
+              **kw).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in cfg.items()
+                                                      if k not in drop}))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert hf.config.layer_types == ["sliding_attention" if window else "full_attention"] * 2
+    ours = load_model_dir(str(tmp_path))
+    assert ours.config.sliding_window == window
+    _compare(ours, hf)  # prompts of up to 40 tokens: 10 windows of 4
+    written = ours.config.to_dict()
+    assert transformers.Qwen2Config.from_dict(written).layer_types == hf.config.layer_types
+    assert ModelConfig.from_dict(written).sliding_window == window
+
+
+def test_windowed_qwen2_saves_as_qwen2_with_the_window_on_every_layer(tmp_path):
+    """A Qwen2 with a window on every layer loads, so it saves too: as Qwen2ForCausalLM with
+    use_sliding_window on every layer (was refused: 'no HF architecture has both q/k/v bias and
+    a sliding window'); transformers and the engine read the saved model back alike."""
+    _hf_model("Qwen2ForCausalLM", use_sliding_window=True, sliding_window=4,
+              max_window_layers=0).save_pretrained(tmp_path / "hf")
+    ours = load_model_dir(str(tmp_path / "hf"))
+    save_model(ours, str(tmp_path / "ours"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours")).eval()
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    assert hf.config.layer_types == ["sliding_attention"] * 2
+    again = load_model_dir(str(tmp_path / "ours"))
+    assert again.config.sliding_window == 4 and again.config.attention_bias
+    _compare(again, hf)
+
+
+def test_tied_config_with_a_stored_head_of_its_own_loads_untied_as_transformers(tmp_path):
+    """config.json says tie_word_embeddings but the checkpoint stores an lm_head that differs
+    from the embedding: transformers keeps the stored head (with a warning); the engine tied
+    the head to the embedding and dropped it (logits off). A stored copy equal to the
+    embedding still ties."""
+    hf = _hf_model("LlamaForCausalLM", tie_word_embeddings=False)
+    hf.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    with pytest.warns(UserWarning, match="the stored lm_head differs from the embedding"):
+        ours = load_model_dir(str(tmp_path))
+    assert not ours.config.tie_word_embeddings
+    assert ours.lm_head.weight is not ours.model.embed_tokens.weight
+    _compare(ours, transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval())
+    with torch.no_grad():  # the same tensor twice: a tied model
+        hf.lm_head.weight.copy_(hf.model.embed_tokens.weight)
+    hf.save_pretrained(tmp_path / "same")
+    (tmp_path / "same" / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    ours = load_model_dir(str(tmp_path / "same"))
+    assert ours.config.tie_word_embeddings and ours.lm_head.weight is ours.model.embed_tokens.weight
+
+
+def test_qwen2_window_on_some_layers_refused(tmp_path):
+    _hf_model("Qwen2ForCausalLM", use_sliding_window=True, sliding_window=4,
+              max_window_layers=1).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="config.json: Qwen2 use_sliding_window=true is not "
+                                         "supported with a window on 1 of 2 layers"):
+        load_model_dir(str(tmp_path))
+
+
+def test_mistral_attention_bias_key_means_no_bias(tmp_path):
+    """HF's MistralAttention has no q/k/v bias whatever `attention_bias` says (was: 'missing
+    tensor ...q_proj.bias' for a checkpoint transformers loads)."""
+    hf = _hf_model("MistralForCausalLM", sliding_window=5, attention_bias=True)
+    hf.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["attention_bias"] is True
+    ours = load_model_dir(str(tmp_path))
+    assert not ours.config.attention_bias
+    _compare(ours, hf)
+
+
+def test_rope_parameters_theta_wins_over_top_level_rope_theta(tmp_path):
+    """A config.json with both rope_parameters.rope_theta and a top-level rope_theta:
+    transformers 5 uses rope_parameters' (was: the top-level one, other logits)."""
+    rope = {"rope_type": "default", "rope_theta": 500000.0}
+    _hf_model("LlamaForCausalLM", rope_parameters=rope).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "rope_theta": 10000.0}))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert hf.config.rope_parameters["rope_theta"] == 500000.0
+    ours = load_model_dir(str(tmp_path))
+    assert ours.config.rope_theta == 500000.0
+    _compare(ours, hf)
+
+
+def test_swish_is_silu(tmp_path):
+    """hidden_act "swish" is SiLU in transformers' ACT2FN (was: 'unsupported hidden_act')."""
+    hf = _hf_model("LlamaForCausalLM", hidden_act="swish")
+    hf.save_pretrained(tmp_path)
+    _compare(load_model_dir(str(tmp_path)), hf)
+
+
+ROPE_LAYOUTS = {  # config.json RoPE keys as transformers 5's LlamaConfig reads them
+    "theta_in_parameters_wins": dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+                                     rope_theta=3e4),
+    "top_level_theta": dict(rope_parameters={"rope_type": "linear", "factor": 2.0},
+                            rope_theta=3e4),
+    "rope_scaling_replaces_parameters": dict(
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5},
+        rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    "theta_in_rope_scaling": dict(rope_scaling={"type": "linear", "factor": 4.0,
+                                                "rope_theta": 2e4}, rope_theta=3e4),
+    "default_type_in_rope_scaling": dict(rope_scaling={"type": "default"}, rope_theta=3e4),
+}
+
+
+@pytest.mark.parametrize("case", list(ROPE_LAYOUTS))
+def test_rope_keys_read_as_transformers(case):
+    """Was: rope_parameters won over rope_scaling and a top-level rope_theta over the one in
+    the dict (transformers 5 does the opposite): a different RoPE base or factor."""
+    d = {**BASE, "architectures": ["LlamaForCausalLM"], **ROPE_LAYOUTS[case]}
+    want = transformers.LlamaConfig.from_dict(json.loads(json.dumps(d))).rope_parameters
+    ours = ModelConfig.from_dict(d)
+    assert ours.rope_theta == want["rope_theta"]
+    assert (ours.rope_scaling or {}).get("factor") == want.get("factor")
+    with pytest.raises(ValueError, match="rope_parameters per layer type are not supported"):
+        ModelConfig.from_dict({**d, "rope_parameters": {"full_attention": {"rope_theta": 1e4}},
+                               "rope_scaling": None})

@@ -226,6 +226,36 @@ def test_config_errors_are_clear():
                                "num_attention_heads": 1})
 
 
+
+_LLAMA = {"architectures": ["LlamaForCausalLM"], "vocab_size": 32, "hidden_size": 16,
+          "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+
+
+@pytest.mark.parametrize("changes, message", [
+    # a string "false" tied the head silently (and the checkpoint's lm_head was skipped)
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings must be true or false, got 'false'"),
+    # these were accepted, then a TypeError inside the model or every key hidden (window 0)
+    (dict(architectures=["MistralForCausalLM"], sliding_window="4096"),
+     "sliding_window must be a positive integer or null, got '4096'"),
+    (dict(architectures=["MistralForCausalLM"], sliding_window=0), "sliding_window must be a"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": "1"}),
+     "rope_scaling low_freq_factor must be a positive number, got '1'"),
+    (dict(initializer_range="x"), "initializer_range must be a non-negative number"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": float("nan")}),  # json reads NaN
+     "rope_scaling 'linear' needs a positive 'factor', got nan"),  # was NaN logits
+    (dict(architectures=[["LlamaForCausalLM"]]), "unsupported architecture"),
+    (dict(architectures=["Qwen2ForCausalLM"], use_sliding_window="false"),
+     "use_sliding_window must be true or false"),
+    # ids of the wrong type were kept and compared with token ids later
+    (dict(eos_token_id="2"), "eos_token_id must be a token id, a list of ids or null, got '2'"),
+    (dict(eos_token_id=[2, "3"]), "eos_token_id must be"),
+    (dict(bos_token_id=1.5), "bos_token_id must be a token id or null"),
+])
+def test_config_values_of_the_wrong_type_are_one_line(changes, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_dict({**_LLAMA, **changes})
+    ModelConfig.from_dict({**_LLAMA, "eos_token_id": [2, 3], "pad_token_id": None})  # fine
+
 def test_per_token_nll_equals_cross_entropy_of_logits_with_grads():
     """reduction="none" (DPO's sequence log-probs) gives F.cross_entropy(reduction="none") of the
     logits, 0 where ignored, and the same parameter gradients."""
