@@ -14,6 +14,7 @@ stays an HF one and adapter keys are PEFT's minus the `base_model.model.` prefix
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -217,18 +218,31 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def pattern_value(pattern: dict | None, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern rule (utils.other.get_pattern_key): the value of the
+    first key (a regex) that matches the end of the module name, after a dot or whole."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
 def apply_lora(model: nn.Module, targets=("q_proj", "v_proj"), r: int = 8, alpha: float = 16,
                dropout: float = 0.0, rslora: bool = False, dora: bool = False,
-               dtype: torch.dtype | None = None) -> list[str]:
+               dtype: torch.dtype | None = None, rank_pattern: dict | None = None,
+               alpha_pattern: dict | None = None) -> list[str]:
     """Swap the target linears for LoRALinear in place and freeze everything but the adapter
     (lora_A, lora_B, lora_magnitude_vector). `dtype`: LoRA parameter dtype (default: the base
-    weight's). Returns the full names of the wrapped modules."""
+    weight's). rank_pattern / alpha_pattern: {regex: r or alpha} for some modules, as PEFT's.
+    Returns the full names of the wrapped modules."""
     if lora_layers(model):
         raise ValueError("model already has LoRA layers (merge_lora or a fresh model first)")
     names = resolve_targets(model, targets)
     for name in names:
         try:
-            layer = LoRALinear(model.get_submodule(name), r, alpha, dropout, rslora, dora, dtype)
+            layer = LoRALinear(model.get_submodule(name), pattern_value(rank_pattern, name, r),
+                               pattern_value(alpha_pattern, name, alpha), dropout, rslora, dora,
+                               dtype)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         layer.train(model.get_submodule(name).training)  # eval model: LoRA dropout off too
@@ -323,13 +337,21 @@ class Adapter:
         return sorted({k.rsplit(".lora_A.weight", 1)[0] for k in self.tensors
                        if k.endswith(".lora_A.weight")})
 
-    def rank_alpha(self) -> tuple[int, float]:
-        """(r, lora_alpha) of the config, with PEFT's defaults (8, 8) when absent."""
+    def rank_alpha(self, module: str | None = None) -> tuple[int, float]:
+        """(r, lora_alpha) of the config, with PEFT's defaults (8, 8) when absent; of `module`
+        when given, from rank_pattern / alpha_pattern where a key matches it."""
         r, alpha = self.config.get("r", 8), self.config.get("lora_alpha", 8)
+        r_name, alpha_name = "r", "lora_alpha"
+        if module is not None and (v := pattern_value(self.config.get("rank_pattern"), module,
+                                                      None)) is not None:
+            r, r_name = v, f"rank_pattern gives {module} r"
+        if module is not None and (v := pattern_value(self.config.get("alpha_pattern"), module,
+                                                      None)) is not None:
+            alpha, alpha_name = v, f"alpha_pattern gives {module} lora_alpha"
         if isinstance(r, bool) or not isinstance(r, (int, float)) or r != int(r) or r < 1:
-            raise ValueError(f"adapter_config: r={r!r} is not a positive integer")
+            raise ValueError(f"adapter_config: {r_name}={r!r} is not a positive integer")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-            raise ValueError(f"adapter_config: lora_alpha={alpha!r} is not a number")
+            raise ValueError(f"adapter_config: {alpha_name}={alpha!r} is not a number")
         return int(r), alpha
 
     def scaling(self) -> float:
@@ -401,8 +423,8 @@ def _our_key(key: str) -> str:
 # selection, training or the initialization, whose result the saved tensors already hold.
 # `bias` ("all" / "lora_only") is checked on the tensors instead (_check_tensors): on a model
 # without biases (Llama) PEFT saves no bias tensor and the adapter is a plain LoRA one.
-_UNSUPPORTED = {"fan_in_fan_out": False, "lora_bias": False, "rank_pattern": {},
-                "alpha_pattern": {}, "layer_replication": None, "use_qalora": False,
+_UNSUPPORTED = {"fan_in_fan_out": False, "lora_bias": False,
+                "layer_replication": None, "use_qalora": False,
                 "target_parameters": None, "trainable_token_indices": None,
                 "alora_invocation_tokens": None, "arrow_config": None, "use_bdlora": None,
                 "velora_config": None, "monteclora_config": None, "kasa_config": None,
@@ -417,6 +439,15 @@ def _check_config(config: dict) -> None:
         value = config.get(key, off)
         if value != off and value not in (None, False, {}, []):
             raise ValueError(f"adapter_config: {key}={value!r} is not supported")
+    for key in ("rank_pattern", "alpha_pattern"):  # {regex: value} (PEFT: per-module r, alpha)
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise ValueError(f"adapter_config: {key}={pattern!r} is not a mapping")
+        for k in pattern:
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise ValueError(f"adapter_config: {key} key {k!r} is not a regex: {e}") from None
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
         raise ValueError(f"adapter_config: init_lora_weights={init!r} is not supported (it "
@@ -444,11 +475,18 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str 
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model has no LoRA layers to save")
-    hp = {(lay.r, lay.lora_alpha, lay.use_rslora, lay.use_dora, lay.lora_dropout.p
+    hp = {(lay.use_rslora, lay.use_dora, lay.lora_dropout.p
            if isinstance(lay.lora_dropout, nn.Dropout) else 0.0) for lay in layers.values()}
     if len(hp) > 1:
-        raise ValueError(f"LoRA layers differ in (r, alpha, rslora, dora, dropout): {sorted(hp)}")
-    r, alpha, rslora, dora, dropout = hp.pop()
+        raise ValueError(f"LoRA layers differ in (rslora, dora, dropout): {sorted(hp)}")
+    rslora, dora, dropout = hp.pop()
+    # r / alpha may differ per module (e.g. a PEFT adapter with rank_pattern): the most common
+    # value is the default, the others go into PEFT's patterns under their exact module names
+    r = collections.Counter(lay.r for lay in layers.values()).most_common(1)[0][0]
+    alpha = collections.Counter(lay.lora_alpha for lay in layers.values()).most_common(1)[0][0]
+    patterns = {"rank_pattern": {re.escape(n): lay.r for n, lay in layers.items() if lay.r != r},
+                "alpha_pattern": {re.escape(n): lay.lora_alpha for n, lay in layers.items()
+                                  if lay.lora_alpha != alpha}}
     # modules_to_save copies of a loaded PEFT adapter are part of it: keep them (full module
     # paths, which PEFT matches as suffixes)
     whole = whole_module_state_dict(model)
@@ -457,17 +495,19 @@ def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str 
            "bias": "none", "base_model_name_or_path": base_model_name_or_path,
            "fan_in_fan_out": False, "use_rslora": rslora, "use_dora": dora,
            "modules_to_save": sorted({k.rsplit(".", 1)[0] for k in whole}) or None,
-           "init_lora_weights": True, "inference_mode": True, **(config or {})}
+           "init_lora_weights": True, "inference_mode": True,
+           **{k: v for k, v in patterns.items() if v}, **(config or {})}
     adapter = Adapter(cfg, {**lora_state_dict(model), **whole})
     adapter.save(directory)
     return adapter
 
 
 def load_adapter(model: nn.Module, adapter: str | Adapter) -> list[str]:
-    """Apply LoRA to exactly the modules the adapter covers (per its config: r, alpha, rslora,
-    dora, dropout) and load its tensors, kept in fp32 on a bf16 / fp16 base as PEFT does; a
-    model that already has that LoRA layout (resume) just gets the tensors. Ours or PEFT's;
-    raises on any shape mismatch. Returns the module names."""
+    """Apply LoRA to exactly the modules the adapter covers (per its config: r, alpha and their
+    per-module patterns, rslora, dora, dropout) and load its tensors, kept in fp32 on a bf16 /
+    fp16 base as PEFT does; a model that already has that LoRA layout (resume) just gets the
+    tensors. Ours or PEFT's. Everything is checked first: a refused adapter (shape mismatch,
+    unknown module, missing tensor) leaves the model as it was. Returns the module names."""
     if isinstance(adapter, str):
         adapter = Adapter.load(adapter)
     c = adapter.config
@@ -478,18 +518,18 @@ def load_adapter(model: nn.Module, adapter: str | Adapter) -> list[str]:
         raise ValueError("adapter has no lora_A tensors")
     r, alpha = adapter.rank_alpha()
     hp = dict(r=r, alpha=alpha, dropout=c.get("lora_dropout", 0.0),
-              rslora=bool(c.get("use_rslora")), dora=bool(c.get("use_dora")))
+              rslora=bool(c.get("use_rslora")), dora=bool(c.get("use_dora")),
+              rank_pattern=c.get("rank_pattern"), alpha_pattern=c.get("alpha_pattern"))
     existing = lora_layers(model)
-    if not existing:  # fp32 adapter weights on a bf16 / fp16 base too, as PEFT loads them
-        names = apply_lora(model, modules, **hp, dtype=torch.float32)  # (autocast_adapter_dtype)
+    if not existing:
+        resolve_targets(model, modules)  # names the modules the model lacks
     else:  # e.g. resuming: the same LoRA layout must already be in place
-        names = sorted(existing)
-        if names != modules:
-            raise ValueError(f"model already has LoRA layers on {len(names)} modules, the adapter "
-                             f"covers {len(modules)} others")
+        if sorted(existing) != modules:
+            raise ValueError(f"model already has LoRA layers on {len(existing)} modules, the "
+                             f"adapter covers {len(modules)} others")
         for name, lay in existing.items():
             have = (lay.r, lay.lora_alpha, lay.use_rslora, lay.use_dora)
-            if have != (hp["r"], hp["alpha"], hp["rslora"], hp["dora"]):
+            if have != (*adapter.rank_alpha(name), hp["rslora"], hp["dora"]):
                 raise ValueError(f"{name}: (r, alpha, rslora, dora) = {have} differs from the "
                                  f"adapter's config")
     whole = adapter.whole_module_keys()
@@ -497,6 +537,50 @@ def load_adapter(model: nn.Module, adapter: str | Adapter) -> list[str]:
     if whole and tied and c.get("ensure_weight_tying"):
         raise ValueError("adapter_config: ensure_weight_tying=true (modules_to_save kept tied to "
                          "the embedding) is not supported")
+    _check_fits(model, adapter, existing)
+    if existing:
+        names = sorted(existing)
+    else:  # fp32 adapter weights on a bf16 / fp16 base too, as PEFT loads them
+        names = apply_lora(model, modules, **hp, dtype=torch.float32)  # (autocast_adapter_dtype)
+    params = dict(model.named_parameters())
+    for key, value in adapter.tensors.items():
+        if key in whole:
+            _load_whole(model, key, value)
+        else:
+            with torch.no_grad():
+                params[key].copy_(value)
+    return names
+
+
+def _check_fits(model: nn.Module, adapter: Adapter, existing: dict[str, LoRALinear]) -> None:
+    """Every adapter tensor has a place of its shape in the model, and every LoRA layer it
+    implies gets all its tensors; checked before the model changes."""
+    leaves = existing or _linear_leaves(model)
+    dora = bool(adapter.config.get("use_dora"))
+    want = {}  # our key -> shape of the LoRA tensor that load_adapter will create
+    for m in adapter.modules():
+        leaf = leaves.get(m)  # exact names: a key without "model." must not land on a layer
+        if leaf is None:
+            raise ValueError(f"adapter tensor {m}.lora_A.weight has no matching parameter in "
+                             "the model")
+        r = adapter.rank_alpha(m)[0]
+        want.update({f"{m}.lora_A.weight": (r, leaf.in_features),         # (r, in)
+                     f"{m}.lora_B.weight": (leaf.out_features, r)})       # (out, r)
+        if dora:
+            want[f"{m}.lora_magnitude_vector"] = (leaf.out_features,)
+    whole = set(adapter.whole_module_keys())
+    for key, value in adapter.tensors.items():
+        if key in whole:
+            _whole_target(model, key, value, want)
+            continue
+        if key not in want:
+            raise ValueError(f"adapter tensor {key} has no matching parameter in the model")
+        if tuple(value.shape) != want[key]:
+            raise ValueError(f"adapter tensor {key} has shape {tuple(value.shape)} but the model "
+                             f"expects {want[key]} (adapter for a different base?)")
+    missing = sorted(set(want) - set(adapter.tensors))
+    if missing:
+        raise ValueError(f"adapter lacks {len(missing)} tensor(s), e.g. {missing[0]}")
     for name, value in adapter.base_tensors.items():
         base = getattr(_submodule(model, name + BASE_LAYER), "weight", None)
         # compared in the less precise dtype: PEFT saves it in the training dtype (bf16 from
@@ -506,23 +590,6 @@ def load_adapter(model: nn.Module, adapter: str | Adapter) -> list[str]:
                 or torch.equal(value, base.to(device=value.device, dtype=value.dtype))):
             raise ValueError(f"adapter tensor {name}{BASE_LAYER} differs from the model's "
                              f"{name}.weight (adapter for a different or resized base?)")
-    params = dict(model.named_parameters())
-    own = lora_state_dict(model)
-    for key, value in adapter.tensors.items():
-        if key in whole:
-            _load_whole(model, key, value)
-            continue
-        if key not in params:
-            raise ValueError(f"adapter tensor {key} has no matching parameter in the model")
-        if tuple(value.shape) != tuple(params[key].shape):
-            raise ValueError(f"adapter tensor {key} has shape {tuple(value.shape)} but the model "
-                             f"expects {tuple(params[key].shape)} (adapter for a different base?)")
-        with torch.no_grad():
-            params[key].copy_(value)
-    missing = sorted(set(own) - set(adapter.tensors))
-    if missing:
-        raise ValueError(f"adapter lacks {len(missing)} tensor(s), e.g. {missing[0]}")
-    return names
 
 
 def _submodule(model: nn.Module, key: str) -> nn.Module:
@@ -532,12 +599,10 @@ def _submodule(model: nn.Module, key: str) -> nn.Module:
         raise ValueError(f"adapter tensor {key} has no matching module in the model") from None
 
 
-def _load_whole(model: nn.Module, key: str, value: torch.Tensor) -> None:
-    """A modules_to_save tensor becomes a new Parameter of its own, as PEFT's copy: on a tied
-    model the other side (lm_head or embed_tokens) keeps the original, and the original is kept
-    (non-persistent buffer) for disable_adapters."""
+def _whole_target(model: nn.Module, key: str, value: torch.Tensor, lora_keys) -> nn.Parameter:
+    """The parameter a modules_to_save tensor replaces, checked (module, shape, no LoRA)."""
     mod, pname = _submodule(model, key), key.rsplit(".", 1)[1]
-    if isinstance(mod, LoRALinear):
+    if isinstance(mod, LoRALinear) or key.rsplit(".", 1)[0] + ".lora_A.weight" in lora_keys:
         raise ValueError(f"adapter has both LoRA and a whole-module tensor ({key}) for one module")
     orig = getattr(mod, pname, None)
     if not isinstance(orig, nn.Parameter):
@@ -545,6 +610,15 @@ def _load_whole(model: nn.Module, key: str, value: torch.Tensor) -> None:
     if tuple(value.shape) != tuple(orig.shape):
         raise ValueError(f"adapter tensor {key} has shape {tuple(value.shape)} but the model "
                          f"expects {tuple(orig.shape)} (adapter for a different base?)")
+    return orig
+
+
+def _load_whole(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    """A modules_to_save tensor becomes a new Parameter of its own, as PEFT's copy: on a tied
+    model the other side (lm_head or embed_tokens) keeps the original, and the original is kept
+    (non-persistent buffer) for disable_adapters."""
+    mod, pname = _submodule(model, key), key.rsplit(".", 1)[1]
+    orig = _whole_target(model, key, value, ())
     if _ORIGINAL + pname not in mod._buffers:  # a second load (resume) keeps the first original
         mod.register_buffer(_ORIGINAL + pname, orig.detach(), persistent=False)
     new = value.detach().to(device=orig.device, dtype=orig.dtype).clone()
@@ -572,6 +646,10 @@ def combine_adapters(adapters: list, weights: list[float], method: str = "cat",
         try:
             _check_config(a.config)
             _check_tensors(a)
+            for key in ("rank_pattern", "alpha_pattern"):  # one scaling per adapter here
+                if a.config.get(key):
+                    raise ValueError(f"adapter_config: {key}={a.config[key]!r} is not supported "
+                                     "when combining adapters (load or merge it on its own)")
         except ValueError as e:
             raise ValueError(f"adapter {i + 1} of {len(ads)}: {e}") from None
         if a.whole_module_keys():  # only lora_A/B are combined: the copy would be lost

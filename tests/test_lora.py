@@ -1,5 +1,6 @@
 """engine/lora.py: LoRA / rsLoRA / DoRA math, merge, NF4 base, PEFT adapter files, combination;
 interoperability with peft + transformers (test-only references)."""
+import copy
 import json
 import math
 
@@ -588,6 +589,7 @@ _IGNORED_FIELDS = {"task_type", "peft_type", "auto_mapping", "peft_version",
                    "init_lora_weights", "layers_to_transform", "layers_pattern", "megatron_core",
                    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "use_dora",
                    "qalora_group_size", "runtime_config", "ensure_weight_tying",
+                   "rank_pattern", "alpha_pattern",  # implemented (per-module r / alpha)
                    "bias"}  # checked on the tensors: refused only when bias vectors were saved
 
 
@@ -1014,3 +1016,95 @@ def test_qlora_layer_bit_identical_to_peft_on_a_bnb_linear4bit(dora):
     ref, out = pm(x), lay(x)
     assert torch.equal(out, ref)
     _assert_same_grads(ref, out, x, pl, lay, dora)
+
+
+# ---------------------------------------------------------------------------------------------
+# Review 15: per-module rank / alpha, and refusals that left the model half-changed
+# ---------------------------------------------------------------------------------------------
+_PATTERNS = dict(rank_pattern={"q_proj": 2, r"model\.layers\.1\.mlp\.down_proj": 6},
+                 alpha_pattern={"v_proj": 32, "^model.layers.0.self_attn.o_proj": 3})
+
+
+@pytest.mark.parametrize("kw", [{}, {"use_dora": True, "use_rslora": True}])
+def test_peft_rank_and_alpha_patterns_load_and_save_back(hf_base, tmp_path, kw):
+    """PEFT's per-module r / alpha (rank_pattern, alpha_pattern, regex keys matched at the end
+    of the module name): we refused them. Now they load with PEFT's logits, and save_adapter
+    writes them back so that PEFT loads our copy with the same logits."""
+    from peft import PeftModel
+    from peft.utils.other import get_pattern_key
+    from engine.lora import pattern_value
+    ref = _peft_adapter(hf_base, tmp_path / "peft", r=4, lora_alpha=8, target_modules=ALL,
+                        **_PATTERNS, **kw)
+    ours = _ours_from(hf_base)
+    load_adapter(ours, str(tmp_path / "peft"))
+    lays = lora_layers(ours)
+    for name, lay in lays.items():  # the same module -> pattern rule as PEFT's
+        for pat, val in (("rank_pattern", lay.r), ("alpha_pattern", lay.lora_alpha)):
+            key = get_pattern_key(_PATTERNS[pat].keys(), name)
+            assert val == _PATTERNS[pat].get(key, 4 if pat == "rank_pattern" else 8), name
+            assert pattern_value(_PATTERNS[pat], name, None) == _PATTERNS[pat].get(key)
+    assert lays["model.layers.1.mlp.down_proj"].r == 6
+    assert lays["model.layers.0.mlp.down_proj"].r == 4
+    assert lays["model.layers.0.self_attn.o_proj"].lora_alpha == 3
+    with torch.no_grad():
+        assert _max_diff(ours(_ids()), ref) < 1e-4
+    save_adapter(ours, str(tmp_path / "ours"))
+    pm = PeftModel.from_pretrained(copy.deepcopy(hf_base), str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        assert _max_diff(pm(_ids()).logits, ref) < 1e-4
+    fresh = _ours_from(hf_base)                       # and back here from our own file
+    load_adapter(fresh, str(tmp_path / "ours"))
+    with torch.no_grad():
+        assert _max_diff(fresh(_ids()), ref) < 1e-4
+
+
+def test_pattern_errors_are_one_line():
+    ad = _adapter(4, 8)
+    ad.config["rank_pattern"] = {"q_proj": 0}
+    with pytest.raises(ValueError, match=r"rank_pattern gives .*q_proj r=0 is not a positive"):
+        load_adapter(_model(), ad)
+    ad.config["rank_pattern"] = {"q_proj[": 2}
+    with pytest.raises(ValueError, match=r"rank_pattern key 'q_proj\[' is not a regex"):
+        load_adapter(_model(), ad)
+    ad.config["rank_pattern"] = {"q_proj": 2}
+    with pytest.raises(ValueError, match="adapter 1 of 2: adapter_config: rank_pattern=.* when "
+                                         "combining"):
+        combine_adapters([ad, _adapter(4, 8)], [1, 1])
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_refused_adapter_leaves_the_model_as_it_was(tmp_path):
+    """A shape mismatch, a missing tensor, keys of another model class ("layers.0..." without
+    "model.") or a bad modules_to_save tensor were found after LoRA layers were in place (and
+    some tensors copied): the refused model kept them."""
+    m = _model()
+    apply_lora(m, ["q_proj", "v_proj"], r=4, alpha=8, dora=True)
+    _randomize_adapter(m)
+    good = save_adapter(m, str(tmp_path))
+    cases = {}
+    ad = Adapter(dict(good.config), dict(good.tensors))        # a different base
+    ad.tensors["model.layers.1.self_attn.v_proj.lora_A.weight"] = torch.zeros(4, 32)
+    cases[r"v_proj\.lora_A\.weight has shape \(4, 32\)"] = ad
+    ad = Adapter(dict(good.config), dict(good.tensors))
+    del ad.tensors["model.layers.1.self_attn.v_proj.lora_magnitude_vector"]
+    cases[r"adapter lacks 1 tensor\(s\), e\.g\. model\.layers\.1\.self_attn\.v_proj\.lora_mag"] = ad
+    ad = Adapter(dict(good.config), {k.removeprefix("model."): v for k, v in good.tensors.items()})
+    cases[r"adapter tensor layers\.0\.self_attn\.q_proj\.lora_A\.weight has no matching"] = ad
+    ad = Adapter(dict(good.config), {**good.tensors, "lm_head.weight": torch.zeros(3, 64)})
+    cases[r"lm_head\.weight has shape \(3, 64\)"] = ad
+    ad = Adapter(dict(good.config), {**good.tensors, "model.layers.0.self_attn.q_proj.weight":
+                                     torch.zeros(64, 64)})
+    cases["both LoRA and a whole-module tensor"] = ad
+    for msg, ad in cases.items():
+        fresh = _model()
+        before = _state(fresh)
+        with pytest.raises(ValueError, match=msg):
+            load_adapter(fresh, ad)
+        assert not lora_layers(fresh), msg
+        after = _state(fresh)
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k])
+                                                     for k in before), msg
+        load_adapter(fresh, good)                              # still a clean base
