@@ -164,7 +164,16 @@ def save_trained(model: nn.Module, tokenizer, directory: str, mode: str, base: s
         if tokenizer is not None:
             tokenizer.save(directory)
     else:
+        from engine.config import atomic_write_bytes
+        from engine.hub import derived_generation_config
         save_model(model, directory, tokenizer)
+        # the base's stop ids beyond config.json's eos (Llama 3's <|eot_id|>), as merge keeps them
+        gen = os.path.join(directory, "generation_config.json")
+        content = derived_generation_config(base, tokenizer, model.config) if base else None
+        if content is not None:
+            atomic_write_bytes(gen, content)
+        elif os.path.exists(gen):  # a replaced model's stop ids are not this one's
+            os.remove(gen)
 
 
 def restore_trained(model: nn.Module, directory: str, mode: str) -> None:

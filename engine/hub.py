@@ -192,6 +192,22 @@ def generation_eos_ids(directory: str) -> set[int]:
     return set(ids)
 
 
+def derived_generation_config(base: str, tok, config) -> bytes | None:
+    """The generation_config.json a model made from `base` (merged, fully fine-tuned) keeps, as
+    HF's save_pretrained keeps it: the base directory's file; for a GGUF base, its stop ids
+    beyond config.json's eos. Without it, the new model would run past the end of its answers
+    where the base stops (Llama 3's <|eot_id|>)."""
+    kind, path = resolve(base)
+    gen_cfg = os.path.join(path, "generation_config.json")
+    if kind == "hf" and os.path.isfile(gen_cfg):
+        with open(gen_cfg, "rb") as f:
+            return f.read()
+    if tok is not None and set(tok.extra_stop_ids) - set(config.eos_ids):
+        eos = sorted(set(tok.extra_stop_ids) | set(config.eos_ids))
+        return (json.dumps({"eos_token_id": eos}, indent=2) + "\n").encode()
+    return None
+
+
 def gguf_stop_ids(fields: dict) -> set[int]:
     """`tokenizer.ggml.eot_token_id` / `eom_token_id` of GGUF metadata (Llama 3's <|eot_id|>
     and <|eom_id|>), when present: llama.cpp ends generation on them as on EOS."""

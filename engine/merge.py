@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     if os.path.isfile(os.path.join(args.out, "config.json")) and not args.force:
         raise ValueError(f"{args.out} already holds a model; pick another --out "
                          "(or pass --force to replace it)")
-    from engine.hub import load_model, resolve
+    from engine.hub import derived_generation_config, load_model
     from engine.lora import Adapter, combine_adapters, load_adapter, merge_lora
     templates = adapter_chat_templates(args.adapter)
     model, tok = load_model(args.base, dtype=torch.float32)
@@ -123,17 +123,8 @@ def main(argv=None) -> int:
         tok.chat_templates = templates
     merge_lora(model)
     model.to(dtype)
-    # Stop ids beyond config.json's eos: without them the merged model would run past the end
-    # of its answers where the base (and base + adapter) stops.
-    kind, path = resolve(args.base)
-    gen_cfg, generation_config = os.path.join(path, "generation_config.json"), None
-    if kind == "hf" and os.path.isfile(gen_cfg):
-        with open(gen_cfg, "rb") as f:
-            generation_config = f.read()
-    elif tok is not None and set(tok.extra_stop_ids) - set(model.config.eos_ids):
-        eos = sorted(set(tok.extra_stop_ids) | set(model.config.eos_ids))
-        generation_config = (json.dumps({"eos_token_id": eos}, indent=2) + "\n").encode()
-    write_merged(model, tok, args.out, generation_config)
+    # stop ids beyond config.json's eos, where the base (and base + adapter) stops
+    write_merged(model, tok, args.out, derived_generation_config(args.base, tok, model.config))
     print(f"merged {', '.join(args.adapter)}{how} into {args.base} -> {args.out}")
     return 0
 

@@ -348,3 +348,21 @@ def test_adapter_run_directory_loads_as_its_base_with_the_adapter(base, tmp_path
         json.dump(c, f)
     with pytest.raises(ValueError, match="adapter without base_model_name_or_path"):
         load_model(run)
+
+
+@pytest.mark.parametrize("mode", ["full", "freeze"])
+def test_full_finetune_keeps_the_bases_generation_config(base, tmp_path, mode):
+    """A full / freeze run wrote config.json and the weights but not the base's
+    generation_config.json: its extra stop ids (Llama 3's <|eot_id|>) were lost, so generate.py
+    on the run did not stop where the base does. engine.merge keeps it; so does the run now."""
+    import shutil
+    from engine.hub import load_model
+    run_base, domain, _ = base
+    gbase = shutil.copytree(run_base, str(tmp_path / "gbase"))
+    gen = json.dumps({"eos_token_id": [2, 7]})
+    (tmp_path / "gbase" / "generation_config.json").write_text(gen)
+    out = str(tmp_path / "run")
+    assert train.main(["--base", gbase, "--finetune", mode, "--data", domain, "--out", out,
+                       "--max-steps", "1", "--eval-every", "1", *FLAGS]) == 0
+    assert open(os.path.join(out, "generation_config.json")).read() == gen
+    assert 7 in load_model(out)[1].stop_ids
