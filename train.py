@@ -203,8 +203,12 @@ def _run(args, given: set[str], stage: dict) -> int:
     elapsed = lambda: time.time() - t0  # noqa: E731
     budget_used = lambda: max(step / args.max_steps, elapsed() / budget_s if budget_s else 0.0)  # noqa: E731
     meter = Throughput()
-    bar = tqdm(total=args.max_steps, initial=step, dynamic_ncols=True, desc="train",
-               disable=args.no_progress or not distributed.is_main())
+    # under --max-minutes the bar shows the share of the budget used (of --max-steps when that
+    # binds first): a count to the default 100000 steps showed an ETA of hours
+    bar = tqdm(total=100 if budget_s else args.max_steps, initial=0 if budget_s else step,
+               dynamic_ncols=True, desc="train", disable=args.no_progress or not distributed.is_main(),
+               **({"bar_format": "{desc}{percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}"}
+                  if budget_s else {}))
     model.train()
     stop_reason = "max steps"
     saved_at = [step if resume_dir else None]  # the step last/ holds
@@ -309,7 +313,11 @@ def _run(args, given: set[str], stage: dict) -> int:
                 extra["train_s"] += dt
                 if step == args.warmup_steps and not extra["warmup_end_s"]:
                     extra["warmup_end_s"] = distributed.main_value(elapsed())
-                bar.update(1)
+                if budget_s:
+                    bar.set_description(f"train step {step}", refresh=False)
+                    bar.update(min(100.0, 100 * budget_used()) - bar.n)
+                else:
+                    bar.update(1)
                 if step % args.log_every == 0:
                     tps = meter.rate()
                     pref = distributed.mean_dict(task.log(args.grad_accum))  # DPO: rewards, accuracy, margin

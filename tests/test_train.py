@@ -1503,3 +1503,29 @@ def test_default_run_directory_names_preset_mode_base_and_objective(tmp_path, mo
         names.append(re.sub(r"-\d{8}-\d{6}$", "-TIME", os.path.relpath(run_dir)))
     assert names == [os.path.join("out", n) for n in
                      ("tiny-TIME", "lora-my-base-TIME", "dpo-full-my-base-TIME")]
+
+
+def test_progress_bar_under_a_time_budget_shows_the_budget_used(corpus, tmp_path, monkeypatch):
+    """--max-minutes alone: the bar counted steps to the default --max-steps 100000 and showed
+    an ETA of hours. Now it runs to 100 (% of the budget used); with --max-steps only, steps."""
+    bars = []
+
+    class Bar:
+        write = staticmethod(print)
+
+        def __init__(self, total, initial, **kw):
+            self.total, self.n = total, initial
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def __getattr__(self, name):  # set_postfix, set_description, close, ...
+            return lambda *a, **k: None
+    monkeypatch.setattr(train, "tqdm", Bar)
+    assert train.main(["--data", str(corpus), "--out", str(tmp_path / "a"), "--max-minutes",
+                       "0.02", *TINY]) == 0
+    assert bars[-1].total == 100 and 0 < bars[-1].n <= 100
+    assert train.main(["--data", str(corpus), "--out", str(tmp_path / "b"), "--max-steps", "3",
+                       *TINY]) == 0
+    assert (bars[-1].total, bars[-1].n) == (3, 3)
