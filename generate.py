@@ -22,7 +22,7 @@ import torch
 
 from engine.config import DefaultsHelpFormatter, RaisingParser, UsageError
 from engine.generation import beam_search, check_sampling_args, generate
-from engine.hub import pick_device_dtype
+from engine.hub import adapter_base, pick_device_dtype
 from tokenizer import read_chat_template, set_chat_template
 
 CHECKPOINT_ROOT = "out"  # where train.py writes its run directories
@@ -272,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {source} has no chat template; using ChatML (--chat-template sets one)",
               file=sys.stderr)
     if not args.quiet:
-        print(f"model: {source}" + (f" + adapter {args.adapter}" if args.adapter else "")
+        base = adapter_base(source) if os.path.isdir(source) else None  # an adapter run
+        shown = f"{base} + adapter {source}" if base else source
+        print(f"model: {shown}" + (f" + adapter {args.adapter}" if args.adapter else "")
               + f" ({model.num_parameters() / 1e6:.1f}M parameters, {dtype}, {device})",
               file=sys.stderr, flush=True)
     sampling = args.temperature > 0 and args.beams == 1

@@ -1158,6 +1158,12 @@ def test_cli_adapter_is_applied(tmp_path, capsys, monkeypatch):
     _, _, err = cli_in_process(args[:-1] + ["--adapter", str(tmp_path / "adapter")], capsys,
                                monkeypatch)  # not --quiet: the model line names the adapter
     assert f"model: {tmp_path / 'base'} + adapter {tmp_path / 'adapter'} (" in err
+    # an adapter run given as the model: the line names its base too (it named the adapter only)
+    lora.save_adapter(model, str(tmp_path / "run"), base_model_name_or_path=str(tmp_path / "base"))
+    rc, out, err = cli_in_process(["--checkpoint", str(tmp_path / "run"), *args[2:-1]], capsys,
+                                  monkeypatch)
+    assert rc == 0 and out == with_adapter, err
+    assert f"model: {tmp_path / 'base'} + adapter {tmp_path / 'run'} (" in err
 
 
 def test_cli_checkpoint_without_tokenizer_or_weights(tmp_path, capsys, monkeypatch):
