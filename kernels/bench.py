@@ -586,11 +586,13 @@ def interpreter_check(only=KERNELS) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="Llama-3-8B shapes, seq 2048 only")
-    p.add_argument("--only", default=",".join(KERNELS), help="comma-separated kernels to run")
+    p.add_argument("--only", default=",".join(KERNELS),
+                   help="comma-separated kernels to run (default: %(default)s)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
     p.add_argument("--budget-min", type=float, default=None,
                    help="start no new case after this many minutes (the rows so far are kept)")
-    p.add_argument("--out", default=os.path.join("benchmarks", "results", "bench.jsonl"))
+    p.add_argument("--out", default=os.path.join("benchmarks", "results", "bench.jsonl"),
+                   help="JSON lines file the results are appended to (default: %(default)s)")
     return p
 
 

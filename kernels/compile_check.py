@@ -277,7 +277,8 @@ def markdown(rows, arch) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="90",
-                   help=f"comma-separated compute capabilities, of {sorted(TARGETS)}")
+                   help=f"comma-separated compute capabilities, of {sorted(TARGETS)} "
+                        "(default: %(default)s)")
     p.add_argument("--quick", action="store_true",
                    help="SmolLM2 and Llama-3-8B shapes, bf16, head dims 64 and 128")
     p.add_argument("--only", default=",".join(sorted(KERNELS)),
