@@ -100,11 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--data {args.data} holds multiple-choice items (context/choices/label): "
                 f"score them with --task choice")
     if args.task == "choice" and args.data.endswith((".jsonl", ".json")):
-        from engine.sft import detect_format, records_name
-        try:  # text / SFT / preference data: "line 1: missing string 'context'" says too little
-            form = detect_format(args.data) if os.path.isfile(args.data) else None
-        except ValueError:  # choice items, or bad lines: load_choice_items names them
-            form = None
+        from engine.sft import file_form, records_name
+        # text / SFT / preference data: "line 1: missing string 'context'" says too little
+        form = file_form(args.data)  # None for choice items (unknown keys) or bad lines
         if form is not None:
             use = {"text": "; score them with --task perplexity", "preference": ""}
             name = "text records" if form == "text" else records_name(form)

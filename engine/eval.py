@@ -123,17 +123,14 @@ def _check_choice(obj) -> str | None:
 def holds_choice_items(path: str) -> bool:
     """Whether a JSONL file's first JSON object is a multiple-choice item ('context' and
     'choices'): data for --task choice, whatever task it was given to."""
+    from engine.sft import json_lines
     if not os.path.isfile(path) or not path.endswith((".jsonl", ".json")):
         return False
-    with open(path, "rb") as f:
-        for raw in f:
-            try:
-                obj = json.loads(raw.decode("utf-8").lstrip("\ufeff"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                continue
-            if isinstance(obj, dict):
-                return "context" in obj and "choices" in obj
-    return False
+    try:
+        obj = next((o for _, o, err in json_lines(path) if err is None and isinstance(o, dict)), {})
+    except ValueError:  # a JSON array: the task's own reader says so
+        return False
+    return "context" in obj and "choices" in obj
 
 
 def load_choice_items(path: str) -> list[ChoiceItem]:

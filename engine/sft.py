@@ -97,7 +97,7 @@ def _form_of(obj) -> str | None:
     return None
 
 
-def _json_lines(path: str) -> Iterator[tuple[int, object, str | None]]:
+def json_lines(path: str) -> Iterator[tuple[int, object, str | None]]:
     """(line number, parsed object or None, error text or None) for each non-blank line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
@@ -125,13 +125,22 @@ def detect_format(path: str) -> str:
     return _first_form(path)[0]
 
 
+def file_form(path: str) -> str | None:
+    """detect_format's answer for a file whose form can be told; None for a missing file, a
+    directory, or one without a valid object of known keys (its reader names the bad line)."""
+    try:
+        return detect_format(path) if os.path.isfile(path) else None
+    except ValueError:
+        return None
+
+
 def _first_form(path: str) -> tuple[str, int]:
     """(detect_format's answer, the line of the record it read; 0 for a plain-text corpus)."""
     if os.path.isdir(path) or not path.endswith((".jsonl", ".json")):
         if not os.path.exists(path):
             raise FileNotFoundError(f"data not found: {path}")
         return "text", 0
-    for n, obj, err in _json_lines(path):
+    for n, obj, err in json_lines(path):
         if err is None and isinstance(obj, dict):
             form = _form_of(obj)
             if form is None:
@@ -152,11 +161,8 @@ def records_not_text(path: str) -> tuple[str, str] | None:
     for f in corpus_files(path):
         if not f.endswith((".jsonl", ".json")):
             continue
-        try:
-            form = _first_form(f)[0]
-        except ValueError:
-            continue
-        if form != "text":
+        form = file_form(f)
+        if form not in (None, "text"):
             return f, form
     return None
 
@@ -281,7 +287,7 @@ def _load(path: str, check, on_error: str, warn) -> tuple[list[tuple[int, object
     if on_error not in ("stop", "skip"):
         raise ValueError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
     good, skipped = [], []
-    for n, obj, err in _json_lines(path):
+    for n, obj, err in json_lines(path):
         err = err or check(obj)
         if err is None:
             good.append((n, obj))

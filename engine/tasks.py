@@ -19,7 +19,6 @@ run takes exactly the steps of one process with the whole batch; tokens are coun
 from __future__ import annotations
 
 import contextlib
-import os
 
 from engine.data import (ENCODER_VERSION, BadLine, Documents, TokenSplit, check_trainable,
                          corpus_files, eval_windows, get_batch, read_corpus, split_documents,
@@ -267,11 +266,8 @@ def _check_preference_data(flag: str, path: str | None) -> None:
     """Refuse SFT data or text given to --objective dpo with the way to train on it: read as
     pairs, its first line was "missing 'prompt' ...; --bad-lines skip leaves such lines out",
     though skipping would leave out every line."""
-    from engine.sft import detect_format, records_name
-    try:
-        form = detect_format(path) if path is not None and os.path.isfile(path) else None
-    except ValueError:  # bad lines, unknown keys: the preference reader names them
-        return
+    from engine.sft import file_form, records_name
+    form = file_form(path) if path is not None else None  # None: the pair reader names its lines
     if form not in (None, "preference"):
         name = "a text corpus" if form == "text" else records_name(form)
         raise ValueError(f"{flag} {path} holds {name}: --objective dpo trains on preference "

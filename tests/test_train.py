@@ -1388,18 +1388,13 @@ def test_training_state_is_fsynced_before_it_replaces_the_last_one(tmp_path, mon
     assert load_training_state(str(tmp_path), opt, torch.Generator()) == (3, {"a": 1})
 
 
-def test_resume_refuses_optimizer_state_of_another_model_in_one_line(ref, tmp_path):
-    """A --finetune full run whose --base was replaced by a deeper model: the weights restore
-    by name, but the optimizer state was the old model's (torch's 'parameter group that doesn't
-    match the size' said nothing of why). Same-count state of other shapes loaded silently and
-    failed at the first step with a tensor size error."""
+def paused_run_on_a_replaced_base(ref, tmp_path, change):
+    """A --finetune full run paused at step 1, then its --base directory overwritten by a random
+    model whose config differs by change(config) -> {field: value}. Returns the run directory."""
     import dataclasses
     import shutil
-    import torch
     from engine.checkpoint import load_config, save_model
-    from engine.config import preset
     from engine.model import Transformer
-    from engine.trainer import configure_optimizer, load_training_state, save_training_state
     data, full, _ = ref
     base = shutil.copytree(full, str(tmp_path / "base"))
     run = str(tmp_path / "run")
@@ -1408,8 +1403,21 @@ def test_resume_refuses_optimizer_state_of_another_model_in_one_line(ref, tmp_pa
                        "--seq-len", "16", "--eval-batches", "1", "--no-progress",
                        "--threads", "1"]) == 0
     cfg = load_config(base)
-    save_model(Transformer(dataclasses.replace(cfg, num_hidden_layers=cfg.num_hidden_layers + 1)),
-               base)
+    save_model(Transformer(dataclasses.replace(cfg, **change(cfg))), base)
+    return run
+
+
+def test_resume_refuses_optimizer_state_of_another_model_in_one_line(ref, tmp_path):
+    """A --finetune full run whose --base was replaced by a deeper model: the weights restore
+    by name, but the optimizer state was the old model's (torch's 'parameter group that doesn't
+    match the size' said nothing of why). Same-count state of other shapes loaded silently and
+    failed at the first step with a tensor size error."""
+    import torch
+    from engine.config import preset
+    from engine.model import Transformer
+    from engine.trainer import configure_optimizer, load_training_state, save_training_state
+    run = paused_run_on_a_replaced_base(ref, tmp_path, lambda cfg: {
+        "num_hidden_layers": cfg.num_hidden_layers + 1})
     with pytest.raises(ValueError, match=r"training_state\.pt: its optimizer state does not fit "
                                          r"the parameters that train now"):
         resume(run)
@@ -1430,20 +1438,8 @@ def test_resume_refuses_weights_of_another_shape_in_one_line(ref, tmp_path):
     """A --finetune full run whose --base was replaced by a wider model (same tensor names):
     restore_trained copied by name and failed with torch's 'The size of tensor a (...) must
     match the size of tensor b (...)'. Now one line naming the tensor and both shapes."""
-    import dataclasses
-    import shutil
-    from engine.checkpoint import load_config, save_model
-    from engine.model import Transformer
-    data, full, _ = ref
-    base = shutil.copytree(full, str(tmp_path / "base"))
-    run = str(tmp_path / "run")
-    assert train.main(["--base", base, "--finetune", "full", "--data", data, "--out", run,
-                       "--max-steps", "3", "--pause-at-step", "1", "--batch-size", "2",
-                       "--seq-len", "16", "--eval-batches", "1", "--no-progress",
-                       "--threads", "1"]) == 0
-    cfg = load_config(base)
-    wide = cfg.intermediate_size * 2
-    save_model(Transformer(dataclasses.replace(cfg, intermediate_size=wide)), base)
+    run = paused_run_on_a_replaced_base(ref, tmp_path, lambda cfg: {
+        "intermediate_size": cfg.intermediate_size * 2})
     msg = (r"run/last: tensor 'model\.layers\.0\.mlp\.\w+\.weight' has shape \(\d+, \d+\), "
            r"the model has \(\d+, \d+\) \(a checkpoint of another model")
     with pytest.raises(ValueError, match=msg):
